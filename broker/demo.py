@@ -1,0 +1,227 @@
+"""The embedded OAuth issuer behind ``token-broker demo``.
+
+:class:`DemoIssuer` is a small ASGI app that speaks both the Adobe IMS
+endpoint (``POST /ims/token/v3``) and a generic client-credentials endpoint
+(``POST /oauth2/token``). It checks client credentials, issues short-lived
+random tokens, counts calls, and can be switched into a failure ``mode``:
+the test suite uses the same issuer to drive the broker through outages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
+
+import uvicorn
+
+#: Failure modes: what the issuer answers instead of a token.
+MODES = (
+    "ok",
+    "error500",  # 500 internal_error (JSON)
+    "html502",  # 502 with an HTML page
+    "throttle",  # 429 with Retry-After (seconds)
+    "unavailable",  # 503 with Retry-After (seconds)
+    "garbage",  # 200 with a body that is not JSON
+    "no_token",  # 200 JSON without access_token
+    "hang",  # never answers within any sensible timeout
+    "invalid_client",  # 400 invalid_client
+    "invalid_scope",  # 400 invalid_scope
+)
+
+
+@dataclass
+class Received:
+    """One request as the issuer saw it (form fields and headers, secrets included)."""
+
+    path: str
+    form: dict[str, str] = field(repr=False)
+    headers: dict[str, str] = field(repr=False)
+
+
+class DemoIssuer:
+    """An OAuth 2.0 client-credentials issuer for the demo and the tests."""
+
+    def __init__(self, lifetime: float = 120.0) -> None:
+        self.lifetime = lifetime
+        self.clients: dict[str, set[str]] = {}
+        self.mode = "ok"
+        self.retry_after = 2
+        self.delay = 0.0  # seconds to wait before answering (any mode)
+        self.calls = 0
+        self.received: list[Received] = []
+        self.issued: dict[str, float] = {}  # token -> expiry (epoch seconds)
+
+    def add_client(self, client_id: str, secret: str) -> None:
+        self.clients.setdefault(client_id, set()).add(secret)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                kind = (await receive())["type"]  # lifespan.startup, then lifespan.shutdown
+                await send({"type": kind + ".complete"})
+                if kind == "lifespan.shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        if scope["method"] != "POST" or path not in ("/ims/token/v3", "/oauth2/token"):
+            await _reply(send, 404, {"error": "not_found"})
+            return
+        self.calls += 1
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        self.received.append(Received(path, form, headers))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await self._answer(send, form, headers)
+
+    async def _answer(self, send: Any, form: dict[str, str], headers: dict[str, str]) -> None:
+        mode = self.mode
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "error500":
+            return await _reply(send, 500, {"error": "internal_error", "error_description": "x"})
+        if mode == "html502":
+            html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            return await _reply(send, 502, html, content_type=b"text/html")
+        if mode in ("throttle", "unavailable"):
+            status = 429 if mode == "throttle" else 503
+            body = {"error": "too_many_requests" if status == 429 else "temporarily_unavailable"}
+            extra = [(b"retry-after", str(self.retry_after).encode())]
+            return await _reply(send, status, body, extra=extra)
+        if mode == "garbage":
+            return await _reply(send, 200, b"\x00\xffnot json", content_type=b"text/plain")
+        if mode == "no_token":
+            return await _reply(send, 200, {"token_type": "bearer", "expires_in": 60})
+        if mode in ("invalid_client", "invalid_scope") or not self._authorised(form, headers):
+            error = "invalid_scope" if mode == "invalid_scope" else "invalid_client"
+            description = f"{error.replace('_', ' ')} parameter"
+            return await _reply(send, 400, {"error": error, "error_description": description})
+        token = "demo-" + secrets.token_urlsafe(32)
+        self.issued[token] = time.time() + self.lifetime
+        answer = {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime}
+        await _reply(send, 200, answer)
+
+    def _authorised(self, form: dict[str, str], headers: dict[str, str]) -> bool:
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        auth = headers.get("authorization", "")
+        if auth.startswith("Basic "):
+            try:
+                pair = base64.b64decode(auth[6:], validate=True).decode()
+            except ValueError:
+                return False
+            raw_id, _, raw_secret = pair.partition(":")
+            client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+        return secret is not None and secret in self.clients.get(client_id or "", set())
+
+
+async def _reply(
+    send: Any,
+    status: int,
+    body: dict[str, object] | bytes,
+    *,
+    content_type: bytes = b"application/json",
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(data)).encode()),
+        (b"x-debug-id", secrets.token_hex(8).encode()),
+        *(extra or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+class QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the server beside it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def loopback_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return sock
+
+
+def issuer_server(issuer: DemoIssuer) -> QuietServer:
+    config = uvicorn.Config(
+        issuer, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1
+    )
+    return QuietServer(config)
+
+
+async def run(listen: str, lifetime: float) -> int:
+    """Start the demo issuer and the broker in one process; serve until interrupted."""
+    from broker import config, server
+
+    issuer = DemoIssuer(lifetime=lifetime)
+    secret = secrets.token_urlsafe(24)
+    issuer.add_client("demo", secret)
+    issuer_sock = loopback_socket()
+    port = issuer_sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="token-broker-demo-") as tmp:
+        secret_file = Path(tmp) / "demo.secret"
+        secret_file.touch(mode=0o600)
+        secret_file.write_text(secret + "\n")
+        settings = config.parse(
+            {
+                "server": {"listen": [listen]},
+                "credentials": {
+                    "demo": {
+                        "provider": "oauth2",
+                        "token_url": f"http://127.0.0.1:{port}/oauth2/token",
+                        "client_id": "demo",
+                        "secret": f"file:{secret_file}",
+                    }
+                },
+            },
+            source="demo",
+        )
+        sockets = server.open_listeners(settings.server)
+        _banner(settings, port, lifetime)
+        issuer_srv = issuer_server(issuer)
+        issuer_task = asyncio.create_task(issuer_srv.serve(sockets=[issuer_sock]))
+        try:
+            await server.serve(settings, sockets)
+        finally:
+            issuer_srv.should_exit = True
+            await issuer_task
+    return 0
+
+
+def _banner(settings: Any, issuer_port: int, lifetime: float) -> None:
+    listen = settings.server.listen[0]
+    base = f"http://{listen}" if not str(listen).startswith("unix:") else "http://localhost"
+    unix = f"--unix-socket {listen.path} " if str(listen).startswith("unix:") else ""
+    print(
+        f"token-broker demo: issuer on http://127.0.0.1:{issuer_port}, "
+        f"tokens live {lifetime:g}s and are refreshed ahead of expiry.\n"
+        "Try:\n"
+        f"  curl -s {unix}-H 'X-Token-Broker: 1' {base}/token\n"
+        f"  curl -s {unix}-H 'X-Token-Broker: 1' {base}/v1/credentials/demo\n"
+        f"  curl -s {unix}{base}/metrics\n"
+        "Press Ctrl-C to stop.",
+        flush=True,
+    )

@@ -1,0 +1,132 @@
+"""The one exception tree of token-broker.
+
+::
+
+    BrokerError
+     ├── ConfigError          a config file that cannot be used (names file and key)
+     ├── SecretError          a secret reference that cannot be resolved
+     ├── IssuerError          the token issuer refused or failed (retryable, retry_after)
+     ├── TokenUnavailable     no servable token right now (retry_after)
+     ├── RefreshCooldown      a forced refresh asked for too soon (retry_after)
+     └── UnknownCredential    no credential of that name
+
+No message in this tree ever carries a secret or a whole token: messages are
+built from names, codes and the issuer's own error fields only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BrokerError(Exception):
+    """Root of every error token-broker raises on purpose."""
+
+
+class ConfigError(BrokerError):
+    """The configuration is missing, malformed or invalid."""
+
+
+class SecretError(BrokerError):
+    """A secret reference could not be resolved to a secret."""
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """What the status JSON and logs keep of a failed attempt, without secrets."""
+
+    status: int | None
+    error: str
+    description: str
+    debug_id: str | None
+    at: float
+
+    def as_json(self) -> dict[str, object]:
+        from broker.tokens import rfc3339  # local: keep this module import-free
+
+        return {
+            "status": self.status,
+            "error": self.error,
+            "description": self.description,
+            "x_debug_id": self.debug_id,
+            "at": rfc3339(self.at),
+        }
+
+
+#: Issuer error codes that retrying cannot fix: the config or secret must change.
+PERMANENT_ERRORS = frozenset({"invalid_client", "unauthorized_client", "invalid_scope"})
+
+
+class IssuerError(BrokerError):
+    """The issuer answered with an error, an unusable answer, or not at all.
+
+    ``status`` is the HTTP status (None when no answer arrived), ``error`` and
+    ``description`` the OAuth error fields (or our own code for transport and
+    parse failures), ``debug_id`` Adobe's ``x-debug-id`` header.
+    """
+
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        *,
+        status: int | None = None,
+        debug_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.error = error
+        self.description = description
+        self.status = status
+        self.debug_id = debug_id
+        self.retry_after = retry_after
+        super().__init__(self.summary())
+
+    @property
+    def retryable(self) -> bool:
+        """False for errors that only a config or secret change can cure."""
+        return self.error not in PERMANENT_ERRORS
+
+    def summary(self) -> str:
+        """One sentence quoting status, code, description and x-debug-id."""
+        where = f"HTTP {self.status}" if self.status is not None else "no answer"
+        text = f"issuer error ({where}): {self.error}"
+        if self.description:
+            text += f": {self.description}"
+        if self.debug_id:
+            text += f" (x-debug-id {self.debug_id})"
+        return text
+
+    def info(self, at: float) -> ErrorInfo:
+        return ErrorInfo(self.status, self.error, self.description, self.debug_id, at)
+
+
+class TokenUnavailable(BrokerError):
+    """No servable token exists for a credential at the moment."""
+
+    def __init__(self, name: str, detail: str, *, retry_after: float) -> None:
+        self.name = name
+        self.retry_after = retry_after
+        super().__init__(detail)
+
+
+class RefreshCooldown(BrokerError):
+    """A forced refresh came within ``force_cooldown`` or while the issuer's Retry-After runs."""
+
+    def __init__(self, name: str, *, retry_after: float) -> None:
+        self.name = name
+        self.retry_after = retry_after
+        super().__init__(
+            f"credential {name!r} was refreshed moments ago; try again in {retry_after:.0f}s"
+        )
+
+
+class UnknownCredential(BrokerError, LookupError):
+    """No credential of that name (or no default credential) is configured."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        if name is None:
+            msg = "no default credential: set [server] default or ask for /token/NAME"
+        else:
+            msg = f"no credential named {name!r}"
+        super().__init__(msg)

@@ -1,0 +1,94 @@
+"""The request guards of DESIGN §7, as one function over a raw ASGI scope.
+
+Both the ASGI fast path and the FastAPI routes go through :func:`check`, so
+there is exactly one implementation of the rules:
+
+* the peer must be loopback (a unix-socket peer always is);
+* ``Host`` must be ``localhost``, ``127.0.0.1`` or ``[::1]``, with or without
+  the listen port (DNS rebinding); skipped on a unix socket;
+* no ``Origin`` and no ``Sec-Fetch-Site`` other than ``none`` (browsers);
+* no ``X-Forwarded-For`` / ``Forwarded`` (proxied requests);
+* the ``X-Token-Broker`` header (SSRF), on every route that needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+_LOOPBACK_NAMES = (b"localhost", b"127.0.0.1", b"[::1]")
+
+
+class Rejection(NamedTuple):
+    """Why a request is refused; ``rule`` is a bounded label for metrics."""
+
+    status: int
+    error: str
+    detail: str
+    rule: str
+
+
+_BROWSER = Rejection(403, "forbidden", "browser requests are refused", "browser")
+_PROXIED = Rejection(403, "forbidden", "proxied requests are refused", "proxied")
+_PEER = Rejection(403, "forbidden", "only loopback peers are served", "peer")
+_HOST = Rejection(403, "forbidden", "Host must be localhost, 127.0.0.1 or [::1]", "host")
+
+
+def header_rejection(header: str) -> Rejection:
+    return Rejection(403, "forbidden", f"the {header} header is required", "header")
+
+
+def check(scope: Mapping[str, Any], header: bytes | None) -> Rejection | None:
+    """Return why the request in ``scope`` is refused, or None if it may pass.
+
+    ``header`` is the lower-cased name of the required header, or None when
+    this route or the configuration does not require it.
+    """
+    server = scope.get("server")
+    unix = server is not None and server[1] is None
+    if not unix:
+        client = scope.get("client")
+        if client is None or not is_loopback(client[0]):
+            return _PEER
+    host: bytes | None = None
+    seen_header = header is None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+        elif name == header:
+            seen_header = bool(value.strip())
+        elif name == b"origin":
+            return _BROWSER
+        elif name == b"sec-fetch-site":
+            if value != b"none":
+                return _BROWSER
+        elif name == b"x-forwarded-for" or name == b"forwarded":
+            return _PROXIED
+    if not unix and not host_allowed(host, server[1] if server else None):
+        return _HOST
+    if not seen_header:
+        assert header is not None
+        return header_rejection("-".join(w.capitalize() for w in header.decode().split("-")))
+    return None
+
+
+def host_allowed(host: bytes | None, port: int | None) -> bool:
+    if not host:
+        return False
+    host = host.lower()
+    if host.startswith(b"["):
+        name, _, rest = host.partition(b"]")
+        name += b"]"
+        port_text = rest[1:] if rest.startswith(b":") else None
+        if rest and port_text is None:
+            return False
+    else:
+        name, sep, port_text = host.partition(b":")
+        port_text = port_text if sep else None
+    if name not in _LOOPBACK_NAMES:
+        return False
+    return port_text is None or (port is not None and port_text == str(port).encode())
+
+
+def is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address == "::1" or address.startswith("::ffff:127.")

@@ -1,0 +1,362 @@
+"""Per-credential state: single-flight refresh, retry with backoff, scheduled jobs.
+
+The scheduler is an optimisation: :meth:`Manager.token` checks expiry on
+every call, so a missed job can never serve an expired token. Time comes from
+an injected clock and jobs go through a small :class:`Scheduler` interface,
+so the whole lifecycle runs under a fake clock in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import httpx
+
+from broker import secrets
+from broker.config import CredentialSettings, Settings
+from broker.errors import (
+    BrokerError,
+    ErrorInfo,
+    IssuerError,
+    RefreshCooldown,
+    SecretError,
+    TokenUnavailable,
+    UnknownCredential,
+)
+from broker.providers import fetch_token, token_request
+from broker.tokens import Clock, Token, refresh_at, retry_delay, rfc3339, servable, serve_until
+
+log = logging.getLogger("broker.refresh")
+
+Job = Callable[[str], Awaitable[None]]  # called with the credential name
+
+
+class Scheduler(Protocol):
+    """Where refresh jobs live: one job per credential, replaced on every schedule."""
+
+    def start(self) -> None: ...
+    def schedule(self, name: str, when: float, job: Job) -> None: ...
+    def cancel(self, name: str) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class APScheduler:
+    """:class:`Scheduler` on APScheduler 3's AsyncIOScheduler (timers, no polling)."""
+
+    def __init__(self) -> None:
+        from apscheduler.events import EVENT_JOB_ERROR
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        # A date job is removed when it is submitted, so every schedule is a fresh
+        # add_job(replace_existing=True); a late job still runs (misfire_grace_time=None).
+        self._sched = AsyncIOScheduler(
+            timezone=UTC,
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+        )
+        self._sched.add_listener(self._on_error, EVENT_JOB_ERROR)
+
+    def start(self) -> None:
+        self._sched.start()  # must run inside the event loop (APScheduler 3.11)
+
+    def schedule(self, name: str, when: float, job: Job) -> None:
+        self._sched.add_job(
+            job,  # a coroutine function, so the AsyncIOExecutor awaits it on the loop
+            args=[name],
+            trigger="date",
+            run_date=datetime.fromtimestamp(when, UTC),
+            id=name,
+            replace_existing=True,
+        )
+
+    def cancel(self, name: str) -> None:
+        if self._sched.get_job(name) is not None:
+            self._sched.remove_job(name)
+
+    def shutdown(self) -> None:
+        if self._sched.running:
+            self._sched.shutdown(wait=False)
+
+    @staticmethod
+    def _on_error(event: Any) -> None:
+        log.error("refresh job %s raised %r", event.job_id, event.exception)
+
+
+@dataclass(eq=False)
+class Entry:
+    """The mutable state of one credential."""
+
+    cred: CredentialSettings
+    token: Token | None = None
+    serve_until: float = -math.inf  # precomputed so the hot path is one comparison
+    secret: str | None = field(default=None, repr=False)
+    failed: bool = False  # permanent error: no retries until config/secret change or force
+    failures: int = 0
+    last_error: ErrorInfo | None = None
+    refreshed_at: float | None = None
+    next_refresh_at: float | None = None
+    blocked_until: float = 0.0  # no on-demand attempt before this (backoff)
+    issuer_retry_until: float = 0.0  # the issuer's own Retry-After
+    last_forced: float = -math.inf
+    inflight: asyncio.Task[BrokerError | None] | None = None
+
+    def state(self, now: float) -> str:
+        if self.failed:
+            return "failed"
+        if self.inflight is not None:
+            return "refreshing"
+        if self.token is None:
+            return "pending"
+        if now >= self.serve_until:
+            return "expired"
+        return "stale" if self.failures else "fresh"
+
+
+class Manager:
+    """Keeps a servable token for every configured credential.
+
+    The manager owns the HTTP client it is given and closes it in :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: httpx.AsyncClient,
+        clock: Clock,
+        scheduler: Scheduler,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self._client = client
+        self._clock = clock
+        self._scheduler = scheduler
+        self._rand = rand
+        self.entries: dict[str, Entry] = {n: Entry(c) for n, c in settings.credentials.items()}
+        self.default = settings.default_name()
+        self.refreshes: Counter[tuple[str, str]] = Counter()
+
+    async def start(self) -> None:
+        """Start the scheduler and fetch every token eagerly, without waiting for them."""
+        self._scheduler.start()
+        for entry in self.entries.values():
+            self._begin(entry)
+
+    async def close(self) -> None:
+        """Stop the scheduler, cancel refreshes in flight, close the HTTP client."""
+        self._scheduler.shutdown()
+        tasks = [e.inflight for e in self.entries.values() if e.inflight is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._client.aclose()
+
+    def entry(self, name: str | None) -> Entry:
+        entry = self.entries.get(name) if name is not None else None
+        if entry is None:
+            raise UnknownCredential(name)
+        return entry
+
+    async def token(self, name: str | None) -> Token:
+        """A servable token for ``name`` (None: the default credential).
+
+        Raises UnknownCredential, or TokenUnavailable when none can be had now.
+        """
+        entry = self.entry(name)
+        if self._clock() < entry.serve_until:
+            return entry.token  # type: ignore[return-value]  # serve_until is finite only with a token
+        return await self._token_slow(entry)
+
+    async def _token_slow(self, entry: Entry) -> Token:
+        now = self._clock()
+        if entry.inflight is None and not entry.failed and now >= entry.blocked_until:
+            # Expired without a running refresh (missed job, clock jump): refresh now.
+            self._begin(entry)
+        if entry.inflight is not None:
+            await asyncio.shield(entry.inflight)
+        now = self._clock()
+        if now < entry.serve_until:
+            return entry.token  # type: ignore[return-value]
+        raise self._unavailable(entry, now)
+
+    def _unavailable(self, entry: Entry, now: float) -> TokenUnavailable:
+        name = entry.cred.name
+        retry_after = max(1.0, entry.blocked_until - now)
+        if entry.failed:
+            retry_after = max(retry_after, entry.cred.policy.force_cooldown)
+        reason = f"; last error: {_describe(entry.last_error)}" if entry.last_error else ""
+        detail = f"no servable token for credential {name!r} ({entry.state(now)}){reason}"
+        return TokenUnavailable(name, detail, retry_after=retry_after)
+
+    async def force_refresh(self, name: str) -> Entry:
+        """Refresh now (e.g. after an API answered 401); return the entry when done.
+
+        Raises RefreshCooldown if asked again within ``force_cooldown`` or while
+        the issuer's Retry-After runs, and the IssuerError/SecretError of a failed
+        attempt.
+        """
+        entry = self.entry(name)
+        now = self._clock()
+        if entry.inflight is None:
+            wait = (
+                max(entry.last_forced + entry.cred.policy.force_cooldown, entry.issuer_retry_until)
+                - now
+            )
+            if wait > 0:
+                raise RefreshCooldown(name, retry_after=math.ceil(wait))
+            entry.last_forced = now
+            entry.failed = False  # a forced refresh is the user's "try again"
+            self._begin(entry)
+        assert entry.inflight is not None
+        error = await asyncio.shield(entry.inflight)
+        if error is not None:
+            raise error
+        return entry
+
+    def ready(self) -> bool:
+        now = self._clock()
+        return all(now < e.serve_until for e in self.entries.values())
+
+    def status(self, entry: Entry) -> dict[str, object]:
+        """The status JSON of DESIGN §4: no secret, no token."""
+        now = self._clock()
+        token = entry.token
+        return {
+            "name": entry.cred.name,
+            "provider": entry.cred.provider,
+            "client_id": entry.cred.client_id,
+            "state": entry.state(now),
+            "expires_at": rfc3339(token.expires_at if token else None),
+            "refreshed_at": rfc3339(entry.refreshed_at),
+            "next_refresh_at": rfc3339(entry.next_refresh_at),
+            "last_error": entry.last_error.as_json() if entry.last_error else None,
+        }
+
+    # -- refresh machinery ------------------------------------------------------------
+
+    def _begin(self, entry: Entry) -> None:
+        """Start the single in-flight attempt for ``entry``."""
+        entry.inflight = asyncio.get_running_loop().create_task(
+            self._attempt(entry), name=f"refresh-{entry.cred.name}"
+        )
+
+    async def _scheduled(self, name: str) -> None:
+        entry = self.entries.get(name)
+        if entry is None or entry.failed:
+            return
+        if entry.inflight is None:
+            self._begin(entry)
+        assert entry.inflight is not None
+        await asyncio.shield(entry.inflight)
+
+    async def _attempt(self, entry: Entry) -> BrokerError | None:
+        cred = entry.cred
+        started = self._clock()
+        try:
+            if entry.secret is None:
+                entry.secret = await secrets.resolve(cred.secret, cred.name)
+            async with asyncio.timeout(cred.policy.timeout):
+                issued = await fetch_token(
+                    self._client, token_request(cred, entry.secret), now=started
+                )
+        except SecretError as exc:
+            self._permanent(entry, ErrorInfo(None, "secret_unavailable", str(exc), None, started))
+            return exc
+        except IssuerError as exc:
+            self._failure(entry, exc)
+            return exc
+        except TimeoutError:
+            err = IssuerError(
+                "timeout", f"no complete answer within {cred.policy.timeout:g}s (refresh.timeout)"
+            )
+            self._failure(entry, err)
+            return err
+        except Exception as exc:  # never let an upstream surprise kill the daemon
+            log.exception("refresh %s: unexpected error", cred.name)
+            err = IssuerError("internal_error", f"{type(exc).__name__} while refreshing")
+            self._failure(entry, err)
+            return err
+        finally:
+            entry.inflight = None
+        self._success(entry, issued.token, issued.debug_id)
+        return None
+
+    def _success(self, entry: Entry, token: Token, debug_id: str | None) -> None:
+        cred = entry.cred
+        entry.token = token
+        entry.serve_until = serve_until(token, cred.policy)
+        entry.refreshed_at = token.issued_at
+        entry.failures = 0
+        entry.failed = False
+        entry.blocked_until = 0.0
+        entry.issuer_retry_until = 0.0
+        when = refresh_at(token, cred.policy, self._rand)
+        self._schedule(entry, when)
+        self.refreshes[(cred.name, "success")] += 1
+        log.info(
+            "refresh %s ok: expires_at=%s token=…%s x-debug-id=%s next_refresh_at=%s",
+            cred.name,
+            rfc3339(token.expires_at),
+            token.fingerprint,
+            debug_id or "-",
+            rfc3339(when),
+        )
+
+    def _failure(self, entry: Entry, exc: IssuerError) -> None:
+        now = self._clock()
+        if not exc.retryable:
+            self._permanent(entry, exc.info(now))
+            return
+        entry.failures += 1
+        entry.last_error = exc.info(now)
+        delay = retry_delay(entry.failures, entry.cred.policy, exc.retry_after, self._rand)
+        entry.blocked_until = now + delay
+        entry.issuer_retry_until = now + exc.retry_after if exc.retry_after else 0.0
+        self._schedule(entry, now + delay)
+        self.refreshes[(entry.cred.name, "error")] += 1
+        log.warning(
+            "refresh %s failed (attempt %d): %s; %s; retry in %.1fs",
+            entry.cred.name,
+            entry.failures,
+            exc.summary(),
+            "serving the cached token"
+            if servable(entry.token, now, entry.cred.policy)
+            else "no servable token",
+            delay,
+        )
+
+    def _permanent(self, entry: Entry, info: ErrorInfo) -> None:
+        entry.failed = True
+        entry.failures += 1
+        entry.last_error = info
+        entry.next_refresh_at = None
+        self._scheduler.cancel(entry.cred.name)
+        self.refreshes[(entry.cred.name, "error")] += 1
+        log.error(
+            "refresh %s failed permanently: %s; no retries until the config or secret "
+            "changes or a forced refresh (POST /v1/credentials/%s/refresh)",
+            entry.cred.name,
+            _describe(info),
+            entry.cred.name,
+        )
+
+    def _schedule(self, entry: Entry, when: float) -> None:
+        entry.next_refresh_at = when
+        self._scheduler.schedule(entry.cred.name, when, self._scheduled)
+
+
+def _describe(info: ErrorInfo | None) -> str:
+    if info is None:
+        return "none"
+    if info.status is None and info.error == "secret_unavailable":
+        return info.description
+    return IssuerError(
+        info.error, info.description, status=info.status, debug_id=info.debug_id
+    ).summary()

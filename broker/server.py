@@ -1,0 +1,163 @@
+"""Process life: listeners, uvicorn, logging.
+
+The daemon binds its own sockets (TCP on loopback, unix sockets with their
+mode and group) and hands them to uvicorn, with proxy-header handling off so
+that no request can rewrite its peer address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import uvicorn
+
+from broker.api import create_app
+from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen
+from broker.manager import APScheduler, Manager
+from broker.tokens import Clock
+
+log = logging.getLogger("broker.server")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain lines on stderr: journald and container runtimes add their own timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # uvicorn's per-request and lifecycle chatter is not ours to print at INFO.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def open_listeners(server: ServerSettings) -> list[socket.socket]:
+    """Bind every ``listen`` address; raise ConfigError naming the one that failed."""
+    sockets: list[socket.socket] = []
+    try:
+        for listen in server.listen:
+            sockets.append(_bind(listen, server))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind(listen: Listen, server: ServerSettings) -> socket.socket:
+    if isinstance(listen, TcpListen):
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((listen.host, listen.port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {listen}: {_why(exc)}") from None
+        sock.listen(1024)
+        return sock
+    return _bind_unix(listen.path, server)
+
+
+def _bind_unix(path: str, server: ServerSettings) -> socket.socket:
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind owner-only, then widen to socket_mode: no window where others may connect.
+        with _umask(0o177):
+            sock.bind(path)
+        if server.socket_group:
+            try:
+                gid = grp.getgrnam(server.socket_group).gr_gid
+            except KeyError:
+                raise ConfigError(
+                    f"[server] socket_group: no group named {server.socket_group!r}"
+                ) from None
+            os.chown(path, -1, gid)
+        os.chmod(path, server.socket_mode)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on unix:{path}: {_why(exc)}") from None
+    except ConfigError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by a previous run, but never a live one or a non-socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"cannot listen on unix:{path}: a file that is not a socket is there")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise ConfigError(f"cannot listen on unix:{path}: another process is listening there")
+    finally:
+        probe.close()
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use (is another token-broker running?)"
+    return exc.strerror or str(exc)
+
+
+def uvicorn_config(app: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        proxy_headers=False,  # never rewrite the peer from X-Forwarded-For (DESIGN §7)
+        server_header=False,
+        date_header=False,
+        access_log=False,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+    )
+
+
+def build(settings: Settings, *, clock: Clock = time.time) -> tuple[object, Manager]:
+    """The ASGI app and its manager for ``settings``."""
+    longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(longest), follow_redirects=False)
+    manager = Manager(settings, client=client, clock=clock, scheduler=APScheduler())
+    return create_app(settings, manager=manager, clock=clock), manager
+
+
+async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
+    """Serve until SIGTERM/SIGINT on already-bound ``sockets``."""
+    app, _ = build(settings)
+    server = uvicorn.Server(uvicorn_config(app))
+    for listen in settings.server.listen:
+        log.info("listening on %s", listen)
+    log.info("credentials: %s", ", ".join(settings.credentials) or "none")
+    await server.serve(sockets=sockets)
