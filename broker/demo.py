@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,14 +147,6 @@ async def _reply(
     await send({"type": "http.response.body", "body": data})
 
 
-class QuietServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the server beside it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 def loopback_socket(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -165,11 +155,14 @@ def loopback_socket(port: int = 0) -> socket.socket:
     return sock
 
 
-def issuer_server(issuer: DemoIssuer) -> QuietServer:
+def issuer_server(issuer: DemoIssuer) -> uvicorn.Server:
+    """The issuer as a uvicorn server that leaves signals to the broker beside it."""
+    from broker.server import Server
+
     config = uvicorn.Config(
         issuer, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1
     )
-    return QuietServer(config)
+    return Server(config)
 
 
 async def run(listen: str, lifetime: float) -> int:

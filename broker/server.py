@@ -7,11 +7,13 @@ that no request can rewrite its peer address.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import grp
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -153,11 +155,35 @@ def build(settings: Settings, *, clock: Clock = time.time) -> tuple[object, Mana
     return create_app(settings, manager=manager, clock=clock), manager
 
 
+class Server(uvicorn.Server):
+    """uvicorn without its own signal capture.
+
+    uvicorn re-raises a captured SIGTERM after shutting down, so the process
+    would die "killed by signal"; we stop through ``should_exit`` and exit 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
-    """Serve until SIGTERM/SIGINT on already-bound ``sockets``."""
+    """Serve on already-bound ``sockets`` until SIGTERM or SIGINT."""
     app, _ = build(settings)
-    server = uvicorn.Server(uvicorn_config(app))
+    server = Server(uvicorn_config(app))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _request_exit, server, sig)
     for listen in settings.server.listen:
         log.info("listening on %s", listen)
     log.info("credentials: %s", ", ".join(settings.credentials) or "none")
-    await server.serve(sockets=sockets)
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _request_exit(server: Server, sig: signal.Signals) -> None:
+    log.info("%s received: shutting down", sig.name)
+    server.should_exit = True

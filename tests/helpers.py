@@ -1,0 +1,170 @@
+"""Shared test machinery: a real issuer on loopback, the broker as a process, fakes.
+
+The issuer is :class:`broker.demo.DemoIssuer` served by uvicorn in a thread on
+a loopback port; tests switch its ``mode`` and read what it received. The
+broker runs as ``python -m broker serve`` with its stderr captured to a file,
+which every test searches for the secret and for whole tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+from broker.demo import DemoIssuer, issuer_server, loopback_socket
+
+HEADERS = {"X-Token-Broker": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class IssuerThread:
+    """A DemoIssuer on 127.0.0.1:<port>, served from a background thread."""
+
+    def __init__(self, lifetime: float = 3600.0) -> None:
+        self.issuer = DemoIssuer(lifetime=lifetime)
+        self._sock = loopback_socket()
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = issuer_server(self.issuer)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
+    def start(self) -> IssuerThread:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("issuer did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+class BrokerProcess:
+    """``python -m broker serve --config PATH`` with stderr captured to a file."""
+
+    def __init__(self, config: Path, *, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = config.with_suffix(".log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_healthy(self, url: str, timeout: float = 15.0, uds: str | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited {self.proc.returncode}:\n{self.output()}")
+            if uds is not None and not _accepts(uds):
+                # httpcore leaks the socket of a failed unix connect: probe it ourselves.
+                time.sleep(0.05)
+                continue
+            try:
+                transport = httpx.HTTPTransport(uds=uds)
+                with httpx.Client(transport=transport, timeout=1) as client:
+                    if client.get(url + "/healthz").status_code == 200:
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"broker not healthy within {timeout}s:\n{self.output()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(body)
+    path.chmod(0o600)
+    return path
+
+
+def new_secret() -> str:
+    # Characters that need form-encoding, so that encoding mistakes show up.
+    return "s3cr3t+/ :" + secrets.token_hex(16)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeScheduler:
+    """The :class:`broker.manager.Scheduler` interface over a heap, driven by the test."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, tuple[float, Callable[[str], Awaitable[None]]]] = {}
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def shutdown(self) -> None:
+        self.started = False
+
+    def schedule(self, name: str, when: float, job: Callable[[str], Awaitable[None]]) -> None:
+        self.jobs[name] = (when, job)
+
+    def cancel(self, name: str) -> None:
+        self.jobs.pop(name, None)
+
+    def next_job(self) -> tuple[float, str] | None:
+        heap = [(when, name) for name, (when, _) in self.jobs.items()]
+        heapq.heapify(heap)
+        return heap[0] if heap else None
+
+    async def run(self, name: str) -> None:
+        _, job = self.jobs.pop(name)
+        await job(name)

@@ -1,0 +1,86 @@
+"""Fixtures that run the broker as a process against the loopback issuer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import BrokerProcess, IssuerThread, free_port, new_secret, write_config
+
+
+@dataclass
+class Running:
+    proc: BrokerProcess
+    url: str
+    port: int
+    secret: str
+
+
+StartBroker = Callable[..., Running]
+
+
+@pytest.fixture
+def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
+    """Start ``token-broker serve`` with one credential ``main`` (and any extra TOML).
+
+    At teardown the process is stopped and its whole output is searched for
+    the secret and for every token the issuer handed out: none may appear.
+    """
+    started: list[Running] = []
+
+    def start(
+        credential: str = "",
+        *,
+        provider: str = "adobe",
+        extra: str = "",
+        server: str = "",
+        refresh: str = "",
+        register: bool = True,
+        wait: bool = True,
+    ) -> Running:
+        secret = new_secret()
+        secret_file = tmp_path / f"secret-{len(started)}"
+        secret_file.write_text(secret + "\n")
+        if register:
+            issuer.issuer.add_client("broker-client", secret)
+        port = free_port()
+        if provider == "adobe":
+            where = f'ims_url = "{issuer.url}"\norg_id = "ABC@AdobeOrg"'
+        else:
+            where = f'token_url = "{issuer.url}/oauth2/token"'
+        config = write_config(
+            tmp_path / f"config-{len(started)}.toml",
+            f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+{server}
+
+[refresh]
+{refresh}
+
+[credentials.main]
+provider = "{provider}"
+client_id = "broker-client"
+scopes = ["openid", "AdobeID"]
+secret = "file:{secret_file}"
+{where}
+{credential}
+
+{extra}
+""",
+        )
+        running = Running(BrokerProcess(config), f"http://127.0.0.1:{port}", port, secret)
+        started.append(running)
+        if wait:
+            running.proc.wait_healthy(running.url)
+        return running
+
+    yield start
+    for running in started:
+        running.proc.stop()
+        out = running.proc.output()
+        assert running.secret not in out, "the secret appeared in the broker's output"
+        for token in issuer.issuer.issued:
+            assert token not in out, "a whole token appeared in the broker's output"
