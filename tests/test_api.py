@@ -1,0 +1,103 @@
+"""The ASGI app in-process (httpx.ASGITransport) with a mocked issuer behind the manager."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from helpers import HEADERS, FakeClock, FakeScheduler
+
+from broker import config
+from broker.api import create_app
+from broker.manager import Manager
+from broker.server import uvicorn_config
+
+SECRET = "api-test-secret-value"
+
+
+@pytest.fixture
+async def app(tmp_path):
+    secret = tmp_path / "s"
+    secret.write_text(SECRET)
+    clock = FakeClock()
+    calls = []
+
+    def issuer(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, json={"access_token": "tok-api", "expires_in": 3600})
+
+    settings = config.parse(
+        {
+            "credentials": {
+                "adobe": {
+                    "provider": "adobe",
+                    "client_id": "cid",
+                    "secret": f"file:{secret}",
+                    "ims_url": "https://ims.test",
+                },
+                "never": {
+                    "provider": "adobe",
+                    "client_id": "cid2",
+                    "secret": f"file:{tmp_path}/missing",
+                },
+            },
+            "server": {"default": "adobe"},
+        }
+    )
+    client = httpx.AsyncClient(transport=httpx.MockTransport(issuer))
+    manager = Manager(settings, client=client, clock=clock, scheduler=FakeScheduler())
+    application = create_app(settings, manager=manager, clock=clock)
+    await manager.start()
+    for entry in manager.entries.values():
+        if entry.inflight:
+            await entry.inflight
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8765") as c:
+        yield c
+    await manager.close()
+
+
+async def test_token_routes(app):
+    r = await app.get("/token", headers=HEADERS)
+    assert r.status_code == 200 and r.text == "tok-api"
+    assert r.headers["cache-control"] == "no-store"
+    assert (await app.get("/token/adobe", headers=HEADERS)).text == "tok-api"
+    r = await app.get("/token/never", headers=HEADERS)
+    assert r.status_code == 503 and r.json()["last_error"]["error"] == "secret_unavailable"
+    assert "retry-after" in r.headers
+
+
+async def test_no_cors_and_json_errors_for_unknown_routes(app):
+    r = await app.get("/nope", headers=HEADERS)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    r = await app.delete("/v1/credentials/adobe", headers=HEADERS)
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    r = await app.get("/token/..%2F..%2Fetc", headers=HEADERS)
+    assert r.status_code == 404 and r.json()["error"] == "unknown_credential"
+    for response in (r, await app.get("/token", headers=HEADERS)):
+        assert not any(h.startswith("access-control") for h in response.headers)
+
+
+async def test_metrics_and_readyz_reveal_nothing(app):
+    await app.get("/token", headers=HEADERS)
+    await app.get("/token/unknown-name-xyz", headers=HEADERS)
+    await app.get("/token")
+    metrics = (await app.get("/metrics")).text
+    assert 'token_broker_token_requests_total{credential="adobe",outcome="ok"} 1' in metrics
+    assert "token_broker_unknown_credential_requests_total 1" in metrics
+    assert 'token_broker_rejected_requests_total{reason="header"} 1' in metrics
+    assert 'token_broker_credential_state{credential="never",state="failed"} 1' in metrics
+    assert "unknown-name-xyz" not in metrics
+    ready = await app.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "error": "not_ready",
+        "detail": "no servable token for: never",
+        "credentials": {"adobe": "fresh", "never": "failed"},
+    }
+    everything = metrics + ready.text + (await app.get("/v1/credentials", headers=HEADERS)).text
+    assert SECRET not in everything and "tok-api" not in everything
+
+
+def test_uvicorn_never_trusts_proxy_headers():
+    cfg = uvicorn_config(object())
+    assert cfg.proxy_headers is False and cfg.server_header is False

@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker import config
+from broker.config import TcpListen, UnixListen, parse_duration
+from broker.errors import ConfigError
+
+DESIGN_EXAMPLE = """
+[server]
+listen = ["127.0.0.1:8765"]
+socket_mode = "0660"
+socket_group = "token-broker"
+require_header = "X-Token-Broker"
+default = "adobe"
+
+[refresh]
+at = 0.67
+jitter = 0.05
+min_remaining = "5m"
+retry_initial = "1s"
+retry_max = "5m"
+timeout = "10s"
+force_cooldown = "10s"
+
+[credentials.adobe]
+provider = "adobe"
+client_id = "0123456789abcdef0123456789abcdef"
+org_id = "ABCDEF0123456789ABCDEF01@AdobeOrg"
+scopes = ["openid", "AdobeID", "read_organizations"]
+
+[credentials.partner]
+provider = "oauth2"
+token_url = "https://login.example.com/oauth2/token"
+client_id = "broker"
+auth_method = "client_secret_basic"
+scopes = ["api.read"]
+params = { audience = "https://api.example.com" }
+secret = "file:/run/secrets/partner"
+retry_max = "1m"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    return message[len(str(path)) + 2 :]
+
+
+def test_the_design_example_loads(tmp_path):
+    s = config.load(write(tmp_path, DESIGN_EXAMPLE))
+    assert s.server.listen == (TcpListen("127.0.0.1", 8765),)
+    assert s.server.socket_mode == 0o660 and s.server.socket_group == "token-broker"
+    assert s.default_name() == "adobe"
+    adobe, partner = s.credentials["adobe"], s.credentials["partner"]
+    assert adobe.scopes == ("openid", "AdobeID", "read_organizations")
+    assert adobe.secret == "keyring" and adobe.ims_url == "https://ims-na1.adobelogin.com"
+    assert adobe.policy.min_remaining == 300 and adobe.policy.retry_max == 300
+    assert partner.policy.retry_max == 60  # per-credential override
+    assert partner.policy.timeout == 10
+    assert partner.params == (("audience", "https://api.example.com"),)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("90s", 90), ("5m", 300), ("2h", 7200), ("1d", 86400), ("250ms", 0.25), (30, 30), (1.5, 1.5)],
+)
+def test_durations(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "", "-1s", True, [1], "1y"])
+def test_bad_durations(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[refresh]\nat = 'x'\n", "[refresh] at: expected a valid number (got str)"),
+        ("[refresh]\nat = 1.5\n", "[refresh] at: expected less than 1"),
+        ("[refresh]\ntimeout = '10 parsecs'\n", "[refresh] timeout: expected a duration"),
+        ("[refresh]\nspeed = 1\n", "[refresh] speed: unknown key"),
+        ("[server]\nlisten = '127.0.0.1:1'\n", "[server] listen: expected a valid list"),
+        ("[server]\nsocket_mode = '999'\n", "[server] socket_mode: String should match"),
+        ("[server]\ndefault = 'x'\n", "[server] default: no credential named 'x'"),
+        ("[server]\nlisten = ['0.0.0.0:1']\n", "loopback is required"),
+        ("[server]\nlisten = ['192.168.1.2:1']\n", "loopback is required"),
+        ("[server]\nlisten = ['example.com:1']\n", "loopback is required"),
+        ("[server]\nlisten = ['127.0.0.1']\n", 'expected "HOST:PORT" or "unix:/path"'),
+        ("[server]\nlisten = ['unix:rel.sock']\n", "a unix socket needs an absolute path"),
+        ("[credentials.a]\nclient_id = 'x'\n", '[credentials.a] provider: expected "adobe"'),
+        (
+            "[credentials.a]\nprovider = 'adobe'\n",
+            "[credentials.a] client_id: required key is missing",
+        ),
+        (
+            "[credentials.a]\nprovider = 'adobe'\nclient_id = 7\n",
+            "[credentials.a] client_id: expected a valid string (got int)",
+        ),
+        (
+            "[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\nscopes = [1]\n",
+            "[credentials.a] scopes.0: expected a valid string (got int)",
+        ),
+        (
+            "[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\ntoken_url = 'u'\n",
+            "[credentials.a] token_url: unknown key",
+        ),
+        (
+            "[credentials.a]\nprovider = 'oauth2'\nclient_id = 'x'\n",
+            "[credentials.a] token_url: required key is missing",
+        ),
+        (
+            "[credentials.a]\nprovider = 'oauth2'\nclient_id = 'x'\ntoken_url = 'u'\n"
+            "auth_method = 'jwt'\n",
+            "[credentials.a] auth_method: expected 'client_secret_basic' or",
+        ),
+        (
+            "[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\nsecret = 'vault:x'\n",
+            '[credentials.a] secret: expected "keyring"',
+        ),
+        (
+            "[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\nsecret = 'keyring:only'\n",
+            '[credentials.a] secret: expected "keyring"',
+        ),
+        (
+            '[credentials."a/b"]\nprovider = "adobe"\nclient_id = "x"\n',
+            "[credentials.a/b]: credential names may use only",
+        ),
+        ("[credentials]\na = 1\n", "[credentials.a]: expected a table"),
+        ("[servers]\n", "unknown table or key 'servers'"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_key_and_expectation(tmp_path, text, expected):
+    assert expected in error_of(tmp_path, text)
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"[server]\ndefault = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(path)
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found.*--config"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_secret_references_accepted(tmp_path):
+    refs = ["keyring", "keyring:svc/user", "systemd:adobe", "file:/run/secrets/x", "env:SECRET"]
+    for ref in refs:
+        text = f"[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\nsecret = '{ref}'\n"
+        assert config.load(write(tmp_path, text)).credentials["a"].secret == ref
+
+
+def test_listen_forms():
+    assert config.parse_listen("localhost:1") == TcpListen("127.0.0.1", 1)
+    assert config.parse_listen("[::1]:8765") == TcpListen("::1", 8765)
+    assert config.parse_listen("127.0.0.5:80") == TcpListen("127.0.0.5", 80)
+    assert config.parse_listen("unix:/run/tb.sock") == UnixListen("/run/tb.sock")
+    assert str(TcpListen("::1", 8765)) == "[::1]:8765"
+
+
+def test_empty_config_has_defaults():
+    s = config.parse({})
+    assert s.server.listen == (TcpListen("127.0.0.1", 8765),)
+    assert s.server.require_header == "X-Token-Broker"
+    assert s.credentials == {} and s.default_name() is None
+
+
+def test_default_is_the_only_credential():
+    s = config.parse({"credentials": {"one": {"provider": "adobe", "client_id": "x"}}})
+    assert s.default_name() == "one"
+
+
+def test_config_path_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("TOKEN_BROKER_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert config.config_path() == Path("/etc/token-broker/config.toml")
+    user = tmp_path / "xdg" / "token-broker" / "config.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("")
+    assert config.config_path() == user
+    monkeypatch.setenv("TOKEN_BROKER_CONFIG", "/env/config.toml")
+    assert config.config_path() == Path("/env/config.toml")
+    assert config.config_path("/explicit.toml") == Path("/explicit.toml")

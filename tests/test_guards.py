@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+
+from broker import guards
+
+H = b"x-token-broker"
+
+
+def scope(headers, client=("127.0.0.1", 5000), server=("127.0.0.1", 8765)):
+    return {"headers": [(k.lower(), v) for k, v in headers], "client": client, "server": server}
+
+
+OK = [(b"host", b"127.0.0.1:8765"), (H, b"1")]
+
+
+def test_a_well_formed_local_request_passes():
+    assert guards.check(scope(OK), H) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "rule"),
+    [
+        ([(b"host", b"127.0.0.1:8765")], "header"),
+        ([(b"host", b"127.0.0.1:8765"), (H, b"  ")], "header"),
+        ([(H, b"1")], "host"),
+        ([(b"host", b"evil.com"), (H, b"1")], "host"),
+        ([(b"host", b"localhost.evil.com"), (H, b"1")], "host"),
+        ([(b"host", b"127.0.0.1:9999"), (H, b"1")], "host"),
+        ([(b"host", b"[::1]x"), (H, b"1")], "host"),
+        ([*OK, (b"origin", b"null")], "browser"),
+        ([*OK, (b"sec-fetch-site", b"same-origin")], "browser"),
+        ([*OK, (b"x-forwarded-for", b"127.0.0.1")], "proxied"),
+        ([*OK, (b"forwarded", b"for=127.0.0.1")], "proxied"),
+    ],
+)
+def test_rejections(headers, rule):
+    rejection = guards.check(scope(headers), H)
+    assert rejection is not None and rejection.status == 403 and rejection.rule == rule
+
+
+def test_missing_header_names_the_header():
+    rejection = guards.check(scope([(b"host", b"localhost")]), H)
+    assert rejection is not None and "X-Token-Broker" in rejection.detail
+
+
+@pytest.mark.parametrize("peer", ["10.0.0.1", "192.168.1.1", "::ffff:10.0.0.1", "2001:db8::1"])
+def test_non_loopback_peer_is_refused(peer):
+    rejection = guards.check(scope(OK, client=(peer, 1)), H)
+    assert rejection is not None and rejection.rule == "peer"
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"])
+def test_loopback_peers(peer):
+    assert guards.check(scope(OK, client=(peer, 1)), H) is None
+
+
+def test_unix_socket_skips_host_and_peer_but_not_the_rest():
+    unix = {"client": None, "server": ("/run/tb.sock", None)}
+    assert guards.check(scope([(H, b"1"), (b"host", b"anything")], **unix), H) is None
+    assert guards.check(scope([(b"host", b"x")], **unix), H).rule == "header"
+    assert guards.check(scope([(H, b"1"), (b"origin", b"x")], **unix), H).rule == "browser"
+
+
+def test_open_routes_need_no_header_but_keep_other_guards():
+    assert guards.check(scope([(b"host", b"localhost")]), None) is None
+    assert guards.check(scope([(b"host", b"evil")]), None).rule == "host"

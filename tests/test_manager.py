@@ -1,0 +1,282 @@
+"""The lifecycle under an injected clock and a test-driven scheduler: no sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import pytest
+from helpers import FakeClock, FakeScheduler
+
+from broker import config
+from broker.errors import IssuerError, RefreshCooldown, TokenUnavailable, UnknownCredential
+from broker.manager import Manager
+from broker.tokens import RefreshPolicy
+
+DAY = 86400.0
+
+
+class Issuer:
+    """A MockTransport handler that answers at the fake clock's time."""
+
+    def __init__(self, clock: FakeClock, lifetime: float = DAY) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.calls = 0
+        self.down = False
+        self.answer: tuple[int, dict] | None = None  # type: ignore[type-arg]
+        self.issued: dict[str, float] = {}
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.answer is not None:
+            status, body = self.answer
+            return httpx.Response(status, json=body, headers={"retry-after": "120"})
+        if self.down:
+            return httpx.Response(503, json={"error": "temporarily_unavailable"})
+        token = f"tok-{self.calls}"
+        self.issued[token] = self.clock() + self.lifetime
+        return httpx.Response(200, json={"access_token": token, "expires_in": self.lifetime})
+
+
+def settings(tmp_path, **policy):
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    creds = {
+        "a": {
+            "provider": "oauth2",
+            "client_id": "a",
+            "token_url": "https://issuer.test/token",
+            "secret": f"file:{secret}",
+            **policy,
+        }
+    }
+    return config.parse({"credentials": creds})
+
+
+def make(tmp_path, clock, issuer, seed=1, **policy):
+    client = httpx.AsyncClient(transport=httpx.MockTransport(issuer))
+    sched = FakeScheduler()
+    manager = Manager(
+        settings(tmp_path, **policy),
+        client=client,
+        clock=clock,
+        scheduler=sched,
+        rand=random.Random(seed).random,
+    )
+    return manager, sched
+
+
+async def settle(manager: Manager) -> None:
+    for entry in manager.entries.values():
+        if entry.inflight is not None:
+            await asyncio.shield(entry.inflight)
+
+
+async def test_eager_fetch_and_schedule(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    manager, sched = make(tmp_path, clock, issuer)
+    await manager.start()
+    assert manager.entries["a"].state(clock()) == "refreshing"
+    await settle(manager)
+    token = await manager.token("a")
+    assert token.access_token == "tok-1" and issuer.calls == 1
+    when, name = sched.next_job()
+    assert name == "a"
+    assert clock() + 0.62 * DAY <= when <= clock() + 0.72 * DAY
+    assert manager.status(manager.entries["a"])["state"] == "fresh"
+    await manager.close()
+
+
+async def test_thousand_concurrent_cold_requests_make_one_call(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    issuer.gate = asyncio.Event()
+    manager, _ = make(tmp_path, clock, issuer)
+    await manager.start()
+    waiters = [asyncio.create_task(manager.token("a")) for _ in range(1000)]
+    await asyncio.sleep(0)
+    issuer.gate.set()
+    tokens = await asyncio.gather(*waiters)
+    assert {t.access_token for t in tokens} == {"tok-1"}
+    assert issuer.calls == 1
+    await manager.close()
+
+
+async def test_expired_token_is_noticed_on_the_next_request(tmp_path):
+    """A missed job (suspend/resume, clock jump) never serves an expired token."""
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    manager, sched = make(tmp_path, clock, issuer)
+    await manager.start()
+    await settle(manager)
+    clock.now += 3 * DAY  # the scheduled job never ran
+    token = await manager.token("a")
+    assert token.access_token == "tok-2" and token.expires_at > clock()
+    # The schedule recovered too: the next job is for the new token.
+    when, _ = sched.next_job()
+    assert when > clock()
+    await manager.close()
+
+
+async def test_clock_jumping_backwards_keeps_serving(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    manager, _ = make(tmp_path, clock, issuer)
+    await manager.start()
+    await settle(manager)
+    clock.now -= 6 * 3600
+    assert (await manager.token("a")).access_token == "tok-1"
+    assert issuer.calls == 1
+    await manager.close()
+
+
+async def test_permanent_error_fails_without_retry_until_forced(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    issuer.answer = (400, {"error": "invalid_client", "error_description": "bad secret"})
+    manager, sched = make(tmp_path, clock, issuer, force_cooldown="10s")
+    await manager.start()
+    await settle(manager)
+    entry = manager.entries["a"]
+    assert entry.state(clock()) == "failed" and sched.next_job() is None
+    for _ in range(100):
+        with pytest.raises(TokenUnavailable):
+            await manager.token("a")
+    assert issuer.calls == 1
+    with pytest.raises(IssuerError, match="invalid_client: bad secret"):
+        await manager.force_refresh("a")
+    assert issuer.calls == 2
+    with pytest.raises(RefreshCooldown) as info:
+        await manager.force_refresh("a")
+    assert info.value.retry_after == 10
+    clock.now += 11
+    issuer.answer = None
+    assert (await manager.force_refresh("a")).state(clock()) == "fresh"
+    await manager.close()
+
+
+async def test_retry_after_sets_the_next_attempt_and_blocks_forcing(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    issuer.answer = (429, {"error": "throttled"})
+    manager, sched = make(tmp_path, clock, issuer, retry_initial="1s", force_cooldown="0s")
+    await manager.start()
+    await settle(manager)
+    when, _ = sched.next_job()
+    assert when >= clock() + 120
+    with pytest.raises(RefreshCooldown) as info:
+        await manager.force_refresh("a")
+    assert info.value.retry_after == 120
+    with pytest.raises(TokenUnavailable) as unavailable:
+        await manager.token("a")  # no on-demand attempt inside the backoff window
+    assert unavailable.value.retry_after >= 119
+    assert issuer.calls == 1
+    await manager.close()
+
+
+async def test_backoff_doubles_to_retry_max(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    issuer.down = True
+    manager, sched = make(tmp_path, clock, issuer, retry_initial="1s", retry_max="60s")
+    await manager.start()
+    await settle(manager)
+    delays = []
+    for _ in range(12):
+        when, name = sched.next_job()
+        delays.append(when - clock())
+        clock.now = when
+        await sched.run(name)
+    caps = [min(2**i, 60) for i in range(12)]
+    assert all(c / 2 <= d < c for d, c in zip(delays, caps, strict=True)), delays
+    assert issuer.calls == 13
+
+
+async def test_unknown_and_default():
+    clock = FakeClock()
+    manager = Manager(
+        config.parse({}), client=httpx.AsyncClient(), clock=clock, scheduler=FakeScheduler()
+    )
+    with pytest.raises(UnknownCredential, match="no default credential"):
+        await manager.token(None)
+    with pytest.raises(UnknownCredential, match="no credential named 'x'"):
+        await manager.token("x")
+    await manager.close()
+
+
+async def test_status_has_no_secret_or_token(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    manager, _ = make(tmp_path, clock, issuer)
+    await manager.start()
+    await settle(manager)
+    text = repr(manager.status(manager.entries["a"])) + repr(manager.entries["a"])
+    assert "tok-1" not in text and "'s'" not in text
+    await manager.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_a_week_of_day_long_tokens_with_random_outages(tmp_path, seed):
+    """Seven days, 24 h tokens, outages shorter and longer than a token's remaining life."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    start = clock.now
+    issuer = Issuer(clock)
+    manager, sched = make(tmp_path, clock, issuer, seed=seed, retry_max="5m")
+    policy: RefreshPolicy = manager.entries["a"].cred.policy
+    outages = []
+    t = start + DAY / 2
+    while t < start + 7 * DAY:
+        length = rng.choice([600, 3 * 3600, 10 * 3600, 30 * 3600])
+        outages.append((t, t + length))
+        t += length + rng.uniform(DAY, 2 * DAY)
+
+    def in_outage(now: float) -> bool:
+        return any(a <= now < b for a, b in outages)
+
+    await manager.start()
+    await settle(manager)
+    requests = sorted(start + rng.uniform(0, 7 * DAY) for _ in range(3000))
+    served = unavailable = 0
+    while requests:
+        job = sched.next_job()
+        if job is not None and job[0] <= requests[0]:
+            clock.now = job[0]
+            issuer.down = in_outage(clock.now)
+            await sched.run(job[1])
+            continue
+        clock.now = requests.pop(0)
+        issuer.down = in_outage(clock.now)
+        try:
+            token = await manager.token("a")
+        except TokenUnavailable:
+            unavailable += 1
+            # Never leave a servable token unserved: every issued token is past serving.
+            limit = min(policy.min_remaining, 0.1 * DAY)
+            assert all(clock.now >= exp - limit for exp in issuer.issued.values())
+            assert issuer.down
+            continue
+        served += 1
+        assert issuer.issued[token.access_token] > clock.now, "served an expired token"
+    successes = len(issuer.issued)
+    assert successes <= 7 / 0.62 + len(outages) + 2
+    # Between two refreshes with no outage in between: at × lifetime ± jitter × lifetime.
+    issued_at = sorted(exp - DAY for exp in issuer.issued.values())
+    healthy_gaps = [
+        b - a
+        for a, b in zip(issued_at, issued_at[1:], strict=False)
+        if not any(x < b and a < y for x, y in outages)
+    ]
+    assert healthy_gaps, "no healthy stretch to measure"
+    assert all(0.62 * DAY <= gap <= 0.72 * DAY for gap in healthy_gaps), healthy_gaps
+    assert served > 0
+    # Bounded retries: at most one per retry_max (5 min) of outage, plus the ramp-up.
+    outage_seconds = sum(b - a for a, b in outages)
+    assert issuer.calls - successes <= outage_seconds / 150 + 10 * len(outages)
+    await manager.close()

@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import base64
+import json
+from urllib.parse import parse_qsl
+
+import httpx
+import pytest
+
+from broker.config import CredentialSettings
+from broker.errors import IssuerError
+from broker.providers import fetch_token, token_request
+from broker.providers.base import MAX_LIFETIME, parse_retry_after
+from broker.providers.oauth2 import basic_auth
+
+NOW = 1_800_000_000.0
+ADOBE = CredentialSettings(
+    name="adobe",
+    provider="adobe",
+    client_id="cid",
+    scopes=("openid", "AdobeID"),
+    ims_url="https://ims.test",
+)
+OAUTH2 = CredentialSettings(
+    name="p",
+    provider="oauth2",
+    client_id="broker",
+    scopes=("api.read", "api.write"),
+    token_url="https://login.test/oauth2/token",
+    params=(("audience", "https://api.test"),),
+)
+
+
+def client_for(handler) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+def answer(status=200, body=None, headers=None, content=None):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if content is not None:
+            return httpx.Response(status, content=content, headers=headers)
+        return httpx.Response(status, json=body, headers=headers)
+
+    return handler
+
+
+async def fetch(handler, cred=ADOBE, secret="sec"):
+    async with client_for(handler) as client:
+        return await fetch_token(client, token_request(cred, secret), now=NOW)
+
+
+async def test_adobe_request_shape():
+    seen: list[httpx.Request] = []
+
+    def handler(request):
+        seen.append(request)
+        return httpx.Response(
+            200,
+            json={"access_token": "tok", "token_type": "bearer", "expires_in": 86399},
+            headers={"x-debug-id": "dbg-1"},
+        )
+
+    issued = await fetch(handler, secret="a&b=c")
+    (request,) = seen
+    assert request.method == "POST" and str(request.url) == "https://ims.test/ims/token/v3"
+    assert request.url.query == b""  # the secret never goes in the URL
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert dict(parse_qsl(request.content.decode())) == {
+        "grant_type": "client_credentials",
+        "client_id": "cid",
+        "client_secret": "a&b=c",
+        "scope": "openid,AdobeID",
+    }
+    assert issued.token.access_token == "tok"
+    assert issued.token.expires_at == NOW + 86399 and issued.debug_id == "dbg-1"
+
+
+def test_basic_auth_matches_rfc_6749_example():
+    # RFC 6749 §4.4.2's example: client s6BhdRkqt3, secret 7Fjfp0ZBr1KtDRbnfVdmIw.
+    assert basic_auth("s6BhdRkqt3", "7Fjfp0ZBr1KtDRbnfVdmIw") == (
+        "Basic czZCaGRSa3F0Mzo3RmpmcDBaQnIxS3REUmJuZlZkbUl3"
+    )
+
+
+def test_basic_auth_form_encodes_before_base64():
+    header = basic_auth("my:client", "a b+c/%")
+    assert base64.b64decode(header[6:]).decode() == "my%3Aclient:a+b%2Bc%2F%25"
+
+
+async def test_oauth2_basic_and_post():
+    seen: list[httpx.Request] = []
+
+    def handler(request):
+        seen.append(request)
+        return httpx.Response(200, json={"access_token": "t", "expires_in": "3599"})
+
+    await fetch(handler, cred=OAUTH2)
+    form = dict(parse_qsl(seen[0].content.decode()))
+    assert form == {
+        "grant_type": "client_credentials",
+        "scope": "api.read api.write",
+        "audience": "https://api.test",
+    }
+    assert seen[0].headers["authorization"] == basic_auth("broker", "sec")
+
+    from dataclasses import replace
+
+    await fetch(handler, cred=replace(OAUTH2, auth_method="client_secret_post"))
+    form = dict(parse_qsl(seen[1].content.decode()))
+    assert form["client_id"] == "broker" and form["client_secret"] == "sec"
+    assert "authorization" not in seen[1].headers
+
+
+@pytest.mark.parametrize("expires_in", [3599, "3599", 3599.0, " 3599 "])
+async def test_expires_in_number_or_string(expires_in):
+    issued = await fetch(answer(body={"access_token": "t", "expires_in": expires_in}))
+    assert issued.token.expires_at == NOW + 3599
+
+
+@pytest.mark.parametrize("token_type", ["bearer", "Bearer", "BEARER"])
+async def test_token_type_case_insensitive(token_type):
+    body = {"access_token": "t", "token_type": token_type, "expires_in": 10}
+    assert (await fetch(answer(body=body))).token.token_type == "bearer"
+
+
+@pytest.mark.parametrize(
+    ("handler", "error", "fragment"),
+    [
+        (
+            answer(content=b"<html>hi</html>", headers={"content-type": "text/html"}),
+            "invalid_response",
+            "text/html",
+        ),
+        (answer(body=["not", "an", "object"]), "invalid_response", "not a JSON object"),
+        (answer(body={"expires_in": 10}), "invalid_response", "without an access_token"),
+        (answer(body={"access_token": "", "expires_in": 10}), "invalid_response", "access_token"),
+        (answer(body={"access_token": "t"}), "invalid_response", "expires_in"),
+        (answer(body={"access_token": "t", "expires_in": 0}), "invalid_response", "expires_in"),
+        (answer(body={"access_token": "t", "expires_in": -5}), "invalid_response", "expires_in"),
+        (answer(body={"access_token": "t", "expires_in": "soon"}), "invalid_response", "soon"),
+        (answer(body={"access_token": "t", "expires_in": True}), "invalid_response", "expires_in"),
+        (
+            answer(body={"access_token": "t", "expires_in": MAX_LIFETIME + 1}),
+            "invalid_response",
+            "expires_in",
+        ),
+        (
+            answer(body={"access_token": "t", "expires_in": 1, "token_type": "mac"}),
+            "invalid_response",
+            "not bearer",
+        ),
+        (
+            answer(502, content=b"<html>502</html>", headers={"content-type": "text/html"}),
+            "http_error",
+            "HTTP 502 with text/html",
+        ),
+    ],
+)
+async def test_defensive_parsing(handler, error, fragment):
+    with pytest.raises(IssuerError) as info:
+        await fetch(handler)
+    assert info.value.error == error and info.value.retryable
+    assert fragment in info.value.description
+
+
+async def test_issuer_error_keeps_status_code_description_and_debug_id():
+    handler = answer(
+        400,
+        {"error": "invalid_client", "error_description": "invalid client_secret parameter"},
+        headers={"x-debug-id": "abc-123"},
+    )
+    with pytest.raises(IssuerError) as info:
+        await fetch(handler, secret="hunter2")
+    exc = info.value
+    assert (exc.status, exc.error, exc.description, exc.debug_id) == (
+        400,
+        "invalid_client",
+        "invalid client_secret parameter",
+        "abc-123",
+    )
+    assert not exc.retryable
+    assert str(exc) == (
+        "issuer error (HTTP 400): invalid_client: invalid client_secret parameter "
+        "(x-debug-id abc-123)"
+    )
+    assert "hunter2" not in str(exc)
+
+
+@pytest.mark.parametrize("code", ["invalid_client", "unauthorized_client", "invalid_scope"])
+async def test_permanent_errors(code):
+    with pytest.raises(IssuerError) as info:
+        await fetch(answer(400, {"error": code}))
+    assert not info.value.retryable
+
+
+async def test_throttle_retry_after_seconds_and_date():
+    with pytest.raises(IssuerError) as info:
+        await fetch(answer(429, {"error": "too_many"}, headers={"retry-after": "30"}))
+    assert info.value.retry_after == 30 and info.value.retryable
+    assert parse_retry_after("Fri, 15 Jan 2027 08:02:00 GMT", NOW) == 120
+    assert parse_retry_after("Fri, 15 Jan 2027 07:00:00 GMT", NOW) == 0
+    assert parse_retry_after("soon", NOW) is None
+    assert parse_retry_after(None, NOW) is None
+
+
+async def test_transport_errors_become_issuer_errors():
+    def refuse(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(IssuerError) as info:
+        await fetch(refuse)
+    assert info.value.error == "connection_error" and info.value.status is None
+    assert "https://ims.test" in info.value.description
+
+    def slow(request):
+        raise httpx.ReadTimeout("slow", request=request)
+
+    with pytest.raises(IssuerError, match="timeout"):
+        await fetch(slow)
+
+
+async def test_error_json_with_odd_fields_is_still_an_error():
+    body = json.dumps({"error": "server_error", "error_description": 42}).encode()
+    with pytest.raises(IssuerError) as info:
+        await fetch(answer(500, content=body))
+    assert info.value.error == "server_error" and info.value.description == ""

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pytest
+
+from broker import secrets
+from broker.errors import SecretError
+
+
+async def test_file_secret_strips_one_trailing_newline(tmp_path):
+    f = tmp_path / "s"
+    f.write_text("abc\n\n")
+    assert await secrets.resolve(f"file:{f}", "a") == "abc\n"
+    f.write_text("abc\r\n")
+    assert await secrets.resolve(f"file:{f}", "a") == "abc"
+    f.write_text("  spaced  ")
+    assert await secrets.resolve(f"file:{f}", "a") == "  spaced  "
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_text("\n"), "is empty"),
+        (lambda p: p.mkdir(), "cannot read"),
+        (lambda p: p.write_bytes(b"\xff\xfe"), "not UTF-8"),
+    ],
+)
+async def test_file_secret_errors_name_credential_and_file(tmp_path, setup, message):
+    f = tmp_path / "s"
+    setup(f)
+    with pytest.raises(SecretError) as info:
+        await secrets.resolve(f"file:{f}", "adobe")
+    assert "credential 'adobe'" in str(info.value)
+    assert str(f) in str(info.value) and message in str(info.value)
+
+
+async def test_systemd_credentials_directory(tmp_path, monkeypatch):
+    (tmp_path / "adobe").write_text("from-systemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert await secrets.resolve("systemd:adobe", "a") == "from-systemd"
+    with pytest.raises(SecretError, match="systemd credential 'other' does not exist"):
+        await secrets.resolve("systemd:other", "a")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(SecretError, match="LoadCredential="):
+        await secrets.resolve("systemd:adobe", "a")
+
+
+async def test_env_secret(monkeypatch):
+    monkeypatch.setenv("TB_TEST_SECRET", "from-env")
+    assert await secrets.resolve("env:TB_TEST_SECRET", "a") == "from-env"
+    with pytest.raises(SecretError, match="TB_TEST_MISSING is not set"):
+        await secrets.resolve("env:TB_TEST_MISSING", "a")
+
+
+async def test_keyring_fail_backend_says_what_to_do(monkeypatch):
+    # keyring's own "fail" backend is what a headless host without a Secret Service gets.
+    import keyring
+    from keyring.backends import fail
+
+    monkeypatch.setattr(keyring.core, "_keyring_backend", fail.Keyring())
+    with pytest.raises(SecretError) as info:
+        await secrets.resolve("keyring", "adobe")
+    text = str(info.value)
+    assert "no keyring backend is available" in text and "keyring.backends.fail" in text
+    assert "systemd: or file:" in text
+
+
+async def test_keyring_missing_item_and_backend_errors(monkeypatch):
+    import keyring
+    from keyring.backend import KeyringBackend
+    from keyring.errors import KeyringLocked
+
+    class Memory(KeyringBackend):
+        priority = 1  # type: ignore[assignment]
+        items = {("token-broker", "adobe"): "kr-secret", ("svc", "user"): "explicit"}
+
+        def get_password(self, service, username):
+            if service == "locked":
+                raise KeyringLocked("collection is locked")
+            return self.items.get((service, username))
+
+        def set_password(self, service, username, password):  # pragma: no cover
+            raise NotImplementedError
+
+        def delete_password(self, service, username):  # pragma: no cover
+            raise NotImplementedError
+
+    monkeypatch.setattr(keyring.core, "_keyring_backend", Memory())
+    assert await secrets.resolve("keyring", "adobe") == "kr-secret"
+    assert await secrets.resolve("keyring:svc/user", "x") == "explicit"
+    with pytest.raises(SecretError, match="no keyring item service='token-broker' username='b'"):
+        await secrets.resolve("keyring", "b")
+    with pytest.raises(SecretError, match="failed: collection is locked; start a Secret Service"):
+        await secrets.resolve("keyring:locked/x", "b")
+
+
+def test_describe():
+    assert secrets.describe("keyring", "adobe") == (
+        "keyring item service='token-broker' username='adobe'"
+    )
+    assert secrets.describe("file:/x", "a") == "file /x"
