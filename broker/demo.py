@@ -50,8 +50,9 @@ class Received:
 class DemoIssuer:
     """An OAuth 2.0 client-credentials issuer for the demo and the tests."""
 
-    def __init__(self, lifetime: float = 120.0) -> None:
+    def __init__(self, lifetime: float = 120.0, token_bytes: int = 48) -> None:
         self.lifetime = lifetime
+        self.token_bytes = token_bytes  # Adobe's tokens are JWTs of about 1,500 bytes
         self.clients: dict[str, set[str]] = {}
         self.mode = "ok"
         self.retry_after = 2
@@ -110,7 +111,7 @@ class DemoIssuer:
             error = "invalid_scope" if mode == "invalid_scope" else "invalid_client"
             description = f"{error.replace('_', ' ')} parameter"
             return await _reply(send, 400, {"error": error, "error_description": description})
-        token = "demo-" + secrets.token_urlsafe(32)
+        token = ("demo-" + secrets.token_urlsafe(self.token_bytes))[: self.token_bytes]
         self.issued[token] = time.time() + self.lifetime
         answer = {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime}
         await _reply(send, 200, answer)

@@ -1,0 +1,388 @@
+"""Hot-path benchmark: the broker beside a bare-ASGI baseline, in one run.
+
+Usage: python bench/bench.py [--duration 10] [--pairs 3] [--idle 60] [--quick]
+
+Servers are pinned to core 0 and wrk to core 1 (taskset). Each figure of the
+performance issue is printed in one table at the end. Needs `wrk` (Debian
+package) and a free pair of loopback ports; talks only to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.demo import DemoIssuer, issuer_server, loopback_socket  # noqa: E402
+
+SERVER_CORE = "0"
+LOAD_CORE = "1"
+TOKEN_BYTES = 1500
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Issuer:
+    """The demo issuer in a thread of this process, issuing 1,500-byte tokens."""
+
+    def __init__(self, lifetime: float = 3600.0) -> None:
+        self.issuer = DemoIssuer(lifetime=lifetime, token_bytes=TOKEN_BYTES)
+        self.sock = loopback_socket()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = issuer_server(self.issuer)
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True
+        )
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+def pinned(cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", SERVER_CORE, *cmd] if shutil.which("taskset") else cmd
+
+
+def wait_http(port: int, path: str = "/healthz", timeout: float = 20.0) -> float:
+    """Poll until ``path`` answers 200; return the seconds it took."""
+    start = time.perf_counter()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    while time.perf_counter() - start < timeout:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(request)
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return time.perf_counter() - start
+        except OSError:
+            pass
+        time.sleep(0.002)
+    raise RuntimeError(f"nothing answered 200 on port {port}{path}")
+
+
+def start_baseline(port: int) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "uvicorn", "baseline:app", "--app-dir", str(HERE),
+        "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+        "--no-access-log", "--log-level", "warning", "--no-server-header", "--no-date-header",
+        "--lifespan", "off",
+    ]  # fmt: skip
+    proc = subprocess.Popen(pinned(cmd))
+    wait_http(port, "/")
+    return proc
+
+
+def write_config(tmp: Path, issuer: Issuer, port: int, names: list[str], secret: str) -> Path:
+    issuer.issuer.add_client("bench", secret)
+    secret_file = tmp / "secret"
+    secret_file.write_text(secret)
+    lines = [f'[server]\nlisten = ["127.0.0.1:{port}"]\ndefault = "{names[0]}"\n']
+    for name in names:
+        lines.append(
+            f'[credentials.{name}]\nprovider = "oauth2"\nclient_id = "bench"\n'
+            f'token_url = "{issuer.url}/oauth2/token"\nsecret = "file:{secret_file}"\n'
+        )
+    path = tmp / f"config-{len(names)}.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def start_broker(config: Path, port: int) -> tuple[subprocess.Popen[bytes], float]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        pinned([sys.executable, "-m", "broker", "serve", "--config", str(config)]),
+        stderr=subprocess.DEVNULL,
+    )
+    wait_http(port)
+    return proc, time.perf_counter() - started
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rss_mb(pid: int) -> float:
+    # taskset execs the real program, so the pid is the server's own.
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(port: int, timeout: float = 60.0) -> None:
+    wait_http(port, "/readyz", timeout)
+
+
+# -- load -----------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(port: int, path: str, connections: int, duration: float) -> dict[str, float]:
+    """Run wrk on the load core; return requests/s, p50 and p99 in milliseconds."""
+    seconds = max(1, round(duration))  # wrk takes whole seconds
+    cmd = [
+        "taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+        "--latency", "-H", "X-Token-Broker: 1", f"http://127.0.0.1:{port}{path}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"{non2xx.group(1)} failed responses during load:\n{out}")
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(m.group(1)) * _UNITS[m.group(2)]  # type: ignore[union-attr]
+
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99")}
+
+
+async def _herd(port: int, path: str, n: int) -> list[bytes]:
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Token-Broker: 1\r\nConnection: close\r\n\r\n"
+    ).encode()
+    gate = asyncio.Event()
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await gate.wait()  # all connected first, then all ask at the same moment
+        writer.write(request)
+        data = await reader.read()
+        writer.close()
+        return data.split(b"\r\n", 1)[0]
+
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await asyncio.sleep(0.5)
+    gate.set()
+    return await asyncio.gather(*tasks)
+
+
+def herd(port: int, path: str, n: int) -> list[bytes]:
+    return asyncio.run(_herd(port, path, n))
+
+
+# -- the figures ----------------------------------------------------------------------
+
+
+def throughput(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    issuer = Issuer()
+    bport, tport = free_port(), free_port()
+    config = write_config(tmp, issuer, tport, ["adobe"], "bench-secret-1")
+    baseline = start_baseline(bport)
+    broker, _ = start_broker(config, tport)
+    try:
+        wait_ready(tport)
+        wrk(bport, "/", 50, 2)  # warm-up both
+        wrk(tport, "/token", 50, 2)
+        pairs = []
+        for _ in range(args.pairs):
+            base = wrk(bport, "/", 50, args.duration)
+            tok = wrk(tport, "/token", 50, args.duration)
+            pairs.append((base, tok))
+            print(
+                f"  pair: baseline {base['rps']:8.0f} req/s  broker {tok['rps']:8.0f} req/s"
+                f"  ratio {tok['rps'] / base['rps']:.2f}  broker p99 {tok['p99']:.2f} ms",
+                flush=True,
+            )
+        ratios = [t["rps"] / b["rps"] for b, t in pairs]
+        med = statistics.median(ratios)
+        base_rps = statistics.median(b["rps"] for b, _ in pairs)
+        tok_rps = statistics.median(t["rps"] for _, t in pairs)
+        p99 = statistics.median(t["p99"] for _, t in pairs)
+        single = wrk(tport, "/token", 1, min(args.duration, 5))
+        single_base = wrk(bport, "/", 1, min(args.duration, 5))
+        rows += [
+            ("baseline (bare ASGI) req/s, 50 conns", f"{base_rps:.0f}", "-"),
+            ("GET /token req/s, 50 conns", f"{tok_rps:.0f}", "-"),
+            ("GET /token / baseline (median of pairs)", f"{med:.2f}x", ">= 0.75x"),
+            ("GET /token p99 at 50 conns", f"{p99:.2f} ms", "<= 5 ms"),
+            ("GET /token p50 at 1 conn", f"{single['p50']:.3f} ms", "<= 0.3 ms"),
+            ("baseline p50 at 1 conn", f"{single_base['p50']:.3f} ms", "-"),
+            ("broker RSS after load, file: secret", f"{rss_mb(broker.pid):.1f} MB", "<= 60 MB"),
+            ("baseline RSS after load", f"{rss_mb(baseline.pid):.1f} MB", "-"),
+            ("issuer calls during all of the above", f"{issuer.issuer.calls}", "1"),
+        ]
+    finally:
+        stop(broker)
+        stop(baseline)
+        issuer.stop()
+
+
+def herds(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    for n in (1, 1000):
+        issuer = Issuer()
+        issuer.issuer.delay = 1.0  # cold: the eager fetch is still in flight
+        port = free_port()
+        config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-2")
+        broker, _ = start_broker(config, port)
+        try:
+            cold = herd(port, "/token", n)
+            warm = herd(port, "/token", n)
+            ok = sum(s.endswith(b"200 OK") for s in cold + warm)
+            rows.append(
+                (f"issuer calls, {n} cold + {n} warm clients", f"{issuer.issuer.calls}"
+                 f" ({ok}/{2 * n} answered 200)", "1")
+            )  # fmt: skip
+        finally:
+            stop(broker)
+            issuer.stop()
+    # Over several refresh periods under load: one call per period.
+    lifetime = 6.0
+    issuer = Issuer(lifetime=lifetime)
+    port = free_port()
+    config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-3")
+    broker, _ = start_broker(config, port)
+    try:
+        wait_ready(port)
+        duration = 4 * 0.67 * lifetime
+        wrk(port, "/token", 50, duration)
+        periods = 1 + int(duration / (0.72 * lifetime))
+        rows.append(
+            (f"issuer calls over {duration:.0f}s of load, {lifetime:g}s tokens",
+             f"{issuer.issuer.calls}", f"{periods}-{periods + 1} (one per period)")
+        )  # fmt: skip
+    finally:
+        stop(broker)
+        issuer.stop()
+
+
+def startup(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    issuer = Issuer()
+    times = []
+    for _ in range(5):
+        port = free_port()
+        config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-4")
+        broker, took = start_broker(config, port)
+        times.append(took)
+        stop(broker)
+    issuer.stop()
+    rows.append(("process start to /healthz 200 (median of 5)",
+                 f"{statistics.median(times):.2f} s", "<= 1.0 s"))  # fmt: skip
+
+
+def idle(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    issuer = Issuer()
+    port = free_port()
+    config = write_config(tmp, issuer, port, [f"c{i}" for i in range(10)], "bench-secret-5")
+    broker, _ = start_broker(config, port)
+    try:
+        wait_ready(port)
+        time.sleep(1)
+        before = cpu_seconds(broker.pid)
+        time.sleep(args.idle)
+        used = cpu_seconds(broker.pid) - before
+        rows.append((f"idle CPU over {args.idle:g}s, 10 credentials", f"{used:.2f} s",
+                     "<= 0.1 s"))  # fmt: skip
+    finally:
+        stop(broker)
+        issuer.stop()
+
+
+def many(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    results = {}
+    for count in (1, 1000):
+        issuer = Issuer()
+        port = free_port()
+        names = [f"cred{i:04d}" for i in range(count)]
+        config = write_config(tmp, issuer, port, names, "bench-secret-6")
+        broker, _ = start_broker(config, port)
+        try:
+            wait_ready(port)
+            target = f"/token/{names[len(names) // 2]}"
+            wrk(port, target, 50, 2)
+            runs = [wrk(port, target, 50, args.duration)["rps"] for _ in range(args.pairs)]
+            results[count] = (statistics.median(runs), rss_mb(broker.pid), issuer.issuer.calls)
+        finally:
+            stop(broker)
+            issuer.stop()
+    (one_rps, one_rss, _), (k_rps, k_rss, k_calls) = results[1], results[1000]
+    rows += [
+        ("1,000 credentials: RSS", f"{k_rss:.1f} MB (1 credential: {one_rss:.1f})", "<= 100 MB"),
+        ("1,000 credentials: /token/NAME req/s", f"{k_rps:.0f} (1 credential: {one_rps:.0f})",
+         "within 10%"),
+        ("1,000 credentials: /token/NAME vs 1", f"{k_rps / one_rps:.2f}x", ">= 0.90x"),
+        ("1,000 credentials: issuer calls at start", f"{k_calls}", "1000"),
+    ]  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--pairs", type=int, default=3, help="baseline/broker pairs")
+    parser.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
+    parser.add_argument("--quick", action="store_true", help="short runs, to try the script")
+    parser.add_argument(
+        "--only", nargs="*", default=["throughput", "herds", "startup", "idle", "many"]
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.pairs, args.idle = 3.0, 1, 5.0
+    if not shutil.which("wrk"):
+        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
+    rows: list[tuple[str, str, str]] = []
+    steps = {"throughput": throughput, "herds": herds, "startup": startup, "idle": idle,
+             "many": many}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
+        for name in args.only:
+            print(f"== {name}", flush=True)
+            steps[name](args, Path(tmp), rows)
+    print(f"\nmachine: {os.cpu_count()} cores, {platform_line()}")
+    print(f"servers pinned to core {SERVER_CORE}, wrk to core {LOAD_CORE}\n")
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    print(f"{'figure'.ljust(width)}  {'measured'.ljust(vwidth)}  target")
+    for figure, value, target in rows:
+        print(f"{figure.ljust(width)}  {value.ljust(vwidth)}  {target}")
+    return 0
+
+
+def platform_line() -> str:
+    import platform
+
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{model}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
