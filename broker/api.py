@@ -112,16 +112,18 @@ class BrokerApp:
     async def _token(self, path: str, send: Send) -> None:
         manager = self.manager
         name = manager.default if path == "/token" else path[7:]
-        try:
-            token = await manager.token(name)
-        except UnknownCredential as exc:
-            self.counters.unknown += 1
-            await self._error(send, exc)
-            return
-        except BrokerError as exc:
-            self.counters.tokens[(name, "unavailable")] += 1  # type: ignore[index]
-            await self._error(send, exc)
-            return
+        token = manager.cached(name)
+        if token is None:
+            try:
+                token = await manager.token(name)
+            except UnknownCredential as exc:
+                self.counters.unknown += 1
+                await self._error(send, exc)
+                return
+            except BrokerError as exc:
+                self.counters.tokens[(name, "unavailable")] += 1  # type: ignore[index]
+                await self._error(send, exc)
+                return
         self.counters.tokens[(name, "ok")] += 1  # type: ignore[index]
         await _send(send, 200, token.access_token.encode(), _TEXT, [])
 

@@ -7,7 +7,6 @@ plain sentences, never with a traceback for an expected failure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -64,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     server.setup_logging()
     sockets = server.open_listeners(settings.server)
-    asyncio.run(server.serve(settings, sockets))
+    server.run(server.serve(settings, sockets))
     return 0
 
 
@@ -75,7 +74,7 @@ def _demo(args: argparse.Namespace) -> int:
         print("token-broker: --lifetime must be at least 2 seconds", file=sys.stderr)
         return 2
     server.setup_logging()
-    return asyncio.run(demo.run(args.listen, args.lifetime))
+    return server.run(demo.run(args.listen, args.lifetime))
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -29,6 +30,7 @@ from broker.manager import APScheduler, Manager
 from broker.tokens import Clock
 
 log = logging.getLogger("broker.server")
+T = TypeVar("T")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -135,6 +137,22 @@ def _why(exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return "address already in use (is another token-broker running?)"
     return exc.strerror or str(exc)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on the loop uvicorn would pick (uvloop when installed).
+
+    ``asyncio.run`` would use the stock selector loop, which serves the hot
+    path at about two thirds of uvloop's rate.
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def uvicorn_config(app: object) -> uvicorn.Config:
