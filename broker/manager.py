@@ -36,6 +36,11 @@ from broker.tokens import Clock, Token, refresh_at, retry_delay, rfc3339, servab
 
 log = logging.getLogger("broker.refresh")
 
+#: Issuer requests in flight at once, over all credentials. With many credentials a
+#: cold start would otherwise open hundreds of connections at the same moment and
+#: time most of them out; the timeout clock starts only once a slot is free.
+MAX_CONCURRENT_REFRESHES = 10
+
 Job = Callable[[str], Awaitable[None]]  # called with the credential name
 
 
@@ -142,6 +147,7 @@ class Manager:
         self.entries: dict[str, Entry] = {n: Entry(c) for n, c in settings.credentials.items()}
         self.default = settings.default_name()
         self.refreshes: Counter[tuple[str, str]] = Counter()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_REFRESHES)
 
     async def start(self) -> None:
         """Start the scheduler and fetch every token eagerly, without waiting for them."""
@@ -273,10 +279,12 @@ class Manager:
         try:
             if entry.secret is None:
                 entry.secret = await secrets.resolve(cred.secret, cred.name)
-            async with asyncio.timeout(cred.policy.timeout):
-                issued = await fetch_token(
-                    self._client, token_request(cred, entry.secret), now=started
-                )
+            async with self._slots:
+                started = self._clock()
+                async with asyncio.timeout(cred.policy.timeout):
+                    issued = await fetch_token(
+                        self._client, token_request(cred, entry.secret), now=started
+                    )
         except SecretError as exc:
             self._permanent(entry, ErrorInfo(None, "secret_unavailable", str(exc), None, started))
             return exc

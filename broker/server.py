@@ -198,7 +198,9 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
         loop.add_signal_handler(sig, _request_exit, server, sig)
     for listen in settings.server.listen:
         log.info("listening on %s", listen)
-    log.info("credentials: %s", ", ".join(settings.credentials) or "none")
+    names = list(settings.credentials)
+    shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
+    log.info("credentials: %s", shown or "none")
     try:
         await server.serve(sockets=sockets)
     finally:

@@ -280,3 +280,42 @@ async def test_a_week_of_day_long_tokens_with_random_outages(tmp_path, seed):
     outage_seconds = sum(b - a for a, b in outages)
     assert issuer.calls - successes <= outage_seconds / 150 + 10 * len(outages)
     await manager.close()
+
+
+async def test_many_credentials_share_a_bounded_number_of_issuer_slots(tmp_path):
+    from broker.manager import MAX_CONCURRENT_REFRESHES
+
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    in_flight = peak = 0
+
+    async def issuer(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+
+    creds = {
+        f"c{i}": {
+            "provider": "oauth2",
+            "client_id": "x",
+            "token_url": "https://issuer.test/token",
+            "secret": f"file:{secret}",
+            # Shorter than the whole cold start: waiting for a slot must not count.
+            "timeout": "0.5s",
+        }
+        for i in range(100)
+    }
+    manager = Manager(
+        config.parse({"credentials": creds}),
+        client=httpx.AsyncClient(transport=httpx.MockTransport(issuer)),
+        clock=FakeClock(),
+        scheduler=FakeScheduler(),
+    )
+    await manager.start()
+    await settle(manager)
+    assert peak == MAX_CONCURRENT_REFRESHES
+    assert all(e.state(manager._clock()) == "fresh" for e in manager.entries.values())
+    await manager.close()
