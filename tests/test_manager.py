@@ -293,7 +293,7 @@ async def test_many_credentials_share_a_bounded_number_of_issuer_slots(tmp_path)
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # 100 credentials / 10 slots × 0.05 s = 0.5 s in all
         in_flight -= 1
         return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
 
@@ -304,7 +304,7 @@ async def test_many_credentials_share_a_bounded_number_of_issuer_slots(tmp_path)
             "token_url": "https://issuer.test/token",
             "secret": f"file:{secret}",
             # Shorter than the whole cold start: waiting for a slot must not count.
-            "timeout": "0.5s",
+            "timeout": "0.3s",
         }
         for i in range(100)
     }
