@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from broker.demo import DemoIssuer, issuer_server, loopback_socket  # noqa: E402
 
@@ -96,26 +97,32 @@ def start_baseline(port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def write_config(tmp: Path, issuer: Issuer, port: int, names: list[str], secret: str) -> Path:
+def write_config(
+    tmp: Path, issuer: Issuer, port: int, names: list[str], secret: str, ref: str = ""
+) -> Path:
     issuer.issuer.add_client("bench", secret)
     secret_file = tmp / "secret"
     secret_file.write_text(secret)
+    ref = ref or f"file:{secret_file}"
     lines = [f'[server]\nlisten = ["127.0.0.1:{port}"]\ndefault = "{names[0]}"\n']
     for name in names:
         lines.append(
             f'[credentials.{name}]\nprovider = "oauth2"\nclient_id = "bench"\n'
-            f'token_url = "{issuer.url}/oauth2/token"\nsecret = "file:{secret_file}"\n'
+            f'token_url = "{issuer.url}/oauth2/token"\nsecret = "{ref}"\n'
         )
     path = tmp / f"config-{len(names)}.toml"
     path.write_text("\n".join(lines))
     return path
 
 
-def start_broker(config: Path, port: int) -> tuple[subprocess.Popen[bytes], float]:
+def start_broker(
+    config: Path, port: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
     started = time.perf_counter()
     proc = subprocess.Popen(
         pinned([sys.executable, "-m", "broker", "serve", "--config", str(config)]),
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     wait_http(port)
     return proc, time.perf_counter() - started
@@ -242,6 +249,37 @@ def throughput(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, s
         issuer.stop()
 
 
+def keyring_rss(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    """RSS with the secret in a real Secret Service (gnome-keyring on a private bus)."""
+    from secret_service import SecretServiceSession, missing_programs
+
+    if missing := missing_programs():
+        absent = f"not measured: {', '.join(missing)} missing"
+        rows.append(("broker RSS after load, keyring secret", absent, "<= 68 MB"))
+        return
+    session = SecretServiceSession().start()
+    issuer = Issuer()
+    try:
+        subprocess.run(
+            ["secret-tool", "store", "--label=bench", "service", "token-broker",
+             "username", "adobe"],
+            input=b"bench-secret-kr", env={**os.environ, **session.env}, check=True,
+        )  # fmt: skip
+        port = free_port()
+        config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-kr", ref="keyring")
+        broker, _ = start_broker(config, port, env=session.env)
+        try:
+            wait_ready(port)
+            wrk(port, "/token", 50, min(args.duration, 5))
+            rows.append(("broker RSS after load, keyring secret", f"{rss_mb(broker.pid):.1f} MB",
+                         "<= 68 MB"))  # fmt: skip
+        finally:
+            stop(broker)
+    finally:
+        issuer.stop()
+        session.stop()
+
+
 def herds(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
     for n in (1, 1000):
         issuer = Issuer()
@@ -346,7 +384,9 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
     parser.add_argument("--quick", action="store_true", help="short runs, to try the script")
     parser.add_argument(
-        "--only", nargs="*", default=["throughput", "herds", "startup", "idle", "many"]
+        "--only",
+        nargs="*",
+        default=["throughput", "keyring", "herds", "startup", "idle", "many"],
     )
     args = parser.parse_args()
     if args.quick:
@@ -357,8 +397,8 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
     rows: list[tuple[str, str, str]] = []
-    steps = {"throughput": throughput, "herds": herds, "startup": startup, "idle": idle,
-             "many": many}  # fmt: skip
+    steps = {"throughput": throughput, "keyring": keyring_rss, "herds": herds,
+             "startup": startup, "idle": idle, "many": many}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
         for name in args.only:
             print(f"== {name}", flush=True)
