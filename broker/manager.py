@@ -32,6 +32,7 @@ from broker.errors import (
     UnknownCredential,
 )
 from broker.providers import fetch_token, token_request
+from broker.providers.base import Issued
 from broker.tokens import Clock, Token, refresh_at, retry_delay, rfc3339, servable, serve_until
 
 log = logging.getLogger("broker.refresh")
@@ -101,7 +102,7 @@ class Entry:
     cred: CredentialSettings
     token: Token | None = None
     serve_until: float = -math.inf  # precomputed so the hot path is one comparison
-    secret: str | None = field(default=None, repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # preferred first
     failed: bool = False  # permanent error: no retries until config/secret change or force
     failures: int = 0
     last_error: ErrorInfo | None = None
@@ -275,18 +276,11 @@ class Manager:
 
     async def _attempt(self, entry: Entry) -> BrokerError | None:
         cred = entry.cred
-        started = self._clock()
         try:
-            if entry.secret is None:
-                entry.secret = await secrets.resolve(cred.secret, cred.name)
-            async with self._slots:
-                started = self._clock()
-                async with asyncio.timeout(cred.policy.timeout):
-                    issued = await fetch_token(
-                        self._client, token_request(cred, entry.secret), now=started
-                    )
+            issued = await self._exchange(entry)
         except SecretError as exc:
-            self._permanent(entry, ErrorInfo(None, "secret_unavailable", str(exc), None, started))
+            info = ErrorInfo(None, "secret_unavailable", str(exc), None, self._clock())
+            self._permanent(entry, info)
             return exc
         except IssuerError as exc:
             self._failure(entry, exc)
@@ -306,6 +300,29 @@ class Manager:
             entry.inflight = None
         self._success(entry, issued.token, issued.debug_id)
         return None
+
+    async def _exchange(self, entry: Entry) -> Issued:
+        """Resolve the secrets if needed and ask the issuer for a token."""
+        cred = entry.cred
+        if not entry.secrets:
+            entry.secrets = await secrets.resolve(cred.secret, cred.name)
+        try:
+            return await self._fetch(cred, entry.secrets[0])
+        except IssuerError as exc:
+            if exc.error != "invalid_client" or len(entry.secrets) < 2:
+                raise
+        # Mid-rotation two secrets are stored and the issuer refused one: try the
+        # other once, and prefer it from now on.
+        issued = await self._fetch(cred, entry.secrets[1])
+        entry.secrets = (entry.secrets[1], entry.secrets[0])
+        log.warning("refresh %s: the issuer refused one stored secret; the other worked", cred.name)
+        return issued
+
+    async def _fetch(self, cred: CredentialSettings, secret: str) -> Issued:
+        async with self._slots:
+            started = self._clock()  # the timeout and issued_at start once a slot is ours
+            async with asyncio.timeout(cred.policy.timeout):
+                return await fetch_token(self._client, token_request(cred, secret), now=started)
 
     def _success(self, entry: Entry, token: Token, debug_id: str | None) -> None:
         cred = entry.cred

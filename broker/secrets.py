@@ -1,28 +1,32 @@
 """Secret references (DESIGN §3) resolved to the secret itself.
 
 ``keyring`` / ``keyring:SERVICE/USERNAME``, ``systemd:NAME``, ``file:/path``
-and ``env:VAR``. Keyring calls block (D-Bus round trips), so ``resolve``
-runs them in a worker thread; keyring itself is imported only when a
-credential uses it, because its backends cost several megabytes.
+and ``env:VAR``. The daemon reads keyring items in a child process (see
+:func:`_keyring_in_child`), so the event loop never blocks on D-Bus and the
+daemon never imports keyring; the CLI, a short-lived process, uses
+:func:`read_keyring` and friends directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from broker.errors import SecretError
 
 KEYRING_SERVICE = "token-broker"
-_WAY_OUT = "start a Secret Service (e.g. gnome-keyring) or use a systemd: or file: secret"
+WAY_OUT = "start a Secret Service (e.g. gnome-keyring) or use a systemd: or file: secret"
 
 
 def describe(ref: str, name: str) -> str:
     """Where a reference points, in words (for errors and `list`)."""
     kind, _, rest = ref.partition(":")
     if kind == "keyring":
-        service, _, user = rest.partition("/") if rest else (KEYRING_SERVICE, "", name)
+        service, user = keyring_item(ref, name)
         return f"keyring item service={service!r} username={user!r}"
     if kind == "systemd":
         return f"systemd credential {rest!r}"
@@ -31,16 +35,17 @@ def describe(ref: str, name: str) -> str:
     return f"environment variable {rest}"
 
 
-async def resolve(ref: str, name: str) -> str:
-    """Return the secret ``ref`` points at for credential ``name``.
+async def resolve(ref: str, name: str) -> tuple[str, ...]:
+    """Return the secrets ``ref`` points at for credential ``name``, preferred first.
 
-    Raises SecretError with a message that says what failed and what to do;
-    it never contains the secret.
+    One secret, or two while a keyring secret is being rotated (the new one
+    first, the old one as a fallback). Raises SecretError with a message that
+    says what failed and what to do; it never contains the secret.
     """
     kind, _, rest = ref.partition(":")
     if kind == "keyring":
-        service, _, user = rest.partition("/") if rest else (KEYRING_SERVICE, "", name)
-        return await asyncio.to_thread(_from_keyring, service, user, name)
+        service, user = keyring_item(ref, name)
+        return await _keyring_in_child(service, user, name)
     if kind == "systemd":
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
@@ -48,15 +53,135 @@ async def resolve(ref: str, name: str) -> str:
                 f"credential {name!r}: secret systemd:{rest} needs $CREDENTIALS_DIRECTORY; "
                 "run under systemd with LoadCredential= or LoadCredentialEncrypted="
             )
-        return _from_file(Path(directory) / rest, name, f"systemd credential {rest!r}")
+        return (_from_file(Path(directory) / rest, name, f"systemd credential {rest!r}"),)
     if kind == "file":
-        return _from_file(Path(rest), name, f"file {rest}")
+        return (_from_file(Path(rest), name, f"file {rest}"),)
     if kind == "env":
         value = os.environ.get(rest)
         if not value:
             raise SecretError(f"credential {name!r}: environment variable {rest} is not set")
-        return value
+        return (value,)
     raise SecretError(f"credential {name!r}: unknown secret reference kind {kind!r}")
+
+
+def keyring_item(ref: str, name: str) -> tuple[str, str]:
+    """(service, username) of a ``keyring`` or ``keyring:SERVICE/USERNAME`` reference."""
+    rest = ref.partition(":")[2]
+    if not rest:
+        return KEYRING_SERVICE, name
+    service, _, user = rest.partition("/")
+    return service, user
+
+
+#: Suffix of the keyring item that holds the new secret during a rotation. '#' is
+#: outside the credential-name alphabet, so it cannot collide with another credential.
+NEXT_SUFFIX = "#next"
+KEYRING_TIMEOUT = 20.0
+#: What a keyring child process inherits: what keyring and D-Bus need, nothing else,
+#: so that an ``env:`` secret of another credential never reaches it.
+_CHILD_ENV_PREFIXES = ("DBUS_", "XDG_", "PYTHON", "KEYRING_", "LC_", "GNOME_KEYRING_")
+_CHILD_ENV_NAMES = {"HOME", "PATH", "LANG", "USER", "LOGNAME", "VIRTUAL_ENV", "TMPDIR"}
+
+
+def child_environment() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k in _CHILD_ENV_NAMES or k.startswith(_CHILD_ENV_PREFIXES)
+    }
+
+
+async def _keyring_in_child(service: str, user: str, name: str) -> tuple[str, ...]:
+    """Read keyring items in a short-lived child process.
+
+    The daemon itself never imports keyring: its Secret Service backend pulls
+    in ``cryptography`` (~9 MB resident for a secret read once), and a D-Bus
+    call stuck on a locked collection can be killed in a child, not in a thread.
+    """
+    request = json.dumps({"service": service, "username": user, "name": name}).encode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker.keyring_child",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_environment(),
+    )
+    try:
+        async with asyncio.timeout(KEYRING_TIMEOUT):
+            out, err = await proc.communicate(request)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise SecretError(
+            f"credential {name!r}: the keyring did not answer within {KEYRING_TIMEOUT:g}s "
+            f"(a locked collection waiting for an unlock prompt?); {WAY_OUT}"
+        ) from None
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise SecretError(
+            f"credential {name!r}: the keyring reader failed ({detail[0][:200]}); {WAY_OUT}"
+        ) from None
+    if "error" in answer:
+        raise SecretError(answer["error"])
+    return tuple(answer["secrets"])
+
+
+def read_keyring(service: str, user: str, name: str) -> tuple[str, ...]:
+    """Read the item and, during a rotation, its ``#next`` sibling (blocking, in-process)."""
+    backend = keyring_backend(name)
+    current = _keyring_call(backend, name, "get_password", service, user)
+    upcoming = _keyring_call(backend, name, "get_password", service, user + NEXT_SUFFIX)
+    if current is None and upcoming is None:
+        raise SecretError(
+            f"credential {name!r}: no keyring item service={service!r} username={user!r} "
+            f"in {_backend_name(backend)}; store it with `token-broker add {name} ...`"
+        )
+    return tuple(s for s in (upcoming, current) if s is not None)
+
+
+def keyring_backend(name: str) -> Any:
+    """The keyring backend in use, or SecretError when there is none that works."""
+    import keyring  # lazy: only processes that touch the keyring pay for it
+
+    backend = keyring.get_keyring()
+    if "fail" in type(backend).__module__:
+        raise SecretError(
+            f"credential {name!r}: no keyring backend is available "
+            f"({_backend_name(backend)}); {WAY_OUT}"
+        )
+    return backend
+
+
+def _backend_name(backend: object) -> str:
+    return f"{type(backend).__module__}.{type(backend).__name__}"
+
+
+def _keyring_call(backend: Any, name: str, method: str, *args: str) -> Any:
+    """Call a backend method, turning every failure into a SecretError that explains it."""
+    try:
+        return getattr(backend, method)(*args)
+    except Exception as exc:  # keyring and D-Bus libraries raise many unrelated types
+        raise SecretError(
+            f"credential {name!r}: keyring backend {_backend_name(backend)} failed: "
+            f"{_keyring_cause(exc)}; {WAY_OUT}"
+        ) from None
+
+
+def _keyring_cause(exc: Exception) -> str:
+    """Name the cause in words a user can act on."""
+    text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    lowered = text.lower()
+    if "locked" in lowered:
+        return f"the collection is locked ({text}); unlock it (e.g. log in to the desktop)"
+    if "dbus_session_bus_address" in lowered or "no such file" in lowered and "bus" in lowered:
+        return f"no D-Bus session bus ({text})"
+    if "serviceunknown" in lowered or "not provided by any .service" in lowered:
+        return f"no Secret Service provider on the session bus ({text})"
+    return text
 
 
 def _from_file(path: Path, name: str, what: str) -> str:
@@ -76,35 +201,4 @@ def _from_file(path: Path, name: str, what: str) -> str:
         secret = secret[:-1]
     if not secret:
         raise SecretError(f"credential {name!r}: {what} is empty")
-    return secret
-
-
-def _from_keyring(service: str, user: str, name: str) -> str:
-    import keyring  # lazy: only credentials that use the keyring pay for it
-    from keyring.errors import KeyringError
-
-    backend = keyring.get_keyring()
-    backend_name = f"{type(backend).__module__}.{type(backend).__name__}"
-    if "fail" in type(backend).__module__:
-        raise SecretError(
-            f"credential {name!r}: no keyring backend is available ({backend_name}); {_WAY_OUT}"
-        )
-    try:
-        secret = backend.get_password(service, user)
-    except KeyringError as exc:
-        # Keyring's own message names the cause (locked collection, no D-Bus, ...);
-        # it never holds the secret, since none was read.
-        raise SecretError(
-            f"credential {name!r}: keyring backend {backend_name} failed: {exc}; {_WAY_OUT}"
-        ) from None
-    except Exception as exc:  # D-Bus libraries raise their own types
-        raise SecretError(
-            f"credential {name!r}: keyring backend {backend_name} failed: "
-            f"{type(exc).__name__}: {exc}; {_WAY_OUT}"
-        ) from None
-    if secret is None:
-        raise SecretError(
-            f"credential {name!r}: no keyring item service={service!r} username={user!r} "
-            f"in {backend_name}; store it with `keyring set {service} {user}`"
-        )
     return secret

@@ -9,11 +9,11 @@ from broker.errors import SecretError
 async def test_file_secret_strips_one_trailing_newline(tmp_path):
     f = tmp_path / "s"
     f.write_text("abc\n\n")
-    assert await secrets.resolve(f"file:{f}", "a") == "abc\n"
+    assert await secrets.resolve(f"file:{f}", "a") == ("abc\n",)
     f.write_text("abc\r\n")
-    assert await secrets.resolve(f"file:{f}", "a") == "abc"
+    assert await secrets.resolve(f"file:{f}", "a") == ("abc",)
     f.write_text("  spaced  ")
-    assert await secrets.resolve(f"file:{f}", "a") == "  spaced  "
+    assert await secrets.resolve(f"file:{f}", "a") == ("  spaced  ",)
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ async def test_file_secret_errors_name_credential_and_file(tmp_path, setup, mess
 async def test_systemd_credentials_directory(tmp_path, monkeypatch):
     (tmp_path / "adobe").write_text("from-systemd")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert await secrets.resolve("systemd:adobe", "a") == "from-systemd"
+    assert await secrets.resolve("systemd:adobe", "a") == ("from-systemd",)
     with pytest.raises(SecretError, match="systemd credential 'other' does not exist"):
         await secrets.resolve("systemd:other", "a")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
@@ -47,51 +47,65 @@ async def test_systemd_credentials_directory(tmp_path, monkeypatch):
 
 async def test_env_secret(monkeypatch):
     monkeypatch.setenv("TB_TEST_SECRET", "from-env")
-    assert await secrets.resolve("env:TB_TEST_SECRET", "a") == "from-env"
+    assert await secrets.resolve("env:TB_TEST_SECRET", "a") == ("from-env",)
     with pytest.raises(SecretError, match="TB_TEST_MISSING is not set"):
         await secrets.resolve("env:TB_TEST_MISSING", "a")
 
 
 async def test_keyring_fail_backend_says_what_to_do(monkeypatch):
-    # keyring's own "fail" backend is what a headless host without a Secret Service gets.
-    import keyring
-    from keyring.backends import fail
-
-    monkeypatch.setattr(keyring.core, "_keyring_backend", fail.Keyring())
+    # keyring's own "fail" backend is what a headless host without a Secret Service gets;
+    # the daemon reads the keyring in a child process, which inherits this choice.
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     with pytest.raises(SecretError) as info:
         await secrets.resolve("keyring", "adobe")
     text = str(info.value)
+    assert "credential 'adobe'" in text
     assert "no keyring backend is available" in text and "keyring.backends.fail" in text
     assert "systemd: or file:" in text
 
 
-async def test_keyring_missing_item_and_backend_errors(monkeypatch):
-    import keyring
-    from keyring.backend import KeyringBackend
-    from keyring.errors import KeyringLocked
+class Memory:
+    """A keyring backend stand-in for the in-process reader (unit level only)."""
 
-    class Memory(KeyringBackend):
-        priority = 1  # type: ignore[assignment]
-        items = {("token-broker", "adobe"): "kr-secret", ("svc", "user"): "explicit"}
+    def __init__(self, items):
+        self.items = items
 
-        def get_password(self, service, username):
-            if service == "locked":
-                raise KeyringLocked("collection is locked")
-            return self.items.get((service, username))
+    def get_password(self, service, username):
+        if service == "locked":
+            from keyring.errors import KeyringLocked
 
-        def set_password(self, service, username, password):  # pragma: no cover
-            raise NotImplementedError
+            raise KeyringLocked("Failed to unlock the collection!")
+        return self.items.get((service, username))
 
-        def delete_password(self, service, username):  # pragma: no cover
-            raise NotImplementedError
 
-    monkeypatch.setattr(keyring.core, "_keyring_backend", Memory())
-    assert await secrets.resolve("keyring", "adobe") == "kr-secret"
-    assert await secrets.resolve("keyring:svc/user", "x") == "explicit"
+def test_read_keyring_current_next_and_errors(monkeypatch):
+    backend = Memory(
+        {
+            ("token-broker", "adobe"): "old",
+            ("token-broker", "adobe#next"): "new",
+            ("svc", "user"): "explicit",
+        }
+    )
+    monkeypatch.setattr(secrets, "keyring_backend", lambda name: backend)
+    assert secrets.read_keyring("token-broker", "adobe", "adobe") == ("new", "old")
+    assert secrets.read_keyring("svc", "user", "x") == ("explicit",)
     with pytest.raises(SecretError, match="no keyring item service='token-broker' username='b'"):
-        await secrets.resolve("keyring", "b")
-    with pytest.raises(SecretError, match="failed: collection is locked; start a Secret Service"):
-        await secrets.resolve("keyring:locked/x", "b")
+        secrets.read_keyring("token-broker", "b", "b")
+    with pytest.raises(SecretError, match="the collection is locked.*start a Secret Service"):
+        secrets.read_keyring("locked", "x", "b")
+
+
+def test_keyring_item_of_references():
+    assert secrets.keyring_item("keyring", "adobe") == ("token-broker", "adobe")
+    assert secrets.keyring_item("keyring:svc/a/b", "adobe") == ("svc", "a/b")
+
+
+def test_keyring_child_gets_no_stray_environment(monkeypatch):
+    monkeypatch.setenv("PARTNER_SECRET", "do-not-pass-me")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/x")
+    env = secrets.child_environment()
+    assert "PARTNER_SECRET" not in env and "do-not-pass-me" not in env.values()
+    assert env["DBUS_SESSION_BUS_ADDRESS"] == "unix:path=/x"
 
 
 def test_describe():
