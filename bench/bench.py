@@ -61,7 +61,7 @@ class Issuer:
             time.sleep(0.01)
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.request_exit()
         self.thread.join(5)
 
 

@@ -23,6 +23,8 @@ from urllib.parse import parse_qsl, unquote_plus
 
 import uvicorn
 
+from broker.server import Server
+
 #: Failure modes: what the issuer answers instead of a token.
 MODES = (
     "ok",
@@ -156,10 +158,8 @@ def loopback_socket(port: int = 0) -> socket.socket:
     return sock
 
 
-def issuer_server(issuer: DemoIssuer) -> uvicorn.Server:
+def issuer_server(issuer: DemoIssuer) -> Server:
     """The issuer as a uvicorn server that leaves signals to the broker beside it."""
-    from broker.server import Server
-
     config = uvicorn.Config(
         issuer, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1
     )
@@ -200,7 +200,7 @@ async def run(listen: str, lifetime: float) -> int:
         try:
             await server.serve(settings, sockets)
         finally:
-            issuer_srv.should_exit = True
+            issuer_srv.request_exit()
             await issuer_task
     return 0
 

@@ -26,6 +26,7 @@ import uvicorn
 
 from broker.api import create_app
 from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen
+from broker.errors import BrokerError
 from broker.manager import APScheduler, Manager
 from broker.tokens import Clock
 
@@ -178,24 +179,50 @@ def build(settings: Settings, *, clock: Clock = time.time) -> tuple[object, Mana
 
 
 class Server(uvicorn.Server):
-    """uvicorn without its own signal capture.
+    """uvicorn without its own signal capture and without its 0.1 s tick.
 
     uvicorn re-raises a captured SIGTERM after shutting down, so the process
-    would die "killed by signal"; we stop through ``should_exit`` and exit 0.
+    would die "killed by signal"; we stop through :meth:`request_exit` and
+    exit 0. Its main loop wakes ten times a second to refresh the Date header
+    and check request limits; neither is in use here (``date_header=False``,
+    no limit), so an idle broker sleeps until asked to exit.
     """
+
+    _loop: asyncio.AbstractEventLoop | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._exit = asyncio.Event()
+        if not self.should_exit:
+            await self._exit.wait()
+
+    def request_exit(self) -> None:
+        """Ask the server to shut down; safe from any thread."""
+        self.should_exit = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._exit.set)
+
 
 async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     """Serve on already-bound ``sockets`` until SIGTERM or SIGINT."""
-    app, _ = build(settings)
+    app, manager = build(settings)
     server = Server(uvicorn_config(app))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _request_exit, server, sig)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(manager))
+        reloads.add(task)  # keep a reference until it is done
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     for listen in settings.server.listen:
         log.info("listening on %s", listen)
     names = list(settings.credentials)
@@ -204,10 +231,18 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     try:
         await server.serve(sockets=sockets)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _reload(manager: Manager) -> None:
+    log.info("SIGHUP received: reloading")
+    try:
+        await manager.reload_file()
+    except BrokerError:
+        pass  # already logged by the manager; the running state stays
 
 
 def _request_exit(server: Server, sig: signal.Signals) -> None:
     log.info("%s received: shutting down", sig.name)
-    server.should_exit = True
+    server.request_exit()

@@ -58,7 +58,7 @@ class IssuerThread:
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
+        self._server.request_exit()
         self._thread.join(timeout=5)
         self._sock.close()
 
