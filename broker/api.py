@@ -23,6 +23,7 @@ from broker import guards
 from broker.config import Settings
 from broker.errors import (
     BrokerError,
+    ConfigError,
     IssuerError,
     RefreshCooldown,
     SecretError,
@@ -60,6 +61,8 @@ def error_body(exc: BrokerError) -> tuple[int, dict[str, object], dict[str, str]
         return 502, {"error": "issuer_error", "detail": exc.summary()}, headers
     if isinstance(exc, SecretError):
         return 502, {"error": "secret_unavailable", "detail": str(exc)}, headers
+    if isinstance(exc, ConfigError):
+        return 400, {"error": "config_error", "detail": str(exc)}, headers
     return 500, {"error": "internal_error", "detail": type(exc).__name__}, headers
 
 
@@ -90,13 +93,16 @@ class BrokerApp:
         self.api = api
         self.manager = manager
         self.counters = counters
-        name = settings.server.require_header
-        self._header = name.lower().encode() if name else None
+        self._settings = settings
+        self._header = _header_name(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.api(scope, receive, send)  # lifespan
             return
+        if self.manager.settings is not self._settings:  # a reload happened
+            self._settings = self.manager.settings
+            self._header = _header_name(self._settings)
         path: str = scope["path"]
         rejection = guards.check(scope, None if path in OPEN_PATHS else self._header)
         if rejection is not None:
@@ -133,6 +139,11 @@ class BrokerApp:
             body["last_error"] = self.manager.status(self.manager.entry(exc.name))["last_error"]
         extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         await _send(send, status, _dump(body), _JSON, extra)
+
+
+def _header_name(settings: Settings) -> bytes | None:
+    name = settings.server.require_header
+    return name.lower().encode() if name else None
 
 
 def _dump(body: dict[str, object]) -> bytes:
@@ -201,6 +212,10 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
     @api.post("/v1/credentials/{name}/refresh")
     async def force_refresh(name: str) -> dict[str, object]:
         return manager.status(await manager.force_refresh(name))
+
+    @api.post("/v1/reload")
+    async def reload() -> dict[str, list[str]]:
+        return await manager.reload_file()
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -38,6 +38,51 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("name", nargs="?", help="credential (default: the default credential)")
     lst = sub.add_parser("list", parents=[config], help="show each credential's state")
     lst.add_argument("--json", action="store_true", help="print the status JSON")
+
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="machine-readable output")
+    secret_in = argparse.ArgumentParser(add_help=False)
+    secret_in.add_argument(
+        "--secret-stdin", action="store_true", help="read the secret from stdin (no prompt)"
+    )
+    secret_in.add_argument(
+        "--no-verify", action="store_true", help="skip the test token request to the issuer"
+    )
+    add = sub.add_parser(
+        "add", parents=[config, json_flag, secret_in], help="add a credential (secret to keyring)"
+    )
+    add.add_argument("name")
+    add.add_argument("--client-id", required=True)
+    add.add_argument("--provider", choices=["adobe", "oauth2"], default="adobe")
+    add.add_argument("--org-id", help="Adobe IMS org, e.g. ABC123@AdobeOrg")
+    add.add_argument("--scopes", help="comma-separated, e.g. openid,AdobeID")
+    add.add_argument("--ims-url", help="Adobe IMS base URL (default: production)")
+    add.add_argument("--token-url", help="token endpoint (oauth2)")
+    add.add_argument("--auth-method", choices=["client_secret_basic", "client_secret_post"])
+    imp = sub.add_parser(
+        "import", parents=[config, json_flag], help="import an Adobe Developer Console JSON"
+    )
+    imp.add_argument("file")
+    imp.add_argument("--name", help="credential name (one OAuth Server-to-Server credential)")
+    imp.add_argument("--no-verify", action="store_true", help="skip the test token request")
+    imp.add_argument("--ims-url", help="Adobe IMS base URL (default: production)")
+    keep = imp.add_mutually_exclusive_group()
+    keep.add_argument("--delete", action="store_true", help="delete FILE afterwards, no prompt")
+    keep.add_argument("--keep", action="store_true", help="keep FILE, no prompt")
+    rm = sub.add_parser("remove", parents=[config, json_flag], help="remove a credential")
+    rm.add_argument("name")
+    rot = sub.add_parser(
+        "rotate", parents=[config, json_flag, secret_in], help="rotate a secret without downtime"
+    )
+    rot.add_argument("name")
+    step = rot.add_mutually_exclusive_group()
+    step.add_argument("--finish", action="store_true", help="drop the old secret")
+    step.add_argument("--abort", action="store_true", help="drop the new secret")
+    sub.add_parser(
+        "reload", parents=[config, json_flag], help="make the daemon re-read config and secrets"
+    )
+    doc = sub.add_parser("doctor", parents=[config, json_flag], help="check the setup")
+    doc.add_argument("--offline", action="store_true", help="no token requests to issuers")
     return parser
 
 
@@ -105,8 +150,8 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_daemon(config_path: str | None, path: str) -> Any:
-    """GET ``path`` from the running daemon at the config's first listen address."""
+def _ask_daemon(config_path: str | None, path: str, method: str = "GET") -> Any:
+    """Ask the running daemon at the config's first listen address."""
     import httpx
 
     from broker import config
@@ -125,7 +170,7 @@ def _ask_daemon(config_path: str | None, path: str) -> Any:
         base = "http://localhost"
     try:
         with httpx.Client(transport=transport, timeout=30.0, trust_env=False) as client:
-            return client.get(base + path, headers=headers)
+            return client.request(method, base + path, headers=headers)
     except httpx.HTTPError as exc:
         raise BrokerError(
             f"cannot reach the daemon at {listen} ({type(exc).__name__}); "
@@ -143,4 +188,196 @@ def _daemon_error(response: Any) -> int:
     return 1
 
 
-_COMMANDS = {"serve": _serve, "demo": _demo, "token": _token, "list": _list}
+def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else text)
+
+
+def _document(args: argparse.Namespace) -> Any:
+    from broker.config import config_path
+    from broker.configedit import ConfigDocument
+
+    return ConfigDocument(config_path(args.config))
+
+
+def _read_secret(args: argparse.Namespace, prompt: str) -> str:
+    if args.secret_stdin:
+        secret = sys.stdin.read()
+        return secret[:-1] if secret.endswith("\n") else secret
+    import getpass
+
+    if not sys.stdin.isatty():
+        raise BrokerError("no terminal to prompt for the secret: pass --secret-stdin")
+    return getpass.getpass(prompt)
+
+
+def _notify(args: argparse.Namespace) -> str:
+    """Tell a running daemon to reload; say what happened in a few words."""
+    try:
+        response = _ask_daemon(args.config, "/v1/reload", "POST")
+    except BrokerError:
+        return "no daemon is running with this config; it will use this at start"
+    if response.status_code == 200:
+        return "the running daemon reloaded"
+    try:
+        return f"the daemon refused to reload: {response.json()['detail']}"
+    except (ValueError, KeyError):
+        return f"the daemon refused to reload (HTTP {response.status_code})"
+
+
+def _add(args: argparse.Namespace) -> int:
+    from broker import credentials
+
+    doc = _document(args)
+    if args.provider == "oauth2" and not args.token_url:
+        print("token-broker: --token-url is required with --provider oauth2", file=sys.stderr)
+        return 2
+    table = {
+        "provider": args.provider,
+        "client_id": args.client_id,
+        "org_id": args.org_id,
+        "scopes": [s.strip() for s in args.scopes.split(",") if s.strip()] if args.scopes else None,
+        "ims_url": args.ims_url,
+        "token_url": args.token_url,
+        "auth_method": args.auth_method,
+    }
+    # Check the entry before asking for the secret: a typo should not cost a paste.
+    _document(args).add_credential(args.name, table)
+    secret = _read_secret(args, f"Client secret for {args.name}: ")
+    added = credentials.add(doc, args.name, table, [secret], check=not args.no_verify)
+    note = _notify(args)
+    verified = "verified with the issuer, " if added.verified else ""
+    _out(
+        args,
+        {"added": added.name, "config": str(added.config), "verified": added.verified,
+         "daemon": note},
+        f"added {added.name}: {verified}secret stored in the keyring, {added.config} updated; "
+        f"{note}",
+    )  # fmt: skip
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from broker import credentials
+
+    path = Path(args.file)
+    found, refused = credentials.read_console_json(path)
+    for line in refused:
+        print(f"token-broker: skipped {line}", file=sys.stderr)
+    if not found:
+        print(f"token-broker: {path}: no OAuth Server-to-Server credential to import",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if args.name and len(found) > 1:
+        print("token-broker: --name needs a file with one OAuth Server-to-Server credential",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    names = [args.name] if args.name else [credentials.console_name(c.name) for c in found]
+    doc = _document(args)
+    done = credentials.import_console(
+        doc, found, names, check=not args.no_verify, ims_url=args.ims_url
+    )
+    note = _notify(args)
+    deleted = _offer_delete(args, path)
+    _out(
+        args,
+        {"imported": [a.name for a in done], "skipped": refused, "file_deleted": deleted,
+         "daemon": note},
+        "\n".join(f"imported {a.name} ({a.secrets_stored} secret(s) to the keyring)"
+                  for a in done) + f"\n{note}",
+    )  # fmt: skip
+    return 0
+
+
+def _offer_delete(args: argparse.Namespace, path: Any) -> bool:
+    warning = f"{path} holds the client secret in plain text"
+    if args.delete:
+        answer = True
+    elif args.keep or not sys.stdin.isatty():
+        if not args.keep:
+            print(f"token-broker: {warning}: delete it (or pass --delete)", file=sys.stderr)
+        answer = False
+    else:
+        answer = input(f"{warning}. Delete it now? [y/N] ").strip().lower() in ("y", "yes")
+    if answer:
+        path.unlink()
+    return answer
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from broker import credentials
+
+    removed = credentials.remove(_document(args), args.name)
+    note = _notify(args)
+    extra = " (it was the [server] default; that key is gone too)" if removed.was_default else ""
+    items = ", ".join(removed.keyring_items) or "none"
+    _out(
+        args,
+        {"removed": removed.name, "keyring_items": removed.keyring_items, "daemon": note},
+        f"removed {removed.name}{extra}; keyring items deleted: {items}; {note}",
+    )
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from broker import credentials
+
+    doc = _document(args)
+    if args.finish:
+        credentials.rotate_finish(doc, args.name)
+        step, text = "finished", "the old secret is deleted, the new one is the only one"
+    elif args.abort:
+        credentials.rotate_abort(doc, args.name)
+        step, text = "aborted", "the new secret is deleted, the old one stays"
+    else:
+        secret = _read_secret(args, f"New client secret for {args.name}: ")
+        credentials.rotate_start(doc, args.name, secret, check=not args.no_verify)
+        step = "started"
+        text = (
+            "the new secret is stored beside the old one and in use; after deleting the old "
+            f"secret at the issuer, run `token-broker rotate {args.name} --finish`"
+        )
+    note = _notify(args)
+    _out(args, {"rotation": step, "name": args.name, "daemon": note},
+         f"rotation of {args.name} {step}: {text}; {note}")  # fmt: skip
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    response = _ask_daemon(args.config, "/v1/reload", "POST")
+    if response.status_code != 200:
+        return _daemon_error(response)
+    result = response.json()
+    text = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in result.items())
+    _out(args, result, f"reloaded ({text})")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from broker import credentials
+    from broker.config import config_path
+
+    checks = credentials.doctor(config_path(args.config), offline=args.offline)
+    failed = any(c.ok is False for c in checks)
+    if args.json:
+        rows = [{"verdict": c.verdict, "check": c.text} for c in checks]
+        print(json.dumps({"ok": not failed, "checks": rows}, indent=2))
+    else:
+        for c in checks:
+            print(f"{c.verdict:>4}  {c.text}")
+    return 1 if failed else 0
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "demo": _demo,
+    "token": _token,
+    "list": _list,
+    "add": _add,
+    "import": _import,
+    "remove": _remove,
+    "rotate": _rotate,
+    "reload": _reload,
+    "doctor": _doctor,
+}

@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 import httpx
 
-from broker import secrets
+from broker import config, secrets
 from broker.config import CredentialSettings, Settings
 from broker.errors import (
     BrokerError,
+    ConfigError,
     ErrorInfo,
     IssuerError,
     RefreshCooldown,
@@ -149,6 +150,8 @@ class Manager:
         self.default = settings.default_name()
         self.refreshes: Counter[tuple[str, str]] = Counter()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REFRESHES)
+        self._reloading = asyncio.Lock()
+        self._listen = settings.server.listen  # what the sockets were bound to
 
     async def start(self) -> None:
         """Start the scheduler and fetch every token eagerly, without waiting for them."""
@@ -164,6 +167,91 @@ class Manager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._client.aclose()
+
+    async def reload_file(self) -> dict[str, list[str]]:
+        """Re-read the config file this daemon started from, then :meth:`reload`.
+
+        A config with errors raises ConfigError and changes nothing.
+        """
+        path = self.settings.path
+        if path is None:
+            raise ConfigError("this daemon was started without a config file: nothing to reload")
+        try:
+            settings = config.load(path)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            raise
+        result = await self.reload(settings)
+        if settings.server.listen != self._listen:
+            result["restart_needed"] = [str(listen) for listen in settings.server.listen]
+            log.warning("reload: listen addresses change only at a restart")
+        return result
+
+    async def reload(self, settings: Settings) -> dict[str, list[str]]:
+        """Apply a new, already validated configuration without dropping any token.
+
+        Added credentials start, removed ones stop, changed ones refresh now
+        (serving their current token meanwhile). For every credential the
+        secrets are read again, so a rotated secret takes effect; a secret that
+        cannot be read keeps the previous one in use. A ``failed`` credential is
+        retried.
+        """
+        async with self._reloading:  # SIGHUP twice must not interleave two reloads
+            return await self._reload(settings)
+
+    async def _reload(self, settings: Settings) -> dict[str, list[str]]:
+        old = self.entries
+        result: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        for name in old.keys() - settings.credentials.keys():
+            self._stop(old[name])
+            result["removed"].append(name)
+        entries: dict[str, Entry] = {}
+        for name, cred in settings.credentials.items():
+            entry = old.get(name)
+            if entry is None:
+                entries[name] = Entry(cred)
+                result["added"].append(name)
+                continue
+            changed = entry.cred != cred
+            result["changed" if changed else "unchanged"].append(name)
+            entry.cred = cred
+            try:
+                fresh = await secrets.resolve(cred.secret, name)
+            except SecretError as exc:
+                if not entry.secrets or changed:
+                    entry.secrets = ()
+                    self._permanent(entry, ErrorInfo(None, "secret_unavailable", str(exc), None,
+                                                     self._clock()))  # fmt: skip
+                else:
+                    log.warning("reload %s: %s; keeping the secret already in use", name, exc)
+                entries[name] = entry
+                continue
+            secret_changed = fresh != entry.secrets
+            entry.secrets = fresh
+            entries[name] = entry
+            if changed or entry.failed:
+                entry.failed = False
+                entry.blocked_until = 0.0
+                if entry.token is not None:
+                    entry.serve_until = serve_until(entry.token, cred.policy)
+                if entry.inflight is None:
+                    self._begin(entry)
+            elif secret_changed:
+                log.info("reload %s: secret changed; the cached token stays in use", name)
+        self.settings = settings
+        self.entries = entries
+        self.default = settings.default_name()
+        for name in result["added"]:
+            self._begin(entries[name])
+        log.info(
+            "reloaded: added %s, removed %s, changed %s",
+            *(", ".join(result[k]) or "none" for k in ("added", "removed", "changed")),
+        )
+        return result
+
+    def _stop(self, entry: Entry) -> None:
+        # A refresh in flight finishes on the detached entry; _schedule ignores it then.
+        self._scheduler.cancel(entry.cred.name)
 
     def entry(self, name: str | None) -> Entry:
         entry = self.entries.get(name) if name is not None else None
@@ -267,7 +355,7 @@ class Manager:
 
     async def _scheduled(self, name: str) -> None:
         entry = self.entries.get(name)
-        if entry is None or entry.failed:
+        if entry is None or entry.failed:  # removed by a reload, or waiting for a fix
             return
         if entry.inflight is None:
             self._begin(entry)
@@ -385,6 +473,8 @@ class Manager:
 
     def _schedule(self, entry: Entry, when: float) -> None:
         entry.next_refresh_at = when
+        if self.entries.get(entry.cred.name) is not entry:
+            return  # removed by a reload while its refresh was in flight
         self._scheduler.schedule(entry.cred.name, when, self._scheduled)
 
 

@@ -143,17 +143,74 @@ def read_keyring(service: str, user: str, name: str) -> tuple[str, ...]:
     return tuple(s for s in (upcoming, current) if s is not None)
 
 
+def store_keyring(service: str, user: str, secret: str, name: str) -> None:
+    backend = keyring_backend(name)
+    _keyring_call(backend, name, "set_password", service, user, secret)
+
+
+def delete_keyring(service: str, user: str, name: str) -> bool:
+    """Delete an item; False if it was not there."""
+    from keyring.errors import PasswordDeleteError
+
+    backend = keyring_backend(name)
+    try:
+        backend.delete_password(service, user)
+    except PasswordDeleteError:
+        return False
+    except Exception:
+        _keyring_call(backend, name, "delete_password", service, user)  # explains the failure
+    return True
+
+
+def get_keyring(service: str, user: str, name: str) -> str | None:
+    return _keyring_call(keyring_backend(name), name, "get_password", service, user)  # type: ignore[no-any-return]
+
+
 def keyring_backend(name: str) -> Any:
-    """The keyring backend in use, or SecretError when there is none that works."""
+    """The keyring backend in use, or SecretError that names why there is none."""
     import keyring  # lazy: only processes that touch the keyring pay for it
 
     backend = keyring.get_keyring()
     if "fail" in type(backend).__module__:
         raise SecretError(
             f"credential {name!r}: no keyring backend is available "
-            f"({_backend_name(backend)}); {WAY_OUT}"
+            f"({_backend_name(backend)}: {diagnose_no_backend()}); {WAY_OUT}"
         )
     return backend
+
+
+def diagnose_no_backend() -> str:
+    """Why keyring fell back to its fail backend, as far as we can tell (Linux)."""
+    if os.environ.get("PYTHON_KEYRING_BACKEND", "").endswith("fail.Keyring"):
+        return "PYTHON_KEYRING_BACKEND selects the fail backend"
+    if sys.platform != "linux":
+        return "keyring found no usable backend on this system"
+    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not address and not (runtime and os.path.exists(os.path.join(runtime, "bus"))):
+        return "no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS is not set)"
+    try:
+        from jeepney import DBusAddress, new_method_call
+        from jeepney.io.blocking import open_dbus_connection
+    except ImportError:
+        return "the Secret Service libraries (secretstorage, jeepney) are not installed"
+    try:
+        with open_dbus_connection(bus="SESSION") as conn:
+            bus = DBusAddress(
+                "/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
+                interface="org.freedesktop.DBus",
+            )  # fmt: skip
+            owned = conn.send_and_get_reply(
+                new_method_call(bus, "NameHasOwner", "s", ("org.freedesktop.secrets",)), timeout=5
+            ).body[0]
+            names = conn.send_and_get_reply(
+                new_method_call(bus, "ListActivatableNames"), timeout=5
+            ).body[0]
+    except Exception as exc:  # connection refused, bad address, timeout
+        return f"cannot connect to the D-Bus session bus ({type(exc).__name__}: {exc})"
+    if not owned and "org.freedesktop.secrets" not in names:
+        return "no Secret Service provider (org.freedesktop.secrets) on the session bus"
+    return "the Secret Service on the session bus did not answer keyring's probe"
 
 
 def _backend_name(backend: object) -> str:
