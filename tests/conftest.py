@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import IssuerThread  # noqa: E402
+from secret_service import SecretServiceSession, missing_programs  # noqa: E402
 
 
 @pytest.fixture
@@ -17,3 +19,41 @@ def issuer() -> Iterator[IssuerThread]:
     thread = IssuerThread().start()
     yield thread
     thread.stop()
+
+
+def _secret_service() -> Iterator[SecretServiceSession]:
+    missing = missing_programs()
+    if missing:
+        reason = f"no Secret Service here: {', '.join(missing)} not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI must install gnome-keyring, dbus, libsecret-tools)")
+        pytest.skip(reason)
+    session = SecretServiceSession().start()
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def secret_service_session() -> Iterator[SecretServiceSession]:
+    """gnome-keyring on a private D-Bus session, for the whole test session."""
+    yield from _secret_service()
+
+
+@pytest.fixture
+def own_secret_service() -> Iterator[SecretServiceSession]:
+    """A Secret Service of this test alone (e.g. one it will lock)."""
+    yield from _secret_service()
+
+
+@pytest.fixture
+def keyring_env(
+    secret_service_session: SecretServiceSession, monkeypatch: pytest.MonkeyPatch
+) -> SecretServiceSession:
+    """Point this process (and the children it starts) at the private Secret Service."""
+    import keyring.core
+
+    for key, value in secret_service_session.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PYTHON_KEYRING_BACKEND", raising=False)
+    monkeypatch.setattr(keyring.core, "_keyring_backend", None)  # choose again, here
+    return secret_service_session

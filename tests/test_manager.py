@@ -319,3 +319,59 @@ async def test_many_credentials_share_a_bounded_number_of_issuer_slots(tmp_path)
     assert peak == MAX_CONCURRENT_REFRESHES
     assert all(e.state(manager._clock()) == "fresh" for e in manager.entries.values())
     await manager.close()
+
+
+async def test_mid_rotation_invalid_client_tries_the_other_secret_once(tmp_path):
+    clock = FakeClock()
+    seen: list[str] = []
+
+    def issuer(request: httpx.Request) -> httpx.Response:
+        secret = dict(httpx.QueryParams(request.content.decode())).get("client_secret", "")
+        seen.append(secret)
+        if secret != "old":
+            return httpx.Response(400, json={"error": "invalid_client"})
+        return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+
+    manager, _ = make(tmp_path, clock, issuer, auth_method="client_secret_post")
+    manager.entries["a"].secrets = ("new", "old")
+    await manager.start()
+    await settle(manager)
+    assert seen == ["new", "old"]
+    assert manager.entries["a"].state(clock()) == "fresh"
+    assert manager.entries["a"].secrets == ("old", "new")  # the working one first now
+    # Both refused: one try each, then the permanent error.
+    manager.entries["a"].secrets = ("x", "y")
+    seen.clear()
+    with pytest.raises(IssuerError, match="invalid_client"):
+        await manager.force_refresh("a")
+    assert seen == ["x", "y"]
+    await manager.close()
+
+
+async def test_reload_keeps_tokens_and_applies_changes(tmp_path):
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    manager, sched = make(tmp_path, clock, issuer)
+    await manager.start()
+    await settle(manager)
+    token = await manager.token("a")
+    base = settings(tmp_path)
+    # Unchanged credential: same token, no issuer call.
+    result = await manager.reload(base)
+    assert result["unchanged"] == ["a"] and issuer.calls == 1
+    assert await manager.token("a") is token
+    # Added and changed at once.
+    cred_b = {"provider": "oauth2", "client_id": "b", "token_url": "https://issuer.test/token",
+              "secret": f"file:{tmp_path}/secret"}  # fmt: skip
+    cred_a = {**cred_b, "client_id": "a2"}
+    result = await manager.reload(config.parse({"credentials": {"a": cred_a, "b": cred_b}}))
+    assert result["added"] == ["b"] and result["changed"] == ["a"]
+    assert (await manager.token("a")) is token  # still served while it refreshes
+    await settle(manager)
+    assert issuer.calls == 3 and (await manager.token("a")) is not token
+    # Removed: gone, job cancelled.
+    result = await manager.reload(config.parse({"credentials": {"b": cred_b}}))
+    assert result["removed"] == ["a"] and "a" not in sched.jobs
+    with pytest.raises(UnknownCredential):
+        await manager.token("a")
+    await manager.close()
