@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "reload", parents=[config, json_flag], help="make the daemon re-read config and secrets"
     )
+    health = sub.add_parser(
+        "health", parents=[config], help="exit 0 if the daemon is healthy (container probes)"
+    )
+    health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
     doc = sub.add_parser("doctor", parents=[config, json_flag], help="check the setup")
     doc.add_argument("--offline", action="store_true", help="no token requests to issuers")
     return parser
@@ -103,11 +107,12 @@ def run() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker import config, server
+    from broker import config, server, systemd
 
     settings = config.load(args.config)
     server.setup_logging()
-    sockets = server.open_listeners(settings.server)
+    # Socket activation: systemd (or systemd-socket-activate) bound them for us.
+    sockets = systemd.listen_sockets() or server.open_listeners(settings.server)
     server.run(server.serve(settings, sockets))
     return 0
 
@@ -354,6 +359,13 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    response = _ask_daemon(args.config, "/readyz" if args.ready else "/healthz")
+    if response.status_code != 200:
+        return _daemon_error(response)
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from broker import credentials
     from broker.config import config_path
@@ -380,4 +392,5 @@ _COMMANDS = {
     "rotate": _rotate,
     "reload": _reload,
     "doctor": _doctor,
+    "health": _health,
 }

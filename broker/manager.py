@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -140,8 +141,10 @@ class Manager:
         clock: Clock,
         scheduler: Scheduler,
         rand: Callable[[], float] = random.random,
+        notify: Callable[..., object] = lambda *lines: None,
     ) -> None:
         self.settings = settings
+        self._notify = notify  # systemd.notify under systemd
         self._client = client
         self._clock = clock
         self._scheduler = scheduler
@@ -158,6 +161,18 @@ class Manager:
         self._scheduler.start()
         for entry in self.entries.values():
             self._begin(entry)
+
+    async def first_round(self) -> None:
+        """Wait until the eager fetch of every credential has been attempted."""
+        tasks = [e.inflight for e in self.entries.values() if e.inflight is not None]
+        await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: how many credentials are in which state."""
+        now = self._clock()
+        states = Counter(e.state(now) for e in self.entries.values())
+        parts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        return f"{len(self.entries)} credential(s): {parts or 'none'}"
 
     async def close(self) -> None:
         """Stop the scheduler, cancel refreshes in flight, close the HTTP client."""
@@ -197,7 +212,12 @@ class Manager:
         retried.
         """
         async with self._reloading:  # SIGHUP twice must not interleave two reloads
-            return await self._reload(settings)
+            now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self._notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
+            try:
+                return await self._reload(settings)
+            finally:
+                self._notify("READY=1", f"STATUS={self.summary()}")
 
     async def _reload(self, settings: Settings) -> dict[str, list[str]]:
         old = self.entries

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import uvicorn
 
+from broker import systemd
 from broker.api import create_app
 from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen
 from broker.errors import BrokerError
@@ -174,7 +175,9 @@ def build(settings: Settings, *, clock: Clock = time.time) -> tuple[object, Mana
     """The ASGI app and its manager for ``settings``."""
     longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
     client = httpx.AsyncClient(timeout=httpx.Timeout(longest), follow_redirects=False)
-    manager = Manager(settings, client=client, clock=clock, scheduler=APScheduler())
+    manager = Manager(
+        settings, client=client, clock=clock, scheduler=APScheduler(), notify=systemd.notify
+    )
     return create_app(settings, manager=manager, clock=clock), manager
 
 
@@ -189,6 +192,15 @@ class Server(uvicorn.Server):
     """
 
     _loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.listening.set()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -209,30 +221,54 @@ class Server(uvicorn.Server):
 
 
 async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
-    """Serve on already-bound ``sockets`` until SIGTERM or SIGINT."""
+    """Serve on already-bound ``sockets`` until SIGTERM or SIGINT.
+
+    Under systemd: READY=1 once listening and the first token round has been
+    attempted, STATUS= lines, watchdog pings from the event loop (a wedged loop
+    stops them and systemd restarts the service), RELOADING=1 around a reload
+    and STOPPING=1 at shutdown.
+    """
     app, manager = build(settings)
     server = Server(uvicorn_config(app))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _request_exit, server, sig)
-    reloads: set[asyncio.Task[None]] = set()
+    tasks: set[asyncio.Task[None]] = set()
 
-    def on_sighup() -> None:
-        task = loop.create_task(_reload(manager))
-        reloads.add(task)  # keep a reference until it is done
-        task.add_done_callback(reloads.discard)
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(tasks.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    for listen in settings.server.listen:
-        log.info("listening on %s", listen)
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(manager)))
+    for sock in sockets:
+        log.info("listening on %s", systemd.describe(sock))
     names = list(settings.credentials)
     shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
     log.info("credentials: %s", shown or "none")
+    spawn(_announce_ready(server, manager))
+    interval = systemd.watchdog_interval()
+    if interval:
+        spawn(_watchdog(interval))
     try:
         await server.serve(sockets=sockets)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        for task in list(tasks):
+            task.cancel()
+
+
+async def _announce_ready(server: Server, manager: Manager) -> None:
+    await server.listening.wait()
+    await manager.first_round()
+    systemd.notify("READY=1", f"STATUS={manager.summary()}")
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 async def _reload(manager: Manager) -> None:
@@ -245,4 +281,5 @@ async def _reload(manager: Manager) -> None:
 
 def _request_exit(server: Server, sig: signal.Signals) -> None:
     log.info("%s received: shutting down", sig.name)
+    systemd.notify("STOPPING=1", "STATUS=shutting down")
     server.request_exit()

@@ -39,6 +39,7 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         refresh: str = "",
         register: bool = True,
         wait: bool = True,
+        env: dict[str, str] | None = None,
     ) -> Running:
         secret = new_secret()
         secret_file = tmp_path / f"secret-{len(started)}"
@@ -71,7 +72,8 @@ secret = "file:{secret_file}"
 {extra}
 """,
         )
-        running = Running(BrokerProcess(config), f"http://127.0.0.1:{port}", port, secret)
+        proc = BrokerProcess(config, env=env)
+        running = Running(proc, f"http://127.0.0.1:{port}", port, secret)
         started.append(running)
         if wait:
             running.proc.wait_healthy(running.url)
