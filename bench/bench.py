@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from broker.demo import DemoIssuer, issuer_server, loopback_socket  # noqa: E402
+from helpers import IssuerThread  # noqa: E402
 
 SERVER_CORE = "0"
 LOAD_CORE = "1"
@@ -45,24 +44,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Issuer:
+def start_issuer(lifetime: float = 3600.0) -> IssuerThread:
     """The demo issuer in a thread of this process, issuing 1,500-byte tokens."""
-
-    def __init__(self, lifetime: float = 3600.0) -> None:
-        self.issuer = DemoIssuer(lifetime=lifetime, token_bytes=TOKEN_BYTES)
-        self.sock = loopback_socket()
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = issuer_server(self.issuer)
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True
-        )
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.request_exit()
-        self.thread.join(5)
+    return IssuerThread(lifetime=lifetime, token_bytes=TOKEN_BYTES).start()
 
 
 def pinned(cmd: list[str]) -> list[str]:
@@ -98,7 +82,7 @@ def start_baseline(port: int) -> subprocess.Popen[bytes]:
 
 
 def write_config(
-    tmp: Path, issuer: Issuer, port: int, names: list[str], secret: str, ref: str = ""
+    tmp: Path, issuer: IssuerThread, port: int, names: list[str], secret: str, ref: str = ""
 ) -> Path:
     issuer.issuer.add_client("bench", secret)
     secret_file = tmp / "secret"
@@ -206,7 +190,7 @@ def herd(port: int, path: str, n: int) -> list[bytes]:
 
 
 def throughput(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
-    issuer = Issuer()
+    issuer = start_issuer()
     bport, tport = free_port(), free_port()
     config = write_config(tmp, issuer, tport, ["adobe"], "bench-secret-1")
     baseline = start_baseline(bport)
@@ -258,7 +242,7 @@ def keyring_rss(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, 
         rows.append(("broker RSS after load, keyring secret", absent, "<= 68 MB"))
         return
     session = SecretServiceSession().start()
-    issuer = Issuer()
+    issuer = start_issuer()
     try:
         subprocess.run(
             ["secret-tool", "store", "--label=bench", "service", "token-broker",
@@ -282,7 +266,7 @@ def keyring_rss(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, 
 
 def herds(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
     for n in (1, 1000):
-        issuer = Issuer()
+        issuer = start_issuer()
         issuer.issuer.delay = 1.0  # cold: the eager fetch is still in flight
         port = free_port()
         config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-2")
@@ -300,7 +284,7 @@ def herds(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]])
             issuer.stop()
     # Over several refresh periods under load: one call per period.
     lifetime = 6.0
-    issuer = Issuer(lifetime=lifetime)
+    issuer = start_issuer(lifetime=lifetime)
     port = free_port()
     config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-3")
     broker, _ = start_broker(config, port)
@@ -319,7 +303,7 @@ def herds(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]])
 
 
 def startup(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
-    issuer = Issuer()
+    issuer = start_issuer()
     times = []
     for _ in range(5):
         port = free_port()
@@ -333,7 +317,7 @@ def startup(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]
 
 
 def idle(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
-    issuer = Issuer()
+    issuer = start_issuer()
     port = free_port()
     config = write_config(tmp, issuer, port, [f"c{i}" for i in range(10)], "bench-secret-5")
     broker, _ = start_broker(config, port)
@@ -353,7 +337,7 @@ def idle(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) 
 def many(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
     results = {}
     for count in (1, 1000):
-        issuer = Issuer()
+        issuer = start_issuer()
         port = free_port()
         names = [f"cred{i:04d}" for i in range(count)]
         config = write_config(tmp, issuer, port, names, "bench-secret-6")

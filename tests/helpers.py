@@ -37,8 +37,8 @@ def free_port() -> int:
 class IssuerThread:
     """A DemoIssuer on 127.0.0.1:<port>, served from a background thread."""
 
-    def __init__(self, lifetime: float = 3600.0) -> None:
-        self.issuer = DemoIssuer(lifetime=lifetime)
+    def __init__(self, lifetime: float = 3600.0, token_bytes: int = 48) -> None:
+        self.issuer = DemoIssuer(lifetime=lifetime, token_bytes=token_bytes)
         self._sock = loopback_socket()
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -71,6 +71,21 @@ def make(tmp_path, clock, issuer, seed=1, **policy):
     return manager, sched
 
 
+async def started(tmp_path, issuer_state=None, **policy):  # type: ignore[no-untyped-def]
+    """A manager whose eager fetch is done: (clock, issuer, manager, scheduler).
+
+    ``issuer_state`` sets Issuer attributes (answer, down) before that fetch.
+    """
+    clock = FakeClock()
+    issuer = Issuer(clock)
+    for attr, value in (issuer_state or {}).items():
+        setattr(issuer, attr, value)
+    manager, sched = make(tmp_path, clock, issuer, **policy)
+    await manager.start()
+    await settle(manager)
+    return clock, issuer, manager, sched
+
+
 async def settle(manager: Manager) -> None:
     for entry in manager.entries.values():
         if entry.inflight is not None:
@@ -110,11 +125,7 @@ async def test_thousand_concurrent_cold_requests_make_one_call(tmp_path):
 
 async def test_expired_token_is_noticed_on_the_next_request(tmp_path):
     """A missed job (suspend/resume, clock jump) never serves an expired token."""
-    clock = FakeClock()
-    issuer = Issuer(clock)
-    manager, sched = make(tmp_path, clock, issuer)
-    await manager.start()
-    await settle(manager)
+    clock, issuer, manager, sched = await started(tmp_path)
     clock.now += 3 * DAY  # the scheduled job never ran
     token = await manager.token("a")
     assert token.access_token == "tok-2" and token.expires_at > clock()
@@ -125,11 +136,7 @@ async def test_expired_token_is_noticed_on_the_next_request(tmp_path):
 
 
 async def test_clock_jumping_backwards_keeps_serving(tmp_path):
-    clock = FakeClock()
-    issuer = Issuer(clock)
-    manager, _ = make(tmp_path, clock, issuer)
-    await manager.start()
-    await settle(manager)
+    clock, issuer, manager, _ = await started(tmp_path)
     clock.now -= 6 * 3600
     assert (await manager.token("a")).access_token == "tok-1"
     assert issuer.calls == 1
@@ -137,12 +144,11 @@ async def test_clock_jumping_backwards_keeps_serving(tmp_path):
 
 
 async def test_permanent_error_fails_without_retry_until_forced(tmp_path):
-    clock = FakeClock()
-    issuer = Issuer(clock)
-    issuer.answer = (400, {"error": "invalid_client", "error_description": "bad secret"})
-    manager, sched = make(tmp_path, clock, issuer, force_cooldown="10s")
-    await manager.start()
-    await settle(manager)
+    clock, issuer, manager, sched = await started(
+        tmp_path,
+        {"answer": (400, {"error": "invalid_client", "error_description": "bad secret"})},
+        force_cooldown="10s",
+    )
     entry = manager.entries["a"]
     assert entry.state(clock()) == "failed" and sched.next_job() is None
     for _ in range(100):
@@ -162,12 +168,9 @@ async def test_permanent_error_fails_without_retry_until_forced(tmp_path):
 
 
 async def test_retry_after_sets_the_next_attempt_and_blocks_forcing(tmp_path):
-    clock = FakeClock()
-    issuer = Issuer(clock)
-    issuer.answer = (429, {"error": "throttled"})
-    manager, sched = make(tmp_path, clock, issuer, retry_initial="1s", force_cooldown="0s")
-    await manager.start()
-    await settle(manager)
+    clock, issuer, manager, sched = await started(
+        tmp_path, {"answer": (429, {"error": "throttled"})}, retry_initial="1s", force_cooldown="0s"
+    )
     when, _ = sched.next_job()
     assert when >= clock() + 120
     with pytest.raises(RefreshCooldown) as info:
@@ -181,12 +184,9 @@ async def test_retry_after_sets_the_next_attempt_and_blocks_forcing(tmp_path):
 
 
 async def test_backoff_doubles_to_retry_max(tmp_path):
-    clock = FakeClock()
-    issuer = Issuer(clock)
-    issuer.down = True
-    manager, sched = make(tmp_path, clock, issuer, retry_initial="1s", retry_max="60s")
-    await manager.start()
-    await settle(manager)
+    clock, issuer, manager, sched = await started(
+        tmp_path, {"down": True}, retry_initial="1s", retry_max="60s"
+    )
     delays = []
     for _ in range(12):
         when, name = sched.next_job()
@@ -211,11 +211,7 @@ async def test_unknown_and_default():
 
 
 async def test_status_has_no_secret_or_token(tmp_path):
-    clock = FakeClock()
-    issuer = Issuer(clock)
-    manager, _ = make(tmp_path, clock, issuer)
-    await manager.start()
-    await settle(manager)
+    clock, issuer, manager, _ = await started(tmp_path)
     text = repr(manager.status(manager.entries["a"])) + repr(manager.entries["a"])
     assert "tok-1" not in text and "'s'" not in text
     await manager.close()
@@ -349,11 +345,7 @@ async def test_mid_rotation_invalid_client_tries_the_other_secret_once(tmp_path)
 
 
 async def test_reload_keeps_tokens_and_applies_changes(tmp_path):
-    clock = FakeClock()
-    issuer = Issuer(clock)
-    manager, sched = make(tmp_path, clock, issuer)
-    await manager.start()
-    await settle(manager)
+    clock, issuer, manager, sched = await started(tmp_path)
     token = await manager.token("a")
     base = settings(tmp_path)
     # Unchanged credential: same token, no issuer call.

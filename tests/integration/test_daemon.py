@@ -382,14 +382,19 @@ def test_cli_reports_a_daemon_that_is_not_running(tmp_path, capsys):
     assert "cannot reach the daemon" in capsys.readouterr().err
 
 
-def test_non_loopback_listen_is_refused_at_start(tmp_path):
-    config = write_config(tmp_path / "c.toml", '[server]\nlisten = ["0.0.0.0:8765"]\n')
-    r = subprocess.run(
+def serve_and_fail(config: Path) -> subprocess.CompletedProcess[str]:
+    """`token-broker serve` with a config it must refuse at start."""
+    return subprocess.run(
         [sys.executable, "-m", "broker", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_non_loopback_listen_is_refused_at_start(tmp_path):
+    config = write_config(tmp_path / "c.toml", '[server]\nlisten = ["0.0.0.0:8765"]\n')
+    r = serve_and_fail(config)
     assert r.returncode == 1
     assert "loopback is required" in r.stderr
     assert str(config) in r.stderr
@@ -400,12 +405,7 @@ def test_malformed_config_names_file_and_key(tmp_path: Path):
         tmp_path / "c.toml",
         '[credentials.a]\nprovider = "adobe"\nclient_id = "x"\nscopes = "openid"\n',
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = serve_and_fail(config)
     assert r.returncode == 1
     assert f"{config}: [credentials.a] scopes: expected a valid list" in r.stderr
     assert "Traceback" not in r.stderr
