@@ -6,7 +6,7 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY broker ./broker
-RUN python -m venv /opt/token-broker \
+RUN python3 -m venv /opt/token-broker \
     && /opt/token-broker/bin/pip install --no-cache-dir --no-compile . \
     && /opt/token-broker/bin/python -m compileall -q /opt/token-broker
 
