@@ -1,0 +1,178 @@
+"""The units under a real systemd: Debian booted in systemd-nspawn.
+
+A debootstrapped bookworm (cached in /var/tmp between runs) gets this
+checkout installed in /opt/token-broker, the units from systemd/ (only
+ExecStart= points at /opt), an encrypted credential made by systemd-creds,
+and a demo issuer on the container's own loopback. A probe unit then records
+what systemd says, and powers the container off. Slow (minutes on a fresh
+machine, seconds afterwards); needs root, debootstrap and systemd-container.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ROOTFS = Path(os.environ.get("TB_NSPAWN_ROOTFS", "/var/tmp/token-broker-nspawn"))
+MIRROR = "http://deb.debian.org/debian"
+SECRET = "nspawn-secret-value"
+
+ISSUER = f"""[Unit]
+Description=demo issuer for the test
+Before=token-broker.service
+[Service]
+ExecStart=/opt/token-broker/bin/python -c "import asyncio; from broker.demo import \\
+DemoIssuer, issuer_server, loopback_socket; i = DemoIssuer(lifetime=3600); \\
+i.add_client('nspawn', '{SECRET}'); \\
+asyncio.run(issuer_server(i).serve(sockets=[loopback_socket(9000)]))"
+[Install]
+WantedBy=multi-user.target
+"""
+
+CONFIG = """[server]
+listen = ["127.0.0.1:8765"]
+[credentials.adobe]
+provider = "oauth2"
+client_id = "nspawn"
+token_url = "http://127.0.0.1:9000/oauth2/token"
+secret = "systemd:adobe"
+"""
+
+PROBE = """[Unit]
+Description=record what systemd says, then power off
+After=multi-user.target token-broker.service
+[Service]
+Type=oneshot
+ExecStart=/bin/sh /usr/local/sbin/probe
+[Install]
+WantedBy=multi-user.target
+"""
+
+PROBE_SCRIPT = """#!/bin/sh
+out=/results
+sleep 1
+# the first connection to the socket starts the service (socket activation)
+python3 - > $out/token 2>&1 <<'EOF'
+import urllib.request
+req = urllib.request.Request("http://127.0.0.1:8765/token", headers={"X-Token-Broker": "1"})
+print(urllib.request.urlopen(req, timeout=20).read().decode())
+EOF
+sleep 4  # WatchdogSec=2s in the test: a missing ping would have killed it by now
+systemctl show token-broker.service -p ActiveState,SubState,Type,StatusText,NRestarts,\
+Result,TriggeredBy,WatchdogUSec > $out/service
+systemctl show token-broker.socket -p ActiveState > $out/socket
+systemctl reload token-broker.service; echo "reload=$?" >> $out/service
+systemctl show token-broker.service -p ActiveState,SubState >> $out/service
+stat -c '%a %U %G' /run/token-broker/broker.sock > $out/unix 2>&1
+journalctl -u token-broker.service --no-pager -o cat > $out/journal 2>&1
+systemctl poweroff
+"""
+
+
+def _chroot() -> str:
+    return shutil.which("chroot") or "/usr/sbin/chroot"
+
+
+def _run(*cmd: str, **kw: object) -> None:
+    subprocess.run(cmd, check=True, timeout=900, **kw)  # type: ignore[call-overload]
+
+
+def _prepare() -> None:
+    if not (ROOTFS / "usr/lib/systemd/systemd").exists():
+        shutil.rmtree(ROOTFS, ignore_errors=True)
+        _run("debootstrap", "--variant=minbase",
+             "--include=systemd,systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates",
+             "bookworm", str(ROOTFS), MIRROR, stdout=subprocess.DEVNULL)  # fmt: skip
+    # This checkout, installed as users would (pip, from PyPI), inside the rootfs.
+    src = ROOTFS / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build"))
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", ROOTFS / "etc/ssl/certs/host-ca.crt")
+    shutil.copy("/etc/resolv.conf", ROOTFS / "etc/resolv.conf")
+    pip_env = {"PATH": "/usr/bin:/bin", "PIP_CERT": "/etc/ssl/certs/host-ca.crt",
+               "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HOME": "/root"}  # fmt: skip
+    if not (ROOTFS / "opt/token-broker/bin/python").exists():
+        _run(_chroot(), str(ROOTFS), "python3", "-m", "venv", "/opt/token-broker", env=pip_env)
+    _run(_chroot(), str(ROOTFS), "/opt/token-broker/bin/pip", "install", "-q", "--no-compile",
+         "--force-reinstall", "--no-deps", "/src", env=pip_env)  # fmt: skip
+    _run(_chroot(), str(ROOTFS), "/opt/token-broker/bin/pip", "install", "-q", "/src",
+         env=pip_env)  # fmt: skip
+    units = ROOTFS / "etc/systemd/system"
+    for name in ("token-broker.service", "token-broker.socket"):
+        text = (ROOT / "systemd" / name).read_text()
+        text = text.replace("/usr/local/bin/token-broker", "/opt/token-broker/bin/token-broker")
+        text = text.replace("WatchdogSec=30s", "WatchdogSec=2s")  # see it ping, quickly
+        (units / name).write_text(text)
+    (units / "issuer.service").write_text(ISSUER)
+    (units / "probe.service").write_text(PROBE)
+    (ROOTFS / "usr/local/sbin/probe").write_text(PROBE_SCRIPT)
+    (ROOTFS / "etc/token-broker").mkdir(exist_ok=True)
+    (ROOTFS / "etc/token-broker/config.toml").write_text(CONFIG)
+    (ROOTFS / "etc/credstore.encrypted").mkdir(mode=0o700, exist_ok=True)
+    wants = {"sockets.target.wants": ["token-broker.socket"],
+             "multi-user.target.wants": ["issuer.service", "probe.service"]}  # fmt: skip
+    for target, names in wants.items():
+        (units / target).mkdir(exist_ok=True)
+        for name in names:
+            link = units / target / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"/etc/systemd/system/{name}")
+    # The secret, encrypted with the container's host key, as an operator would.
+    _run("systemd-nspawn", "-q", "-D", str(ROOTFS), "--register=no", "--keep-unit",
+         "--pipe", "sh", "-c",
+         "systemd-creds encrypt --with-key=host --name=adobe - "
+         "/etc/credstore.encrypted/token-broker.adobe", input=SECRET.encode(),
+         stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    missing = [p for p in ("debootstrap", "systemd-nspawn", "chroot") if not shutil.which(p)]
+    if missing or os.geteuid() != 0:
+        reason = f"needs root and {', '.join(missing) or 'nothing else'}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + ": CI installs debootstrap and systemd-container")
+        pytest.skip(reason)
+    _prepare()
+    results = tmp_path_factory.mktemp("nspawn")
+    log = results / "console.log"
+    with open(log, "wb") as out:
+        subprocess.run(
+            ["systemd-nspawn", "-q", "-D", str(ROOTFS), "-b", "--register=no", "--keep-unit",
+             "--private-network", f"--bind={results}:/results"],
+            stdout=out, stderr=subprocess.STDOUT, timeout=300,
+        )  # fmt: skip
+    assert (results / "service").exists(), log.read_text(errors="replace")[-3000:]
+    return results
+
+
+def test_service_runs_as_type_notify_with_watchdog(booted: Path):
+    service = (booted / "service").read_text()
+    assert "Type=notify" in service
+    assert "ActiveState=active\nSubState=running" in service
+    assert "StatusText=1 credential(s): 1 fresh" in service
+    assert "WatchdogUSec=2s" in service and "NRestarts=0" in service
+    assert "reload=0" in service and service.rstrip().endswith("SubState=running")
+
+
+def test_socket_activation_serves_a_token(booted: Path):
+    assert "ActiveState=active" in (booted / "socket").read_text()
+    assert "TriggeredBy=token-broker.socket" in (booted / "service").read_text()
+    token = (booted / "token").read_text().strip()
+    assert token.startswith("demo-"), token
+    journal = (booted / "journal").read_text()
+    assert "listening on 127.0.0.1:8765" in journal
+    assert "listening on unix:/run/token-broker/broker.sock" in journal
+    assert (booted / "unix").read_text().split()[0] == "660"
+
+
+def test_secret_came_from_the_encrypted_credential_and_stays_out_of_the_journal(booted: Path):
+    journal = (booted / "journal").read_text()
+    assert "refresh adobe ok" in journal
+    assert SECRET not in journal
+    assert (booted / "token").read_text().strip() not in journal
