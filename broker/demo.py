@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import json
 import secrets
 import socket
@@ -31,13 +32,34 @@ MODES = (
     "error500",  # 500 internal_error (JSON)
     "html502",  # 502 with an HTML page
     "throttle",  # 429 with Retry-After (seconds)
+    "throttle_date",  # 429 with Retry-After as an HTTP-date
     "unavailable",  # 503 with Retry-After (seconds)
     "garbage",  # 200 with a body that is not JSON
+    "reset",  # 200, half a body, connection dropped
     "no_token",  # 200 JSON without access_token
+    "no_expires", "zero_expires", "negative_expires", "string_expires", "huge_expires",
+    "mac_token",  # token_type "mac"
     "hang",  # never answers within any sensible timeout
-    "invalid_client",  # 400 invalid_client
-    "invalid_scope",  # 400 invalid_scope
-)
+    "invalid_client", "invalid_scope", "unauthorized_client",  # 400 with that error
+)  # fmt: skip
+
+
+#: Modes answered with an OAuth error: status and error code.
+_ERRORS = {
+    "error500": (500, "internal_error"),
+    "invalid_client": (400, "invalid_client"),
+    "invalid_scope": (400, "invalid_scope"),
+    "unauthorized_client": (400, "unauthorized_client"),
+}
+#: Modes answered 200 with one field of the token answer changed (None: left out).
+_TOKEN_VARIANTS: dict[str, tuple[str, object]] = {
+    "no_expires": ("expires_in", None),
+    "zero_expires": ("expires_in", 0),
+    "negative_expires": ("expires_in", -60),
+    "string_expires": ("expires_in", str),  # the lifetime as a string: valid
+    "huge_expires": ("expires_in", 10**12),
+    "mac_token": ("token_type", "mac"),
+}
 
 
 @dataclass
@@ -95,27 +117,45 @@ class DemoIssuer:
         mode = self.mode
         if mode == "hang":
             await asyncio.sleep(3600)
-        if mode == "error500":
-            return await _reply(send, 500, {"error": "internal_error", "error_description": "x"})
+        if mode in _ERRORS:
+            status, error = _ERRORS[mode]
+            body = {"error": error, "error_description": f"{error.replace('_', ' ')} (demo)"}
+            return await _reply(send, status, body)
         if mode == "html502":
             html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
             return await _reply(send, 502, html, content_type=b"text/html")
-        if mode in ("throttle", "unavailable"):
-            status = 429 if mode == "throttle" else 503
+        if mode in ("throttle", "unavailable", "throttle_date"):
+            status = 503 if mode == "unavailable" else 429
             body = {"error": "too_many_requests" if status == 429 else "temporarily_unavailable"}
-            extra = [(b"retry-after", str(self.retry_after).encode())]
-            return await _reply(send, status, body, extra=extra)
+            after = str(self.retry_after)
+            if mode == "throttle_date":
+                after = email.utils.formatdate(time.time() + self.retry_after, usegmt=True)
+            return await _reply(send, status, body, extra=[(b"retry-after", after.encode())])
         if mode == "garbage":
             return await _reply(send, 200, b"\x00\xffnot json", content_type=b"text/plain")
-        if mode == "no_token":
-            return await _reply(send, 200, {"token_type": "bearer", "expires_in": 60})
-        if mode in ("invalid_client", "invalid_scope") or not self._authorised(form, headers):
-            error = "invalid_scope" if mode == "invalid_scope" else "invalid_client"
-            description = f"{error.replace('_', ' ')} parameter"
-            return await _reply(send, 400, {"error": error, "error_description": description})
+        if mode == "reset":  # promise a body, send half of it, drop the connection
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"100")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b'{"access_tok', "more_body": True})
+            raise ConnectionResetError("demo issuer: connection dropped mid-body")
+        if not self._authorised(form, headers):
+            body = {"error": "invalid_client", "error_description": "invalid client parameter"}
+            return await _reply(send, 400, body)
         token = ("demo-" + secrets.token_urlsafe(self.token_bytes))[: self.token_bytes]
-        self.issued[token] = time.time() + self.lifetime
-        answer = {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime}
+        answer: dict[str, object] = {
+            "access_token": token,
+            "token_type": "bearer",
+            "expires_in": self.lifetime,
+        }
+        if mode == "no_token":
+            del answer["access_token"]
+        elif mode in _TOKEN_VARIANTS:
+            key, value = _TOKEN_VARIANTS[mode]
+            answer[key] = str(self.lifetime) if value is str else value
+            if value is None:
+                del answer[key]
+        if mode == "ok" or mode == "string_expires":
+            self.issued[token] = time.time() + self.lifetime
         await _reply(send, 200, answer)
 
     def _authorised(self, form: dict[str, str], headers: dict[str, str]) -> bool:

@@ -168,3 +168,99 @@ class FakeScheduler:
     async def run(self, name: str) -> None:
         _, job = self.jobs.pop(name)
         await job(name)
+
+
+class TcpGate:
+    """A loopback port in front of the issuer that forwards, refuses, or answers garbage.
+
+    ``refuse()`` closes the listening socket (connection refused), ``garbage()``
+    answers every connection with bytes that are not HTTP, ``forward()`` heals.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.mode = "forward"
+        self.connections = 0
+        self._open: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._call(self._listen())
+
+    def _call(self, coro: Awaitable[object]) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._open.add(writer)
+        self._tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            if self.mode == "garbage":
+                await reader.read(65536)
+                writer.write(b"\x16\x03\x01\x02\x00 this is not HTTP \xff\xfe\r\n\r\n")
+                await writer.drain()
+                return
+            up_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._open.add(upstream)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, upstream), pipe(up_reader, writer))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for w in (writer, upstream):
+                if w is not None:
+                    self._open.discard(w)
+                    w.close()
+                    try:
+                        await w.wait_closed()
+                    except (ConnectionError, OSError):
+                        pass
+
+    async def _drop_all(self) -> None:
+        """Cut the connections already open: a keep-alive one would bypass the change."""
+        for w in list(self._open):
+            w.transport.abort()
+
+    def refuse(self) -> None:
+        self._call(self._close())
+        self._call(self._drop_all())
+
+    def garbage(self) -> None:
+        self.mode = "garbage"
+        self._call(self._drop_all())
+
+    def forward(self) -> None:
+        self.mode = "forward"
+        if self._server is None:
+            self._call(self._listen())
+
+    async def _shutdown(self) -> None:
+        await self._close()
+        await self._drop_all()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()

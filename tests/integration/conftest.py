@@ -40,6 +40,7 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         register: bool = True,
         wait: bool = True,
         env: dict[str, str] | None = None,
+        issuer_url: str | None = None,
     ) -> Running:
         secret = new_secret()
         secret_file = tmp_path / f"secret-{len(started)}"
@@ -47,10 +48,11 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         if register:
             issuer.issuer.add_client("broker-client", secret)
         port = free_port()
+        url = issuer_url or issuer.url
         if provider == "adobe":
-            where = f'ims_url = "{issuer.url}"\norg_id = "ABC@AdobeOrg"'
+            where = f'ims_url = "{url}"\norg_id = "ABC@AdobeOrg"'
         else:
-            where = f'token_url = "{issuer.url}/oauth2/token"'
+            where = f'token_url = "{url}/oauth2/token"'
         config = write_config(
             tmp_path / f"config-{len(started)}.toml",
             f"""

@@ -1,0 +1,145 @@
+"""The fault matrix: the broker as a process against an issuer that misbehaves on command.
+
+For every upstream behaviour: what the broker serves meanwhile (the cached
+token while it is servable, then 503 with Retry-After), how often it calls the
+issuer (bounded backoff, Retry-After honoured, permanent errors once), what
+/v1/credentials/NAME, /readyz and the log say, and how it recovers: by itself
+when the issuer heals, or after a forced refresh for permanent errors.
+docs/reliability.md has one row per case here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from helpers import HEADERS, TcpGate
+
+LIFETIME = 4.0  # seconds; scheduled refresh at ~2.7 s, servable until 4 - 0.4 s
+REFRESH = 'retry_initial = "0.2s"\nretry_max = "1s"\ntimeout = "1s"\nforce_cooldown = "0s"'
+
+
+@dataclass(frozen=True)
+class Fault:
+    mode: str  # DemoIssuer mode, or "gate:refuse" / "gate:garbage"
+    error: str  # last_error.error the broker reports
+    permanent: bool = False
+    retry_after: int | None = None  # seconds the issuer asks for
+    max_calls: int = 12  # issuer calls in the ~3 s of outage watched
+
+
+FAULTS = {
+    "500": Fault("error500", "internal_error"),
+    "502 with an HTML body": Fault("html502", "http_error"),
+    "503 with Retry-After seconds": Fault("unavailable", "temporarily_unavailable",
+                                          retry_after=2, max_calls=3),
+    "429 with Retry-After seconds": Fault("throttle", "too_many_requests", retry_after=2,
+                                          max_calls=3),
+    "429 with Retry-After HTTP-date": Fault("throttle_date", "too_many_requests",
+                                            retry_after=2, max_calls=3),
+    "connection refused": Fault("gate:refuse", "connection_error"),
+    "connection reset mid-body": Fault("reset", "connection_error"),
+    "TLS-less garbage": Fault("gate:garbage", "connection_error"),
+    "200 that is not JSON": Fault("garbage", "invalid_response"),
+    "200 without access_token": Fault("no_token", "invalid_response"),
+    "expires_in missing": Fault("no_expires", "invalid_response"),
+    "expires_in zero": Fault("zero_expires", "invalid_response"),
+    "expires_in negative": Fault("negative_expires", "invalid_response"),
+    "expires_in absurdly large": Fault("huge_expires", "invalid_response"),
+    "token_type other than bearer": Fault("mac_token", "invalid_response"),
+    "slower than the timeout": Fault("hang", "timeout", max_calls=5),
+    "invalid_client": Fault("invalid_client", "invalid_client", permanent=True, max_calls=1),
+    "invalid_scope": Fault("invalid_scope", "invalid_scope", permanent=True, max_calls=1),
+    "unauthorized_client": Fault("unauthorized_client", "unauthorized_client", permanent=True,
+                                 max_calls=1),
+}  # fmt: skip
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("case", FAULTS, ids=list(FAULTS))
+def test_fault_matrix(issuer, start_broker, case):
+    fault = FAULTS[case]
+    gate = TcpGate(issuer.port)
+    issuer.issuer.lifetime = LIFETIME
+    issuer.issuer.retry_after = fault.retry_after or 2
+    b = start_broker(provider="oauth2", refresh=REFRESH, issuer_url=gate.url)
+    client = httpx.Client(base_url=b.url, headers=HEADERS, timeout=5)
+    try:
+        first = client.get("/token").text
+        expires_at = issuer.issuer.issued[first]
+        serve_until = expires_at - 0.1 * LIFETIME
+        calls_before, conns_before = issuer.issuer.calls, gate.connections
+
+        # Break the issuer, then watch /token across the rest of the token's life.
+        if fault.mode == "gate:refuse":
+            gate.refuse()
+        elif fault.mode == "gate:garbage":
+            gate.garbage()
+        else:
+            issuer.issuer.mode = fault.mode
+        last_ok = 0.0
+        unavailable = None
+        while time.time() < expires_at + 1.0:
+            r = client.get("/token")
+            now = time.time()
+            if r.status_code == 200:
+                assert r.text == first, "served something else than the cached token"
+                assert now < expires_at, "served an expired token"
+                last_ok = now
+            else:
+                assert r.status_code == 503, r.text
+                assert now >= serve_until - 0.5, "stopped serving a servable token"
+                unavailable = r
+            time.sleep(0.1)
+        # Served until min_remaining (10% of 4 s), give or take scheduling noise.
+        assert last_ok >= serve_until - 0.5
+        assert unavailable is not None
+        assert int(unavailable.headers["retry-after"]) >= 1
+        assert unavailable.json()["error"] == "token_unavailable"
+        assert unavailable.json()["last_error"]["error"] == fault.error
+
+        status = client.get("/v1/credentials/main").json()
+        assert status["last_error"]["error"] == fault.error
+        assert status["state"] in (("failed",) if fault.permanent else ("expired", "refreshing"))
+        assert httpx.get(b.url + "/readyz").status_code == 503
+        assert "refresh main failed" in b.proc.output() and fault.error in b.proc.output()
+
+        # No hot loop: bounded by backoff, Retry-After and permanence.
+        if fault.mode.startswith("gate:"):
+            calls = gate.connections - conns_before
+        else:
+            calls = issuer.issuer.calls - calls_before
+        if fault.mode != "gate:refuse":  # a refused connection reaches nobody to count it
+            assert 1 <= calls <= fault.max_calls, calls
+
+        # Heal the issuer. Only /readyz is polled: it never triggers a refresh itself.
+        issuer.issuer.mode = "ok"
+        gate.forward()
+        if fault.permanent:
+            time.sleep(2)
+            assert httpx.get(b.url + "/readyz").status_code == 503, "retried a permanent error"
+            assert client.post("/v1/credentials/main/refresh").status_code == 200
+        wait_until(lambda: httpx.get(b.url + "/readyz").status_code == 200,
+                   timeout=(fault.retry_after or 1) + 4, what="did not recover")  # fmt: skip
+        healed = client.get("/token")
+        assert healed.status_code == 200 and healed.text != first
+        assert client.get("/v1/credentials/main").json()["state"] == "fresh"
+    finally:
+        client.close()
+        gate.stop()
+
+
+def test_expires_in_as_a_string_is_accepted(issuer, start_broker):
+    issuer.issuer.mode = "string_expires"
+    b = start_broker(provider="oauth2")
+    data = httpx.get(b.url + "/v1/credentials/main/token", headers=HEADERS).json()
+    assert data["access_token"] in issuer.issuer.issued
+    assert 3590 <= data["expires_in"] <= 3600
