@@ -367,3 +367,44 @@ async def test_reload_keeps_tokens_and_applies_changes(tmp_path):
     with pytest.raises(UnknownCredential):
         await manager.token("a")
     await manager.close()
+
+
+async def test_thousand_requests_on_a_just_expired_token_make_one_call(tmp_path):
+    clock, issuer, manager, _ = await started(tmp_path)
+    clock.now += DAY  # past expiry, the scheduled job missed (suspend/resume)
+    issuer.gate = asyncio.Event()
+    waiters = [asyncio.create_task(manager.token("a")) for _ in range(1000)]
+    await asyncio.sleep(0)
+    issuer.gate.set()
+    tokens = await asyncio.gather(*waiters)
+    assert {t.access_token for t in tokens} == {"tok-2"}
+    assert issuer.calls == 2  # the eager fetch, then exactly one for the crowd
+    await manager.close()
+
+
+async def test_a_missed_apscheduler_job_still_runs():
+    """A date job whose time passed (suspend, clock jump) runs late instead of being dropped."""
+    from broker.manager import APScheduler
+
+    ran: list[str] = []
+
+    async def job(name: str) -> None:
+        ran.append(name)
+
+    scheduler = APScheduler()
+    scheduler.start()
+    try:
+        import time as _time
+
+        scheduler.schedule("late", _time.time() - 3600, job)  # an hour overdue
+        for _ in range(100):
+            if ran:
+                break
+            await asyncio.sleep(0.02)
+        assert ran == ["late"]
+        # Rescheduling replaces the job (one per credential), never duplicates it.
+        scheduler.schedule("x", _time.time() + 3600, job)
+        scheduler.schedule("x", _time.time() + 7200, job)
+        assert len(scheduler._sched.get_jobs()) == 1
+    finally:
+        scheduler.shutdown()
