@@ -3,8 +3,10 @@
 Usage: python bench/soak.py [--seconds 120] [--connections 100]
 
 The issuer (in this process) alternates between failing (HTTP 500) and
-healthy every --flap seconds, with 20 s tokens, so refreshes keep running
-into outages; the cached token must cover every request: errors must be 0.
+healthy every --flap seconds, with 30 s tokens, so refreshes keep running
+into outages. An outage (3 s) plus the longest retry delay (2 s) is shorter
+than the time a token stays servable after its scheduled refresh (~7 s), so
+a servable token always exists and errors must be 0.
 Also measures restart after kill -9 mid-refresh and SIGTERM with a request in
 flight. Talks only to 127.0.0.1; needs wrk.
 """
@@ -38,7 +40,7 @@ REFRESH = '\n[refresh]\nretry_initial = "0.5s"\nretry_max = "2s"\n'
 
 
 def soak(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str]]) -> None:
-    issuer = start_issuer(lifetime=20.0)
+    issuer = start_issuer(lifetime=30.0)
     port = free_port()
     config = write_config(tmp, issuer, port, ["adobe"], "soak-secret")
     config.write_text(config.read_text() + REFRESH)
@@ -148,7 +150,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--connections", type=int, default=100)
-    parser.add_argument("--flap", type=float, default=5.0, help="seconds per issuer state")
+    parser.add_argument("--flap", type=float, default=3.0, help="seconds per issuer state")
     args = parser.parse_args()
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="tb-soak-") as tmp:

@@ -87,6 +87,7 @@ def test_fault_matrix(issuer, start_broker, case):
             issuer.issuer.mode = fault.mode
         last_ok = 0.0
         unavailable = None
+        states_while_servable: set[str] = set()
         while time.time() < expires_at + 1.0:
             r = client.get("/token")
             now = time.time()
@@ -94,11 +95,18 @@ def test_fault_matrix(issuer, start_broker, case):
                 assert r.text == first, "served something else than the cached token"
                 assert now < expires_at, "served an expired token"
                 last_ok = now
+                state = client.get("/v1/credentials/main").json()["state"]
+                if state != "fresh":
+                    states_while_servable.add(state)
             else:
                 assert r.status_code == 503, r.text
                 assert now >= serve_until - 0.5, "stopped serving a servable token"
                 unavailable = r
             time.sleep(0.1)
+        # A refresh under way or failed with the token still servable: refreshing, then
+        # stale (failed if permanent).
+        expected = {"refreshing", "failed" if fault.permanent else "stale"}
+        assert states_while_servable and states_while_servable <= expected, states_while_servable
         # Served until min_remaining (10% of 4 s), give or take scheduling noise.
         assert last_ok >= serve_until - 0.5
         assert unavailable is not None
