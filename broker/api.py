@@ -52,7 +52,7 @@ def error_body(exc: BrokerError) -> tuple[int, dict[str, object], dict[str, str]
         return 404, {"error": "unknown_credential", "detail": str(exc)}, headers
     if isinstance(exc, TokenUnavailable):
         headers["Retry-After"] = str(math.ceil(exc.retry_after))
-        body = {"error": "token_unavailable", "detail": str(exc)}
+        body = {"error": "token_unavailable", "detail": str(exc), "last_error": exc.last_error}
         return 503, body, headers
     if isinstance(exc, RefreshCooldown):
         headers["Retry-After"] = str(math.ceil(exc.retry_after))
@@ -133,10 +133,9 @@ class BrokerApp:
         self.counters.tokens[(name, "ok")] += 1  # type: ignore[index]
         await _send(send, 200, token.access_token.encode(), _TEXT, [])
 
-    async def _error(self, send: Send, exc: BrokerError) -> None:
+    @staticmethod
+    async def _error(send: Send, exc: BrokerError) -> None:
         status, body, headers = error_body(exc)
-        if isinstance(exc, TokenUnavailable):
-            body["last_error"] = self.manager.status(self.manager.entry(exc.name))["last_error"]
         extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         await _send(send, status, _dump(body), _JSON, extra)
 
@@ -169,8 +168,6 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
     @api.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> Response:
         status, body, headers = error_body(exc)
-        if isinstance(exc, TokenUnavailable):
-            body["last_error"] = manager.status(manager.entry(exc.name))["last_error"]
         return JSONResponse(body, status_code=status, headers=headers)
 
     @api.exception_handler(StarletteHTTPException)

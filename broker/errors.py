@@ -103,9 +103,17 @@ class IssuerError(BrokerError):
 class TokenUnavailable(BrokerError):
     """No servable token exists for a credential at the moment."""
 
-    def __init__(self, name: str, detail: str, *, retry_after: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        detail: str,
+        *,
+        retry_after: float,
+        last_error: dict[str, object] | None = None,
+    ) -> None:
         self.name = name
         self.retry_after = retry_after
+        self.last_error = last_error  # ErrorInfo.as_json() of the last failed attempt
         super().__init__(detail)
 
 

@@ -319,7 +319,8 @@ class Manager:
             retry_after = max(retry_after, entry.cred.policy.force_cooldown)
         reason = f"; last error: {_describe(entry.last_error)}" if entry.last_error else ""
         detail = f"no servable token for credential {name!r} ({entry.state(now)}){reason}"
-        return TokenUnavailable(name, detail, retry_after=retry_after)
+        last = entry.last_error.as_json() if entry.last_error else None
+        return TokenUnavailable(name, detail, retry_after=retry_after, last_error=last)
 
     async def force_refresh(self, name: str) -> Entry:
         """Refresh now (e.g. after an API answered 401); return the entry when done.
