@@ -308,7 +308,9 @@ def doctor(path: Path, *, offline: bool) -> list[Check]:
         checks.append(Check(True, f"listen {listen} is loopback-only"))
     for name, cred in settings.credentials.items():
         try:
-            found = _resolve_here(cred)
+            # The daemon's own path (keyring items via its child process): doctor
+            # checks exactly what `serve` will do.
+            found = asyncio.run(secrets.resolve(cred.secret, name))
         except SecretError as exc:
             checks.append(Check(False, f"secret of {name!r}: {exc}"))
             continue
@@ -323,13 +325,6 @@ def doctor(path: Path, *, offline: bool) -> list[Check]:
         else:
             checks.append(Check(True, f"issuer of {name!r} reachable and the credential accepted"))
     return checks
-
-
-def _resolve_here(cred: CredentialSettings) -> tuple[str, ...]:
-    if cred.secret.startswith("keyring"):
-        service, user = secrets.keyring_item(cred.secret, cred.name)
-        return secrets.read_keyring(service, user, cred.name)
-    return asyncio.run(secrets.resolve(cred.secret, cred.name))
 
 
 def _keyring_check(needed: bool) -> Check:

@@ -3,8 +3,8 @@
 ``keyring`` / ``keyring:SERVICE/USERNAME``, ``systemd:NAME``, ``file:/path``
 and ``env:VAR``. The daemon reads keyring items in a child process (see
 :func:`_keyring_in_child`), so the event loop never blocks on D-Bus and the
-daemon never imports keyring; the CLI, a short-lived process, uses
-:func:`read_keyring` and friends directly.
+daemon never imports keyring; the CLI, a short-lived process, writes items
+with :func:`store_keyring` and friends directly.
 """
 
 from __future__ import annotations
@@ -150,15 +150,10 @@ def store_keyring(service: str, user: str, secret: str, name: str) -> None:
 
 def delete_keyring(service: str, user: str, name: str) -> bool:
     """Delete an item; False if it was not there."""
-    from keyring.errors import PasswordDeleteError
-
     backend = keyring_backend(name)
-    try:
-        backend.delete_password(service, user)
-    except PasswordDeleteError:
+    if _keyring_call(backend, name, "get_password", service, user) is None:
         return False
-    except Exception:
-        _keyring_call(backend, name, "delete_password", service, user)  # explains the failure
+    _keyring_call(backend, name, "delete_password", service, user)
     return True
 
 
