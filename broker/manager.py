@@ -240,8 +240,7 @@ class Manager:
             except SecretError as exc:
                 if not entry.secrets or changed:
                     entry.secrets = ()
-                    self._permanent(entry, ErrorInfo(None, "secret_unavailable", str(exc), None,
-                                                     self._clock()))  # fmt: skip
+                    self._secret_failed(entry, exc)
                 else:
                     log.warning("reload %s: %s; keeping the secret already in use", name, exc)
                 entries[name] = entry
@@ -388,8 +387,7 @@ class Manager:
         try:
             issued = await self._exchange(entry)
         except SecretError as exc:
-            info = ErrorInfo(None, "secret_unavailable", str(exc), None, self._clock())
-            self._permanent(entry, info)
+            self._secret_failed(entry, exc)
             return exc
         except IssuerError as exc:
             self._failure(entry, exc)
@@ -476,6 +474,10 @@ class Manager:
             else "no servable token",
             delay,
         )
+
+    def _secret_failed(self, entry: Entry, exc: SecretError) -> None:
+        info = ErrorInfo(None, "secret_unavailable", str(exc), None, self._clock())
+        self._permanent(entry, info)
 
     def _permanent(self, entry: Entry, info: ErrorInfo) -> None:
         entry.failed = True
