@@ -88,8 +88,10 @@ def _check_passed(sock: socket.socket, label: str) -> None:
 
 
 def describe(sock: socket.socket) -> str:
+    """A bound socket in the config's own ``listen`` notation."""
+    from broker.config import TcpListen, UnixListen
+
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
-        return f"unix:{name}"
-    host, port = name[0], name[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(UnixListen(name))
+    return str(TcpListen(name[0], name[1]))
