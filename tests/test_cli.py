@@ -57,10 +57,22 @@ def test_the_wheel_installs_and_runs(tmp_path):
     (wheel,) = wheels.glob("token_broker-*.whl")
     env_dir = tmp_path / "venv"
     # The dependencies come from the host's site-packages; the package itself from the wheel.
+    # --ignore-installed: when the host already has token-broker installed (CI installs it
+    # system-wide), pip would otherwise call the wheel "already satisfied" and skip it.
     venv.create(env_dir, system_site_packages=True, with_pip=False)
     py = env_dir / "bin" / "python"
     subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-compile", str(wheel)],
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-compile",
+            "--ignore-installed",
+            str(wheel),
+        ],
         check=True,
     )
     where = subprocess.run(
