@@ -10,7 +10,9 @@ other route is an ordinary FastAPI route behind the same guards.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,9 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker import guards
+from broker import access, guards
 from broker.config import Settings
 from broker.errors import (
+    AccessDenied,
     BrokerError,
     ConfigError,
     IssuerError,
@@ -42,12 +45,17 @@ Send = Callable[[Message], Awaitable[None]]
 #: Routes that answer without the X-Token-Broker header: they reveal no token or secret.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 NO_STORE = "no-store"
+access_log = logging.getLogger("broker.access")
 
 
 def error_body(exc: BrokerError) -> tuple[int, dict[str, object], dict[str, str]]:
     """Map an error of the tree to (status, JSON body, headers): one place for both paths."""
     headers: dict[str, str] = {}
     body: dict[str, object]
+    if isinstance(exc, AccessDenied):
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="token-broker"'
+        return exc.status, {"error": exc.code, "detail": str(exc)}, headers
     if isinstance(exc, UnknownCredential):
         return 404, {"error": "unknown_credential", "detail": str(exc)}, headers
     if isinstance(exc, TokenUnavailable):
@@ -93,31 +101,52 @@ class BrokerApp:
         self.api = api
         self.manager = manager
         self.counters = counters
+        self._use(settings)
+
+    def _use(self, settings: Settings) -> None:
         self._settings = settings
         self._header = _header_name(settings)
+        self._remote = settings.server.allow_remote
+        self._access = access.for_settings(settings)
+        self._access_log = settings.server.access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.api(scope, receive, send)  # lifespan
             return
         if self.manager.settings is not self._settings:  # a reload happened
-            self._settings = self.manager.settings
-            self._header = _header_name(self._settings)
+            self._use(self.manager.settings)
+        if self._access_log:
+            send = _logged(scope, send)
         path: str = scope["path"]
-        rejection = guards.check(scope, None if path in OPEN_PATHS else self._header)
+        guarded = path not in OPEN_PATHS
+        rejection = guards.check(scope, self._header if guarded else None, remote=self._remote)
         if rejection is not None:
             self.counters.rejected[rejection.rule] += 1
             body = _dump({"error": rejection.error, "detail": rejection.detail})
             await _send(send, rejection.status, body, _JSON, [])
             return
+        if guarded and self._access.clients:
+            try:
+                client = self._access.authenticate(scope)
+            except AccessDenied as exc:
+                await self._denied(send, exc)
+                return
+            scope.setdefault("extensions", {})[access.CLIENT] = client
         if scope["method"] == "GET" and (path == "/token" or path.startswith("/token/")):
-            await self._token(path, send)
+            await self._token(scope, path, send)
             return
         await self.api(scope, receive, send)
 
-    async def _token(self, path: str, send: Send) -> None:
+    async def _token(self, scope: Scope, path: str, send: Send) -> None:
         manager = self.manager
         name = manager.default if path == "/token" else path[7:]
+        if not self._access.open:
+            try:
+                self._access.check(scope, name)
+            except AccessDenied as exc:
+                await self._denied(send, exc)
+                return
         token = manager.cached(name)
         if token is None:
             try:
@@ -133,11 +162,43 @@ class BrokerApp:
         self.counters.tokens[(name, "ok")] += 1  # type: ignore[index]
         await _send(send, 200, token.access_token.encode(), _TEXT, [])
 
+    async def _denied(self, send: Send, exc: AccessDenied) -> None:
+        self.counters.rejected[exc.rule] += 1
+        await self._error(send, exc)
+
     @staticmethod
     async def _error(send: Send, exc: BrokerError) -> None:
         status, body, headers = error_body(exc)
         extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         await _send(send, status, _dump(body), _JSON, extra)
+
+
+def _logged(scope: Scope, send: Send) -> Send:
+    """Wrap ``send`` to write one access-log line when the response starts.
+
+    The line holds the method, the path (credential names, never a token), the
+    status, the peer and the client name; never headers or the query string.
+    """
+    started = time.perf_counter()
+
+    async def logged_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            ext = scope.get("extensions") or {}
+            peer = ext.get(access.PEER)
+            client = ext.get(access.CLIENT)
+            where = f"uid={peer.uid}" if peer else (scope.get("client") or ("unix",))[0]
+            access_log.info(
+                "%s %s %d peer=%s client=%s %.1fms",
+                scope["method"],
+                scope["path"][:200],
+                message["status"],
+                where,
+                client.name if client else "-",
+                (time.perf_counter() - started) * 1000,
+            )
+        await send(message)
+
+    return logged_send
 
 
 def _header_name(settings: Settings) -> bytes | None:
@@ -175,17 +236,27 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         return JSONResponse({"error": code, "detail": str(exc.detail)}, exc.status_code)
 
+    def allowed(request: Request, name: str) -> str:
+        """``name`` once the request may read it (raises AccessDenied otherwise)."""
+        access.for_settings(manager.settings).check(request.scope, name)
+        return name
+
     @api.get("/v1/credentials")
-    async def list_credentials() -> list[dict[str, object]]:
-        return [manager.status(e) for e in manager.entries.values()]
+    async def list_credentials(request: Request) -> list[dict[str, object]]:
+        rules = access.for_settings(manager.settings)
+        return [
+            manager.status(e)
+            for name, e in manager.entries.items()
+            if rules.may_read(request.scope, name)
+        ]
 
     @api.get("/v1/credentials/{name}")
-    async def credential_status(name: str) -> dict[str, object]:
-        return manager.status(manager.entry(name))
+    async def credential_status(request: Request, name: str) -> dict[str, object]:
+        return manager.status(manager.entry(allowed(request, name)))
 
     @api.get("/v1/credentials/{name}/token")
-    async def credential_token(name: str) -> Response:
-        token = await manager.token(name)
+    async def credential_token(request: Request, name: str) -> Response:
+        token = await manager.token(allowed(request, name))
         body = {
             "access_token": token.access_token,
             "token_type": "bearer",
@@ -195,8 +266,8 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
         return JSONResponse(body, headers={"Cache-Control": NO_STORE})
 
     @api.get("/v1/credentials/{name}/headers")
-    async def credential_headers(name: str) -> Response:
-        cred = manager.entry(name).cred
+    async def credential_headers(request: Request, name: str) -> Response:
+        cred = manager.entry(allowed(request, name)).cred
         token = await manager.token(name)
         if cred.provider == "adobe":
             from broker.providers.adobe import api_headers
@@ -207,11 +278,12 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
         return JSONResponse(body, headers={"Cache-Control": NO_STORE})
 
     @api.post("/v1/credentials/{name}/refresh")
-    async def force_refresh(name: str) -> dict[str, object]:
-        return manager.status(await manager.force_refresh(name))
+    async def force_refresh(request: Request, name: str) -> dict[str, object]:
+        return manager.status(await manager.force_refresh(allowed(request, name)))
 
     @api.post("/v1/reload")
-    async def reload() -> dict[str, list[str]]:
+    async def reload(request: Request) -> dict[str, list[str]]:
+        access.for_settings(manager.settings).check_admin(request.scope)
         return await manager.reload_file()
 
     @api.get("/healthz")

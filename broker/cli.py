@@ -24,11 +24,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"token-broker {__version__}")
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", metavar="PATH", help="config file (default: see README)")
+    config.add_argument(
+        "--key-file",
+        metavar="PATH",
+        help="client key for asking the daemon (default: $TOKEN_BROKER_CLIENT_KEY)",
+    )
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log lines on stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", parents=[config], help="run the daemon in the foreground")
+    sub.add_parser("serve", parents=[config, logs], help="run the daemon in the foreground")
     demo = sub.add_parser(
-        "demo", parents=[config], help="zero-setup demo: embedded issuer + broker"
+        "demo", parents=[config, logs], help="zero-setup demo: embedded issuer + broker"
     )
     demo.add_argument("--listen", default="127.0.0.1:8765", help="default 127.0.0.1:8765")
     demo.add_argument(
@@ -87,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
     doc = sub.add_parser("doctor", parents=[config, json_flag], help="check the setup")
     doc.add_argument("--offline", action="store_true", help="no token requests to issuers")
+
+    client = sub.add_parser("client", help="client keys: who may read which token")
+    client_sub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    cadd = client_sub.add_parser(
+        "add", parents=[config, json_flag], help="create a client key (printed once)"
+    )
+    cadd.add_argument("name")
+    cadd.add_argument(
+        "--credentials", required=True, help='comma-separated credential names, or "*" for all'
+    )
+    cadd.add_argument("--replace", action="store_true", help="give an existing client a new key")
+    crm = client_sub.add_parser("remove", parents=[config, json_flag], help="remove a client")
+    crm.add_argument("name")
+    client_sub.add_parser("list", parents=[config, json_flag], help="show the clients")
     return parser
 
 
@@ -107,29 +130,32 @@ def run() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker import config, server, systemd
+    from broker import config, logs, server, systemd
 
     settings = config.load(args.config)
-    server.setup_logging()
+    logs.setup(args.log_format)
+    server.harden()
     # Socket activation: systemd (or systemd-socket-activate) bound them for us.
-    sockets = systemd.listen_sockets() or server.open_listeners(settings.server)
+    sockets = systemd.listen_sockets(
+        allow_remote=settings.server.allow_remote
+    ) or server.open_listeners(settings.server)
     server.run(server.serve(settings, sockets))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from broker import demo, server
+    from broker import demo, logs, server
 
     if args.lifetime < 2:
         print("token-broker: --lifetime must be at least 2 seconds", file=sys.stderr)
         return 2
-    server.setup_logging()
+    logs.setup(args.log_format)
     return server.run(demo.run(args.listen, args.lifetime))
 
 
 def _token(args: argparse.Namespace) -> int:
     path = "/token" if args.name is None else f"/token/{args.name}"
-    response = _ask_daemon(args.config, path)
+    response = _ask_daemon(args, path)
     if response.status_code != 200:
         return _daemon_error(response)
     sys.stdout.write(response.text + "\n")
@@ -137,7 +163,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    response = _ask_daemon(args.config, "/v1/credentials")
+    response = _ask_daemon(args, "/v1/credentials")
     if response.status_code != 200:
         return _daemon_error(response)
     rows: list[dict[str, Any]] = response.json()
@@ -155,18 +181,20 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_daemon(config_path: str | None, path: str, method: str = "GET") -> Any:
+def _ask_daemon(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
     """Ask the running daemon at the config's first listen address."""
     import httpx
 
     from broker import config
     from broker.config import TcpListen
 
-    settings = config.load(config_path)
+    settings = config.load(args.config)
     listen = settings.server.listen[0]
     headers = {}
     if settings.server.require_header:
         headers[settings.server.require_header] = "1"
+    if key := _client_key(args):
+        headers["Authorization"] = f"Bearer {key}"
     if isinstance(listen, TcpListen):
         transport = httpx.HTTPTransport()
         base = f"http://{listen}"
@@ -181,6 +209,20 @@ def _ask_daemon(config_path: str | None, path: str, method: str = "GET") -> Any:
             f"cannot reach the daemon at {listen} ({type(exc).__name__}); "
             "is `token-broker serve` running with this config?"
         ) from None
+
+
+def _client_key(args: argparse.Namespace) -> str | None:
+    """The client key from --key-file or $TOKEN_BROKER_CLIENT_KEY (never a command-line value)."""
+    import os
+
+    path = getattr(args, "key_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
+    return os.environ.get("TOKEN_BROKER_CLIENT_KEY") or None
 
 
 def _daemon_error(response: Any) -> int:
@@ -218,7 +260,7 @@ def _read_secret(args: argparse.Namespace, prompt: str) -> str:
 def _notify(args: argparse.Namespace) -> str:
     """Tell a running daemon to reload; say what happened in a few words."""
     try:
-        response = _ask_daemon(args.config, "/v1/reload", "POST")
+        response = _ask_daemon(args, "/v1/reload", "POST")
     except BrokerError:
         return "no daemon is running with this config; it will use this at start"
     if response.status_code == 200:
@@ -350,7 +392,7 @@ def _rotate(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    response = _ask_daemon(args.config, "/v1/reload", "POST")
+    response = _ask_daemon(args, "/v1/reload", "POST")
     if response.status_code != 200:
         return _daemon_error(response)
     result = response.json()
@@ -360,7 +402,7 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    response = _ask_daemon(args.config, "/readyz" if args.ready else "/healthz")
+    response = _ask_daemon(args, "/readyz" if args.ready else "/healthz")
     if response.status_code != 200:
         return _daemon_error(response)
     return 0
@@ -381,6 +423,48 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _client(args: argparse.Namespace) -> int:
+    from broker import access
+
+    doc = _document(args)
+    if args.client_command == "list":
+        clients = {
+            name: list(table.get("credentials", [])) for name, table in doc.clients().items()
+        }
+        _out(
+            args,
+            {"clients": clients},
+            "\n".join(f"{n}: {', '.join(c)}" for n, c in clients.items()) or "no clients",
+        )
+        return 0
+    if args.client_command == "remove":
+        doc.remove_client(args.name)
+        doc.write()
+        note = _notify(args)
+        _out(args, {"removed": args.name, "daemon": note}, f"removed client {args.name}; {note}")
+        return 0
+    names = [c.strip() for c in args.credentials.split(",") if c.strip()]
+    if args.name in doc.clients() and not args.replace:
+        raise BrokerError(
+            f"{doc.path}: a client named {args.name!r} exists already "
+            "(--replace gives it a new key; the old key stops working)"
+        )
+    key = access.new_key()
+    doc.set_client(args.name, access.key_digest(key).hex(), names)
+    doc.write()
+    note = _notify(args)
+    if args.json:
+        print(json.dumps({"client": args.name, "key": key, "credentials": names, "daemon": note}))
+    else:
+        print(key)  # alone on stdout, so KEY=$(token-broker client add ...) works
+        print(
+            f"token-broker: client {args.name} may read {', '.join(names)}; this key is shown "
+            f"only now (the config keeps its SHA-256); {note}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 _COMMANDS = {
     "serve": _serve,
     "demo": _demo,
@@ -393,4 +477,5 @@ _COMMANDS = {
     "reload": _reload,
     "doctor": _doctor,
     "health": _health,
+    "client": _client,
 }

@@ -66,12 +66,22 @@ class _Server(_Strict):
     socket_group: str | None = None
     require_header: str = "X-Token-Broker"
     default: str | None = None
+    allow_remote: bool = False
+    access_log: bool = False
+    header_timeout: Duration = Field(10.0, gt=0)
+
+
+class _Client(_Strict):
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    credentials: list[str] = Field(min_length=1)
 
 
 class _CredentialBase(_RefreshKeys):
     client_id: str = Field(min_length=1)
     scopes: list[str] = Field(default_factory=list)
     secret: str = "keyring"
+    allow_uids: list[Annotated[int, Field(ge=0)]] | None = None
+    allow_gids: list[Annotated[int, Field(ge=0)]] | None = None
 
 
 class _Adobe(_CredentialBase):
@@ -117,6 +127,18 @@ class ServerSettings:
     socket_group: str | None = None
     require_header: str = "X-Token-Broker"
     default: str | None = None
+    allow_remote: bool = False  # a non-loopback listen/peer; needs [clients.NAME]
+    access_log: bool = False
+    header_timeout: float = 10.0  # a connection must send its request headers within this
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """One ``[clients.NAME]`` table: who holds a key, and what it may read."""
+
+    name: str
+    key_sha256: bytes = field(repr=False)  # the digest of the key; the key itself is never kept
+    credentials: frozenset[str] | None = None  # None: every credential ("*")
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,13 @@ class CredentialSettings:
     auth_method: str = "client_secret_basic"
     params: tuple[tuple[str, str], ...] = ()
     policy: RefreshPolicy = field(default_factory=RefreshPolicy)
+    # Unix-socket peers allowed to read this credential (SO_PEERCRED); None: no restriction.
+    allow_uids: frozenset[int] | None = None
+    allow_gids: frozenset[int] | None = None
+
+    @property
+    def peer_restricted(self) -> bool:
+        return self.allow_uids is not None or self.allow_gids is not None
 
 
 @dataclass(frozen=True)
@@ -141,6 +170,7 @@ class Settings:
     server: ServerSettings
     credentials: dict[str, CredentialSettings]
     path: Path | None = None
+    clients: dict[str, ClientSettings] = field(default_factory=dict)
 
     def default_name(self) -> str | None:
         """The credential served by ``GET /token``."""
@@ -190,11 +220,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
 
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
-    unknown = sorted(set(data) - {"server", "refresh", "credentials"})
+    unknown = sorted(set(data) - {"server", "refresh", "credentials", "clients"})
     if unknown:
         raise ConfigError(
             f"{source}: unknown table or key {unknown[0]!r} "
-            "(expected [server], [refresh] and [credentials.NAME])"
+            "(expected [server], [refresh], [credentials.NAME] and [clients.NAME])"
         )
     server = _validate(_Server, data.get("server", {}), source, "[server]")
     defaults = _validate(_RefreshKeys, data.get("refresh", {}), source, "[refresh]")
@@ -206,19 +236,57 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
     credentials = {
         name: _credential(name, table, base_policy, source) for name, table in creds_raw.items()
     }
+    clients_raw = data.get("clients", {})
+    if not isinstance(clients_raw, dict):
+        raise ConfigError(f"{source}: clients: expected tables [clients.NAME]")
+    clients = {
+        name: _client(name, table, credentials, source) for name, table in clients_raw.items()
+    }
+    if server.allow_remote and not clients:
+        raise ConfigError(
+            f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
+            "(remote peers are served only with a client key; see `token-broker client add`)"
+        )
     settings = ServerSettings(
-        listen=tuple(parse_listen(item, source) for item in server.listen),
+        listen=tuple(
+            parse_listen(item, source, allow_remote=server.allow_remote) for item in server.listen
+        ),
         socket_mode=int(server.socket_mode, 8),
         socket_group=server.socket_group,
         require_header=server.require_header,
         default=server.default,
+        allow_remote=server.allow_remote,
+        access_log=server.access_log,
+        header_timeout=server.header_timeout,
     )
     if settings.default is not None and settings.default not in credentials:
         raise ConfigError(
             f"{source}: [server] default: no credential named {settings.default!r} "
             f"(configured: {', '.join(sorted(credentials)) or 'none'})"
         )
-    return Settings(server=settings, credentials=credentials, path=path)
+    return Settings(server=settings, credentials=credentials, path=path, clients=clients)
+
+
+def _client(
+    name: str, table: object, credentials: dict[str, CredentialSettings], source: str
+) -> ClientSettings:
+    where = f"[clients.{name}]"
+    if not NAME_RE.match(name):
+        raise ConfigError(
+            f"{source}: {where}: client names may use only letters, digits, '.', '_' and '-'"
+        )
+    model = _validate(_Client, table, source, where)
+    if "*" in model.credentials:
+        allowed = None
+    else:
+        unknown = [c for c in model.credentials if c not in credentials]
+        if unknown:
+            raise ConfigError(
+                f"{source}: {where} credentials: no credential named {unknown[0]!r} "
+                f'(configured: {", ".join(sorted(credentials)) or "none"}; "*" means all)'
+            )
+        allowed = frozenset(model.credentials)
+    return ClientSettings(name, bytes.fromhex(model.key_sha256), allowed)
 
 
 def _credential(name: str, table: object, base: RefreshPolicy, source: str) -> CredentialSettings:
@@ -252,6 +320,8 @@ def _credential(name: str, table: object, base: RefreshPolicy, source: str) -> C
         scopes=tuple(model.scopes),
         secret=model.secret,
         policy=_merge_policy(base, model),
+        allow_uids=None if model.allow_uids is None else frozenset(model.allow_uids),
+        allow_gids=None if model.allow_gids is None else frozenset(model.allow_gids),
         **extra,
     )
 
@@ -284,8 +354,12 @@ def check_secret_reference(ref: str, where: str) -> None:
         )
 
 
-def parse_listen(item: str, source: str = "<config>") -> Listen:
-    """``HOST:PORT`` on loopback, or ``unix:/path``; anything else is refused."""
+def parse_listen(item: str, source: str = "<config>", *, allow_remote: bool = False) -> Listen:
+    """``HOST:PORT`` on loopback, or ``unix:/path``; anything else is refused.
+
+    With ``allow_remote`` (only valid once client keys exist) any IP address is
+    accepted, but never a host name: what is bound must be what is written.
+    """
     where = f"{source}: [server] listen {item!r}"
     if item.startswith("unix:"):
         path = item[5:]
@@ -299,13 +373,16 @@ def parse_listen(item: str, source: str = "<config>") -> Listen:
     if host == "localhost":
         host = "127.0.0.1"
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        loopback = False
-    if not loopback:
+        address = None
+    if address is None and allow_remote:
+        raise ConfigError(f"{where}: expected an IP address, not a host name")
+    if not allow_remote and (address is None or not address.is_loopback):
         raise ConfigError(
             f"{where}: loopback is required: token-broker listens only on a loopback "
-            "address (127.0.0.1, [::1], localhost) or a unix socket"
+            "address (127.0.0.1, [::1], localhost) or a unix socket "
+            "(or set [server] allow_remote = true, which needs [clients.NAME] keys)"
         )
     return TcpListen(host, int(port_text))
 

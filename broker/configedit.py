@@ -71,6 +71,33 @@ class ConfigDocument:
         self.validate()
         return was_default
 
+    def clients(self) -> dict[str, Any]:
+        return dict(self.doc.get("clients", {}))
+
+    def set_client(self, name: str, key_sha256: str, credentials: list[str]) -> bool:
+        """Add ``[clients.NAME]`` or replace its key; return True if it existed."""
+        if not config.NAME_RE.match(name):
+            raise ConfigError(
+                f"invalid client name {name!r}: use only letters, digits, '.', '_' and '-'"
+            )
+        if "clients" not in self.doc:
+            self.doc["clients"] = tomlkit.table(is_super_table=True)
+        existed = name in self.clients()
+        entry = tomlkit.table()
+        entry["key_sha256"] = key_sha256
+        entry["credentials"] = credentials
+        self.doc["clients"][name] = entry  # type: ignore[index]
+        self.validate()
+        return existed
+
+    def remove_client(self, name: str) -> None:
+        if name not in self.clients():
+            raise ConfigError(f"{self.path}: no client named {name!r}")
+        del self.doc["clients"][name]  # type: ignore[union-attr]
+        if not self.doc["clients"]:  # type: ignore[arg-type]
+            del self.doc["clients"]
+        self.validate()
+
     def write(self) -> None:
         """Atomically replace the file; a new file gets mode 0600, an old one keeps its mode."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,13 @@ import asyncio
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from broker import config, secrets
+from broker import config, guards, secrets
 from broker.config import CredentialSettings
 from broker.configedit import ConfigDocument
 from broker.errors import BrokerError, ConfigError, IssuerError, SecretError
@@ -301,11 +300,15 @@ def doctor(path: Path, *, offline: bool) -> list[Check]:
     except ConfigError as exc:
         return [Check(False, f"config: {exc}")]
     checks.append(Check(True, f"config {path} found and valid"))
-    checks += _mode_checks(path, settings)
+    checks += _mode_checks(settings)
     uses_keyring = any(c.secret.startswith("keyring") for c in settings.credentials.values())
     checks.append(_keyring_check(uses_keyring))
     for listen in settings.server.listen:
-        checks.append(Check(True, f"listen {listen} is loopback-only"))
+        if isinstance(listen, config.TcpListen) and not guards.is_loopback(listen.host):
+            text = f"listen {listen} is reachable from other hosts (allow_remote, client keys)"
+            checks.append(Check(None, text))
+        else:
+            checks.append(Check(True, f"listen {listen} is loopback-only"))
     for name, cred in settings.credentials.items():
         try:
             # The daemon's own path (keyring items via its child process): doctor
@@ -342,23 +345,8 @@ def _keyring_check(needed: bool) -> Check:
     return Check(True, f"keyring backend {name} works (set/get/delete of a probe item)")
 
 
-def _mode_checks(path: Path, settings: config.Settings) -> list[Check]:
-    checks = [_mode(path, "config file", secret=False)]
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    for name, cred in settings.credentials.items():
-        kind, _, rest = cred.secret.partition(":")
-        target = Path(rest) if kind == "file" else None
-        if kind == "systemd" and directory:
-            target = Path(directory) / rest
-        if target is not None and target.exists():
-            checks.append(_mode(target, f"secret file of {name!r}", secret=True))
-    return checks
-
-
-def _mode(path: Path, what: str, *, secret: bool) -> Check:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    too_open = mode & (0o077 if secret else 0o022)
-    if too_open:
-        fix = f"chmod {'600' if secret else 'go-w'} {path}"
-        return Check(False, f"{what} {path} has mode {mode:04o}: run `{fix}`")
-    return Check(True, f"{what} {path} has mode {mode:04o}")
+def _mode_checks(settings: config.Settings) -> list[Check]:
+    return [
+        Check(f.problem is None, f.problem or f"{f.what} {f.path} has mode {f.mode:04o}")
+        for f in secrets.file_modes(settings)
+    ]

@@ -41,6 +41,7 @@ MODES = (
     "mac_token",  # token_type "mac"
     "hang",  # never answers within any sensible timeout
     "invalid_client", "invalid_scope", "unauthorized_client",  # 400 with that error
+    "echo",  # 400 whose error_description quotes the secret it was sent (a careless issuer)
 )  # fmt: skip
 
 
@@ -121,6 +122,10 @@ class DemoIssuer:
             status, error = _ERRORS[mode]
             body = {"error": error, "error_description": f"{error.replace('_', ' ')} (demo)"}
             return await _reply(send, status, body)
+        if mode == "echo":
+            sent = self._credentials(form, headers)[1]
+            body = {"error": "invalid_request", "error_description": f"cannot parse {sent}"}
+            return await _reply(send, 400, body)
         if mode == "html502":
             html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
             return await _reply(send, 502, html, content_type=b"text/html")
@@ -159,16 +164,23 @@ class DemoIssuer:
         await _reply(send, 200, answer)
 
     def _authorised(self, form: dict[str, str], headers: dict[str, str]) -> bool:
-        client_id, secret = form.get("client_id"), form.get("client_secret")
-        auth = headers.get("authorization", "")
-        if auth.startswith("Basic "):
-            try:
-                pair = base64.b64decode(auth[6:], validate=True).decode()
-            except ValueError:
-                return False
-            raw_id, _, raw_secret = pair.partition(":")
-            client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+        client_id, secret = self._credentials(form, headers)
         return secret is not None and secret in self.clients.get(client_id or "", set())
+
+    @staticmethod
+    def _credentials(
+        form: dict[str, str], headers: dict[str, str]
+    ) -> tuple[str | None, str | None]:
+        """(client_id, secret) from the form or from HTTP Basic authentication."""
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Basic "):
+            return form.get("client_id"), form.get("client_secret")
+        try:
+            pair = base64.b64decode(auth[6:], validate=True).decode()
+        except ValueError:
+            return None, None
+        raw_id, _, raw_secret = pair.partition(":")
+        return unquote_plus(raw_id), unquote_plus(raw_secret)
 
 
 async def _reply(

@@ -8,6 +8,7 @@
      ├── IssuerError          the token issuer refused or failed (retryable, retry_after)
      ├── TokenUnavailable     no servable token right now (retry_after)
      ├── RefreshCooldown      a forced refresh asked for too soon (retry_after)
+     ├── AccessDenied         no or a wrong client key (401), or not allowed to read (403)
      └── UnknownCredential    no credential of that name
 
 No message in this tree ever carries a secret or a whole token: messages are
@@ -53,6 +54,10 @@ class ErrorInfo:
         }
 
 
+#: Values shorter than this are not cut out of text: they would mangle ordinary words, and
+#: real secrets and tokens are far longer.
+MIN_SECRET_LENGTH = 6
+
 #: Issuer error codes that retrying cannot fix: the config or secret must change.
 PERMANENT_ERRORS = frozenset({"invalid_client", "unauthorized_client", "invalid_scope"})
 
@@ -80,6 +85,20 @@ class IssuerError(BrokerError):
         self.debug_id = debug_id
         self.retry_after = retry_after
         super().__init__(self.summary())
+
+    def scrubbed(self, secret: str) -> IssuerError:
+        """This error with ``secret`` cut out of the issuer's own words (an echoing issuer)."""
+        if len(secret) < MIN_SECRET_LENGTH or (
+            secret not in self.error and secret not in self.description
+        ):
+            return self
+        return IssuerError(
+            self.error.replace(secret, "[redacted]"),
+            self.description.replace(secret, "[redacted]"),
+            status=self.status,
+            debug_id=self.debug_id,
+            retry_after=self.retry_after,
+        )
 
     @property
     def retryable(self) -> bool:
@@ -128,6 +147,19 @@ class RefreshCooldown(BrokerError):
         )
 
 
+class AccessDenied(BrokerError):
+    """The request may not read what it asked for (DESIGN §4: 401 / 403).
+
+    ``rule`` is a bounded label for the rejected-requests metric.
+    """
+
+    def __init__(self, status: int, detail: str, rule: str) -> None:
+        self.status = status
+        self.code = "unauthorized" if status == 401 else "forbidden"
+        self.rule = rule
+        super().__init__(detail)
+
+
 class UnknownCredential(BrokerError, LookupError):
     """No credential of that name (or no default credential) is configured."""
 
@@ -136,5 +168,7 @@ class UnknownCredential(BrokerError, LookupError):
         if name is None:
             msg = "no default credential: set [server] default or ask for /token/NAME"
         else:
-            msg = f"no credential named {name!r}"
+            # The name comes from the request: quote it escaped and bounded.
+            shown = name if len(name) <= 64 else name[:64] + "…"
+            msg = f"no credential named {shown!r}"
         super().__init__(msg)

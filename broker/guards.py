@@ -3,9 +3,11 @@
 Both the ASGI fast path and the FastAPI routes go through :func:`check`, so
 there is exactly one implementation of the rules:
 
-* the peer must be loopback (a unix-socket peer always is);
+* the peer must be loopback (a unix-socket peer always is), unless
+  ``allow_remote`` is set (then client keys decide, see :mod:`broker.access`);
 * ``Host`` must be ``localhost``, ``127.0.0.1`` or ``[::1]``, with or without
-  the listen port (DNS rebinding); skipped on a unix socket;
+  the listen port (DNS rebinding); with ``allow_remote`` also the literal
+  address the request arrived on; skipped on a unix socket;
 * no ``Origin`` and no ``Sec-Fetch-Site`` other than ``none`` (browsers);
 * no ``X-Forwarded-For`` / ``Forwarded`` (proxied requests);
 * the ``X-Token-Broker`` header (SSRF), on every route that needs it.
@@ -38,15 +40,18 @@ def header_rejection(header: str) -> Rejection:
     return Rejection(403, "forbidden", f"the {header} header is required", "header")
 
 
-def check(scope: Mapping[str, Any], header: bytes | None) -> Rejection | None:
+def check(
+    scope: Mapping[str, Any], header: bytes | None, *, remote: bool = False
+) -> Rejection | None:
     """Return why the request in ``scope`` is refused, or None if it may pass.
 
     ``header`` is the lower-cased name of the required header, or None when
-    this route or the configuration does not require it.
+    this route or the configuration does not require it. ``remote`` is the
+    config's ``allow_remote``.
     """
     server = scope.get("server")
     unix = server is not None and server[1] is None
-    if not unix:
+    if not unix and not remote:
         client = scope.get("client")
         if client is None or not is_loopback(client[0]):
             return _PEER
@@ -65,7 +70,8 @@ def check(scope: Mapping[str, Any], header: bytes | None) -> Rejection | None:
         elif name == b"x-forwarded-for" or name == b"forwarded":
             return _PROXIED
     if not unix and not host_allowed(host, server[1] if server else None):
-        return _HOST
+        if not (remote and server and _is_own_address(host, server[0], server[1])):
+            return _HOST
     if not seen_header:
         assert header is not None
         return header_rejection("-".join(w.capitalize() for w in header.decode().split("-")))
@@ -88,6 +94,14 @@ def host_allowed(host: bytes | None, port: int | None) -> bool:
     if name not in _LOOPBACK_NAMES:
         return False
     return port_text is None or (port is not None and port_text == str(port).encode())
+
+
+def _is_own_address(host: bytes | None, address: str, port: int) -> bool:
+    """``Host`` names the literal address the request arrived on (remote mode)."""
+    if not host:
+        return False
+    own = f"[{address}]" if ":" in address else address
+    return host.lower() in (own.encode(), f"{own}:{port}".encode())
 
 
 def is_loopback(address: str) -> bool:

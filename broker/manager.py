@@ -33,6 +33,8 @@ from broker.errors import (
     TokenUnavailable,
     UnknownCredential,
 )
+from broker.logs import redact
+from broker.metrics import Histogram
 from broker.providers import fetch_token, token_request
 from broker.providers.base import Issued
 from broker.tokens import Clock, Token, refresh_at, retry_delay, rfc3339, servable, serve_until
@@ -152,12 +154,14 @@ class Manager:
         self.entries: dict[str, Entry] = {n: Entry(c) for n, c in settings.credentials.items()}
         self.default = settings.default_name()
         self.refreshes: Counter[tuple[str, str]] = Counter()
+        self.issuer_latency: dict[str, Histogram] = {}
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REFRESHES)
         self._reloading = asyncio.Lock()
         self._listen = settings.server.listen  # what the sockets were bound to
 
     async def start(self) -> None:
         """Start the scheduler and fetch every token eagerly, without waiting for them."""
+        _warn_file_modes(self.settings)
         self._scheduler.start()
         for entry in self.entries.values():
             self._begin(entry)
@@ -194,8 +198,13 @@ class Manager:
         try:
             settings = config.load(path)
         except ConfigError as exc:
-            log.error("reload refused, the running configuration stays: %s", exc)
+            log.error(
+                "reload refused, the running configuration stays: %s",
+                exc,
+                extra={"event": "reload_refused"},
+            )
             raise
+        _warn_file_modes(settings)
         result = await self.reload(settings)
         if settings.server.listen != self._listen:
             result["restart_needed"] = [str(listen) for listen in settings.server.listen]
@@ -239,14 +248,14 @@ class Manager:
                 fresh = await secrets.resolve(cred.secret, name)
             except SecretError as exc:
                 if not entry.secrets or changed:
-                    entry.secrets = ()
+                    _use_secrets(entry, ())
                     self._secret_failed(entry, exc)
                 else:
                     log.warning("reload %s: %s; keeping the secret already in use", name, exc)
                 entries[name] = entry
                 continue
             secret_changed = fresh != entry.secrets
-            entry.secrets = fresh
+            _use_secrets(entry, fresh)
             entries[name] = entry
             if changed or entry.failed:
                 entry.failed = False
@@ -265,12 +274,17 @@ class Manager:
         log.info(
             "reloaded: added %s, removed %s, changed %s",
             *(", ".join(result[k]) or "none" for k in ("added", "removed", "changed")),
+            extra={"event": "reload"},
         )
         return result
 
     def _stop(self, entry: Entry) -> None:
         # A refresh in flight finishes on the detached entry; _schedule ignores it then.
-        self._scheduler.cancel(entry.cred.name)
+        name = entry.cred.name
+        self._scheduler.cancel(name)
+        self.issuer_latency.pop(name, None)
+        redact.drop(f"secret:{name}")
+        redact.drop(f"token:{name}")
 
     def entry(self, name: str | None) -> Entry:
         entry = self.entries.get(name) if name is not None else None
@@ -412,7 +426,7 @@ class Manager:
         """Resolve the secrets if needed and ask the issuer for a token."""
         cred = entry.cred
         if not entry.secrets:
-            entry.secrets = await secrets.resolve(cred.secret, cred.name)
+            _use_secrets(entry, await secrets.resolve(cred.secret, cred.name))
         try:
             return await self._fetch(cred, entry.secrets[0])
         except IssuerError as exc:
@@ -421,18 +435,28 @@ class Manager:
         # Mid-rotation two secrets are stored and the issuer refused one: try the
         # other once, and prefer it from now on.
         issued = await self._fetch(cred, entry.secrets[1])
-        entry.secrets = (entry.secrets[1], entry.secrets[0])
+        _use_secrets(entry, (entry.secrets[1], entry.secrets[0]))
         log.warning("refresh %s: the issuer refused one stored secret; the other worked", cred.name)
         return issued
 
     async def _fetch(self, cred: CredentialSettings, secret: str) -> Issued:
         async with self._slots:
             started = self._clock()  # the timeout and issued_at start once a slot is ours
-            async with asyncio.timeout(cred.policy.timeout):
-                return await fetch_token(self._client, token_request(cred, secret), now=started)
+            timer = time.perf_counter()
+            try:
+                async with asyncio.timeout(cred.policy.timeout):
+                    return await fetch_token(self._client, token_request(cred, secret), now=started)
+            finally:
+                histogram = self.issuer_latency.get(cred.name)
+                if histogram is None:
+                    histogram = self.issuer_latency[cred.name] = Histogram()
+                histogram.observe(time.perf_counter() - timer)
 
     def _success(self, entry: Entry, token: Token, debug_id: str | None) -> None:
         cred = entry.cred
+        # The previous token stays valid until it expires: keep it out of logs as well.
+        previous = (entry.token.access_token,) if entry.token is not None else ()
+        redact.set(f"token:{cred.name}", (token.access_token, *previous))
         entry.token = token
         entry.serve_until = serve_until(token, cred.policy)
         entry.refreshed_at = token.issued_at
@@ -450,6 +474,12 @@ class Manager:
             token.fingerprint,
             debug_id or "-",
             rfc3339(when),
+            extra={
+                "event": "refresh_ok",
+                "credential": cred.name,
+                "x_debug_id": debug_id,
+                "expires_at": rfc3339(token.expires_at),
+            },
         )
 
     def _failure(self, entry: Entry, exc: IssuerError) -> None:
@@ -473,6 +503,7 @@ class Manager:
             if servable(entry.token, now, entry.cred.policy)
             else "no servable token",
             delay,
+            extra=_error_fields("refresh_failed", entry, exc.info(now)),
         )
 
     def _secret_failed(self, entry: Entry, exc: SecretError) -> None:
@@ -492,6 +523,7 @@ class Manager:
             entry.cred.name,
             _describe(info),
             entry.cred.name,
+            extra=_error_fields("refresh_failed_permanently", entry, info),
         )
 
     def _schedule(self, entry: Entry, when: float) -> None:
@@ -499,6 +531,30 @@ class Manager:
         if self.entries.get(entry.cred.name) is not entry:
             return  # removed by a reload while its refresh was in flight
         self._scheduler.schedule(entry.cred.name, when, self._scheduled)
+
+
+def _use_secrets(entry: Entry, values: tuple[str, ...]) -> None:
+    """Hold ``values`` as the entry's secrets, and keep them out of every log line."""
+    entry.secrets = values
+    redact.set(f"secret:{entry.cred.name}", values)
+
+
+def _error_fields(event: str, entry: Entry, info: ErrorInfo) -> dict[str, object]:
+    """The structured fields of a failure event (JSON logs)."""
+    return {
+        "event": event,
+        "credential": entry.cred.name,
+        "status": info.status,
+        "error": info.error,
+        "x_debug_id": info.debug_id,
+        "attempt": entry.failures,
+    }
+
+
+def _warn_file_modes(settings: Settings) -> None:
+    for found in secrets.file_modes(settings):
+        if found.problem:
+            log.warning("%s", found.problem, extra={"event": "file_mode"})
 
 
 def _describe(info: ErrorInfo | None) -> str:

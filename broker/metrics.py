@@ -15,6 +15,36 @@ if TYPE_CHECKING:
     from broker.manager import Manager
 
 STATES = ("pending", "fresh", "refreshing", "stale", "expired", "failed")
+#: Issuer round trips in seconds: IMS answers in ~0.1-0.5 s; the default timeout is 10 s.
+BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """A Prometheus histogram of one series: cumulative bucket counts, sum and count."""
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(BUCKETS)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = [
+            f'{name}_bucket{{{labels},le="{bound:g}"}} {n}'
+            for bound, n in zip(BUCKETS, self.counts, strict=True)
+        ]
+        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum:.6f}")
+        out.append(f"{name}_count{{{labels}}} {self.count}")
+        return out
 
 
 class RequestCounters:
@@ -50,6 +80,15 @@ def render(manager: Manager, counters: RequestCounters, now: float) -> str:
     family("token_broker_refreshes_total", "counter", "Refresh attempts by outcome.")
     for (cred, outcome), n in sorted(manager.refreshes.items()):
         lines.append(f'token_broker_refreshes_total{{credential="{cred}",outcome="{outcome}"}} {n}')
+    family(
+        "token_broker_issuer_request_duration_seconds",
+        "histogram",
+        "Time from sending a token request to the issuer's complete answer (or failure).",
+    )
+    for name in manager.entries:
+        if (histogram := manager.issuer_latency.get(name)) is not None:
+            series = "token_broker_issuer_request_duration_seconds"
+            lines.extend(histogram.lines(series, f'credential="{name}"'))
     family(
         "token_broker_token_expires_in_seconds", "gauge", "Seconds until the cached token expires."
     )

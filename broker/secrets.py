@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import SecretError
+
+if TYPE_CHECKING:
+    from broker.config import Settings
 
 KEYRING_SERVICE = "token-broker"
 WAY_OUT = "start a Secret Service (e.g. gnome-keyring) or use a systemd: or file: secret"
@@ -33,6 +38,58 @@ def describe(ref: str, name: str) -> str:
     if kind == "file":
         return f"file {rest}"
     return f"environment variable {rest}"
+
+
+@dataclass(frozen=True)
+class FileMode:
+    """The permission bits of a file the daemon trusts, and what is wrong with them."""
+
+    path: Path
+    what: str
+    mode: int
+    problem: str | None  # a sentence naming the file and the fix, or None when fine
+
+
+def file_modes(settings: Settings) -> list[FileMode]:
+    """Check the config file and every secret file the config names.
+
+    A secret file must not be readable by group or others. The config file
+    holds no secret (client keys only as hashes), so it may be readable, as a
+    system service with ``DynamicUser=`` needs; but whoever can write it can
+    point ``token_url`` at their own server and receive the secret, so it must
+    not be writable by group or others.
+    """
+    found: list[FileMode] = []
+    if settings.path is not None:
+        found.extend(_file_mode(settings.path, "config file", secret=False))
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    for name, cred in settings.credentials.items():
+        kind, _, rest = cred.secret.partition(":")
+        target = Path(rest) if kind == "file" else None
+        if kind == "systemd" and directory:
+            target = Path(directory) / rest
+        if target is not None:
+            found.extend(_file_mode(target, f"secret file of {name!r}", secret=True))
+    return found
+
+
+def _file_mode(path: Path, what: str, *, secret: bool) -> list[FileMode]:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return []  # a missing file is reported where it is read, with its own message
+    problem = None
+    if secret and mode & 0o077:
+        problem = (
+            f"{what} {path} has mode {mode:04o}: group or others can read the secret; "
+            f"run `chmod 600 {path}` (Kubernetes: defaultMode: 0400)"
+        )
+    elif not secret and mode & 0o022:
+        problem = (
+            f"{what} {path} has mode {mode:04o}: group or others can change where the "
+            f"secret is sent; run `chmod go-w {path}`"
+        )
+    return [FileMode(path, what, mode, problem)]
 
 
 async def resolve(ref: str, name: str) -> tuple[str, ...]:

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import stat
-import sys
 import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -35,17 +34,30 @@ log = logging.getLogger("broker.server")
 T = TypeVar("T")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Plain lines on stderr: journald and container runtimes add their own timestamps."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # uvicorn's per-request and lifecycle chatter is not ours to print at INFO.
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+def harden() -> None:
+    """No core dumps: a dump of this process would hold every secret and live token.
+
+    RLIMIT_CORE 0 (soft and hard, so nothing in the process can raise it again)
+    and not dumpable (PR_SET_DUMPABLE 0: no core even via a pipe handler such as
+    systemd-coredump, and other processes of the same user may not ptrace it
+    or read its memory through /proc). Under the systemd unit ``LimitCORE=0``
+    already holds and setrlimit is filtered, so an unchanged limit is not
+    touched.
+    """
+    import ctypes
+    import resource
+
+    try:
+        if resource.getrlimit(resource.RLIMIT_CORE) != (0, 0):
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot turn core dumps off (RLIMIT_CORE): %s", exc)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("cannot mark the process not dumpable: %s", os.strerror(ctypes.get_errno()))
+
+
+PR_SET_DUMPABLE = 4
 
 
 def open_listeners(server: ServerSettings) -> list[socket.socket]:
@@ -157,9 +169,13 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def uvicorn_config(app: object) -> uvicorn.Config:
+def uvicorn_config(app: object, server: ServerSettings | None = None) -> uvicorn.Config:
+    from broker.protocol import protocol_class
+
+    header_timeout = server.header_timeout if server else ServerSettings.header_timeout
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
+        http=protocol_class(header_timeout),  # peer credentials, header deadline and size
         proxy_headers=False,  # never rewrite the peer from X-Forwarded-For (DESIGN §7)
         server_header=False,
         date_header=False,
@@ -229,7 +245,7 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     and STOPPING=1 at shutdown.
     """
     app, manager = build(settings)
-    server = Server(uvicorn_config(app))
+    server = Server(uvicorn_config(app, settings.server))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _request_exit, server, sig)

@@ -44,11 +44,12 @@ def watchdog_interval() -> float | None:
         return None
 
 
-def listen_sockets() -> list[socket.socket]:
+def listen_sockets(*, allow_remote: bool = False) -> list[socket.socket]:
     """The sockets passed by socket activation, or [] when there are none.
 
-    Each must be a listening stream socket on loopback or a unix socket: the
-    guards of DESIGN §7 hold for passed sockets exactly as for our own.
+    Each must be a listening stream socket on loopback or a unix socket (any
+    address with the config's ``allow_remote``): the guards of DESIGN §7 hold
+    for passed sockets exactly as for our own.
     """
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
@@ -63,7 +64,7 @@ def listen_sockets() -> list[socket.socket]:
         sock = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
         label = names[i] if i < len(names) and names[i] else f"fd {fd}"
-        _check_passed(sock, label)
+        _check_passed(sock, label, allow_remote)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sockets.append(sock)
@@ -72,7 +73,7 @@ def listen_sockets() -> list[socket.socket]:
     return sockets
 
 
-def _check_passed(sock: socket.socket, label: str) -> None:
+def _check_passed(sock: socket.socket, label: str, allow_remote: bool) -> None:
     from broker.guards import is_loopback
 
     if sock.type != socket.SOCK_STREAM:
@@ -80,7 +81,9 @@ def _check_passed(sock: socket.socket, label: str) -> None:
     if sock.family == socket.AF_UNIX:
         return
     host = sock.getsockname()[0]
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not is_loopback(host):
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ConfigError(f"socket activation: {label} is not a TCP or unix socket")
+    if not allow_remote and not is_loopback(host):
         raise ConfigError(
             f"socket activation: {label} listens on {host}: loopback is required "
             "(ListenStream=127.0.0.1:PORT, [::1]:PORT or a unix socket)"

@@ -75,12 +75,14 @@ def _accepts(path: str) -> bool:
 class BrokerProcess:
     """``python -m broker serve --config PATH`` with stderr captured to a file."""
 
-    def __init__(self, config: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
         self.log_path = config.with_suffix(".log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+            [sys.executable, "-m", "broker", "serve", "--config", str(config), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -65,3 +65,26 @@ def test_unix_socket_skips_host_and_peer_but_not_the_rest():
 def test_open_routes_need_no_header_but_keep_other_guards():
     assert guards.check(scope([(b"host", b"localhost")]), None) is None
     assert guards.check(scope([(b"host", b"evil")]), None).rule == "host"
+
+
+def test_remote_peers_pass_only_with_allow_remote_and_keep_the_host_rule():
+    remote = scope(
+        [(b"host", b"10.0.0.5:8765"), (H, b"1")],
+        client=("10.0.0.9", 4000),
+        server=("10.0.0.5", 8765),
+    )
+    assert guards.check(remote, H).rule == "peer"
+    assert guards.check(remote, H, remote=True) is None
+    # DNS rebinding stays blocked: a name is not the literal address the request came to.
+    rebound = scope(
+        [(b"host", b"evil.example:8765"), (H, b"1")],
+        client=("10.0.0.9", 4000),
+        server=("10.0.0.5", 8765),
+    )
+    assert guards.check(rebound, H, remote=True).rule == "host"
+    browser = scope(
+        [(b"host", b"10.0.0.5"), (H, b"1"), (b"origin", b"http://x")],
+        client=("10.0.0.9", 4000),
+        server=("10.0.0.5", 8765),
+    )
+    assert guards.check(browser, H, remote=True).rule == "browser"

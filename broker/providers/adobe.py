@@ -18,7 +18,7 @@ def request(cred: CredentialSettings, secret: str) -> Fetch:
     }
     if cred.scopes:
         form["scope"] = ",".join(cred.scopes)
-    return Fetch(url=f"{cred.ims_url}/ims/token/v3", form=form)
+    return Fetch(url=f"{cred.ims_url}/ims/token/v3", form=form, secret=secret)
 
 
 def api_headers(cred: CredentialSettings, access_token: str) -> dict[str, str]:

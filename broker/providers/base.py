@@ -22,6 +22,7 @@ class Fetch:
     url: str
     form: dict[str, str] = field(repr=False)
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    secret: str = field(default="", repr=False)  # to cut out of an issuer's error text
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ async def fetch_token(client: httpx.AsyncClient, fetch: Fetch, *, now: float) ->
         raise IssuerError(
             "connection_error", f"cannot reach {_origin(fetch.url)}: {type(exc).__name__}"
         ) from None
-    return parse_response(response, now=now)
+    try:
+        return parse_response(response, now=now)
+    except IssuerError as exc:
+        raise exc.scrubbed(fetch.secret) from None
 
 
 def parse_response(response: httpx.Response, *, now: float) -> Issued:
@@ -58,7 +62,7 @@ def parse_response(response: httpx.Response, *, now: float) -> Issued:
         retry_after = parse_retry_after(response.headers.get("retry-after"), now)
         if body is not None and isinstance(body.get("error"), str):
             raise IssuerError(
-                body["error"],
+                _text(body["error"], 100),
                 _text(body.get("error_description")),
                 status=status,
                 debug_id=debug_id,
@@ -131,8 +135,8 @@ def _json_object(response: httpx.Response) -> dict[str, object] | None:
     return body if isinstance(body, dict) else None
 
 
-def _text(value: object) -> str:
-    return value[:500] if isinstance(value, str) else ""
+def _text(value: object, limit: int = 500) -> str:
+    return value[:limit] if isinstance(value, str) else ""
 
 
 def _content_type(response: httpx.Response) -> str:

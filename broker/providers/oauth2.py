@@ -20,7 +20,7 @@ def request(cred: CredentialSettings, secret: str) -> Fetch:
         form["client_secret"] = secret
     else:
         headers["Authorization"] = basic_auth(cred.client_id, secret)
-    return Fetch(url=str(cred.token_url), form=form, headers=headers)
+    return Fetch(url=str(cred.token_url), form=form, headers=headers, secret=secret)
 
 
 def basic_auth(client_id: str, secret: str) -> str:

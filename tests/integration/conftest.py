@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,13 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         wait: bool = True,
         env: dict[str, str] | None = None,
         issuer_url: str | None = None,
+        args: tuple[str, ...] = (),
+        listen: tuple[str, ...] = (),
     ) -> Running:
         secret = new_secret()
         secret_file = tmp_path / f"secret-{len(started)}"
         secret_file.write_text(secret + "\n")
+        secret_file.chmod(0o600)
         if register:
             issuer.issuer.add_client("broker-client", secret)
         port = free_port()
@@ -57,7 +61,7 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
             tmp_path / f"config-{len(started)}.toml",
             f"""
 [server]
-listen = ["127.0.0.1:{port}"]
+listen = {json.dumps([f"127.0.0.1:{port}", *listen])}
 {server}
 
 [refresh]
@@ -74,7 +78,7 @@ secret = "file:{secret_file}"
 {extra}
 """,
         )
-        proc = BrokerProcess(config, env=env)
+        proc = BrokerProcess(config, env=env, args=args)
         running = Running(proc, f"http://127.0.0.1:{port}", port, secret)
         started.append(running)
         if wait:

@@ -439,7 +439,8 @@ secret = "file:{secret_file}"
     )
     assert main(["doctor", "--config", str(cfg)]) == 1
     out = capsys.readouterr().out
-    assert f"FAIL  secret file of 'viafile' {secret_file} has mode 0644: run `chmod 600" in out
+    assert f"FAIL  secret file of 'viafile' {secret_file} has mode 0644: group or others" in out
+    assert f"run `chmod 600 {secret_file}`" in out
     assert "  ok  keyring backend keyring.backends.SecretService.Keyring works" in out
     assert "  ok  listen 127.0.0.1:" in out and "is loopback-only" in out
     assert "  ok  issuer of 'viafile' reachable and the credential accepted" in out

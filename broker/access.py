@@ -1,0 +1,149 @@
+"""Who may read which token: client keys and unix-socket peer credentials.
+
+Layered on the guards of :mod:`broker.guards` (which decide whether a request
+is a plausible local tool at all), this decides *which* credentials it may
+read:
+
+* **Client keys.** When any ``[clients.NAME]`` exists, every token and status
+  route needs ``Authorization: Bearer KEY``. The config holds only the
+  SHA-256 of each key; the key is 256 random bits, so a fast hash is enough
+  (nothing to brute-force) and the hot path stays cheap. The presented key's
+  digest is compared with every client's digest with
+  :func:`hmac.compare_digest`, so the time taken does not depend on which
+  client (if any) matched or how many leading bytes agreed.
+* **Peer credentials.** A credential with ``allow_uids`` / ``allow_gids`` is
+  served only on a unix socket, to a peer whose uid (or one of whose groups)
+  is listed, as the kernel reports them (``SO_PEERCRED``/``SO_PEERGROUPS``,
+  captured when the connection is accepted, see :mod:`broker.protocol`).
+  Over TCP the peer's user cannot be known, so such a credential is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.config import ClientSettings, CredentialSettings, Settings
+from broker.errors import AccessDenied
+
+KEY_PREFIX = "tbk_"
+#: Where the protocol puts the peer and the app the authenticated client (ASGI extensions).
+PEER = "token_broker.peer"
+CLIENT = "token_broker.client"
+
+
+def new_key() -> str:
+    """A fresh client key: a recognisable prefix and 256 random bits."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_digest(key: str | bytes) -> bytes:
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a unix socket, as the kernel saw it at connect."""
+
+    pid: int
+    uid: int
+    gids: frozenset[int]
+
+
+class Access:
+    """The access rules of one configuration."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.clients: tuple[ClientSettings, ...] = tuple(settings.clients.values())
+        self.credentials = settings.credentials
+        #: No client keys and no peer restrictions: every guarded request may read anything.
+        self.open = not self.clients and not any(
+            c.peer_restricted for c in settings.credentials.values()
+        )
+
+    def authenticate(self, scope: Mapping[str, Any]) -> ClientSettings | None:
+        """The client whose key the request carries (None when no clients are configured)."""
+        if not self.clients:
+            return None
+        presented: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                presented = value
+        if presented is None:
+            raise AccessDenied(401, "a client key is required: Authorization: Bearer KEY", "no_key")
+        scheme, _, key = presented.strip().partition(b" ")
+        key = key.strip()
+        if scheme.lower() != b"bearer" or not key:
+            raise AccessDenied(401, "expected Authorization: Bearer KEY", "no_key")
+        digest = key_digest(key)
+        found: ClientSettings | None = None
+        for client in self.clients:  # all of them: no early exit that timing could reveal
+            if hmac.compare_digest(digest, client.key_sha256):
+                found = client
+        if found is None:
+            raise AccessDenied(401, "the client key is not valid", "bad_key")
+        return found
+
+    def check(self, scope: Mapping[str, Any], name: str | None) -> None:
+        """Raise AccessDenied unless this request may read credential ``name``.
+
+        A name the client may not read is refused before its existence is
+        checked, so a client cannot probe which names exist.
+        """
+        if name is None:
+            return  # no default credential: the caller answers 404
+        ext = scope.get("extensions") or {}
+        client: ClientSettings | None = ext.get(CLIENT)
+        if client is not None and client.credentials is not None and name not in client.credentials:
+            raise AccessDenied(403, f"client {client.name!r} may not read {name!r}", "client")
+        cred = self.credentials.get(name)
+        if cred is None or not cred.peer_restricted:
+            return
+        peer: Peer | None = ext.get(PEER)
+        if peer is None:
+            raise AccessDenied(
+                403,
+                f"{name!r} is served only on a unix socket to the users in its "
+                "allow_uids / allow_gids",
+                "peer_unknown",
+            )
+        if not _peer_allowed(peer, cred):
+            raise AccessDenied(
+                403, f"uid {peer.uid} may not read {name!r} (allow_uids / allow_gids)", "peer"
+            )
+
+    def may_read(self, scope: Mapping[str, Any], name: str) -> bool:
+        try:
+            self.check(scope, name)
+        except AccessDenied:
+            return False
+        return True
+
+    def check_admin(self, scope: Mapping[str, Any]) -> None:
+        """Reloading is for a client that may read every credential ("*")."""
+        client: ClientSettings | None = (scope.get("extensions") or {}).get(CLIENT)
+        if client is not None and client.credentials is not None:
+            raise AccessDenied(
+                403, f'client {client.name!r} may not reload: needs credentials = ["*"]', "client"
+            )
+
+
+def _peer_allowed(peer: Peer, cred: CredentialSettings) -> bool:
+    if cred.allow_uids is not None and peer.uid in cred.allow_uids:
+        return True
+    return cred.allow_gids is not None and not cred.allow_gids.isdisjoint(peer.gids)
+
+
+_cache: tuple[Settings, Access] | None = None
+
+
+def for_settings(settings: Settings) -> Access:
+    """The :class:`Access` of ``settings``, built once per (re)loaded configuration."""
+    global _cache
+    if _cache is None or _cache[0] is not settings:
+        _cache = (settings, Access(settings))
+    return _cache[1]

@@ -1,0 +1,230 @@
+"""Who may read which token, against the broker as a process (issue: security in depth).
+
+Client keys on TCP, peer credentials on a unix socket (with a second local
+user, ``nobody``, when the machine has one and curl to speak for it), and
+the ``client`` commands end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker.access import key_digest, new_key
+from broker.cli import main
+
+H = {"X-Token-Broker": "1"}
+
+
+def clients_toml(**clients: tuple[str, list[str]]) -> str:
+    """[clients.NAME] tables for (key, credentials) pairs."""
+    out = []
+    for name, (key, creds) in clients.items():
+        out.append(
+            f'[clients.{name}]\nkey_sha256 = "{key_digest(key).hex()}"\n'
+            f"credentials = {json.dumps(creds)}\n"
+        )
+    return "\n".join(out)
+
+
+OTHER = """
+[credentials.other]
+provider = "oauth2"
+client_id = "broker-client"
+token_url = "{url}/oauth2/token"
+secret = "env:OTHER_SECRET"
+"""
+
+
+def test_client_keys_decide_which_token_a_request_may_read(start_broker, issuer):
+    main_key, other_key, admin_key = new_key(), new_key(), new_key()
+    extra = OTHER.format(url=issuer.url) + clients_toml(
+        reader=(main_key, ["main"]), otherreader=(other_key, ["other"]), admin=(admin_key, ["*"])
+    )
+    issuer.issuer.add_client("broker-client", "other-secret-value")
+    broker = start_broker(
+        extra=extra, server='default = "main"', env={"OTHER_SECRET": "other-secret-value"}
+    )
+
+    def get(path: str, key: str | None = None, **headers: str) -> httpx.Response:
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(broker.url + path, headers={**H, **auth, **headers})
+
+    # No key, a malformed header, a wrong key: 401 with a Bearer challenge.
+    for response in (
+        get("/token"),
+        get("/token/main", **{"Authorization": "Basic abc"}),
+        get("/token/main", new_key()),
+        get("/v1/credentials"),
+    ):
+        assert response.status_code == 401, response.text
+        assert response.json()["error"] == "unauthorized"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert "token" not in response.text.lower() or "access_token" not in response.text
+    # The header guard still comes first: a key without X-Token-Broker is 403.
+    no_header = httpx.get(broker.url + "/token", headers={"Authorization": f"Bearer {main_key}"})
+    assert no_header.status_code == 403
+    # The right key reads its own credential, and nothing else (existing or not: no probing).
+    assert get("/token", main_key).status_code == 200
+    assert get("/token/main", main_key).text == get("/token", admin_key).text
+    for path in ("/token/other", "/token/nonexistent", "/v1/credentials/other/token"):
+        refused = get(path, main_key)
+        assert refused.status_code == 403, (path, refused.text)
+        assert refused.json()["error"] == "forbidden"
+    assert get("/token/other", other_key).status_code == 200
+    assert get("/token/main", other_key).status_code == 403
+    assert get("/token/nonexistent", admin_key).status_code == 404
+    # Status routes show only what the client may read; reload needs "*".
+    assert [c["name"] for c in get("/v1/credentials", main_key).json()] == ["main"]
+    assert {c["name"] for c in get("/v1/credentials", admin_key).json()} == {"main", "other"}
+    auth = {**H, "Authorization": f"Bearer {main_key}"}
+    assert httpx.post(broker.url + "/v1/reload", headers=auth).status_code == 403
+    auth["Authorization"] = f"Bearer {admin_key}"
+    assert httpx.post(broker.url + "/v1/reload", headers=auth).status_code == 200
+    # Probes and metrics stay open (they reveal no token), and count the refusals.
+    metrics = httpx.get(broker.url + "/metrics").text
+    assert 'token_broker_rejected_requests_total{reason="bad_key"} 1' in metrics
+    assert 'token_broker_rejected_requests_total{reason="client"}' in metrics
+    broker.proc.stop()
+    out = broker.proc.output()
+    for key in (main_key, other_key, admin_key):
+        assert key not in out
+
+
+def test_client_add_prints_a_key_once_and_the_daemon_uses_it(start_broker, capsys):
+    broker = start_broker()
+    cfg = broker.proc.config
+    # The first client: the daemon has no clients yet, so the reload needs no key.
+    assert main(["client", "add", "ci", "--credentials", "main", "--config", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    key = out.strip()
+    assert key.startswith("tbk_") and len(key) > 40
+    assert "the running daemon reloaded" in err
+    text = cfg.read_text()
+    assert key not in text and key_digest(key).hex() in text
+    assert httpx.get(broker.url + "/token", headers=H).status_code == 401
+    token = httpx.get(broker.url + "/token", headers={**H, "Authorization": f"Bearer {key}"})
+    assert token.status_code == 200
+    # The CLI asks the daemon with the key from the environment or a file, never argv.
+    os.environ["TOKEN_BROKER_CLIENT_KEY"] = key
+    try:
+        assert main(["token", "--config", str(cfg)]) == 0
+        assert capsys.readouterr().out.strip() == token.text
+    finally:
+        del os.environ["TOKEN_BROKER_CLIENT_KEY"]
+    assert main(["token", "--config", str(cfg)]) == 1
+    assert "client key is required" in capsys.readouterr().err
+    key_file = cfg.with_name("key")
+    key_file.write_text(key + "\n")
+    assert main(["token", "--config", str(cfg), "--key-file", str(key_file)]) == 0
+    capsys.readouterr()
+    # A second client needs an admin key for the daemon to reload: it says so.
+    assert main(["client", "add", "ci", "--credentials", "main", "--config", str(cfg)]) == 1
+    assert "exists already" in capsys.readouterr().err
+    rc = main(["client", "add", "ci", "--replace", "--credentials", "main", "--config", str(cfg)])
+    assert rc == 0
+    new, err = capsys.readouterr()
+    assert "refused to reload" in err and "client key" in err
+    os.kill(broker.proc.proc.pid, 1)  # SIGHUP: the operator's way
+    wait_for(lambda: token_status(broker.url, key) == 401)
+    assert token_status(broker.url, new.strip()) == 200
+    assert main(["client", "list", "--json", "--config", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"clients": {"ci": ["main"]}}
+    assert main(["client", "remove", "ci", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    os.kill(broker.proc.proc.pid, 1)
+    wait_for(lambda: token_status(broker.url, None) == 200)
+    broker.proc.stop()
+    assert key not in broker.proc.output() and new.strip() not in broker.proc.output()
+
+
+def token_status(url: str, key: str | None) -> int:
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(url + "/token", headers={**H, **auth}).status_code
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+# -- peer credentials on the unix socket ----------------------------------------------
+
+
+def _nobody() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """A directory other users may enter (pytest's tmp dirs are 0700)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="tb-peer-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def curl_as(user: pwd.struct_passwd | None, sock: Path, path: str) -> tuple[int, str]:
+    """GET ``path`` over the unix socket as ``user`` (None: as ourselves), with curl."""
+    command = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket", str(sock),
+               "-H", "X-Token-Broker: 1", f"http://localhost{path}"]  # fmt: skip
+    kwargs = {}
+    if user is not None:
+        kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, **kwargs
+    )
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status), body
+
+
+def test_allow_uids_and_gids_are_checked_with_so_peercred(start_broker, issuer, shared_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as a second local user")
+    nobody = _nobody()
+    if nobody is None or shutil.which("curl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must have the user nobody and curl (see .ci/run)")
+        pytest.skip("no user 'nobody' or no curl on this machine")
+    sock = shared_dir / "broker.sock"
+    extra = OTHER.format(url=issuer.url) + f"allow_gids = [{nobody.pw_gid}]\n"
+    issuer.issuer.add_client("broker-client", "other-secret-value")
+    broker = start_broker(
+        credential="allow_uids = [0]",
+        listen=(f"unix:{sock}",),
+        server='socket_mode = "0666"',
+        extra=extra,
+        env={"OTHER_SECRET": "other-secret-value"},
+        wait=False,
+    )
+    broker.proc.wait_healthy("http://localhost", uds=str(sock))
+    # root (uid 0) is in main's allow_uids; nobody is not, but is in other's allow_gids.
+    status, root_token = curl_as(None, sock, "/token/main")
+    assert status == 200 and len(root_token) > 20
+    status, body = curl_as(nobody, sock, "/token/main")
+    assert status == 403, body
+    assert f"uid {nobody.pw_uid} may not read 'main'" in body
+    assert root_token not in body
+    status, body = curl_as(nobody, sock, "/v1/credentials")
+    assert status == 200 and [c["name"] for c in json.loads(body)] == ["other"]
+    assert curl_as(nobody, sock, "/token/other")[0] == 200
+    assert curl_as(None, sock, "/token/other")[0] == 403  # root is not in other's groups
+    # Over TCP nobody's user cannot be known: a restricted credential is not served there.
+    tcp = httpx.get(f"{broker.url}/token/main", headers=H)
+    assert tcp.status_code == 403 and "only on a unix socket" in tcp.json()["detail"]
