@@ -295,3 +295,24 @@ def test_group_readable_secret_files_and_writable_configs_are_warned_about(start
     assert f"config file {broker.proc.config} has mode 0666" in out
     assert f"run `chmod go-w {broker.proc.config}`" in out
     assert broker.secret not in out
+
+
+def test_every_metric_the_readme_lists_is_exposed(start_broker):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("### Metrics", 1)[1].split("Two alert rules", 1)[0]
+    listed = re.findall(r"^\| `(token_broker_\w+)` \| (\w+) \|", table, re.M)
+    assert len(listed) == 8
+    broker = start_broker()
+    httpx.get(broker.url + "/token", headers=H)
+    httpx.get(broker.url + "/token/nope", headers=H)
+    httpx.get(broker.url + "/token")  # refused: no header
+    text = httpx.get(broker.url + "/metrics").text
+    for name, kind in listed:
+        assert f"# TYPE {name} {kind}" in text, name
+        assert re.search(rf"^{name}(_bucket|_sum|_count)?[{{ ]", text, re.M), name
+    # The alert rules use only listed metrics.
+    rules = readme.split("Two alert rules", 1)[1].split("```", 2)[1]
+    used = set(re.findall(r"token_broker_\w+", rules))
+    assert used and used <= {name for name, _ in listed}

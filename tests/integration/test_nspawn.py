@@ -11,6 +11,7 @@ machine, seconds afterwards); needs root, debootstrap and systemd-container.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,6 +70,10 @@ systemctl show token-broker.socket -p ActiveState > $out/socket
 systemctl reload token-broker.service; echo "reload=$?" >> $out/service
 systemctl show token-broker.service -p ActiveState,SubState >> $out/service
 stat -c '%a %U %G' /run/token-broker/broker.sock > $out/unix 2>&1
+# Not dumpable: the kernel then gives the process's /proc files to root, not to its own user.
+pid=$(systemctl show -p MainPID --value token-broker.service)
+echo "user=$(ps -o user= -p $pid) proc_owner=$(stat -c %U /proc/$pid/status)" > $out/dump
+grep '^Max core file size' /proc/$pid/limits >> $out/dump
 journalctl -u token-broker.service --no-pager -o cat > $out/journal 2>&1
 systemctl poweroff
 """
@@ -169,6 +174,15 @@ def test_socket_activation_serves_a_token(booted: Path):
     assert "listening on 127.0.0.1:8765" in journal
     assert "listening on unix:/run/token-broker/broker.sock" in journal
     assert (booted / "unix").read_text().split()[0] == "660"
+
+
+def test_the_service_cannot_dump_core(booted: Path):
+    dump = (booted / "dump").read_text()
+    user = dump.split("user=")[1].split()[0]
+    assert user not in ("", "root"), dump  # DynamicUser
+    assert "proc_owner=root" in dump, dump  # PR_SET_DUMPABLE 0
+    assert re.search(r"Max core file size\s+0\s+0", dump), dump
+    assert "cannot" not in (booted / "journal").read_text()
 
 
 def test_secret_came_from_the_encrypted_credential_and_stays_out_of_the_journal(booted: Path):
