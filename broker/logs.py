@@ -36,11 +36,15 @@ FIELDS = ("event", "credential", "status", "error", "x_debug_id", "expires_at", 
 
 
 class Redactor:
-    """The values that must never be written, by owner (e.g. ``token:adobe``)."""
+    """The values that must never be written, by owner (e.g. ``token:adobe``).
+
+    Setting is O(1), so a refresh of one of a thousand credentials costs
+    nothing; scrubbing a line tests each value with ``in`` (lines are rare:
+    a few per refresh).
+    """
 
     def __init__(self) -> None:
         self._by_owner: dict[str, tuple[str, ...]] = {}
-        self._values: tuple[str, ...] = ()
 
     def set(self, owner: str, values: tuple[str, ...] | list[str]) -> None:
         kept = tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH)
@@ -48,21 +52,15 @@ class Redactor:
             self._by_owner[owner] = kept
         else:
             self._by_owner.pop(owner, None)
-        self._rebuild()
 
     def drop(self, owner: str) -> None:
-        if self._by_owner.pop(owner, None) is not None:
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        values = {v for vs in self._by_owner.values() for v in vs}
-        self._values = tuple(sorted(values, key=len, reverse=True))
+        self._by_owner.pop(owner, None)
 
     def __call__(self, text: str) -> str:
-        for value in self._values:
-            if value in text:
-                text = text.replace(value, REDACTED)
+        found = [v for values in self._by_owner.values() for v in values if v in text]
+        # Longest first, so a secret that contains another is replaced whole.
+        for value in sorted(found, key=len, reverse=True):
+            text = text.replace(value, REDACTED)
         return _SHAPES.sub(_shape, text)
 
 

@@ -9,8 +9,9 @@ Three additions, all per connection and off the per-request hot path:
 * **A header deadline.** uvicorn has no timeout for a request that arrives
   slowly (slow-loris): a client that sends one header byte every few seconds
   would hold its connection forever. Each request's headers must be complete
-  within ``header_timeout`` of the connection opening or of the request's
-  first byte; otherwise the connection is answered 408 and closed.
+  within ``header_timeout`` of the connection opening (first request) or of
+  the first chunk of the request (later ones on a keep-alive connection);
+  otherwise the connection is answered 408 and closed.
 * **A header size limit.** httptools accepts headers of any size; requests
   whose headers exceed :data:`MAX_HEADER_BYTES` get 431 and are closed.
 """
@@ -78,6 +79,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._refuse(431, b"request headers too large")
                 return
         super().data_received(data)
+        # A request whose headers did not all arrive in this chunk gets a deadline. Most
+        # requests arrive whole, so the keep-alive hot path never creates a timer.
+        if self._in_headers and self._deadline is None and not self.transport.is_closing():
+            self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -86,7 +91,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self._in_headers:  # the next request on a keep-alive connection
             self._in_headers = True
             self._header_bytes = 0
-            self._arm()
 
     def on_headers_complete(self) -> None:
         self._in_headers = False

@@ -133,6 +133,12 @@ def test_slow_loris_connections_are_cut_and_do_not_block_others(start_broker):
         sock.sendall(b"GET /token HTTP/1.1\r\nHost: local")
         slow.append(sock)
     idle = [socket.create_connection(("127.0.0.1", broker.port)) for _ in range(50)]
+    # A keep-alive connection: one whole request, then a second that never ends.
+    kept = socket.create_connection(("127.0.0.1", broker.port))
+    kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status_of(kept.recv(65536)) == 200
+    kept.sendall(b"GET /token HTTP/1.1\r\nHost: loc")
+    slow.append(kept)
     started = time.monotonic()
     still_serving(broker)  # others are served while the slow ones dribble
     assert time.monotonic() - started < 1.0
