@@ -335,28 +335,44 @@ def idle(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) 
 
 
 def many(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
-    results = {}
-    for count in (1, 1000):
-        issuer = start_issuer()
-        port = free_port()
-        names = [f"cred{i:04d}" for i in range(count)]
-        config = write_config(tmp, issuer, port, names, "bench-secret-6")
-        broker, _ = start_broker(config, port)
-        try:
+    """1 vs 1,000 credentials: both brokers up at once, runs interleaved in pairs.
+
+    Back-to-back blocks (three runs of one, then three of the other) swing by
+    ±30 % here as the shared machine's load drifts; pairs see the same drift.
+    """
+    started = {}
+    try:
+        for count in (1, 1000):
+            issuer = start_issuer()
+            port = free_port()
+            names = [f"cred{i:04d}" for i in range(count)]
+            config = write_config(tmp, issuer, port, names, "bench-secret-6")
+            broker, _ = start_broker(config, port)
+            started[count] = (issuer, broker, port, f"/token/{names[len(names) // 2]}")
+        for _, _, port, target in started.values():
             wait_ready(port)
-            target = f"/token/{names[len(names) // 2]}"
             wrk(port, target, 50, 2)
-            runs = [wrk(port, target, 50, args.duration)["rps"] for _ in range(args.pairs)]
-            results[count] = (statistics.median(runs), rss_mb(broker.pid), issuer.issuer.calls)
-        finally:
+        pairs = []
+        for _ in range(args.pairs):
+            one, k = (wrk(port, target, 50, args.duration)["rps"]
+                      for _, _, port, target in started.values())  # fmt: skip
+            pairs.append((one, k))
+            print(f"  pair: 1 credential {one:8.0f} req/s  1,000 {k:8.0f} req/s  "
+                  f"ratio {k / one:.2f}", flush=True)  # fmt: skip
+        one_rss, k_rss = (rss_mb(broker.pid) for _, broker, _, _ in started.values())
+        k_calls = started[1000][0].issuer.calls
+    finally:
+        for issuer, broker, _, _ in started.values():
             stop(broker)
             issuer.stop()
-    (one_rps, one_rss, _), (k_rps, k_rss, k_calls) = results[1], results[1000]
+    ratio = statistics.median(k / one for one, k in pairs)
+    one_rps = statistics.median(one for one, _ in pairs)
+    k_rps = statistics.median(k for _, k in pairs)
     rows += [
         ("1,000 credentials: RSS", f"{k_rss:.1f} MB (1 credential: {one_rss:.1f})", "<= 100 MB"),
         ("1,000 credentials: /token/NAME req/s", f"{k_rps:.0f} (1 credential: {one_rps:.0f})",
          "within 10%"),
-        ("1,000 credentials: /token/NAME vs 1", f"{k_rps / one_rps:.2f}x", ">= 0.90x"),
+        ("1,000 credentials: /token/NAME vs 1 (median of pairs)", f"{ratio:.2f}x", ">= 0.90x"),
         ("1,000 credentials: issuer calls at start", f"{k_calls}", "1000"),
     ]  # fmt: skip
 
