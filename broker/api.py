@@ -108,6 +108,9 @@ class BrokerApp:
         self._header = _header_name(settings)
         self._remote = settings.server.allow_remote
         self._access = access.for_settings(settings)
+        # Plain booleans for the hot path: with no client keys and no peer rules, skip both.
+        self._keys = bool(self._access.clients)
+        self._open = self._access.open
         self._access_log = settings.server.access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,7 +129,7 @@ class BrokerApp:
             body = _dump({"error": rejection.error, "detail": rejection.detail})
             await _send(send, rejection.status, body, _JSON, [])
             return
-        if guarded and self._access.clients:
+        if guarded and self._keys:
             try:
                 client = self._access.authenticate(scope)
             except AccessDenied as exc:
@@ -141,7 +144,7 @@ class BrokerApp:
     async def _token(self, scope: Scope, path: str, send: Send) -> None:
         manager = self.manager
         name = manager.default if path == "/token" else path[7:]
-        if not self._access.open:
+        if not self._open:
             try:
                 self._access.check(scope, name)
             except AccessDenied as exc:

@@ -94,7 +94,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
-        self._disarm()
+        if self._deadline is not None:  # inline: this runs on every request
+            self._deadline.cancel()
+            self._deadline = None
         super().on_headers_complete()
 
     def _arm(self) -> None:
