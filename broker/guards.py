@@ -69,8 +69,9 @@ def check(
                 return _BROWSER
         elif name == b"x-forwarded-for" or name == b"forwarded":
             return _PROXIED
-    if not unix and not host_allowed(host, server[1] if server else None):
-        if not (remote and server and _is_own_address(host, server[0], server[1])):
+    if not unix:
+        own = server[0] if remote and server else None
+        if not host_allowed(host, server[1] if server else None, own):
             return _HOST
     if not seen_header:
         assert header is not None
@@ -78,7 +79,9 @@ def check(
     return None
 
 
-def host_allowed(host: bytes | None, port: int | None) -> bool:
+def host_allowed(host: bytes | None, port: int | None, own: str | None = None) -> bool:
+    """``host`` names loopback (or ``own``, the literal address the request arrived
+    on, in remote mode), with no port or the listen port."""
     if not host:
         return False
     host = host.lower()
@@ -91,17 +94,14 @@ def host_allowed(host: bytes | None, port: int | None) -> bool:
     else:
         name, sep, port_text = host.partition(b":")
         port_text = port_text if sep else None
-    if name not in _LOOPBACK_NAMES:
+    if name not in _LOOPBACK_NAMES and (own is None or name != _literal(own)):
         return False
     return port_text is None or (port is not None and port_text == str(port).encode())
 
 
-def _is_own_address(host: bytes | None, address: str, port: int) -> bool:
-    """``Host`` names the literal address the request arrived on (remote mode)."""
-    if not host:
-        return False
-    own = f"[{address}]" if ":" in address else address
-    return host.lower() in (own.encode(), f"{own}:{port}".encode())
+def _literal(address: str) -> bytes:
+    """An IP address as it appears in a Host header (IPv6 in brackets)."""
+    return (f"[{address}]" if ":" in address else address).encode()
 
 
 def is_loopback(address: str) -> bool:
