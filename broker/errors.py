@@ -57,6 +57,8 @@ class ErrorInfo:
 #: Values shorter than this are not cut out of text: they would mangle ordinary words, and
 #: real secrets and tokens are far longer.
 MIN_SECRET_LENGTH = 6
+#: What a cut-out secret or token is replaced with, in error texts and log lines alike.
+REDACTED = "[redacted]"
 
 #: Issuer error codes that retrying cannot fix: the config or secret must change.
 PERMANENT_ERRORS = frozenset({"invalid_client", "unauthorized_client", "invalid_scope"})
@@ -93,8 +95,8 @@ class IssuerError(BrokerError):
         ):
             return self
         return IssuerError(
-            self.error.replace(secret, "[redacted]"),
-            self.description.replace(secret, "[redacted]"),
+            self.error.replace(secret, REDACTED),
+            self.description.replace(secret, REDACTED),
             status=self.status,
             debug_id=self.debug_id,
             retry_after=self.retry_after,

@@ -23,9 +23,8 @@ import sys
 import time
 from typing import Any
 
-from broker.errors import MIN_SECRET_LENGTH
+from broker.errors import MIN_SECRET_LENGTH, REDACTED
 
-REDACTED = "[redacted]"
 _SHAPES = re.compile(
     r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]{8,}"
     r"|((?:access_token|client_secret|refresh_token)[\"']?\s*[:=]\s*[\"']?)[^\"'&\s,;}]{4,}"
