@@ -62,15 +62,22 @@ def file_modes(settings: Settings) -> list[FileMode]:
     found: list[FileMode] = []
     if settings.path is not None:
         found.extend(_file_mode(settings.path, "config file", secret=False))
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
     for name, cred in settings.credentials.items():
-        kind, _, rest = cred.secret.partition(":")
-        target = Path(rest) if kind == "file" else None
-        if kind == "systemd" and directory:
-            target = Path(directory) / rest
-        if target is not None:
+        if (target := secret_file(cred.secret)) is not None:
             found.extend(_file_mode(target, f"secret file of {name!r}", secret=True))
     return found
+
+
+def secret_file(ref: str) -> Path | None:
+    """The file a ``file:`` or ``systemd:`` reference reads, or None (other kinds, or a
+    ``systemd:`` reference outside systemd, where $CREDENTIALS_DIRECTORY is unset)."""
+    kind, _, rest = ref.partition(":")
+    if kind == "file":
+        return Path(rest)
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if kind == "systemd" and directory:
+        return Path(directory) / rest
+    return None
 
 
 def _file_mode(path: Path, what: str, *, secret: bool) -> list[FileMode]:
@@ -103,16 +110,14 @@ async def resolve(ref: str, name: str) -> tuple[str, ...]:
     if kind == "keyring":
         service, user = keyring_item(ref, name)
         return await _keyring_in_child(service, user, name)
-    if kind == "systemd":
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
+    if kind in ("systemd", "file"):
+        path = secret_file(ref)
+        if path is None:
             raise SecretError(
                 f"credential {name!r}: secret systemd:{rest} needs $CREDENTIALS_DIRECTORY; "
                 "run under systemd with LoadCredential= or LoadCredentialEncrypted="
             )
-        return (_from_file(Path(directory) / rest, name, f"systemd credential {rest!r}"),)
-    if kind == "file":
-        return (_from_file(Path(rest), name, f"file {rest}"),)
+        return (_from_file(path, name, describe(ref, name)),)
     if kind == "env":
         value = os.environ.get(rest)
         if not value:
