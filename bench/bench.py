@@ -28,7 +28,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import IssuerThread  # noqa: E402
+from helpers import IssuerThread, free_port  # noqa: E402
 
 SERVER_CORE = "0"
 LOAD_CORE = "1"
@@ -36,12 +36,6 @@ TOKEN_BYTES = 1500
 
 
 # -- processes ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_issuer(lifetime: float = 3600.0) -> IssuerThread:
