@@ -36,6 +36,11 @@ _PEER = Rejection(403, "forbidden", "only loopback peers are served", "peer")
 _HOST = Rejection(403, "forbidden", "Host must be localhost, 127.0.0.1 or [::1]", "host")
 
 
+def duplicate(name: bytes) -> Rejection:
+    shown = name.decode("latin-1")
+    return Rejection(400, "bad_request", f"duplicate {shown} header", "duplicate")
+
+
 def header_rejection(header: str) -> Rejection:
     return Rejection(403, "forbidden", f"the {header} header is required", "header")
 
@@ -55,26 +60,39 @@ def check(
         client = scope.get("client")
         if client is None or not is_loopback(client[0]):
             return _PEER
+    # RFC 9112 §3.2: more than one Host is a 400. The same for every header a guard or an
+    # access rule reads: with two copies, one could pass the check while the other counts.
     host: bytes | None = None
-    seen_header = header is None
+    presented: bytes | None = None  # the required header's value
+    fetch_site = authorization = False
     for name, value in scope["headers"]:
         if name == b"host":
+            if host is not None:
+                return duplicate(name)
             host = value
         elif name == header:
-            seen_header = bool(value.strip())
-        elif name == b"origin":
-            return _BROWSER
+            if presented is not None:
+                return duplicate(name)
+            presented = value
+        elif name == b"authorization":
+            if authorization:
+                return duplicate(name)
+            authorization = True
         elif name == b"sec-fetch-site":
+            if fetch_site:
+                return duplicate(name)
             if value != b"none":
                 return _BROWSER
+            fetch_site = True
+        elif name == b"origin":
+            return _BROWSER
         elif name == b"x-forwarded-for" or name == b"forwarded":
             return _PROXIED
     if not unix:
         own = server[0] if remote and server else None
         if not host_allowed(host, server[1] if server else None, own):
             return _HOST
-    if not seen_header:
-        assert header is not None
+    if header is not None and (presented is None or not presented.strip()):
         return header_rejection("-".join(w.capitalize() for w in header.decode().split("-")))
     return None
 

@@ -1,20 +1,41 @@
 """uvicorn's httptools protocol, with the limits a credential daemon needs.
 
-Three additions, costing a few attribute tests per request (about 1-2 % of the
-hot path in a profile) and one timer per connection:
+uvicorn parses a request and hands it to the app; what it lets through, the
+guards then judge. These additions make sure the guards judge what the
+request really is, at the cost of a few attribute tests per request and no
+timer for requests that arrive whole:
 
-* **Peer credentials.** On a unix socket the kernel tells who connected
-  (``SO_PEERCRED``: pid, uid, gid; ``SO_PEERGROUPS``: supplementary groups).
-  They are read once, when the connection is accepted, and put in every
-  request's scope for :mod:`broker.access`.
+* **One header section per request.** Fields after the body (chunked
+  trailers) are dropped: uvicorn would append them to the request's header
+  list, where a trailer ``X-Token-Broker`` or ``Host`` would count as a header.
+* **No body where none is read.** The main API reads no request body, so a
+  request that announces one (``Content-Length`` > 0, any
+  ``Transfer-Encoding``) is answered 413 before the app sees it. A listener
+  that takes a small form (``max_body``) gets it bounded.
+* **HTTP/1.0 or 1.1 only.** A request line without a version (HTTP/0.9 style)
+  or with another version is refused.
+* **Absolute-form targets** (``GET http://host/path``): RFC 9112 §3.2.2 says
+  the target's authority replaces ``Host``, so the Host the guards judge is
+  that authority.
+* **A header size limit per request.** What the parser hands over as request
+  line and header fields is counted for every request of a connection
+  (keep-alive and pipelined ones too, whatever empty lines precede them);
+  over :data:`MAX_HEADER_BYTES` is 431. Chunks that arrive while one header
+  section stays open are counted whole, so a header dribbled in pieces is
+  refused before the parser has buffered more than the limit.
 * **A header deadline.** uvicorn has no timeout for a request that arrives
-  slowly (slow-loris): a client that sends one header byte every few seconds
-  would hold its connection forever. Each request's headers must be complete
-  within ``header_timeout`` of the connection opening (first request) or of
-  the first chunk of the request (later ones on a keep-alive connection);
-  otherwise the connection is answered 408 and closed.
-* **A header size limit.** httptools accepts headers of any size; requests
-  whose headers exceed :data:`MAX_HEADER_BYTES` get 431 and are closed.
+  slowly (slow-loris). A connection must complete each request within
+  ``header_timeout`` of its first byte (or of the connection opening);
+  otherwise it is answered 408 and closed. An idle connection that never
+  starts a request is closed.
+* **Peer credentials.** On a unix socket the kernel tells who connected
+  (``SO_PEERCRED``: pid, uid, gid; ``SO_PEERGROUPS``: supplementary groups),
+  read once per connection and put in every request's scope for
+  :mod:`broker.access`.
+
+This subclasses a private uvicorn class; pyproject.toml caps uvicorn at the
+newest version the suite passes with, and tests/test_protocol.py drives this
+class in-process so a change in uvicorn's internals fails loudly.
 """
 
 from __future__ import annotations
@@ -24,6 +45,7 @@ import socket
 import struct
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from broker.access import PEER, Peer
@@ -31,6 +53,11 @@ from broker.access import PEER, Peer
 MAX_HEADER_BYTES = 32 * 1024
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _GROUPS_BUFFER = 1024  # 256 groups; the most uvloop's getsockopt accepts
+#: A header field line costs its name, its value and ": " plus CRLF around them.
+_FIELD_OVERHEAD = 4
+
+# Where a connection is in the request it is reading.
+_IDLE, _HEAD, _BODY = 0, 1, 2
 
 
 def peer_of(sock: Any) -> Peer | None:
@@ -53,52 +80,148 @@ def peer_of(sock: Any) -> Peer | None:
     return Peer(pid, uid, frozenset(gids))
 
 
+class Refusal(Exception):
+    """Raised from a parser callback to stop parsing and answer ``status`` then close."""
+
+    def __init__(self, status: int, reason: bytes) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """See the module docstring; configured by subclassing with :func:`protocol_class`."""
 
     header_timeout: float = 10.0
+    #: The largest request body accepted; 0: a request that announces a body is refused.
+    max_body: int = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._peer = peer_of(transport.get_extra_info("socket"))
-        self._header_bytes = 0
-        self._in_headers = True
+        self._phase = _IDLE
+        self._seq = 0  # requests begun on this connection
+        self._header_bytes = 0  # request line and fields the parser handed over
+        self._open_bytes = 0  # whole chunks received inside one still-open header section
+        self._chunked = False
+        self._length = 0
+        self._refusal: Refusal | None = None
+        self._pending: Refusal | None = None  # to answer once earlier responses are out
         self._deadline: asyncio.TimerHandle | None = None
-        self._arm()
+        self._arm()  # a connection must start a request in time
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_headers:
-            # Count only up to the end of the headers: the rest of the chunk is body or
-            # the next pipelined request. Refuse before parsing, so nothing oversized is kept.
-            end = data.find(b"\r\n\r\n")
-            self._header_bytes += len(data) if end < 0 else end + 4
-            if self._header_bytes > MAX_HEADER_BYTES:
+        # uvicorn's data_received, with the refusals of this class answered as such.
+        self._unset_keepalive_if_required()
+        phase, seq = self._phase, self._seq
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no websocket routes (ws="none"): the request went to the app as plain HTTP
+        except httptools.HttpParserError:
+            refusal = self._refusal or Refusal(400, b"malformed HTTP request")
+            self._refuse(refusal.status, refusal.reason)
+            return
+        if self.transport.is_closing():
+            return
+        if self._phase == _HEAD and phase == _HEAD and seq == self._seq:
+            # The section was open before this chunk and still is: all of it is header.
+            self._open_bytes += len(data)
+            if self._open_bytes > MAX_HEADER_BYTES:
                 self._refuse(431, b"request headers too large")
                 return
-        super().data_received(data)
-        # A request whose headers did not all arrive in this chunk gets a deadline. Most
-        # requests arrive whole, so the keep-alive hot path never creates a timer.
-        if self._in_headers and self._deadline is None and not self.transport.is_closing():
+        # A request still incomplete after this chunk, or only empty lines before a request
+        # line, gets a deadline. Requests that arrive whole never create a timer.
+        if self._deadline is None and (
+            self._phase != _IDLE or (phase == _IDLE and seq == self._seq)
+        ):
             self._arm()
+
+    # -- parser callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._phase = _HEAD
+        self._seq += 1
+        self._header_bytes = self._open_bytes = self._length = 0
+        self._chunked = False
         if self._peer is not None:
             self.scope["extensions"] = {PEER: self._peer}  # type: ignore[typeddict-unknown-key]
-        if not self._in_headers:  # the next request on a keep-alive connection
-            self._in_headers = True
-            self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase != _HEAD:
+            return  # a trailer field after a chunked body: never a header of the request
+        self._count(len(name) + len(value) + _FIELD_OVERHEAD)
+        name = name.lower()
+        if name == b"content-length":
+            self._length = int(value) if value.isdigit() else self.max_body + 1
+        elif name == b"transfer-encoding":
+            self._chunked = True
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_headers = False
+        self._phase = _BODY
+        version = self.parser.get_http_version()
+        if version == "0.9":
+            self._stop(400, b"the request line has no HTTP version")
+        if version != "1.1" and version != "1.0":
+            self._stop(505, b"only HTTP/1.1 and HTTP/1.0 are served")
+        if self._chunked or self._length > self.max_body:
+            # No chunked bodies at all: a body has a Content-Length, so it is bounded before
+            # it is read, and no trailer section can follow it.
+            if not self.max_body:
+                self._stop(413, b"request bodies are not accepted here")
+            if self._chunked:
+                self._stop(411, b"a request body needs a Content-Length")
+            self._stop(413, b"request body too large")
+        if self.url[:1] != b"/" and self.url != b"*":
+            self._authority_is_host()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _IDLE
         if self._deadline is not None:  # inline: this runs on every request
             self._deadline.cancel()
             self._deadline = None
-        super().on_headers_complete()
+        super().on_message_complete()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._stop(431, b"request headers too large")
+
+    def _stop(self, status: int, reason: bytes) -> None:
+        """Abort parsing from a callback; :meth:`data_received` answers and closes."""
+        self._refusal = Refusal(status, reason)
+        raise self._refusal
+
+    def _authority_is_host(self) -> None:
+        """RFC 9112 §3.2.2: an absolute-form target's authority replaces ``Host``."""
+        try:
+            target = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            self._stop(400, b"malformed request target")
+        if not target.host:
+            self._stop(400, b"malformed request target")
+        host = b"[" + target.host + b"]" if b":" in target.host else target.host
+        if target.port is not None:
+            host += b":%d" % target.port
+        replaced = [(n, host if n == b"host" else v) for n, v in self.headers]
+        if len(replaced) == len(self.headers) and not any(n == b"host" for n, _ in replaced):
+            replaced.append((b"host", host))
+        self.headers[:] = replaced  # the same list object is the scope's header list
 
     def _arm(self) -> None:
         self._disarm()
@@ -111,15 +234,36 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        if self._in_headers and not self.transport.is_closing():
-            # A connection that never started a request just closes; one mid-request learns why.
-            self._refuse(
-                408, b"request headers not complete in time" if self._header_bytes else b""
-            )
+        if self.transport.is_closing():
+            return
+        if self._phase == _HEAD:
+            self._refuse(408, b"request headers not complete in time")
+        elif self._phase == _BODY and not self.cycle.response_complete:
+            # The late request is the one being answered: say so now and close, which
+            # also ends the app's wait for the body.
+            self._write(408, b"request body not complete in time")
+        elif self._phase == _IDLE and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()  # never started a request: simply close
 
     def _refuse(self, status: int, reason: bytes) -> None:
+        """Answer ``status`` and close, after the responses to earlier pipelined requests."""
         self._disarm()
-        if reason:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._pending = Refusal(status, reason)
+            self.flow.pause_reading()  # the parser has stopped: read nothing more
+            return
+        self._write(status, reason)
+
+    def on_response_complete(self) -> None:
+        if self._pending is not None and not self.pipeline:
+            self.server_state.total_requests += 1
+            self._write(self._pending.status, self._pending.reason)
+            return
+        super().on_response_complete()
+
+    def _write(self, status: int, reason: bytes) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
             body = b'{"error": "bad_request", "detail": "' + reason + b'"}'
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -128,9 +272,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    411: b"Length Required",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    505: b"HTTP Version Not Supported",
+}
 
 
-def protocol_class(header_timeout: float) -> type[GuardedHttpProtocol]:
-    """A protocol class for uvicorn's ``http=`` setting with this header deadline."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"header_timeout": header_timeout})
+def protocol_class(header_timeout: float, max_body: int = 0) -> type[GuardedHttpProtocol]:
+    """A protocol class for uvicorn's ``http=`` setting with these limits."""
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {"header_timeout": header_timeout, "max_body": max_body},
+    )

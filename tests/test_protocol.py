@@ -1,0 +1,187 @@
+"""The guarded HTTP protocol, driven in-process over a fake transport.
+
+It subclasses uvicorn's private httptools protocol: these tests use uvicorn's
+real machinery (Config, ServerState, the parser, RequestResponseCycle), so a
+change in uvicorn's internals fails here, loudly, before it reaches a user.
+pyproject.toml caps uvicorn at the newest version this suite passes with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from broker.protocol import MAX_HEADER_BYTES, protocol_class
+
+
+class Transport(asyncio.Transport):
+    """Collects what the protocol writes; enough of asyncio.Transport for uvicorn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8765), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "write after close"
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class App:
+    """Answers 200 with the Host header it saw and the number of header fields."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        host = dict(scope["headers"]).get(b"host", b"-")
+        out = b"%s %d %s" % (host, len(scope["headers"]), body)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(out)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": out})
+
+
+async def connect(max_body: int = 0, header_timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    app = App()
+    config = uvicorn.Config(app, lifespan="off", log_config=None, ws="none")
+    config.load()
+    cls = protocol_class(header_timeout, max_body)
+    protocol = cls(config=config, server_state=ServerState(), app_state={},
+                   _loop=asyncio.get_running_loop())  # fmt: skip
+    transport = Transport()
+    protocol.connection_made(transport)
+    return app, protocol, transport
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def statuses(data: bytes) -> list[int]:
+    return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(data))]
+
+
+REQUEST = b"GET /token HTTP/1.1\r\nHost: localhost\r\nX-Token-Broker: 1\r\n\r\n"
+
+
+async def test_a_plain_request_reaches_the_app_and_arms_no_timer():
+    app, protocol, transport = await connect()
+    protocol.data_received(REQUEST)
+    await settle()
+    assert statuses(transport.written) == [200]
+    assert protocol._deadline is None  # a request that arrived whole costs no timer
+    assert app.scopes[0]["headers"] == [(b"host", b"localhost"), (b"x-token-broker", b"1")]
+    protocol.data_received(REQUEST)  # keep-alive: the next one too
+    await settle()
+    assert statuses(transport.written) == [200, 200] and not transport.closed
+    protocol.connection_lost(None)
+
+
+async def test_trailers_are_dropped_and_bodies_refused():
+    app, protocol, transport = await connect()
+    protocol.data_received(
+        b"GET /token HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\nX-Token-Broker: 1\r\n\r\n"
+    )
+    await settle()
+    assert statuses(transport.written) == [413] and transport.closed and not app.scopes
+
+
+async def test_a_form_listener_takes_a_bounded_body_and_never_a_trailer():
+    app, protocol, transport = await connect(max_body=64)
+    protocol.data_received(
+        b"POST /ims/token/v3 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\na=b&c"
+    )
+    await settle()
+    assert bytes(transport.written).endswith(b"localhost 2 a=b&c")
+    app, protocol, transport = await connect(max_body=64)
+    protocol.data_received(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 65\r\n\r\n")
+    await settle()
+    assert statuses(transport.written) == [413]
+    app, protocol, transport = await connect(max_body=64)
+    protocol.data_received(
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\na\r\n0\r\nHost: evil\r\n\r\n"
+    )
+    await settle()
+    assert statuses(transport.written) == [411] and not app.scopes
+
+
+@pytest.mark.parametrize(
+    "target, host",
+    [(b"http://evil.example/token", b"evil.example"), (b"http://[::1]:8765/x", b"[::1]:8765")],
+)
+async def test_an_absolute_form_target_becomes_the_host(target, host):
+    app, protocol, transport = await connect()
+    protocol.data_received(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await settle()
+    assert dict(app.scopes[0]["headers"])[b"host"] == host
+    assert app.scopes[0]["path"] in ("/token", "/x")
+
+
+async def test_the_header_limit_counts_each_pipelined_request_exactly():
+    app, protocol, transport = await connect()
+    pad = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES - 100) + b"\r\n"
+    fits = b"GET /a HTTP/1.1\r\nHost: localhost\r\n" + pad + b"\r\n"
+    protocol.data_received(fits * 3)  # each just under the limit: all served
+    await settle()
+    assert statuses(transport.written) == [200, 200, 200]
+    protocol.data_received(b"\r\n\r\nGET /b HTTP/1.1\r\nHost: localhost\r\n" + pad + pad + b"\r\n")
+    await settle()
+    assert statuses(transport.written) == [200, 200, 200, 431] and transport.closed
+
+
+async def test_a_refusal_waits_for_the_responses_before_it():
+    app, protocol, transport = await connect()
+    protocol.data_received(REQUEST + b"GET /token\r\nHost: localhost\r\n\r\n")  # 2nd: HTTP/0.9
+    await settle()
+    assert statuses(transport.written) == [200, 400]
+    assert transport.closed
+
+
+async def test_a_dribble_of_empty_lines_gets_a_deadline():
+    app, protocol, transport = await connect(header_timeout=0.05)
+    protocol.data_received(REQUEST)
+    await settle()
+    assert protocol._deadline is None
+    protocol.data_received(b"\r\n")  # no request line yet: uvicorn's keep-alive timer is gone
+    assert protocol._deadline is not None
+    await asyncio.sleep(0.1)
+    assert transport.closed
