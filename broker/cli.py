@@ -125,21 +125,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``token-broker`` and ``python -m broker``)."""
+    if _command(sys.argv[1:]) in ("serve", "demo"):
+        _defer_hangups()
     sys.exit(main())
+
+
+_hangups: list[int] = []
+
+
+def _defer_hangups() -> None:
+    """Record SIGHUP from the first instant our code runs, instead of dying of it.
+
+    The daemon installs its reload handler only once its event loop runs, a few
+    hundred milliseconds later; ``systemctl reload`` right after ``start`` would
+    otherwise kill it. A SIGHUP recorded here triggers one reload once it is ready.
+    """
+    import signal
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: _hangups.append(signum))
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand word: the first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from broker import config, logs, server, systemd
 
-    settings = config.load(args.config)
+    settings = config.load(args.config, serving=True)
     logs.setup(args.log_format)
     server.harden()
     # Socket activation: systemd (or systemd-socket-activate) bound them for us.
-    sockets = systemd.listen_sockets(
-        allow_remote=settings.server.allow_remote
-    ) or server.open_listeners(settings.server)
-    server.run(server.serve(settings, sockets))
+    sockets = systemd.listen_sockets(allow_remote=settings.server.allow_remote)
+    own: list[tuple[str, int, int]] = []
+    if not sockets:
+        sockets = server.open_listeners(settings.server)
+        own = server.socket_files(settings.server)
+    try:
+        server.run(server.serve(settings, sockets, hangup_pending=lambda: bool(_hangups)))
+    finally:
+        server.remove_socket_files(own)  # never the ones systemd passed
     return 0
 
 

@@ -82,6 +82,7 @@ class _CredentialBase(_RefreshKeys):
     secret: str = "keyring"
     allow_uids: list[Annotated[int, Field(ge=0)]] | None = None
     allow_gids: list[Annotated[int, Field(ge=0)]] | None = None
+    ca_file: str | None = None
 
 
 class _Adobe(_CredentialBase):
@@ -159,6 +160,7 @@ class CredentialSettings:
     # Unix-socket peers allowed to read this credential (SO_PEERCRED); None: no restriction.
     allow_uids: frozenset[int] | None = None
     allow_gids: frozenset[int] | None = None
+    ca_file: str | None = None  # a private CA that alone is trusted for this issuer
 
     @property
     def peer_restricted(self) -> bool:
@@ -198,8 +200,12 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path("/etc/token-broker/config.toml")
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read, parse and validate the config file; raise ConfigError naming file and key."""
+def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -> Settings:
+    """Read, parse and validate the config file; raise ConfigError naming file and key.
+
+    ``serving``: the config is for the daemon (start, reload, doctor), which refuses
+    one without credentials; commands that only ask a daemon do not care.
+    """
     resolved = config_path(path)
     try:
         raw = resolved.read_bytes()
@@ -215,7 +221,16 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(f"{resolved}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
-    return parse(data, source=str(resolved), path=resolved)
+    settings = parse(data, source=str(resolved), path=resolved)
+    if serving and not settings.credentials:
+        # An empty file is more often a truncated write or an editor's empty save than
+        # a wish to serve nothing: refusing it keeps a reload from dropping every token.
+        raise ConfigError(
+            f"{resolved}: no credentials are configured (no [credentials.NAME] table); "
+            "a broker with nothing to serve is refused: add one (`token-broker add`) "
+            "or stop the daemon"
+        )
+    return settings
 
 
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
@@ -304,6 +319,8 @@ def _credential(name: str, table: object, base: RefreshPolicy, source: str) -> C
         )
     model = _validate(_PROVIDERS[provider], table, source, where)
     check_secret_reference(model.secret, f"{source}: {where} secret")
+    if model.ca_file is not None:
+        check_ca_file(model.ca_file, f"{source}: {where} ca_file")
     extra: dict[str, Any] = {}
     if isinstance(model, _Adobe):
         extra = {"org_id": model.org_id, "ims_url": model.ims_url.rstrip("/")}
@@ -322,6 +339,7 @@ def _credential(name: str, table: object, base: RefreshPolicy, source: str) -> C
         policy=_merge_policy(base, model),
         allow_uids=None if model.allow_uids is None else frozenset(model.allow_uids),
         allow_gids=None if model.allow_gids is None else frozenset(model.allow_gids),
+        ca_file=model.ca_file,
         **extra,
     )
 
@@ -352,6 +370,21 @@ def check_secret_reference(ref: str, where: str) -> None:
             f'{where}: expected "keyring", "keyring:SERVICE/USERNAME", "systemd:NAME", '
             f'"file:/absolute/path" or "env:VAR", got {ref!r}'
         )
+
+
+def check_ca_file(path: str, where: str) -> None:
+    """A ``ca_file`` must be an absolute path to PEM certificates that load."""
+    import ssl
+
+    if not os.path.isabs(path):
+        raise ConfigError(f"{where}: expected an absolute path, got {path!r}")
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path} does not exist") from None
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError(f"{where}: {path} holds no usable PEM certificate ({reason})") from None
 
 
 def parse_listen(item: str, source: str = "<config>", *, allow_remote: bool = False) -> Listen:

@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from broker import config, guards, secrets
 from broker.config import CredentialSettings
 from broker.configedit import ConfigDocument
 from broker.errors import BrokerError, ConfigError, IssuerError, SecretError
-from broker.providers import fetch_token, token_request
+from broker.providers import fetch_token, issuer_client, token_request
 from broker.tokens import Token
 
 
@@ -31,7 +29,7 @@ def verify(cred: CredentialSettings, secret: str) -> Token:
     """Ask the issuer for one token with ``secret``; raise IssuerError if it refuses."""
 
     async def once() -> Token:
-        async with httpx.AsyncClient(timeout=cred.policy.timeout) as client:
+        async with issuer_client(cred.policy.timeout, cred.ca_file) as client:
             async with asyncio.timeout(cred.policy.timeout):
                 issued = await fetch_token(client, token_request(cred, secret), now=0.0)
         return issued.token
@@ -296,7 +294,7 @@ class Check:
 def doctor(path: Path, *, offline: bool) -> list[Check]:
     checks: list[Check] = []
     try:
-        settings = config.load(path)
+        settings = config.load(path, serving=True)
     except ConfigError as exc:
         return [Check(False, f"config: {exc}")]
     checks.append(Check(True, f"config {path} found and valid"))

@@ -39,6 +39,8 @@ MODES = (
     "no_token",  # 200 JSON without access_token
     "no_expires", "zero_expires", "negative_expires", "string_expires", "huge_expires",
     "mac_token",  # token_type "mac"
+    "endless",  # 200 with a chunked body that never ends
+    "huge_token",  # 200 with a 100 KB access_token
     "hang",  # never answers within any sensible timeout
     "invalid_client", "invalid_scope", "unauthorized_client",  # 400 with that error
     "echo",  # 400 whose error_description quotes the secret it was sent (a careless issuer)
@@ -112,9 +114,11 @@ class DemoIssuer:
         self.received.append(Received(path, form, headers))
         if self.delay:
             await asyncio.sleep(self.delay)
-        await self._answer(send, form, headers)
+        await self._answer(send, receive, form, headers)
 
-    async def _answer(self, send: Any, form: dict[str, str], headers: dict[str, str]) -> None:
+    async def _answer(
+        self, send: Any, receive: Any, form: dict[str, str], headers: dict[str, str]
+    ) -> None:
         mode = self.mode
         if mode == "hang":
             await asyncio.sleep(3600)
@@ -138,6 +142,8 @@ class DemoIssuer:
             return await _reply(send, status, body, extra=[(b"retry-after", after.encode())])
         if mode == "garbage":
             return await _reply(send, 200, b"\x00\xffnot json", content_type=b"text/plain")
+        if mode == "endless":  # a body that never ends: the broker must stop reading
+            return await _endless(send, receive)
         if mode == "reset":  # promise a body, send half of it, drop the connection
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-length", b"100")]})  # fmt: skip
@@ -154,6 +160,8 @@ class DemoIssuer:
         }
         if mode == "no_token":
             del answer["access_token"]
+        elif mode == "huge_token":
+            answer["access_token"] = "h" * 100_000
         elif mode in _TOKEN_VARIANTS:
             key, value = _TOKEN_VARIANTS[mode]
             answer[key] = str(self.lifetime) if value is str else value
@@ -183,6 +191,28 @@ class DemoIssuer:
         return unquote_plus(raw_id), unquote_plus(raw_secret)
 
 
+async def _endless(send: Any, receive: Any) -> None:
+    """200 and a JSON body that never ends, until the client hangs up."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    chunk = b'{"access_token": "' + b"x" * 65536
+    try:
+        while not gone.is_set():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunk = b"x" * 65536
+            await asyncio.sleep(0)  # let the disconnect be noticed
+    finally:
+        watcher.cancel()
+
+
 async def _reply(
     send: Any,
     status: int,
@@ -210,10 +240,22 @@ def loopback_socket(port: int = 0) -> socket.socket:
     return sock
 
 
-def issuer_server(issuer: DemoIssuer) -> Server:
-    """The issuer as a uvicorn server that leaves signals to the broker beside it."""
+def issuer_server(
+    issuer: DemoIssuer, *, certfile: str | None = None, keyfile: str | None = None
+) -> Server:
+    """The issuer as a uvicorn server that leaves signals to the broker beside it.
+
+    With ``certfile``/``keyfile`` it speaks HTTPS (tests of issuers behind a private CA).
+    """
     config = uvicorn.Config(
-        issuer, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1
+        issuer,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        ws="none",
+        timeout_graceful_shutdown=1,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
     )
     return Server(config)
 
@@ -246,12 +288,14 @@ async def run(listen: str, lifetime: float) -> int:
             source="demo",
         )
         sockets = server.open_listeners(settings.server)
+        own = server.socket_files(settings.server)
         _banner(settings, port, lifetime)
         issuer_srv = issuer_server(issuer)
         issuer_task = asyncio.create_task(issuer_srv.serve(sockets=[issuer_sock]))
         try:
             await server.serve(settings, sockets)
         finally:
+            server.remove_socket_files(own)
             issuer_srv.request_exit()
             await issuer_task
     return 0

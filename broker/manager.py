@@ -35,7 +35,7 @@ from broker.errors import (
 )
 from broker.logs import redact
 from broker.metrics import Histogram
-from broker.providers import fetch_token, token_request
+from broker.providers import fetch_token, issuer_client, token_request
 from broker.providers.base import Issued
 from broker.tokens import Clock, Token, refresh_at, retry_delay, rfc3339, servable, serve_until
 
@@ -116,6 +116,9 @@ class Entry:
     issuer_retry_until: float = 0.0  # the issuer's own Retry-After
     last_forced: float = -math.inf
     inflight: asyncio.Task[BrokerError | None] | None = None
+    #: Bumped when a reload changes the settings or the secrets: an attempt that began
+    #: under an older generation is followed by a fresh one.
+    generation: int = 0
 
     def state(self, now: float) -> str:
         if self.failed:
@@ -155,13 +158,16 @@ class Manager:
         self.default = settings.default_name()
         self.refreshes: Counter[tuple[str, str]] = Counter()
         self.issuer_latency: dict[str, Histogram] = {}
+        self._ca_clients: dict[str, httpx.AsyncClient] = {}  # per ca_file
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REFRESHES)
         self._reloading = asyncio.Lock()
         self._listen = settings.server.listen  # what the sockets were bound to
+        self._stopped: asyncio.Future[None] | None = None  # set by stop_waiting()
 
     async def start(self) -> None:
         """Start the scheduler and fetch every token eagerly, without waiting for them."""
         _warn_file_modes(self.settings)
+        self._stopped = asyncio.get_running_loop().create_future()
         self._scheduler.start()
         for entry in self.entries.values():
             self._begin(entry)
@@ -178,6 +184,36 @@ class Manager:
         parts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         return f"{len(self.entries)} credential(s): {parts or 'none'}"
 
+    def stop_waiting(self) -> None:
+        """Answer every request still waiting on a refresh with TokenUnavailable.
+
+        The server calls this on SIGTERM, before uvicorn's own shutdown deadline
+        would cancel those requests (a bare 500 and a traceback in the log).
+        """
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def _outcome(self, entry: Entry) -> BrokerError | None:
+        """Wait for ``entry``'s attempt in flight and return its error, if any.
+
+        Raises TokenUnavailable when the broker starts shutting down first.
+        """
+        task = entry.inflight
+        assert task is not None
+        if self._stopped is not None:
+            # asyncio.wait never cancels what it waits for: the refresh runs on for others.
+            await asyncio.wait((task, self._stopped), return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.wait((task,))
+        if not task.done() or task.cancelled():
+            name = entry.cred.name
+            raise TokenUnavailable(
+                name,
+                f"no servable token for credential {name!r}: the broker is shutting down",
+                retry_after=1.0,
+            )
+        return task.result()
+
     async def close(self) -> None:
         """Stop the scheduler, cancel refreshes in flight, close the HTTP client."""
         self._scheduler.shutdown()
@@ -186,6 +222,8 @@ class Manager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._client.aclose()
+        for client in self._ca_clients.values():
+            await client.aclose()
 
     async def reload_file(self) -> dict[str, list[str]]:
         """Re-read the config file this daemon started from, then :meth:`reload`.
@@ -196,7 +234,7 @@ class Manager:
         if path is None:
             raise ConfigError("this daemon was started without a config file: nothing to reload")
         try:
-            settings = config.load(path)
+            settings = config.load(path, serving=True)
         except ConfigError as exc:
             log.error(
                 "reload refused, the running configuration stays: %s",
@@ -244,6 +282,8 @@ class Manager:
             changed = entry.cred != cred
             result["changed" if changed else "unchanged"].append(name)
             entry.cred = cred
+            if changed:
+                entry.generation += 1
             try:
                 fresh = await secrets.resolve(cred.secret, name)
             except SecretError as exc:
@@ -257,6 +297,8 @@ class Manager:
             secret_changed = fresh != entry.secrets
             _use_secrets(entry, fresh)
             entries[name] = entry
+            if secret_changed and not changed:
+                entry.generation += 1
             if changed or entry.failed:
                 entry.failed = False
                 entry.blocked_until = 0.0
@@ -319,7 +361,7 @@ class Manager:
             # Expired without a running refresh (missed job, clock jump): refresh now.
             self._begin(entry)
         if entry.inflight is not None:
-            await asyncio.shield(entry.inflight)
+            await self._outcome(entry)
         now = self._clock()
         if now < entry.serve_until:
             return entry.token  # type: ignore[return-value]
@@ -354,8 +396,7 @@ class Manager:
             entry.last_forced = now
             entry.failed = False  # a forced refresh is the user's "try again"
             self._begin(entry)
-        assert entry.inflight is not None
-        error = await asyncio.shield(entry.inflight)
+        error = await self._outcome(entry)
         if error is not None:
             raise error
         return entry
@@ -388,15 +429,31 @@ class Manager:
         )
 
     async def _scheduled(self, name: str) -> None:
+        # Start the refresh and return at once: if this job waited for it, an answer that
+        # came after the new token's own refresh point would find this job still running,
+        # and APScheduler would drop the next one ("maximum number of running instances").
         entry = self.entries.get(name)
         if entry is None or entry.failed:  # removed by a reload, or waiting for a fix
             return
         if entry.inflight is None:
             self._begin(entry)
-        assert entry.inflight is not None
-        await asyncio.shield(entry.inflight)
 
     async def _attempt(self, entry: Entry) -> BrokerError | None:
+        generation = entry.generation
+        try:
+            return await self._attempt_once(entry)
+        finally:
+            # A reload changed this credential while the attempt was in flight: the token
+            # (or error) it produced belongs to the old settings. Fetch again with the new.
+            if (
+                entry.generation != generation
+                and self.entries.get(entry.cred.name) is entry
+                and entry.inflight is None
+                and not (self._stopped is not None and self._stopped.done())
+            ):
+                self._begin(entry)
+
+    async def _attempt_once(self, entry: Entry) -> BrokerError | None:
         cred = entry.cred
         try:
             issued = await self._exchange(entry)
@@ -445,12 +502,25 @@ class Manager:
             timer = time.perf_counter()
             try:
                 async with asyncio.timeout(cred.policy.timeout):
-                    return await fetch_token(self._client, token_request(cred, secret), now=started)
+                    return await fetch_token(
+                        self._client_for(cred), token_request(cred, secret), now=started
+                    )
             finally:
                 histogram = self.issuer_latency.get(cred.name)
                 if histogram is None:
                     histogram = self.issuer_latency[cred.name] = Histogram()
                 histogram.observe(time.perf_counter() - timer)
+
+    def _client_for(self, cred: CredentialSettings) -> httpx.AsyncClient:
+        """The shared client, or the one that trusts only this credential's ``ca_file``."""
+        if cred.ca_file is None:
+            return self._client
+        client = self._ca_clients.get(cred.ca_file)
+        if client is None:
+            client = self._ca_clients[cred.ca_file] = issuer_client(
+                cred.policy.timeout, cred.ca_file
+            )
+        return client
 
     def _success(self, entry: Entry, token: Token, debug_id: str | None) -> None:
         cred = entry.cred

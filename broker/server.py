@@ -17,17 +17,17 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-import httpx
 import uvicorn
 
 from broker import systemd
 from broker.api import create_app
-from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen
+from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen, UnixListen
 from broker.errors import BrokerError
 from broker.manager import APScheduler, Manager
+from broker.providers import issuer_client
 from broker.tokens import Clock
 
 log = logging.getLogger("broker.server")
@@ -119,6 +119,34 @@ def _bind_unix(path: str, server: ServerSettings) -> socket.socket:
     return sock
 
 
+def socket_files(server: ServerSettings) -> list[tuple[str, int, int]]:
+    """(path, device, inode) of each unix socket file just bound from the config.
+
+    Recorded at start so that :func:`remove_socket_files` removes at exit only the
+    files this daemon made, never one a newer daemon bound in their place.
+    """
+    found = []
+    for listen in server.listen:
+        if isinstance(listen, UnixListen):
+            try:
+                st = os.lstat(listen.path)
+            except OSError:
+                continue
+            found.append((listen.path, st.st_dev, st.st_ino))
+    return found
+
+
+def remove_socket_files(files: list[tuple[str, int, int]]) -> None:
+    """Unlink the socket files this daemon created (not those systemd passed)."""
+    for path, dev, ino in files:
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)
+        except OSError:
+            pass  # already gone, or not ours to remove
+
+
 def _remove_stale_socket(path: str) -> None:
     """Unlink a socket file left by a previous run, but never a live one or a non-socket."""
     try:
@@ -190,7 +218,7 @@ def uvicorn_config(app: object, server: ServerSettings | None = None) -> uvicorn
 def build(settings: Settings, *, clock: Clock = time.time) -> tuple[object, Manager]:
     """The ASGI app and its manager for ``settings``."""
     longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(longest), follow_redirects=False)
+    client = issuer_client(longest)
     manager = Manager(
         settings, client=client, clock=clock, scheduler=APScheduler(), notify=systemd.notify
     )
@@ -236,19 +264,32 @@ class Server(uvicorn.Server):
             loop.call_soon_threadsafe(self._exit.set)
 
 
-async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
+#: After SIGTERM, requests still waiting on a refresh get 503 token_unavailable this late:
+#: before uvicorn's graceful-shutdown deadline (1 s, after its own 0.1 s pause) would cancel
+#: them with a bare 500, yet late enough that a token arriving soon is still served.
+STOP_WAITING_AFTER = 0.8
+
+
+async def serve(
+    settings: Settings,
+    sockets: list[socket.socket],
+    *,
+    hangup_pending: Callable[[], bool] = lambda: False,
+) -> None:
     """Serve on already-bound ``sockets`` until SIGTERM or SIGINT.
 
     Under systemd: READY=1 once listening and the first token round has been
     attempted, STATUS= lines, watchdog pings from the event loop (a wedged loop
     stops them and systemd restarts the service), RELOADING=1 around a reload
-    and STOPPING=1 at shutdown.
+    and STOPPING=1 at shutdown. ``hangup_pending`` says whether a SIGHUP arrived
+    before the loop's handler was installed (see ``cli.run``): that reload runs
+    once the daemon is ready.
     """
     app, manager = build(settings)
     server = Server(uvicorn_config(app, settings.server))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _request_exit, server, sig)
+        loop.add_signal_handler(sig, _request_exit, server, manager, sig)
     tasks: set[asyncio.Task[None]] = set()
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
@@ -256,13 +297,22 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
         tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(tasks.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(manager)))
+    ready = asyncio.Event()
+    hangups: list[bool] = []
+
+    def on_hangup() -> None:
+        if ready.is_set():
+            spawn(_reload(manager))
+        else:  # the manager is still starting: reload once it is ready
+            hangups.append(True)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     for sock in sockets:
         log.info("listening on %s", systemd.describe(sock))
     names = list(settings.credentials)
     shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
     log.info("credentials: %s", shown or "none")
-    spawn(_announce_ready(server, manager))
+    spawn(_announce_ready(server, manager, ready, lambda: hangup_pending() or bool(hangups)))
     interval = systemd.watchdog_interval()
     if interval:
         spawn(_watchdog(interval))
@@ -275,10 +325,15 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
             task.cancel()
 
 
-async def _announce_ready(server: Server, manager: Manager) -> None:
+async def _announce_ready(
+    server: Server, manager: Manager, ready: asyncio.Event, hangup_pending: Callable[[], bool]
+) -> None:
     await server.listening.wait()
     await manager.first_round()
+    ready.set()
     systemd.notify("READY=1", f"STATUS={manager.summary()}")
+    if hangup_pending():
+        await _reload(manager)  # a SIGHUP that came while the daemon was starting
 
 
 async def _watchdog(interval: float) -> None:
@@ -295,7 +350,8 @@ async def _reload(manager: Manager) -> None:
         pass  # already logged by the manager; the running state stays
 
 
-def _request_exit(server: Server, sig: signal.Signals) -> None:
+def _request_exit(server: Server, manager: Manager, sig: signal.Signals) -> None:
     log.info("%s received: shutting down", sig.name)
     systemd.notify("STOPPING=1", "STATUS=shutting down")
     server.request_exit()
+    asyncio.get_running_loop().call_later(STOP_WAITING_AFTER, manager.stop_waiting)

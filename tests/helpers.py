@@ -37,12 +37,20 @@ def free_port() -> int:
 class IssuerThread:
     """A DemoIssuer on 127.0.0.1:<port>, served from a background thread."""
 
-    def __init__(self, lifetime: float = 3600.0, token_bytes: int = 48) -> None:
+    def __init__(
+        self,
+        lifetime: float = 3600.0,
+        token_bytes: int = 48,
+        *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ) -> None:
         self.issuer = DemoIssuer(lifetime=lifetime, token_bytes=token_bytes)
         self._sock = loopback_socket()
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = issuer_server(self.issuer)
+        scheme = "https" if certfile else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self._server = issuer_server(self.issuer, certfile=certfile, keyfile=keyfile)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -266,3 +274,49 @@ class TcpGate:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+
+def make_ca_and_leaf(directory: Path, name: str = "test") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a leaf for 127.0.0.1/localhost it signed: (ca.pem, leaf.pem, key.pem).
+
+    For tests of issuers behind a private CA (the broker's own local CA is broker.tls).
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 - cryptography 38 era code
+
+    def build(subject: str, issuer: str, key, signer, *, ca: bool, sans=None):  # type: ignore[no-untyped-def]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build(f"{name} CA", f"{name} CA", ca_key, ca_key, ca=True)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    leaf = build("127.0.0.1", f"{name} CA", leaf_key, ca_key, ca=False, sans=sans)
+    pem = serialization.Encoding.PEM
+    paths = directory / f"{name}-ca.pem", directory / f"{name}-leaf.pem", directory / f"{name}.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(leaf.public_bytes(pem))
+    paths[2].write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    paths[2].chmod(0o600)
+    return paths

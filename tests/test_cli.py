@@ -38,7 +38,10 @@ def test_serve_refuses_a_port_in_use(tmp_path, capsys):
         taken.listen()
         port = taken.getsockname()[1]
         cfg = tmp_path / "c.toml"
-        cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+        cfg.write_text(
+            f'[server]\nlisten = ["127.0.0.1:{port}"]\n[credentials.a]\nprovider = "oauth2"\n'
+            'client_id = "a"\ntoken_url = "http://127.0.0.1:9/t"\nsecret = "env:HOME"\n'
+        )
         assert main(["serve", "--config", str(cfg)]) == 1
     assert "address already in use" in capsys.readouterr().err
 

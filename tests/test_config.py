@@ -198,3 +198,13 @@ def test_config_path_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKEN_BROKER_CONFIG", "/env/config.toml")
     assert config.config_path() == Path("/env/config.toml")
     assert config.config_path("/explicit.toml") == Path("/explicit.toml")
+
+
+@pytest.mark.parametrize("text", ["", "# nothing here\n", "[server]\n", "[credentials]\n"])
+def test_a_config_without_credentials_is_refused(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert config.load(path).credentials == {}  # a command that only asks a daemon: fine
+    with pytest.raises(ConfigError) as info:
+        config.load(path, serving=True)
+    assert str(info.value).startswith(f"{path}: no credentials are configured")

@@ -28,9 +28,11 @@ class Issuer:
         self.answer: tuple[int, dict] | None = None  # type: ignore[type-arg]
         self.issued: dict[str, float] = {}
         self.gate: asyncio.Event | None = None
+        self.arrived = asyncio.Event()  # set by every request; tests clear it to wait again
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
+        self.arrived.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.answer is not None:
@@ -193,6 +195,7 @@ async def test_backoff_doubles_to_retry_max(tmp_path):
         delays.append(when - clock())
         clock.now = when
         await sched.run(name)
+        await settle(manager)  # the job starts the refresh; this awaits it
     caps = [min(2**i, 60) for i in range(12)]
     assert all(c / 2 <= d < c for d, c in zip(delays, caps, strict=True)), delays
     assert issuer.calls == 13
@@ -246,6 +249,7 @@ async def test_a_week_of_day_long_tokens_with_random_outages(tmp_path, seed):
             clock.now = job[0]
             issuer.down = in_outage(clock.now)
             await sched.run(job[1])
+            await settle(manager)
             continue
         clock.now = requests.pop(0)
         issuer.down = in_outage(clock.now)
@@ -408,3 +412,89 @@ async def test_a_missed_apscheduler_job_still_runs():
         assert len(scheduler._sched.get_jobs()) == 1
     finally:
         scheduler.shutdown()
+
+
+async def test_a_reload_during_an_in_flight_refresh_ends_with_the_new_settings(tmp_path):
+    clock, issuer, manager, _ = await started(tmp_path, scopes=["old"])
+    seen: list[str] = []
+    original = issuer.__call__
+
+    async def recording(request: httpx.Request) -> httpx.Response:
+        seen.append(dict(httpx.QueryParams(request.content.decode()))["scope"])
+        return await original(request)
+
+    manager._client._transport = httpx.MockTransport(recording)  # type: ignore[attr-defined]
+    issuer.gate = asyncio.Event()
+    issuer.arrived.clear()
+    clock.now += DAY  # expired: the next request starts a refresh, still with the old scopes
+    waiter = asyncio.create_task(manager.token("a"))
+    await issuer.arrived.wait()
+    result = await manager.reload(settings(tmp_path, scopes=["new"]))
+    assert result["changed"] == ["a"]
+    issuer.gate.set()
+    await waiter
+    await settle(manager)
+    assert seen == ["old", "new"], seen  # the changed credential was fetched again
+    token = await manager.token("a")
+    assert token.access_token == f"tok-{issuer.calls}"  # and holds that newest token
+    await manager.close()
+
+
+async def test_waiters_get_token_unavailable_when_the_manager_shuts_down(tmp_path):
+    clock, issuer, manager, _ = await started(tmp_path)
+    issuer.gate = asyncio.Event()
+    clock.now += DAY
+    waiters = [asyncio.create_task(manager.token("a")) for _ in range(5)]
+    forced = asyncio.create_task(manager.force_refresh("a"))
+    issuer.arrived.clear()
+    await issuer.arrived.wait()
+    manager.stop_waiting()  # what the server does on SIGTERM, before uvicorn's own deadline
+    for task in (*waiters, forced):
+        with pytest.raises(TokenUnavailable, match="shutting down"):
+            await task
+    await manager.close()
+
+
+async def test_a_refresh_whose_answer_comes_after_its_own_refresh_point_is_not_dropped():
+    """With short tokens and a slow issuer, the next refresh is due before the job ends."""
+    import time as _time
+
+    from broker.manager import APScheduler
+
+    clock = _time.time
+    calls = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)  # longer than the token's whole refresh window below
+        return httpx.Response(200, json={"access_token": f"t{calls}", "expires_in": 1})
+
+    cfg = config.parse(
+        {
+            "credentials": {
+                "a": {
+                    "provider": "oauth2",
+                    "client_id": "a",
+                    "token_url": "https://issuer.test/token",
+                    "secret": "env:HOME",
+                    "at": 0.1,
+                    "jitter": 0.0,
+                }
+            }
+        }
+    )
+    manager = Manager(
+        cfg,
+        client=httpx.AsyncClient(transport=httpx.MockTransport(slow)),
+        clock=clock,
+        scheduler=APScheduler(),
+    )
+    await manager.start()
+    try:
+        deadline = _time.monotonic() + 3
+        while calls < 6:
+            assert _time.monotonic() < deadline, f"refreshes stopped after {calls} calls"
+            await asyncio.sleep(0.05)
+    finally:
+        await manager.close()

@@ -224,3 +224,102 @@ async def test_error_json_with_odd_fields_is_still_an_error():
     with pytest.raises(IssuerError) as info:
         await fetch(answer(500, content=body))
     assert info.value.error == "server_error" and info.value.description == ""
+
+
+async def test_an_answer_that_never_ends_is_cut_at_the_cap():
+    from broker.providers.base import MAX_ANSWER_BYTES
+
+    sent = 0
+
+    async def endless():
+        nonlocal sent
+        yield b'{"access_token": "'
+        while True:
+            sent += 65536
+            yield b"x" * 65536
+
+    def handler(request):
+        return httpx.Response(200, content=endless())
+
+    with pytest.raises(IssuerError) as info:
+        await fetch(handler)
+    assert info.value.error == "invalid_response"
+    assert "longer than 1024 KiB" in info.value.description
+    assert sent <= MAX_ANSWER_BYTES + 65536  # stopped reading right there
+
+
+async def test_a_gzip_bomb_is_cut_at_the_cap():
+    import gzip
+
+    seen: list[httpx.Request] = []
+    bomb = gzip.compress(b"{" + b" " * (64 * 1024 * 1024))
+
+    async def chunks():
+        for i in range(0, len(bomb), 4096):
+            yield bomb[i : i + 4096]
+
+    def handler(request):
+        seen.append(request)
+        return httpx.Response(200, content=chunks(), headers={"content-encoding": "gzip"})
+
+    with pytest.raises(IssuerError, match="longer than 1024 KiB"):
+        await fetch(handler)
+    assert seen[0].headers["accept-encoding"] == "identity"  # we never asked for it
+
+
+@pytest.mark.parametrize(
+    "token, why",
+    [("t" * (32 * 1024 + 1), "32769 characters"), ("ab\r\nX-Evil: 1", "cannot go in an HTTP")],
+    ids=["too-long", "crlf"],
+)
+async def test_unusable_access_tokens_are_refused(token, why):
+    body = {"access_token": token, "token_type": "bearer", "expires_in": 60}
+    with pytest.raises(IssuerError, match=why) as info:
+        await fetch(answer(200, body))
+    assert info.value.error == "invalid_response"
+
+
+async def test_a_refused_connection_is_named():
+    from helpers import free_port
+
+    cred = ADOBE.__class__(**{**ADOBE.__dict__, "ims_url": f"http://127.0.0.1:{free_port()}"})
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(IssuerError) as info:
+            await fetch_token(client, token_request(cred, "sec"), now=NOW)
+    assert info.value.error == "connection_error"
+    assert "connection refused by http://127.0.0.1:" in info.value.description
+
+
+async def test_a_name_that_does_not_resolve_is_named():
+    import socket
+
+    def handler(request):
+        try:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        except socket.gaierror as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+
+    with pytest.raises(IssuerError) as info:
+        await fetch(handler)
+    assert info.value.description == (
+        "cannot resolve the name 'ims.test' of https://ims.test: Name or service not known"
+    )
+
+
+async def test_a_certificate_that_fails_verification_is_named(tmp_path):
+    from helpers import IssuerThread, make_ca_and_leaf
+
+    ca, leaf, key = make_ca_and_leaf(tmp_path)
+    thread = IssuerThread(certfile=str(leaf), keyfile=str(key)).start()
+    try:
+        cred = ADOBE.__class__(**{**ADOBE.__dict__, "ims_url": thread.url})
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(IssuerError) as info:
+                await fetch_token(client, token_request(cred, "sec"), now=NOW)
+        assert info.value.error == "connection_error"
+        assert info.value.description.startswith(
+            f"TLS certificate verify failed for {thread.url}: unable to get local issuer "
+            "certificate"
+        ), info.value.description
+    finally:
+        thread.stop()

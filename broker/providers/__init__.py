@@ -7,6 +7,10 @@ parses the answer defensively into a :class:`~broker.tokens.Token`, or raises
 
 from __future__ import annotations
 
+import ssl
+
+import httpx
+
 from broker.config import CredentialSettings
 from broker.providers.base import Fetch, fetch_token
 
@@ -20,4 +24,18 @@ def token_request(cred: CredentialSettings, secret: str) -> Fetch:
     return request(cred, secret)
 
 
-__all__ = ["Fetch", "fetch_token", "token_request"]
+def issuer_client(timeout: float, ca_file: str | None = None) -> httpx.AsyncClient:
+    """The HTTP client token requests go through.
+
+    Redirects are never followed (a token request is not re-sent elsewhere). The
+    issuer's certificate is checked against the usual trust store (certifi's, or
+    ``$SSL_CERT_FILE`` / ``$SSL_CERT_DIR``), or only against ``ca_file`` when a
+    credential names one: a private CA is trusted for that issuer and nothing else.
+    """
+    verify: ssl.SSLContext | bool = True
+    if ca_file is not None:
+        verify = ssl.create_default_context(cafile=ca_file)
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, verify=verify)
+
+
+__all__ = ["Fetch", "fetch_token", "issuer_client", "token_request"]

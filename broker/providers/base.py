@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import email.utils
+import gc
 import json
+import socket
+import ssl
 from dataclasses import dataclass, field
 
 import httpx
@@ -13,6 +16,12 @@ from broker.tokens import Token
 
 #: Longest lifetime we believe; beyond it ``expires_in`` is treated as garbage.
 MAX_LIFETIME = 366 * 86400
+#: An issuer's answer is a few KB (an Adobe token is a JWT of ~1.5 KB); reading stops past this,
+#: so an issuer that never ends its body cannot fill the daemon's memory.
+MAX_ANSWER_BYTES = 1024 * 1024
+#: The longest access token served: tokens travel in request headers, which servers cap at
+#: 8-64 KB; one beyond that is an issuer's mistake, not something to hand to every tool.
+MAX_TOKEN_LENGTH = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,25 +47,119 @@ async def fetch_token(client: httpx.AsyncClient, fetch: Fetch, *, now: float) ->
     ``asyncio.timeout``; httpx's own timeouts only bound each phase.
     """
     try:
-        response = await client.post(
-            fetch.url, data=fetch.form, headers={"Accept": "application/json", **fetch.headers}
-        )
-    except httpx.TimeoutException:
-        raise IssuerError("timeout", f"no answer from {_origin(fetch.url)} in time") from None
+        response = await _post(client, fetch)
     except httpx.HTTPError as exc:
-        raise IssuerError(
-            "connection_error", f"cannot reach {_origin(fetch.url)}: {type(exc).__name__}"
-        ) from None
+        raise IssuerError(*transport_failure(exc, fetch.url)) from None
     try:
         return parse_response(response, now=now)
     except IssuerError as exc:
         raise exc.scrubbed(fetch.secret) from None
 
 
-def parse_response(response: httpx.Response, *, now: float) -> Issued:
+@dataclass(frozen=True)
+class Answer:
+    """An issuer's answer, read whole (and bounded)."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes = field(repr=False)
+
+
+async def _post(client: httpx.AsyncClient, fetch: Fetch) -> Answer:
+    """POST and read the answer, at most :data:`MAX_ANSWER_BYTES` of it."""
+    headers = {
+        "Accept": "application/json",
+        # An answer is a few KB: nothing to gain from compression, and a compressed body
+        # could expand far beyond what was read.
+        "Accept-Encoding": "identity",
+        **fetch.headers,
+    }
+    request = client.build_request("POST", fetch.url, data=fetch.form, headers=headers)
+    response = await client.send(request, stream=True)
+    body = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                break
+    finally:
+        await response.aclose()
+    if len(body) > MAX_ANSWER_BYTES:
+        # The transport reads ahead (megabytes, from a fast issuer) and what it read stays
+        # in reference cycles of the closed connection until the collector runs, which in
+        # a quiet daemon may be much later: collect now, on this rare path, so memory
+        # stays flat however often an issuer does this.
+        del body, chunk
+        gc.collect()
+        raise IssuerError(
+            "invalid_response",
+            f"HTTP {response.status_code} answer longer than "
+            f"{MAX_ANSWER_BYTES // 1024} KiB; stopped reading",
+            status=response.status_code,
+            debug_id=response.headers.get("x-debug-id"),
+        )
+    return Answer(response.status_code, response.headers, bytes(body))
+
+
+def transport_failure(exc: httpx.HTTPError, url: str) -> tuple[str, str]:
+    """(error code, sentence) naming why no answer arrived.
+
+    The code stays ``timeout`` or ``connection_error`` (what scripts match on); the
+    sentence names the cause a user acts on: a certificate that failed verification
+    and why, a name that does not resolve, a refused or reset connection.
+    """
+    where = _origin(url)
+    if isinstance(exc, httpx.TimeoutException):
+        phase = {
+            httpx.ConnectTimeout: "connecting to",
+            httpx.ReadTimeout: "waiting for an answer from",
+            httpx.WriteTimeout: "sending the request to",
+            httpx.PoolTimeout: "waiting for a connection to",
+        }.get(type(exc), "talking to")
+        return "timeout", f"timed out {phase} {where}"
+    cause = _root_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        reason = cause.verify_message or cause.reason or "certificate rejected"
+        return (
+            "connection_error",
+            f"TLS certificate verify failed for {where}: {reason} "
+            "(trust a private CA with the credential's ca_file)",
+        )
+    if isinstance(cause, ssl.SSLError):
+        return "connection_error", f"TLS handshake with {where} failed: {cause.reason or cause}"
+    if isinstance(cause, socket.gaierror):
+        host = httpx.URL(url).host
+        return "connection_error", f"cannot resolve the name {host!r} of {where}: {cause.strerror}"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection_error", f"connection refused by {where} (is the issuer up?)"
+    if isinstance(cause, ConnectionResetError):
+        return "connection_error", f"connection reset by {where}"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "connection_error", f"{where} broke the HTTP exchange: {_short(exc)}"
+    if isinstance(cause, OSError) and cause.strerror:
+        return "connection_error", f"cannot reach {where}: {cause.strerror}"
+    return "connection_error", f"cannot reach {where}: {type(exc).__name__}: {_short(exc)}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception httpx and httpcore wrapped (bounded: no cycles)."""
+    seen = 0
+    while seen < 10:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            return exc
+        exc, seen = inner, seen + 1
+    return exc
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def parse_response(response: Answer, *, now: float) -> Issued:
     """Turn an issuer's answer into a token, trusting nothing in it."""
     debug_id = response.headers.get("x-debug-id")
-    status = response.status_code
+    status = response.status
     body = _json_object(response)
     if status != 200:
         retry_after = parse_retry_after(response.headers.get("retry-after"), now)
@@ -84,6 +187,10 @@ def parse_response(response: httpx.Response, *, now: float) -> Issued:
     access_token = body.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise bad("HTTP 200 without an access_token")
+    if len(access_token) > MAX_TOKEN_LENGTH:
+        raise bad(f"access_token of {len(access_token)} characters; at most {MAX_TOKEN_LENGTH}")
+    if not access_token.isascii() or not access_token.isprintable() or " " in access_token:
+        raise bad("access_token has characters that cannot go in an HTTP header")
     token_type = body.get("token_type", "bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise bad(f"token_type {str(token_type)[:40]!r} is not bearer")
@@ -127,9 +234,9 @@ def _seconds(value: object) -> float | None:
     return None
 
 
-def _json_object(response: httpx.Response) -> dict[str, object] | None:
+def _json_object(response: Answer) -> dict[str, object] | None:
     try:
-        body = json.loads(response.content)
+        body = json.loads(response.body)
     except (ValueError, UnicodeDecodeError):
         return None
     return body if isinstance(body, dict) else None
@@ -139,7 +246,7 @@ def _text(value: object, limit: int = 500) -> str:
     return value[:limit] if isinstance(value, str) else ""
 
 
-def _content_type(response: httpx.Response) -> str:
+def _content_type(response: Answer) -> str:
     return response.headers.get("content-type", "no content-type").split(";")[0][:60]
 
 

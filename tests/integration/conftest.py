@@ -42,6 +42,7 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         wait: bool = True,
         env: dict[str, str] | None = None,
         issuer_url: str | None = None,
+        other_issuer: IssuerThread | None = None,
         args: tuple[str, ...] = (),
         listen: tuple[str, ...] = (),
     ) -> Running:
@@ -49,10 +50,11 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         secret_file = tmp_path / f"secret-{len(started)}"
         secret_file.write_text(secret + "\n")
         secret_file.chmod(0o600)
+        target = other_issuer or issuer
         if register:
-            issuer.issuer.add_client("broker-client", secret)
+            target.issuer.add_client("broker-client", secret)
         port = free_port()
-        url = issuer_url or issuer.url
+        url = issuer_url or target.url
         if provider == "adobe":
             where = f'ims_url = "{url}"\norg_id = "ABC@AdobeOrg"'
         else:

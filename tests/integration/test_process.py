@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import subprocess
 import threading
 import time
 
@@ -73,3 +74,114 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(issuer, sta
     assert results and results[0].status_code == 200, "the request in flight was dropped"
     assert results[0].text in issuer.issuer.issued
     assert took < 5  # the figure (about 0.7 s here) is in docs/reliability.md
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def accepted(pid: int, port: int) -> int:
+    """Connections to ``port`` that process ``pid`` has accepted (ss shows their owner)."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(f"pid={pid}," in line for line in out.splitlines())
+
+
+def test_sigterm_while_requests_wait_on_a_refresh_answers_503_with_a_clean_log(
+    issuer, start_broker
+):
+    issuer.issuer.delay = 30  # the cold-start refresh will not finish before shutdown
+    b = start_broker(wait=False)
+    b.proc.wait_healthy(b.url)
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def ask(path: str, method: str = "GET") -> None:
+        try:
+            response: httpx.Response | Exception = httpx.request(
+                method, b.url + path, headers=HEADERS, timeout=10
+            )
+        except httpx.HTTPError as exc:
+            response = exc
+        with lock:
+            results.append(response)
+
+    paths = ["/token", "/token/main", "/v1/credentials/main/token"]
+    threads = [threading.Thread(target=ask, args=(p,)) for p in paths * 3]
+    wait_for(lambda: issuer.issuer.calls >= 1, what="the refresh to reach the issuer")
+    for t in threads:
+        t.start()
+    wait_for(
+        lambda: accepted(b.proc.proc.pid, b.port) == len(threads),
+        what="the broker to accept every request",
+    )
+    time.sleep(0.1)  # accepted; give the loop a moment to read the requests themselves
+    b.proc.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(10)
+    assert b.proc.proc.wait(10) == 0
+    assert len(results) == len(threads)
+    for response in results:
+        assert isinstance(response, httpx.Response), repr(response)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "token_unavailable"
+        assert "shutting down" in response.json()["detail"]
+    out = b.proc.output()
+    for noise in ("Traceback", "Exception in ASGI", "Cancel", "ERROR"):
+        assert noise not in out, out
+
+
+def catches_sighup(pid: int) -> bool:
+    """The process has a handler for SIGHUP (bit 1 of SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(line for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def loaded(pid: int, library: str) -> bool:
+    """A shared object whose path contains ``library`` is mapped into the process."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(library in line for line in f)
+    except OSError:
+        return False
+
+
+def test_sighup_at_any_moment_of_start_up_reloads_instead_of_killing(issuer, start_broker):
+    """SIGHUP is caught from the first line of our code on: before the config is read
+    and the heavy imports (pydantic, uvicorn...), long before the event loop runs. Only
+    the interpreter's own start precedes it."""
+    b = start_broker(wait=False)
+    b.proc.proc.send_signal(signal.SIGTERM)
+    b.proc.proc.wait(10)
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5):
+        proc = BrokerProcess(b.proc.config)
+        try:
+            wait_for(lambda p=proc: catches_sighup(p.proc.pid), what="the first handler")
+            if delay == 0.0:  # caught before the config (pydantic) was even imported
+                assert not loaded(proc.proc.pid, "pydantic_core"), "the handler came late"
+            time.sleep(delay)
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_healthy(b.url)
+            assert httpx.get(b.url + "/token", headers=HEADERS).status_code == 200
+            wait_for(lambda p=proc: "reloaded:" in p.output(), what="the deferred reload")
+        finally:
+            assert proc.stop() == 0, f"SIGHUP {delay}s into start-up: {proc.output()}"
+
+
+def test_the_unix_socket_is_removed_at_a_clean_stop(issuer, start_broker, tmp_path):
+    path = tmp_path / "b.sock"
+    b = start_broker(listen=(f"unix:{path}",))
+    assert path.exists()
+    assert b.proc.stop() == 0
+    assert not path.exists(), "the daemon left its socket file behind"

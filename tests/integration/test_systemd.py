@@ -186,7 +186,10 @@ def test_socket_activation_uses_the_passed_sockets(issuer, tmp_path):
 def test_socket_activation_refuses_a_non_loopback_socket(tmp_path):
     need("systemd-socket-activate")
     config = tmp_path / "c.toml"
-    config.write_text("")
+    config.write_text(
+        '[credentials.a]\nprovider = "oauth2"\nclient_id = "a"\n'
+        'token_url = "http://127.0.0.1:9/t"\nsecret = "env:HOME"\n'
+    )
     port = free_port()
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"0.0.0.0:{port}",
