@@ -72,7 +72,8 @@ LEAF_LIFETIME = 7 * 86400.0
 #: Renew a leaf when this fraction of its life has passed.
 RENEW_FRACTION = 2 / 3
 #: Certificates start a little in the past: a clock stepped back by NTP right after
-#: boot must not make a fresh certificate "not yet valid".
+#: boot must not make a fresh certificate "not yet valid". At most a tenth of the
+#: lifetime, so that a short test leaf is not born past its renewal point.
 BACKDATE = 300.0
 #: doctor warns when the CA has less than this left.
 CA_WARN_REMAINING = 365 * 86400.0
@@ -331,7 +332,7 @@ def issue_leaf(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_when(now - BACKDATE))
+        .not_valid_before(_when(now - min(BACKDATE, lifetime / 10)))
         .not_valid_after(_when(min(now + lifetime, ca_end)))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
@@ -371,7 +372,7 @@ def ensure_leaf(
             and not _loose_mode(files.leaf)
             and not info.missing(leaf_hosts(hosts))
             and info.renew_at(now) > now
-            and info.not_after - info.not_before <= lifetime + BACKDATE + 1
+            and info.not_after - info.not_before <= lifetime * 1.1 + 1
         )
     except TlsError:
         good = False
@@ -754,11 +755,7 @@ def _loose_mode(path: Path) -> bool:
 def _make_dir(directory: Path) -> None:
     """Create the state directory 0700 (parents as the umask says); leave an existing one."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        return
-    os.chmod(directory, 0o700)  # mkdir's mode passes through the umask
+    directory.mkdir(mode=0o700, exist_ok=True)  # the umask can only narrow it
 
 
 @contextmanager

@@ -392,12 +392,14 @@ def test_private_keys_have_mode_0600_from_their_first_byte(tmp_path, monkeypatch
 
     def spy_open(path, flags, mode=0o777, *args, **kwargs):  # type: ignore[no-untyped-def]
         fd = real_open(path, flags, mode, *args, **kwargs)
-        opened[fd] = (os.fspath(path), flags, mode)
+        # The mode the file has the moment it exists, before anything else can happen.
+        opened[fd] = (os.fspath(path), flags, stat.S_IMODE(os.fstat(fd).st_mode))
         return fd
 
     def spy_write(fd, data):  # type: ignore[no-untyped-def]
-        path, flags, _ = opened[fd]
-        written.append((path, flags, stat.S_IMODE(os.fstat(fd).st_mode)))
+        path, flags, born = opened[fd]
+        written.append((path, flags, born))
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == born  # no chmod between open and write
         return real_write(fd, data)
 
     old_umask = os.umask(0)
@@ -415,26 +417,48 @@ def test_private_keys_have_mode_0600_from_their_first_byte(tmp_path, monkeypatch
     for path, flags, mode in keys:
         assert flags & os.O_EXCL and flags & os.O_CREAT, path
         assert mode == 0o600, (path, oct(mode))
-    certs = [m for p, _, m in written if ".ca.crt." in p]
-    assert certs == [0o644]
     assert stat.S_IMODE(files.directory.stat().st_mode) == 0o700  # not 0777 under umask 0
     assert stat.S_IMODE(files.ca_key.stat().st_mode) == 0o600
     assert stat.S_IMODE(files.leaf.stat().st_mode) == 0o600
 
 
+def test_certificates_are_readable_by_others_under_umask_077(tmp_path):
+    """systemd units run with UMask=0077; clients of other users must still read ca.crt."""
+    old_umask = os.umask(0o077)
+    try:
+        files = tls.TlsFiles(tmp_path / "state")
+        tls.init_ca(files)
+        system = _write(tmp_path / "system.pem", files.ca_cert.read_bytes(), 0o644)
+        tls.write_bundle(files, system)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(files.ca_cert.stat().st_mode) == 0o644
+    assert stat.S_IMODE(files.bundle.stat().st_mode) == 0o644
+
+
 def test_concurrent_inits_leave_one_consistent_ca(tmp_path):
     """The daemon and a user may run init at once; ca.key and ca.crt must still match."""
     state = tmp_path / "state"
+    # Each process loads everything, then waits for the word go: all start init at once.
     code = (
         "import sys; from pathlib import Path; from broker import tls; "
-        "print(tls.init_ca(tls.TlsFiles(Path(sys.argv[1])))[0])"
+        "import cryptography.x509, cryptography.hazmat.primitives.asymmetric.ec; "
+        "sys.stdin.readline(); print(tls.init_ca(tls.TlsFiles(Path(sys.argv[1])))[0])"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(state)], stdout=subprocess.PIPE)
-        for _ in range(4)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(state)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(6)
     ]
+    for p in procs:
+        p.stdin.write(b"go\n")  # type: ignore[union-attr]
+    for p in procs:
+        p.stdin.flush()  # type: ignore[union-attr]
     outputs = [p.communicate(timeout=60)[0].decode().strip() for p in procs]
-    assert sorted(outputs) == ["False", "False", "False", "True"]
+    assert sorted(outputs) == ["False"] * 5 + ["True"]
     tls.issue_leaf(tls.TlsFiles(state))  # raises if the key does not match the certificate
 
 
@@ -567,6 +591,13 @@ def test_renew_at_is_two_thirds_of_the_life_or_now():
     assert tls.renew_at(NOW, NOW + 3 * DAY, NOW + 9 * DAY) == NOW + 9 * DAY  # overdue
 
 
+def test_a_short_lived_leaf_is_not_born_due(files):
+    """The backdating is capped: a 3-second test leaf is renewed at 2/3 of its life."""
+    info = tls.issue_leaf(files, now=NOW, lifetime=3.0)
+    assert (info.not_before, info.not_after) == (NOW - 1, NOW + 3)  # 0.3 s, in whole seconds
+    assert NOW + 1 < info.renew_at(NOW) < NOW + 2
+
+
 def test_ensure_leaf_reuses_a_good_leaf_and_replaces_any_other(files, tmp_path):
     first = tls.ensure_leaf(files, ["127.0.0.2"], now=NOW)
     due = first.renew_at(NOW)
@@ -652,10 +683,12 @@ def test_a_failed_reload_keeps_serving_the_old_certificate(files, tmp_path):
     other = tls.TlsFiles(tmp_path / "other")
     tls.init_ca(other)
     tls.issue_leaf(other)
+    # Another certificate with the key the context holds now: OpenSSL drops that key when
+    # the certificate is loaded, then refuses the key file: cert and no key, if done live.
     cert = _write(
-        tmp_path / "c.pem", files.leaf.read_bytes().split(b"-----END PRIVATE KEY-----")[1]
+        tmp_path / "c.pem", other.leaf.read_bytes().split(b"-----END PRIVATE KEY-----")[1]
     )
-    key = _write(tmp_path / "k.pem", other.leaf.read_bytes().split(b"-----BEGIN CERT")[0])
+    key = _write(tmp_path / "k.pem", files.leaf.read_bytes().split(b"-----BEGIN CERT")[0])
     with pytest.raises(TlsError, match="key values mismatch"):
         tls.reload_cert_chain(ctx, cert, key)
     server = HttpsServer(ctx)
