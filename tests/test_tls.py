@@ -971,6 +971,35 @@ def test_importing_the_daemon_and_broker_tls_does_not_import_cryptography():
     assert out.stdout.strip() == "[]"
 
 
+def test_works_where_memory_cannot_be_writable_and_executable(tmp_path):
+    """The system unit sets MemoryDenyWriteExecute=yes; PR_SET_MDWE is the kernel's same rule.
+
+    cffi callbacks (cryptography's older bindings) would need W+X memory: prove none is used.
+    """
+    code = f"""
+import ctypes, mmap, sys
+from pathlib import Path
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+    sys.exit(77)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    sys.exit("W+X memory was allowed: the rule is not in force")
+except PermissionError:
+    pass
+from broker import tls
+files = tls.TlsFiles(Path({str(tmp_path / "state")!r}))
+tls.init_ca(files)
+tls.issue_leaf(files)
+tls.server_context(files.leaf)
+assert [c.ok for c in tls.doctor(files)] == [True, True, True, True]
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+
+
 # -- CLI --------------------------------------------------------------------------------
 
 
