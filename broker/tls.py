@@ -365,6 +365,13 @@ def ensure_leaf(
     """
     hosts = list(hosts)
     now = time.time() if now is None else now
+    current = _reusable_leaf(files, hosts, now, lifetime)
+    return current or issue_leaf(files, hosts, now=now, lifetime=lifetime)
+
+
+def _reusable_leaf(
+    files: TlsFiles, hosts: list[str], now: float, lifetime: float
+) -> CertInfo | None:
     try:
         leaf = _parse_cert(_read(files.leaf, "the leaf"), files.leaf)
         _, ca_cert = _load_ca(files)
@@ -374,11 +381,11 @@ def ensure_leaf(
             and not _loose_mode(files.leaf)
             and not info.missing(leaf_hosts(hosts))
             and info.renew_at(now) > now
-            and info.not_after - info.not_before <= lifetime * 1.1 + 1
+            and info.not_after - info.not_before <= lifetime * 1.1 + 1  # + the backdate
         )
     except TlsError:
-        good = False
-    return info if good else issue_leaf(files, hosts, now=now, lifetime=lifetime)
+        return None
+    return info if good else None
 
 
 # -- server contexts --------------------------------------------------------------------
