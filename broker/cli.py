@@ -110,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     crm = client_sub.add_parser("remove", parents=[config, json_flag], help="remove a client")
     crm.add_argument("name")
     client_sub.add_parser("list", parents=[config, json_flag], help="show the clients")
+
+    # -- tls (DESIGN §10): the local CA of the HTTPS listener; the logic is in broker/tls.py
+    tls = sub.add_parser("tls", help="the local CA of the HTTPS (IMS) listener")
+    tls_sub = tls.add_subparsers(dest="tls_command", required=True, metavar="ACTION")
+    tls_sub.add_parser("init", parents=[config], help="create the local CA (once)")
+    tls_ca = tls_sub.add_parser("ca", parents=[config], help="print the CA certificate's path")
+    tls_ca.add_argument(
+        "--bundle",
+        action="store_true",
+        help="print instead the path of a bundle of the system's CAs plus the broker's "
+        "(for REQUESTS_CA_BUNDLE, which replaces requests' trust store)",
+    )
     return parser
 
 
@@ -492,6 +504,41 @@ def _client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls(args: argparse.Namespace) -> int:
+    from broker import tls
+    from broker.tokens import rfc3339
+
+    files = tls.TlsFiles.default()
+    if args.tls_command == "init":
+        created, ca = tls.init_ca(files)
+        valid = f"valid until {rfc3339(ca.not_after)}"
+        if created:
+            print(
+                f"created a local CA: {ca.path} ({valid}), private key {files.ca_key} "
+                "(mode 0600); clients trust it through `token-broker tls ca [--bundle]`"
+            )
+        else:
+            print(f"a local CA exists already: {ca.path} ({valid}); left alone")
+        return 0
+    if not args.bundle:
+        if not files.ca_cert.is_file():
+            raise BrokerError(
+                f"the local CA certificate {files.ca_cert} does not exist: "
+                "run `token-broker tls init`"
+            )
+        print(files.ca_cert)  # alone on stdout: REQUESTS_CA_BUNDLE=$(token-broker tls ca)
+        return 0
+    bundle = tls.write_bundle(files)
+    done = f"wrote {bundle.path}" if bundle.changed else f"{bundle.path} is up to date"
+    print(
+        f"token-broker: {done}: {bundle.source} ({bundle.system}) + the token-broker CA "
+        f"({files.ca_cert})",
+        file=sys.stderr,
+    )
+    print(bundle.path)  # alone on stdout, like `tls ca`
+    return 0
+
+
 _COMMANDS = {
     "serve": _serve,
     "demo": _demo,
@@ -505,4 +552,5 @@ _COMMANDS = {
     "doctor": _doctor,
     "health": _health,
     "client": _client,
+    "tls": _tls,
 }

@@ -4,6 +4,7 @@
 
     BrokerError
      ├── ConfigError          a config file that cannot be used (names file and key)
+     │    └── TlsError        a CA, certificate or key that cannot be used (names the file)
      ├── SecretError          a secret reference that cannot be resolved
      ├── IssuerError          the token issuer refused or failed (retryable, retry_after)
      ├── TokenUnavailable     no servable token right now (retry_after)
@@ -26,6 +27,10 @@ class BrokerError(Exception):
 
 class ConfigError(BrokerError):
     """The configuration is missing, malformed or invalid."""
+
+
+class TlsError(ConfigError):
+    """A local CA, leaf, or ``tls_cert`` / ``tls_key`` file cannot be used (DESIGN §10)."""
 
 
 class SecretError(BrokerError):
