@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -503,3 +504,28 @@ def test_broker_errors_in_the_flow_carry_no_secret(route):
             c.get("http://api.test/x")
     assert info.value.code == "issuer_error"
     no_secret_in(info.value)
+
+
+def test_fifty_threads_on_a_cold_cache_ask_the_broker_once(route):
+    fake = FakeBroker()
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        time.sleep(0.2)  # widens the window in which the other threads also find no headers
+        return fake(request)
+
+    seen = route(slow)
+    n = 50
+    barrier = threading.Barrier(n)
+    auth = BrokerAuth("main")
+    with httpx.Client(transport=httpx.MockTransport(api_ok), auth=auth) as c:
+
+        def call() -> None:
+            barrier.wait(timeout=30)
+            c.get("http://api.test/x")
+
+        threads = [threading.Thread(target=call) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert paths(seen) == ["GET /v1/credentials/main/headers"]
