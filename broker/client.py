@@ -563,7 +563,8 @@ class BrokerAuth(httpx.Auth):
 
     Every header of ``/v1/credentials/NAME/headers`` is added, and kept until
     the token has under 5 minutes left (see :func:`keep_for`). When the API
-    answers 401, the token is refreshed at the broker once and the request
+    answers 401, the broker's current headers are taken if it has moved on
+    already, else the token is refreshed at the broker (once); the request is
     sent again once, if its body can be sent again (a streamed body: the 401
     is returned). Many threads (or tasks) that get a 401 for the same headers
     cause one refresh: the first refreshes, the others find newer headers
@@ -629,6 +630,21 @@ class BrokerAuth(httpx.Auth):
             return True, None  # nobody has replaced what was refused: refresh
         return False, cached.headers if self._clock() < cached.until else None
 
+    def _renew_flow(
+        self, refused: dict[str, str], refresh: bool
+    ) -> Flow[tuple[dict[str, str], float | None]]:
+        """The headers to send again with, after the API refused ``refused`` with a 401.
+
+        The broker's current headers, if they differ from the refused ones (it moved
+        on already, e.g. after its scheduled refresh); else a forced refresh first.
+        """
+        url = self._broker.url
+        found = yield from _headers_flow(self.name, url)
+        if not refresh or found[0] != refused:
+            return found
+        yield from _refresh_flow(self.name, url)  # a 429 means another just refreshed: fine
+        return (yield from _headers_flow(self.name, url))
+
     # -- sync (threads) ----------------------------------------------------------------
 
     def _current(self) -> dict[str, str]:
@@ -644,9 +660,7 @@ class BrokerAuth(httpx.Auth):
             refresh, ready = self._after_401_plan(refused)
             if ready is not None:
                 return ready
-            if refresh:
-                self._broker._run(_refresh_flow(self.name, self._broker.url))
-            return self._store(self._broker._run(_headers_flow(self.name, self._broker.url)))
+            return self._store(self._broker._run(self._renew_flow(refused, refresh)))
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
         used = self._current()
@@ -681,10 +695,7 @@ class BrokerAuth(httpx.Auth):
             refresh, ready = self._after_401_plan(refused)
             if ready is not None:
                 return ready
-            if refresh:
-                await self._broker._arun_once(_refresh_flow(self.name, self._broker.url))
-            found = await self._broker._arun_once(_headers_flow(self.name, self._broker.url))
-            return self._store(found)
+            return self._store(await self._broker._arun_once(self._renew_flow(refused, refresh)))
 
     async def async_auth_flow(
         self, request: httpx.Request

@@ -25,6 +25,8 @@ URL = "http://127.0.0.1:8765"
 KEY = "tbk_unit-test-client-key-0123456789"
 TOKENS = ["tok-one-0123456789abcdef", "tok-two-0123456789abcdef", "tok-three-0123456789abc"]
 
+HEADERS = "GET /v1/credentials/main/headers"
+REFRESH = "POST /v1/credentials/main/refresh"
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
@@ -77,6 +79,7 @@ class FakeBroker:
                 if self.refresh_status == 200:
                     self.index += 1
             if self.refresh_status == 429:
+                self.index += 1  # the refresh that made ours too soon
                 body = {"error": "refresh_cooldown", "detail": "refreshed moments ago"}
                 return httpx.Response(429, json=body, headers={"Retry-After": "9"})
             return httpx.Response(self.refresh_status, json={"name": "main"})
@@ -378,12 +381,21 @@ def test_a_401_refreshes_once_and_sends_again(route):
         api.accept = TOKENS[1]  # the API refuses the current token from now on
         r = c.post("http://api.test/x", content=b'{"a": 1}')
     assert r.status_code == 200
-    assert paths(seen) == [
-        "GET /v1/credentials/main/headers",
-        "POST /v1/credentials/main/refresh",
-        "GET /v1/credentials/main/headers",
-    ]
+    # The broker still serves the refused token: refresh it, then take the new one.
+    assert paths(seen) == [HEADERS, HEADERS, REFRESH, HEADERS]
     assert api.calls == [f"Bearer {TOKENS[0]}", f"Bearer {TOKENS[0]}", f"Bearer {TOKENS[1]}"]
+
+
+def test_a_401_takes_the_brokers_newer_token_without_a_refresh(route):
+    fake = FakeBroker()
+    seen = route(fake)
+    api = Api(TOKENS[0])
+    with httpx.Client(transport=httpx.MockTransport(api), auth=BrokerAuth("main")) as c:
+        c.get("http://api.test/x")
+        fake.index = 1  # the broker's scheduled refresh; the cached headers are still kept
+        api.accept = TOKENS[1]
+        assert c.get("http://api.test/x").status_code == 200
+    assert paths(seen) == [HEADERS, HEADERS]
 
 
 class Streaming(httpx.BaseTransport):
@@ -408,11 +420,7 @@ def test_a_streamed_body_gets_the_401(route):
         assert c.post("http://api.test/x", content=body()).status_code == 401
         assert c.post("http://api.test/x", content=b"in memory").status_code == 200
     # The buffered body was sent again after a refresh; the streamed one was not.
-    assert paths(seen) == [
-        "GET /v1/credentials/main/headers",
-        "POST /v1/credentials/main/refresh",
-        "GET /v1/credentials/main/headers",
-    ]
+    assert paths(seen) == [HEADERS, HEADERS, REFRESH, HEADERS]
     assert len(api.calls) == 3
 
 
@@ -423,8 +431,7 @@ def test_a_429_cooldown_takes_the_current_headers(route):
     with httpx.Client(transport=httpx.MockTransport(api), auth=BrokerAuth("main")) as c:
         c.get("http://api.test/x")
         api.accept = TOKENS[1]
-        fake.index = 1  # somebody else's forced refresh ...
-        fake.refresh_status = 429  # ... so ours is refused as too soon
+        fake.refresh_status = 429  # somebody else's forced refresh ends just before ours
         assert c.get("http://api.test/x").status_code == 200
     assert paths(seen)[-2:] == [
         "POST /v1/credentials/main/refresh",
