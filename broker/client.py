@@ -10,7 +10,8 @@ uvicorn, pydantic or keyring::
     httpx.get(url, auth=BrokerAuth("adobe"))        # every header an Adobe API call needs
     requests.get(url, auth=BrokerAuth("adobe"))     # the same object is a requests auth
 
-Errors::
+Errors (``BrokerClientError`` is a ``broker.errors.BrokerError``, a module that
+imports nothing either)::
 
     BrokerClientError      the broker answered other than asked (status, code)
      ├── BrokerUnavailable cannot connect, no answer in time, 503 token_unavailable (retry_after)
