@@ -10,10 +10,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from broker.client import TokenBroker
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -233,7 +236,9 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon(args: argparse.Namespace, *, from_config: bool = False) -> Any:
+def _daemon(
+    args: argparse.Namespace, *, from_config: bool = False
+) -> tuple[TokenBroker, dict[str, str]]:
     """A TokenBroker for the running daemon, and any extra header its config requires.
 
     ``--url``, else ``$TOKEN_BROKER_URL``, else the config's first listen address
