@@ -371,6 +371,67 @@ def many(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) 
     ]  # fmt: skip
 
 
+def client_cache(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    """A BrokerAuth-wrapped httpx client calling a local API 10,000 times, header cache on/off.
+
+    The API is the baseline app; the share is the time spent inside broker round trips
+    (BrokerAuth asking the broker for headers) over the wall time of the 10,000 calls.
+    """
+    import httpx
+
+    from broker.client import BrokerAuth, TokenBroker
+
+    class TimedBroker(TokenBroker):
+        """Counts the round trips BrokerAuth makes to the broker, and their time."""
+
+        spent = 0.0
+        calls = 0
+
+        def _run(self, flow):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return super()._run(flow)
+            finally:
+                self.spent += time.perf_counter() - started
+                self.calls += 1
+
+    issuer = start_issuer()
+    aport, tport = free_port(), free_port()
+    config = write_config(tmp, issuer, tport, ["adobe"], "bench-secret-7")
+    api = start_baseline(aport)
+    broker, _ = start_broker(config, tport)
+    affinity = os.sched_getaffinity(0)
+    try:
+        wait_ready(tport)
+        os.sched_setaffinity(0, {int(LOAD_CORE)})  # the client beside wrk's core, off the servers'
+        for cache in (True, False):
+            timed = TimedBroker(f"http://127.0.0.1:{tport}")
+            auth = BrokerAuth("adobe", broker=timed)
+            auth._cache = cache
+            with httpx.Client(auth=auth) as client:
+                for _ in range(200):  # warm-up: connections, first fetch
+                    client.get(f"http://127.0.0.1:{aport}/").raise_for_status()
+                timed.spent, timed.calls = 0.0, 0
+                started = time.perf_counter()
+                for _ in range(10_000):
+                    client.get(f"http://127.0.0.1:{aport}/").raise_for_status()
+                total = time.perf_counter() - started
+            timed.close()
+            state = "on" if cache else "off"
+            print(f"  cache {state}: {total:.2f} s, {timed.calls} broker round trips "
+                  f"({timed.spent:.2f} s)", flush=True)  # fmt: skip
+            rows.append(
+                (f"BrokerAuth + httpx, 10,000 API calls, header cache {state}: broker share",
+                 f"{timed.spent / total:.1%} ({timed.calls} round trips, {total:.1f} s total)",
+                 "~0 %" if cache else "-")
+            )  # fmt: skip
+    finally:
+        os.sched_setaffinity(0, affinity)
+        stop(broker)
+        stop(api)
+        issuer.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
@@ -380,7 +441,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        default=["throughput", "keyring", "herds", "startup", "idle", "many"],
+        default=["throughput", "keyring", "herds", "startup", "idle", "many", "client"],
     )
     args = parser.parse_args()
     if args.quick:
@@ -392,7 +453,8 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
     rows: list[tuple[str, str, str]] = []
     steps = {"throughput": throughput, "keyring": keyring_rss, "herds": herds,
-             "startup": startup, "idle": idle, "many": many}  # fmt: skip
+             "startup": startup, "idle": idle, "many": many,
+             "client": client_cache}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
         for name in args.only:
             print(f"== {name}", flush=True)

@@ -278,7 +278,10 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
             body = api_headers(cred, token.access_token)
         else:
             body = {"Authorization": f"Bearer {token.access_token}"}
-        return JSONResponse(body, headers={"Cache-Control": NO_STORE})
+        # The token's remaining life, so a client knows how long to keep these headers
+        # (broker.client.BrokerAuth); the JSON body stays exactly the headers to send.
+        left = str(max(0, math.floor(token.expires_at - clock())))
+        return JSONResponse(body, headers={"Cache-Control": NO_STORE, "X-Token-Expires-In": left})
 
     @api.post("/v1/credentials/{name}/refresh")
     async def force_refresh(request: Request, name: str) -> dict[str, object]:

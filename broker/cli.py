@@ -10,10 +10,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from broker.client import TokenBroker
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--key-file",
         metavar="PATH",
-        help="client key for asking the daemon (default: $TOKEN_BROKER_CLIENT_KEY)",
+        help="client key for asking the daemon (default: $TOKEN_BROKER_CLIENT_KEY, else the "
+        "file $TOKEN_BROKER_CLIENT_KEY_FILE names)",
+    )
+    daemon = argparse.ArgumentParser(add_help=False)
+    daemon.add_argument(
+        "--url",
+        help="the running daemon: http://HOST:PORT or unix:/path (default: $TOKEN_BROKER_URL, "
+        "else the config's first listen address, else http://127.0.0.1:8765)",
     )
     logs = argparse.ArgumentParser(add_help=False)
     logs.add_argument(
@@ -43,9 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--lifetime", type=float, default=120.0, help="demo token lifetime in seconds"
     )
-    token = sub.add_parser("token", parents=[config], help="print a token from the daemon")
+    token = sub.add_parser("token", parents=[config, daemon], help="print a token from the daemon")
     token.add_argument("name", nargs="?", help="credential (default: the default credential)")
-    lst = sub.add_parser("list", parents=[config], help="show each credential's state")
+    lst = sub.add_parser("list", parents=[config, daemon], help="show each credential's state")
     lst.add_argument("--json", action="store_true", help="print the status JSON")
 
     json_flag = argparse.ArgumentParser(add_help=False)
@@ -88,12 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--finish", action="store_true", help="drop the old secret")
     step.add_argument("--abort", action="store_true", help="drop the new secret")
     sub.add_parser(
-        "reload", parents=[config, json_flag], help="make the daemon re-read config and secrets"
+        "reload",
+        parents=[config, daemon, json_flag],
+        help="make the daemon re-read config and secrets",
     )
     health = sub.add_parser(
-        "health", parents=[config], help="exit 0 if the daemon is healthy (container probes)"
+        "health",
+        parents=[config, daemon],
+        help="exit 0 if the daemon is healthy (container probes)",
     )
     health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
+    _exec_parser(sub, [config, daemon])
     doc = sub.add_parser("doctor", parents=[config, json_flag], help="check the setup")
     doc.add_argument("--offline", action="store_true", help="no token requests to issuers")
 
@@ -125,8 +140,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exec_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    ex = sub.add_parser(
+        "exec",
+        parents=parents,
+        help="run a command with the token in its environment",
+        usage="token-broker exec [NAME] [--env VAR=FIELD]... [--min-remaining DUR] [--pass-key] "
+        "[--url URL] -- COMMAND [ARG...]",
+    )
+    ex.add_argument("name", nargs="?", help="credential (default: the default credential)")
+    ex.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="VAR=FIELD",
+        help="also set VAR to FIELD: access_token, authorization, expires_at, api_key, org_id",
+    )
+    ex.add_argument(
+        "--min-remaining",
+        default="10m",
+        metavar="DUR",
+        help="refresh first if the token has less left (default 10m, at most half its lifetime)",
+    )
+    ex.add_argument(
+        "--pass-key",
+        action="store_true",
+        help="leave $TOKEN_BROKER_CLIENT_KEY(_FILE) in the command's environment",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if argv[:1] == ["exec"]:  # everything after "--" is the command, never our options
+        from broker.execcmd import split_command
+
+        argv, command = split_command(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "exec":
+        if not command:
+            parser.error("exec: give the command after --: token-broker exec [NAME] -- COMMAND")
+        args.argv = command
     try:
         return _COMMANDS[args.command](args)
     except BrokerError as exc:
@@ -220,48 +275,89 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_daemon(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
-    """Ask the running daemon at the config's first listen address."""
-    import httpx
+def _daemon(
+    args: argparse.Namespace, *, from_config: bool = False
+) -> tuple[TokenBroker, dict[str, str]]:
+    """A TokenBroker for the running daemon, and any extra header its config requires.
+
+    ``--url``, else ``$TOKEN_BROKER_URL``, else the config's first listen address
+    when a config file exists, else ``http://127.0.0.1:8765`` (DESIGN §9), so the
+    commands that only talk to the daemon need no config. ``from_config``: the
+    daemon that serves this config (``add``, ``remove``... notify it).
+    """
+    import os
+
+    from broker.client import URL_ENV, TokenBroker
+
+    url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
+    extra: dict[str, str] = {}
+    if not url:
+        url, extra = _config_address(args)
+    return TokenBroker(url, key=_client_key(args)), extra
+
+
+def _config_address(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
+    """The first listen address of the config file, if there is one (None: the default)."""
+    import os
 
     from broker import config
     from broker.config import TcpListen
 
+    explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
+    if not explicit and not config.config_path().exists():
+        return None, {}
     settings = config.load(args.config)
     listen = settings.server.listen[0]
-    headers = {}
-    if settings.server.require_header:
-        headers[settings.server.require_header] = "1"
-    if key := _client_key(args):
-        headers["Authorization"] = f"Bearer {key}"
-    if isinstance(listen, TcpListen):
-        transport = httpx.HTTPTransport()
-        base = f"http://{listen}"
-    else:
-        transport = httpx.HTTPTransport(uds=listen.path)
-        base = "http://localhost"
+    url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
+    header = settings.server.require_header
+    # broker.client always sends X-Token-Broker: 1; a config may name another header.
+    return url, ({header: "1"} if header and header.lower() != "x-token-broker" else {})
+
+
+def _ask_daemon(
+    args: argparse.Namespace, path: str, method: str = "GET", *, from_config: bool = False
+) -> Any:
+    """One request to the running daemon (BrokerUnavailable if it cannot be reached)."""
+    broker, extra = _daemon(args, from_config=from_config)
+    with broker:
+        return broker.request(method, path, headers=extra)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from broker import execcmd
+    from broker.config import parse_duration
+
     try:
-        with httpx.Client(transport=transport, timeout=30.0, trust_env=False) as client:
-            return client.request(method, base + path, headers=headers)
-    except httpx.HTTPError as exc:
-        raise BrokerError(
-            f"cannot reach the daemon at {listen} ({type(exc).__name__}); "
-            "is `token-broker serve` running with this config?"
-        ) from None
+        min_remaining = parse_duration(args.min_remaining)
+        execcmd.parse_env(args.env)
+    except ValueError as exc:  # UsageError included
+        print(f"token-broker: exec: {exc}", file=sys.stderr)
+        return 2
+    broker, _ = _daemon(args)
+    return execcmd.run(
+        broker,
+        args.name,
+        args.argv,
+        env_items=args.env,
+        min_remaining=min_remaining,
+        pass_key=args.pass_key,
+    )
 
 
 def _client_key(args: argparse.Namespace) -> str | None:
-    """The client key from --key-file or $TOKEN_BROKER_CLIENT_KEY (never a command-line value)."""
-    import os
+    """The client key from --key-file (never a command-line value).
 
+    Without it broker.client reads $TOKEN_BROKER_CLIENT_KEY, else the file
+    $TOKEN_BROKER_CLIENT_KEY_FILE names.
+    """
     path = getattr(args, "key_file", None)
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read().strip()
-        except OSError as exc:
-            raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
-    return os.environ.get("TOKEN_BROKER_CLIENT_KEY") or None
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
 
 
 def _daemon_error(response: Any) -> int:
@@ -299,7 +395,7 @@ def _read_secret(args: argparse.Namespace, prompt: str) -> str:
 def _notify(args: argparse.Namespace) -> str:
     """Tell a running daemon to reload; say what happened in a few words."""
     try:
-        response = _ask_daemon(args, "/v1/reload", "POST")
+        response = _ask_daemon(args, "/v1/reload", "POST", from_config=True)
     except BrokerError:
         return "no daemon is running with this config; it will use this at start"
     if response.status_code == 200:
@@ -551,6 +647,7 @@ _COMMANDS = {
     "reload": _reload,
     "doctor": _doctor,
     "health": _health,
+    "exec": _exec,
     "client": _client,
     "tls": _tls,
 }

@@ -305,6 +305,11 @@ def _banner(settings: Any, issuer_port: int, lifetime: float) -> None:
     listen = settings.server.listen[0]
     base = f"http://{listen}" if not str(listen).startswith("unix:") else "http://localhost"
     unix = f"--unix-socket {listen.path} " if str(listen).startswith("unix:") else ""
+    # The client and exec find 127.0.0.1:8765 by themselves; any other address is named.
+    url = str(listen) if unix else base
+    own = url != "http://127.0.0.1:8765"
+    arg, flag = (f'"{url}"', f"--url {url} ") if own else ("", "")
+    list_line = f"token-broker list {flag}".rstrip()
     print(
         f"token-broker demo: issuer on http://127.0.0.1:{issuer_port}, "
         f"tokens live {lifetime:g}s and are refreshed ahead of expiry.\n"
@@ -312,6 +317,9 @@ def _banner(settings: Any, issuer_port: int, lifetime: float) -> None:
         f"  curl -s {unix}-H 'X-Token-Broker: 1' {base}/token\n"
         f"  curl -s {unix}-H 'X-Token-Broker: 1' {base}/v1/credentials/demo\n"
         f"  curl -s {unix}{base}/metrics\n"
+        f"  python -c 'from broker.client import TokenBroker; print(TokenBroker({arg}).status())'\n"
+        f"  token-broker exec {flag}-- sh -c 'echo \"token until $TOKEN_BROKER_EXPIRES_AT\"'\n"
+        f"  {list_line}\n"
         "Press Ctrl-C to stop.",
         flush=True,
     )

@@ -10,7 +10,10 @@
      ├── TokenUnavailable     no servable token right now (retry_after)
      ├── RefreshCooldown      a forced refresh asked for too soon (retry_after)
      ├── AccessDenied         no or a wrong client key (401), or not allowed to read (403)
-     └── UnknownCredential    no credential of that name
+     ├── UnknownCredential    no credential of that name
+     └── BrokerClientError    broker.client: the running broker could not give what was asked
+          ├── BrokerUnavailable   cannot connect, or 503 token_unavailable (retry_after)
+          └── BrokerRefused       401 / 403 / 404 (code)
 
 No message in this tree ever carries a secret or a whole token: messages are
 built from names, codes and the issuer's own error fields only.

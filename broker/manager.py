@@ -413,6 +413,7 @@ class Manager:
             "name": entry.cred.name,
             "provider": entry.cred.provider,
             "client_id": entry.cred.client_id,
+            "default": entry.cred.name == self.default,  # how clients find GET /token's name
             "state": entry.state(now),
             "expires_at": rfc3339(token.expires_at if token else None),
             "refreshed_at": rfc3339(entry.refreshed_at),

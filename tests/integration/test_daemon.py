@@ -379,7 +379,7 @@ def test_cli_token_and_list_ask_the_running_daemon(issuer, start_broker, capsys)
 def test_cli_reports_a_daemon_that_is_not_running(tmp_path, capsys):
     config = write_config(tmp_path / "c.toml", f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n')
     assert main(["token", "--config", str(config)]) == 1
-    assert "cannot reach the daemon" in capsys.readouterr().err
+    assert "cannot reach the token broker at http://127.0.0.1:" in capsys.readouterr().err
 
 
 def serve_and_fail(config: Path) -> subprocess.CompletedProcess[str]:

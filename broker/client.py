@@ -1,0 +1,761 @@
+"""The Python client of the token broker (DESIGN §9).
+
+Imports only httpx and the standard library, so it installs wherever its
+users' tools live (umapi-client, the User Sync Tool, scripts) without FastAPI,
+uvicorn, pydantic or keyring::
+
+    from broker.client import BrokerAuth, TokenBroker
+
+    TokenBroker().token("adobe")                    # the bare access token
+    httpx.get(url, auth=BrokerAuth("adobe"))        # every header an Adobe API call needs
+    requests.get(url, auth=BrokerAuth("adobe"))     # the same object is a requests auth
+
+Errors (``BrokerClientError`` is a ``broker.errors.BrokerError``, a module that
+imports nothing either)::
+
+    BrokerClientError      the broker answered other than asked (status, code)
+     ├── BrokerUnavailable cannot connect, no answer in time, 503 token_unavailable (retry_after)
+     └── BrokerRefused     401 / 403 / 404: no or a wrong client key, not allowed, unknown name
+
+No message, repr or exception text carries a token or a client key: they are
+built from the URL, the status and the broker's own ``error``/``detail``
+fields, which never hold one either.
+
+Every call is a small "flow" (a generator that yields the broker requests it
+needs and receives their responses), run by a sync or an async driver, so
+:class:`TokenBroker`, :class:`AsyncTokenBroker` and both halves of
+:class:`BrokerAuth` share one implementation of the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import AsyncGenerator, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from broker.errors import BrokerError  # the standard library only
+
+__all__ = [
+    "AsyncTokenBroker",
+    "BrokerAuth",
+    "BrokerClientError",
+    "BrokerRefused",
+    "BrokerUnavailable",
+    "TokenBroker",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+URL_ENV = "TOKEN_BROKER_URL"
+KEY_ENV = "TOKEN_BROKER_CLIENT_KEY"
+KEY_FILE_ENV = "TOKEN_BROKER_CLIENT_KEY_FILE"
+#: Response header of ``/v1/credentials/NAME/headers``: whole seconds the token has left.
+EXPIRES_IN_HEADER = "X-Token-Expires-In"
+#: BrokerAuth keeps headers until the token has less than this left (DESIGN §9); see keep_for.
+CACHE_MARGIN = 300.0
+#: A forced refresh waits for the issuer (its own timeout is 10 s by default, plus a free
+#: slot): a short client timeout would give up on a refresh that is about to succeed.
+REFRESH_TIMEOUT = 30.0
+#: Longest ``detail`` quoted from an error answer.
+_DETAIL_MAX = 300
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class BrokerClientError(BrokerError):
+    """Root of the client's errors: the broker could not give what was asked.
+
+    ``status`` is the HTTP status (None when no answer arrived) and ``code`` the
+    broker's ``error`` code (e.g. ``unknown_credential``), when it sent one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class BrokerUnavailable(BrokerClientError):
+    """No connection, no answer in time, or no servable token (503); try again later.
+
+    ``retry_after`` is the broker's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, code=code)
+        self.retry_after = retry_after
+
+
+class BrokerRefused(BrokerClientError):
+    """401, 403 or 404: a missing or wrong client key, a credential this key may not
+    read, or an unknown name. ``code`` is the broker's ``error`` code."""
+
+
+# -- where the broker is --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A broker address, parsed once: ``http(s)://HOST:PORT`` or ``unix:/path/to.sock``."""
+
+    url: str  # as given (normalised), for messages
+    base: str  # what httpx is asked for; "http://localhost" over a unix socket
+    uds: str | None = None
+
+    @classmethod
+    def parse(cls, url: str | None = None) -> Endpoint:
+        """``url``, else ``$TOKEN_BROKER_URL``, else ``http://127.0.0.1:8765``."""
+        where = "url"
+        if not url:
+            url, where = os.environ.get(URL_ENV) or DEFAULT_URL, f"${URL_ENV}"
+        url = url.strip()
+        if url.startswith("unix:"):
+            path = url[5:]
+            if path.startswith("//"):  # unix:///run/x.sock, as some tools write it
+                path = path[2:]
+            if not path.startswith("/"):
+                raise BrokerClientError(f"{where} {url!r}: a unix socket needs an absolute path")
+            return cls(f"unix:{path}", "http://localhost", path)
+        if "://" not in url:
+            url = "http://" + url  # "127.0.0.1:8765", as the config's listen key writes it
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BrokerClientError(
+                f"{where} {url!r}: expected http://HOST:PORT, https://HOST:PORT or unix:/path"
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise BrokerClientError(
+                f"{where}: a broker URL has no user, password, query or fragment; "
+                "the client key goes in $TOKEN_BROKER_CLIENT_KEY(_FILE)"
+            )
+        url = url.rstrip("/")
+        return cls(url, url)
+
+    def transport(self) -> httpx.HTTPTransport:
+        # Plain HTTP has nothing to verify; skipping the CA bundle saves ~40 ms per client.
+        return httpx.HTTPTransport(uds=self.uds, verify=self.base.startswith("https:"))
+
+    def async_transport(self) -> httpx.AsyncHTTPTransport:
+        return httpx.AsyncHTTPTransport(uds=self.uds, verify=self.base.startswith("https:"))
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One request a flow needs from the broker."""
+
+    method: str
+    path: str
+    long: bool = False  # waits for the issuer: REFRESH_TIMEOUT at least
+
+
+T = TypeVar("T")
+Flow = Generator[_Call, httpx.Response, T]
+
+
+def _path(name: str) -> str:
+    return "/v1/credentials/" + quote(name, safe="")
+
+
+# -- the protocol, as flows -----------------------------------------------------------
+
+
+def _check(response: httpx.Response, url: str) -> httpx.Response:
+    """Raise the client error a non-2xx answer stands for; return a 2xx answer."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return response
+    code, detail = _error_fields(response)
+    text = f"the token broker at {url} answered {status} {code}: {detail}"
+    if status in (401, 403, 404):
+        raise BrokerRefused(text, status=status, code=code)
+    if status == 503:
+        raise BrokerUnavailable(text, status=status, code=code, retry_after=_retry_after(response))
+    raise BrokerClientError(text, status=status, code=code)
+
+
+def _error_fields(response: httpx.Response) -> tuple[str, str]:
+    """The broker's ``error`` and ``detail``; a body that is not its JSON is not quoted."""
+    try:
+        body = response.json()
+        code, detail = str(body["error"]), str(body.get("detail") or "")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"http_{response.status_code}", "not an answer of the token broker"
+    if len(detail) > _DETAIL_MAX:
+        detail = detail[:_DETAIL_MAX] + "…"
+    return code, detail
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _json(response: httpx.Response, url: str) -> Any:
+    try:
+        return response.json()
+    except (ValueError, UnicodeDecodeError):
+        raise BrokerClientError(
+            f"the token broker at {url} answered {response.status_code} with a body that "
+            "is not JSON",
+            status=response.status_code,
+        ) from None
+
+
+def _default_flow(url: str) -> Flow[dict[str, Any]]:
+    """The status object of the default credential (``"default": true``)."""
+    rows = _json(_check((yield _Call("GET", "/v1/credentials")), url), url)
+    if not isinstance(rows, list):
+        raise BrokerClientError(
+            f"the token broker at {url} answered /v1/credentials with something else than a list"
+        )
+    marked = [r for r in rows if isinstance(r, dict) and r.get("default") is True]
+    if not marked and len(rows) == 1 and "default" not in rows[0]:
+        marked = rows  # a broker from before the "default" field: one credential is the default
+    if len(marked) != 1:
+        raise BrokerRefused(
+            f"the token broker at {url} has no default credential (or this client key may "
+            "not read it): name the credential",
+            status=404,
+            code="unknown_credential",
+        )
+    return marked[0]
+
+
+def _name_flow(name: str | None, url: str) -> Flow[str]:
+    if name is not None:
+        return name
+    return str((yield from _default_flow(url))["name"])
+
+
+def _token_flow(name: str | None, url: str) -> Flow[str]:
+    path = "/token" if name is None else "/token/" + quote(name, safe="")
+    return _check((yield _Call("GET", path)), url).text
+
+
+def _headers_flow(name: str | None, url: str) -> Flow[tuple[dict[str, str], float | None]]:
+    """The headers of ``name`` and the seconds its token has left (None if not said)."""
+    name = yield from _name_flow(name, url)
+    response = _check((yield _Call("GET", _path(name) + "/headers")), url)
+    headers = _json(response, url)
+    if not isinstance(headers, dict):
+        raise BrokerClientError(f"the token broker at {url} answered headers that are not a map")
+    try:
+        left: float | None = float(response.headers[EXPIRES_IN_HEADER])
+    except (KeyError, ValueError):
+        left = None
+    return {str(k): str(v) for k, v in headers.items()}, left
+
+
+def _status_flow(name: str | None, url: str) -> Flow[dict[str, Any]]:
+    if name is None:
+        return (yield from _default_flow(url))
+    body = _json(_check((yield _Call("GET", _path(name))), url), url)
+    if not isinstance(body, dict):
+        raise BrokerClientError(f"the token broker at {url} answered a status that is not a map")
+    return body
+
+
+def _token_info_flow(name: str, url: str) -> Flow[dict[str, Any]]:
+    body = _json(_check((yield _Call("GET", _path(name) + "/token")), url), url)
+    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+        raise BrokerClientError(f"the token broker at {url} answered a token without a token")
+    return body
+
+
+def _refresh_flow(name: str | None, url: str) -> Flow[None]:
+    name = yield from _name_flow(name, url)
+    response = yield _Call("POST", _path(name) + "/refresh", long=True)
+    if response.status_code == 429:
+        return None  # refresh_cooldown: somebody refreshed moments ago; that token is current
+    _check(response, url)
+    return None
+
+
+# -- the two clients ------------------------------------------------------------------
+
+
+class _Base:
+    """What both clients share: the address, the client key, the timeout."""
+
+    def __init__(
+        self, url: str | Endpoint | None = None, *, key: str | None = None, timeout: float = 5.0
+    ) -> None:
+        self._endpoint = url if isinstance(url, Endpoint) else Endpoint.parse(url)
+        self._key = key or None
+        self.timeout = timeout
+
+    @property
+    def url(self) -> str:
+        return self._endpoint.url
+
+    def __repr__(self) -> str:  # never the key
+        return f"{type(self).__name__}({self.url!r})"
+
+    def _client_key(self) -> str | None:
+        """``key``, else ``$TOKEN_BROKER_CLIENT_KEY``, else the file ``$..._KEY_FILE`` names.
+
+        Read at every request, so a key file can be rotated under a running program.
+        """
+        if self._key:
+            return self._key
+        if key := os.environ.get(KEY_ENV):
+            return key
+        path = os.environ.get(KEY_FILE_ENV)
+        if not path:
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+        except OSError as exc:
+            raise BrokerClientError(
+                f"cannot read the client key from {path} (${KEY_FILE_ENV}): "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"X-Token-Broker": "1"}
+        if key := self._client_key():
+            headers["Authorization"] = f"Bearer {key}"
+        if extra:
+            headers.update(extra)
+        return headers
+
+    def _timeout(self, call: _Call) -> float:
+        return max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
+
+    def _unavailable(self, exc: httpx.TransportError) -> BrokerUnavailable:
+        if isinstance(exc, httpx.TimeoutException):
+            why = f"no answer within {self.timeout:g}s ({type(exc).__name__})"
+        else:
+            # httpx's own words are the OS error ("[Errno 111] Connection refused"); they
+            # never quote request headers, so no key or token can be in them.
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return BrokerUnavailable(f"cannot reach the token broker at {self.url} ({why})")
+
+    async def _arun_once(self, flow: Flow[T]) -> T:
+        """Run ``flow`` on a short-lived async client of this event loop.
+
+        BrokerAuth's async half may be driven from any number of event loops; a
+        client bound to one of them would break in the next.
+        """
+        async with httpx.AsyncClient(
+            transport=self._endpoint.async_transport(), trust_env=False
+        ) as client:
+            return await _drive_async(self, client, flow)
+
+
+def _drive_sync(base: _Base, client: httpx.Client, flow: Flow[T]) -> T:
+    try:
+        call = next(flow)
+        while True:
+            try:
+                response = client.request(
+                    call.method,
+                    base._endpoint.base + call.path,
+                    headers=base._headers(),
+                    timeout=base._timeout(call),
+                )
+            except httpx.TransportError as exc:
+                raise base._unavailable(exc) from None
+            call = flow.send(response)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) -> T:
+    try:
+        call = next(flow)
+        while True:
+            try:
+                response = await client.request(
+                    call.method,
+                    base._endpoint.base + call.path,
+                    headers=base._headers(),
+                    timeout=base._timeout(call),
+                )
+            except httpx.TransportError as exc:
+                raise base._unavailable(exc) from None
+            call = flow.send(response)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+class TokenBroker(_Base):
+    """A client of a running token broker. Thread-safe; one connection pool per instance.
+
+    Args:
+        url: ``http://HOST:PORT`` or ``unix:/path/to.sock``; default
+            ``$TOKEN_BROKER_URL``, else ``http://127.0.0.1:8765``.
+        key: the client key; default ``$TOKEN_BROKER_CLIENT_KEY``, else the content
+            of the file ``$TOKEN_BROKER_CLIENT_KEY_FILE`` names (read per request).
+        timeout: seconds per request (a forced refresh waits at least 30 s).
+
+    ``name=None`` in every method means the broker's default credential.
+    """
+
+    def __init__(
+        self, url: str | Endpoint | None = None, *, key: str | None = None, timeout: float = 5.0
+    ) -> None:
+        super().__init__(url, key=key, timeout=timeout)
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> TokenBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool (the next call opens a new one)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _pool(self) -> httpx.Client:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    # trust_env=False: an HTTP(S)_PROXY meant for the internet must not
+                    # carry loopback requests (the broker refuses proxied ones anyway).
+                    self._client = httpx.Client(
+                        transport=self._endpoint.transport(), trust_env=False
+                    )
+                client = self._client
+        return client
+
+    def _run(self, flow: Flow[T]) -> T:
+        return _drive_sync(self, self._pool(), flow)
+
+    def token(self, name: str | None = None) -> str:
+        """The access token of ``name``, nothing else."""
+        return self._run(_token_flow(name, self.url))
+
+    def headers(self, name: str | None = None) -> dict[str, str]:
+        """The headers an API call needs (Adobe: Authorization, x-api-key, x-gw-ims-org-id)."""
+        return self._run(_headers_flow(name, self.url))[0]
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        """The status JSON of ``name`` (state, expires_at, last_error, ...; never a token)."""
+        return self._run(_status_flow(name, self.url))
+
+    def refresh(self, name: str | None = None) -> None:
+        """Force a refresh now and return once it is done.
+
+        A ``429 refresh_cooldown`` is not an error: somebody refreshed moments ago.
+        """
+        self._run(_refresh_flow(name, self.url))
+
+    def _token_info(self, name: str) -> dict[str, Any]:
+        """``/v1/credentials/NAME/token``: access_token, expires_in, expires_at (for exec)."""
+        return self._run(_token_info_flow(name, self.url))
+
+    def request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """One raw request to ``path`` (e.g. ``/v1/reload``); only connection errors raise.
+
+        It may wait for token requests (a reload, a refresh): at least 30 s.
+        """
+        try:
+            return self._pool().request(
+                method, self._endpoint.base + path, headers=self._headers(headers),
+                timeout=max(self.timeout, REFRESH_TIMEOUT),
+            )  # fmt: skip
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from None
+
+
+class AsyncTokenBroker(_Base):
+    """:class:`TokenBroker` for asyncio: the same methods, awaitable.
+
+    Its connection pool belongs to the event loop of the first call; close it
+    with ``await aclose()`` or ``async with AsyncTokenBroker() as broker``.
+    """
+
+    def __init__(
+        self, url: str | Endpoint | None = None, *, key: str | None = None, timeout: float = 5.0
+    ) -> None:
+        super().__init__(url, key=key, timeout=timeout)
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> AsyncTokenBroker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _run(self, flow: Flow[T]) -> T:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                transport=self._endpoint.async_transport(), trust_env=False
+            )
+        return await _drive_async(self, self._client, flow)
+
+    async def token(self, name: str | None = None) -> str:
+        return await self._run(_token_flow(name, self.url))
+
+    async def headers(self, name: str | None = None) -> dict[str, str]:
+        return (await self._run(_headers_flow(name, self.url)))[0]
+
+    async def status(self, name: str | None = None) -> dict[str, Any]:
+        return await self._run(_status_flow(name, self.url))
+
+    async def refresh(self, name: str | None = None) -> None:
+        await self._run(_refresh_flow(name, self.url))
+
+
+# -- BrokerAuth -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cached:
+    headers: dict[str, str] = field(repr=False)
+    until: float  # the BrokerAuth clock's reading after which the broker is asked again
+
+
+def keep_for(seconds_left: float | None) -> float:
+    """How long BrokerAuth keeps headers whose token has ``seconds_left``.
+
+    Until under 5 minutes remain; a token with less than 10 minutes left (a
+    120 s demo token, or one fetched late) is kept for half of what it has
+    left (60 s of a fresh demo token, which the broker serves for 108 s), so it is
+    never used near its end. No expiry known (a broker from
+    before ``X-Token-Expires-In``): not kept at all.
+    """
+    if seconds_left is None or seconds_left <= 0:
+        return 0.0
+    return max(seconds_left - CACHE_MARGIN, seconds_left / 2)
+
+
+class BrokerAuth(httpx.Auth):
+    """Authenticate API calls with the broker's headers: an httpx ``Auth`` and a requests auth.
+
+    ``httpx.Client(auth=BrokerAuth("adobe"))``, ``httpx.AsyncClient(auth=...)``,
+    ``requests.get(url, auth=BrokerAuth("adobe"))`` and
+    ``umapi_client.Connection(org_id, auth=BrokerAuth("adobe"))`` all work; the
+    package does not depend on requests (its hook is duck-typed).
+
+    Every header of ``/v1/credentials/NAME/headers`` is added, and kept until
+    the token has under 5 minutes left (see :func:`keep_for`). When the API
+    answers 401, the broker's current headers are taken if it has moved on
+    already, else the token is refreshed at the broker (once); the request is
+    sent again once, if its body can be sent again (a streamed body: the 401
+    is returned). Many threads (or tasks) that get a 401 for the same headers
+    cause one refresh: the first refreshes, the others find newer headers
+    than the ones refused and just send again with those.
+
+    Args:
+        name: the credential; None: the broker's default credential.
+        broker: a :class:`TokenBroker` (or :class:`AsyncTokenBroker`) whose URL,
+            key and timeout to use; default ``TokenBroker()``.
+    """
+
+    requires_request_body = False  # a streamed upload stays streamed (and is not replayed)
+    requires_response_body = False
+
+    def __init__(
+        self, name: str | None = None, *, broker: TokenBroker | AsyncTokenBroker | None = None
+    ) -> None:
+        self.name = name
+        if broker is None:
+            self._broker, self._owned = TokenBroker(), True
+        elif isinstance(broker, AsyncTokenBroker):
+            # The sync half needs a sync client; the async half opens its own per loop.
+            self._broker = TokenBroker(broker._endpoint, key=broker._key, timeout=broker.timeout)
+            self._owned = True
+        else:
+            self._broker, self._owned = broker, False
+        self._cached: _Cached | None = None
+        self._cache = True  # bench/bench.py turns this off to measure the round trip
+        self._clock: Callable[[], float] = time.monotonic  # tests drive it
+        self._lock = threading.Lock()  # single flight among threads
+        self._loop_locks_guard = threading.Lock()  # never held across I/O
+        self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"BrokerAuth({self.name!r}, broker={self._broker!r})"
+
+    def close(self) -> None:
+        """Close the connection pool of the TokenBroker this object made itself."""
+        if self._owned:
+            self._broker.close()
+
+    # -- the cache, shared by both halves ---------------------------------------------
+
+    def _store(self, found: tuple[dict[str, str], float | None]) -> dict[str, str]:
+        headers, left = found
+        keep = keep_for(left) if self._cache else 0.0
+        self._cached = _Cached(headers, self._clock() + keep)
+        return headers
+
+    def _hit(self) -> dict[str, str] | None:
+        cached = self._cached  # one read: another thread may replace it meanwhile
+        return cached.headers if cached is not None and self._clock() < cached.until else None
+
+    def _after_401_plan(self, refused: dict[str, str]) -> tuple[bool, dict[str, str] | None]:
+        """(refresh at the broker?, headers to use without asking) after a 401 for ``refused``.
+
+        Called with the single-flight lock held.
+        """
+        cached = self._cached
+        if cached is None or cached.headers == refused:
+            return True, None  # nobody has replaced what was refused: refresh
+        return False, cached.headers if self._clock() < cached.until else None
+
+    def _renew_flow(
+        self, refused: dict[str, str], refresh: bool
+    ) -> Flow[tuple[dict[str, str], float | None]]:
+        """The headers to send again with, after the API refused ``refused`` with a 401.
+
+        The broker's current headers, if they differ from the refused ones (it moved
+        on already, e.g. after its scheduled refresh); else a forced refresh first.
+        """
+        url = self._broker.url
+        found = yield from _headers_flow(self.name, url)
+        if not refresh or found[0] != refused:
+            return found
+        yield from _refresh_flow(self.name, url)  # a 429 means another just refreshed: fine
+        return (yield from _headers_flow(self.name, url))
+
+    # -- sync (threads) ----------------------------------------------------------------
+
+    def _current(self) -> dict[str, str]:
+        if (hit := self._hit()) is not None:
+            return hit
+        with self._lock:  # a cold start of 50 threads is one request too
+            if (hit := self._hit()) is not None:
+                return hit
+            return self._store(self._broker._run(_headers_flow(self.name, self._broker.url)))
+
+    def _after_401(self, refused: dict[str, str]) -> dict[str, str]:
+        with self._lock:
+            refresh, ready = self._after_401_plan(refused)
+            if ready is not None:
+                return ready
+            return self._store(self._broker._run(self._renew_flow(refused, refresh)))
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        used = self._current()
+        request.headers.update(used)
+        response = yield request
+        if response.status_code != 401 or not _replayable(request):
+            return
+        request.headers.update(self._after_401(used))
+        yield request
+
+    # -- async (tasks of any event loop) ----------------------------------------------
+
+    def _loop_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        with self._loop_locks_guard:
+            lock = self._loop_locks.get(loop)
+            if lock is None:
+                lock = self._loop_locks[loop] = asyncio.Lock()
+        return lock
+
+    async def _acurrent(self) -> dict[str, str]:
+        if (hit := self._hit()) is not None:
+            return hit
+        async with self._loop_lock():
+            if (hit := self._hit()) is not None:
+                return hit
+            found = await self._broker._arun_once(_headers_flow(self.name, self._broker.url))
+            return self._store(found)
+
+    async def _aafter_401(self, refused: dict[str, str]) -> dict[str, str]:
+        async with self._loop_lock():
+            refresh, ready = self._after_401_plan(refused)
+            if ready is not None:
+                return ready
+            return self._store(await self._broker._arun_once(self._renew_flow(refused, refresh)))
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        used = await self._acurrent()
+        request.headers.update(used)
+        response = yield request
+        if response.status_code != 401 or not _replayable(request):
+            return
+        request.headers.update(await self._aafter_401(used))
+        yield request
+
+    # -- requests -----------------------------------------------------------------------
+
+    def __call__(self, request: Any) -> Any:
+        """requests' auth interface: add the headers, and a hook for the 401 retry."""
+        used = self._current()
+        request.headers.update(used)
+
+        def on_response(response: Any, **send_kwargs: Any) -> Any:
+            return self._requests_401(response, used, on_response, send_kwargs)
+
+        request.register_hook("response", on_response)
+        return request
+
+    def _requests_401(
+        self,
+        response: Any,
+        used: dict[str, str],
+        hook: Callable[..., Any],
+        send_kwargs: dict[str, Any],
+    ) -> Any:
+        """Send a request that got a 401 again, once, with fresh headers (as requests'
+        own digest auth does: through the same adapter, the 401 kept in ``history``)."""
+        sent = response.request
+        adapter = getattr(response, "connection", None)
+        if response.status_code != 401 or adapter is None:
+            return response
+        if sent.body is not None and not isinstance(sent.body, bytes | str):
+            return response  # a file or a generator: it cannot be sent a second time
+        fresh = self._after_401(used)
+        response.content  # noqa: B018 - read it, so the connection goes back to the pool
+        response.close()
+        again = sent.copy()
+        again.headers.update(fresh)
+        # copy() shares the hook lists: the second answer must not come back here.
+        again.hooks = {
+            event: [h for h in hooks if h is not hook] for event, hooks in sent.hooks.items()
+        }
+        retried = adapter.send(again, **send_kwargs)
+        retried.history.append(response)
+        retried.request = again
+        return retried
+
+
+def _replayable(request: httpx.Request) -> bool:
+    """True if the body is in memory (or absent), so the request can be sent again."""
+    try:
+        request.content  # noqa: B018
+    except httpx.RequestNotRead:
+        return False
+    return True

@@ -1,0 +1,205 @@
+"""``token-broker exec``: run a command with the token in its environment (DESIGN §9).
+
+Everything that can fail (broker down, unknown credential, a field the
+credential does not have) happens before the command starts; then this
+process *becomes* the command (``execvpe``), as ``aws-vault exec`` does. So
+the command has this process's pid, every signal sent to ``token-broker
+exec`` (SIGINT, SIGTERM, SIGHUP, any other) is the command's own, and its
+exit status, or its death by a signal (a shell shows 128+signo), is exactly
+what the caller sees. Nothing of the broker's client survives the exec: the
+client key read from a file stays in this process's memory, which is
+replaced, and the broker connections are close-on-exec.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from broker.client import KEY_ENV, KEY_FILE_ENV, BrokerClientError, TokenBroker
+
+FIELDS = ("access_token", "authorization", "expires_at", "api_key", "org_id")
+DEFAULT_MIN_REMAINING = 600.0  # "10m"
+PREFIX = "TOKEN_BROKER_"
+#: Headers that have variables of their own; any other header of the credential (its static
+#: ``headers`` table) becomes TOKEN_BROKER_HEADER_<NAME>.
+_OWN_HEADERS = frozenset({"authorization", "x-api-key", "x-gw-ims-org-id"})
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Token and headers come from two requests; a refresh between them is retried this often.
+_ATTEMPTS = 3
+
+
+class UsageError(ValueError):
+    """A malformed option: exit status 2."""
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """Split ``exec ... -- COMMAND ARG...`` at the first ``--`` (None: no ``--``)."""
+    args = list(argv)
+    if "--" not in args:
+        return args, None
+    i = args.index("--")
+    return args[:i], args[i + 1 :]
+
+
+def parse_env(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``VAR=FIELD`` options as (VAR, FIELD) pairs."""
+    pairs = []
+    for item in items:
+        var, sep, name = item.partition("=")
+        if not sep or not _VAR_RE.match(var) or name not in FIELDS:
+            raise UsageError(
+                f"--env {item!r}: expected VAR=FIELD, FIELD one of {', '.join(FIELDS)}"
+            )
+        pairs.append((var, name))
+    return pairs
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What exec hands to the command: one token and what goes with it."""
+
+    name: str
+    provider: str
+    access_token: str = field(repr=False)
+    expires_at: str
+    expires_in: float
+    client_id: str | None
+    org_id: str | None
+    extra: dict[str, str]  # static headers beyond the usual three (not secrets)
+
+    def value(self, name: str) -> str:
+        """The value of a FIELD; raises LookupError if this credential has none."""
+        if name == "access_token":
+            return self.access_token
+        if name == "authorization":
+            return f"Bearer {self.access_token}"
+        if name == "expires_at":
+            return self.expires_at
+        found = self.client_id if name == "api_key" else self.org_id
+        if found is None:
+            raise LookupError(f"credential {self.name!r} has no {name}")
+        return found
+
+
+def effective_min_remaining(asked: float, status: Mapping[str, Any]) -> float:
+    """``asked``, but at most half the token's lifetime (a 120 s token: 60 s)."""
+    issued, expires = _epoch(status.get("refreshed_at")), _epoch(status.get("expires_at"))
+    if issued is None or expires is None or expires <= issued:
+        return asked
+    return min(asked, (expires - issued) / 2)
+
+
+def _epoch(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def take(broker: TokenBroker, name: str | None, min_remaining: float) -> Taken:
+    """Ask the broker for the token (refreshed first if too little is left) and its headers."""
+    status = broker.status(name)
+    name = str(status["name"])
+    info = broker._token_info(name)
+    if float(info.get("expires_in", 0)) < effective_min_remaining(min_remaining, status):
+        broker.refresh(name)  # a refresh_cooldown means another just refreshed: take that
+        info = broker._token_info(name)
+    for _ in range(_ATTEMPTS):
+        headers = broker.headers(name)
+        if headers.get("Authorization") == f"Bearer {info['access_token']}":
+            break
+        info = broker._token_info(name)  # a refresh came between the two requests
+    else:
+        raise LookupError(f"the token of {name!r} kept changing while it was read; try again")
+    lower = {k.lower(): v for k, v in headers.items()}
+    return Taken(
+        name=name,
+        provider=str(status.get("provider")),
+        access_token=str(info["access_token"]),
+        expires_at=str(info.get("expires_at")),
+        expires_in=float(info.get("expires_in", 0)),
+        client_id=lower.get("x-api-key") or status.get("client_id"),
+        org_id=lower.get("x-gw-ims-org-id"),
+        extra={k: v for k, v in headers.items() if k.lower() not in _OWN_HEADERS},
+    )
+
+
+def header_variable(header: str) -> str:
+    """``x-sandbox-name`` -> ``TOKEN_BROKER_HEADER_X_SANDBOX_NAME``."""
+    return PREFIX + "HEADER_" + re.sub(r"[^A-Z0-9]", "_", header.upper())
+
+
+def environment(
+    taken: Taken, asked: Sequence[tuple[str, str]], base: Mapping[str, str], *, pass_key: bool
+) -> dict[str, str]:
+    """The command's environment: ``base`` without the client key, plus the variables.
+
+    Raises LookupError when ``asked`` wants a field the credential does not have.
+    """
+    env = dict(base)
+    if not pass_key:
+        for var in (KEY_ENV, KEY_FILE_ENV):
+            env.pop(var, None)
+    env[PREFIX + "ACCESS_TOKEN"] = taken.access_token
+    env[PREFIX + "EXPIRES_AT"] = taken.expires_at
+    if taken.provider == "adobe":
+        env[PREFIX + "API_KEY"] = taken.value("api_key")
+        if taken.org_id is not None:
+            env[PREFIX + "ORG_ID"] = taken.org_id
+    for header, value in taken.extra.items():
+        env[header_variable(header)] = value
+    for var, name in asked:
+        try:
+            env[var] = taken.value(name)
+        except LookupError as exc:
+            raise LookupError(f"{exc} (asked for by --env {var}={name})") from None
+    return env
+
+
+def run(
+    broker: TokenBroker,
+    name: str | None,
+    command: Sequence[str],
+    *,
+    env_items: Sequence[str] = (),
+    min_remaining: float = DEFAULT_MIN_REMAINING,
+    pass_key: bool = False,
+) -> int:
+    """Replace this process with ``command``; return only when that cannot happen.
+
+    Returns 1 when the token cannot be had (nothing was run), 127 when the command
+    does not exist and 126 when it cannot be executed, as a shell does.
+    """
+    asked = parse_env(env_items)  # UsageError before any request
+    try:
+        taken = take(broker, name, min_remaining)
+        env = environment(taken, asked, os.environ, pass_key=pass_key)
+    except (LookupError, BrokerClientError) as exc:
+        print(f"token-broker: {exc}; the command was not run", file=sys.stderr)
+        return 1
+    finally:
+        broker.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Python ignores SIGPIPE and SIGXFSZ for itself; an ignored signal stays ignored across
+    # exec, and `token-broker exec -- yes | head` would then never end.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        os.execvpe(command[0], list(command), env)
+    except FileNotFoundError:
+        print(f"token-broker: {command[0]}: command not found", file=sys.stderr)
+        return 127
+    except OSError as exc:
+        print(f"token-broker: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 126
+    return 1  # not reached: execvpe returns only by raising
