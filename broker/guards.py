@@ -10,7 +10,9 @@ there is exactly one implementation of the rules:
   address the request arrived on; skipped on a unix socket;
 * no ``Origin`` and no ``Sec-Fetch-Site`` other than ``none`` (browsers);
 * no ``X-Forwarded-For`` / ``Forwarded`` (proxied requests);
-* the ``X-Token-Broker`` header (SSRF), on every route that needs it.
+* the ``X-Token-Broker`` header (SSRF), on every route that needs it;
+* HTTP/1.1 or 1.0 (RFC 9112 requires the version in the request line), and
+  no duplicate of any header these rules read (RFC 9112 §3.2 for ``Host``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Rejection(NamedTuple):
     rule: str
 
 
+_NO_VERSION = Rejection(400, "bad_request", "the request line has no HTTP version", "version")
+_VERSION = Rejection(505, "bad_request", "only HTTP/1.1 and HTTP/1.0 are served", "version")
 _BROWSER = Rejection(403, "forbidden", "browser requests are refused", "browser")
 _PROXIED = Rejection(403, "forbidden", "proxied requests are refused", "proxied")
 _PEER = Rejection(403, "forbidden", "only loopback peers are served", "peer")
@@ -54,6 +58,9 @@ def check(
     this route or the configuration does not require it. ``remote`` is the
     config's ``allow_remote``.
     """
+    version = scope["http_version"]  # uvicorn's parser: "0.9" for a line without one
+    if version != "1.1" and version != "1.0":
+        return _NO_VERSION if version == "0.9" else _VERSION
     server = scope.get("server")
     unix = server is not None and server[1] is None
     if not unix and not remote:

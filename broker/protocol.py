@@ -2,36 +2,38 @@
 
 uvicorn parses a request and hands it to the app; what it lets through, the
 guards then judge. These additions make sure the guards judge what the
-request really is, at the cost of a few attribute tests per request and no
-timer for requests that arrive whole:
+request really is, and cost a keep-alive request that arrives whole a few
+attribute tests (no timer, no counting):
 
-* **One header section per request.** Fields after the body (chunked
-  trailers) are dropped: uvicorn would append them to the request's header
-  list, where a trailer ``X-Token-Broker`` or ``Host`` would count as a header.
-* **No body where none is read.** The main API reads no request body, so a
-  request that announces one (``Content-Length`` > 0, any
-  ``Transfer-Encoding``) is answered 413 before the app sees it. A listener
-  that takes a small form (``max_body``) gets it bounded.
-* **HTTP/1.0 or 1.1 only.** A request line without a version (HTTP/0.9 style)
-  or with another version is refused.
+* **One header section per request.** Fields after a chunked body (trailers)
+  never reach the request: uvicorn would append them to the request's header
+  list, where a trailer ``X-Token-Broker`` or ``Host`` would count.
 * **Absolute-form targets** (``GET http://host/path``): RFC 9112 §3.2.2 says
   the target's authority replaces ``Host``, so the Host the guards judge is
   that authority.
 * **A header size limit per request.** What the parser hands over as request
-  line and header fields is counted for every request of a connection
-  (keep-alive and pipelined ones too, whatever empty lines precede them);
-  over :data:`MAX_HEADER_BYTES` is 431. Chunks that arrive while one header
-  section stays open are counted whole, so a header dribbled in pieces is
-  refused before the parser has buffered more than the limit.
+  line and header fields, for every request of a connection (keep-alive and
+  pipelined ones too, whatever empty lines precede them): over
+  :data:`MAX_HEADER_BYTES` is 431. Only a request whose header section touched
+  more bytes than the limit is counted; chunks that arrive while a section
+  stays open count whole, so a header dribbled in pieces is refused before
+  the parser has buffered more than the limit.
 * **A header deadline.** uvicorn has no timeout for a request that arrives
   slowly (slow-loris). A connection must complete each request within
   ``header_timeout`` of its first byte (or of the connection opening);
   otherwise it is answered 408 and closed. An idle connection that never
-  starts a request is closed.
+  starts a request, or only sends empty lines, is closed.
 * **Peer credentials.** On a unix socket the kernel tells who connected
   (``SO_PEERCRED``: pid, uid, gid; ``SO_PEERGROUPS``: supplementary groups),
   read once per connection and put in every request's scope for
   :mod:`broker.access`.
+* **Forms, bounded** (:class:`FormProtocol`, a listener that reads a small
+  body): the body needs a ``Content-Length`` of at most ``max_body`` (no
+  chunked bodies, so no trailers either) and must arrive within the deadline.
+
+A refusal is written after the responses to earlier pipelined requests. The
+HTTP version (RFC 9112 requires one in the request line) and duplicate headers
+are judged by :mod:`broker.guards`, from the scope, at no cost here.
 
 This subclasses a private uvicorn class; pyproject.toml caps uvicorn at the
 newest version the suite passes with, and tests/test_protocol.py drives this
@@ -89,22 +91,32 @@ class Refusal(Exception):
         self.reason = reason
 
 
+class _Discard(list):  # type: ignore[type-arg]
+    """Where uvicorn appends the trailer fields of a chunked body: nowhere."""
+
+    def append(self, item: object) -> None:
+        pass
+
+
+_TRAILERS = _Discard()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """See the module docstring; configured by subclassing with :func:`protocol_class`."""
 
     header_timeout: float = 10.0
-    #: The largest request body accepted; 0: a request that announces a body is refused.
-    max_body: int = 0
+    max_body: int = 0  # this listener reads no request body
+    #: Where a request is once its headers are in: complete (no body follows).
+    _after_head = _IDLE
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._peer = peer_of(transport.get_extra_info("socket"))
         self._phase = _IDLE
         self._seq = 0  # requests begun on this connection
-        self._header_bytes = 0  # request line and fields the parser handed over
+        self._chunk = 0  # length of the chunk being parsed
+        self._span = 0  # bytes of the chunks the current header section touched: a bound
         self._open_bytes = 0  # whole chunks received inside one still-open header section
-        self._chunked = False
-        self._length = 0
         self._refusal: Refusal | None = None
         self._pending: Refusal | None = None  # to answer once earlier responses are out
         self._deadline: asyncio.TimerHandle | None = None
@@ -117,7 +129,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, with the refusals of this class answered as such.
         self._unset_keepalive_if_required()
-        phase, seq = self._phase, self._seq
+        phase = self._phase
+        if phase == _HEAD:
+            self._span += len(data)
+        self._chunk = len(data)
+        seq = self._seq
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -126,19 +142,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             refusal = self._refusal or Refusal(400, b"malformed HTTP request")
             self._refuse(refusal.status, refusal.reason)
             return
-        if self.transport.is_closing():
+        if self._phase == _IDLE:
+            if seq == self._seq and phase == _IDLE and self._deadline is None:
+                self._arm()  # only empty lines, no request line: they may not hold the line
             return
+        # A request is still incomplete after this chunk (rare: most arrive whole).
         if self._phase == _HEAD and phase == _HEAD and seq == self._seq:
             # The section was open before this chunk and still is: all of it is header.
             self._open_bytes += len(data)
             if self._open_bytes > MAX_HEADER_BYTES:
                 self._refuse(431, b"request headers too large")
                 return
-        # A request still incomplete after this chunk, or only empty lines before a request
-        # line, gets a deadline. Requests that arrive whole never create a timer.
-        if self._deadline is None and (
-            self._phase != _IDLE or (phase == _IDLE and seq == self._seq)
-        ):
+        if self._deadline is None:
             self._arm()
 
     # -- parser callbacks ------------------------------------------------------------
@@ -147,60 +162,32 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._phase = _HEAD
         self._seq += 1
-        self._header_bytes = self._open_bytes = self._length = 0
-        self._chunked = False
+        self._span = self._chunk  # this section lies within the chunk being parsed, so far
+        self._open_bytes = 0
         if self._peer is not None:
             self.scope["extensions"] = {PEER: self._peer}  # type: ignore[typeddict-unknown-key]
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self._count(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._phase != _HEAD:
-            return  # a trailer field after a chunked body: never a header of the request
-        self._count(len(name) + len(value) + _FIELD_OVERHEAD)
-        name = name.lower()
-        if name == b"content-length":
-            self._length = int(value) if value.isdigit() else self.max_body + 1
-        elif name == b"transfer-encoding":
-            self._chunked = True
-        elif name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
-        self._phase = _BODY
-        version = self.parser.get_http_version()
-        if version == "0.9":
-            self._stop(400, b"the request line has no HTTP version")
-        if version != "1.1" and version != "1.0":
-            self._stop(505, b"only HTTP/1.1 and HTTP/1.0 are served")
-        if self._chunked or self._length > self.max_body:
-            # No chunked bodies at all: a body has a Content-Length, so it is bounded before
-            # it is read, and no trailer section can follow it.
-            if not self.max_body:
-                self._stop(413, b"request bodies are not accepted here")
-            if self._chunked:
-                self._stop(411, b"a request body needs a Content-Length")
-            self._stop(413, b"request body too large")
+        if self._span > MAX_HEADER_BYTES and self._header_bytes() > MAX_HEADER_BYTES:
+            # Only a section that touched more bytes than the limit can exceed it: a request
+            # that arrives whole in a smaller chunk is never counted at all.
+            self._stop(431, b"request headers too large")
         if self.url[:1] != b"/" and self.url != b"*":
             self._authority_is_host()
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self._phase = _IDLE
-        if self._deadline is not None:  # inline: this runs on every request
-            self._deadline.cancel()
+        self._phase = self._after_head
+        if self._deadline is not None and self._after_head == _IDLE:
+            self._deadline.cancel()  # inline: this runs on every request
             self._deadline = None
-        super().on_message_complete()
+        super().on_headers_complete()
+        # uvicorn appends trailer fields to this list, which the request's scope holds.
+        self.headers = _TRAILERS
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _count(self, size: int) -> None:
-        self._header_bytes += size
-        if self._header_bytes > MAX_HEADER_BYTES:
-            self._stop(431, b"request headers too large")
+    def _header_bytes(self) -> int:
+        """What the parser handed over as request line and header fields."""
+        fields = sum(len(name) + len(value) for name, value in self.headers)
+        return len(self.url) + fields + _FIELD_OVERHEAD * len(self.headers)
 
     def _stop(self, status: int, reason: bytes) -> None:
         """Abort parsing from a callback; :meth:`data_received` answers and closes."""
@@ -272,6 +259,40 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class FormProtocol(GuardedHttpProtocol):
+    """A listener that reads a small form: a Content-Length body of at most ``max_body``."""
+
+    max_body = 8 * 1024
+    _after_head = _BODY  # the deadline holds until the body is in, too
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._length = 0
+        self._chunked = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        name = name.lower()
+        if name == b"content-length":
+            self._length = int(value) if value.isdigit() else self.max_body + 1
+        elif name == b"transfer-encoding":
+            self._chunked = True
+
+    def on_headers_complete(self) -> None:
+        # A body has a Content-Length, so it is bounded before it is read (and no trailer
+        # section can follow it).
+        if self._chunked:
+            self._stop(411, b"a request body needs a Content-Length")
+        if self._length > self.max_body:
+            self._stop(413, b"request body too large")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _IDLE
+        self._disarm()
+        super().on_message_complete()
+
+
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
@@ -283,9 +304,13 @@ _REASONS = {
 
 
 def protocol_class(header_timeout: float, max_body: int = 0) -> type[GuardedHttpProtocol]:
-    """A protocol class for uvicorn's ``http=`` setting with these limits."""
-    return type(
-        "GuardedHttpProtocol",
-        (GuardedHttpProtocol,),
-        {"header_timeout": header_timeout, "max_body": max_body},
-    )
+    """A protocol class for uvicorn's ``http=`` setting with these limits.
+
+    ``max_body`` > 0: a listener that reads a form of at most that many bytes.
+    """
+    if not max_body:
+        return type(
+            "GuardedHttpProtocol", (GuardedHttpProtocol,), {"header_timeout": header_timeout}
+        )
+    attrs = {"header_timeout": header_timeout, "max_body": max_body}
+    return type("FormProtocol", (FormProtocol,), attrs)

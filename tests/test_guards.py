@@ -8,7 +8,12 @@ H = b"x-token-broker"
 
 
 def scope(headers, client=("127.0.0.1", 5000), server=("127.0.0.1", 8765)):
-    return {"headers": [(k.lower(), v) for k, v in headers], "client": client, "server": server}
+    return {
+        "http_version": "1.1",
+        "headers": [(k.lower(), v) for k, v in headers],
+        "client": client,
+        "server": server,
+    }
 
 
 OK = [(b"host", b"127.0.0.1:8765"), (H, b"1")]
@@ -88,3 +93,26 @@ def test_remote_peers_pass_only_with_allow_remote_and_keep_the_host_rule():
         server=("10.0.0.5", 8765),
     )
     assert guards.check(browser, H, remote=True).rule == "browser"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"host", b"evil"), (b"host", b"localhost"), (H, b"1")],
+        [(b"host", b"localhost"), (b"host", b"localhost"), (H, b"1")],
+        [(b"host", b"localhost"), (H, b""), (H, b"1")],
+        [(b"host", b"localhost"), (H, b"1"), (b"authorization", b"a"), (b"authorization", b"b")],
+        [(b"host", b"localhost"), (H, b"1"), (b"sec-fetch-site", b"none")] * 1
+        + [(b"sec-fetch-site", b"none")],
+    ],
+)
+def test_a_duplicate_of_a_guarded_header_is_refused(headers):
+    rejection = guards.check(scope(headers), H)
+    assert rejection is not None and rejection.status == 400 and rejection.rule == "duplicate"
+
+
+@pytest.mark.parametrize("version, status", [("0.9", 400), ("2.0", 505), ("1.2", 505)])
+def test_only_http_1_x_is_served(version, status):
+    rejection = guards.check({**scope(OK), "http_version": version}, H)
+    assert rejection is not None and rejection.status == status and rejection.rule == "version"
+    assert guards.check({**scope(OK), "http_version": "1.0"}, H) is None
