@@ -55,7 +55,7 @@ class Peer:
 
 
 class Access:
-    """The access rules of one configuration."""
+    """The access rules of one configuration, built once per (re)loaded settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.clients: tuple[ClientSettings, ...] = tuple(settings.clients.values())
@@ -88,7 +88,7 @@ class Access:
             raise AccessDenied(401, "the client key is not valid", "bad_key")
         return found
 
-    def check(self, scope: Mapping[str, Any], name: str | None) -> None:
+    def authorize(self, scope: Mapping[str, Any], name: str | None) -> None:
         """Raise AccessDenied unless this request may read credential ``name``.
 
         A name the client may not read is refused before its existence is
@@ -118,12 +118,12 @@ class Access:
 
     def may_read(self, scope: Mapping[str, Any], name: str) -> bool:
         try:
-            self.check(scope, name)
+            self.authorize(scope, name)
         except AccessDenied:
             return False
         return True
 
-    def check_admin(self, scope: Mapping[str, Any]) -> None:
+    def authorize_reload(self, scope: Mapping[str, Any]) -> None:
         """Reloading is for a client that may read every credential ("*")."""
         client: ClientSettings | None = (scope.get("extensions") or {}).get(CLIENT)
         if client is not None and client.credentials is not None:
@@ -136,14 +136,3 @@ def _peer_allowed(peer: Peer, cred: CredentialSettings) -> bool:
     if cred.allow_uids is not None and peer.uid in cred.allow_uids:
         return True
     return cred.allow_gids is not None and not cred.allow_gids.isdisjoint(peer.gids)
-
-
-_cache: tuple[Settings, Access] | None = None
-
-
-def for_settings(settings: Settings) -> Access:
-    """The :class:`Access` of ``settings``, built once per (re)loaded configuration."""
-    global _cache
-    if _cache is None or _cache[0] is not settings:
-        _cache = (settings, Access(settings))
-    return _cache[1]

@@ -33,8 +33,8 @@ from broker.errors import (
     TokenUnavailable,
     UnknownCredential,
 )
-from broker.manager import Manager
-from broker.metrics import RequestCounters, render
+from broker.manager import Credential, Manager
+from broker.metrics import Gauges, RequestCounters, render
 from broker.tokens import Clock, rfc3339
 
 Scope = MutableMapping[str, Any]
@@ -93,21 +93,29 @@ _TEXT = b"text/plain; charset=utf-8"
 
 
 class BrokerApp:
-    """Outer ASGI layer: guards for every route, and the token hot path."""
+    """Outer ASGI layer: guards for every route, and the token hot path.
 
-    def __init__(
-        self, api: FastAPI, manager: Manager, settings: Settings, counters: RequestCounters
-    ) -> None:
-        self.api = api
+    The access rules are built once per (re)loaded settings, here, and the
+    FastAPI routes read them from :meth:`rules`.
+    """
+
+    def __init__(self, manager: Manager, counters: RequestCounters) -> None:
+        self.api: FastAPI | None = None  # set by create_app
         self.manager = manager
         self.counters = counters
-        self._use(settings)
+        self._use(manager.settings)
+
+    def rules(self) -> access.Access:
+        """The access rules of the settings in force."""
+        if self.manager.settings is not self._settings:  # a reload happened
+            self._use(self.manager.settings)
+        return self._access
 
     def _use(self, settings: Settings) -> None:
         self._settings = settings
         self._header = _header_name(settings)
         self._remote = settings.server.allow_remote
-        self._access = access.for_settings(settings)
+        self._access = access.Access(settings)
         # Plain booleans for the hot path: with no client keys and no peer rules, skip both.
         self._keys = bool(self._access.clients)
         self._open = self._access.open
@@ -115,7 +123,7 @@ class BrokerApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.api(scope, receive, send)  # lifespan
+            await self.api(scope, receive, send)  # type: ignore[misc]  # lifespan
             return
         if self.manager.settings is not self._settings:  # a reload happened
             self._use(self.manager.settings)
@@ -123,7 +131,7 @@ class BrokerApp:
             send = _logged(scope, send)
         path: str = scope["path"]
         guarded = path not in OPEN_PATHS
-        rejection = guards.check(scope, self._header if guarded else None, remote=self._remote)
+        rejection = guards.refusal(scope, self._header if guarded else None, remote=self._remote)
         if rejection is not None:
             self.counters.rejected[rejection.rule] += 1
             body = _dump({"error": rejection.error, "detail": rejection.detail})
@@ -139,14 +147,14 @@ class BrokerApp:
         if scope["method"] == "GET" and (path == "/token" or path.startswith("/token/")):
             await self._token(scope, path, send)
             return
-        await self.api(scope, receive, send)
+        await self.api(scope, receive, send)  # type: ignore[misc]
 
     async def _token(self, scope: Scope, path: str, send: Send) -> None:
         manager = self.manager
         name = manager.default if path == "/token" else path[7:]
         if not self._open:
             try:
-                self._access.check(scope, name)
+                self._access.authorize(scope, name)
             except AccessDenied as exc:
                 await self._denied(send, exc)
                 return
@@ -213,8 +221,37 @@ def _dump(body: dict[str, object]) -> bytes:
     return json.dumps(body).encode()
 
 
-def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerApp:
-    """Build the ASGI app; its lifespan starts and stops the manager."""
+def status_json(credential: Credential, now: float, default: str | None) -> dict[str, object]:
+    """The status JSON of DESIGN §4: no secret, no token."""
+    cred, token = credential.settings, credential.token
+    return {
+        "name": cred.name,
+        "provider": cred.provider,
+        "client_id": cred.client_id,
+        "default": cred.name == default,  # how clients find GET /token's credential
+        "state": credential.state(now),
+        "expires_at": rfc3339(token.expires_at if token else None),
+        "refreshed_at": rfc3339(credential.refreshed_at),
+        "next_refresh_at": rfc3339(credential.next_refresh_at),
+        "last_error": credential.last_error.as_json() if credential.last_error else None,
+    }
+
+
+def gauges(manager: Manager, now: float) -> list[Gauges]:
+    """Each credential's current values for a metrics scrape."""
+    return [
+        Gauges(
+            name,
+            c.state(now),
+            c.token.expires_at - now if c.token is not None else None,
+            c.refreshed_at,
+        )
+        for name, c in manager.credentials.items()
+    ]
+
+
+def create_app(manager: Manager, *, clock: Clock) -> BrokerApp:
+    """Build the ASGI app around ``manager``; its lifespan starts and stops the manager."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -228,6 +265,8 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
         title="token-broker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
     )
     counters = RequestCounters()
+    app = BrokerApp(manager, counters)
+    app.api = api
 
     @api.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> Response:
@@ -241,21 +280,24 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
 
     def allowed(request: Request, name: str) -> str:
         """``name`` once the request may read it (raises AccessDenied otherwise)."""
-        access.for_settings(manager.settings).check(request.scope, name)
+        app.rules().authorize(request.scope, name)
         return name
+
+    def status(credential: Credential) -> dict[str, object]:
+        return status_json(credential, clock(), manager.default)
 
     @api.get("/v1/credentials")
     async def list_credentials(request: Request) -> list[dict[str, object]]:
-        rules = access.for_settings(manager.settings)
+        rules = app.rules()
         return [
-            manager.status(e)
-            for name, e in manager.entries.items()
+            status(c)
+            for name, c in manager.credentials.items()
             if rules.may_read(request.scope, name)
         ]
 
     @api.get("/v1/credentials/{name}")
     async def credential_status(request: Request, name: str) -> dict[str, object]:
-        return manager.status(manager.entry(allowed(request, name)))
+        return status(manager.get(allowed(request, name)))
 
     @api.get("/v1/credentials/{name}/token")
     async def credential_token(request: Request, name: str) -> Response:
@@ -270,7 +312,7 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
 
     @api.get("/v1/credentials/{name}/headers")
     async def credential_headers(request: Request, name: str) -> Response:
-        cred = manager.entry(allowed(request, name)).cred
+        cred = manager.get(allowed(request, name)).settings
         token = await manager.token(name)
         if cred.provider == "adobe":
             from broker.providers.adobe import api_headers
@@ -285,11 +327,11 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
 
     @api.post("/v1/credentials/{name}/refresh")
     async def force_refresh(request: Request, name: str) -> dict[str, object]:
-        return manager.status(await manager.force_refresh(allowed(request, name)))
+        return status(await manager.force_refresh(allowed(request, name)))
 
     @api.post("/v1/reload")
     async def reload(request: Request) -> dict[str, list[str]]:
-        access.for_settings(manager.settings).check_admin(request.scope)
+        app.rules().authorize_reload(request.scope)
         return await manager.reload_file()
 
     @api.get("/healthz")
@@ -299,10 +341,10 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
     @api.get("/readyz")
     async def readyz() -> Response:
         now = clock()
-        states = {name: e.state(now) for name, e in manager.entries.items()}
+        states = {name: c.state(now) for name, c in manager.credentials.items()}
         if manager.ready():
             return JSONResponse({"status": "ready", "credentials": states})
-        waiting = sorted(n for n, e in manager.entries.items() if now >= e.serve_until)
+        waiting = sorted(n for n, c in manager.credentials.items() if now >= c.serve_until)
         body = {
             "error": "not_ready",
             "detail": f"no servable token for: {', '.join(waiting)}",
@@ -312,8 +354,7 @@ def create_app(settings: Settings, *, manager: Manager, clock: Clock) -> BrokerA
 
     @api.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(
-            render(manager, counters, clock()), media_type="text/plain; version=0.0.4"
-        )
+        text = render(manager.recorder, counters, gauges(manager, clock()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    return BrokerApp(api, manager, settings, counters)
+    return app

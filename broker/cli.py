@@ -222,7 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
     from broker import config, logs, server, systemd
 
     settings = config.load(args.config, serving=True)
-    logs.setup(args.log_format)
+    redactor = logs.Redactor()
+    logs.setup(redactor, args.log_format)
     server.harden()
     # Socket activation: systemd (or systemd-socket-activate) bound them for us.
     sockets = systemd.listen_sockets(allow_remote=settings.server.allow_remote)
@@ -231,7 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
         sockets = server.open_listeners(settings.server)
         own = server.socket_files(settings.server)
     try:
-        server.run(server.serve(settings, sockets, hangup_pending=lambda: bool(_hangups)))
+        pending = lambda: bool(_hangups)  # noqa: E731
+        server.run(server.serve(settings, sockets, redactor=redactor, hangup_pending=pending))
     finally:
         server.remove_socket_files(own)  # never the ones systemd passed
     return 0
@@ -243,8 +245,9 @@ def _demo(args: argparse.Namespace) -> int:
     if args.lifetime < 2:
         print("token-broker: --lifetime must be at least 2 seconds", file=sys.stderr)
         return 2
-    logs.setup(args.log_format)
-    return server.run(demo.run(args.listen, args.lifetime))
+    redactor = logs.Redactor()
+    logs.setup(redactor, args.log_format)
+    return server.run(demo.run(args.listen, args.lifetime, redactor))
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -392,7 +395,7 @@ def _read_secret(args: argparse.Namespace, prompt: str) -> str:
     return getpass.getpass(prompt)
 
 
-def _notify(args: argparse.Namespace) -> str:
+def _reload_daemon(args: argparse.Namespace) -> str:
     """Tell a running daemon to reload; say what happened in a few words."""
     try:
         response = _ask_daemon(args, "/v1/reload", "POST", from_config=True)
@@ -426,7 +429,7 @@ def _add(args: argparse.Namespace) -> int:
     _document(args).add_credential(args.name, table)
     secret = _read_secret(args, f"Client secret for {args.name}: ")
     added = credentials.add(doc, args.name, table, [secret], check=not args.no_verify)
-    note = _notify(args)
+    note = _reload_daemon(args)
     verified = "verified with the issuer, " if added.verified else ""
     _out(
         args,
@@ -460,7 +463,7 @@ def _import(args: argparse.Namespace) -> int:
     done = credentials.import_console(
         doc, found, names, check=not args.no_verify, ims_url=args.ims_url
     )
-    note = _notify(args)
+    note = _reload_daemon(args)
     deleted = _offer_delete(args, path)
     _out(
         args,
@@ -491,7 +494,7 @@ def _remove(args: argparse.Namespace) -> int:
     from broker import credentials
 
     removed = credentials.remove(_document(args), args.name)
-    note = _notify(args)
+    note = _reload_daemon(args)
     extra = " (it was the [server] default; that key is gone too)" if removed.was_default else ""
     items = ", ".join(removed.keyring_items) or "none"
     _out(
@@ -520,7 +523,7 @@ def _rotate(args: argparse.Namespace) -> int:
             "the new secret is stored beside the old one and in use; after deleting the old "
             f"secret at the issuer, run `token-broker rotate {args.name} --finish`"
         )
-    note = _notify(args)
+    note = _reload_daemon(args)
     _out(args, {"rotation": step, "name": args.name, "daemon": note},
          f"rotation of {args.name} {step}: {text}; {note}")  # fmt: skip
     return 0
@@ -575,7 +578,7 @@ def _client(args: argparse.Namespace) -> int:
     if args.client_command == "remove":
         doc.remove_client(args.name)
         doc.write()
-        note = _notify(args)
+        note = _reload_daemon(args)
         _out(args, {"removed": args.name, "daemon": note}, f"removed client {args.name}; {note}")
         return 0
     names = [c.strip() for c in args.credentials.split(",") if c.strip()]
@@ -587,7 +590,7 @@ def _client(args: argparse.Namespace) -> int:
     key = access.new_key()
     doc.set_client(args.name, access.key_digest(key).hex(), names)
     doc.write()
-    note = _notify(args)
+    note = _reload_daemon(args)
     if args.json:
         print(json.dumps({"client": args.name, "key": key, "credentials": names, "daemon": note}))
     else:

@@ -1,4 +1,10 @@
-"""Load and validate the TOML configuration (DESIGN §3) into typed settings.
+"""Load and validate the TOML configuration (DESIGN §3) into the settings.
+
+The frozen pydantic models below *are* the settings the rest of the code
+reads: each value is parsed once, here, into the type it is used as (a listen
+address into :class:`TcpListen` / :class:`UnixListen`, a secret reference into
+:class:`~broker.secrets.SecretRef`, a mode string into an int, durations into
+seconds), and every default is written once, on its field.
 
 Every error names the file, the key and what was expected, e.g.
 ``/etc/token-broker/config.toml: [credentials.adobe] scopes: expected a list
@@ -7,17 +13,29 @@ of strings``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
+import ssl
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from broker.errors import ConfigError
+from broker.net import is_loopback
+from broker.secrets import SecretRef
 from broker.tokens import RefreshPolicy
 
 M = TypeVar("M", bound=BaseModel)
@@ -26,6 +44,7 @@ DEFAULT_LISTEN = "127.0.0.1:8765"
 DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com"
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DEFAULT_POLICY = RefreshPolicy()
 
 
 def parse_duration(value: object) -> float:
@@ -46,59 +65,7 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class _RefreshKeys(_Strict):
-    at: float | None = Field(None, gt=0, lt=1)
-    jitter: float | None = Field(None, ge=0, lt=0.5)
-    min_remaining: Duration | None = None
-    retry_initial: Duration | None = Field(None, gt=0)
-    retry_max: Duration | None = Field(None, gt=0)
-    timeout: Duration | None = Field(None, gt=0)
-    force_cooldown: Duration | None = None
-
-
-class _Server(_Strict):
-    listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN], min_length=1)
-    socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
-    socket_group: str | None = None
-    require_header: str = "X-Token-Broker"
-    default: str | None = None
-    allow_remote: bool = False
-    access_log: bool = False
-    header_timeout: Duration = Field(10.0, gt=0)
-
-
-class _Client(_Strict):
-    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    credentials: list[str] = Field(min_length=1)
-
-
-class _CredentialBase(_RefreshKeys):
-    client_id: str = Field(min_length=1)
-    scopes: list[str] = Field(default_factory=list)
-    secret: str = "keyring"
-    allow_uids: list[Annotated[int, Field(ge=0)]] | None = None
-    allow_gids: list[Annotated[int, Field(ge=0)]] | None = None
-    ca_file: str | None = None
-
-
-class _Adobe(_CredentialBase):
-    provider: Literal["adobe"]
-    org_id: str | None = None
-    ims_url: str = DEFAULT_IMS_URL
-
-
-class _OAuth2(_CredentialBase):
-    provider: Literal["oauth2"]
-    token_url: str
-    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
-    params: dict[str, str] = Field(default_factory=dict)
-
-
-_PROVIDERS: dict[str, type[_CredentialBase]] = {"adobe": _Adobe, "oauth2": _OAuth2}
+# -- listen addresses --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -121,56 +88,229 @@ class UnixListen:
 Listen = TcpListen | UnixListen
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    listen: tuple[Listen, ...] = (TcpListen("127.0.0.1", 8765),)
+def parse_listen(item: str, *, allow_remote: bool = False) -> Listen:
+    """``HOST:PORT`` on loopback, or ``unix:/path``; anything else is refused.
+
+    With ``allow_remote`` (only valid once client keys exist) any IP address is
+    accepted, but never a host name: what is bound must be what is written.
+    Raises ValueError with a sentence that quotes ``item``.
+    """
+    where = repr(item)
+    if item.startswith("unix:"):
+        path = item[5:]
+        if not os.path.isabs(path):
+            raise ValueError(f"{where}: a unix socket needs an absolute path")
+        return UnixListen(path)
+    host, sep, port_text = item.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f'{where}: expected "HOST:PORT" or "unix:/path"')
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    literal = _is_ip(host)
+    if not literal and allow_remote:
+        raise ValueError(f"{where}: expected an IP address, not a host name")
+    if not allow_remote and not (literal and is_loopback(host)):
+        raise ValueError(
+            f"{where}: loopback is required: token-broker listens only on a loopback "
+            "address (127.0.0.1, [::1], localhost) or a unix socket "
+            "(or set [server] allow_remote = true, which needs [clients.NAME] keys)"
+        )
+    return TcpListen(host, int(port_text))
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# -- the models ----------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True
+    )
+
+
+class RefreshKeys(_Model):
+    """The ``[refresh]`` table: defaults any ``[credentials.NAME]`` may override."""
+
+    at: float = Field(_DEFAULT_POLICY.at, gt=0, lt=1)
+    jitter: float = Field(_DEFAULT_POLICY.jitter, ge=0, lt=0.5)
+    min_remaining: Duration = _DEFAULT_POLICY.min_remaining
+    retry_initial: Duration = Field(_DEFAULT_POLICY.retry_initial, gt=0)
+    retry_max: Duration = Field(_DEFAULT_POLICY.retry_max, gt=0)
+    timeout: Duration = Field(_DEFAULT_POLICY.timeout, gt=0)
+    force_cooldown: Duration = _DEFAULT_POLICY.force_cooldown
+
+    @cached_property
+    def policy(self) -> RefreshPolicy:
+        """These keys as the lifecycle's value object (broker.tokens imports no pydantic)."""
+        return RefreshPolicy(
+            at=self.at,
+            jitter=self.jitter,
+            min_remaining=self.min_remaining,
+            retry_initial=self.retry_initial,
+            retry_max=self.retry_max,
+            timeout=self.timeout,
+            force_cooldown=self.force_cooldown,
+        )
+
+
+_REFRESH_KEYS = frozenset(RefreshKeys.model_fields)
+
+
+class ServerSettings(_Model):
+    """The ``[server]`` table."""
+
+    allow_remote: bool = False  # a non-loopback listen/peer; needs [clients.NAME]
+    listen: tuple[Listen, ...] = Field((TcpListen("127.0.0.1", 8765),), min_length=1)
     socket_mode: int = 0o660
     socket_group: str | None = None
     require_header: str = "X-Token-Broker"
     default: str | None = None
-    allow_remote: bool = False  # a non-loopback listen/peer; needs [clients.NAME]
     access_log: bool = False
-    header_timeout: float = 10.0  # a connection must send its request headers within this
+    header_timeout: Duration = Field(10.0, gt=0)  # request headers must arrive within this
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError('expected a list of "HOST:PORT" or "unix:/path" strings')
+        remote = bool(info.data.get("allow_remote"))
+        return tuple(parse_listen(item, allow_remote=remote) for item in value)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not re.fullmatch(r"0?[0-7]{3}", value):
+                raise ValueError(f'expected permission bits such as "0660", got {value!r}')
+            return int(value, 8)
+        return value
 
 
-@dataclass(frozen=True)
-class ClientSettings:
+class ClientSettings(_Model):
     """One ``[clients.NAME]`` table: who holds a key, and what it may read."""
 
     name: str
-    key_sha256: bytes = field(repr=False)  # the digest of the key; the key itself is never kept
+    key_sha256: bytes = Field(repr=False)  # the digest of the key; the key itself is never kept
     credentials: frozenset[str] | None = None  # None: every credential ("*")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, data: Any, info: ValidationInfo) -> Any:
+        data = _named(data, info)
+        digest = data.get("key_sha256")
+        if isinstance(digest, str):
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise _KeyError("key_sha256", "expected 64 lower-case hex digits (a SHA-256)")
+            data["key_sha256"] = bytes.fromhex(digest)
+        names = data.get("credentials")
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            if not names:
+                raise _KeyError("credentials", 'expected at least one name, or ["*"]')
+            if "*" in names:
+                data["credentials"] = None
+            else:
+                known = (info.context or {}).get("credentials", ())
+                unknown = [n for n in names if n not in known]
+                if unknown:
+                    raise _KeyError(
+                        "credentials",
+                        f"no credential named {unknown[0]!r} "
+                        f'(configured: {", ".join(sorted(known)) or "none"}; "*" means all)',
+                    )
+                data["credentials"] = frozenset(names)
+        elif "credentials" not in data:
+            raise _KeyError("credentials", "required key is missing")
+        return data
 
-@dataclass(frozen=True)
-class CredentialSettings:
-    """One ``[credentials.NAME]`` table, with the refresh policy already merged."""
+
+class CredentialBase(RefreshKeys):
+    """What every ``[credentials.NAME]`` table has; the refresh keys default to [refresh]."""
 
     name: str
     provider: str
-    client_id: str
+    client_id: str = Field(min_length=1)
     scopes: tuple[str, ...] = ()
-    secret: str = "keyring"
-    org_id: str | None = None
-    ims_url: str = DEFAULT_IMS_URL
-    token_url: str | None = None
-    auth_method: str = "client_secret_basic"
-    params: tuple[tuple[str, str], ...] = ()
-    policy: RefreshPolicy = field(default_factory=RefreshPolicy)
+    secret: SecretRef
     # Unix-socket peers allowed to read this credential (SO_PEERCRED); None: no restriction.
-    allow_uids: frozenset[int] | None = None
-    allow_gids: frozenset[int] | None = None
+    allow_uids: frozenset[Annotated[int, Field(ge=0)]] | None = None
+    allow_gids: frozenset[Annotated[int, Field(ge=0)]] | None = None
     ca_file: str | None = None  # a private CA that alone is trusted for this issuer
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, data: Any, info: ValidationInfo) -> Any:
+        data = _named(data, info)
+        context = info.context or {}
+        for key, value in context.get("refresh", {}).items():
+            data.setdefault(key, value)  # [refresh] fills what the table does not set
+        for key in ("scopes", "allow_uids", "allow_gids"):
+            if isinstance(data.get(key), list):
+                data[key] = (tuple if key == "scopes" else frozenset)(data[key])
+        text = data.get("secret", "keyring")
+        if not isinstance(text, str):
+            raise _KeyError("secret", "expected a string")
+        try:
+            data["secret"] = SecretRef.parse(text, data["name"])
+        except ValueError as exc:
+            raise _KeyError("secret", str(exc)) from None
+        if isinstance(data.get("ca_file"), str):
+            _check_ca_file(data["ca_file"])
+        return data
 
     @property
     def peer_restricted(self) -> bool:
         return self.allow_uids is not None or self.allow_gids is not None
 
 
+class AdobeSettings(CredentialBase):
+    """``provider = "adobe"``: Adobe IMS OAuth Server-to-Server (DESIGN §6)."""
+
+    provider: Literal["adobe"]
+    org_id: str | None = None
+    ims_url: str = DEFAULT_IMS_URL
+
+    @field_validator("ims_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class OAuth2Settings(CredentialBase):
+    """``provider = "oauth2"``: any RFC 6749 client-credentials issuer."""
+
+    provider: Literal["oauth2"]
+    token_url: str
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    params: tuple[tuple[str, str], ...] = ()  # extra form fields, in the file's order
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return tuple((k, v) for k, v in value.items())
+        return value
+
+
+CredentialSettings = AdobeSettings | OAuth2Settings
+_PROVIDERS: dict[str, type[CredentialBase]] = {"adobe": AdobeSettings, "oauth2": OAuth2Settings}
+
+
 @dataclass(frozen=True)
 class Settings:
-    server: ServerSettings
-    credentials: dict[str, CredentialSettings]
+    """A whole validated configuration: the tables, and the file they came from."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    credentials: dict[str, CredentialSettings] = field(default_factory=dict)
     path: Path | None = None
     clients: dict[str, ClientSettings] = field(default_factory=dict)
 
@@ -183,6 +323,37 @@ class Settings:
         return None
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What a reload does to the credentials, by name, in the new config's order."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, list[str]]:
+        return {k: list(getattr(self, k)) for k in ("added", "removed", "changed", "unchanged")}
+
+
+def changes(old: Settings, new: Settings) -> Changes:
+    """Plan a reload from ``old`` to ``new``: a pure function of the two settings.
+
+    A credential whose table differs in any key (its refresh keys merged with
+    [refresh] included) is changed; the manager refreshes it at once.
+    """
+    before, after = old.credentials, new.credentials
+    return Changes(
+        added=tuple(n for n in after if n not in before),
+        removed=tuple(n for n in before if n not in after),
+        changed=tuple(n for n in after if n in before and before[n] != after[n]),
+        unchanged=tuple(n for n in after if n in before and before[n] == after[n]),
+    )
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Resolve the config file as DESIGN §2 says.
 
@@ -193,11 +364,15 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(explicit)
     if env := os.environ.get("TOKEN_BROKER_CONFIG"):
         return Path(env)
+    return next((p for p in _candidates() if p.exists()), _SYSTEM_CONFIG)
+
+
+_SYSTEM_CONFIG = Path("/etc/token-broker/config.toml")
+
+
+def _candidates() -> list[Path]:
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
-    user = Path(xdg) / "token-broker" / "config.toml"
-    if user.exists():
-        return user
-    return Path("/etc/token-broker/config.toml")
+    return [Path(xdg) / "token-broker" / "config.toml", _SYSTEM_CONFIG]
 
 
 def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -> Settings:
@@ -210,9 +385,7 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     try:
         raw = resolved.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(
-            f"{resolved}: config file not found (pass --config PATH or set TOKEN_BROKER_CONFIG)"
-        ) from None
+        raise ConfigError(_not_found(resolved, path)) from None
     except OSError as exc:
         raise ConfigError(f"{resolved}: cannot read config file: {exc.strerror}") from None
     try:
@@ -233,6 +406,16 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     return settings
 
 
+def _not_found(resolved: Path, explicit: object) -> str:
+    if explicit or os.environ.get("TOKEN_BROKER_CONFIG"):
+        where = "--config" if explicit else "$TOKEN_BROKER_CONFIG"
+        return f"{resolved}: config file not found (named by {where})"
+    looked = ", ".join(str(p) for p in _candidates())
+    return (
+        f"config file not found: looked in {looked} (pass --config PATH or set TOKEN_BROKER_CONFIG)"
+    )
+
+
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
     unknown = sorted(set(data) - {"server", "refresh", "credentials", "clients"})
@@ -241,183 +424,90 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
             f"{source}: unknown table or key {unknown[0]!r} "
             "(expected [server], [refresh], [credentials.NAME] and [clients.NAME])"
         )
-    server = _validate(_Server, data.get("server", {}), source, "[server]")
-    defaults = _validate(_RefreshKeys, data.get("refresh", {}), source, "[refresh]")
-    base_policy = _merge_policy(RefreshPolicy(), defaults)
-
-    creds_raw = data.get("credentials", {})
-    if not isinstance(creds_raw, dict):
-        raise ConfigError(f"{source}: credentials: expected tables [credentials.NAME]")
+    server = _validate(ServerSettings, data.get("server", {}), source, "[server]")
+    refresh = _validate(RefreshKeys, data.get("refresh", {}), source, "[refresh]")
+    defaults = refresh.model_dump(exclude_unset=True)
     credentials = {
-        name: _credential(name, table, base_policy, source) for name, table in creds_raw.items()
+        name: _credential(name, table, defaults, source)
+        for name, table in _tables(data, "credentials", source).items()
     }
-    clients_raw = data.get("clients", {})
-    if not isinstance(clients_raw, dict):
-        raise ConfigError(f"{source}: clients: expected tables [clients.NAME]")
     clients = {
-        name: _client(name, table, credentials, source) for name, table in clients_raw.items()
+        name: _validate(
+            ClientSettings,
+            table,
+            source,
+            f"[clients.{name}]",
+            {"name": name, "credentials": credentials},
+        )  # fmt: skip
+        for name, table in _tables(data, "clients", source).items()
     }
     if server.allow_remote and not clients:
         raise ConfigError(
             f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
             "(remote peers are served only with a client key; see `token-broker client add`)"
         )
-    settings = ServerSettings(
-        listen=tuple(
-            parse_listen(item, source, allow_remote=server.allow_remote) for item in server.listen
-        ),
-        socket_mode=int(server.socket_mode, 8),
-        socket_group=server.socket_group,
-        require_header=server.require_header,
-        default=server.default,
-        allow_remote=server.allow_remote,
-        access_log=server.access_log,
-        header_timeout=server.header_timeout,
-    )
-    if settings.default is not None and settings.default not in credentials:
+    if server.default is not None and server.default not in credentials:
         raise ConfigError(
-            f"{source}: [server] default: no credential named {settings.default!r} "
+            f"{source}: [server] default: no credential named {server.default!r} "
             f"(configured: {', '.join(sorted(credentials)) or 'none'})"
         )
-    return Settings(server=settings, credentials=credentials, path=path, clients=clients)
+    return Settings(server=server, credentials=credentials, path=path, clients=clients)
 
 
-def _client(
-    name: str, table: object, credentials: dict[str, CredentialSettings], source: str
-) -> ClientSettings:
-    where = f"[clients.{name}]"
-    if not NAME_RE.match(name):
-        raise ConfigError(
-            f"{source}: {where}: client names may use only letters, digits, '.', '_' and '-'"
-        )
-    model = _validate(_Client, table, source, where)
-    if "*" in model.credentials:
-        allowed = None
-    else:
-        unknown = [c for c in model.credentials if c not in credentials]
-        if unknown:
+def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
+    tables = data.get(kind, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: {kind}: expected tables [{kind}.NAME]")
+    singular = kind[:-1]
+    for name in tables:
+        if not NAME_RE.match(name):
             raise ConfigError(
-                f"{source}: {where} credentials: no credential named {unknown[0]!r} "
-                f'(configured: {", ".join(sorted(credentials)) or "none"}; "*" means all)'
+                f"{source}: [{kind}.{name}]: {singular} names may use only letters, "
+                "digits, '.', '_' and '-'"
             )
-        allowed = frozenset(model.credentials)
-    return ClientSettings(name, bytes.fromhex(model.key_sha256), allowed)
+    return tables
 
 
-def _credential(name: str, table: object, base: RefreshPolicy, source: str) -> CredentialSettings:
+def _credential(
+    name: str, table: object, defaults: dict[str, Any], source: str
+) -> CredentialSettings:
     where = f"[credentials.{name}]"
-    if not NAME_RE.match(name):
-        raise ConfigError(
-            f"{source}: {where}: credential names may use only letters, digits, '.', '_' and '-'"
-        )
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: {where}: expected a table")
-    provider = table.get("provider")
-    if provider not in _PROVIDERS:
+    provider = table.get("provider") if isinstance(table, dict) else None
+    if isinstance(table, dict) and provider not in _PROVIDERS:
         raise ConfigError(
             f'{source}: {where} provider: expected "adobe" or "oauth2", got {provider!r}'
         )
-    model = _validate(_PROVIDERS[provider], table, source, where)
-    check_secret_reference(model.secret, f"{source}: {where} secret")
-    if model.ca_file is not None:
-        check_ca_file(model.ca_file, f"{source}: {where} ca_file")
-    extra: dict[str, Any] = {}
-    if isinstance(model, _Adobe):
-        extra = {"org_id": model.org_id, "ims_url": model.ims_url.rstrip("/")}
-    elif isinstance(model, _OAuth2):
-        extra = {
-            "token_url": model.token_url,
-            "auth_method": model.auth_method,
-            "params": tuple(model.params.items()),
-        }
-    return CredentialSettings(
-        name=name,
-        provider=provider,
-        client_id=model.client_id,
-        scopes=tuple(model.scopes),
-        secret=model.secret,
-        policy=_merge_policy(base, model),
-        allow_uids=None if model.allow_uids is None else frozenset(model.allow_uids),
-        allow_gids=None if model.allow_gids is None else frozenset(model.allow_gids),
-        ca_file=model.ca_file,
-        **extra,
-    )
+    model = _PROVIDERS[provider] if isinstance(provider, str) else AdobeSettings
+    return _validate(model, table, source, where, {"name": name, "refresh": defaults})  # type: ignore[return-value]
 
 
-def _merge_policy(base: RefreshPolicy, keys: _RefreshKeys) -> RefreshPolicy:
-    values = {f.name: getattr(base, f.name) for f in fields(RefreshPolicy)}
-    for name in values:
-        override = getattr(keys, name)
-        if override is not None:
-            values[name] = float(override)
-    return RefreshPolicy(**values)
-
-
-_SECRET_KINDS = ("keyring", "keyring:", "systemd:", "file:", "env:")
-
-
-def check_secret_reference(ref: str, where: str) -> None:
-    """Reject a malformed secret reference at load time, before anything runs."""
-    ok = ref == "keyring" or (
-        ref.startswith(_SECRET_KINDS[1:]) and ref.split(":", 1)[1].strip() != ""
-    )
-    if ok and ref.startswith("keyring:"):
-        ok = "/" in ref[8:] and all(ref[8:].split("/", 1))
-    if ok and ref.startswith("file:"):
-        ok = os.path.isabs(ref[5:])
-    if not ok:
-        raise ConfigError(
-            f'{where}: expected "keyring", "keyring:SERVICE/USERNAME", "systemd:NAME", '
-            f'"file:/absolute/path" or "env:VAR", got {ref!r}'
-        )
-
-
-def check_ca_file(path: str, where: str) -> None:
+def _check_ca_file(path: str) -> None:
     """A ``ca_file`` must be an absolute path to PEM certificates that load."""
-    import ssl
-
     if not os.path.isabs(path):
-        raise ConfigError(f"{where}: expected an absolute path, got {path!r}")
+        raise _KeyError("ca_file", f"expected an absolute path, got {path!r}")
     try:
         ssl.create_default_context(cafile=path)
     except FileNotFoundError:
-        raise ConfigError(f"{where}: {path} does not exist") from None
+        raise _KeyError("ca_file", f"{path} does not exist") from None
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-        raise ConfigError(f"{where}: {path} holds no usable PEM certificate ({reason})") from None
+        raise _KeyError("ca_file", f"{path} holds no usable PEM certificate ({reason})") from None
 
 
-def parse_listen(item: str, source: str = "<config>", *, allow_remote: bool = False) -> Listen:
-    """``HOST:PORT`` on loopback, or ``unix:/path``; anything else is refused.
+def _named(data: Any, info: ValidationInfo) -> Any:
+    """The table with the name it has in the file (``[credentials.NAME]``) added."""
+    if not isinstance(data, dict):
+        return data
+    if "name" in data:
+        raise _KeyError("name", "unknown key")
+    return {**data, "name": (info.context or {})["name"]}
 
-    With ``allow_remote`` (only valid once client keys exist) any IP address is
-    accepted, but never a host name: what is bound must be what is written.
-    """
-    where = f"{source}: [server] listen {item!r}"
-    if item.startswith("unix:"):
-        path = item[5:]
-        if not os.path.isabs(path):
-            raise ConfigError(f"{where}: a unix socket needs an absolute path")
-        return UnixListen(path)
-    host, sep, port_text = item.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f'{where}: expected "HOST:PORT" or "unix:/path"')
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if host == "localhost":
-        host = "127.0.0.1"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if address is None and allow_remote:
-        raise ConfigError(f"{where}: expected an IP address, not a host name")
-    if not allow_remote and (address is None or not address.is_loopback):
-        raise ConfigError(
-            f"{where}: loopback is required: token-broker listens only on a loopback "
-            "address (127.0.0.1, [::1], localhost) or a unix socket "
-            "(or set [server] allow_remote = true, which needs [clients.NAME] keys)"
-        )
-    return TcpListen(host, int(port_text))
+
+class _KeyError(ValueError):
+    """A validator's complaint about one key of the table."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
 
 
 _MESSAGES = {
@@ -426,15 +516,24 @@ _MESSAGES = {
 }
 
 
-def _validate(model: type[M], value: object, source: str, where: str) -> M:
+def _validate(
+    model: type[M], value: object, source: str, where: str, context: dict[str, Any] | None = None
+) -> M:
+    """Validate one table; ConfigError naming the file, the table, the key and the problem."""
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: {where}: expected a table")
     try:
-        return model.model_validate(value)
+        return model.model_validate(value, context=context)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         key = ".".join(str(part) for part in err["loc"])
         msg = _MESSAGES.get(err["type"], err["msg"])
         msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
-        got = "" if err["type"] in _MESSAGES else f" (got {type(err['input']).__name__})"
-        raise ConfigError(f"{source}: {where} {key}: {msg}{got}") from None
+        # TOML has arrays; that they become tuples and sets here is ours to know.
+        msg = re.sub(r"valid (tuple|frozenset|set)\b", "valid list", msg)
+        if err["type"] == "value_error":  # our own sentence; a _KeyError names its key
+            text = f"{where} {key}: {msg}" if key else f"{where} {msg}"
+        else:
+            got = "" if err["type"] in _MESSAGES else f" (got {type(err['input']).__name__})"
+            text = f"{where} {key}: {msg}{got}"
+        raise ConfigError(f"{source}: {text}") from None

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker import config, guards, secrets
+from broker import config, secrets
 from broker.config import CredentialSettings
 from broker.configedit import ConfigDocument
 from broker.errors import BrokerError, ConfigError, IssuerError, SecretError
+from broker.net import is_loopback
 from broker.providers import fetch_token, issuer_client, token_request
 from broker.tokens import Token
 
@@ -69,7 +70,7 @@ def add(
         raise SecretError(f"credential {name!r}: the secret is empty")
     doc.add_credential(name, table)  # validates name, duplicates and the whole config
     cred = credential_settings(doc, name)
-    service, user = secrets.keyring_item(cred.secret, name)
+    service, user = cred.secret.service, cred.secret.user
     if check:
         try:
             verify(cred, new_secrets[0])
@@ -110,14 +111,14 @@ class Removed:
 
 def remove(doc: ConfigDocument, name: str) -> Removed:
     cred = credential_settings(doc, name)
-    keyring_ref = cred.secret.startswith("keyring")
+    keyring_ref = cred.secret.kind == "keyring"
     if keyring_ref:
         secrets.keyring_backend(name)  # fail before touching the config if it is unusable
     was_default = doc.remove_credential(name)
     doc.write()
     result = Removed(name, was_default)
     if keyring_ref:
-        service, user = secrets.keyring_item(cred.secret, name)
+        service, user = cred.secret.service, cred.secret.user
         for item in (user, user + secrets.NEXT_SUFFIX):
             if secrets.delete_keyring(service, item, name):
                 result.keyring_items.append(f"{service}/{item}")
@@ -160,12 +161,12 @@ def rotate_abort(doc: ConfigDocument, name: str) -> None:
 
 def _rotatable(doc: ConfigDocument, name: str) -> tuple[str, str]:
     cred = credential_settings(doc, name)
-    if not cred.secret.startswith("keyring"):
+    if cred.secret.kind != "keyring":
         raise SecretError(
             f"credential {name!r}: rotate works on keyring secrets; its secret is "
-            f"{secrets.describe(cred.secret, name)}: replace that and run `token-broker reload`"
+            f"{cred.secret.describe()}: replace that and run `token-broker reload`"
         )
-    return secrets.keyring_item(cred.secret, name)
+    return cred.secret.service, cred.secret.user
 
 
 # -- Adobe Developer Console import -----------------------------------------------------
@@ -299,10 +300,10 @@ def doctor(path: Path, *, offline: bool) -> list[Check]:
         return [Check(False, f"config: {exc}")]
     checks.append(Check(True, f"config {path} found and valid"))
     checks += _mode_checks(settings)
-    uses_keyring = any(c.secret.startswith("keyring") for c in settings.credentials.values())
+    uses_keyring = any(c.secret.kind == "keyring" for c in settings.credentials.values())
     checks.append(_keyring_check(uses_keyring))
     for listen in settings.server.listen:
-        if isinstance(listen, config.TcpListen) and not guards.is_loopback(listen.host):
+        if isinstance(listen, config.TcpListen) and not is_loopback(listen.host):
             text = f"listen {listen} is reachable from other hosts (allow_remote, client keys)"
             checks.append(Check(None, text))
         else:
@@ -315,7 +316,7 @@ def doctor(path: Path, *, offline: bool) -> list[Check]:
         except SecretError as exc:
             checks.append(Check(False, f"secret of {name!r}: {exc}"))
             continue
-        where = secrets.describe(cred.secret, name)
+        where = cred.secret.describe()
         checks.append(Check(True, f"secret of {name!r} resolvable ({where})"))
         if offline:
             continue

@@ -17,6 +17,7 @@ import secrets
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 import uvicorn
 
+from broker.logs import Redactor
 from broker.server import Server
 
 #: Failure modes: what the issuer answers instead of a token.
@@ -72,13 +74,21 @@ class Received:
     path: str
     form: dict[str, str] = field(repr=False)
     headers: dict[str, str] = field(repr=False)
+    at: float = 0.0  # when it arrived, by the issuer's clock
 
 
 class DemoIssuer:
     """An OAuth 2.0 client-credentials issuer for the demo and the tests."""
 
-    def __init__(self, lifetime: float = 120.0, token_bytes: int = 48) -> None:
+    def __init__(
+        self,
+        lifetime: float = 120.0,
+        token_bytes: int = 48,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.lifetime = lifetime
+        self.clock = clock  # for expiry bookkeeping and Retry-After dates
         self.token_bytes = token_bytes  # Adobe's tokens are JWTs of about 1,500 bytes
         self.clients: dict[str, set[str]] = {}
         self.mode = "ok"
@@ -111,7 +121,7 @@ class DemoIssuer:
         self.calls += 1
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        self.received.append(Received(path, form, headers))
+        self.received.append(Received(path, form, headers, self.clock()))
         if self.delay:
             await asyncio.sleep(self.delay)
         await self._answer(send, receive, form, headers)
@@ -138,7 +148,7 @@ class DemoIssuer:
             body = {"error": "too_many_requests" if status == 429 else "temporarily_unavailable"}
             after = str(self.retry_after)
             if mode == "throttle_date":
-                after = email.utils.formatdate(time.time() + self.retry_after, usegmt=True)
+                after = email.utils.formatdate(self.clock() + self.retry_after, usegmt=True)
             return await _reply(send, status, body, extra=[(b"retry-after", after.encode())])
         if mode == "garbage":
             return await _reply(send, 200, b"\x00\xffnot json", content_type=b"text/plain")
@@ -168,7 +178,7 @@ class DemoIssuer:
             if value is None:
                 del answer[key]
         if mode == "ok" or mode == "string_expires":
-            self.issued[token] = time.time() + self.lifetime
+            self.issued[token] = self.clock() + self.lifetime
         await _reply(send, 200, answer)
 
     def _authorised(self, form: dict[str, str], headers: dict[str, str]) -> bool:
@@ -260,7 +270,7 @@ def issuer_server(
     return Server(config)
 
 
-async def run(listen: str, lifetime: float) -> int:
+async def run(listen: str, lifetime: float, redactor: Redactor) -> int:
     """Start the demo issuer and the broker in one process; serve until interrupted."""
     from broker import config, server
 
@@ -293,7 +303,7 @@ async def run(listen: str, lifetime: float) -> int:
         issuer_srv = issuer_server(issuer)
         issuer_task = asyncio.create_task(issuer_srv.serve(sockets=[issuer_sock]))
         try:
-            await server.serve(settings, sockets)
+            await server.serve(settings, sockets, redactor=redactor)
         finally:
             server.remove_socket_files(own)
             issuer_srv.request_exit()

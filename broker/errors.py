@@ -61,6 +61,12 @@ class ErrorInfo:
             "at": rfc3339(self.at),
         }
 
+    def summary(self) -> str:
+        """One sentence for logs and error details (a secret's own message, or the issuer's)."""
+        if self.status is None and self.error == "secret_unavailable":
+            return self.description
+        return _issuer_summary(self.status, self.error, self.description, self.debug_id)
+
 
 #: Values shorter than this are not cut out of text: they would mangle ordinary words, and
 #: real secrets and tokens are far longer.
@@ -117,16 +123,20 @@ class IssuerError(BrokerError):
 
     def summary(self) -> str:
         """One sentence quoting status, code, description and x-debug-id."""
-        where = f"HTTP {self.status}" if self.status is not None else "no answer"
-        text = f"issuer error ({where}): {self.error}"
-        if self.description:
-            text += f": {self.description}"
-        if self.debug_id:
-            text += f" (x-debug-id {self.debug_id})"
-        return text
+        return _issuer_summary(self.status, self.error, self.description, self.debug_id)
 
     def info(self, at: float) -> ErrorInfo:
         return ErrorInfo(self.status, self.error, self.description, self.debug_id, at)
+
+
+def _issuer_summary(status: int | None, error: str, description: str, debug_id: str | None) -> str:
+    where = f"HTTP {status}" if status is not None else "no answer"
+    text = f"issuer error ({where}): {error}"
+    if description:
+        text += f": {description}"
+    if debug_id:
+        text += f" (x-debug-id {debug_id})"
+    return text
 
 
 class TokenUnavailable(BrokerError):

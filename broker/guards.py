@@ -1,6 +1,6 @@
 """The request guards of DESIGN §7, as one function over a raw ASGI scope.
 
-Both the ASGI fast path and the FastAPI routes go through :func:`check`, so
+Both the ASGI fast path and the FastAPI routes go through :func:`refusal`, so
 there is exactly one implementation of the rules:
 
 * the peer must be loopback (a unix-socket peer always is), unless
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+from broker.net import is_loopback
 
 _LOOPBACK_NAMES = (b"localhost", b"127.0.0.1", b"[::1]")
 
@@ -49,7 +51,7 @@ def header_rejection(header: str) -> Rejection:
     return Rejection(403, "forbidden", f"the {header} header is required", "header")
 
 
-def check(
+def refusal(
     scope: Mapping[str, Any], header: bytes | None, *, remote: bool = False
 ) -> Rejection | None:
     """Return why the request in ``scope`` is refused, or None if it may pass.
@@ -127,7 +129,3 @@ def host_allowed(host: bytes | None, port: int | None, own: str | None = None) -
 def _literal(address: str) -> bytes:
     """An IP address as it appears in a Host header (IPv6 in brackets)."""
     return (f"[{address}]" if ":" in address else address).encode()
-
-
-def is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address == "::1" or address.startswith("::ffff:127.")

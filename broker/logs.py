@@ -68,24 +68,26 @@ def _shape(match: re.Match[str]) -> str:
     return prefix + REDACTED
 
 
-#: The process-wide redactor that every handler set up here applies.
-redact = Redactor()
-
-
 class TextFormatter(logging.Formatter):
     """``LEVEL logger: message``: journald and container runtimes add the time."""
 
-    def __init__(self) -> None:
+    def __init__(self, redact: Redactor) -> None:
         super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return self.redact(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for journald (``journalctl -o cat``), Loki and friends."""
 
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+
     def format(self, record: logging.LogRecord) -> str:
+        redact = self.redact
         line: dict[str, Any] = {
             "time": _rfc3339(record.created),
             "level": record.levelname.lower(),
@@ -106,10 +108,14 @@ def _rfc3339(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{ms:03d}Z"
 
 
-def setup(fmt: str = "text", level: int = logging.INFO) -> None:
-    """Send every log record to stderr in ``fmt`` ("text" or "json"), redacted."""
+def setup(redact: Redactor, fmt: str = "text", level: int = logging.INFO) -> None:
+    """Send every log record to stderr in ``fmt`` ("text" or "json"), through ``redact``.
+
+    The daemon hands the same redactor to its manager, which registers there the
+    secrets and tokens it holds.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

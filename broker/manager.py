@@ -1,9 +1,14 @@
-"""Per-credential state: single-flight refresh, retry with backoff, scheduled jobs.
+"""The token lifecycle: single-flight refresh, retry with backoff, scheduled jobs.
 
 The scheduler is an optimisation: :meth:`Manager.token` checks expiry on
 every call, so a missed job can never serve an expired token. Time comes from
 an injected clock and jobs go through a small :class:`Scheduler` interface,
-so the whole lifecycle runs under a fake clock in tests.
+so the whole lifecycle runs under a fake clock in tests. What the manager
+needs from the outside is handed in: the HTTP client, the clock, the
+scheduler, the metrics :class:`~broker.metrics.Recorder`, the log
+:class:`~broker.logs.Redactor` and a callback for reload notifications. What
+to do on a reload is decided by :func:`broker.config.changes`, a pure
+function; what the status JSON looks like is the API's business.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from broker.errors import (
     TokenUnavailable,
     UnknownCredential,
 )
-from broker.logs import redact
-from broker.metrics import Histogram
+from broker.logs import Redactor
+from broker.metrics import Recorder
 from broker.providers import fetch_token, issuer_client, token_request
 from broker.providers.base import Issued
 from broker.tokens import Clock, Token, refresh_at, retry_delay, rfc3339, servable, serve_until
@@ -100,10 +105,11 @@ class APScheduler:
 
 
 @dataclass(eq=False)
-class Entry:
-    """The mutable state of one credential."""
+class Credential:
+    """One credential as it lives in the daemon: its settings, token, failures and the
+    refresh in flight (the settings are the config's; everything else is state)."""
 
-    cred: CredentialSettings
+    settings: CredentialSettings
     token: Token | None = None
     serve_until: float = -math.inf  # precomputed so the hot path is one comparison
     secrets: tuple[str, ...] = field(default=(), repr=False)  # preferred first
@@ -146,18 +152,21 @@ class Manager:
         clock: Clock,
         scheduler: Scheduler,
         rand: Callable[[], float] = random.random,
-        notify: Callable[..., object] = lambda *lines: None,
+        recorder: Recorder | None = None,
+        redactor: Redactor | None = None,
+        on_reload: Callable[[bool], object] = lambda done: None,
     ) -> None:
         self.settings = settings
-        self._notify = notify  # systemd.notify under systemd
+        self.recorder = recorder or Recorder()
+        # Secrets and tokens this manager holds, kept out of every log line it writes.
+        self._redactor = redactor or Redactor()
+        self.on_reload = on_reload  # called with False before a reload, True after it
         self._client = client
         self._clock = clock
         self._scheduler = scheduler
         self._rand = rand
-        self.entries: dict[str, Entry] = {n: Entry(c) for n, c in settings.credentials.items()}
+        self.credentials = {n: Credential(c) for n, c in settings.credentials.items()}
         self.default = settings.default_name()
-        self.refreshes: Counter[tuple[str, str]] = Counter()
-        self.issuer_latency: dict[str, Histogram] = {}
         self._ca_clients: dict[str, httpx.AsyncClient] = {}  # per ca_file
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REFRESHES)
         self._reloading = asyncio.Lock()
@@ -169,20 +178,20 @@ class Manager:
         _warn_file_modes(self.settings)
         self._stopped = asyncio.get_running_loop().create_future()
         self._scheduler.start()
-        for entry in self.entries.values():
-            self._begin(entry)
+        for credential in self.credentials.values():
+            self._begin(credential)
 
     async def first_round(self) -> None:
         """Wait until the eager fetch of every credential has been attempted."""
-        tasks = [e.inflight for e in self.entries.values() if e.inflight is not None]
+        tasks = [e.inflight for e in self.credentials.values() if e.inflight is not None]
         await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: how many credentials are in which state."""
         now = self._clock()
-        states = Counter(e.state(now) for e in self.entries.values())
+        states = Counter(e.state(now) for e in self.credentials.values())
         parts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-        return f"{len(self.entries)} credential(s): {parts or 'none'}"
+        return f"{len(self.credentials)} credential(s): {parts or 'none'}"
 
     def stop_waiting(self) -> None:
         """Answer every request still waiting on a refresh with TokenUnavailable.
@@ -193,12 +202,12 @@ class Manager:
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
-    async def _outcome(self, entry: Entry) -> BrokerError | None:
-        """Wait for ``entry``'s attempt in flight and return its error, if any.
+    async def _outcome(self, credential: Credential) -> BrokerError | None:
+        """Wait for ``credential``'s attempt in flight and return its error, if any.
 
         Raises TokenUnavailable when the broker starts shutting down first.
         """
-        task = entry.inflight
+        task = credential.inflight
         assert task is not None
         if self._stopped is not None:
             # asyncio.wait never cancels what it waits for: the refresh runs on for others.
@@ -206,7 +215,7 @@ class Manager:
         else:
             await asyncio.wait((task,))
         if not task.done() or task.cancelled():
-            name = entry.cred.name
+            name = credential.settings.name
             raise TokenUnavailable(
                 name,
                 f"no servable token for credential {name!r}: the broker is shutting down",
@@ -217,7 +226,7 @@ class Manager:
     async def close(self) -> None:
         """Stop the scheduler, cancel refreshes in flight, close the HTTP client."""
         self._scheduler.shutdown()
-        tasks = [e.inflight for e in self.entries.values() if e.inflight is not None]
+        tasks = [e.inflight for e in self.credentials.values() if e.inflight is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -259,80 +268,80 @@ class Manager:
         retried.
         """
         async with self._reloading:  # SIGHUP twice must not interleave two reloads
-            now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-            self._notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
+            self.on_reload(False)
             try:
                 return await self._reload(settings)
             finally:
-                self._notify("READY=1", f"STATUS={self.summary()}")
+                self.on_reload(True)
 
     async def _reload(self, settings: Settings) -> dict[str, list[str]]:
-        old = self.entries
-        result: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
-        for name in old.keys() - settings.credentials.keys():
+        plan = config.changes(self.settings, settings)
+        old = self.credentials
+        for name in plan.removed:
             self._stop(old[name])
-            result["removed"].append(name)
-        entries: dict[str, Entry] = {}
+        credentials: dict[str, Credential] = {}
         for name, cred in settings.credentials.items():
-            entry = old.get(name)
-            if entry is None:
-                entries[name] = Entry(cred)
-                result["added"].append(name)
+            if name in plan.added:
+                credentials[name] = Credential(cred)
                 continue
-            changed = entry.cred != cred
-            result["changed" if changed else "unchanged"].append(name)
-            entry.cred = cred
+            credentials[name] = credential = old[name]
+            changed = name in plan.changed
+            credential.settings = cred
             if changed:
-                entry.generation += 1
-            try:
-                fresh = await secrets.resolve(cred.secret, name)
-            except SecretError as exc:
-                if not entry.secrets or changed:
-                    _use_secrets(entry, ())
-                    self._secret_failed(entry, exc)
-                else:
-                    log.warning("reload %s: %s; keeping the secret already in use", name, exc)
-                entries[name] = entry
-                continue
-            secret_changed = fresh != entry.secrets
-            _use_secrets(entry, fresh)
-            entries[name] = entry
-            if secret_changed and not changed:
-                entry.generation += 1
-            if changed or entry.failed:
-                entry.failed = False
-                entry.blocked_until = 0.0
-                if entry.token is not None:
-                    entry.serve_until = serve_until(entry.token, cred.policy)
-                if entry.inflight is None:
-                    self._begin(entry)
-            elif secret_changed:
-                log.info("reload %s: secret changed; the cached token stays in use", name)
+                credential.generation += 1  # an attempt in flight is followed by a fresh one
+            await self._reread_secrets(credential, changed)
         self.settings = settings
-        self.entries = entries
+        self.credentials = credentials
         self.default = settings.default_name()
-        for name in result["added"]:
-            self._begin(entries[name])
+        for name in plan.added:
+            self._begin(credentials[name])
         log.info(
             "reloaded: added %s, removed %s, changed %s",
-            *(", ".join(result[k]) or "none" for k in ("added", "removed", "changed")),
+            *(", ".join(names) or "none" for names in (plan.added, plan.removed, plan.changed)),
             extra={"event": "reload"},
         )
-        return result
+        return plan.as_json()
 
-    def _stop(self, entry: Entry) -> None:
-        # A refresh in flight finishes on the detached entry; _schedule ignores it then.
-        name = entry.cred.name
+    async def _reread_secrets(self, credential: Credential, changed: bool) -> None:
+        """Read a kept credential's secrets again; refresh it if it changed or had failed."""
+        cred = credential.settings
+        try:
+            fresh = await secrets.resolve(cred.secret, cred.name)
+        except SecretError as exc:
+            if not credential.secrets or changed:
+                self._use_secrets(credential, ())
+                self._secret_failed(credential, exc)
+            else:
+                log.warning("reload %s: %s; keeping the secret already in use", cred.name, exc)
+            return
+        secret_changed = fresh != credential.secrets
+        self._use_secrets(credential, fresh)
+        if secret_changed and not changed:
+            credential.generation += 1
+        if changed or credential.failed:
+            credential.failed = False
+            credential.blocked_until = 0.0
+            if credential.token is not None:
+                credential.serve_until = serve_until(credential.token, cred.policy)
+            if credential.inflight is None:
+                self._begin(credential)
+        elif secret_changed:
+            log.info("reload %s: secret changed; the cached token stays in use", cred.name)
+
+    def _stop(self, credential: Credential) -> None:
+        # A refresh in flight finishes on the detached credential; _schedule ignores it then.
+        name = credential.settings.name
         self._scheduler.cancel(name)
-        self.issuer_latency.pop(name, None)
-        redact.drop(f"secret:{name}")
-        redact.drop(f"token:{name}")
+        self.recorder.forget(name)
+        self._redactor.drop(f"secret:{name}")
+        self._redactor.drop(f"token:{name}")
 
-    def entry(self, name: str | None) -> Entry:
-        entry = self.entries.get(name) if name is not None else None
-        if entry is None:
+    def get(self, name: str | None) -> Credential:
+        """The credential called ``name`` (None: the default); UnknownCredential if none."""
+        credential = self.credentials.get(name) if name is not None else None
+        if credential is None:
             raise UnknownCredential(name)
-        return entry
+        return credential
 
     def cached(self, name: str | None) -> Token | None:
         """The cached token of ``name`` if it is servable now, else None (never waits).
@@ -340,9 +349,9 @@ class Manager:
         The hot path calls this first, so a warm request costs one dict lookup,
         one clock read and one comparison, and no coroutine.
         """
-        entry = self.entries.get(name)  # type: ignore[arg-type]  # None is simply absent
-        if entry is not None and self._clock() < entry.serve_until:
-            return entry.token
+        credential = self.credentials.get(name)  # type: ignore[arg-type]  # None is simply absent
+        if credential is not None and self._clock() < credential.serve_until:
+            return credential.token
         return None
 
     async def token(self, name: str | None) -> Token:
@@ -353,147 +362,139 @@ class Manager:
         token = self.cached(name)
         if token is not None:
             return token
-        return await self._token_slow(self.entry(name))
+        return await self._token_slow(self.get(name))
 
-    async def _token_slow(self, entry: Entry) -> Token:
+    async def _token_slow(self, credential: Credential) -> Token:
         now = self._clock()
-        if entry.inflight is None and not entry.failed and now >= entry.blocked_until:
+        if (
+            credential.inflight is None
+            and not credential.failed
+            and now >= credential.blocked_until
+        ):
             # Expired without a running refresh (missed job, clock jump): refresh now.
-            self._begin(entry)
-        if entry.inflight is not None:
-            await self._outcome(entry)
+            self._begin(credential)
+        if credential.inflight is not None:
+            await self._outcome(credential)
         now = self._clock()
-        if now < entry.serve_until:
-            return entry.token  # type: ignore[return-value]
-        raise self._unavailable(entry, now)
+        if now < credential.serve_until:
+            return credential.token  # type: ignore[return-value]
+        raise self._unavailable(credential, now)
 
-    def _unavailable(self, entry: Entry, now: float) -> TokenUnavailable:
-        name = entry.cred.name
-        retry_after = max(1.0, entry.blocked_until - now)
-        if entry.failed:
-            retry_after = max(retry_after, entry.cred.policy.force_cooldown)
-        reason = f"; last error: {_describe(entry.last_error)}" if entry.last_error else ""
-        detail = f"no servable token for credential {name!r} ({entry.state(now)}){reason}"
-        last = entry.last_error.as_json() if entry.last_error else None
+    def _unavailable(self, credential: Credential, now: float) -> TokenUnavailable:
+        name = credential.settings.name
+        retry_after = max(1.0, credential.blocked_until - now)
+        if credential.failed:
+            retry_after = max(retry_after, credential.settings.policy.force_cooldown)
+        last = credential.last_error
+        reason = f"; last error: {last.summary()}" if last else ""
+        detail = f"no servable token for credential {name!r} ({credential.state(now)}){reason}"
+        last = credential.last_error.as_json() if credential.last_error else None
         return TokenUnavailable(name, detail, retry_after=retry_after, last_error=last)
 
-    async def force_refresh(self, name: str) -> Entry:
-        """Refresh now (e.g. after an API answered 401); return the entry when done.
+    async def force_refresh(self, name: str) -> Credential:
+        """Refresh now (e.g. after an API answered 401); return the credential when done.
 
         Raises RefreshCooldown if asked again within ``force_cooldown`` or while
         the issuer's Retry-After runs, and the IssuerError/SecretError of a failed
         attempt.
         """
-        entry = self.entry(name)
+        credential = self.get(name)
         now = self._clock()
-        if entry.inflight is None:
+        if credential.inflight is None:
             wait = (
-                max(entry.last_forced + entry.cred.policy.force_cooldown, entry.issuer_retry_until)
+                max(
+                    credential.last_forced + credential.settings.policy.force_cooldown,
+                    credential.issuer_retry_until,
+                )
                 - now
             )
             if wait > 0:
                 raise RefreshCooldown(name, retry_after=math.ceil(wait))
-            entry.last_forced = now
-            entry.failed = False  # a forced refresh is the user's "try again"
-            self._begin(entry)
-        error = await self._outcome(entry)
+            credential.last_forced = now
+            credential.failed = False  # a forced refresh is the user's "try again"
+            self._begin(credential)
+        error = await self._outcome(credential)
         if error is not None:
             raise error
-        return entry
+        return credential
 
     def ready(self) -> bool:
         now = self._clock()
-        return all(now < e.serve_until for e in self.entries.values())
-
-    def status(self, entry: Entry) -> dict[str, object]:
-        """The status JSON of DESIGN §4: no secret, no token."""
-        now = self._clock()
-        token = entry.token
-        return {
-            "name": entry.cred.name,
-            "provider": entry.cred.provider,
-            "client_id": entry.cred.client_id,
-            "default": entry.cred.name == self.default,  # how clients find GET /token's name
-            "state": entry.state(now),
-            "expires_at": rfc3339(token.expires_at if token else None),
-            "refreshed_at": rfc3339(entry.refreshed_at),
-            "next_refresh_at": rfc3339(entry.next_refresh_at),
-            "last_error": entry.last_error.as_json() if entry.last_error else None,
-        }
+        return all(now < e.serve_until for e in self.credentials.values())
 
     # -- refresh machinery ------------------------------------------------------------
 
-    def _begin(self, entry: Entry) -> None:
-        """Start the single in-flight attempt for ``entry``."""
-        entry.inflight = asyncio.get_running_loop().create_task(
-            self._attempt(entry), name=f"refresh-{entry.cred.name}"
+    def _begin(self, credential: Credential) -> None:
+        """Start the single in-flight attempt for ``credential``."""
+        credential.inflight = asyncio.get_running_loop().create_task(
+            self._attempt(credential), name=f"refresh-{credential.settings.name}"
         )
 
     async def _scheduled(self, name: str) -> None:
         # Start the refresh and return at once: if this job waited for it, an answer that
         # came after the new token's own refresh point would find this job still running,
         # and APScheduler would drop the next one ("maximum number of running instances").
-        entry = self.entries.get(name)
-        if entry is None or entry.failed:  # removed by a reload, or waiting for a fix
+        credential = self.credentials.get(name)
+        if credential is None or credential.failed:  # removed by a reload, or waiting for a fix
             return
-        if entry.inflight is None:
-            self._begin(entry)
+        if credential.inflight is None:
+            self._begin(credential)
 
-    async def _attempt(self, entry: Entry) -> BrokerError | None:
-        generation = entry.generation
+    async def _attempt(self, credential: Credential) -> BrokerError | None:
+        generation = credential.generation
         try:
-            return await self._attempt_once(entry)
+            return await self._attempt_once(credential)
         finally:
             # A reload changed this credential while the attempt was in flight: the token
             # (or error) it produced belongs to the old settings. Fetch again with the new.
             if (
-                entry.generation != generation
-                and self.entries.get(entry.cred.name) is entry
-                and entry.inflight is None
+                credential.generation != generation
+                and self.credentials.get(credential.settings.name) is credential
+                and credential.inflight is None
                 and not (self._stopped is not None and self._stopped.done())
             ):
-                self._begin(entry)
+                self._begin(credential)
 
-    async def _attempt_once(self, entry: Entry) -> BrokerError | None:
-        cred = entry.cred
+    async def _attempt_once(self, credential: Credential) -> BrokerError | None:
+        cred = credential.settings
         try:
-            issued = await self._exchange(entry)
+            issued = await self._exchange(credential)
         except SecretError as exc:
-            self._secret_failed(entry, exc)
+            self._secret_failed(credential, exc)
             return exc
         except IssuerError as exc:
-            self._failure(entry, exc)
+            self._failure(credential, exc)
             return exc
         except TimeoutError:
             err = IssuerError(
                 "timeout", f"no complete answer within {cred.policy.timeout:g}s (refresh.timeout)"
             )
-            self._failure(entry, err)
+            self._failure(credential, err)
             return err
         except Exception as exc:  # never let an upstream surprise kill the daemon
             log.exception("refresh %s: unexpected error", cred.name)
             err = IssuerError("internal_error", f"{type(exc).__name__} while refreshing")
-            self._failure(entry, err)
+            self._failure(credential, err)
             return err
         finally:
-            entry.inflight = None
-        self._success(entry, issued.token, issued.debug_id)
+            credential.inflight = None
+        self._success(credential, issued.token, issued.debug_id)
         return None
 
-    async def _exchange(self, entry: Entry) -> Issued:
+    async def _exchange(self, credential: Credential) -> Issued:
         """Resolve the secrets if needed and ask the issuer for a token."""
-        cred = entry.cred
-        if not entry.secrets:
-            _use_secrets(entry, await secrets.resolve(cred.secret, cred.name))
+        cred = credential.settings
+        if not credential.secrets:
+            self._use_secrets(credential, await secrets.resolve(cred.secret, cred.name))
         try:
-            return await self._fetch(cred, entry.secrets[0])
+            return await self._fetch(cred, credential.secrets[0])
         except IssuerError as exc:
-            if exc.error != "invalid_client" or len(entry.secrets) < 2:
+            if exc.error != "invalid_client" or len(credential.secrets) < 2:
                 raise
         # Mid-rotation two secrets are stored and the issuer refused one: try the
         # other once, and prefer it from now on.
-        issued = await self._fetch(cred, entry.secrets[1])
-        _use_secrets(entry, (entry.secrets[1], entry.secrets[0]))
+        issued = await self._fetch(cred, credential.secrets[1])
+        self._use_secrets(credential, (credential.secrets[1], credential.secrets[0]))
         log.warning("refresh %s: the issuer refused one stored secret; the other worked", cred.name)
         return issued
 
@@ -507,10 +508,7 @@ class Manager:
                         self._client_for(cred), token_request(cred, secret), now=started
                     )
             finally:
-                histogram = self.issuer_latency.get(cred.name)
-                if histogram is None:
-                    histogram = self.issuer_latency[cred.name] = Histogram()
-                histogram.observe(time.perf_counter() - timer)
+                self.recorder.issuer_latency(cred.name, time.perf_counter() - timer)
 
     def _client_for(self, cred: CredentialSettings) -> httpx.AsyncClient:
         """The shared client, or the one that trusts only this credential's ``ca_file``."""
@@ -523,21 +521,21 @@ class Manager:
             )
         return client
 
-    def _success(self, entry: Entry, token: Token, debug_id: str | None) -> None:
-        cred = entry.cred
+    def _success(self, credential: Credential, token: Token, debug_id: str | None) -> None:
+        cred = credential.settings
         # The previous token stays valid until it expires: keep it out of logs as well.
-        previous = (entry.token.access_token,) if entry.token is not None else ()
-        redact.set(f"token:{cred.name}", (token.access_token, *previous))
-        entry.token = token
-        entry.serve_until = serve_until(token, cred.policy)
-        entry.refreshed_at = token.issued_at
-        entry.failures = 0
-        entry.failed = False
-        entry.blocked_until = 0.0
-        entry.issuer_retry_until = 0.0
+        previous = (credential.token.access_token,) if credential.token is not None else ()
+        self._redactor.set(f"token:{cred.name}", (token.access_token, *previous))
+        credential.token = token
+        credential.serve_until = serve_until(token, cred.policy)
+        credential.refreshed_at = token.issued_at
+        credential.failures = 0
+        credential.failed = False
+        credential.blocked_until = 0.0
+        credential.issuer_retry_until = 0.0
         when = refresh_at(token, cred.policy, self._rand)
-        self._schedule(entry, when)
-        self.refreshes[(cred.name, "success")] += 1
+        self._schedule(credential, when)
+        self.recorder.refreshed(cred.name, "success")
         log.info(
             "refresh %s ok: expires_at=%s token=…%s x-debug-id=%s next_refresh_at=%s",
             cred.name,
@@ -553,72 +551,73 @@ class Manager:
             },
         )
 
-    def _failure(self, entry: Entry, exc: IssuerError) -> None:
+    def _failure(self, credential: Credential, exc: IssuerError) -> None:
         now = self._clock()
         if not exc.retryable:
-            self._permanent(entry, exc.info(now))
+            self._permanent(credential, exc.info(now))
             return
-        entry.failures += 1
-        entry.last_error = exc.info(now)
-        delay = retry_delay(entry.failures, entry.cred.policy, exc.retry_after, self._rand)
-        entry.blocked_until = now + delay
-        entry.issuer_retry_until = now + exc.retry_after if exc.retry_after else 0.0
-        self._schedule(entry, now + delay)
-        self.refreshes[(entry.cred.name, "error")] += 1
+        credential.failures += 1
+        credential.last_error = exc.info(now)
+        delay = retry_delay(
+            credential.failures, credential.settings.policy, exc.retry_after, self._rand
+        )
+        credential.blocked_until = now + delay
+        credential.issuer_retry_until = now + exc.retry_after if exc.retry_after else 0.0
+        self._schedule(credential, now + delay)
+        self.recorder.refreshed(credential.settings.name, "error")
         log.warning(
             "refresh %s failed (attempt %d): %s; %s; retry in %.1fs",
-            entry.cred.name,
-            entry.failures,
+            credential.settings.name,
+            credential.failures,
             exc.summary(),
             "serving the cached token"
-            if servable(entry.token, now, entry.cred.policy)
+            if servable(credential.token, now, credential.settings.policy)
             else "no servable token",
             delay,
-            extra=_error_fields("refresh_failed", entry, exc.info(now)),
+            extra=_error_fields("refresh_failed", credential, exc.info(now)),
         )
 
-    def _secret_failed(self, entry: Entry, exc: SecretError) -> None:
+    def _secret_failed(self, credential: Credential, exc: SecretError) -> None:
         info = ErrorInfo(None, "secret_unavailable", str(exc), None, self._clock())
-        self._permanent(entry, info)
+        self._permanent(credential, info)
 
-    def _permanent(self, entry: Entry, info: ErrorInfo) -> None:
-        entry.failed = True
-        entry.failures += 1
-        entry.last_error = info
-        entry.next_refresh_at = None
-        self._scheduler.cancel(entry.cred.name)
-        self.refreshes[(entry.cred.name, "error")] += 1
+    def _permanent(self, credential: Credential, info: ErrorInfo) -> None:
+        credential.failed = True
+        credential.failures += 1
+        credential.last_error = info
+        credential.next_refresh_at = None
+        self._scheduler.cancel(credential.settings.name)
+        self.recorder.refreshed(credential.settings.name, "error")
         log.error(
             "refresh %s failed permanently: %s; no retries until the config or secret "
             "changes or a forced refresh (POST /v1/credentials/%s/refresh)",
-            entry.cred.name,
-            _describe(info),
-            entry.cred.name,
-            extra=_error_fields("refresh_failed_permanently", entry, info),
+            credential.settings.name,
+            info.summary(),
+            credential.settings.name,
+            extra=_error_fields("refresh_failed_permanently", credential, info),
         )
 
-    def _schedule(self, entry: Entry, when: float) -> None:
-        entry.next_refresh_at = when
-        if self.entries.get(entry.cred.name) is not entry:
+    def _use_secrets(self, credential: Credential, values: tuple[str, ...]) -> None:
+        """Hold ``values`` as the credential's secrets, and keep them out of every log line."""
+        credential.secrets = values
+        self._redactor.set(f"secret:{credential.settings.name}", values)
+
+    def _schedule(self, credential: Credential, when: float) -> None:
+        credential.next_refresh_at = when
+        if self.credentials.get(credential.settings.name) is not credential:
             return  # removed by a reload while its refresh was in flight
-        self._scheduler.schedule(entry.cred.name, when, self._scheduled)
+        self._scheduler.schedule(credential.settings.name, when, self._scheduled)
 
 
-def _use_secrets(entry: Entry, values: tuple[str, ...]) -> None:
-    """Hold ``values`` as the entry's secrets, and keep them out of every log line."""
-    entry.secrets = values
-    redact.set(f"secret:{entry.cred.name}", values)
-
-
-def _error_fields(event: str, entry: Entry, info: ErrorInfo) -> dict[str, object]:
+def _error_fields(event: str, credential: Credential, info: ErrorInfo) -> dict[str, object]:
     """The structured fields of a failure event (JSON logs)."""
     return {
         "event": event,
-        "credential": entry.cred.name,
+        "credential": credential.settings.name,
         "status": info.status,
         "error": info.error,
         "x_debug_id": info.debug_id,
-        "attempt": entry.failures,
+        "attempt": credential.failures,
     }
 
 
@@ -626,13 +625,3 @@ def _warn_file_modes(settings: Settings) -> None:
     for found in secrets.file_modes(settings):
         if found.problem:
             log.warning("%s", found.problem, extra={"event": "file_mode"})
-
-
-def _describe(info: ErrorInfo | None) -> str:
-    if info is None:
-        return "none"
-    if info.status is None and info.error == "secret_unavailable":
-        return info.description
-    return IssuerError(
-        info.error, info.description, status=info.status, debug_id=info.debug_id
-    ).summary()

@@ -4,15 +4,18 @@ Written by hand rather than with prometheus_client: a dozen lines of text
 do not justify another dependency and its import cost. No label ever holds a
 secret, a token or an unbounded value (an unknown credential name is counted
 without its name).
+
+The manager records into a :class:`Recorder` it is handed; the HTTP layer
+counts into :class:`RequestCounters`; :func:`render` turns both, and a
+snapshot of each credential's :class:`Gauges`, into text. Nothing here knows
+the manager.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from broker.manager import Manager
+from collections.abc import Iterable
+from typing import NamedTuple
 
 STATES = ("pending", "fresh", "refreshing", "stale", "expired", "failed")
 #: Issuer round trips in seconds: IMS answers in ~0.1-0.5 s; the default timeout is 10 s.
@@ -47,6 +50,27 @@ class Histogram:
         return out
 
 
+class Recorder:
+    """What the token lifecycle records: refresh outcomes and issuer latency."""
+
+    def __init__(self) -> None:
+        self.refreshes: Counter[tuple[str, str]] = Counter()
+        self.latency: dict[str, Histogram] = {}
+
+    def refreshed(self, credential: str, outcome: str) -> None:
+        self.refreshes[(credential, outcome)] += 1
+
+    def issuer_latency(self, credential: str, seconds: float) -> None:
+        histogram = self.latency.get(credential)
+        if histogram is None:
+            histogram = self.latency[credential] = Histogram()
+        histogram.observe(seconds)
+
+    def forget(self, credential: str) -> None:
+        """A credential removed by a reload: its latency series goes (counters stay)."""
+        self.latency.pop(credential, None)
+
+
 class RequestCounters:
     """Counters the HTTP layer bumps on the hot path (plain dict increments)."""
 
@@ -56,7 +80,17 @@ class RequestCounters:
         self.rejected: Counter[str] = Counter()
 
 
-def render(manager: Manager, counters: RequestCounters, now: float) -> str:
+class Gauges(NamedTuple):
+    """One credential's current values, as the HTTP layer reads them for a scrape."""
+
+    name: str
+    state: str
+    expires_in: float | None  # seconds until the cached token expires
+    refreshed_at: float | None  # Unix time of the last successful refresh
+
+
+def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauges]) -> str:
+    gauges = list(gauges)
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -78,41 +112,41 @@ def render(manager: Manager, counters: RequestCounters, now: float) -> str:
     for reason, n in sorted(counters.rejected.items()):
         lines.append(f'token_broker_rejected_requests_total{{reason="{reason}"}} {n}')
     family("token_broker_refreshes_total", "counter", "Refresh attempts by outcome.")
-    for (cred, outcome), n in sorted(manager.refreshes.items()):
+    for (cred, outcome), n in sorted(recorder.refreshes.items()):
         lines.append(f'token_broker_refreshes_total{{credential="{cred}",outcome="{outcome}"}} {n}')
     family(
         "token_broker_issuer_request_duration_seconds",
         "histogram",
         "Time from sending a token request to the issuer's complete answer (or failure).",
     )
-    for name in manager.entries:
-        if (histogram := manager.issuer_latency.get(name)) is not None:
+    for g in gauges:
+        if (histogram := recorder.latency.get(g.name)) is not None:
             series = "token_broker_issuer_request_duration_seconds"
-            lines.extend(histogram.lines(series, f'credential="{name}"'))
+            lines.extend(histogram.lines(series, f'credential="{g.name}"'))
     family(
         "token_broker_token_expires_in_seconds", "gauge", "Seconds until the cached token expires."
     )
-    for name, entry in manager.entries.items():
-        if entry.token is not None:
-            left = entry.token.expires_at - now
-            lines.append(f'token_broker_token_expires_in_seconds{{credential="{name}"}} {left:.0f}')
+    for g in gauges:
+        if g.expires_in is not None:
+            lines.append(
+                f'token_broker_token_expires_in_seconds{{credential="{g.name}"}} {g.expires_in:.0f}'
+            )
     family(
         "token_broker_last_refresh_timestamp_seconds",
         "gauge",
         "Unix time of the last successful refresh.",
     )
-    for name, entry in manager.entries.items():
-        if entry.refreshed_at is not None:
+    for g in gauges:
+        if g.refreshed_at is not None:
             lines.append(
-                f'token_broker_last_refresh_timestamp_seconds{{credential="{name}"}} '
-                f"{entry.refreshed_at:.0f}"
+                f'token_broker_last_refresh_timestamp_seconds{{credential="{g.name}"}} '
+                f"{g.refreshed_at:.0f}"
             )
     family("token_broker_credential_state", "gauge", "1 for the current state of a credential.")
-    for name, entry in manager.entries.items():
-        current = entry.state(now)
+    for g in gauges:
         for state in STATES:
-            value = 1 if state == current else 0
+            value = 1 if state == g.state else 0
             lines.append(
-                f'token_broker_credential_state{{credential="{name}",state="{state}"}} {value}'
+                f'token_broker_credential_state{{credential="{g.name}",state="{state}"}} {value}'
             )
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from broker.errors import SecretError
 
@@ -25,19 +25,71 @@ if TYPE_CHECKING:
 
 KEYRING_SERVICE = "token-broker"
 WAY_OUT = "start a Secret Service (e.g. gnome-keyring) or use a systemd: or file: secret"
+_EXPECTED = (
+    'expected "keyring", "keyring:SERVICE/USERNAME", "systemd:NAME", '
+    '"file:/absolute/path" or "env:VAR"'
+)
 
 
-def describe(ref: str, name: str) -> str:
-    """Where a reference points, in words (for errors and `list`)."""
-    kind, _, rest = ref.partition(":")
-    if kind == "keyring":
-        service, user = keyring_item(ref, name)
-        return f"keyring item service={service!r} username={user!r}"
-    if kind == "systemd":
-        return f"systemd credential {rest!r}"
-    if kind == "file":
-        return f"file {rest}"
-    return f"environment variable {rest}"
+@dataclass(frozen=True)
+class SecretRef:
+    """A ``secret = …`` reference (DESIGN §3), parsed once when the config is loaded.
+
+    ``kind`` says where the secret lives; the other fields are that place:
+    ``service``/``user`` of a keyring item (the default item is service
+    ``token-broker``, username = the credential's name), ``path`` of a file,
+    ``name`` of a systemd credential, ``variable`` of an environment variable.
+    """
+
+    text: str  # as written in the config
+    kind: Literal["keyring", "systemd", "file", "env"]
+    service: str = ""
+    user: str = ""
+    path: Path | None = None
+    name: str = ""
+    variable: str = ""
+
+    @classmethod
+    def parse(cls, text: str, credential: str) -> SecretRef:
+        """The reference ``text`` of ``credential``; ValueError with a sentence if malformed."""
+        kind, sep, rest = text.partition(":")
+        if text == "keyring":
+            return cls(text, "keyring", service=KEYRING_SERVICE, user=credential)
+        if sep and rest.strip():
+            if kind == "keyring":
+                service, slash, user = rest.partition("/")
+                if slash and service and user:
+                    return cls(text, "keyring", service=service, user=user)
+            elif kind == "systemd":
+                return cls(text, "systemd", name=rest)
+            elif kind == "file" and os.path.isabs(rest):
+                return cls(text, "file", path=Path(rest))
+            elif kind == "env":
+                return cls(text, "env", variable=rest)
+        raise ValueError(f"{_EXPECTED}, got {text!r}")
+
+    def __str__(self) -> str:
+        return self.text
+
+    def describe(self) -> str:
+        """Where the reference points, in words (for errors, `list` and `doctor`)."""
+        if self.kind == "keyring":
+            return f"keyring item service={self.service!r} username={self.user!r}"
+        if self.kind == "systemd":
+            return f"systemd credential {self.name!r}"
+        if self.kind == "file":
+            return f"file {self.path}"
+        return f"environment variable {self.variable}"
+
+    def file(self) -> Path | None:
+        """The file a ``file:`` or ``systemd:`` reference reads, or None (other kinds, or a
+        ``systemd:`` reference outside systemd, where $CREDENTIALS_DIRECTORY is unset)."""
+        if self.kind == "file":
+            return self.path
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if self.kind == "systemd" and directory:
+            return Path(directory) / self.name
+        return None
 
 
 @dataclass(frozen=True)
@@ -63,21 +115,9 @@ def file_modes(settings: Settings) -> list[FileMode]:
     if settings.path is not None:
         found.extend(_file_mode(settings.path, "config file", secret=False))
     for name, cred in settings.credentials.items():
-        if (target := secret_file(cred.secret)) is not None:
+        if (target := cred.secret.file()) is not None:
             found.extend(_file_mode(target, f"secret file of {name!r}", secret=True))
     return found
-
-
-def secret_file(ref: str) -> Path | None:
-    """The file a ``file:`` or ``systemd:`` reference reads, or None (other kinds, or a
-    ``systemd:`` reference outside systemd, where $CREDENTIALS_DIRECTORY is unset)."""
-    kind, _, rest = ref.partition(":")
-    if kind == "file":
-        return Path(rest)
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if kind == "systemd" and directory:
-        return Path(directory) / rest
-    return None
 
 
 def _file_mode(path: Path, what: str, *, secret: bool) -> list[FileMode]:
@@ -99,40 +139,29 @@ def _file_mode(path: Path, what: str, *, secret: bool) -> list[FileMode]:
     return [FileMode(path, what, mode, problem)]
 
 
-async def resolve(ref: str, name: str) -> tuple[str, ...]:
+async def resolve(ref: SecretRef, name: str) -> tuple[str, ...]:
     """Return the secrets ``ref`` points at for credential ``name``, preferred first.
 
     One secret, or two while a keyring secret is being rotated (the new one
     first, the old one as a fallback). Raises SecretError with a message that
     says what failed and what to do; it never contains the secret.
     """
-    kind, _, rest = ref.partition(":")
-    if kind == "keyring":
-        service, user = keyring_item(ref, name)
-        return await _keyring_in_child(service, user, name)
-    if kind in ("systemd", "file"):
-        path = secret_file(ref)
-        if path is None:
-            raise SecretError(
-                f"credential {name!r}: secret systemd:{rest} needs $CREDENTIALS_DIRECTORY; "
-                "run under systemd with LoadCredential= or LoadCredentialEncrypted="
-            )
-        return (_from_file(path, name, describe(ref, name)),)
-    if kind == "env":
-        value = os.environ.get(rest)
+    if ref.kind == "keyring":
+        return await _keyring_in_child(ref.service, ref.user, name)
+    if ref.kind == "env":
+        value = os.environ.get(ref.variable)
         if not value:
-            raise SecretError(f"credential {name!r}: environment variable {rest} is not set")
+            raise SecretError(
+                f"credential {name!r}: environment variable {ref.variable} is not set"
+            )
         return (value,)
-    raise SecretError(f"credential {name!r}: unknown secret reference kind {kind!r}")
-
-
-def keyring_item(ref: str, name: str) -> tuple[str, str]:
-    """(service, username) of a ``keyring`` or ``keyring:SERVICE/USERNAME`` reference."""
-    rest = ref.partition(":")[2]
-    if not rest:
-        return KEYRING_SERVICE, name
-    service, _, user = rest.partition("/")
-    return service, user
+    path = ref.file()
+    if path is None:
+        raise SecretError(
+            f"credential {name!r}: secret {ref} needs $CREDENTIALS_DIRECTORY; "
+            "run under systemd with LoadCredential= or LoadCredentialEncrypted="
+        )
+    return (_from_file(path, name, ref.describe()),)
 
 
 #: Suffix of the keyring item that holds the new secret during a rotation. '#' is
@@ -226,9 +255,10 @@ def get_keyring(service: str, user: str, name: str) -> str | None:
 def keyring_backend(name: str) -> Any:
     """The keyring backend in use, or SecretError that names why there is none."""
     import keyring  # lazy: only processes that touch the keyring pay for it
+    from keyring.backends import fail
 
     backend = keyring.get_keyring()
-    if "fail" in type(backend).__module__:
+    if isinstance(backend, fail.Keyring):
         raise SecretError(
             f"credential {name!r}: no keyring backend is available "
             f"({_backend_name(backend)}: {diagnose_no_backend()}); {WAY_OUT}"
@@ -286,16 +316,56 @@ def _keyring_call(backend: Any, name: str, method: str, *args: str) -> Any:
 
 
 def _keyring_cause(exc: Exception) -> str:
-    """Name the cause in words a user can act on."""
+    """Name the cause in words a user can act on, from the exception types of keyring,
+    secretstorage and jeepney (anywhere in the chain of causes)."""
     text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-    lowered = text.lower()
-    if "locked" in lowered:
-        return f"the collection is locked ({text}); unlock it (e.g. log in to the desktop)"
-    if "dbus_session_bus_address" in lowered or "no such file" in lowered and "bus" in lowered:
-        return f"no D-Bus session bus ({text})"
-    if "serviceunknown" in lowered or "not provided by any .service" in lowered:
-        return f"no Secret Service provider on the session bus ({text})"
+    locked, unavailable = _failure_types()
+    for inner in _chain(exc):
+        if isinstance(inner, locked):
+            return f"the collection is locked ({text}); unlock it (e.g. log in to the desktop)"
+        if isinstance(inner, unavailable) or _dbus_error(inner) == _SERVICE_UNKNOWN:
+            return f"no Secret Service provider on the session bus ({text})"
+        if isinstance(inner, FileNotFoundError | ConnectionRefusedError) or (
+            isinstance(inner, KeyError) and "DBUS_SESSION_BUS_ADDRESS" in inner.args
+        ):
+            return f"no D-Bus session bus ({text})"
     return text
+
+
+_SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
+
+
+def _failure_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(a locked collection, no Secret Service): the types that say so, as installed."""
+    from keyring.errors import KeyringLocked
+
+    locked: list[type[BaseException]] = [KeyringLocked]
+    unavailable: list[type[BaseException]] = []
+    try:  # the Secret Service backend's libraries (Linux only)
+        from secretstorage.exceptions import LockedException, SecretServiceNotAvailableException
+    except ImportError:
+        pass
+    else:
+        locked.append(LockedException)
+        unavailable.append(SecretServiceNotAvailableException)
+    return tuple(locked), tuple(unavailable)
+
+
+def _dbus_error(exc: BaseException) -> str | None:
+    """The D-Bus error name of a jeepney error reply, if ``exc`` is one."""
+    try:
+        from jeepney.wrappers import DBusErrorResponse
+    except ImportError:
+        return None
+    return exc.name if isinstance(exc, DBusErrorResponse) else None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, innermost last (bounded)."""
+    found = [exc]
+    while len(found) < 10 and (inner := found[-1].__cause__ or found[-1].__context__):
+        found.append(inner)
+    return found
 
 
 def _from_file(path: Path, name: str, what: str) -> str:

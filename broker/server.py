@@ -26,6 +26,7 @@ from broker import systemd
 from broker.api import create_app
 from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen, UnixListen
 from broker.errors import BrokerError
+from broker.logs import Redactor
 from broker.manager import APScheduler, Manager
 from broker.providers import issuer_client
 from broker.tokens import Clock
@@ -200,7 +201,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 def uvicorn_config(app: object, server: ServerSettings | None = None) -> uvicorn.Config:
     from broker.protocol import protocol_class
 
-    header_timeout = server.header_timeout if server else ServerSettings.header_timeout
+    header_timeout = (server or ServerSettings()).header_timeout
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         http=protocol_class(header_timeout),  # peer credentials, header deadline and size
@@ -215,14 +216,33 @@ def uvicorn_config(app: object, server: ServerSettings | None = None) -> uvicorn
     )
 
 
-def build(settings: Settings, *, clock: Clock = time.time) -> tuple[object, Manager]:
-    """The ASGI app and its manager for ``settings``."""
+def build(
+    settings: Settings, *, redactor: Redactor, clock: Clock = time.time
+) -> tuple[object, Manager]:
+    """The ASGI app and its manager for ``settings``.
+
+    ``redactor`` is the one the log handlers apply (:func:`broker.logs.setup`):
+    the manager registers there the secrets and tokens it holds.
+    """
     longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
-    client = issuer_client(longest)
     manager = Manager(
-        settings, client=client, clock=clock, scheduler=APScheduler(), notify=systemd.notify
+        settings,
+        client=issuer_client(longest),
+        clock=clock,
+        scheduler=APScheduler(),
+        redactor=redactor,
     )
-    return create_app(settings, manager=manager, clock=clock), manager
+    manager.on_reload = lambda done: _notify_reload(manager, done)
+    return create_app(manager, clock=clock), manager
+
+
+def _notify_reload(manager: Manager, done: bool) -> None:
+    """Tell systemd a reload begins (RELOADING=1 with the monotonic clock) or ended."""
+    if done:
+        systemd.notify("READY=1", f"STATUS={manager.summary()}")
+    else:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
 
 class Server(uvicorn.Server):
@@ -274,6 +294,7 @@ async def serve(
     settings: Settings,
     sockets: list[socket.socket],
     *,
+    redactor: Redactor,
     hangup_pending: Callable[[], bool] = lambda: False,
 ) -> None:
     """Serve on already-bound ``sockets`` until SIGTERM or SIGINT.
@@ -285,7 +306,7 @@ async def serve(
     before the loop's handler was installed (see ``cli.run``): that reload runs
     once the daemon is ready.
     """
-    app, manager = build(settings)
+    app, manager = build(settings, redactor=redactor)
     server = Server(uvicorn_config(app, settings.server))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -308,7 +329,7 @@ async def serve(
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     for sock in sockets:
-        log.info("listening on %s", systemd.describe(sock))
+        log.info("listening on %s", systemd.listen_name(sock))
     names = list(settings.credentials)
     shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
     log.info("credentials: %s", shown or "none")

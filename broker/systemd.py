@@ -74,7 +74,7 @@ def listen_sockets(*, allow_remote: bool = False) -> list[socket.socket]:
 
 
 def _check_passed(sock: socket.socket, label: str, allow_remote: bool) -> None:
-    from broker.guards import is_loopback
+    from broker.net import is_loopback
 
     if sock.type != socket.SOCK_STREAM:
         raise ConfigError(f"socket activation: {label} is not a stream socket")
@@ -90,7 +90,7 @@ def _check_passed(sock: socket.socket, label: str, allow_remote: bool) -> None:
         )
 
 
-def describe(sock: socket.socket) -> str:
+def listen_name(sock: socket.socket) -> str:
     """A bound socket in the config's own ``listen`` notation."""
     from broker.config import TcpListen, UnixListen
 

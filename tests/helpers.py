@@ -28,6 +28,22 @@ from broker.demo import DemoIssuer, issuer_server, loopback_socket
 HEADERS = {"X-Token-Broker": "1"}
 
 
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something true; return that, or fail naming ``what``.
+
+    The way tests wait on an event (the issuer saw the call, a line was logged)
+    instead of sleeping for a time that assumes it happened.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -91,21 +91,21 @@ def test_a_client_reads_only_its_credentials_and_cannot_probe_names():
     rules = Access(s)
     ci = rules.authenticate(request(key))
     scope = request(key, **{access.CLIENT: ci})
-    rules.check(scope, "a")
+    rules.authorize(scope, "a")
     for name in ("b", "missing"):
         with pytest.raises(AccessDenied, match=f"client 'ci' may not read '{name}'"):
-            rules.check(scope, name)
+            rules.authorize(scope, name)
     with pytest.raises(AccessDenied, match="may not reload"):
-        rules.check_admin(scope)
+        rules.authorize_reload(scope)
 
 
 def test_star_client_reads_everything_and_may_reload():
     key = new_key()
     rules = Access(settings(client("admin", key, '["*"]')))
     scope = request(key, **{access.CLIENT: rules.authenticate(request(key))})
-    rules.check(scope, "a")
-    rules.check(scope, "missing")  # the 404 comes later, from the manager
-    rules.check_admin(scope)
+    rules.authorize(scope, "a")
+    rules.authorize(scope, "missing")  # the 404 comes later, from the manager
+    rules.authorize_reload(scope)
 
 
 @pytest.mark.parametrize(
@@ -120,16 +120,16 @@ def test_star_client_reads_everything_and_may_reload():
 def test_peer_credentials_decide_restricted_credentials(peer, allowed):
     rules = Access(settings())
     if allowed:
-        rules.check(request(peer=peer), "b")
+        rules.authorize(request(peer=peer), "b")
     else:
         with pytest.raises(AccessDenied, match=f"uid {peer.uid} may not read 'b'"):
-            rules.check(request(peer=peer), "b")
-    rules.check(request(peer=peer), "a")  # unrestricted
+            rules.authorize(request(peer=peer), "b")
+    rules.authorize(request(peer=peer), "a")  # unrestricted
 
 
 def test_a_restricted_credential_is_refused_over_tcp():
     with pytest.raises(AccessDenied, match="only on a unix socket"):
-        Access(settings()).check(request(), "b")
+        Access(settings()).authorize(request(), "b")
 
 
 def test_config_validates_clients_and_remote_listen():

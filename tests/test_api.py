@@ -45,11 +45,11 @@ async def app(tmp_path):
     )
     client = httpx.AsyncClient(transport=httpx.MockTransport(issuer))
     manager = Manager(settings, client=client, clock=clock, scheduler=FakeScheduler())
-    application = create_app(settings, manager=manager, clock=clock)
+    application = create_app(manager, clock=clock)
     await manager.start()
-    for entry in manager.entries.values():
-        if entry.inflight:
-            await entry.inflight
+    for credential in manager.credentials.values():
+        if credential.inflight:
+            await credential.inflight
     transport = httpx.ASGITransport(app=application)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8765") as c:
         yield c
@@ -98,6 +98,44 @@ async def test_metrics_and_readyz_reveal_nothing(app):
     assert SECRET not in everything and "tok-api" not in everything
 
 
-def test_uvicorn_never_trusts_proxy_headers():
-    cfg = uvicorn_config(object())
-    assert cfg.proxy_headers is False and cfg.server_header is False
+def test_a_forged_x_forwarded_for_never_changes_the_peer_uvicorn_reports():
+    """Through real uvicorn with the broker's config: the app sees the socket's peer."""
+    import asyncio
+    import threading
+
+    from helpers import loopback_socket
+
+    from broker.server import Server
+
+    seen: list[object] = []
+
+    async def echo(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        seen.append(scope["client"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sock = loopback_socket()
+    server = Server(uvicorn_config(echo))
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
+    thread.start()
+    try:
+        while not server.started:
+            threading.Event().wait(0.01)
+        port = sock.getsockname()[1]
+        forged = {
+            "X-Forwarded-For": "10.9.8.7",
+            "X-Real-IP": "10.9.8.7",
+            "Forwarded": "for=1.2.3.4",
+        }
+        assert httpx.get(f"http://127.0.0.1:{port}/", headers=forged).status_code == 204
+    finally:
+        server.request_exit()
+        thread.join(10)
+        sock.close()
+    (client,) = seen
+    assert client[0] == "127.0.0.1", client  # uvicorn's proxy-header handling is off

@@ -65,7 +65,13 @@ def test_the_design_example_loads(tmp_path):
     assert s.default_name() == "adobe"
     adobe, partner = s.credentials["adobe"], s.credentials["partner"]
     assert adobe.scopes == ("openid", "AdobeID", "read_organizations")
-    assert adobe.secret == "keyring" and adobe.ims_url == "https://ims-na1.adobelogin.com"
+    assert str(adobe.secret) == "keyring" and adobe.ims_url == "https://ims-na1.adobelogin.com"
+    assert (adobe.secret.kind, adobe.secret.service, adobe.secret.user) == (
+        "keyring",
+        "token-broker",
+        "adobe",
+    )
+    assert partner.secret.kind == "file" and str(partner.secret.path) == "/run/secrets/partner"
     assert adobe.policy.min_remaining == 300 and adobe.policy.retry_max == 300
     assert partner.policy.retry_max == 60  # per-credential override
     assert partner.policy.timeout == 10
@@ -93,8 +99,8 @@ def test_bad_durations(value):
         ("[refresh]\nat = 1.5\n", "[refresh] at: expected less than 1"),
         ("[refresh]\ntimeout = '10 parsecs'\n", "[refresh] timeout: expected a duration"),
         ("[refresh]\nspeed = 1\n", "[refresh] speed: unknown key"),
-        ("[server]\nlisten = '127.0.0.1:1'\n", "[server] listen: expected a valid list"),
-        ("[server]\nsocket_mode = '999'\n", "[server] socket_mode: String should match"),
+        ("[server]\nlisten = '127.0.0.1:1'\n", "[server] listen: expected a list of"),
+        ("[server]\nsocket_mode = '999'\n", "[server] socket_mode: expected permission bits"),
         ("[server]\ndefault = 'x'\n", "[server] default: no credential named 'x'"),
         ("[server]\nlisten = ['0.0.0.0:1']\n", "loopback is required"),
         ("[server]\nlisten = ['192.168.1.2:1']\n", "loopback is required"),
@@ -164,7 +170,7 @@ def test_secret_references_accepted(tmp_path):
     refs = ["keyring", "keyring:svc/user", "systemd:adobe", "file:/run/secrets/x", "env:SECRET"]
     for ref in refs:
         text = f"[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\nsecret = '{ref}'\n"
-        assert config.load(write(tmp_path, text)).credentials["a"].secret == ref
+        assert str(config.load(write(tmp_path, text)).credentials["a"].secret) == ref
 
 
 def test_listen_forms():
@@ -208,3 +214,56 @@ def test_a_config_without_credentials_is_refused(tmp_path, text):
     with pytest.raises(ConfigError) as info:
         config.load(path, serving=True)
     assert str(info.value).startswith(f"{path}: no credentials are configured")
+
+
+def test_secret_references_are_parsed_once_into_their_parts(monkeypatch, tmp_path):
+    from broker.secrets import SecretRef
+
+    ref = SecretRef.parse("keyring:svc/user", "a")
+    assert (ref.kind, ref.service, ref.user, ref.describe()) == (
+        "keyring", "svc", "user", "keyring item service='svc' username='user'",
+    )  # fmt: skip
+    assert SecretRef.parse("env:X", "a").variable == "X"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert SecretRef.parse("systemd:adobe", "a").file() == tmp_path / "adobe"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    assert SecretRef.parse("systemd:adobe", "a").file() is None
+    for bad in ("vault:x", "keyring:only", "keyring:/u", "file:relative", "env:", "systemd: "):
+        with pytest.raises(ValueError, match="expected"):
+            SecretRef.parse(bad, "a")
+
+
+def test_a_table_may_not_name_itself(tmp_path):
+    text = "[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\nname = 'b'\n"
+    assert "[credentials.a] name: unknown key" in error_of(tmp_path, text)
+
+
+def test_reload_planning_is_a_pure_function_of_two_settings():
+    def cfg(**creds):  # type: ignore[no-untyped-def]
+        return config.parse(
+            {"credentials": {n: {"provider": "adobe", "client_id": c} for n, c in creds.items()}}
+        )
+
+    plan = config.changes(cfg(a="1", b="2", c="3"), cfg(b="2", c="changed", d="4"))
+    assert plan == config.Changes(added=("d",), removed=("a",), changed=("c",), unchanged=("b",))
+    assert plan.as_json()["removed"] == ["a"]
+    assert config.changes(cfg(a="1"), cfg(a="1")) == config.Changes(unchanged=("a",))
+    # A [refresh] default that changes a credential's merged policy is a change too.
+    before = config.parse({"credentials": {"a": {"provider": "adobe", "client_id": "1"}}})
+    after = config.parse(
+        {"refresh": {"at": 0.5}, "credentials": {"a": {"provider": "adobe", "client_id": "1"}}}
+    )
+    assert config.changes(before, after).changed == ("a",)
+
+
+def test_config_not_found_names_every_path_looked_in(tmp_path, monkeypatch):
+    monkeypatch.delenv("TOKEN_BROKER_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    if Path("/etc/token-broker/config.toml").exists():
+        pytest.skip("this machine has a system config")
+    with pytest.raises(ConfigError) as info:
+        config.load()
+    assert str(info.value) == (
+        f"config file not found: looked in {tmp_path}/xdg/token-broker/config.toml, "
+        "/etc/token-broker/config.toml (pass --config PATH or set TOKEN_BROKER_CONFIG)"
+    )

@@ -20,7 +20,7 @@ OK = [(b"host", b"127.0.0.1:8765"), (H, b"1")]
 
 
 def test_a_well_formed_local_request_passes():
-    assert guards.check(scope(OK), H) is None
+    assert guards.refusal(scope(OK), H) is None
 
 
 @pytest.mark.parametrize(
@@ -40,36 +40,36 @@ def test_a_well_formed_local_request_passes():
     ],
 )
 def test_rejections(headers, rule):
-    rejection = guards.check(scope(headers), H)
+    rejection = guards.refusal(scope(headers), H)
     assert rejection is not None and rejection.status == 403 and rejection.rule == rule
 
 
 def test_missing_header_names_the_header():
-    rejection = guards.check(scope([(b"host", b"localhost")]), H)
+    rejection = guards.refusal(scope([(b"host", b"localhost")]), H)
     assert rejection is not None and "X-Token-Broker" in rejection.detail
 
 
 @pytest.mark.parametrize("peer", ["10.0.0.1", "192.168.1.1", "::ffff:10.0.0.1", "2001:db8::1"])
 def test_non_loopback_peer_is_refused(peer):
-    rejection = guards.check(scope(OK, client=(peer, 1)), H)
+    rejection = guards.refusal(scope(OK, client=(peer, 1)), H)
     assert rejection is not None and rejection.rule == "peer"
 
 
 @pytest.mark.parametrize("peer", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"])
 def test_loopback_peers(peer):
-    assert guards.check(scope(OK, client=(peer, 1)), H) is None
+    assert guards.refusal(scope(OK, client=(peer, 1)), H) is None
 
 
 def test_unix_socket_skips_host_and_peer_but_not_the_rest():
     unix = {"client": None, "server": ("/run/tb.sock", None)}
-    assert guards.check(scope([(H, b"1"), (b"host", b"anything")], **unix), H) is None
-    assert guards.check(scope([(b"host", b"x")], **unix), H).rule == "header"
-    assert guards.check(scope([(H, b"1"), (b"origin", b"x")], **unix), H).rule == "browser"
+    assert guards.refusal(scope([(H, b"1"), (b"host", b"anything")], **unix), H) is None
+    assert guards.refusal(scope([(b"host", b"x")], **unix), H).rule == "header"
+    assert guards.refusal(scope([(H, b"1"), (b"origin", b"x")], **unix), H).rule == "browser"
 
 
 def test_open_routes_need_no_header_but_keep_other_guards():
-    assert guards.check(scope([(b"host", b"localhost")]), None) is None
-    assert guards.check(scope([(b"host", b"evil")]), None).rule == "host"
+    assert guards.refusal(scope([(b"host", b"localhost")]), None) is None
+    assert guards.refusal(scope([(b"host", b"evil")]), None).rule == "host"
 
 
 def test_remote_peers_pass_only_with_allow_remote_and_keep_the_host_rule():
@@ -78,21 +78,21 @@ def test_remote_peers_pass_only_with_allow_remote_and_keep_the_host_rule():
         client=("10.0.0.9", 4000),
         server=("10.0.0.5", 8765),
     )
-    assert guards.check(remote, H).rule == "peer"
-    assert guards.check(remote, H, remote=True) is None
+    assert guards.refusal(remote, H).rule == "peer"
+    assert guards.refusal(remote, H, remote=True) is None
     # DNS rebinding stays blocked: a name is not the literal address the request came to.
     rebound = scope(
         [(b"host", b"evil.example:8765"), (H, b"1")],
         client=("10.0.0.9", 4000),
         server=("10.0.0.5", 8765),
     )
-    assert guards.check(rebound, H, remote=True).rule == "host"
+    assert guards.refusal(rebound, H, remote=True).rule == "host"
     browser = scope(
         [(b"host", b"10.0.0.5"), (H, b"1"), (b"origin", b"http://x")],
         client=("10.0.0.9", 4000),
         server=("10.0.0.5", 8765),
     )
-    assert guards.check(browser, H, remote=True).rule == "browser"
+    assert guards.refusal(browser, H, remote=True).rule == "browser"
 
 
 @pytest.mark.parametrize(
@@ -107,12 +107,12 @@ def test_remote_peers_pass_only_with_allow_remote_and_keep_the_host_rule():
     ],
 )
 def test_a_duplicate_of_a_guarded_header_is_refused(headers):
-    rejection = guards.check(scope(headers), H)
+    rejection = guards.refusal(scope(headers), H)
     assert rejection is not None and rejection.status == 400 and rejection.rule == "duplicate"
 
 
 @pytest.mark.parametrize("version, status", [("0.9", 400), ("2.0", 505), ("1.2", 505)])
 def test_only_http_1_x_is_served(version, status):
-    rejection = guards.check({**scope(OK), "http_version": version}, H)
+    rejection = guards.refusal({**scope(OK), "http_version": version}, H)
     assert rejection is not None and rejection.status == status and rejection.rule == "version"
-    assert guards.check({**scope(OK), "http_version": "1.0"}, H) is None
+    assert guards.refusal({**scope(OK), "http_version": "1.0"}, H) is None

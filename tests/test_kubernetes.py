@@ -291,7 +291,7 @@ def test_the_broker_loads_each_modes_config(overlay, tmp_path):
             pytest.xfail("[server] tls_listen is not in this tree's config schema yet")
         raise
     assert list(settings.credentials) == ["adobe"]
-    assert settings.credentials["adobe"].secret == "file:/run/secrets/token-broker/adobe"
+    assert str(settings.credentials["adobe"].secret) == "file:/run/secrets/token-broker/adobe"
 
 
 def test_the_cert_manager_example_names_the_secret_and_the_service():

@@ -6,7 +6,6 @@ import socket
 
 import pytest
 
-from broker import logs
 from broker.errors import IssuerError
 from broker.logs import JsonFormatter, Redactor, TextFormatter
 from broker.protocol import peer_of
@@ -54,13 +53,12 @@ def test_credential_shapes_are_redacted_even_if_unknown(text):
         assert secret not in out
 
 
-def test_text_and_json_formatters_both_redact(monkeypatch):
+def test_text_and_json_formatters_both_redact():
     r = Redactor()
     r.set("secret:a", ("p8e-very-secret",))
-    monkeypatch.setattr(logs, "redact", r)
     rec = record("issuer said %s", "p8e-very-secret", credential="a", x_debug_id="dbg1")
-    assert TextFormatter().format(rec) == "WARNING broker.refresh: issuer said [redacted]"
-    line = json.loads(JsonFormatter().format(rec))
+    assert TextFormatter(r).format(rec) == "WARNING broker.refresh: issuer said [redacted]"
+    line = json.loads(JsonFormatter(r).format(rec))
     assert line["message"] == "issuer said [redacted]"
     assert line["credential"] == "a" and line["x_debug_id"] == "dbg1"
     assert line["level"] == "warning" and line["time"].endswith("Z")
@@ -70,8 +68,8 @@ def test_text_and_json_formatters_both_redact(monkeypatch):
         import sys
 
         rec.exc_info = sys.exc_info()
-    assert "p8e-very-secret" not in JsonFormatter().format(rec)
-    assert "p8e-very-secret" not in TextFormatter().format(rec)
+    assert "p8e-very-secret" not in JsonFormatter(r).format(rec)
+    assert "p8e-very-secret" not in TextFormatter(r).format(rec)
 
 
 def test_issuer_errors_scrub_an_echoed_secret():

@@ -10,6 +10,7 @@ import pytest
 from helpers import FakeClock, FakeScheduler
 
 from broker import config
+from broker.api import status_json
 from broker.errors import IssuerError, RefreshCooldown, TokenUnavailable, UnknownCredential
 from broker.manager import Manager
 from broker.tokens import RefreshPolicy
@@ -89,9 +90,9 @@ async def started(tmp_path, issuer_state=None, **policy):  # type: ignore[no-unt
 
 
 async def settle(manager: Manager) -> None:
-    for entry in manager.entries.values():
-        if entry.inflight is not None:
-            await asyncio.shield(entry.inflight)
+    for credential in manager.credentials.values():
+        if credential.inflight is not None:
+            await asyncio.shield(credential.inflight)
 
 
 async def test_eager_fetch_and_schedule(tmp_path):
@@ -99,14 +100,14 @@ async def test_eager_fetch_and_schedule(tmp_path):
     issuer = Issuer(clock)
     manager, sched = make(tmp_path, clock, issuer)
     await manager.start()
-    assert manager.entries["a"].state(clock()) == "refreshing"
+    assert manager.credentials["a"].state(clock()) == "refreshing"
     await settle(manager)
     token = await manager.token("a")
     assert token.access_token == "tok-1" and issuer.calls == 1
     when, name = sched.next_job()
     assert name == "a"
     assert clock() + 0.62 * DAY <= when <= clock() + 0.72 * DAY
-    assert manager.status(manager.entries["a"])["state"] == "fresh"
+    assert status_json(manager.get("a"), clock(), manager.default)["state"] == "fresh"
     await manager.close()
 
 
@@ -151,7 +152,7 @@ async def test_permanent_error_fails_without_retry_until_forced(tmp_path):
         {"answer": (400, {"error": "invalid_client", "error_description": "bad secret"})},
         force_cooldown="10s",
     )
-    entry = manager.entries["a"]
+    entry = manager.credentials["a"]
     assert entry.state(clock()) == "failed" and sched.next_job() is None
     for _ in range(100):
         with pytest.raises(TokenUnavailable):
@@ -215,7 +216,7 @@ async def test_unknown_and_default():
 
 async def test_status_has_no_secret_or_token(tmp_path):
     clock, issuer, manager, _ = await started(tmp_path)
-    text = repr(manager.status(manager.entries["a"])) + repr(manager.entries["a"])
+    text = repr(status_json(manager.get("a"), 0, None)) + repr(manager.get("a"))
     assert "tok-1" not in text and "'s'" not in text
     await manager.close()
 
@@ -228,7 +229,7 @@ async def test_a_week_of_day_long_tokens_with_random_outages(tmp_path, seed):
     start = clock.now
     issuer = Issuer(clock)
     manager, sched = make(tmp_path, clock, issuer, seed=seed, retry_max="5m")
-    policy: RefreshPolicy = manager.entries["a"].cred.policy
+    policy: RefreshPolicy = manager.credentials["a"].settings.policy
     outages = []
     t = start + DAY / 2
     while t < start + 7 * DAY:
@@ -317,7 +318,7 @@ async def test_many_credentials_share_a_bounded_number_of_issuer_slots(tmp_path)
     await manager.start()
     await settle(manager)
     assert peak == MAX_CONCURRENT_REFRESHES
-    assert all(e.state(manager._clock()) == "fresh" for e in manager.entries.values())
+    assert all(e.state(manager._clock()) == "fresh" for e in manager.credentials.values())
     await manager.close()
 
 
@@ -333,14 +334,14 @@ async def test_mid_rotation_invalid_client_tries_the_other_secret_once(tmp_path)
         return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
 
     manager, _ = make(tmp_path, clock, issuer, auth_method="client_secret_post")
-    manager.entries["a"].secrets = ("new", "old")
+    manager.credentials["a"].secrets = ("new", "old")
     await manager.start()
     await settle(manager)
     assert seen == ["new", "old"]
-    assert manager.entries["a"].state(clock()) == "fresh"
-    assert manager.entries["a"].secrets == ("old", "new")  # the working one first now
+    assert manager.credentials["a"].state(clock()) == "fresh"
+    assert manager.credentials["a"].secrets == ("old", "new")  # the working one first now
     # Both refused: one try each, then the permanent error.
-    manager.entries["a"].secrets = ("x", "y")
+    manager.credentials["a"].secrets = ("x", "y")
     seen.clear()
     with pytest.raises(IssuerError, match="invalid_client"):
         await manager.force_refresh("a")

@@ -7,28 +7,32 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 
-from broker.config import CredentialSettings
+from broker import config
 from broker.errors import IssuerError
 from broker.providers import fetch_token, token_request
 from broker.providers.base import MAX_LIFETIME, parse_retry_after
 from broker.providers.oauth2 import basic_auth
 
 NOW = 1_800_000_000.0
-ADOBE = CredentialSettings(
-    name="adobe",
-    provider="adobe",
-    client_id="cid",
-    scopes=("openid", "AdobeID"),
-    ims_url="https://ims.test",
-)
-OAUTH2 = CredentialSettings(
-    name="p",
-    provider="oauth2",
-    client_id="broker",
-    scopes=("api.read", "api.write"),
-    token_url="https://login.test/oauth2/token",
-    params=(("audience", "https://api.test"),),
-)
+ADOBE, OAUTH2 = config.parse(
+    {
+        "credentials": {
+            "adobe": {
+                "provider": "adobe",
+                "client_id": "cid",
+                "scopes": ["openid", "AdobeID"],
+                "ims_url": "https://ims.test",
+            },
+            "p": {
+                "provider": "oauth2",
+                "client_id": "broker",
+                "scopes": ["api.read", "api.write"],
+                "token_url": "https://login.test/oauth2/token",
+                "params": {"audience": "https://api.test"},
+            },
+        }
+    }
+).credentials.values()
 
 
 def client_for(handler) -> httpx.AsyncClient:
@@ -103,9 +107,7 @@ async def test_oauth2_basic_and_post():
     }
     assert seen[0].headers["authorization"] == basic_auth("broker", "sec")
 
-    from dataclasses import replace
-
-    await fetch(handler, cred=replace(OAUTH2, auth_method="client_secret_post"))
+    await fetch(handler, cred=OAUTH2.model_copy(update={"auth_method": "client_secret_post"}))
     form = dict(parse_qsl(seen[1].content.decode()))
     assert form["client_id"] == "broker" and form["client_secret"] == "sec"
     assert "authorization" not in seen[1].headers
@@ -282,7 +284,7 @@ async def test_unusable_access_tokens_are_refused(token, why):
 async def test_a_refused_connection_is_named():
     from helpers import free_port
 
-    cred = ADOBE.__class__(**{**ADOBE.__dict__, "ims_url": f"http://127.0.0.1:{free_port()}"})
+    cred = ADOBE.model_copy(update={"ims_url": f"http://127.0.0.1:{free_port()}"})
     async with httpx.AsyncClient() as client:
         with pytest.raises(IssuerError) as info:
             await fetch_token(client, token_request(cred, "sec"), now=NOW)
@@ -312,7 +314,7 @@ async def test_a_certificate_that_fails_verification_is_named(tmp_path):
     ca, leaf, key = make_ca_and_leaf(tmp_path)
     thread = IssuerThread(certfile=str(leaf), keyfile=str(key)).start()
     try:
-        cred = ADOBE.__class__(**{**ADOBE.__dict__, "ims_url": thread.url})
+        cred = ADOBE.model_copy(update={"ims_url": thread.url})
         async with httpx.AsyncClient() as client:
             with pytest.raises(IssuerError) as info:
                 await fetch_token(client, token_request(cred, "sec"), now=NOW)

@@ -6,14 +6,18 @@ from broker import secrets
 from broker.errors import SecretError
 
 
+async def resolve(text: str, name: str) -> tuple[str, ...]:
+    return await secrets.resolve(secrets.SecretRef.parse(text, name), name)
+
+
 async def test_file_secret_strips_one_trailing_newline(tmp_path):
     f = tmp_path / "s"
     f.write_text("abc\n\n")
-    assert await secrets.resolve(f"file:{f}", "a") == ("abc\n",)
+    assert await resolve(f"file:{f}", "a") == ("abc\n",)
     f.write_text("abc\r\n")
-    assert await secrets.resolve(f"file:{f}", "a") == ("abc",)
+    assert await resolve(f"file:{f}", "a") == ("abc",)
     f.write_text("  spaced  ")
-    assert await secrets.resolve(f"file:{f}", "a") == ("  spaced  ",)
+    assert await resolve(f"file:{f}", "a") == ("  spaced  ",)
 
 
 @pytest.mark.parametrize(
@@ -29,7 +33,7 @@ async def test_file_secret_errors_name_credential_and_file(tmp_path, setup, mess
     f = tmp_path / "s"
     setup(f)
     with pytest.raises(SecretError) as info:
-        await secrets.resolve(f"file:{f}", "adobe")
+        await resolve(f"file:{f}", "adobe")
     assert "credential 'adobe'" in str(info.value)
     assert str(f) in str(info.value) and message in str(info.value)
 
@@ -37,19 +41,19 @@ async def test_file_secret_errors_name_credential_and_file(tmp_path, setup, mess
 async def test_systemd_credentials_directory(tmp_path, monkeypatch):
     (tmp_path / "adobe").write_text("from-systemd")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert await secrets.resolve("systemd:adobe", "a") == ("from-systemd",)
+    assert await resolve("systemd:adobe", "a") == ("from-systemd",)
     with pytest.raises(SecretError, match="systemd credential 'other' does not exist"):
-        await secrets.resolve("systemd:other", "a")
+        await resolve("systemd:other", "a")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(SecretError, match="LoadCredential="):
-        await secrets.resolve("systemd:adobe", "a")
+        await resolve("systemd:adobe", "a")
 
 
 async def test_env_secret(monkeypatch):
     monkeypatch.setenv("TB_TEST_SECRET", "from-env")
-    assert await secrets.resolve("env:TB_TEST_SECRET", "a") == ("from-env",)
+    assert await resolve("env:TB_TEST_SECRET", "a") == ("from-env",)
     with pytest.raises(SecretError, match="TB_TEST_MISSING is not set"):
-        await secrets.resolve("env:TB_TEST_MISSING", "a")
+        await resolve("env:TB_TEST_MISSING", "a")
 
 
 async def test_keyring_fail_backend_says_what_to_do(monkeypatch):
@@ -57,7 +61,7 @@ async def test_keyring_fail_backend_says_what_to_do(monkeypatch):
     # the daemon reads the keyring in a child process, which inherits this choice.
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     with pytest.raises(SecretError) as info:
-        await secrets.resolve("keyring", "adobe")
+        await resolve("keyring", "adobe")
     text = str(info.value)
     assert "credential 'adobe'" in text
     assert "no keyring backend is available" in text and "keyring.backends.fail" in text
@@ -96,8 +100,10 @@ def test_read_keyring_current_next_and_errors(monkeypatch):
 
 
 def test_keyring_item_of_references():
-    assert secrets.keyring_item("keyring", "adobe") == ("token-broker", "adobe")
-    assert secrets.keyring_item("keyring:svc/a/b", "adobe") == ("svc", "a/b")
+    ref = secrets.SecretRef.parse("keyring", "adobe")
+    assert (ref.service, ref.user) == ("token-broker", "adobe")
+    ref = secrets.SecretRef.parse("keyring:svc/a/b", "adobe")
+    assert (ref.service, ref.user) == ("svc", "a/b")
 
 
 def test_keyring_child_gets_no_stray_environment(monkeypatch):
@@ -109,7 +115,7 @@ def test_keyring_child_gets_no_stray_environment(monkeypatch):
 
 
 def test_describe():
-    assert secrets.describe("keyring", "adobe") == (
+    assert secrets.SecretRef.parse("keyring", "adobe").describe() == (
         "keyring item service='token-broker' username='adobe'"
     )
-    assert secrets.describe("file:/x", "a") == "file /x"
+    assert secrets.SecretRef.parse("file:/x", "a").describe() == "file /x"

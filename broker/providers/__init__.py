@@ -12,10 +12,10 @@ import ssl
 import httpx
 
 from broker.config import CredentialSettings
-from broker.providers.base import Fetch, fetch_token
+from broker.providers.base import TokenRequest, fetch_token
 
 
-def token_request(cred: CredentialSettings, secret: str) -> Fetch:
+def token_request(cred: CredentialSettings, secret: str) -> TokenRequest:
     """The request that asks ``cred``'s issuer for a token with ``secret``."""
     if cred.provider == "adobe":
         from broker.providers.adobe import request
@@ -38,4 +38,4 @@ def issuer_client(timeout: float, ca_file: str | None = None) -> httpx.AsyncClie
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, verify=verify)
 
 
-__all__ = ["Fetch", "fetch_token", "issuer_client", "token_request"]
+__all__ = ["TokenRequest", "fetch_token", "issuer_client", "token_request"]

@@ -7,10 +7,10 @@ secret in the body (never the URL).
 from __future__ import annotations
 
 from broker.config import CredentialSettings
-from broker.providers.base import Fetch
+from broker.providers.base import TokenRequest
 
 
-def request(cred: CredentialSettings, secret: str) -> Fetch:
+def request(cred: CredentialSettings, secret: str) -> TokenRequest:
     form = {
         "grant_type": "client_credentials",
         "client_id": cred.client_id,
@@ -18,7 +18,7 @@ def request(cred: CredentialSettings, secret: str) -> Fetch:
     }
     if cred.scopes:
         form["scope"] = ",".join(cred.scopes)
-    return Fetch(url=f"{cred.ims_url}/ims/token/v3", form=form, secret=secret)
+    return TokenRequest(url=f"{cred.ims_url}/ims/token/v3", form=form, secret=secret)
 
 
 def api_headers(cred: CredentialSettings, access_token: str) -> dict[str, str]:

@@ -25,8 +25,8 @@ MAX_TOKEN_LENGTH = 32 * 1024
 
 
 @dataclass(frozen=True)
-class Fetch:
-    """A prepared token request. ``form`` and ``headers`` may hold the secret: never log them."""
+class TokenRequest:
+    """One token request, prepared. ``form`` and ``headers`` may hold the secret: never log them."""
 
     url: str
     form: dict[str, str] = field(repr=False)
@@ -40,20 +40,20 @@ class Issued:
     debug_id: str | None
 
 
-async def fetch_token(client: httpx.AsyncClient, fetch: Fetch, *, now: float) -> Issued:
-    """POST ``fetch`` and return the issued token, or raise IssuerError.
+async def fetch_token(client: httpx.AsyncClient, request: TokenRequest, *, now: float) -> Issued:
+    """POST ``request`` and return the issued token, or raise IssuerError.
 
     The caller bounds the whole exchange (connect to last byte) with
     ``asyncio.timeout``; httpx's own timeouts only bound each phase.
     """
     try:
-        response = await _post(client, fetch)
+        response = await _post(client, request)
     except httpx.HTTPError as exc:
-        raise IssuerError(*transport_failure(exc, fetch.url)) from None
+        raise IssuerError(*transport_failure(exc, request.url)) from None
     try:
         return parse_response(response, now=now)
     except IssuerError as exc:
-        raise exc.scrubbed(fetch.secret) from None
+        raise exc.scrubbed(request.secret) from None
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,17 @@ class Answer:
     body: bytes = field(repr=False)
 
 
-async def _post(client: httpx.AsyncClient, fetch: Fetch) -> Answer:
+async def _post(client: httpx.AsyncClient, request: TokenRequest) -> Answer:
     """POST and read the answer, at most :data:`MAX_ANSWER_BYTES` of it."""
     headers = {
         "Accept": "application/json",
         # An answer is a few KB: nothing to gain from compression, and a compressed body
         # could expand far beyond what was read.
         "Accept-Encoding": "identity",
-        **fetch.headers,
+        **request.headers,
     }
-    request = client.build_request("POST", fetch.url, data=fetch.form, headers=headers)
-    response = await client.send(request, stream=True)
+    outgoing = client.build_request("POST", request.url, data=request.form, headers=headers)
+    response = await client.send(outgoing, stream=True)
     body = bytearray()
     try:
         async for chunk in response.aiter_bytes():

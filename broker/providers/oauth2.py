@@ -6,10 +6,10 @@ import base64
 from urllib.parse import quote_plus
 
 from broker.config import CredentialSettings
-from broker.providers.base import Fetch
+from broker.providers.base import TokenRequest
 
 
-def request(cred: CredentialSettings, secret: str) -> Fetch:
+def request(cred: CredentialSettings, secret: str) -> TokenRequest:
     form = {"grant_type": "client_credentials"}
     if cred.scopes:
         form["scope"] = " ".join(cred.scopes)  # RFC 6749 §3.3: space-delimited
@@ -20,7 +20,7 @@ def request(cred: CredentialSettings, secret: str) -> Fetch:
         form["client_secret"] = secret
     else:
         headers["Authorization"] = basic_auth(cred.client_id, secret)
-    return Fetch(url=str(cred.token_url), form=form, headers=headers, secret=secret)
+    return TokenRequest(url=str(cred.token_url), form=form, headers=headers, secret=secret)
 
 
 def basic_auth(client_id: str, secret: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import wait_for
 
 from broker.access import key_digest, new_key
 from broker.cli import main
@@ -148,15 +149,6 @@ def test_client_add_prints_a_key_once_and_the_daemon_uses_it(start_broker, capsy
 def token_status(url: str, key: str | None) -> int:
     auth = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.get(url + "/token", headers={**H, **auth}).status_code
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # -- peer credentials on the unix socket ----------------------------------------------

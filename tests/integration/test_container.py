@@ -47,7 +47,7 @@ def test_dockerfile_is_hadolint_clean():
 def test_image_default_config_is_valid_and_uses_a_mounted_file():
     settings = config.load(ROOT / "docker" / "config.toml")
     assert [str(x) for x in settings.server.listen] == ["127.0.0.1:8765"]
-    assert settings.credentials["adobe"].secret.startswith("file:/run/secrets/")
+    assert str(settings.credentials["adobe"].secret).startswith("file:/run/secrets/")
 
 
 def test_read_only_root_no_capabilities_and_prompt_sigterm(issuer):

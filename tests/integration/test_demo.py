@@ -9,11 +9,13 @@ import sys
 import time
 
 import httpx
+import pytest
 from helpers import HEADERS
 
 URL = "http://127.0.0.1:8765"
 
 
+@pytest.mark.xdist_group("port-8765")  # parallel runs keep the tests that need 8765 apart
 def test_demo_serves_and_refreshes_a_token_on_8765(tmp_path):
     with socket.socket() as probe:
         busy = probe.connect_ex(("127.0.0.1", 8765)) == 0

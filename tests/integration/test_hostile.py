@@ -147,8 +147,7 @@ def test_slow_loris_connections_are_cut_and_do_not_block_others(start_broker):
     assert time.monotonic() - started < 1.0
     for sock in slow:
         sock.sendall(b"h")  # a byte now and then does not extend the deadline
-    time.sleep(1.5)
-    for sock in slow:
+    for sock in slow:  # each recv waits (up to 5 s) for the broker's 408
         sock.settimeout(5)
         answer = sock.recv(65536)
         assert status_of(answer) == 408
@@ -214,7 +213,6 @@ def test_json_logs_carry_one_event_per_refresh_and_failure(start_broker, issuer)
     forced = httpx.post(broker.url + "/v1/credentials/main/refresh", headers=H)
     assert forced.status_code == 502
     issuer.issuer.mode = "ok"
-    time.sleep(0.1)
     deadline = time.monotonic() + 10
     while httpx.get(broker.url + "/v1/credentials/main", headers=H).json()["state"] != "fresh":
         assert time.monotonic() < deadline

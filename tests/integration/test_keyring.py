@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, BrokerProcess, free_port, new_secret, write_config
+from helpers import HEADERS, BrokerProcess, free_port, new_secret, wait_for, write_config
 
 from broker.cli import main
 
@@ -105,7 +105,8 @@ def test_add_serve_rotate_under_load_remove(issuer, keyring_env, tmp_path, monke
             assert keyring_env.lookup("token-broker", "kr#next") is None
             forced = httpx.post(url + "/v1/credentials/kr/refresh", headers=HEADERS)
             assert forced.status_code == 200, forced.text
-            time.sleep(0.5)
+            after = served
+            wait_for(lambda: served > after + 20)  # the load keeps being served after it
         finally:
             stop.set()
             worker.join()

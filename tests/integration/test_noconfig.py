@@ -83,6 +83,7 @@ def test_unix_socket_url(no_config, start_broker, capsys):
         shutil.rmtree(short, ignore_errors=True)
 
 
+@pytest.mark.xdist_group("port-8765")  # parallel runs keep the tests that need 8765 apart
 def test_demo_then_list_and_exec_with_nothing_configured(tmp_path):
     """A new user: `token-broker demo` in one terminal, `token-broker list` in another.
 

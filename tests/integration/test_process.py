@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import socket
 import subprocess
 import threading
 import time
 
 import httpx
-from helpers import HEADERS, BrokerProcess
+from helpers import HEADERS, BrokerProcess, wait_for
 
 
 def digest(*paths) -> str:  # type: ignore[no-untyped-def]
@@ -58,15 +59,10 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(issuer, sta
         target=lambda: results.append(httpx.get(b.url + "/token", headers=HEADERS, timeout=10))
     )
     waiting.start()
-    time.sleep(0.2)  # the request is in flight, waiting on the refresh
+    wait_for(lambda: accepted(b.proc.proc.pid, b.port) == 1, what="the request to be read")
     stopped = time.monotonic()
     b.proc.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    try:
-        httpx.get(b.url + "/healthz", timeout=2)
-        refused = False
-    except httpx.TransportError:
-        refused = True
+    refused = wait_for(lambda: refuses_connections(b.port), timeout=2, what="listeners closed")
     waiting.join(10)
     assert b.proc.proc.wait(10) == 0
     took = time.monotonic() - stopped
@@ -76,22 +72,24 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(issuer, sta
     assert took < 5  # the figure (about 0.7 s here) is in docs/reliability.md
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def accepted(pid: int, port: int) -> int:
-    """Connections to ``port`` that process ``pid`` has accepted (ss shows their owner)."""
+    """Connections to ``port`` that process ``pid`` has accepted and read all that was sent
+    on (ss shows their owner, and an empty receive queue)."""
     out = subprocess.run(
         ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return sum(f"pid={pid}," in line for line in out.splitlines())
+    return sum(f"pid={pid}," in line and line.split()[0] == "0" for line in out.splitlines())
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 def test_sigterm_while_requests_wait_on_a_refresh_answers_503_with_a_clean_log(
@@ -120,9 +118,8 @@ def test_sigterm_while_requests_wait_on_a_refresh_answers_503_with_a_clean_log(
         t.start()
     wait_for(
         lambda: accepted(b.proc.proc.pid, b.port) == len(threads),
-        what="the broker to accept every request",
+        what="the broker to accept and read every request",
     )
-    time.sleep(0.1)  # accepted; give the loop a moment to read the requests themselves
     b.proc.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(10)
