@@ -4,10 +4,14 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY broker ./broker
+# Exactly the versions CI tested (requirements.lock, every download checked against its
+# hash), then the broker itself on top of them.
 RUN python3 -m venv /opt/token-broker \
-    && /opt/token-broker/bin/pip install --no-cache-dir --no-compile . \
+    && /opt/token-broker/bin/pip install --no-cache-dir --no-compile --require-hashes \
+        -r requirements.lock \
+    && /opt/token-broker/bin/pip install --no-cache-dir --no-compile --no-deps . \
     && /opt/token-broker/bin/python -m compileall -q /opt/token-broker
 
 FROM ${PYTHON_IMAGE}

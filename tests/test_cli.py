@@ -102,4 +102,15 @@ def test_the_wheel_installs_and_runs(tmp_path):
         check=True,
         cwd=tmp_path,
     ).stdout
-    assert version.startswith("token-broker 0.1.0")
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version.strip() == f"token-broker {declared}"  # one place: pyproject.toml
+    typed = subprocess.run(
+        [str(py), "-c", "import broker, pathlib; print(pathlib.Path(broker.__file__).parent)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout.strip()
+    assert (Path(typed) / "py.typed").exists()  # type checkers may use the annotations

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-import umapi_client
 from helpers import HEADERS, free_port
 from standin import StandInApi
+from ust import Umapi
 
 from broker.access import key_digest, new_key
 from broker.client import (
@@ -72,35 +72,32 @@ def current(running) -> str:
     return httpx.get(running.url + "/token/main", headers=HEADERS).text
 
 
-def test_umapi_client_calls_through_broker_auth(broker, tb, api, issuer):
-    auth = BrokerAuth("main", broker=tb)
-    conn = umapi_client.Connection(ORG, auth=auth, endpoint=api.endpoint)
-    try:
-        users = umapi_client.UsersQuery(conn).all_results()
-        assert [u["email"] for u in users] == ["ada@example.com"]
+def test_umapi_client_calls_through_broker_auth(broker, api, issuer):
+    """Adobe's umapi-client, in an environment of its own with token-broker beside it."""
+    with Umapi() as umapi:
+        umapi.result("connect", org=ORG, endpoint=api.endpoint, auth="broker",
+                     broker=broker.url, name="main")  # fmt: skip
+        assert umapi.result("users") == ["ada@example.com"]
         first = api.accepted()[-1]
         assert first == current(broker)
         calls = issuer.issuer.calls
 
         api.revoke(first)  # the API stops accepting the token the broker serves
-        user = umapi_client.UserQuery(conn, "bob@example.com").result()
-        assert user["email"] == "bob@example.com"
+        assert umapi.result("user", email="bob@example.com") == "bob@example.com"
         assert issuer.issuer.calls == calls + 1
         second = api.accepted()[-1]
         assert second != first and second == current(broker)
 
         # A POST with a JSON body: the 401 is answered by sending the same body again.
         api.revoke(second)
-        action = umapi_client.UserAction("bob@example.com").add_to_groups(groups=["Designers"])
-        assert conn.execute_single(action, immediate=True) == (0, 1, 1)
+        done = umapi.result("add_to_group", email="bob@example.com", group="Designers")
+        assert done == [0, 1, 1]
         assert issuer.issuer.calls == calls + 2
         posts = [s for s in api.seen if s.method == "POST"]
         assert [s.status for s in posts] == [401, 200]
         assert posts[0].body == posts[1].body and b"Designers" in posts[1].body
         assert api.refused() == [first, second]
         assert forced(broker) == 2
-    finally:
-        conn.session.close()
 
 
 def test_requests_with_broker_auth(broker, tb, api, issuer):

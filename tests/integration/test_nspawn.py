@@ -1,10 +1,13 @@
-"""The units under a real systemd: Debian booted in systemd-nspawn.
+"""The README's server install, as written, under a real systemd: Debian booted in nspawn.
 
 A debootstrapped bookworm (cached in /var/tmp between runs) gets this
-checkout installed in /opt/token-broker, the units from systemd/ (only
-ExecStart= points at /opt), an encrypted credential made by systemd-creds,
-and a demo issuer on the container's own loopback. A probe unit then records
-what systemd says, and powers the container off. Slow (minutes on a fresh
+checkout's README steps of "Running under systemd" run as written, from a copy
+of the checkout with the test's config.toml in it: the install block in a
+chroot (it needs the network), the configure-and-start block inside the booted
+system (the secret on its stdin, as a user would paste it). The unit files are
+the shipped ones; a drop-in only shortens WatchdogSec= to see the pings. A
+demo issuer runs on the container's own loopback, and a probe unit records
+what systemd says, then powers the container off. Slow (minutes on a fresh
 machine, seconds afterwards); needs root, debootstrap and systemd-container.
 """
 
@@ -17,6 +20,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.xdist_group("nspawn")  # one boot, on one worker
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOTFS = Path(os.environ.get("TB_NSPAWN_ROOTFS", "/var/tmp/token-broker-nspawn"))
@@ -44,9 +49,21 @@ token_url = "http://127.0.0.1:9000/oauth2/token"
 secret = "systemd:adobe"
 """
 
+SETUP = """[Unit]
+Description=the README's configure-and-start steps, as written
+Before=probe.service
+[Service]
+Type=oneshot
+WorkingDirectory=/src
+StandardInput=file:/src/secret.txt
+ExecStart=/bin/sh -ex /usr/local/sbin/setup
+[Install]
+WantedBy=multi-user.target
+"""
+
 PROBE = """[Unit]
 Description=record what systemd says, then power off
-After=multi-user.target token-broker.service
+After=multi-user.target token-broker.service setup.service
 [Service]
 Type=oneshot
 ExecStart=/bin/sh /usr/local/sbin/probe
@@ -87,52 +104,58 @@ def _run(*cmd: str, **kw: object) -> None:
     subprocess.run(cmd, check=True, timeout=900, **kw)  # type: ignore[call-overload]
 
 
+def readme_blocks() -> tuple[str, str]:
+    """The README's install block and its configure-and-start block, verbatim."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return blocks[0], blocks[1]
+
+
 def _prepare() -> None:
     if not (ROOTFS / "usr/lib/systemd/systemd").exists():
         shutil.rmtree(ROOTFS, ignore_errors=True)
         _run("debootstrap", "--variant=minbase",
-             "--include=systemd,systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates",
+             "--include=systemd,systemd-sysv,dbus,procps,python3,ca-certificates",
              "bookworm", str(ROOTFS), MIRROR, stdout=subprocess.DEVNULL)  # fmt: skip
-    # This checkout, installed as users would (pip, from PyPI), inside the rootfs.
+    install, configure = readme_blocks()
+    # A copy of this checkout, where a user would run the steps, with their config.toml.
     src = ROOTFS / "src"
     shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build"))
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__")
+    )
+    (src / "config.toml").write_text(CONFIG)
+    (src / "secret.txt").write_text(SECRET)
+    for stale in ("opt/token-broker", "etc/token-broker", "etc/credstore.encrypted"):
+        shutil.rmtree(ROOTFS / stale, ignore_errors=True)
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", ROOTFS / "etc/ssl/certs/host-ca.crt")
     shutil.copy("/etc/resolv.conf", ROOTFS / "etc/resolv.conf")
-    pip_env = {"PATH": "/usr/bin:/bin", "PIP_CERT": "/etc/ssl/certs/host-ca.crt",
-               "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HOME": "/root"}  # fmt: skip
-    if not (ROOTFS / "opt/token-broker/bin/python").exists():
-        _run(_chroot(), str(ROOTFS), "python3", "-m", "venv", "/opt/token-broker", env=pip_env)
-    _run(_chroot(), str(ROOTFS), "/opt/token-broker/bin/pip", "install", "-q", "--no-compile",
-         "--force-reinstall", "--no-deps", "/src", env=pip_env)  # fmt: skip
-    _run(_chroot(), str(ROOTFS), "/opt/token-broker/bin/pip", "install", "-q", "/src",
-         env=pip_env)  # fmt: skip
+    # The install block, in a chroot: it downloads (apt, PyPI). The host's CA bundle is
+    # given to pip because HTTPS here may go through an intercepting proxy.
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "DEBIAN_FRONTEND":
+           "noninteractive", "PIP_CERT": "/etc/ssl/certs/host-ca.crt",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_COMPILE": "1"}  # fmt: skip
+    _run(_chroot(), str(ROOTFS), "sh", "-exc", f"cd /src && apt-get update -qq && {install}",
+         env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+    # The configure-and-start block runs at boot (setup.service), before the probe.
+    (ROOTFS / "usr/local/sbin/setup").write_text(configure)
     units = ROOTFS / "etc/systemd/system"
-    for name in ("token-broker.service", "token-broker.socket"):
-        text = (ROOT / "systemd" / name).read_text()
-        text = text.replace("/usr/local/bin/token-broker", "/opt/token-broker/bin/token-broker")
-        text = text.replace("WatchdogSec=30s", "WatchdogSec=2s")  # see it ping, quickly
-        (units / name).write_text(text)
+    dropin = units / "token-broker.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "test.conf").write_text("[Service]\nWatchdogSec=2s\n")  # see it ping, quickly
     (units / "issuer.service").write_text(ISSUER)
+    (units / "setup.service").write_text(SETUP)
     (units / "probe.service").write_text(PROBE)
     (ROOTFS / "usr/local/sbin/probe").write_text(PROBE_SCRIPT)
-    (ROOTFS / "etc/token-broker").mkdir(exist_ok=True)
-    (ROOTFS / "etc/token-broker/config.toml").write_text(CONFIG)
-    (ROOTFS / "etc/credstore.encrypted").mkdir(mode=0o700, exist_ok=True)
-    wants = {"sockets.target.wants": ["token-broker.socket"],
-             "multi-user.target.wants": ["issuer.service", "probe.service"]}  # fmt: skip
-    for target, names in wants.items():
-        (units / target).mkdir(exist_ok=True)
-        for name in names:
-            link = units / target / name
-            link.unlink(missing_ok=True)
-            link.symlink_to(f"/etc/systemd/system/{name}")
-    # The secret, encrypted with the container's host key, as an operator would.
-    _run("systemd-nspawn", "-q", "-D", str(ROOTFS), "--register=no", "--keep-unit",
-         "--pipe", "sh", "-c",
-         "systemd-creds encrypt --with-key=host --name=adobe - "
-         "/etc/credstore.encrypted/token-broker.adobe", input=SECRET.encode(),
-         stdout=subprocess.DEVNULL)  # fmt: skip
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(exist_ok=True)
+    for stale in wants.glob("token-broker*"):
+        stale.unlink()
+    for name in ("issuer.service", "setup.service", "probe.service"):
+        link = wants / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(f"/etc/systemd/system/{name}")
 
 
 @pytest.fixture(scope="module")

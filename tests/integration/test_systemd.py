@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def installed_units(tmp_path: Path) -> list[Path]:
     """The units with ExecStart= pointing at this machine's token-broker script.
 
     `verify` checks that the binary exists; the units name the usual install
-    path (/usr/local/bin, ~/.local/bin), which a test machine may not have.
+    path (/opt/token-broker/bin, ~/.local/share/token-broker/bin), which a test machine
+    may not have.
     """
     script = shutil.which("token-broker") or str(Path(sys.executable).parent / "token-broker")
     assert Path(script).exists(), "token-broker is not installed (pip install .)"
@@ -48,8 +50,8 @@ def installed_units(tmp_path: Path) -> list[Path]:
         target = tmp_path / unit.relative_to(UNITS)
         target.parent.mkdir(exist_ok=True)
         text = unit.read_text()
-        text = text.replace("/usr/local/bin/token-broker", script)
-        text = text.replace("%h/.local/bin/token-broker", script)
+        text = text.replace("/opt/token-broker/bin/token-broker", script)
+        text = text.replace("%h/.local/share/token-broker/bin/token-broker", script)
         target.write_text(text)
         out.append(target)
     return out
@@ -61,13 +63,13 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     system = [str(u) for u in units if u.parent == tmp_path]
     r = subprocess.run(["systemd-analyze", "verify", *system], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout + r.stderr == ""
-    runtime = tmp_path / "xdg-runtime"
-    runtime.mkdir(mode=0o700)
-    user = [str(u) for u in units if u.parent.name == "user"]
-    r = subprocess.run(
-        ["systemd-analyze", "verify", "--user", *user],
-        capture_output=True, text=True, env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
-    )  # fmt: skip
+    # A short runtime dir: other user units' socket paths must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="xdg-", dir="/tmp") as runtime:
+        user = [str(u) for u in units if u.parent.name == "user"]
+        r = subprocess.run(
+            ["systemd-analyze", "verify", "--user", *user],
+            capture_output=True, text=True, env={**os.environ, "XDG_RUNTIME_DIR": runtime},
+        )  # fmt: skip
     assert r.returncode == 0 and r.stdout + r.stderr == ""
 
 

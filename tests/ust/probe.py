@@ -1,0 +1,70 @@
+"""umapi-client, driven step by step, in the environment of a User Sync Tool install.
+
+Run by the Python of that environment (a virtualenv with umapi-client 3.0.1 and
+token-broker installed together, as a user would: see tests/ust/__init__.py).
+It reads one JSON command per line on stdin and answers one JSON line per
+command on stdout, so a test can change the world (revoke a token) between
+two calls. Commands:
+
+    {"op": "connect", "org": ORG, "endpoint": URL, "auth": "broker", "broker": URL}
+    {"op": "connect", "org": ORG, "endpoint": URL, "auth": "s2s", "client_id": ...,
+     "client_secret": ..., "auth_host": "127.0.0.1:PORT"}     (UST's own OAuthS2S)
+    {"op": "users"} | {"op": "user", "email": E} | {"op": "add_to_group", "email": E,
+     "group": G}
+    {"op": "quit"}
+
+Answers: {"ok": true, "result": ...} or {"ok": false, "error": TYPE, "message": TEXT}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def main() -> int:
+    import umapi_client
+
+    conn: Any = None
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command["op"]
+        try:
+            if op == "quit":
+                break
+            if op == "connect":
+                conn = connect(umapi_client, command)
+                result: Any = True
+            elif op == "users":
+                result = [u["email"] for u in umapi_client.UsersQuery(conn).all_results()]
+            elif op == "user":
+                result = umapi_client.UserQuery(conn, command["email"]).result()["email"]
+            elif op == "add_to_group":
+                action = umapi_client.UserAction(command["email"])
+                action.add_to_groups(groups=[command["group"]])
+                result = list(conn.execute_single(action, immediate=True))
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except Exception as exc:  # the test reads the type and the message
+            answer = {"ok": False, "error": type(exc).__name__, "message": str(exc)[:500]}
+        else:
+            answer = {"ok": True, "result": result}
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
+def connect(umapi_client: Any, command: dict[str, Any]) -> Any:
+    if command["auth"] == "broker":
+        from broker.client import BrokerAuth, TokenBroker
+
+        auth: Any = BrokerAuth(command.get("name"), broker=TokenBroker(command["broker"]))
+    else:
+        auth = umapi_client.auth.OAuthS2S(
+            command["client_id"], command["client_secret"], auth_host=command["auth_host"]
+        )
+    return umapi_client.Connection(command["org"], auth=auth, endpoint=command["endpoint"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
