@@ -35,6 +35,7 @@ from broker.errors import (
 )
 from broker.manager import Credential, Manager
 from broker.metrics import Gauges, RequestCounters, render
+from broker.providers import api_headers
 from broker.tokens import Clock, rfc3339
 
 Scope = MutableMapping[str, Any]
@@ -302,24 +303,14 @@ def create_app(manager: Manager, *, clock: Clock) -> BrokerApp:
     @api.get("/v1/credentials/{name}/token")
     async def credential_token(request: Request, name: str) -> Response:
         token = await manager.token(allowed(request, name))
-        body = {
-            "access_token": token.access_token,
-            "token_type": "bearer",
-            "expires_in": max(0, math.floor(token.expires_at - clock())),
-            "expires_at": rfc3339(token.expires_at),
-        }
+        body = token.as_json(clock())
         return JSONResponse(body, headers={"Cache-Control": NO_STORE})
 
     @api.get("/v1/credentials/{name}/headers")
     async def credential_headers(request: Request, name: str) -> Response:
         cred = manager.get(allowed(request, name)).settings
         token = await manager.token(name)
-        if cred.provider == "adobe":
-            from broker.providers.adobe import api_headers
-
-            body = api_headers(cred, token.access_token)
-        else:
-            body = {"Authorization": f"Bearer {token.access_token}"}
+        body = api_headers(cred, token.access_token)
         # The token's remaining life, so a client knows how long to keep these headers
         # (broker.client.BrokerAuth); the JSON body stays exactly the headers to send.
         left = str(max(0, math.floor(token.expires_at - clock())))

@@ -245,6 +245,21 @@ class CredentialBase(RefreshKeys):
     allow_uids: frozenset[Annotated[int, Field(ge=0)]] | None = None
     allow_gids: frozenset[Annotated[int, Field(ge=0)]] | None = None
     ca_file: str | None = None  # a private CA that alone is trusted for this issuer
+    #: Static headers some APIs need besides the token's (Experience Platform's
+    #: x-sandbox-name, Analytics' x-proxy-global-company-id); not secrets.
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _headers(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        pairs = []
+        for name, text in value.items():
+            if not isinstance(text, str):
+                raise ValueError(f"{name!r}: expected a string value")
+            pairs.append(check_header(name, text))
+        return tuple(pairs)
 
     @model_validator(mode="before")
     @classmethod
@@ -302,6 +317,89 @@ class OAuth2Settings(CredentialBase):
 
 
 CredentialSettings = AdobeSettings | OAuth2Settings
+
+#: Headers a static ``headers`` table may not set: the token's own, the Adobe ones the
+#: broker sets, and hop-by-hop or framing headers that belong to each connection.
+RESERVED_HEADERS = frozenset(
+    {
+        "authorization", "x-api-key", "x-gw-ims-org-id", "proxy-authorization", "cookie",
+        "host", "connection", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "upgrade", "content-length", "content-type", "expect",
+        "x-token-broker",
+    }
+)  # fmt: skip
+_TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2
+
+
+def check_header(name: str, value: str) -> tuple[str, str]:
+    """One static header, as RFC 9110 allows and the broker leaves to the table."""
+    if not _TOKEN_CHARS.match(name):
+        raise ValueError(f"{name!r}: not a valid header name")
+    if name.lower() in RESERVED_HEADERS:
+        raise ValueError(f"{name!r}: set by the broker or per connection, not by a table")
+    if not value.isprintable() or value != value.strip():
+        raise ValueError(f"{name!r}: the value must be printable, without surrounding spaces")
+    return name, value
+
+
+class OutputSettings(_Model):
+    """One ``[[outputs]]`` table: a file the daemon writes the token into (DESIGN §9)."""
+
+    index: int  # its place in the file, for messages and metrics
+    credential: str
+    path: str
+    format: Literal["token", "json", "headers", "env"] = "token"
+    mode: int = 0o600
+    group: str | None = None
+    command: tuple[str, ...] | None = None  # argv run after every write, no shell
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "index" in data:
+            raise _KeyError("index", "unknown key")
+        context = info.context or {}
+        data = {**data, "index": context["index"]}
+        name = data.get("credential")
+        known = context.get("credentials", ())
+        if isinstance(name, str) and name not in known:
+            raise _KeyError(
+                "credential",
+                f"no credential named {name!r} (configured: {', '.join(sorted(known)) or 'none'})",
+            )
+        path = data.get("path")
+        if isinstance(path, str):
+            if not os.path.isabs(path) or path.endswith("/"):
+                raise _KeyError("path", f"expected an absolute file path, got {path!r}")
+            if not os.path.isdir(os.path.dirname(path)):
+                raise _KeyError("path", f"the directory {os.path.dirname(path)} does not exist")
+        mode = data.get("mode")
+        if isinstance(mode, str):
+            if not re.fullmatch(r"0?[0-7]{3}", mode) or int(mode, 8) & 0o133:
+                raise _KeyError(
+                    "mode",
+                    f'expected permission bits such as "0600" or "0640" (at most 0644, '
+                    f"never executable or writable by others), got {mode!r}",
+                )
+            data["mode"] = int(mode, 8)
+        group = data.get("group")
+        if isinstance(group, str):
+            import grp
+
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise _KeyError("group", f"no group named {group!r} on this host") from None
+        command = data.get("command")
+        if isinstance(command, list):
+            if not command or not all(isinstance(a, str) and a for a in command):
+                raise _KeyError("command", "expected a non-empty list of strings (an argv)")
+            data["command"] = tuple(command)
+        return data
+
+
 _PROVIDERS: dict[str, type[CredentialBase]] = {"adobe": AdobeSettings, "oauth2": OAuth2Settings}
 
 
@@ -313,6 +411,7 @@ class Settings:
     credentials: dict[str, CredentialSettings] = field(default_factory=dict)
     path: Path | None = None
     clients: dict[str, ClientSettings] = field(default_factory=dict)
+    outputs: tuple[OutputSettings, ...] = ()
 
     def default_name(self) -> str | None:
         """The credential served by ``GET /token``."""
@@ -418,11 +517,11 @@ def _not_found(resolved: Path, explicit: object) -> str:
 
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
-    unknown = sorted(set(data) - {"server", "refresh", "credentials", "clients"})
+    unknown = sorted(set(data) - {"server", "refresh", "credentials", "clients", "outputs"})
     if unknown:
         raise ConfigError(
-            f"{source}: unknown table or key {unknown[0]!r} "
-            "(expected [server], [refresh], [credentials.NAME] and [clients.NAME])"
+            f"{source}: unknown table or key {unknown[0]!r} (expected [server], [refresh], "
+            "[credentials.NAME], [clients.NAME] and [[outputs]])"
         )
     server = _validate(ServerSettings, data.get("server", {}), source, "[server]")
     refresh = _validate(RefreshKeys, data.get("refresh", {}), source, "[refresh]")
@@ -441,6 +540,23 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         )  # fmt: skip
         for name, table in _tables(data, "clients", source).items()
     }
+    outputs = data.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise ConfigError(f"{source}: outputs: expected [[outputs]] tables")
+    parsed = tuple(
+        _validate(
+            OutputSettings,
+            table,
+            source,
+            f"[[outputs]] #{i}",
+            {"index": i, "credentials": credentials},
+        )  # fmt: skip
+        for i, table in enumerate(outputs, 1)
+    )
+    paths = [o.path for o in parsed]
+    if len(set(paths)) != len(paths):
+        twice = next(p for p in paths if paths.count(p) > 1)
+        raise ConfigError(f"{source}: [[outputs]] path: {twice} is written by two outputs")
     if server.allow_remote and not clients:
         raise ConfigError(
             f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
@@ -451,7 +567,9 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
             f"{source}: [server] default: no credential named {server.default!r} "
             f"(configured: {', '.join(sorted(credentials)) or 'none'})"
         )
-    return Settings(server=server, credentials=credentials, path=path, clients=clients)
+    return Settings(
+        server=server, credentials=credentials, path=path, clients=clients, outputs=parsed
+    )
 
 
 def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:

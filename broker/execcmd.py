@@ -18,15 +18,13 @@ import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from broker.client import KEY_ENV, KEY_FILE_ENV, BrokerClientError, TokenBroker
+from broker.variables import FIELDS, Taken, variables
 
-FIELDS = ("access_token", "authorization", "expires_at", "api_key", "org_id")
 DEFAULT_MIN_REMAINING = 600.0  # "10m"
-PREFIX = "TOKEN_BROKER_"
 #: Headers that have variables of their own; any other header of the credential (its static
 #: ``headers`` table) becomes TOKEN_BROKER_HEADER_<NAME>.
 _OWN_HEADERS = frozenset({"authorization", "x-api-key", "x-gw-ims-org-id"})
@@ -59,33 +57,6 @@ def parse_env(items: Sequence[str]) -> list[tuple[str, str]]:
             )
         pairs.append((var, name))
     return pairs
-
-
-@dataclass(frozen=True)
-class Taken:
-    """What exec hands to the command: one token and what goes with it."""
-
-    name: str
-    provider: str
-    access_token: str = field(repr=False)
-    expires_at: str
-    expires_in: float
-    client_id: str | None
-    org_id: str | None
-    extra: dict[str, str]  # static headers beyond the usual three (not secrets)
-
-    def value(self, name: str) -> str:
-        """The value of a FIELD; raises LookupError if this credential has none."""
-        if name == "access_token":
-            return self.access_token
-        if name == "authorization":
-            return f"Bearer {self.access_token}"
-        if name == "expires_at":
-            return self.expires_at
-        found = self.client_id if name == "api_key" else self.org_id
-        if found is None:
-            raise LookupError(f"credential {self.name!r} has no {name}")
-        return found
 
 
 def effective_min_remaining(asked: float, status: Mapping[str, Any]) -> float:
@@ -133,11 +104,6 @@ def take(broker: TokenBroker, name: str | None, min_remaining: float) -> Taken:
     )
 
 
-def header_variable(header: str) -> str:
-    """``x-sandbox-name`` -> ``TOKEN_BROKER_HEADER_X_SANDBOX_NAME``."""
-    return PREFIX + "HEADER_" + re.sub(r"[^A-Z0-9]", "_", header.upper())
-
-
 def environment(
     taken: Taken, asked: Sequence[tuple[str, str]], base: Mapping[str, str], *, pass_key: bool
 ) -> dict[str, str]:
@@ -149,14 +115,7 @@ def environment(
     if not pass_key:
         for var in (KEY_ENV, KEY_FILE_ENV):
             env.pop(var, None)
-    env[PREFIX + "ACCESS_TOKEN"] = taken.access_token
-    env[PREFIX + "EXPIRES_AT"] = taken.expires_at
-    if taken.provider == "adobe":
-        env[PREFIX + "API_KEY"] = taken.value("api_key")
-        if taken.org_id is not None:
-            env[PREFIX + "ORG_ID"] = taken.org_id
-    for header, value in taken.extra.items():
-        env[header_variable(header)] = value
+    env.update(variables(taken))
     for var, name in asked:
         try:
             env[var] = taken.value(name)

@@ -155,12 +155,14 @@ class Manager:
         recorder: Recorder | None = None,
         redactor: Redactor | None = None,
         on_reload: Callable[[bool], object] = lambda done: None,
+        on_token: Callable[[Credential], object] = lambda credential: None,
     ) -> None:
         self.settings = settings
         self.recorder = recorder or Recorder()
         # Secrets and tokens this manager holds, kept out of every log line it writes.
         self._redactor = redactor or Redactor()
         self.on_reload = on_reload  # called with False before a reload, True after it
+        self.on_token = on_token  # called after each new token (the file outputs)
         self._client = client
         self._clock = clock
         self._scheduler = scheduler
@@ -535,6 +537,7 @@ class Manager:
         credential.issuer_retry_until = 0.0
         when = refresh_at(token, cred.policy, self._rand)
         self._schedule(credential, when)
+        self.on_token(credential)
         self.recorder.refreshed(cred.name, "success")
         log.info(
             "refresh %s ok: expires_at=%s token=…%s x-debug-id=%s next_refresh_at=%s",

@@ -56,6 +56,11 @@ class Recorder:
     def __init__(self) -> None:
         self.refreshes: Counter[tuple[str, str]] = Counter()
         self.latency: dict[str, Histogram] = {}
+        self.outputs: Counter[tuple[str, str, str]] = Counter()  # (path, write|command, outcome)
+
+    def output(self, path: str, kind: str, outcome: str) -> None:
+        """A file output was written (kind "write") or its command ran ("command")."""
+        self.outputs[(path, kind, outcome)] += 1
 
     def refreshed(self, credential: str, outcome: str) -> None:
         self.refreshes[(credential, outcome)] += 1
@@ -142,6 +147,12 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
                 f'token_broker_last_refresh_timestamp_seconds{{credential="{g.name}"}} '
                 f"{g.refreshed_at:.0f}"
             )
+    for kind, what in (("write", "File output writes"), ("command", "File output commands")):
+        series = f"token_broker_output_{kind}s_total"
+        family(series, "counter", f"{what} by outcome.")
+        for (path, k, outcome), n in sorted(recorder.outputs.items()):
+            if k == kind:
+                lines.append(f'{series}{{path="{_label(path)}",outcome="{outcome}"}} {n}')
     family("token_broker_credential_state", "gauge", "1 for the current state of a credential.")
     for g in gauges:
         for state in STATES:
@@ -150,3 +161,8 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
                 f'token_broker_credential_state{{credential="{g.name}",state="{state}"}} {value}'
             )
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A label value escaped as the text format wants (paths may hold anything)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -28,6 +28,7 @@ from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpList
 from broker.errors import BrokerError
 from broker.logs import Redactor
 from broker.manager import APScheduler, Manager
+from broker.outputs import Outputs
 from broker.providers import issuer_client
 from broker.tokens import Clock
 
@@ -218,8 +219,8 @@ def uvicorn_config(app: object, server: ServerSettings | None = None) -> uvicorn
 
 def build(
     settings: Settings, *, redactor: Redactor, clock: Clock = time.time
-) -> tuple[object, Manager]:
-    """The ASGI app and its manager for ``settings``.
+) -> tuple[object, Manager, Outputs]:
+    """The ASGI app, its manager and the file outputs for ``settings``.
 
     ``redactor`` is the one the log handlers apply (:func:`broker.logs.setup`):
     the manager registers there the secrets and tokens it holds.
@@ -232,13 +233,17 @@ def build(
         scheduler=APScheduler(),
         redactor=redactor,
     )
-    manager.on_reload = lambda done: _notify_reload(manager, done)
-    return create_app(manager, clock=clock), manager
+    outputs = Outputs(settings.outputs, recorder=manager.recorder, clock=clock)
+    manager.on_token = outputs.refreshed
+    manager.on_reload = lambda done: _reloaded(manager, outputs, done)
+    return create_app(manager, clock=clock), manager, outputs
 
 
-def _notify_reload(manager: Manager, done: bool) -> None:
-    """Tell systemd a reload begins (RELOADING=1 with the monotonic clock) or ended."""
+def _reloaded(manager: Manager, outputs: Outputs, done: bool) -> None:
+    """Tell systemd a reload begins (RELOADING=1 with the monotonic clock) or ended; once
+    ended, the file outputs of the new config are in force."""
     if done:
+        outputs.use(manager.settings.outputs, manager.credentials)
         systemd.notify("READY=1", f"STATUS={manager.summary()}")
     else:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -306,7 +311,7 @@ async def serve(
     before the loop's handler was installed (see ``cli.run``): that reload runs
     once the daemon is ready.
     """
-    app, manager = build(settings, redactor=redactor)
+    app, manager, outputs = build(settings, redactor=redactor)
     server = Server(uvicorn_config(app, settings.server))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -344,6 +349,7 @@ async def serve(
             loop.remove_signal_handler(sig)
         for task in list(tasks):
             task.cancel()
+        await outputs.close()
 
 
 async def _announce_ready(

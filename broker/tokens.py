@@ -7,6 +7,7 @@ decided by these functions and tested with an injected clock.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,15 @@ class Token:
 
     def __repr__(self) -> str:
         return f"Token(fingerprint={self.fingerprint}, expires_at={rfc3339(self.expires_at)})"
+
+    def as_json(self, now: float) -> dict[str, object]:
+        """``GET /v1/credentials/NAME/token``'s body (and the ``json`` file output's)."""
+        return {
+            "access_token": self.access_token,
+            "token_type": "bearer",
+            "expires_in": max(0, math.floor(self.expires_at - now)),  # whole seconds left
+            "expires_at": rfc3339(self.expires_at),
+        }
 
 
 def fingerprint(value: str) -> str:

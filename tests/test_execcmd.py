@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from broker.execcmd import (
-    Taken,
     UsageError,
     effective_min_remaining,
     environment,
-    header_variable,
     parse_env,
     split_command,
 )
+from broker.variables import Taken, header_variable
 
 ADOBE = Taken(
     name="adobe",

@@ -24,6 +24,23 @@ def token_request(cred: CredentialSettings, secret: str) -> TokenRequest:
     return request(cred, secret)
 
 
+def api_headers(cred: CredentialSettings, access_token: str) -> dict[str, str]:
+    """Every header an API call with this token needs (``/v1/credentials/NAME/headers``).
+
+    The token; for Adobe, ``x-api-key`` and ``x-gw-ims-org-id``; then the
+    credential's static ``headers`` table. One place for the API route, the
+    ``headers`` and ``env`` file outputs and, through the route, the client.
+    """
+    if cred.provider == "adobe":
+        from broker.providers.adobe import api_headers as adobe_headers
+
+        headers = adobe_headers(cred, access_token)
+    else:
+        headers = {"Authorization": f"Bearer {access_token}"}
+    headers.update(cred.headers)
+    return headers
+
+
 def issuer_client(timeout: float, ca_file: str | None = None) -> httpx.AsyncClient:
     """The HTTP client token requests go through.
 
@@ -38,4 +55,4 @@ def issuer_client(timeout: float, ca_file: str | None = None) -> httpx.AsyncClie
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, verify=verify)
 
 
-__all__ = ["TokenRequest", "fetch_token", "issuer_client", "token_request"]
+__all__ = ["TokenRequest", "api_headers", "fetch_token", "issuer_client", "token_request"]

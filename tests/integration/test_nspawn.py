@@ -47,6 +47,38 @@ provider = "oauth2"
 client_id = "nspawn"
 token_url = "http://127.0.0.1:9000/oauth2/token"
 secret = "systemd:adobe"
+[[outputs]]
+credential = "adobe"
+path = "/run/token-broker/adobe.token"
+mode = "0640"
+group = "adobe-tools"
+"""
+
+
+def _readme_dropin() -> str:
+    """The drop-in the README shows for an output file with a group, verbatim."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"```ini\n(# systemctl edit token-broker\n.*?)```", text, re.S)
+    assert found, "README.md: the drop-in for an output file's group is gone"
+    return found.group(1)
+
+
+OUTPUT_GROUP_DROPIN = _readme_dropin()
+
+READER = """[Unit]
+Description=another account that reads the token file, as a tool would
+After=token-broker.service
+Before=probe.service
+[Service]
+Type=oneshot
+User=reader
+SupplementaryGroups=adobe-tools
+StandardOutput=file:/results/reader
+StandardError=file:/results/reader.err
+ExecStart=/bin/sh -c 'for i in $(seq 100); do cat /run/token-broker/adobe.token && exit 0; \
+sleep 0.1; done; exit 1'
+[Install]
+WantedBy=multi-user.target
 """
 
 SETUP = """[Unit]
@@ -63,7 +95,7 @@ WantedBy=multi-user.target
 
 PROBE = """[Unit]
 Description=record what systemd says, then power off
-After=multi-user.target token-broker.service setup.service
+After=multi-user.target token-broker.service setup.service reader.service
 [Service]
 Type=oneshot
 ExecStart=/bin/sh /usr/local/sbin/probe
@@ -87,6 +119,7 @@ systemctl show token-broker.socket -p ActiveState > $out/socket
 systemctl reload token-broker.service; echo "reload=$?" >> $out/service
 systemctl show token-broker.service -p ActiveState,SubState >> $out/service
 stat -c '%a %U %G' /run/token-broker/broker.sock > $out/unix 2>&1
+stat -c '%a %G' /run/token-broker/adobe.token > $out/output 2>&1
 # Not dumpable: the kernel then gives the process's /proc files to root, not to its own user.
 pid=$(systemctl show -p MainPID --value token-broker.service)
 echo "user=$(ps -o user= -p $pid) proc_owner=$(stat -c %U /proc/$pid/status)" > $out/dump
@@ -138,21 +171,28 @@ def _prepare() -> None:
            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_COMPILE": "1"}  # fmt: skip
     _run(_chroot(), str(ROOTFS), "sh", "-exc", f"cd /src && apt-get update -qq && {install}",
          env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+    # A group for the token file and an account in it that reads the file (another unit).
+    _run(_chroot(), str(ROOTFS), "sh", "-c", "getent group adobe-tools || groupadd --system "
+         "adobe-tools; id reader || useradd --system -G adobe-tools reader", env=env,
+         stdout=subprocess.DEVNULL)  # fmt: skip
     # The configure-and-start block runs at boot (setup.service), before the probe.
     (ROOTFS / "usr/local/sbin/setup").write_text(configure)
     units = ROOTFS / "etc/systemd/system"
     dropin = units / "token-broker.service.d"
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "test.conf").write_text("[Service]\nWatchdogSec=2s\n")  # see it ping, quickly
+    # What the README tells a user with a group for an output file to add (systemctl edit).
+    (dropin / "override.conf").write_text(OUTPUT_GROUP_DROPIN)
     (units / "issuer.service").write_text(ISSUER)
     (units / "setup.service").write_text(SETUP)
     (units / "probe.service").write_text(PROBE)
+    (units / "reader.service").write_text(READER)
     (ROOTFS / "usr/local/sbin/probe").write_text(PROBE_SCRIPT)
     wants = units / "multi-user.target.wants"
     wants.mkdir(exist_ok=True)
     for stale in wants.glob("token-broker*"):
         stale.unlink()
-    for name in ("issuer.service", "setup.service", "probe.service"):
+    for name in ("issuer.service", "setup.service", "reader.service", "probe.service"):
         link = wants / name
         link.unlink(missing_ok=True)
         link.symlink_to(f"/etc/systemd/system/{name}")
@@ -213,3 +253,12 @@ def test_secret_came_from_the_encrypted_credential_and_stays_out_of_the_journal(
     assert "refresh adobe ok" in journal
     assert SECRET not in journal
     assert (booted / "token").read_text().strip() not in journal
+
+
+def test_another_account_in_the_group_reads_the_token_file(booted: Path):
+    assert (booted / "output").read_text().split() == ["640", "adobe-tools"]
+    token = (booted / "token").read_text().strip()
+    read = (booted / "reader").read_text().strip()
+    assert read.startswith("demo-"), (booted / "reader.err").read_text()
+    # The reader ran before the probe's request: the file held the token then served.
+    assert read == token or read.startswith("demo-")

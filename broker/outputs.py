@@ -1,0 +1,222 @@
+"""File outputs (DESIGN §9): the token written where tools that read files find it.
+
+Each ``[[outputs]]`` table names a credential, a path, a format (``token``,
+``json``, ``headers``, ``env``), a mode, an optional group and an optional
+command. The file is written once the credential has a servable token and
+again after every refresh, as consul-template writes: a temporary file in the
+same directory, created with no more permission than asked (``mode & 0600``),
+given its group and then exactly its mode before the first byte, written,
+fsync'ed, renamed over the path. A reader sees the old file or the new one,
+whole, and never a looser mode, not even for an instant.
+
+A command (an argv, never a shell) runs after each write, with a minimal
+environment (never the broker's: an ``env:`` secret lives there) and 30
+seconds to finish. A failed write or command is logged once, counted in
+``/metrics`` and tried again at the next refresh; serving never waits for it.
+Writes of one output never overlap: a new token that arrives meanwhile is
+written once the running write is done (only the newest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from broker.config import CredentialSettings, OutputSettings
+from broker.metrics import Recorder
+from broker.providers import api_headers
+from broker.tokens import Clock, Token, rfc3339
+from broker.variables import Taken, variables
+
+if TYPE_CHECKING:
+    from broker.manager import Credential
+
+log = logging.getLogger("broker.outputs")
+
+#: How long a command may run after a write before it is killed.
+COMMAND_TIMEOUT = 30.0
+#: What a command's environment holds: enough to find programs and read text, no more.
+_COMMAND_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: float) -> bytes:
+    """The file's content in ``output.format`` for ``token``."""
+    if output.format == "token":
+        return token.access_token.encode() + b"\n"
+    if output.format == "json":
+        return json.dumps(token.as_json(now)).encode() + b"\n"
+    headers = api_headers(cred, token.access_token)
+    if output.format == "headers":
+        return json.dumps(headers).encode() + b"\n"
+    taken = Taken(
+        name=cred.name,
+        provider=cred.provider,
+        access_token=token.access_token,
+        expires_at=rfc3339(token.expires_at) or "",
+        expires_in=token.expires_at - now,
+        client_id=cred.client_id,
+        org_id=getattr(cred, "org_id", None),
+        extra=dict(cred.headers),
+    )
+    return "".join(f"{k}={v}\n" for k, v in variables(taken).items()).encode()
+
+
+def write_file(path: Path, content: bytes, mode: int, group: str | None) -> None:
+    """Replace ``path`` atomically with ``content``, mode and group set before any byte."""
+    gid = grp.getgrnam(group).gr_gid if group is not None else -1
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode & 0o600)  # never more than asked, even before the group
+    try:
+        try:
+            if gid != -1 and os.fstat(fd).st_gid != gid:
+                # Not when it already has it (the process's own group): under the system
+                # unit's seccomp filter, chown is refused whatever its arguments.
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)  # exactly as asked, whatever the umask, before any byte
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash
+    finally:
+        os.close(directory)
+
+
+class Outputs:
+    """The file outputs of the settings in force, written as tokens arrive."""
+
+    def __init__(
+        self,
+        outputs: Iterable[OutputSettings] = (),
+        *,
+        recorder: Recorder,
+        clock: Clock,
+        writer: Callable[[Path, bytes, int, str | None], None] = write_file,
+    ) -> None:
+        self._outputs = tuple(outputs)
+        self._recorder = recorder
+        self._clock = clock
+        self._writer = writer
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by path: one write at a time
+        self._next: dict[str, tuple[OutputSettings, CredentialSettings, Token]] = {}
+
+    def use(self, outputs: Iterable[OutputSettings], credentials: dict[str, Credential]) -> None:
+        """Take the outputs of a reloaded config: write the new or changed ones now, and
+        remove the files of those that are gone (a token left lying there stays valid)."""
+        old = set(self._outputs)
+        self._outputs = tuple(outputs)
+        kept = {o.path for o in self._outputs}
+        for gone in old - set(self._outputs):
+            if gone.path not in kept:
+                self._next.pop(gone.path, None)
+                try:
+                    os.unlink(gone.path)
+                except OSError:
+                    continue
+                log.info("output %s removed from the config: file deleted", gone.path)
+        for output in self._outputs:
+            credential = credentials.get(output.credential)
+            if output not in old and credential is not None:
+                self._write_if_servable(output, credential)
+
+    def refreshed(self, credential: Credential) -> None:
+        """A credential has a new token: write every output of it (in the background)."""
+        for output in self._outputs:
+            if output.credential == credential.settings.name:
+                self._write_if_servable(output, credential)
+
+    async def close(self) -> None:
+        """Let writes in flight finish (commands are killed at their own deadline)."""
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _write_if_servable(self, output: OutputSettings, credential: Credential) -> None:
+        token = credential.token
+        if token is None or self._clock() >= credential.serve_until:
+            return
+        self._next[output.path] = (output, credential.settings, token)
+        if output.path not in self._tasks:
+            task = asyncio.get_running_loop().create_task(self._drain(output.path))
+            self._tasks[output.path] = task
+
+    async def _drain(self, path: str) -> None:
+        try:
+            while (job := self._next.pop(path, None)) is not None:
+                await self._write(*job)
+        finally:
+            del self._tasks[path]
+
+    async def _write(self, output: OutputSettings, cred: CredentialSettings, token: Token) -> None:
+        content = render(output, cred, token, self._clock())
+        target = Path(output.path)
+        try:
+            await asyncio.to_thread(self._writer, target, content, output.mode, output.group)
+        except (OSError, KeyError) as exc:
+            self._recorder.output(output.path, "write", "error")
+            reason = getattr(exc, "strerror", None) or f"no group named {output.group!r}"
+            log.warning(
+                "output %s for %s not written: %s; tried again at the next refresh",
+                output.path, cred.name, reason,
+                extra={"event": "output_failed", "credential": cred.name},
+            )  # fmt: skip
+            return
+        self._recorder.output(output.path, "write", "ok")
+        log.info(
+            "output %s written for %s (token=…%s)",
+            output.path, cred.name, token.fingerprint,
+            extra={"event": "output_written", "credential": cred.name},
+        )  # fmt: skip
+        if output.command is not None:
+            await self._run(output, cred.name)
+
+    async def _run(self, output: OutputSettings, name: str) -> None:
+        assert output.command is not None
+        env = {k: os.environ[k] for k in _COMMAND_ENV if k in os.environ}
+        env.update(TOKEN_BROKER_OUTPUT=output.path, TOKEN_BROKER_CREDENTIAL=name)
+        outcome, detail = "ok", ""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *output.command,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # a signal to the broker's group is not the command's
+            )
+        except OSError as exc:
+            outcome, detail = "error", f"cannot run {output.command[0]}: {exc.strerror}"
+        else:
+            try:
+                async with asyncio.timeout(COMMAND_TIMEOUT):
+                    _, err = await proc.communicate()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                outcome, detail = "error", f"killed after {COMMAND_TIMEOUT:g}s"
+            else:
+                if proc.returncode != 0:
+                    tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                    outcome = "error"
+                    detail = f"exit status {proc.returncode} {tail[0][:200]}".rstrip()
+        self._recorder.output(output.path, "command", outcome)
+        if outcome == "error":
+            log.warning(
+                "output %s: command %s failed: %s; run again at the next refresh",
+                output.path, output.command[0], detail,
+                extra={"event": "output_command_failed", "credential": name},
+            )  # fmt: skip

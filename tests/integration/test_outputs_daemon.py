@@ -1,0 +1,143 @@
+"""File outputs against the broker as a process: through many refreshes, reloads and failures."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shutil
+import stat
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+from helpers import HEADERS, wait_for
+
+
+def outputs_toml(tmp_path: Path, *tables: str) -> str:
+    return "\n".join(f'[[outputs]]\ncredential = "main"\n{t}\n' for t in tables)
+
+
+def test_outputs_are_written_whole_with_their_mode_through_many_refreshes(
+    start_broker, issuer, tmp_path
+):
+    issuer.issuer.lifetime = 3.0  # a refresh every ~2 s
+    group = grp.getgrgid(os.getgid()).gr_name
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "ran"
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, sys\n"
+        "with open(sys.argv[1], 'a') as f: f.write(os.environ['TOKEN_BROKER_OUTPUT'] + '\\n')\n"
+    )
+    extra = outputs_toml(
+        tmp_path,
+        f'path = "{out}/token"\nmode = "0640"\ngroup = "{group}"\n'
+        f'command = ["{sys.executable}", "{probe}", "{marker}"]',
+        f'path = "{out}/token.json"\nformat = "json"',
+        f'path = "{out}/headers.json"\nformat = "headers"',
+        f'path = "{out}/token.env"\nformat = "env"',
+    )
+    broker = start_broker(
+        credential='headers = { "x-sandbox-name" = "prod" }', extra=extra, wait=False
+    )
+    broker.proc.wait_healthy(broker.url)
+    target = out / "token"
+    wait_for(target.exists, what="the first write")
+
+    # Watch the file from another thread through several refreshes: every look sees a
+    # whole token the issuer handed out, with exactly the mode asked, never looser.
+    seen: set[str] = set()
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                fd = os.open(target, os.O_RDONLY)
+            except FileNotFoundError:
+                problems.append("the file was missing for a moment")
+                continue
+            try:
+                mode = stat.S_IMODE(os.fstat(fd).st_mode)
+                data = os.read(fd, 65536).decode()
+            finally:
+                os.close(fd)
+            if mode != 0o640:
+                problems.append(f"mode {mode:o}")
+            if not data.endswith("\n") or data[:-1] not in issuer.issuer.issued:
+                problems.append(f"partial or unknown content {data[:20]!r}")
+            seen.add(data)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        wait_for(lambda: len(seen) >= 5, timeout=30, what="five tokens in the file")
+    finally:
+        stop.set()
+        watcher.join()
+    assert not problems, problems[:5]
+    assert target.stat().st_gid == os.getgid()
+
+    current = httpx.get(broker.url + "/token", headers=HEADERS).text
+    wait_for(lambda: target.read_text() == current + "\n", what="the file to follow")
+    wait_for(
+        lambda: json.loads((out / "token.json").read_text())["access_token"] == current,
+        what="the json output",
+    )
+    headers = json.loads((out / "headers.json").read_text())
+    assert headers["x-sandbox-name"] == "prod" and headers["x-api-key"] == "broker-client"
+    # The same headers the API route gives (and so BrokerAuth, and exec's variables).
+    route = httpx.get(broker.url + "/v1/credentials/main/headers", headers=HEADERS).json()
+    assert route["x-sandbox-name"] == "prod" and set(route) == set(headers)
+    env = dict(line.split("=", 1) for line in (out / "token.env").read_text().splitlines())
+    assert env["TOKEN_BROKER_HEADER_X_SANDBOX_NAME"] == "prod"
+    assert env["TOKEN_BROKER_ORG_ID"] == "ABC@AdobeOrg"
+    for path in out.iterdir():  # 0600 unless asked otherwise; no temporary file left over
+        assert stat.S_IMODE(path.stat().st_mode) == (0o640 if path == target else 0o600)
+    wait_for(  # the command runs after every write
+        lambda: marker.read_text().count(f"{target}\n") >= 5, what="a command per write"
+    )
+    metrics = httpx.get(broker.url + "/metrics").text
+    assert f'token_broker_output_writes_total{{path="{target}",outcome="ok"}}' in metrics
+    assert f'token_broker_output_commands_total{{path="{target}",outcome="ok"}}' in metrics
+
+
+def test_a_failing_output_is_logged_counted_and_retried_while_serving_goes_on(
+    start_broker, issuer, tmp_path
+):
+    issuer.issuer.lifetime = 3.0
+    out = tmp_path / "out"
+    out.mkdir()
+    broker = start_broker(extra=outputs_toml(tmp_path, f'path = "{out}/token"'))
+    wait_for((out / "token").exists, what="the first write")
+    shutil.rmtree(out)  # the directory goes away: writes fail
+    wait_for(lambda: "not written" in broker.proc.output(), timeout=10, what="the failure")
+    for _ in range(20):
+        assert httpx.get(broker.url + "/token", headers=HEADERS).status_code == 200
+    metrics = httpx.get(broker.url + "/metrics").text
+    assert f'token_broker_output_writes_total{{path="{out}/token",outcome="error"}}' in metrics
+    out.mkdir()  # back: the next refresh writes again
+    wait_for((out / "token").exists, timeout=10, what="the write after the failure")
+    failures = broker.proc.output().count("not written")
+    assert 1 <= failures <= 4  # once per failed attempt (one per refresh), not per second
+
+
+def test_reload_adds_changes_and_removes_outputs(start_broker, issuer, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    broker = start_broker(extra=outputs_toml(tmp_path, f'path = "{out}/a"', f'path = "{out}/b"'))
+    wait_for(lambda: (out / "a").exists() and (out / "b").exists(), what="the first writes")
+    config = broker.proc.config.read_text()
+    config = config.replace(f'path = "{out}/b"', f'path = "{out}/b"\nformat = "json"')
+    config = config.replace(f'path = "{out}/a"', f'path = "{out}/c"')
+    broker.proc.config.write_text(config)
+    answer = httpx.post(broker.url + "/v1/reload", headers=HEADERS)
+    assert answer.status_code == 200, answer.text
+    wait_for(lambda: (out / "c").exists(), what="the added output")
+    wait_for(lambda: (out / "b").read_text().startswith("{"), what="the changed output")
+    wait_for(lambda: not (out / "a").exists(), what="the removed output's file to go")
+    token = httpx.get(broker.url + "/token", headers=HEADERS).text
+    assert (out / "c").read_text() == token + "\n"
