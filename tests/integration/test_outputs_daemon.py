@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -141,3 +142,31 @@ def test_reload_adds_changes_and_removes_outputs(start_broker, issuer, tmp_path)
     wait_for(lambda: not (out / "a").exists(), what="the removed output's file to go")
     token = httpx.get(broker.url + "/token", headers=HEADERS).text
     assert (out / "c").read_text() == token + "\n"
+
+
+def test_metrics_pass_promtools_own_check(start_broker, issuer, tmp_path):
+    """/metrics, with every family populated, as Prometheus's promtool lints it."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("CI installs promtool (Debian package prometheus)")
+        import pytest
+
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    out = tmp_path / "out"
+    out.mkdir()
+    broker = start_broker(extra=outputs_toml(tmp_path, f'path = "{out}/a"\ncommand = ["true"]'))
+    wait_for((out / "a").exists, what="the output")
+    httpx.get(broker.url + "/token", headers=HEADERS)
+    httpx.get(broker.url + "/token/nobody", headers=HEADERS)
+    httpx.get(broker.url + "/token")  # refused: no header
+
+    def scrape() -> str:
+        text = httpx.get(broker.url + "/metrics").text
+        return text if "token_broker_output_commands_total{" in text else ""
+
+    text = wait_for(scrape, what="every family to have a sample")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
