@@ -136,12 +136,21 @@ def wait_ready(port: int, timeout: float = 60.0) -> None:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(port: int, path: str, connections: int, duration: float) -> dict[str, float]:
+def wrk(
+    port: int,
+    path: str,
+    connections: int,
+    duration: float,
+    *,
+    scheme: str = "http",
+    script: Path | None = None,
+) -> dict[str, float]:
     """Run wrk on the load core; return requests/s, p50 and p99 in milliseconds."""
     seconds = max(1, round(duration))  # wrk takes whole seconds
     cmd = [
         "taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-        "--latency", "-H", "X-Token-Broker: 1", f"http://127.0.0.1:{port}{path}",
+        "--latency", "-H", "X-Token-Broker: 1", *(["-s", str(script)] if script else []),
+        f"{scheme}://127.0.0.1:{port}{path}",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -224,6 +233,67 @@ def throughput(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, s
     finally:
         stop(broker)
         stop(baseline)
+        issuer.stop()
+
+
+def ims(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    """POST /ims/token/v3 over TLS (keep-alive, and a new connection per request, as
+    umapi-client does once per token) beside GET /token; RSS with and without ims_listen."""
+    import hashlib
+
+    issuer = start_issuer()
+    plain_port, port, ims_port = free_port(), free_port(), free_port()
+    plain = write_config(tmp, issuer, plain_port, ["adobe"], "bench-secret-1")
+    key = "tbk_" + "b" * 43
+    config = tmp / "config-ims.toml"
+    config.write_text(
+        plain.read_text().replace(f"127.0.0.1:{plain_port}", f"127.0.0.1:{port}")
+        .replace("[server]\n", f'[server]\nims_listen = ["127.0.0.1:{ims_port}"]\n', 1)
+        + f'\n[clients.ust]\nkey_sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
+        'credentials = ["adobe"]\n'
+    )  # fmt: skip
+    form = f"grant_type=client_credentials&client_id=bench&client_secret={key}&scope="
+    scripts = {}
+    for name, extra in (("keep", ""), ("close", 'wrk.headers["Connection"] = "close"\n')):
+        scripts[name] = tmp / f"ims-{name}.lua"
+        scripts[name].write_text(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n'
+            f'wrk.body = "{form}"\n{extra}'
+        )
+    env = {"XDG_STATE_HOME": str(tmp / "state")}
+    without, _ = start_broker(plain, plain_port, env)
+    broker, _ = start_broker(config, port, env)
+    try:
+        wait_ready(plain_port)
+        wait_ready(port)
+        wrk(port, "/token", 50, 2)  # warm-up
+        wrk(ims_port, "/ims/token/v3", 50, 2, scheme="https", script=scripts["keep"])
+        token = wrk(port, "/token", 50, args.duration)
+        keep = wrk(ims_port, "/ims/token/v3", 50, args.duration, scheme="https",
+                   script=scripts["keep"])  # fmt: skip
+        close = wrk(ims_port, "/ims/token/v3", 10, args.duration, scheme="https",
+                    script=scripts["close"])  # fmt: skip
+        rows.append(("GET /token (plain, keep-alive, 50 conns) req/s", f"{token['rps']:.0f}",
+                     f"p50 {token['p50']:.2f} ms, p99 {token['p99']:.2f} ms"))  # fmt: skip
+        rows.append(
+            (
+                "POST /ims/token/v3 (TLS, keep-alive, 50 conns) req/s",
+                f"{keep['rps']:.0f}",
+                f"p50 {keep['p50']:.2f} ms, p99 {keep['p99']:.2f} ms",
+            )
+        )
+        rows.append(("POST /ims/token/v3 (new TLS connection each, 10 conns) req/s",
+                     f"{close['rps']:.0f}",
+                     f"p50 {close['p50']:.2f} ms, p99 {close['p99']:.2f} ms"))  # fmt: skip
+        rows.append(("broker RSS after load, without ims_listen", f"{rss_mb(without.pid):.1f} MB",
+                     "-"))  # fmt: skip
+        rows.append(("broker RSS after load, with ims_listen", f"{rss_mb(broker.pid):.1f} MB",
+                     "-"))  # fmt: skip
+        rows.append(("issuer calls during all of the above", str(issuer.issuer.calls), "2"))
+    finally:
+        stop(broker)
+        stop(without)
         issuer.stop()
 
 
@@ -441,7 +511,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        default=["throughput", "keyring", "herds", "startup", "idle", "many", "client"],
+        default=["throughput", "keyring", "herds", "startup", "idle", "many", "client", "ims"],
     )
     args = parser.parse_args()
     if args.quick:
@@ -453,7 +523,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
     rows: list[tuple[str, str, str]] = []
     steps = {"throughput": throughput, "keyring": keyring_rss, "herds": herds,
-             "startup": startup, "idle": idle, "many": many,
+             "startup": startup, "idle": idle, "many": many, "ims": ims,
              "client": client_cache}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
         for name in args.only:

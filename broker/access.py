@@ -79,13 +79,18 @@ class Access:
         key = key.strip()
         if scheme.lower() != b"bearer" or not key:
             raise AccessDenied(401, "expected Authorization: Bearer KEY", "no_key")
+        found = self.client_of(key)
+        if found is None:
+            raise AccessDenied(401, "the client key is not valid", "bad_key")
+        return found
+
+    def client_of(self, key: bytes) -> ClientSettings | None:
+        """The client that holds ``key``, compared with every client in constant time."""
         digest = key_digest(key)
         found: ClientSettings | None = None
         for client in self.clients:  # all of them: no early exit that timing could reveal
             if hmac.compare_digest(digest, client.key_sha256):
                 found = client
-        if found is None:
-            raise AccessDenied(401, "the client key is not valid", "bad_key")
         return found
 
     def authorize(self, scope: Mapping[str, Any], name: str | None) -> None:

@@ -90,6 +90,7 @@ async def _send(
 
 
 _JSON = b"application/json"
+_NO_NAMES: frozenset[bytes] = frozenset()
 _TEXT = b"text/plain; charset=utf-8"
 
 
@@ -102,6 +103,8 @@ class BrokerApp:
 
     def __init__(self, manager: Manager, counters: RequestCounters) -> None:
         self.api: FastAPI | None = None  # set by create_app
+        #: The DNS names of the TLS certificate: Host may be one of them over HTTPS.
+        self.tls_names: frozenset[bytes] = frozenset()
         self.manager = manager
         self.counters = counters
         self._use(manager.settings)
@@ -132,7 +135,10 @@ class BrokerApp:
             send = _logged(scope, send)
         path: str = scope["path"]
         guarded = path not in OPEN_PATHS
-        rejection = guards.refusal(scope, self._header if guarded else None, remote=self._remote)
+        names = self.tls_names if self.tls_names and scope["scheme"] == "https" else _NO_NAMES
+        rejection = guards.refusal(
+            scope, self._header if guarded else None, remote=self._remote, names=names
+        )
         if rejection is not None:
             self.counters.rejected[rejection.rule] += 1
             body = _dump({"error": rejection.error, "detail": rejection.detail})

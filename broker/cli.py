@@ -10,13 +10,26 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker import __version__
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:
     from broker.client import TokenBroker
+
+
+class _Version(argparse.Action):
+    """``--version``, read from the installed metadata only when asked (it costs ~20 ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        import broker
+
+        print(f"token-broker {broker.__version__}")  # stdout, as argparse's version does
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="token-broker",
         description="Serve OAuth access tokens on loopback; the client secret stays here.",
     )
-    parser.add_argument("--version", action="version", version=f"token-broker {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", metavar="PATH", help="config file (default: see README)")
     config.add_argument(
@@ -619,13 +632,19 @@ def _tls(args: argparse.Namespace) -> int:
         else:
             print(f"a local CA exists already: {ca.path} ({valid}); left alone")
         return 0
+    # The system service keeps its CA in a directory private to it, and publishes the
+    # public parts in its runtime directory: that is where other users find them.
+    published = Path("/run/token-broker")
     if not args.bundle:
-        if not files.ca_cert.is_file():
-            raise BrokerError(
-                f"the local CA certificate {files.ca_cert} does not exist: "
-                "run `token-broker tls init`"
-            )
-        print(files.ca_cert)  # alone on stdout: REQUESTS_CA_BUNDLE=$(token-broker tls ca)
+        for candidate in (files.ca_cert, published / "ca.crt"):
+            if candidate.is_file():
+                print(candidate)  # alone on stdout: REQUESTS_CA_BUNDLE=$(token-broker tls ca)
+                return 0
+        raise BrokerError(
+            f"the local CA certificate {files.ca_cert} does not exist: run `token-broker tls init`"
+        )
+    if not files.ca_cert.is_file() and (published / "ca-bundle.crt").is_file():
+        print(published / "ca-bundle.crt")  # the system service's, kept current by it
         return 0
     bundle = tls.write_bundle(files)
     done = f"wrote {bundle.path}" if bundle.changed else f"{bundle.path} is up to date"

@@ -177,6 +177,16 @@ class ServerSettings(_Model):
     default: str | None = None
     access_log: bool = False
     header_timeout: Duration = Field(10.0, gt=0)  # request headers must arrive within this
+    #: HTTPS listeners that look like Adobe IMS (DESIGN §10), for tools that cannot be told
+    #: to ask a broker; answered from the cache to client keys only.
+    ims_listen: tuple[TcpListen, ...] = ()
+    #: HTTPS listeners of the main API (DESIGN §12's cluster mode).
+    tls_listen: tuple[TcpListen, ...] = ()
+    #: The certificate and key of the HTTPS listeners; default: a leaf of the local CA.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: How long a leaf of the local CA lives; it is renewed at 2/3 of that, in place.
+    tls_leaf_lifetime: Duration = Field(7 * 86400.0, ge=5)
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -185,6 +195,38 @@ class ServerSettings(_Model):
             raise ValueError('expected a list of "HOST:PORT" or "unix:/path" strings')
         remote = bool(info.data.get("allow_remote"))
         return tuple(parse_listen(item, allow_remote=remote) for item in value)
+
+    @field_validator("ims_listen", "tls_listen", mode="before")
+    @classmethod
+    def _https_listen(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError('expected a list of "HOST:PORT" strings')
+        remote = bool(info.data.get("allow_remote"))
+        found = [parse_listen(item, allow_remote=remote) for item in value]
+        if any(isinstance(f, UnixListen) for f in found):
+            raise ValueError("HTTPS listens on TCP (HOST:PORT), not on a unix socket")
+        return tuple(found)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise _KeyError("tls_cert", "tls_cert and tls_key go together (or neither)")
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(self, key)
+            if value is not None and not os.path.isabs(value):
+                raise _KeyError(key, f"expected an absolute path, got {value!r}")
+        https = (*self.ims_listen, *self.tls_listen)
+        if self.tls_cert is None and any(not is_loopback(t.host) for t in https):
+            raise _KeyError(
+                "tls_cert",
+                "a non-loopback HTTPS listener needs tls_cert and tls_key: the local CA "
+                "signs loopback names only (its name constraints)",
+            )
+        bound = [str(x) for x in (*self.listen, *https)]
+        if len(set(bound)) != len(bound):
+            twice = next(b for b in bound if bound.count(b) > 1)
+            raise _KeyError("listen", f"{twice} is named twice (listen, ims_listen, tls_listen)")
+        return self
 
     @field_validator("socket_mode", mode="before")
     @classmethod
@@ -557,6 +599,8 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
     if len(set(paths)) != len(paths):
         twice = next(p for p in paths if paths.count(p) > 1)
         raise ConfigError(f"{source}: [[outputs]] path: {twice} is written by two outputs")
+    if server.ims_listen:
+        _check_ims(credentials, clients, source)
     if server.allow_remote and not clients:
         raise ConfigError(
             f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
@@ -570,6 +614,26 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
     return Settings(
         server=server, credentials=credentials, path=path, clients=clients, outputs=parsed
     )
+
+
+def _check_ims(
+    credentials: dict[str, CredentialSettings], clients: dict[str, ClientSettings], source: str
+) -> None:
+    """The IMS-compatible listener answers client keys, and picks credentials by client_id."""
+    if not clients:
+        raise ConfigError(
+            f"{source}: [server] ims_listen: needs at least one [clients.NAME]: tools there "
+            "present a client key as their client_secret (see `token-broker client add`)"
+        )
+    seen: dict[str, str] = {}
+    for name, cred in credentials.items():
+        if cred.client_id in seen:
+            raise ConfigError(
+                f"{source}: [server] ims_listen: credentials {seen[cred.client_id]!r} and "
+                f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "
+                "must pick one credential"
+            )
+        seen[cred.client_id] = name
 
 
 def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:

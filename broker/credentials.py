@@ -308,6 +308,7 @@ def doctor(path: Path, *, offline: bool) -> list[Check]:
             checks.append(Check(None, text))
         else:
             checks.append(Check(True, f"listen {listen} is loopback-only"))
+    checks += _tls_checks(settings)
     for name, cred in settings.credentials.items():
         try:
             # The daemon's own path (keyring items via its child process): doctor
@@ -327,6 +328,27 @@ def doctor(path: Path, *, offline: bool) -> list[Check]:
         else:
             checks.append(Check(True, f"issuer of {name!r} reachable and the credential accepted"))
     return checks
+
+
+def _tls_checks(settings: config.Settings) -> list[Check]:
+    """The local CA and leaf of the HTTPS listeners, or the tls_cert/tls_key files."""
+    server = settings.server
+    https = (*server.ims_listen, *server.tls_listen)
+    if not https:
+        return []
+    from broker import tls
+
+    if server.tls_cert and server.tls_key:
+        try:
+            info = tls.load_cert_files(server.tls_cert, server.tls_key)
+        except BrokerError as exc:
+            return [Check(False, f"TLS: {exc}")]
+        missing = info.missing(t.host for t in https)
+        if missing:
+            return [Check(False, f"TLS: {server.tls_cert} does not name {', '.join(missing)}")]
+        return [Check(True, f"TLS: {server.tls_cert} is valid and names the HTTPS listeners")]
+    files = tls.TlsFiles.default()
+    return [Check(c.ok, f"TLS: {c.text}") for c in tls.doctor(files, [t.host for t in https])]
 
 
 def _keyring_check(needed: bool) -> Check:

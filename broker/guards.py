@@ -52,13 +52,22 @@ def header_rejection(header: str) -> Rejection:
 
 
 def refusal(
-    scope: Mapping[str, Any], header: bytes | None, *, remote: bool = False
+    scope: Mapping[str, Any],
+    header: bytes | None,
+    *,
+    remote: bool = False,
+    own_address: bool = False,
+    names: frozenset[bytes] = frozenset(),
 ) -> Rejection | None:
     """Return why the request in ``scope`` is refused, or None if it may pass.
 
     ``header`` is the lower-cased name of the required header, or None when
     this route or the configuration does not require it. ``remote`` is the
-    config's ``allow_remote``.
+    config's ``allow_remote``. ``own_address``: ``Host`` may also be the literal
+    address the request arrived on (an HTTPS listener that tools reach as
+    ``127.0.0.2:8443``, say); with ``remote`` it always may. ``names``: host
+    names ``Host`` may also be, for a request that came over TLS with a
+    certificate for them (DNS rebinding cannot present that certificate).
     """
     version = scope["http_version"]  # uvicorn's parser: "0.9" for a line without one
     if version != "1.1" and version != "1.0":
@@ -98,17 +107,22 @@ def refusal(
         elif name == b"x-forwarded-for" or name == b"forwarded":
             return _PROXIED
     if not unix:
-        own = server[0] if remote and server else None
-        if not host_allowed(host, server[1] if server else None, own):
+        own = server[0] if (remote or own_address) and server else None
+        if not host_allowed(host, server[1] if server else None, own, names):
             return _HOST
     if header is not None and (presented is None or not presented.strip()):
         return header_rejection("-".join(w.capitalize() for w in header.decode().split("-")))
     return None
 
 
-def host_allowed(host: bytes | None, port: int | None, own: str | None = None) -> bool:
+def host_allowed(
+    host: bytes | None,
+    port: int | None,
+    own: str | None = None,
+    names: frozenset[bytes] = frozenset(),
+) -> bool:
     """``host`` names loopback (or ``own``, the literal address the request arrived
-    on, in remote mode), with no port or the listen port."""
+    on, or one of ``names``), with no port or the listen port."""
     if not host:
         return False
     host = host.lower()
@@ -121,7 +135,7 @@ def host_allowed(host: bytes | None, port: int | None, own: str | None = None) -
     else:
         name, sep, port_text = host.partition(b":")
         port_text = port_text if sep else None
-    if name not in _LOOPBACK_NAMES and (own is None or name != _literal(own)):
+    if name not in _LOOPBACK_NAMES and (own is None or name != _literal(own)) and name not in names:
         return False
     return port_text is None or (port is not None and port_text == str(port).encode())
 

@@ -17,20 +17,21 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
 
 from broker import systemd
-from broker.api import create_app
+from broker.api import BrokerApp, create_app
 from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen, UnixListen
 from broker.errors import BrokerError
 from broker.logs import Redactor
 from broker.manager import APScheduler, Manager
 from broker.outputs import Outputs
 from broker.providers import issuer_client
-from broker.tokens import Clock
+from broker.tokens import Clock, rfc3339
 
 log = logging.getLogger("broker.server")
 T = TypeVar("T")
@@ -64,9 +65,14 @@ PR_SET_DUMPABLE = 4
 
 def open_listeners(server: ServerSettings) -> list[socket.socket]:
     """Bind every ``listen`` address; raise ConfigError naming the one that failed."""
+    return bind(server.listen, server)
+
+
+def bind(listens: Iterable[Listen], server: ServerSettings) -> list[socket.socket]:
+    """Bind ``listens`` (all or none); raise ConfigError naming the one that failed."""
     sockets: list[socket.socket] = []
     try:
-        for listen in server.listen:
+        for listen in listens:
             sockets.append(_bind(listen, server))
     except BaseException:
         for sock in sockets:
@@ -199,27 +205,122 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def uvicorn_config(app: object, server: ServerSettings | None = None) -> uvicorn.Config:
+def uvicorn_config(
+    app: object,
+    server: ServerSettings | None = None,
+    *,
+    max_body: int = 0,
+    lifespan: str = "on",
+    ssl: object = None,
+) -> uvicorn.Config:
+    """uvicorn's settings for one of the broker's servers.
+
+    ``max_body`` > 0: a listener that reads a small form; ``ssl``: an SSLContext
+    the caller keeps (and renews in place); ``lifespan`` "off" for every server
+    but the main one, whose app starts and stops the manager.
+    """
     from broker.protocol import protocol_class
 
     header_timeout = (server or ServerSettings()).header_timeout
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,  # type: ignore[arg-type]
-        http=protocol_class(header_timeout),  # peer credentials, header deadline and size
+        http=protocol_class(header_timeout, max_body),  # peer, header deadline and size
         proxy_headers=False,  # never rewrite the peer from X-Forwarded-For (DESIGN §7)
         server_header=False,
         date_header=False,
         access_log=False,
         log_config=None,
-        lifespan="on",
+        lifespan=lifespan,  # type: ignore[arg-type]
         ws="none",  # no websocket routes: skip importing a websocket implementation (~MBs)
         timeout_graceful_shutdown=1,
     )
+    if ssl is not None:
+        config.load()
+        config.ssl = ssl  # ours, not files uvicorn would load once: renewed in place
+    return config
+
+
+class Https:
+    """The HTTPS listeners (DESIGN §10, §12): the IMS-compatible ones and the main API over
+    TLS, with one certificate, renewed (local CA) or re-read (user files) in place."""
+
+    def __init__(self, settings: Settings, app: BrokerApp, manager: Manager) -> None:
+        from broker import tls  # cryptography is loaded only when TLS is configured
+        from broker.ims import MAX_FORM, ImsApp
+
+        server = settings.server
+        self.cert = tls.ServerCertificate(
+            server.tls_cert, server.tls_key, self._hosts(settings),
+            leaf_lifetime=server.tls_leaf_lifetime,
+        )  # fmt: skip
+        app.tls_names = self.names()
+        if self.cert.local_ca:
+            if self.cert.files.bundle.exists():
+                tls.write_bundle(self.cert.files)  # refreshed, should the system CAs change
+            if runtime := os.environ.get("RUNTIME_DIRECTORY"):
+                # The system unit's state directory is private to the service; the CA
+                # certificate and bundle are public: other users find them in /run.
+                self.cert.publish(Path(runtime.split(":")[0]))
+        self.servers: list[tuple[Server, list[socket.socket]]] = []
+        if server.ims_listen:
+            ims = ImsApp(manager, app.counters, time.time)
+            config = uvicorn_config(ims, server, max_body=MAX_FORM, lifespan="off",
+                                    ssl=self.cert.context)  # fmt: skip
+            self.servers.append((Server(config), bind(server.ims_listen, server)))
+        if server.tls_listen:
+            config = uvicorn_config(app, server, lifespan="off", ssl=self.cert.context)
+            self.servers.append((Server(config), bind(server.tls_listen, server)))
+        self._app = app
+
+    @staticmethod
+    def _hosts(settings: Settings) -> list[str]:
+        return [t.host for t in (*settings.server.ims_listen, *settings.server.tls_listen)]
+
+    def names(self) -> frozenset[bytes]:
+        """The certificate's DNS names: over TLS a rebinding page could not present them."""
+        return frozenset(n.lower().encode() for n in self.cert.info.dns_names)
+
+    async def serve(self) -> None:
+        for _, sockets in self.servers:
+            for sock in sockets:
+                log.info("listening on %s (HTTPS)", systemd.listen_name(sock))
+        await asyncio.gather(
+            self._renewals(), *(srv.serve(sockets=socks) for srv, socks in self.servers)
+        )
+
+    async def _renewals(self) -> None:
+        from broker.errors import TlsError
+
+        while (when := self.cert.renew_at()) is not None:
+            await asyncio.sleep(max(0.0, when - time.time()))
+            try:
+                info = self.cert.renew()
+            except TlsError as exc:
+                log.error("TLS: the leaf could not be renewed: %s; trying again in 60s", exc)
+                await asyncio.sleep(60)
+                continue
+            log.info("TLS: new leaf certificate, serial %x, valid until %s",
+                     info.serial, rfc3339(info.not_after))  # fmt: skip
+
+    def reloaded(self, settings: Settings) -> None:
+        """Read tls_cert/tls_key again (cert-manager renewed them), or re-issue for new hosts."""
+        from broker.errors import TlsError
+
+        server = settings.server
+        try:
+            self.cert.reload(server.tls_cert, server.tls_key, self._hosts(settings))
+        except TlsError as exc:
+            log.error("reload: TLS certificate not changed: %s", exc)
+        self._app.tls_names = self.names()
+
+    def request_exit(self) -> None:
+        for srv, _ in self.servers:
+            srv.request_exit()
 
 
 def build(
     settings: Settings, *, redactor: Redactor, clock: Clock = time.time
-) -> tuple[object, Manager, Outputs]:
+) -> tuple[BrokerApp, Manager, Outputs]:
     """The ASGI app, its manager and the file outputs for ``settings``.
 
     ``redactor`` is the one the log handlers apply (:func:`broker.logs.setup`):
@@ -313,9 +414,19 @@ async def serve(
     """
     app, manager, outputs = build(settings, redactor=redactor)
     server = Server(uvicorn_config(app, settings.server))
+    https = Https(settings, app, manager) if _wants_https(settings) else None
+    if https is not None:
+        reloaded = manager.on_reload
+
+        def on_reload(done: bool) -> None:
+            reloaded(done)
+            if done:
+                https.reloaded(manager.settings)
+
+        manager.on_reload = on_reload
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _request_exit, server, manager, sig)
+        loop.add_signal_handler(sig, _request_exit, server, https, manager, sig)
     tasks: set[asyncio.Task[None]] = set()
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
@@ -342,6 +453,8 @@ async def serve(
     interval = systemd.watchdog_interval()
     if interval:
         spawn(_watchdog(interval))
+    if https is not None:
+        spawn(https.serve())
     try:
         await server.serve(sockets=sockets)
     finally:
@@ -377,8 +490,16 @@ async def _reload(manager: Manager) -> None:
         pass  # already logged by the manager; the running state stays
 
 
-def _request_exit(server: Server, manager: Manager, sig: signal.Signals) -> None:
+def _wants_https(settings: Settings) -> bool:
+    return bool(settings.server.ims_listen or settings.server.tls_listen)
+
+
+def _request_exit(
+    server: Server, https: Https | None, manager: Manager, sig: signal.Signals
+) -> None:
     log.info("%s received: shutting down", sig.name)
     systemd.notify("STOPPING=1", "STATUS=shutting down")
     server.request_exit()
+    if https is not None:
+        https.request_exit()
     asyncio.get_running_loop().call_later(STOP_WAITING_AFTER, manager.stop_waiting)

@@ -49,7 +49,7 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -811,3 +811,86 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# -- the daemon's certificate -------------------------------------------------------------
+
+
+class ServerCertificate:
+    """The certificate the daemon's HTTPS listeners present, kept current without a restart.
+
+    With ``[server] tls_cert``/``tls_key`` (e.g. cert-manager's), those files,
+    read again on reload. Otherwise a leaf of the local CA for localhost,
+    127.0.0.1, ::1 and the HTTPS listen addresses: the CA is created if there is
+    none yet, and a leaf is issued at start and renewed at 2/3 of its life
+    (:meth:`renew_at`). Renewal and reload change the one SSLContext the
+    listeners use, in place: new handshakes see the new certificate, open
+    connections keep theirs.
+    """
+
+    def __init__(
+        self,
+        cert_file: str | None,
+        key_file: str | None,
+        hosts: Iterable[str],
+        *,
+        leaf_lifetime: float = LEAF_LIFETIME,
+        files: TlsFiles | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.files = files or TlsFiles.default()
+        self._clock = clock
+        self._hosts = list(hosts)
+        self._lifetime = leaf_lifetime
+        self._user = (cert_file, key_file) if cert_file and key_file else None
+        self.info = self._current()
+        self.context = server_context(*self._chain())
+
+    @property
+    def local_ca(self) -> bool:
+        """True when the certificate is a leaf of the broker's own CA."""
+        return self._user is None
+
+    def renew_at(self) -> float | None:
+        """When the leaf is due (None for user files: cert-manager renews those)."""
+        return self.info.renew_at(self._clock()) if self.local_ca else None
+
+    def renew(self) -> CertInfo:
+        """Issue a new leaf and make new handshakes present it."""
+        self.info = issue_leaf(self.files, self._hosts, now=self._clock(), lifetime=self._lifetime)
+        reload_cert_chain(self.context, *self._chain())
+        return self.info
+
+    def reload(self, cert_file: str | None, key_file: str | None, hosts: Iterable[str]) -> None:
+        """Take a reloaded config's files (or hosts): read them again, in place."""
+        self._user = (cert_file, key_file) if cert_file and key_file else None
+        self._hosts = list(hosts)
+        self.info = self._current()
+        reload_cert_chain(self.context, *self._chain())
+
+    def publish(self, directory: Path) -> None:
+        """Copy the CA certificate and the CA bundle (public) where other users can read
+        them: the system unit's state directory is private to the service."""
+        if not self.local_ca:
+            return
+        bundle = write_bundle(self.files)
+        for source, name in ((self.files.ca_cert, "ca.crt"), (bundle.path, "ca-bundle.crt")):
+            target = directory / name
+            content = source.read_bytes()
+            try:
+                if target.read_bytes() == content:
+                    continue
+            except FileNotFoundError:
+                pass
+            _write_file(target, content, 0o644)
+
+    def _current(self) -> CertInfo:
+        if self._user is not None:
+            return load_cert_files(*self._user, now=self._clock())
+        init_ca(self.files, now=self._clock())  # the daemon runs `tls init` itself if need be
+        return ensure_leaf(self.files, self._hosts, now=self._clock(), lifetime=self._lifetime)
+
+    def _chain(self) -> tuple[str, str | None]:
+        if self._user is not None:
+            return self._user[0], self._user[1]  # type: ignore[return-value]
+        return str(self.files.leaf), None

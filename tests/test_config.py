@@ -267,3 +267,23 @@ def test_config_not_found_names_every_path_looked_in(tmp_path, monkeypatch):
         f"config file not found: looked in {tmp_path}/xdg/token-broker/config.toml, "
         "/etc/token-broker/config.toml (pass --config PATH or set TOKEN_BROKER_CONFIG)"
     )
+
+
+def test_https_listeners_are_validated(tmp_path):
+    cred = "[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\n"
+    client = "[clients.c]\nkey_sha256 = '" + "a" * 64 + "'\ncredentials = ['*']\n"
+    for server, expected in (
+        ("ims_listen = ['127.0.0.1:8443']", "[server] ims_listen: needs at least one [clients"),
+        ("ims_listen = ['unix:/x.sock']", "HTTPS listens on TCP"),
+        ("ims_listen = ['0.0.0.0:8443']", "loopback is required"),
+        ("tls_cert = '/a.pem'", "[server] tls_cert: tls_cert and tls_key go together"),
+        ("tls_listen = ['127.0.0.1:8765']", "127.0.0.1:8765 is named twice"),
+        ("tls_leaf_lifetime = '1s'", "[server] tls_leaf_lifetime"),
+    ):
+        text = f"[server]\n{server}\n{cred}" + (client if "ims" not in server[:3] else "")
+        assert expected in error_of(tmp_path, text), server
+    twice = cred + cred.replace("credentials.a", "credentials.b") + client
+    text = f"[server]\nims_listen = ['127.0.0.1:8443']\n{twice}"
+    assert "credentials 'a' and 'b' share the client_id 'x'" in error_of(tmp_path, text)
+    remote = "[server]\nallow_remote = true\ntls_listen = ['10.0.0.1:8443']\n" + cred + client
+    assert "a non-loopback HTTPS listener needs tls_cert and tls_key" in error_of(tmp_path, remote)

@@ -45,6 +45,7 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         other_issuer: IssuerThread | None = None,
         args: tuple[str, ...] = (),
         listen: tuple[str, ...] = (),
+        scopes: tuple[str, ...] = ("openid", "AdobeID"),
     ) -> Running:
         secret = new_secret()
         secret_file = tmp_path / f"secret-{len(started)}"
@@ -72,7 +73,7 @@ listen = {json.dumps([f"127.0.0.1:{port}", *listen])}
 [credentials.main]
 provider = "{provider}"
 client_id = "broker-client"
-scopes = ["openid", "AdobeID"]
+scopes = {json.dumps(list(scopes))}
 secret = "file:{secret_file}"
 {where}
 {credential}

@@ -10,7 +10,7 @@ two calls. Commands:
     {"op": "connect", "org": ORG, "endpoint": URL, "auth": "s2s", "client_id": ...,
      "client_secret": ..., "auth_host": "127.0.0.1:PORT"}     (UST's own OAuthS2S)
     {"op": "users"} | {"op": "user", "email": E} | {"op": "add_to_group", "email": E,
-     "group": G}
+     "group": G} | {"op": "auth_token"}  (the s2s auth's own token request, once)
     {"op": "quit"}
 
 Answers: {"ok": true, "result": ...} or {"ok": false, "error": TYPE, "message": TEXT}.
@@ -27,6 +27,7 @@ def main() -> int:
     import umapi_client
 
     conn: Any = None
+    auth: Any = None
     for line in sys.stdin:
         command = json.loads(line)
         op = command["op"]
@@ -35,7 +36,11 @@ def main() -> int:
                 break
             if op == "connect":
                 conn = connect(umapi_client, command)
+                auth = conn.auth
                 result: Any = True
+            elif op == "auth_token":  # the auth's own token request, without the retries
+                auth.refresh_token()  # that umapi-client wraps around API calls
+                result = bool(auth.token)
             elif op == "users":
                 result = [u["email"] for u in umapi_client.UsersQuery(conn).all_results()]
             elif op == "user":
@@ -60,7 +65,7 @@ def connect(umapi_client: Any, command: dict[str, Any]) -> Any:
 
         auth: Any = BrokerAuth(command.get("name"), broker=TokenBroker(command["broker"]))
     else:
-        auth = umapi_client.auth.OAuthS2S(
+        auth = umapi_client.OAuthS2S(
             command["client_id"], command["client_secret"], auth_host=command["auth_host"]
         )
     return umapi_client.Connection(command["org"], auth=auth, endpoint=command["endpoint"])

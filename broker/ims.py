@@ -1,0 +1,207 @@
+"""The IMS-compatible endpoint (DESIGN §10): the broker looks like Adobe IMS to tools
+that cannot be told to ask a broker (the User Sync Tool, umapi-client scripts).
+
+Only ``POST /ims/token/v2`` and ``/ims/token/v3`` (with or without a trailing
+slash) are served, on their own HTTPS listeners; everything else is 404. The
+form is IMS's: ``grant_type=client_credentials``, ``client_id``,
+``client_secret``, ``scope``. The ``client_id`` picks the credential; the
+``client_secret`` must be a broker **client key** allowed to read it (the Adobe
+secret itself is refused like any wrong key). The answer comes from the cache,
+with single flight: never an issuer call per request. Errors are IMS's own
+shape, ``{"error", "error_description"}``.
+
+The same guards as the main listener apply (Host, incl. the listen address;
+browsers; proxies; duplicate headers; HTTP/1.x), but not the ``X-Token-Broker``
+header (these tools cannot add it: the client key is the proof). The body is a
+small form bounded by the protocol (:class:`broker.protocol.FormProtocol`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from broker import access, guards
+from broker.errors import BrokerError, TokenUnavailable
+from broker.manager import Manager
+from broker.metrics import RequestCounters
+from broker.tokens import Clock
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+PATHS = frozenset({"/ims/token/v2", "/ims/token/v2/", "/ims/token/v3", "/ims/token/v3/"})
+FORM = b"application/x-www-form-urlencoded"
+#: The largest form accepted: IMS's four fields fit in a few hundred bytes.
+MAX_FORM = 8 * 1024
+
+
+class ImsError(Exception):
+    """An answer in IMS's error shape."""
+
+    def __init__(
+        self, status: int, error: str, description: str, rule: str, *, retry_after: int = 0
+    ) -> None:
+        super().__init__(description)
+        self.status, self.error, self.description = status, error, description
+        self.rule = rule  # the rejected-requests metric's reason
+        self.retry_after = retry_after
+
+
+class ImsApp:
+    """The ASGI app of the IMS-compatible listeners, answering from ``manager``'s cache."""
+
+    def __init__(self, manager: Manager, counters: RequestCounters, clock: Clock) -> None:
+        self.manager = manager
+        self.counters = counters
+        self.clock = clock
+        self._settings = manager.settings
+        self._rules = access.Access(manager.settings)
+        self._by_client_id = _by_client_id(manager)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan: the main listener's app starts and stops the manager
+        if self.manager.settings is not self._settings:  # a reload happened
+            self._settings = self.manager.settings
+            self._rules = access.Access(self.manager.settings)
+            self._by_client_id = _by_client_id(self.manager)
+        remote = self._settings.server.allow_remote
+        rejection = guards.refusal(scope, None, remote=remote, own_address=True)
+        if rejection is not None:
+            self.counters.rejected[rejection.rule] += 1
+            await _reply(
+                send,
+                rejection.status,
+                {"error": rejection.error, "error_description": rejection.detail},
+            )
+            return
+        try:
+            body = await self._token(scope, receive)
+        except ImsError as exc:
+            self.counters.rejected[exc.rule] += 1
+            headers = [(b"retry-after", b"%d" % exc.retry_after)] if exc.retry_after else []
+            body = {"error": exc.error, "error_description": exc.description}
+            await _reply(send, exc.status, body, headers)
+            return
+        await _reply(send, 200, body)
+
+    async def _token(self, scope: Scope, receive: Receive) -> dict[str, object]:
+        if scope["path"] not in PATHS:
+            raise ImsError(
+                404, "not_found", "only POST /ims/token/v2 and /v3 are served here", "ims_path"
+            )
+        if scope["method"] != "POST":
+            raise ImsError(405, "invalid_request", "use POST", "ims_form")
+        form = await _form(scope, receive)
+        if form.get("grant_type") != "client_credentials":
+            raise ImsError(
+                400,
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is served",
+                "ims_grant",
+            )
+        name = self._by_client_id.get(form.get("client_id", ""))
+        key = form.get("client_secret", "").encode()
+        client = self._rules.client_of(key) if key else None
+        # One answer for an unknown client_id, a wrong key and a key of another client: no
+        # probing for names or keys. The Adobe secret is not a client key: refused alike.
+        if name is None or client is None or not _may_read(client, name):
+            raise ImsError(401, "invalid_client", "invalid client_id or client_secret", "bad_key")
+        cred = self.manager.credentials[name].settings
+        if cred.peer_restricted:
+            raise ImsError(
+                401,
+                "invalid_client",
+                f"{name!r} is served only on the broker's unix socket",
+                "peer",
+            )
+        asked = [s.strip() for s in form.get("scope", "").replace(" ", ",").split(",")]
+        missing = [s for s in asked if s and s not in cred.scopes]
+        if missing:
+            raise ImsError(
+                400,
+                "invalid_scope",
+                f"scope not granted to this credential: {', '.join(missing)}",
+                "ims_scope",
+            )
+        token = self.manager.cached(name)
+        if token is None:
+            try:
+                token = await self.manager.token(name)
+            except TokenUnavailable as exc:
+                self.counters.tokens[(name, "unavailable")] += 1
+                raise ImsError(
+                    503,
+                    "temporarily_unavailable",
+                    str(exc),
+                    "unavailable",
+                    retry_after=math.ceil(exc.retry_after),
+                ) from None
+            except BrokerError as exc:  # an unknown name cannot happen: picked above
+                raise ImsError(
+                    503, "temporarily_unavailable", str(exc), "unavailable", retry_after=1
+                ) from None
+        self.counters.tokens[(name, "ok")] += 1
+        return {
+            "access_token": token.access_token,
+            "token_type": "bearer",
+            "expires_in": max(0, math.floor(token.expires_at - self.clock())),
+        }
+
+
+def _by_client_id(manager: Manager) -> dict[str, str]:
+    return {c.client_id: name for name, c in manager.settings.credentials.items()}
+
+
+def _may_read(client: Any, name: str) -> bool:
+    return client.credentials is None or name in client.credentials
+
+
+async def _form(scope: Scope, receive: Receive) -> dict[str, str]:
+    """The request's form fields; a field given twice, or another body, is invalid_request."""
+    content_type = b""
+    for header, value in scope["headers"]:
+        if header == b"content-type":
+            content_type = value.split(b";")[0].strip().lower()
+    if content_type != FORM:
+        raise ImsError(
+            400, "invalid_request", "expected an application/x-www-form-urlencoded body", "ims_form"
+        )
+    body = b""
+    while True:  # bounded: the protocol refuses a body over its max_body before it is read
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > MAX_FORM:
+            raise ImsError(413, "invalid_request", "form too large", "ims_form")
+        if not message.get("more_body"):
+            break
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise ImsError(400, "invalid_request", "the form is not UTF-8", "ims_form") from None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        if key in form:
+            raise ImsError(400, "invalid_request", f"the field {key!r} is given twice", "ims_form")
+        form[key] = value
+    return form
+
+
+async def _reply(
+    send: Send, status: int, body: dict[str, object], extra: list[tuple[bytes, bytes]] = ()
+) -> None:  # type: ignore[assignment]
+    data = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json;charset=utf-8"),
+        (b"content-length", str(len(data)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})

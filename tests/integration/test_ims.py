@@ -1,0 +1,260 @@
+"""The IMS-compatible HTTPS endpoint against the broker as a process (DESIGN §10).
+
+Adobe's umapi-client (in an environment of its own, as the User Sync Tool has
+it) posts to the broker as if it were IMS, with a broker client key as its
+client_secret and REQUESTS_CA_BUNDLE naming the broker's bundle; the other
+cases speak to the endpoint with httpx over TLS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import HEADERS, free_port, wait_for
+from standin import StandInApi
+from ust import Umapi
+
+from broker.access import new_key
+
+ORG = "ABC@AdobeOrg"
+
+
+@dataclass
+class Ims:
+    broker: object  # the start_broker Running
+    port: int
+    url: str
+    key: str
+    state: Path  # XDG_STATE_HOME of the broker: its local CA lives there
+    env: dict[str, str]
+
+    def ca(self, *args: str) -> str:
+        """`token-broker tls ca [--bundle]` as the broker's user: the path it prints."""
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "tls", "ca", *args],
+            capture_output=True, text=True, env=self.env, check=True, timeout=60,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=self.ca()))
+
+    def form(self, **fields: str) -> dict[str, str]:
+        return {
+            "grant_type": "client_credentials",
+            "client_id": "broker-client",
+            "client_secret": self.key,
+            "scope": "openid,AdobeID,user_management_sdk",
+            **fields,
+        }
+
+
+def start_ims(start_broker, tmp_path: Path, *, extra_server: str = "", **kw) -> Ims:  # type: ignore[no-untyped-def]
+    import os
+
+    key = new_key()
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    port = free_port()
+    state = tmp_path / "state"
+    env = {**os.environ, "XDG_STATE_HOME": str(state)}
+    broker = start_broker(
+        server=f'ims_listen = ["127.0.0.1:{port}"]\n{extra_server}',
+        scopes=("openid", "AdobeID", "user_management_sdk"),
+        extra=f'[clients.ust]\nkey_sha256 = "{digest}"\ncredentials = ["main"]\n',
+        env={"XDG_STATE_HOME": str(state)},
+        **kw,
+    )
+    if kw.get("wait", True):  # the first token is in: issuer calls counted from here
+        wait_for(lambda: httpx.get(broker.url + "/readyz").status_code == 200, what="ready")
+    return Ims(broker, port, f"https://127.0.0.1:{port}", key, state, env)
+
+
+@pytest.fixture
+def ims(start_broker, tmp_path) -> Ims:
+    return start_ims(start_broker, tmp_path)
+
+
+@pytest.fixture
+def api(issuer) -> Iterator[StandInApi]:
+    stand_in = StandInApi(lambda: issuer.issuer.issued, "broker-client", ORG).start()
+    yield stand_in
+    stand_in.stop()
+
+
+def test_umapi_clients_own_oauth_s2s_gets_the_brokers_token(ims, api, issuer):
+    """The User Sync Tool's way in: OAuthS2S(client_id, <client key>, auth_host=broker)."""
+    bundle = ims.ca("--bundle")
+    calls = issuer.issuer.calls
+    with Umapi(env={"REQUESTS_CA_BUNDLE": bundle}) as umapi:
+        umapi.result("connect", org=ORG, endpoint=api.endpoint, auth="s2s",
+                     client_id="broker-client", client_secret=ims.key,
+                     auth_host=f"127.0.0.1:{ims.port}")  # fmt: skip
+        assert umapi.result("users") == ["ada@example.com"]
+        assert umapi.result("user", email="bob@example.com") == "bob@example.com"
+    served = httpx.get(
+        ims.broker.url + "/token",  # type: ignore[attr-defined]
+        headers={**HEADERS, "Authorization": f"Bearer {ims.key}"},
+    ).text
+    assert api.accepted() and set(api.accepted()) == {served}  # the broker's cached token
+    assert issuer.issuer.calls == calls  # answered from the cache
+
+
+def test_a_wrong_key_fails_with_umapi_clients_own_error(ims, api):
+    bundle = ims.ca("--bundle")
+    for secret in ("tbk_not-a-key", ims.broker.secret):  # type: ignore[attr-defined]
+        with Umapi(env={"REQUESTS_CA_BUNDLE": bundle}) as umapi:
+            umapi.result("connect", org=ORG, endpoint=api.endpoint, auth="s2s",
+                         client_id="broker-client", client_secret=secret,
+                         auth_host=f"127.0.0.1:{ims.port}")  # fmt: skip
+            answer = umapi.call("users")
+        assert answer["ok"] is False and answer["error"] == "RuntimeError", answer
+        assert "Response Code: 401" in answer["message"] and "invalid_client" in answer["message"]
+        assert secret not in answer["message"]
+    # The Adobe secret presented as a client key is refused like any wrong key, unlogged.
+    assert ims.broker.secret not in ims.broker.proc.output()  # type: ignore[attr-defined]
+
+
+def test_without_the_brokers_ca_the_handshake_fails(ims, api):
+    with Umapi() as umapi:  # requests' own trust store: certifi's
+        umapi.result("connect", org=ORG, endpoint=api.endpoint, auth="s2s",
+                     client_id="broker-client", client_secret=ims.key,
+                     auth_host=f"127.0.0.1:{ims.port}")  # fmt: skip
+        answer = umapi.call("auth_token")  # the handshake itself, without umapi's retries
+    assert answer["ok"] is False and answer["error"] == "SSLError", answer
+    assert "CERTIFICATE_VERIFY_FAILED" in answer["message"]
+
+
+@pytest.mark.parametrize("path", ["/ims/token/v2", "/ims/token/v2/", "/ims/token/v3",
+                                  "/ims/token/v3/"])  # fmt: skip
+def test_both_versions_with_and_without_the_slash(ims, path):
+    with ims.client() as c:
+        r = c.post(path, data=ims.form())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"access_token", "token_type", "expires_in"}
+    assert body["token_type"] == "bearer" and 3590 <= body["expires_in"] <= 3600
+    assert r.headers["cache-control"] == "no-store"
+
+
+def test_errors_in_ims_shape(ims):
+    with ims.client() as c:
+        cases = [
+            (c.post("/ims/token/v3", data=ims.form(client_secret="tbk_wrong")), 401,
+             "invalid_client"),
+            (c.post("/ims/token/v3", data=ims.form(client_id="nobody")), 401, "invalid_client"),
+            (c.post("/ims/token/v3", data={k: v for k, v in ims.form().items()
+                                           if k != "client_secret"}), 401, "invalid_client"),
+            (c.post("/ims/token/v3", data=ims.form(grant_type="password")), 400,
+             "unsupported_grant_type"),
+            (c.post("/ims/token/v3", data=ims.form(scope="openid,read_organizations,x")), 400,
+             "invalid_scope"),
+            (c.post("/ims/token/v3", content=b"client_id=a&client_id=b",
+                    headers={"content-type": "application/x-www-form-urlencoded"}), 400,
+             "invalid_request"),
+            (c.post("/ims/token/v3", json=ims.form()), 400, "invalid_request"),
+        ]  # fmt: skip
+        for r, status, error in cases:
+            assert r.status_code == status, r.text
+            assert set(r.json()) == {"error", "error_description"} and r.json()["error"] == error
+        scope = c.post("/ims/token/v3", data=ims.form(scope="openid,read_organizations,x"))
+        assert scope.json()["error_description"].endswith("read_organizations, x")
+        for path in ("/token", "/v1/credentials", "/healthz", "/metrics", "/ims/token/v1"):
+            assert c.get(path, headers=HEADERS).status_code == 404  # nothing else here
+            assert c.post(path, headers=HEADERS, data=ims.form()).status_code == 404
+
+
+def test_guards_apply_but_not_the_x_token_broker_header(ims):
+    with ims.client() as c:
+        ok = c.post("/ims/token/v3", data=ims.form(), headers={"Host": f"127.0.0.1:{ims.port}"})
+        assert ok.status_code == 200
+        for headers, status in (
+            ({"Host": "evil.example"}, 403),
+            ({"Origin": "https://evil.example"}, 403),
+            ({"Sec-Fetch-Site": "cross-site"}, 403),
+            ({"X-Forwarded-For": "10.0.0.1"}, 403),
+        ):
+            r = c.post("/ims/token/v3", data=ims.form(), headers=headers)
+            assert r.status_code == status, (headers, r.text)
+
+
+def test_no_servable_token_is_503_temporarily_unavailable(start_broker, issuer, tmp_path):
+    issuer.issuer.mode = "error500"
+    ims = start_ims(start_broker, tmp_path, wait=False)
+    ims.broker.proc.wait_healthy(ims.broker.url)  # type: ignore[attr-defined]
+    wait_for(lambda: (ims.state / "token-broker" / "leaf.pem").exists(), what="the leaf")
+    with ims.client() as c:
+        r = c.post("/ims/token/v3", data=ims.form())
+    assert r.status_code == 503 and r.json()["error"] == "temporarily_unavailable"
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_a_thousand_requests_from_fifty_fresh_tls_connections_cost_no_issuer_call(ims, issuer):
+    calls = issuer.issuer.calls
+    context = ssl.create_default_context(cafile=ims.ca())
+    failures: list[str] = []
+
+    def connection() -> None:
+        with httpx.Client(base_url=ims.url, verify=context) as c:  # a new TLS connection
+            for _ in range(20):
+                r = c.post("/ims/token/v3", data=ims.form())
+                if r.status_code != 200:
+                    failures.append(r.text)
+
+    threads = [threading.Thread(target=connection) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert issuer.issuer.calls == calls
+
+
+def serial_of(port: int, cafile: str) -> int:
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).serial_number  # type: ignore[arg-type]
+
+
+def test_the_leaf_is_renewed_without_a_restart_and_serving_goes_on(start_broker, tmp_path):
+    ims = start_ims(start_broker, tmp_path, extra_server='tls_leaf_lifetime = "9s"')
+    cafile = ims.ca()
+    first = serial_of(ims.port, cafile)
+    failures: list[str] = []
+    served = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal served
+        with ims.client() as c:
+            while not stop.is_set():
+                r = c.post("/ims/token/v3", data=ims.form())
+                served += 1
+                if r.status_code != 200:
+                    failures.append(r.text)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        second = wait_for(
+            lambda: (s := serial_of(ims.port, cafile)) != first and s, timeout=20,
+            what="a new leaf (renewed at 2/3 of 9 s)",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        worker.join()
+    assert second != first and failures == [] and served > 10
+    assert "new leaf certificate" in ims.broker.proc.output()  # type: ignore[attr-defined]
