@@ -267,9 +267,9 @@ def ims(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -
     try:
         wait_ready(plain_port)
         wait_ready(port)
-        wrk(port, "/token", 50, 2)  # warm-up
+        wrk(plain_port, "/token", 50, 2)  # warm-up
         wrk(ims_port, "/ims/token/v3", 50, 2, scheme="https", script=scripts["keep"])
-        token = wrk(port, "/token", 50, args.duration)
+        token = wrk(plain_port, "/token", 50, args.duration)  # this broker has no client keys
         keep = wrk(ims_port, "/ims/token/v3", 50, args.duration, scheme="https",
                    script=scripts["keep"])  # fmt: skip
         close = wrk(ims_port, "/ims/token/v3", 10, args.duration, scheme="https",
