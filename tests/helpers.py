@@ -292,8 +292,14 @@ class TcpGate:
         self._loop.close()
 
 
-def make_ca_and_leaf(directory: Path, name: str = "test") -> tuple[Path, Path, Path]:
-    """A throwaway CA and a leaf for 127.0.0.1/localhost it signed: (ca.pem, leaf.pem, key.pem).
+def make_ca_and_leaf(
+    directory: Path,
+    name: str = "test",
+    *,
+    ips: tuple[str, ...] = ("127.0.0.1",),
+    dns: tuple[str, ...] = ("localhost",),
+) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a leaf it signed for ``ips`` and ``dns``: (ca.pem, leaf.pem, key.pem).
 
     For tests of issuers behind a private CA (the broker's own local CA is broker.tls).
     """
@@ -325,8 +331,8 @@ def make_ca_and_leaf(directory: Path, name: str = "test") -> tuple[Path, Path, P
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = build(f"{name} CA", f"{name} CA", ca_key, ca_key, ca=True)
     leaf_key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    leaf = build("127.0.0.1", f"{name} CA", leaf_key, ca_key, ca=False, sans=sans)
+    sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    leaf = build(ips[0], f"{name} CA", leaf_key, ca_key, ca=False, sans=sans)
     pem = serialization.Encoding.PEM
     paths = directory / f"{name}-ca.pem", directory / f"{name}-leaf.pem", directory / f"{name}.key"
     paths[0].write_bytes(ca.public_bytes(pem))

@@ -1,4 +1,5 @@
-"""A non-loopback listen with allow_remote, in a network namespace this test creates."""
+"""Remote peers, in network namespaces this test creates: a non-loopback listen with
+allow_remote, and the cluster mode's main API over TLS to a client in another namespace."""
 
 from __future__ import annotations
 
@@ -31,4 +32,4 @@ def test_remote_peers_need_allow_remote_and_a_client_key():
         cwd=HERE.parent.parent,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 passed" in done.stdout, done.stdout
+    assert "3 passed" in done.stdout, done.stdout
