@@ -23,10 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import access, guards
 from broker.config import Settings
+from broker.console import Cycler
 from broker.errors import (
     AccessDenied,
     BrokerError,
     ConfigError,
+    CycleError,
     IssuerError,
     RefreshCooldown,
     SecretError,
@@ -66,6 +68,11 @@ def error_body(exc: BrokerError) -> tuple[int, dict[str, object], dict[str, str]
     if isinstance(exc, RefreshCooldown):
         headers["Retry-After"] = str(math.ceil(exc.retry_after))
         return 429, {"error": "refresh_cooldown", "detail": str(exc)}, headers
+    if isinstance(exc, CycleError):
+        status = {"conflict": 409, "busy": 409}.get(exc.outcome, 502)
+        body = {"error": f"cycle_{exc.outcome}", "detail": str(exc),
+                "x_request_id": exc.request_id}  # fmt: skip
+        return status, body, headers
     if isinstance(exc, IssuerError):
         return 502, {"error": "issuer_error", "detail": exc.summary()}, headers
     if isinstance(exc, SecretError):
@@ -228,9 +235,12 @@ def _dump(body: dict[str, object]) -> bytes:
     return json.dumps(body).encode()
 
 
-def status_json(credential: Credential, now: float, default: str | None) -> dict[str, object]:
-    """The status JSON of DESIGN §4: no secret, no token."""
+def status_json(
+    credential: Credential, now: float, default: str | None, cycler: Cycler | None = None
+) -> dict[str, object]:
+    """The status JSON of DESIGN §4: no secret, no token; with secret cycling, its state."""
     cred, token = credential.settings, credential.token
+    cycling = cycler.status.get(cred.name) if cycler is not None else None
     return {
         "name": cred.name,
         "provider": cred.provider,
@@ -241,28 +251,34 @@ def status_json(credential: Credential, now: float, default: str | None) -> dict
         "refreshed_at": rfc3339(credential.refreshed_at),
         "next_refresh_at": rfc3339(credential.next_refresh_at),
         "last_error": credential.last_error.as_json() if credential.last_error else None,
+        "secret_cycling": cycling.as_json(cred, now) if cycling is not None else None,  # type: ignore[arg-type]
     }
 
 
-def gauges(manager: Manager, now: float) -> list[Gauges]:
+def gauges(manager: Manager, now: float, cycler: Cycler | None = None) -> list[Gauges]:
     """Each credential's current values for a metrics scrape."""
+    ages = cycler.secret_ages(now) if cycler is not None else {}
     return [
         Gauges(
             name,
             c.state(now),
             c.token.expires_at - now if c.token is not None else None,
             c.refreshed_at,
+            ages.get(name),
         )
         for name, c in manager.credentials.items()
     ]
 
 
-def create_app(manager: Manager, *, clock: Clock) -> BrokerApp:
-    """Build the ASGI app around ``manager``; its lifespan starts and stops the manager."""
+def create_app(manager: Manager, *, clock: Clock, cycler: Cycler | None = None) -> BrokerApp:
+    """Build the ASGI app around ``manager``; its lifespan starts and stops the manager
+    (and the secret cycling beside it)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await manager.start()
+        if cycler is not None:
+            cycler.start()
         try:
             yield
         finally:
@@ -291,7 +307,7 @@ def create_app(manager: Manager, *, clock: Clock) -> BrokerApp:
         return name
 
     def status(credential: Credential) -> dict[str, object]:
-        return status_json(credential, clock(), manager.default)
+        return status_json(credential, clock(), manager.default, cycler)
 
     @api.get("/v1/credentials")
     async def list_credentials(request: Request) -> list[dict[str, object]]:
@@ -326,6 +342,15 @@ def create_app(manager: Manager, *, clock: Clock) -> BrokerApp:
     async def force_refresh(request: Request, name: str) -> dict[str, object]:
         return status(await manager.force_refresh(allowed(request, name)))
 
+    @api.post("/v1/credentials/{name}/rotate")
+    async def rotate(request: Request, name: str) -> dict[str, object]:
+        # Changes a secret at Adobe: as much an administrator's act as a reload.
+        app.rules().authorize_reload(request.scope)
+        if cycler is None:
+            raise CycleError("error", "this daemon does not cycle secrets")
+        result = await cycler.rotate(manager.get(name).settings.name)
+        return {**result.as_json(), "credential": name, "status": status(manager.get(name))}
+
     @api.post("/v1/reload")
     async def reload(request: Request) -> dict[str, list[str]]:
         app.rules().authorize_reload(request.scope)
@@ -351,7 +376,7 @@ def create_app(manager: Manager, *, clock: Clock) -> BrokerApp:
 
     @api.get("/metrics")
     async def metrics() -> Response:
-        text = render(manager.recorder, counters, gauges(manager, clock()))
+        text = render(manager.recorder, counters, gauges(manager, clock(), cycler))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app

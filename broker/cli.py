@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
     from broker.client import TokenBroker
@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--listen", default="127.0.0.1:8765", help="default 127.0.0.1:8765")
     demo.add_argument(
+        "--rotate-every",
+        metavar="DURATION",
+        help='cycle the demo secret this often, e.g. "30s" (DESIGN §11)',
+    )
+    demo.add_argument(
         "--lifetime", type=float, default=120.0, help="demo token lifetime in seconds"
     )
     token = sub.add_parser("token", parents=[config, daemon], help="print a token from the daemon")
@@ -110,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     step = rot.add_mutually_exclusive_group()
     step.add_argument("--finish", action="store_true", help="drop the old secret")
     step.add_argument("--abort", action="store_true", help="drop the new secret")
+    step.add_argument(
+        "--auto",
+        action="store_true",
+        help="cycle the secret through Adobe's I/O Management API now (by the daemon if one "
+        "runs with this config, else here)",
+    )
     sub.add_parser(
         "reload",
         parents=[config, daemon, json_flag],
@@ -254,13 +265,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from broker import demo, logs, server
+    from broker.config import parse_duration
 
     if args.lifetime < 2:
         print("token-broker: --lifetime must be at least 2 seconds", file=sys.stderr)
         return 2
+    rotate_every = None
+    if args.rotate_every is not None:
+        try:
+            rotate_every = parse_duration(args.rotate_every)
+        except ValueError as exc:
+            print(f"token-broker: --rotate-every: {exc}", file=sys.stderr)
+            return 2
+        if rotate_every < 5:
+            print("token-broker: --rotate-every must be at least 5 seconds", file=sys.stderr)
+            return 2
     redactor = logs.Redactor()
     logs.setup(redactor, args.log_format)
-    return server.run(demo.run(args.listen, args.lifetime, redactor))
+    return server.run(demo.run(args.listen, args.lifetime, redactor, rotate_every))
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -280,15 +302,33 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [("NAME", "PROVIDER", "STATE", "EXPIRES_AT", "LAST_ERROR")]
+    cycling = any(row.get("secret_cycling") for row in rows)
+    head = ["NAME", "PROVIDER", "STATE", "EXPIRES_AT"]
+    table = [(*head, *(("SECRET_AGE", "NEXT_CYCLE") if cycling else ()), "LAST_ERROR")]
     for row in rows:
         err = row.get("last_error") or {}
         last = f"{err.get('error')}: {err.get('description')}" if err else "-"
-        table.append((row["name"], row["provider"], row["state"], row["expires_at"] or "-", last))
-    widths = [max(len(str(r[i])) for r in table) for i in range(4)]
+        cells = [row["name"], row["provider"], row["state"], row["expires_at"] or "-"]
+        if cycling:
+            cyc = row.get("secret_cycling") or {}
+            age = cyc.get("secret_age_seconds")
+            cells += [_age(age) if age is not None else "-", cyc.get("next_cycle_at") or "-"]
+            if cyc.get("last_error") and not err:  # a failed cycle, reported like a refresh
+                last = f"cycle {cyc['last_error']['outcome']}: {cyc['last_error']['detail']}"
+        table.append((*cells, last))
+    columns = len(table[0]) - 1
+    widths = [max(len(str(r[i])) for r in table) for i in range(columns)]
     for r in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0
+
+
+def _age(seconds: float) -> str:
+    """A secret's age in the largest whole unit: 45s, 12m, 5h, 83d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def _daemon(
@@ -331,10 +371,16 @@ def _config_address(args: argparse.Namespace) -> tuple[str | None, dict[str, str
 
 
 def _ask_daemon(
-    args: argparse.Namespace, path: str, method: str = "GET", *, from_config: bool = False
+    args: argparse.Namespace,
+    path: str,
+    method: str = "GET",
+    *,
+    from_config: bool = False,
+    timeout: float = 5.0,
 ) -> Any:
     """One request to the running daemon (BrokerUnavailable if it cannot be reached)."""
     broker, extra = _daemon(args, from_config=from_config)
+    broker.timeout = timeout
     with broker:
         return broker.request(method, path, headers=extra)
 
@@ -478,14 +524,33 @@ def _import(args: argparse.Namespace) -> int:
     )
     note = _reload_daemon(args)
     deleted = _offer_delete(args, path)
+    cycling = {a.name: _cycling_note(c) for a, c in zip(done, found, strict=True)}
     _out(
         args,
         {"imported": [a.name for a in done], "skipped": refused, "file_deleted": deleted,
-         "daemon": note},
-        "\n".join(f"imported {a.name} ({a.secrets_stored} secret(s) to the keyring)"
-                  for a in done) + f"\n{note}",
+         "daemon": note, "secret_cycling": {n: t for n, (_, t) in cycling.items()}},
+        "\n".join(f"imported {a.name} ({a.secrets_stored} secret(s) to the keyring); "
+                  f"{cycling[a.name][0]}" for a in done) + f"\n{note}",
     )  # fmt: skip
     return 0
+
+
+def _cycling_note(found: Any) -> tuple[str, dict[str, Any]]:
+    """Whether the imported credential can cycle its secret (DESIGN §11): a sentence, JSON."""
+    facts = {
+        "credential_id": found.credential_id,
+        "console_org_id": found.console_org_id,
+        "management_api": found.management_api,
+    }
+    if not (found.credential_id and found.console_org_id):
+        return "secret cycling: the file has no credential id or Console org id", facts
+    if not found.management_api:
+        return (
+            "secret cycling: the project does not list the I/O Management API "
+            "(AdobeIOManagementAPISDK); add it in the Developer Console, then set rotate_every",
+            facts,
+        )
+    return 'secret cycling possible: set rotate_every (e.g. "30d") to turn it on', facts
 
 
 def _offer_delete(args: argparse.Namespace, path: Any) -> bool:
@@ -521,6 +586,8 @@ def _remove(args: argparse.Namespace) -> int:
 def _rotate(args: argparse.Namespace) -> int:
     from broker import credentials
 
+    if args.auto:
+        return _rotate_auto(args)
     doc = _document(args)
     if args.finish:
         credentials.rotate_finish(doc, args.name)
@@ -540,6 +607,66 @@ def _rotate(args: argparse.Namespace) -> int:
     _out(args, {"rotation": step, "name": args.name, "daemon": note},
          f"rotation of {args.name} {step}: {text}; {note}")  # fmt: skip
     return 0
+
+
+def _rotate_auto(args: argparse.Namespace) -> int:
+    """One secret cycle (DESIGN §11): asked of the daemon that serves this config, so that
+    it never refreshes with a secret being deleted; run here when no daemon answers."""
+    from broker import config
+    from broker.client import BrokerUnavailable
+
+    settings = config.load(args.config)
+    cred = settings.credentials.get(args.name)
+    if cred is None:
+        raise ConfigError(f"{settings.path}: no credential named {args.name!r}")
+    wait = getattr(cred, "rotate_verify", 300.0) + 6 * cred.policy.timeout + 30
+    try:
+        _ask_daemon(args, "/healthz", from_config=True)
+    except BrokerUnavailable:
+        result = _cycle_here(cred)
+        where = "no daemon answered: the cycle ran in this process"
+    else:
+        try:
+            response = _ask_daemon(
+                args, f"/v1/credentials/{args.name}/rotate", "POST", from_config=True, timeout=wait
+            )
+        except BrokerUnavailable as exc:
+            print(f"token-broker: {exc}; the cycle may still be running: see `token-broker "
+                  "list`", file=sys.stderr)  # fmt: skip
+            return 1
+        if response.status_code != 200:
+            return _daemon_error(response)
+        result = response.json()
+        where = "by the running daemon"
+    _out(args, {**result, "where": where},
+         f"cycled {args.name} {where}: {result['detail']}")  # fmt: skip
+    return 0
+
+
+def _cycle_here(cred: Any) -> dict[str, Any]:
+    import asyncio
+    import time
+
+    from broker.config import AdobeSettings
+    from broker.console import Cycle, StateFile
+    from broker.files import state_dir
+    from broker.providers import issuer_client
+    from broker.secrets import SecretStore
+
+    if not isinstance(cred, AdobeSettings) or not cred.cycling:
+        raise ConfigError(
+            f'credential {cred.name!r}: secret cycling needs provider "adobe", '
+            "credential_id and console_org_id (`token-broker import` records both)"
+        )
+    store = SecretStore.of(cred.secret, cred.name)
+
+    async def run() -> dict[str, Any]:
+        async with issuer_client(cred.policy.timeout, cred.ca_file) as client:
+            cycle = Cycle(cred, client=client, store=store,
+                          state=StateFile(state_dir(), cred.name), clock=time.time)  # fmt: skip
+            return (await cycle.run()).as_json()
+
+    return asyncio.run(run())
 
 
 def _reload(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ M = TypeVar("M", bound=BaseModel)
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULT_LISTEN = "127.0.0.1:8765"
 DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com"
+DEFAULT_CONSOLE_URL = "https://api.adobe.io"
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DEFAULT_POLICY = RefreshPolicy()
@@ -335,11 +336,59 @@ class AdobeSettings(CredentialBase):
     provider: Literal["adobe"]
     org_id: str | None = None
     ims_url: str = DEFAULT_IMS_URL
+    # Secret cycling through the I/O Management API (DESIGN §11).
+    # workspace.details.credentials[].id; it goes into a URL path, so no '/', '?', '#'
+    credential_id: str | None = None
+    console_org_id: str | None = Field(None, min_length=1)  # project.org.id (numeric)
+    console_url: str = DEFAULT_CONSOLE_URL
+    rotate_every: Duration | None = Field(None, ge=1)  # None: no automatic cycling
+    rotate_verify: Duration = Field(300.0, gt=0)  # how long a new secret is tried at IMS
 
-    @field_validator("ims_url")
+    @field_validator("ims_url", "console_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"expected an https:// URL, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("credential_id")
+    @classmethod
+    def _url_safe(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_RE.match(value):
+            raise ValueError(f"expected the credential's id from the project JSON, got {value!r}")
+        return value
+
+    @field_validator("console_org_id")
+    @classmethod
+    def _numeric_org(cls, value: str | None) -> str | None:
+        if value is not None and not value.isdigit():
+            raise ValueError(
+                f"expected the numeric Developer Console org id (project.org.id in the "
+                f"project JSON), not the IMS org {value!r} (that one is org_id)"
+                if value.endswith("@AdobeOrg")
+                else f"expected the numeric Developer Console org id, got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cycling(self) -> AdobeSettings:
+        if self.rotate_every is None:
+            return self
+        missing = [k for k in ("credential_id", "console_org_id") if getattr(self, k) is None]
+        if missing:
+            raise _KeyError(
+                "rotate_every",
+                f"secret cycling needs {' and '.join(missing)} (`token-broker import` records "
+                "both from the Developer Console project JSON)",
+            )
+        if self.secret.kind in ("systemd", "env"):
+            raise _KeyError("rotate_every", str(self.secret.unwritable()))
+        return self
+
+    @property
+    def cycling(self) -> bool:
+        """Whether the Console ids are known, so a cycle can run (now or on schedule)."""
+        return self.credential_id is not None and self.console_org_id is not None
 
 
 class OAuth2Settings(CredentialBase):
@@ -536,6 +585,8 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
     settings = parse(data, source=str(resolved), path=resolved)
+    if serving:
+        _check_cycled_secrets(settings, resolved)
     if serving and not settings.credentials:
         # An empty file is more often a truncated write or an editor's empty save than
         # a wish to serve nothing: refusing it keeps a reload from dropping every token.
@@ -545,6 +596,19 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
             "or stop the daemon"
         )
     return settings
+
+
+def _check_cycled_secrets(settings: Settings, source: Path) -> None:
+    """A credential with ``rotate_every`` needs a secret this process may write.
+
+    Checked when the daemon loads its config, not by every command that reads the
+    file: a user's `token-broker list` need not be able to write root's secret file.
+    """
+    for name, cred in settings.credentials.items():
+        if getattr(cred, "rotate_every", None) is not None:
+            problem = cred.secret.unwritable()
+            if problem is not None:
+                raise ConfigError(f"{source}: [credentials.{name}] rotate_every: {problem}")
 
 
 def _not_found(resolved: Path, explicit: object) -> str:

@@ -179,6 +179,13 @@ class ConsoleCredential:
     client_secrets: list[str] = field(repr=False)
     scopes: list[str]
     org_id: str | None
+    credential_id: str | None = None  # for secret cycling (DESIGN §11)
+    console_org_id: str | None = None
+    management_api: bool = False  # the project lists the I/O Management API
+
+
+#: The I/O Management API's service code in a project JSON: secret cycling needs it.
+MANAGEMENT_SERVICE = "AdobeIOManagementAPISDK"
 
 
 def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
@@ -197,6 +204,7 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
         project = data["project"]
         creds = project["workspace"]["details"]["credentials"]
         org_id = project.get("org", {}).get("ims_org_id")
+        console_org = project.get("org", {}).get("id")
         if not isinstance(creds, list):
             raise TypeError
     except (KeyError, TypeError):
@@ -204,6 +212,11 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
             f"{path}: not an Adobe Developer Console project JSON "
             "(no project.workspace.details.credentials list)"
         ) from None
+    console_org_id = _id_text(console_org)
+    services = project["workspace"]["details"].get("services")
+    management = isinstance(services, list) and any(
+        isinstance(x, dict) and x.get("code") == MANAGEMENT_SERVICE for x in services
+    )
     found: list[ConsoleCredential] = []
     refused: list[str] = []
     for item in creds:
@@ -231,8 +244,28 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
                 f"{path}: credential {label!r}: oauth_server_to_server needs client_id, "
                 "a non-empty client_secrets list and a scopes list"
             )
-        found.append(ConsoleCredential(label, client_id, client_secrets, scopes, org_id))
+        found.append(
+            ConsoleCredential(
+                label,
+                client_id,
+                client_secrets,
+                scopes,
+                org_id,
+                _id_text(item.get("id"), digits=False),
+                console_org_id,
+                management,
+            )  # fmt: skip
+        )
     return found, refused
+
+
+def _id_text(value: object, *, digits: bool = True) -> str | None:
+    """A Developer Console id as the config keeps it: a string (JSON may say 123)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value or "/" in value or not value.isprintable():
+        return None
+    return value if value.isdigit() or not digits else None
 
 
 def console_name(label: str) -> str:
@@ -258,6 +291,9 @@ def import_console(
             "org_id": cred.org_id,
             "scopes": cred.scopes,
             "ims_url": ims_url,
+            # Recorded whenever known: secret cycling needs them (and rotate_every).
+            "credential_id": cred.credential_id if cred.console_org_id else None,
+            "console_org_id": cred.console_org_id if cred.credential_id else None,
         }
         doc.add_credential(name, table)  # in memory: validates before anything is stored
         tables.append((name, table, cred))

@@ -7,6 +7,7 @@
      │    └── TlsError        a CA, certificate or key that cannot be used (names the file)
      ├── SecretError          a secret reference that cannot be resolved
      ├── IssuerError          the token issuer refused or failed (retryable, retry_after)
+ ├── CycleError           a secret cycle stopped, was undone, or could not run (outcome)
      ├── TokenUnavailable     no servable token right now (retry_after)
      ├── RefreshCooldown      a forced refresh asked for too soon (retry_after)
      ├── AccessDenied         no or a wrong client key (401), or not allowed to read (403)
@@ -137,6 +138,31 @@ def _issuer_summary(status: int | None, error: str, description: str, debug_id: 
     if debug_id:
         text += f" (x-debug-id {debug_id})"
     return text
+
+
+class CycleError(BrokerError):
+    """A secret cycle (DESIGN §11) did not complete.
+
+    ``outcome`` is a bounded label (the rotations metric): ``conflict`` (two
+    secrets at Adobe and the other is not the broker's: nothing was changed),
+    ``discarded`` (the new secret never worked at IMS and was deleted again),
+    ``busy`` (a cycle of this credential is running), ``error`` (anything else:
+    the state is kept and the cycle resumes where it stopped). ``request_id``
+    is the I/O Management API's ``x-request-id`` of the answer that failed.
+    """
+
+    def __init__(
+        self,
+        outcome: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.outcome = outcome
+        self.status = status
+        self.request_id = request_id
+        super().__init__(detail)
 
 
 class TokenUnavailable(BrokerError):

@@ -1,27 +1,45 @@
-"""Read keyring items for the daemon: ``python -m broker.keyring_child``.
+"""Keyring operations for the daemon: ``python -m broker.keyring_child``.
 
-Reads ``{"service", "username", "name"}`` as JSON on stdin and writes
-``{"secrets": [...]}`` or ``{"error": "..."}`` as JSON on stdout. The secret
-travels only through this pipe: never argv, never the environment.
+Reads one JSON request on stdin: ``{"op", "service", "username", "name"}``
+(and ``"secret"`` to store) and writes one JSON answer on stdout, or
+``{"error": "..."}``. Operations: ``read`` (the item and its ``#next``
+sibling: ``{"secrets": [...]}``), ``get`` (``{"secret": value or null}``),
+``set`` and ``delete`` (``{"done": bool}``). A secret travels only through
+these pipes: never argv, never the environment.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from broker.errors import SecretError
-from broker.secrets import read_keyring
+from broker.secrets import delete_keyring, get_keyring, read_keyring, store_keyring
+
+
+def handle(request: dict[str, Any]) -> dict[str, Any]:
+    service, user, name = request["service"], request["username"], request["name"]
+    op = request.get("op", "read")
+    if op == "read":
+        return {"secrets": list(read_keyring(service, user, name))}
+    if op == "get":
+        return {"secret": get_keyring(service, user, name)}
+    if op == "set":
+        store_keyring(service, user, request["secret"], name)
+        return {"done": True}
+    if op == "delete":
+        return {"done": delete_keyring(service, user, name)}
+    return {"error": f"keyring child: unknown operation {op!r}"}
 
 
 def main() -> int:
     request = json.load(sys.stdin)
     try:
-        found = read_keyring(request["service"], request["username"], request["name"])
+        answer = handle(request)
     except SecretError as exc:
-        json.dump({"error": str(exc)}, sys.stdout)
-    else:
-        json.dump({"secrets": list(found)}, sys.stdout)
+        answer = {"error": str(exc)}
+    json.dump(answer, sys.stdout)
     return 0
 
 

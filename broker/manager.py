@@ -160,12 +160,12 @@ class Manager:
         self.settings = settings
         self.recorder = recorder or Recorder()
         # Secrets and tokens this manager holds, kept out of every log line it writes.
-        self._redactor = redactor or Redactor()
+        self.redactor = redactor or Redactor()
+        self.scheduler = scheduler
         self.on_reload = on_reload  # called with False before a reload, True after it
         self.on_token = on_token  # called after each new token (the file outputs)
         self._client = client
         self._clock = clock
-        self._scheduler = scheduler
         self._rand = rand
         self.credentials = {n: Credential(c) for n, c in settings.credentials.items()}
         self.default = settings.default_name()
@@ -179,7 +179,7 @@ class Manager:
         """Start the scheduler and fetch every token eagerly, without waiting for them."""
         _warn_file_modes(self.settings)
         self._stopped = asyncio.get_running_loop().create_future()
-        self._scheduler.start()
+        self.scheduler.start()
         for credential in self.credentials.values():
             self._begin(credential)
 
@@ -227,7 +227,7 @@ class Manager:
 
     async def close(self) -> None:
         """Stop the scheduler, cancel refreshes in flight, close the HTTP client."""
-        self._scheduler.shutdown()
+        self.scheduler.shutdown()
         tasks = [e.inflight for e in self.credentials.values() if e.inflight is not None]
         for task in tasks:
             task.cancel()
@@ -333,10 +333,10 @@ class Manager:
     def _stop(self, credential: Credential) -> None:
         # A refresh in flight finishes on the detached credential; _schedule ignores it then.
         name = credential.settings.name
-        self._scheduler.cancel(name)
+        self.scheduler.cancel(name)
         self.recorder.forget(name)
-        self._redactor.drop(f"secret:{name}")
-        self._redactor.drop(f"token:{name}")
+        self.redactor.drop(f"secret:{name}")
+        self.redactor.drop(f"token:{name}")
 
     def get(self, name: str | None) -> Credential:
         """The credential called ``name`` (None: the default); UnknownCredential if none."""
@@ -420,6 +420,35 @@ class Manager:
             raise error
         return credential
 
+    async def switch_secret(self, name: str, secret: str, issued: Issued | None) -> None:
+        """Secret cycling switched ``name`` to ``secret`` (step 4); before the old one is
+        deleted (step 5), serve a token minted by the new one and let no refresh with the
+        old one remain in flight."""
+        credential = self.credentials.get(name)
+        if credential is None:
+            return
+        self._use_secrets(credential, (secret,))
+        credential.generation += 1  # an attempt in flight with the old secret is repeated
+        if issued is not None:
+            self._success(credential, issued.token, issued.debug_id)
+        elif credential.inflight is None:
+            self._begin(credential)
+        while credential.inflight is not None:
+            await asyncio.wait((credential.inflight,))
+
+    async def reread_secrets(self, name: str) -> None:
+        """Hold exactly what the store has now (after a cycle stopped); keep the old on error."""
+        credential = self.credentials.get(name)
+        if credential is None:
+            return
+        try:
+            fresh = await secrets.resolve(credential.settings.secret, name)
+        except SecretError as exc:
+            log.warning("cycle %s: %s; keeping the secret already in use", name, exc)
+            return
+        if fresh != credential.secrets:
+            self._use_secrets(credential, fresh)
+
     def ready(self) -> bool:
         now = self._clock()
         return all(now < e.serve_until for e in self.credentials.values())
@@ -488,17 +517,38 @@ class Manager:
         cred = credential.settings
         if not credential.secrets:
             self._use_secrets(credential, await secrets.resolve(cred.secret, cred.name))
+        held = credential.secrets
         try:
-            return await self._fetch(cred, credential.secrets[0])
+            return await self._fetch(cred, held[0])
         except IssuerError as exc:
-            if exc.error != "invalid_client" or len(credential.secrets) < 2:
+            if exc.error != "invalid_client":
                 raise
-        # Mid-rotation two secrets are stored and the issuer refused one: try the
-        # other once, and prefer it from now on.
-        issued = await self._fetch(cred, credential.secrets[1])
-        self._use_secrets(credential, (credential.secrets[1], credential.secrets[0]))
-        log.warning("refresh %s: the issuer refused one stored secret; the other worked", cred.name)
-        return issued
+            refused = exc
+        if len(held) > 1:
+            # Mid-rotation two secrets are stored and the issuer refused one: try the
+            # other once, and prefer it from now on.
+            try:
+                issued = await self._fetch(cred, held[1])
+            except IssuerError as exc:
+                if exc.error != "invalid_client":
+                    raise
+            else:
+                self._use_secrets(credential, (held[1], held[0]))
+                log.warning("refresh %s: the issuer refused one stored secret; the other "
+                            "worked", cred.name)  # fmt: skip
+                return issued
+        # Every secret held was refused: the store may have a newer one (a cycle by
+        # `token-broker rotate --auto` in another process, a file replaced by hand).
+        try:
+            fresh = await secrets.resolve(cred.secret, cred.name)
+        except SecretError:
+            raise refused from None
+        if fresh == held:
+            raise refused
+        self._use_secrets(credential, fresh)
+        log.warning("refresh %s: the issuer refused the secret held; using the one stored now",
+                    cred.name)  # fmt: skip
+        return await self._exchange(credential)
 
     async def _fetch(self, cred: CredentialSettings, secret: str) -> Issued:
         async with self._slots:
@@ -507,12 +557,12 @@ class Manager:
             try:
                 async with asyncio.timeout(cred.policy.timeout):
                     return await fetch_token(
-                        self._client_for(cred), token_request(cred, secret), now=started
+                        self.client_for(cred), token_request(cred, secret), now=started
                     )
             finally:
                 self.recorder.issuer_latency(cred.name, time.perf_counter() - timer)
 
-    def _client_for(self, cred: CredentialSettings) -> httpx.AsyncClient:
+    def client_for(self, cred: CredentialSettings) -> httpx.AsyncClient:
         """The shared client, or the one that trusts only this credential's ``ca_file``."""
         if cred.ca_file is None:
             return self._client
@@ -527,7 +577,7 @@ class Manager:
         cred = credential.settings
         # The previous token stays valid until it expires: keep it out of logs as well.
         previous = (credential.token.access_token,) if credential.token is not None else ()
-        self._redactor.set(f"token:{cred.name}", (token.access_token, *previous))
+        self.redactor.set(f"token:{cred.name}", (token.access_token, *previous))
         credential.token = token
         credential.serve_until = serve_until(token, cred.policy)
         credential.refreshed_at = token.issued_at
@@ -589,7 +639,7 @@ class Manager:
         credential.failures += 1
         credential.last_error = info
         credential.next_refresh_at = None
-        self._scheduler.cancel(credential.settings.name)
+        self.scheduler.cancel(credential.settings.name)
         self.recorder.refreshed(credential.settings.name, "error")
         log.error(
             "refresh %s failed permanently: %s; no retries until the config or secret "
@@ -603,13 +653,13 @@ class Manager:
     def _use_secrets(self, credential: Credential, values: tuple[str, ...]) -> None:
         """Hold ``values`` as the credential's secrets, and keep them out of every log line."""
         credential.secrets = values
-        self._redactor.set(f"secret:{credential.settings.name}", values)
+        self.redactor.set(f"secret:{credential.settings.name}", values)
 
     def _schedule(self, credential: Credential, when: float) -> None:
         credential.next_refresh_at = when
         if self.credentials.get(credential.settings.name) is not credential:
             return  # removed by a reload while its refresh was in flight
-        self._scheduler.schedule(credential.settings.name, when, self._scheduled)
+        self.scheduler.schedule(credential.settings.name, when, self._scheduled)
 
 
 def _error_fields(event: str, credential: Credential, info: ErrorInfo) -> dict[str, object]:

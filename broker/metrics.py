@@ -57,10 +57,15 @@ class Recorder:
         self.refreshes: Counter[tuple[str, str]] = Counter()
         self.latency: dict[str, Histogram] = {}
         self.outputs: Counter[tuple[str, str, str]] = Counter()  # (path, write|command, outcome)
+        self.rotations: Counter[tuple[str, str]] = Counter()
 
     def output(self, path: str, kind: str, outcome: str) -> None:
         """A file output was written (kind "write") or its command ran ("command")."""
         self.outputs[(path, kind, outcome)] += 1
+
+    def rotated(self, credential: str, outcome: str) -> None:
+        """A secret cycle ended: success, conflict, discarded, busy or error."""
+        self.rotations[(credential, outcome)] += 1
 
     def refreshed(self, credential: str, outcome: str) -> None:
         self.refreshes[(credential, outcome)] += 1
@@ -92,6 +97,7 @@ class Gauges(NamedTuple):
     state: str
     expires_in: float | None  # seconds until the cached token expires
     refreshed_at: float | None  # Unix time of the last successful refresh
+    secret_age: float | None = None  # seconds since the secret in use was created (cycling)
 
 
 def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauges]) -> str:
@@ -153,6 +159,21 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
         for (path, k, outcome), n in sorted(recorder.outputs.items()):
             if k == kind:
                 lines.append(f'{series}{{path="{_label(path)}",outcome="{outcome}"}} {n}')
+    family("token_broker_secret_rotations_total", "counter", "Secret cycles by outcome.")
+    for (cred, outcome), n in sorted(recorder.rotations.items()):
+        lines.append(
+            f'token_broker_secret_rotations_total{{credential="{cred}",outcome="{outcome}"}} {n}'
+        )
+    family(
+        "token_broker_secret_age_seconds",
+        "gauge",
+        "Seconds since the client secret in use was created (credentials that cycle).",
+    )
+    for g in gauges:
+        if g.secret_age is not None:
+            lines.append(
+                f'token_broker_secret_age_seconds{{credential="{g.name}"}} {g.secret_age:.0f}'
+            )
     family("token_broker_credential_state", "gauge", "1 for the current state of a credential.")
     for g in gauges:
         for state in STATES:

@@ -24,12 +24,12 @@ import grp
 import json
 import logging
 import os
-import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.config import CredentialSettings, OutputSettings
+from broker.files import atomic_write
 from broker.metrics import Recorder
 from broker.providers import api_headers
 from broker.tokens import Clock, Token, rfc3339
@@ -71,31 +71,7 @@ def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: 
 def write_file(path: Path, content: bytes, mode: int, group: str | None) -> None:
     """Replace ``path`` atomically with ``content``, mode and group set before any byte."""
     gid = grp.getgrnam(group).gr_gid if group is not None else -1
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, mode & 0o600)  # never more than asked, even before the group
-    try:
-        try:
-            if gid != -1 and os.fstat(fd).st_gid != gid:
-                # Not when it already has it (the process's own group): under the system
-                # unit's seccomp filter, chown is refused whatever its arguments.
-                os.fchown(fd, -1, gid)
-            os.fchmod(fd, mode)  # exactly as asked, whatever the umask, before any byte
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
+    atomic_write(path, content, mode, gid=gid)
 
 
 class Outputs:

@@ -81,6 +81,40 @@ class SecretRef:
             return f"file {self.path}"
         return f"environment variable {self.variable}"
 
+    def unwritable(self) -> str | None:
+        """Why secret cycling (DESIGN §11) cannot write a new secret here, or None if it can.
+
+        Cycling stores the new secret beside the current one and then replaces it:
+        a keyring item or a ``file:`` whose file and directory this process may write.
+        """
+        if self.kind == "keyring":
+            return None
+        if self.kind == "systemd":
+            return (
+                "a systemd credential is a read-only copy made at the service's start, so "
+                'the daemon cannot store a new secret there; use secret = "keyring" or a '
+                "file: secret in a directory the service may write (e.g. its StateDirectory)"
+            )
+        if self.kind == "env":
+            return (
+                f"an environment variable ({self.variable}) cannot be changed for the next "
+                'start by the daemon; use secret = "keyring" or a file: secret it may write'
+            )
+        assert self.path is not None
+        directory = self.path.parent
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return (
+                f"the directory {directory} of the secret file is not writable by this "
+                f"process (uid {os.getuid()}); cycling replaces the file atomically, which "
+                "needs a writable directory (a mounted Kubernetes Secret is read-only)"
+            )
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            return (
+                f"the secret file {self.path} is read-only to this process (uid "
+                f'{os.getuid()}); make it writable (chmod 600) or use secret = "keyring"'
+            )
+        return None
+
     def file(self) -> Path | None:
         """The file a ``file:`` or ``systemd:`` reference reads, or None (other kinds, or a
         ``systemd:`` reference outside systemd, where $CREDENTIALS_DIRECTORY is unset)."""
@@ -161,12 +195,22 @@ async def resolve(ref: SecretRef, name: str) -> tuple[str, ...]:
             f"credential {name!r}: secret {ref} needs $CREDENTIALS_DIRECTORY; "
             "run under systemd with LoadCredential= or LoadCredentialEncrypted="
         )
-    return (_from_file(path, name, ref.describe()),)
+    current = _from_file(path, name, ref.describe())
+    if ref.kind == "file" and (upcoming := next_file(path)).exists():
+        # Secret cycling stored a new secret beside this one: preferred, the old as fallback.
+        return (_from_file(upcoming, name, f"file {upcoming}"), current)
+    return (current,)
+
+
+def next_file(path: Path) -> Path:
+    """Where a new ``file:`` secret waits during a cycle (as ``NAME#next`` in the keyring)."""
+    return path.with_name(path.name + NEXT_FILE_SUFFIX)
 
 
 #: Suffix of the keyring item that holds the new secret during a rotation. '#' is
 #: outside the credential-name alphabet, so it cannot collide with another credential.
 NEXT_SUFFIX = "#next"
+NEXT_FILE_SUFFIX = ".next"
 KEYRING_TIMEOUT = 20.0
 #: What a keyring child process inherits: what keyring and D-Bus need, nothing else,
 #: so that an ``env:`` secret of another credential never reaches it.
@@ -183,13 +227,22 @@ def child_environment() -> dict[str, str]:
 
 
 async def _keyring_in_child(service: str, user: str, name: str) -> tuple[str, ...]:
-    """Read keyring items in a short-lived child process.
+    """Read a keyring item (and its ``#next`` sibling) in a short-lived child process.
 
     The daemon itself never imports keyring: its Secret Service backend pulls
     in ``cryptography`` (~9 MB resident for a secret read once), and a D-Bus
     call stuck on a locked collection can be killed in a child, not in a thread.
     """
-    request = json.dumps({"service": service, "username": user, "name": name}).encode()
+    answer = await keyring_child({"op": "read", "service": service, "username": user}, name)
+    return tuple(answer["secrets"])
+
+
+async def keyring_child(request: dict[str, str], name: str) -> dict[str, Any]:
+    """Run one keyring operation (see :mod:`broker.keyring_child`) in a child process.
+
+    The request, a secret to store included, travels only through the child's stdin.
+    """
+    data = json.dumps({**request, "name": name}).encode()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -201,7 +254,7 @@ async def _keyring_in_child(service: str, user: str, name: str) -> tuple[str, ..
     )
     try:
         async with asyncio.timeout(KEYRING_TIMEOUT):
-            out, err = await proc.communicate(request)
+            out, err = await proc.communicate(data)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -210,7 +263,7 @@ async def _keyring_in_child(service: str, user: str, name: str) -> tuple[str, ..
             f"(a locked collection waiting for an unlock prompt?); {WAY_OUT}"
         ) from None
     try:
-        answer = json.loads(out)
+        answer: dict[str, Any] = json.loads(out)
     except ValueError:
         detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise SecretError(
@@ -218,7 +271,7 @@ async def _keyring_in_child(service: str, user: str, name: str) -> tuple[str, ..
         ) from None
     if "error" in answer:
         raise SecretError(answer["error"])
-    return tuple(answer["secrets"])
+    return answer
 
 
 def read_keyring(service: str, user: str, name: str) -> tuple[str, ...]:
@@ -386,3 +439,126 @@ def _from_file(path: Path, name: str, what: str) -> str:
     if not secret:
         raise SecretError(f"credential {name!r}: {what} is empty")
     return secret
+
+
+# -- writing secrets (secret cycling, DESIGN §11) ---------------------------------------
+
+
+class SecretStore:
+    """Where a cycled secret is written: the current secret and, during a cycle, the
+    upcoming one beside it (keyring ``NAME#next``, or the file ``PATH.next``).
+
+    Every method is idempotent, so a cycle resumed after a crash may repeat any of them.
+    """
+
+    def __init__(self, ref: SecretRef, name: str) -> None:
+        self.ref = ref
+        self.name = name
+
+    @staticmethod
+    def of(ref: SecretRef, name: str) -> SecretStore:
+        """The store of ``ref``; SecretError with the sentence of :meth:`SecretRef.unwritable`."""
+        problem = ref.unwritable()
+        if problem is not None:
+            raise SecretError(f"credential {name!r}: secret cycling cannot use {ref}: {problem}")
+        return KeyringStore(ref, name) if ref.kind == "keyring" else FileStore(ref, name)
+
+    async def current(self) -> str | None:
+        raise NotImplementedError
+
+    async def upcoming(self) -> str | None:
+        raise NotImplementedError
+
+    async def put_upcoming(self, secret: str) -> None:
+        raise NotImplementedError
+
+    async def drop_upcoming(self) -> None:
+        raise NotImplementedError
+
+    async def promote(self) -> None:
+        """Make the upcoming secret the current one; nothing if there is none (done before)."""
+        raise NotImplementedError
+
+
+class KeyringStore(SecretStore):
+    """Items ``NAME`` and ``NAME#next``, written by the keyring child process."""
+
+    async def _op(self, op: str, user: str, **extra: str) -> dict[str, Any]:
+        request = {"op": op, "service": self.ref.service, "username": user, **extra}
+        return await keyring_child(request, self.name)
+
+    async def current(self) -> str | None:
+        return (await self._op("get", self.ref.user))["secret"]  # type: ignore[no-any-return]
+
+    async def upcoming(self) -> str | None:
+        return (await self._op("get", self.ref.user + NEXT_SUFFIX))["secret"]  # type: ignore[no-any-return]
+
+    async def put_upcoming(self, secret: str) -> None:
+        await self._op("set", self.ref.user + NEXT_SUFFIX, secret=secret)
+
+    async def drop_upcoming(self) -> None:
+        await self._op("delete", self.ref.user + NEXT_SUFFIX)
+
+    async def promote(self) -> None:
+        upcoming = await self.upcoming()
+        if upcoming is None:
+            return
+        # Both items hold the new secret between these two steps: never a moment without it.
+        await self._op("set", self.ref.user, secret=upcoming)
+        await self.drop_upcoming()
+
+
+class FileStore(SecretStore):
+    """A ``file:`` secret and ``PATH.next``, replaced atomically with the file's mode and owner."""
+
+    @property
+    def path(self) -> Path:
+        assert self.ref.path is not None
+        return self.ref.path
+
+    def _read(self, path: Path) -> str | None:
+        try:
+            return _from_file(path, self.name, f"file {path}")
+        except SecretError:
+            if path.exists():
+                raise
+            return None
+
+    async def current(self) -> str | None:
+        return self._read(self.path)
+
+    async def upcoming(self) -> str | None:
+        return self._read(next_file(self.path))
+
+    async def put_upcoming(self, secret: str) -> None:
+        self._write(next_file(self.path), secret)
+
+    async def drop_upcoming(self) -> None:
+        from broker.files import fsync_dir
+
+        upcoming = next_file(self.path)
+        if upcoming.exists():
+            upcoming.unlink()
+            fsync_dir(upcoming.parent)
+
+    async def promote(self) -> None:
+        upcoming = await self.upcoming()
+        if upcoming is None:
+            return
+        self._write(self.path, upcoming)  # the new secret is in both files for a moment
+        await self.drop_upcoming()
+
+    def _write(self, target: Path, secret: str) -> None:
+        from broker.files import atomic_write
+
+        try:
+            st = self.path.stat()  # the current file's mode and owner are kept
+            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        except FileNotFoundError:
+            mode, uid, gid = 0o600, -1, -1
+        try:
+            atomic_write(target, (secret + "\n").encode(), mode, uid=uid, gid=gid)
+        except OSError as exc:
+            raise SecretError(
+                f"credential {self.name!r}: cannot write {target}: {exc.strerror or exc}"
+            ) from None

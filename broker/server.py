@@ -26,7 +26,9 @@ import uvicorn
 from broker import systemd
 from broker.api import BrokerApp, create_app
 from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen, UnixListen
+from broker.console import Cycler
 from broker.errors import BrokerError
+from broker.files import state_dir
 from broker.logs import Redactor
 from broker.manager import APScheduler, Manager
 from broker.outputs import Outputs
@@ -319,12 +321,17 @@ class Https:
 
 
 def build(
-    settings: Settings, *, redactor: Redactor, clock: Clock = time.time
+    settings: Settings,
+    *,
+    redactor: Redactor,
+    clock: Clock = time.time,
+    state_directory: Path | None = None,
 ) -> tuple[BrokerApp, Manager, Outputs]:
-    """The ASGI app, its manager and the file outputs for ``settings``.
+    """The ASGI app, its manager, its secret cycling and the file outputs for ``settings``.
 
     ``redactor`` is the one the log handlers apply (:func:`broker.logs.setup`):
-    the manager registers there the secrets and tokens it holds.
+    the manager registers there the secrets and tokens it holds. The cycling
+    state lives in ``state_directory`` (default: :func:`broker.files.state_dir`).
     """
     longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
     manager = Manager(
@@ -335,16 +342,18 @@ def build(
         redactor=redactor,
     )
     outputs = Outputs(settings.outputs, recorder=manager.recorder, clock=clock)
+    cycler = Cycler(manager, state_directory or state_dir(), clock=clock)
     manager.on_token = outputs.refreshed
-    manager.on_reload = lambda done: _reloaded(manager, outputs, done)
-    return create_app(manager, clock=clock), manager, outputs
+    manager.on_reload = lambda done: _reloaded(manager, outputs, cycler, done)
+    return create_app(manager, clock=clock, cycler=cycler), manager, outputs
 
 
-def _reloaded(manager: Manager, outputs: Outputs, done: bool) -> None:
+def _reloaded(manager: Manager, outputs: Outputs, cycler: Cycler, done: bool) -> None:
     """Tell systemd a reload begins (RELOADING=1 with the monotonic clock) or ended; once
-    ended, the file outputs of the new config are in force."""
+    ended, the file outputs and cycling schedules of the new config are in force."""
     if done:
         outputs.use(manager.settings.outputs, manager.credentials)
+        cycler.start()
         systemd.notify("READY=1", f"STATUS={manager.summary()}")
     else:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -402,6 +411,7 @@ async def serve(
     *,
     redactor: Redactor,
     hangup_pending: Callable[[], bool] = lambda: False,
+    state_directory: Path | None = None,
 ) -> None:
     """Serve on already-bound ``sockets`` until SIGTERM or SIGINT.
 
@@ -412,7 +422,7 @@ async def serve(
     before the loop's handler was installed (see ``cli.run``): that reload runs
     once the daemon is ready.
     """
-    app, manager, outputs = build(settings, redactor=redactor)
+    app, manager, outputs = build(settings, redactor=redactor, state_directory=state_directory)
     server = Server(uvicorn_config(app, settings.server))
     https = Https(settings, app, manager) if _wants_https(settings) else None
     if https is not None:

@@ -44,12 +44,11 @@ import fcntl
 import ipaddress
 import os
 import re
-import secrets
 import socket
 import ssl
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from broker.errors import TlsError
+from broker.files import atomic_write, make_private_dir, state_dir
 
 if TYPE_CHECKING:  # only for annotations: cryptography costs the daemon 8-11 MiB of RSS
     from cryptography import x509
@@ -92,26 +92,6 @@ _OS_BUNDLES = (
 
 
 # -- where ----------------------------------------------------------------------------
-
-
-def state_dir(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> Path:
-    """The directory that holds the local CA and leaf; the one place that decides.
-
-    ``$STATE_DIRECTORY`` when systemd set it (a unit with ``StateDirectory=token-broker``;
-    the first entry if there are several), else ``$XDG_STATE_HOME/token-broker``, else
-    ``/var/lib/token-broker`` for root, else ``~/.local/state/token-broker``.
-    A relative ``$XDG_STATE_HOME`` is ignored, as the XDG spec says.
-    """
-    env = os.environ if env is None else env
-    if systemd := env.get("STATE_DIRECTORY", ""):
-        return Path(systemd.split(":")[0])
-    xdg = env.get("XDG_STATE_HOME", "")
-    if os.path.isabs(xdg):
-        return Path(xdg) / "token-broker"
-    if (os.geteuid() if euid is None else euid) == 0:
-        return Path("/var/lib/token-broker")
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".local" / "state" / "token-broker"
 
 
 @dataclass(frozen=True)
@@ -198,7 +178,7 @@ def init_ca(
     TlsError naming the files. ``ca.crt`` is written last, so its presence means
     the CA is complete; a key without a certificate (a crash) is replaced.
     """
-    _make_dir(files.directory)
+    make_private_dir(files.directory)
     with _locked(files):
         if files.ca_cert.exists():
             _, cert = _load_ca(files)
@@ -207,8 +187,8 @@ def init_ca(
 
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _build_ca(key, time.time() if now is None else now, hostname)
-        _write_file(files.ca_key, _key_pem(key), 0o600)
-        _write_file(files.ca_cert, _cert_pem(cert), 0o644)
+        atomic_write(files.ca_key, _key_pem(key), 0o600)
+        atomic_write(files.ca_cert, _cert_pem(cert), 0o644)
     return True, _info(cert, files.ca_cert)
 
 
@@ -347,7 +327,7 @@ def issue_leaf(
         .sign(ca_key, hashes.SHA256())
     )
     with _locked(files):
-        _write_file(files.leaf, _key_pem(key) + _cert_pem(cert), 0o600)
+        atomic_write(files.leaf, _key_pem(key) + _cert_pem(cert), 0o600)
     return _info(cert, files.leaf)
 
 
@@ -518,7 +498,7 @@ def write_bundle(files: TlsFiles, system: Path | None = None) -> Bundle:
     except FileNotFoundError:
         changed = True
     if changed:
-        _write_file(files.bundle, content, 0o644)
+        atomic_write(files.bundle, content, 0o644)
     return Bundle(files.bundle, system, source, changed)
 
 
@@ -761,12 +741,6 @@ def _loose_mode(path: Path) -> bool:
     return bool(stat.S_IMODE(path.stat().st_mode) & 0o077)
 
 
-def _make_dir(directory: Path) -> None:
-    """Create the state directory 0700 (parents as the umask says); leave an existing one."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    directory.mkdir(mode=0o700, exist_ok=True)  # the umask can only narrow it
-
-
 @contextmanager
 def _locked(files: TlsFiles) -> Iterator[None]:
     """Serialise writers (the daemon's `init` and a user's) across processes."""
@@ -776,41 +750,6 @@ def _locked(files: TlsFiles) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomically replace ``path`` with ``data``, the file having ``mode`` from its first byte.
-
-    A new temporary file is created with O_EXCL and ``mode`` (never an existing
-    file or a planted symlink), fsynced, then renamed over ``path``; the
-    directory is fsynced so the rename survives a crash.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(tmp, flags, mode)
-    try:
-        # The umask can only have narrowed `mode`; restore it (a certificate is meant to
-        # be read by others even under UMask=0077). Never wider than `mode`.
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # -- the daemon's certificate -------------------------------------------------------------
@@ -882,7 +821,7 @@ class ServerCertificate:
                     continue
             except FileNotFoundError:
                 pass
-            _write_file(target, content, 0o644)
+            atomic_write(target, content, 0o644)
 
     def _current(self) -> CertInfo:
         if self._user is not None:

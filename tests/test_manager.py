@@ -340,12 +340,37 @@ async def test_mid_rotation_invalid_client_tries_the_other_secret_once(tmp_path)
     assert seen == ["new", "old"]
     assert manager.credentials["a"].state(clock()) == "fresh"
     assert manager.credentials["a"].secrets == ("old", "new")  # the working one first now
-    # Both refused: one try each, then the permanent error.
+    # Both refused: one try each, then once what the store holds now ("s", the secret
+    # file's), then the permanent error.
     manager.credentials["a"].secrets = ("x", "y")
     seen.clear()
     with pytest.raises(IssuerError, match="invalid_client"):
         await manager.force_refresh("a")
-    assert seen == ["x", "y"]
+    assert seen == ["x", "y", "s"]
+    await manager.close()
+
+
+async def test_a_refused_secret_is_replaced_by_the_one_stored_now(tmp_path):
+    """A secret cycled by another process (`rotate --auto` without the daemon) or a file
+    replaced by hand: the issuer refuses the secret held, the stored one works."""
+    clock = FakeClock()
+    seen: list[str] = []
+
+    def issuer(request: httpx.Request) -> httpx.Response:
+        secret = dict(httpx.QueryParams(request.content.decode())).get("client_secret", "")
+        seen.append(secret)
+        if secret != "cycled":
+            return httpx.Response(400, json={"error": "invalid_client"})
+        return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+
+    manager, _ = make(tmp_path, clock, issuer, auth_method="client_secret_post")
+    manager.credentials["a"].secrets = ("deleted-at-adobe",)
+    (tmp_path / "secret").write_text("cycled\n")
+    await manager.start()
+    await settle(manager)
+    assert seen == ["deleted-at-adobe", "cycled"]
+    assert manager.credentials["a"].state(clock()) == "fresh"
+    assert manager.credentials["a"].secrets == ("cycled",)
     await manager.close()
 
 

@@ -1,5 +1,13 @@
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from broker import secrets
@@ -119,3 +127,106 @@ def test_describe():
         "keyring item service='token-broker' username='adobe'"
     )
     assert secrets.SecretRef.parse("file:/x", "a").describe() == "file /x"
+
+
+# -- writing secrets (secret cycling) ------------------------------------------------------
+
+
+async def test_file_store_cycle_keeps_mode_and_owner_and_is_idempotent(tmp_path):
+    current = tmp_path / "adobe.secret"
+    current.write_text("old\n")
+    current.chmod(0o640)
+    os.chown(current, -1, 0)
+    ref = secrets.SecretRef.parse(f"file:{current}", "adobe")
+    store = secrets.SecretStore.of(ref, "adobe")
+    assert isinstance(store, secrets.FileStore)
+    assert (await store.current(), await store.upcoming()) == ("old", None)
+    await store.put_upcoming("new")
+    upcoming = secrets.next_file(current)
+    assert upcoming == tmp_path / "adobe.secret.next"
+    assert stat.S_IMODE(upcoming.stat().st_mode) == 0o640  # the current file's mode
+    # The daemon reads both while a cycle runs: the new one first, the old as fallback.
+    assert await secrets.resolve(ref, "adobe") == ("new", "old")
+    await store.promote()
+    assert current.read_text() == "new\n" and not upcoming.exists()
+    st = current.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, os.getuid(), 0)
+    await store.promote()  # a step repeated after a crash changes nothing
+    await store.drop_upcoming()
+    assert await secrets.resolve(ref, "adobe") == ("new",)
+
+
+async def test_file_store_drop_upcoming_keeps_the_current_secret(tmp_path):
+    current = tmp_path / "s"
+    current.write_text("old")
+    store = secrets.SecretStore.of(secrets.SecretRef.parse(f"file:{current}", "a"), "a")
+    await store.put_upcoming("new")
+    await store.drop_upcoming()
+    assert await store.upcoming() is None and current.read_text() == "old"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("systemd:adobe", "systemd credential is a read-only copy"),
+        ("env:ADOBE_SECRET", "environment variable (ADOBE_SECRET)"),
+    ],
+)
+def test_unwritable_references_say_why_and_what_to_use(text, says):
+    ref = secrets.SecretRef.parse(text, "a")
+    assert says in (ref.unwritable() or "")
+    with pytest.raises(SecretError, match='use secret = "keyring"'):
+        secrets.SecretStore.of(ref, "a")
+
+
+def _unwritable_as(uid: int, path: Path) -> str:
+    """SecretRef.unwritable() of ``file:path`` as seen by the process ``uid``."""
+    code = (
+        "from broker.secrets import SecretRef; "
+        f"print(SecretRef.parse('file:{path}', 'a').unwritable())"
+    )
+    argv = [sys.executable, "-c", code]
+    if os.geteuid() != uid:  # root checks as another user, as a system service would run
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+    return out.stdout.strip()
+
+
+def test_a_read_only_secret_file_or_directory_is_unwritable():
+    user = os.getuid() if os.geteuid() != 0 else 65534  # nobody
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)  # reachable by that user
+        directory = Path(top) / "d"
+        directory.mkdir()
+        f = directory / "s"
+        f.write_text("x")
+        f.chmod(0o444)
+        os.chown(directory, user, -1)
+        assert "is read-only to this process" in _unwritable_as(user, f)
+        os.chown(directory, 0 if os.geteuid() == 0 else user, -1)
+        directory.chmod(0o555)
+        try:
+            assert "is not writable by this process" in _unwritable_as(user, f)
+        finally:
+            directory.chmod(0o755)
+        f.chmod(0o600)
+        os.chown(f, user, -1)
+        directory.chmod(0o777)
+        assert _unwritable_as(user, f) == "None"
+
+
+def test_a_read_only_mount_is_unwritable(tmp_path):
+    """What root meets: a read-only file system (a mounted Kubernetes Secret, ReadOnlyPaths=)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to bind-mount read-only")
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    (directory / "s").write_text("x")
+    ns = subprocess.run(["unshare", "-m", "sh", "-c",
+        f"mount --bind {directory} {directory} && mount -o remount,bind,ro {directory} && "
+        f"{sys.executable} -c 'from broker.secrets import SecretRef; "
+        f"print(SecretRef.parse(\"file:{directory}/s\", \"a\").unwritable())'"],
+        capture_output=True, text=True, check=False)  # fmt: skip
+    assert ns.returncode == 0, ns.stderr
+    assert "is not writable by this process" in ns.stdout

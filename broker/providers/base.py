@@ -66,15 +66,30 @@ class Answer:
 
 
 async def _post(client: httpx.AsyncClient, request: TokenRequest) -> Answer:
-    """POST and read the answer, at most :data:`MAX_ANSWER_BYTES` of it."""
+    """POST the token request and read the answer (bounded)."""
+    return await send_bounded(client, "POST", request.url, request.headers, data=request.form)
+
+
+async def send_bounded(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    *,
+    data: dict[str, str] | None = None,
+) -> Answer:
+    """Send one request and read the answer, at most :data:`MAX_ANSWER_BYTES` of it.
+
+    Raises httpx.HTTPError when no answer arrives, IssuerError when it is too long.
+    """
     headers = {
         "Accept": "application/json",
         # An answer is a few KB: nothing to gain from compression, and a compressed body
         # could expand far beyond what was read.
         "Accept-Encoding": "identity",
-        **request.headers,
+        **headers,
     }
-    outgoing = client.build_request("POST", request.url, data=request.form, headers=headers)
+    outgoing = client.build_request(method, url, data=data, headers=headers)
     response = await client.send(outgoing, stream=True)
     body = bytearray()
     try:
@@ -108,7 +123,7 @@ def transport_failure(exc: httpx.HTTPError, url: str) -> tuple[str, str]:
     sentence names the cause a user acts on: a certificate that failed verification
     and why, a name that does not resolve, a refused or reset connection.
     """
-    where = _origin(url)
+    where = origin(url)
     if isinstance(exc, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connecting to",
@@ -160,13 +175,13 @@ def parse_response(response: Answer, *, now: float) -> Issued:
     """Turn an issuer's answer into a token, trusting nothing in it."""
     debug_id = response.headers.get("x-debug-id")
     status = response.status
-    body = _json_object(response)
+    body = json_object(response)
     if status != 200:
         retry_after = parse_retry_after(response.headers.get("retry-after"), now)
         if body is not None and isinstance(body.get("error"), str):
             raise IssuerError(
-                _text(body["error"], 100),
-                _text(body.get("error_description")),
+                text_field(body["error"], 100),
+                text_field(body.get("error_description")),
                 status=status,
                 debug_id=debug_id,
                 retry_after=retry_after,
@@ -234,7 +249,7 @@ def _seconds(value: object) -> float | None:
     return None
 
 
-def _json_object(response: Answer) -> dict[str, object] | None:
+def json_object(response: Answer) -> dict[str, object] | None:
     try:
         body = json.loads(response.body)
     except (ValueError, UnicodeDecodeError):
@@ -242,7 +257,7 @@ def _json_object(response: Answer) -> dict[str, object] | None:
     return body if isinstance(body, dict) else None
 
 
-def _text(value: object, limit: int = 500) -> str:
+def text_field(value: object, limit: int = 500) -> str:
     return value[:limit] if isinstance(value, str) else ""
 
 
@@ -250,6 +265,6 @@ def _content_type(response: Answer) -> str:
     return response.headers.get("content-type", "no content-type").split(";")[0][:60]
 
 
-def _origin(url: str) -> str:
+def origin(url: str) -> str:
     u = httpx.URL(url)
     return f"{u.scheme}://{u.netloc.decode('ascii', 'replace')}"

@@ -227,8 +227,32 @@ def test_import_console_json(issuer, keyring_env, tmp_path, monkeypatch, capsys)
     assert keyring_env.lookup("token-broker", "user-sync-s2s") == "S2S-SECRET-ONE"
     assert keyring_env.lookup("token-broker", "user-sync-s2s#next") == "S2S-SECRET-TWO"
     assert issuer.issuer.received[-1].form["client_secret"] == "S2S-SECRET-ONE"
+    # The Console ids secret cycling needs are recorded; the project lacks the API.
+    assert 'credential_id = "222"' in text and 'console_org_id = "98765"' in text
+    assert "does not list the I/O Management API (AdobeIOManagementAPISDK)" in captured.out
     assert run_cli(monkeypatch, ["remove", "user-sync-s2s", "--config", str(cfg)]) == 0
     assert keyring_env.lookup("token-broker", "user-sync-s2s#next") is None
+
+
+def test_import_says_when_the_project_can_cycle_its_secret(
+    issuer, keyring_env, tmp_path, monkeypatch, capsys
+):
+    issuer.issuer.add_client("s2s-client", "S2S-SECRET-ONE")
+    project = json.loads(json.dumps(CONSOLE))
+    details = project["project"]["workspace"]["details"]
+    details["services"] = [{"code": "AdobeIOManagementAPISDK", "name": "I/O Management API"}]
+    details["credentials"][1]["oauth_server_to_server"]["client_secrets"] = ["S2S-SECRET-ONE"]
+    exported = tmp_path / "project.json"
+    exported.write_text(json.dumps(project))
+    cfg = tmp_path / "config.toml"
+    argv = ["import", str(exported), "--ims-url", issuer.url, "--keep", "--json",
+            "--name", "cyc", "--config", str(cfg)]  # fmt: skip
+    assert run_cli(monkeypatch, argv) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["secret_cycling"]["cyc"] == {
+        "credential_id": "222", "console_org_id": "98765", "management_api": True,
+    }  # fmt: skip
+    assert run_cli(monkeypatch, ["remove", "cyc", "--config", str(cfg)]) == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,400 @@
+"""Secret cycling (broker/console.py) against the demo issuer's I/O Management API.
+
+The issuer runs in-process (httpx's ASGI transport) under a fake clock; the
+secret is a real file. A crash is a checkpoint that raises: the cycle is
+abandoned at that exact step boundary with everything durable as it is (the
+file, the state file, the issuer), and a new Cycle picks it up, as a daemon
+restarted after kill -9 would. The process-level kills are in
+tests/integration/test_cycling.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker import config
+from broker.console import MANAGEMENT_SCOPES, Cycle, StateFile
+from broker.demo import DemoIssuer
+from broker.errors import CycleError
+from broker.logs import Redactor
+from broker.secrets import SecretStore
+
+CLIENT = "cycling-client"
+ORG = "4711"
+CRED_ID = "88301"
+URL = "http://issuer.test"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Crash(BaseException):
+    """kill -9 at a step boundary: nothing after it runs, not even except/finally cleanups
+    of the cycle (a BaseException passes `except CycleError` and `except Exception`)."""
+
+
+class World:
+    """The issuer, the secret file and the state directory of one credential."""
+
+    def __init__(self, tmp_path: Path, **keys: object) -> None:
+        self.clock = Clock()
+        self.issuer = DemoIssuer(clock=self.clock)
+        self.original = self.issuer.add_client(CLIENT, "the-original-secret-value")
+        self.issuer.add_console(CLIENT, ORG, CRED_ID)
+        self.secret_file = tmp_path / "adobe.secret"
+        self.secret_file.write_text("the-original-secret-value\n")
+        self.secret_file.chmod(0o600)
+        self.state_dir = tmp_path / "state"
+        table = {
+            "provider": "adobe",
+            "client_id": CLIENT,
+            "scopes": ["openid", "AdobeID"],
+            "secret": f"file:{self.secret_file}",
+            "ims_url": URL,
+            "console_url": URL,
+            "credential_id": CRED_ID,
+            "console_org_id": ORG,
+            "rotate_verify": "20s",
+            **keys,
+        }
+        self.cred = config.parse({"credentials": {"adobe": table}}).credentials["adobe"]
+        self.redactor = Redactor()
+        self.switched: list[tuple[str, object]] = []
+
+    def cycle(self, crash_at: str | None = None) -> Cycle:
+        def checkpoint(point: str) -> None:
+            if point == crash_at:
+                raise Crash(point)
+
+        async def on_switch(secret: str, issued: object) -> None:
+            self.switched.append((secret, issued))
+
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.issuer))
+        return Cycle(
+            self.cred,  # type: ignore[arg-type]
+            client=client,
+            store=SecretStore.of(self.cred.secret, "adobe"),
+            state=StateFile(self.state_dir, "adobe"),
+            clock=self.clock,
+            sleep=self.clock.sleep,
+            redactor=self.redactor,
+            on_switch=on_switch,
+            checkpoint=checkpoint,
+        )
+
+    @property
+    def at_adobe(self) -> dict[str, str]:
+        """uuid -> value of the secrets the issuer holds now."""
+        return {s.uuid: s.value for s in self.issuer.secrets_of(CLIENT)}
+
+    def stored(self) -> list[str]:
+        found = [self.secret_file.read_text().strip()]
+        upcoming = self.secret_file.with_name("adobe.secret.next")
+        if upcoming.exists():
+            found.append(upcoming.read_text().strip())
+        return found
+
+    def state(self) -> dict[str, object]:
+        return json.loads((self.state_dir / "cycling" / "adobe.json").read_text())
+
+    def check_invariants(self) -> None:
+        """What must hold at any moment: at most 2 secrets at Adobe, and a stored
+        secret that Adobe accepts (never the only working secret gone)."""
+        values = set(self.at_adobe.values())
+        assert len(values) <= 2
+        assert any(v in values for v in self.stored()), "no stored secret works at Adobe"
+
+    def check_done(self) -> None:
+        """A finished (or undone) cycle: one secret, the stored one, nothing pending."""
+        assert list(self.at_adobe.values()) == self.stored()
+        assert self.state()["step"] is None
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+async def test_a_cycle_replaces_the_secret_and_deletes_the_old_one_with_the_new(world):
+    result = await world.cycle().run()
+    assert result.outcome == "success" and result.old == world.original.uuid
+    (new_uuid, new_value), = world.at_adobe.items()  # fmt: skip
+    assert new_uuid == result.new and new_value != "the-original-secret-value"
+    assert world.secret_file.read_text() == new_value + "\n"
+    assert oct(world.secret_file.stat().st_mode & 0o777) == "0o600"
+    assert not world.secret_file.with_name("adobe.secret.next").exists()
+    assert world.state()["current"] == new_uuid and world.state()["step"] is None
+    calls = [(c.method, c.minted_by) for c in world.issuer.console_calls]
+    old, new = world.original.uuid, new_uuid
+    # list + add with the old secret's token; delete + list with the new secret's.
+    assert calls == [("GET", old), ("POST", old), ("DELETE", new), ("GET", new)]
+    # The management token had exactly the management scopes; the proof of the new secret
+    # asked for the credential's own scopes, and that token went to the daemon (on_switch).
+    mgmt = [m for m in world.issuer.minted.values() if "manage_client_secrets" in m.scopes]
+    assert {m.scopes for m in mgmt} == {frozenset(MANAGEMENT_SCOPES)}
+    (secret, issued), = world.switched  # fmt: skip
+    assert secret == new_value
+    assert world.issuer.minted[issued.token.access_token].scopes == {"openid", "AdobeID"}
+    # Management tokens are registered for redaction (they live 24 h at Adobe).
+    for token, minted in world.issuer.minted.items():
+        if minted.scopes == frozenset(MANAGEMENT_SCOPES):
+            assert token not in world.redactor(f"x {token} y")
+
+
+async def test_two_secrets_and_one_not_ours_stops_and_names_both(world):
+    other = world.issuer.add_client(CLIENT, "someone-elses-second-secret")
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    err = info.value
+    assert err.outcome == "conflict"
+    assert world.original.uuid in str(err) and other.uuid in str(err)
+    assert "created 2027-" in str(err) and "last used" in str(err)
+    assert "nothing was changed or deleted" in str(err)
+    assert [c.method for c in world.issuer.console_calls] == ["GET"]
+    assert set(world.at_adobe) == {world.original.uuid, other.uuid}
+    assert world.stored() == ["the-original-secret-value"]
+
+
+async def test_a_new_secret_that_never_works_is_deleted_with_the_old_token(world):
+    world.issuer.new_secrets_work = False
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    assert info.value.outcome == "discarded"
+    assert "did not work at IMS within rotate_verify (20s)" in str(info.value)
+    assert "invalid_client" in str(info.value)  # the last answer is quoted
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    assert world.stored() == ["the-original-secret-value"]
+    delete = next(c for c in world.issuer.console_calls if c.method == "DELETE")
+    assert delete.minted_by == world.original.uuid
+    assert world.switched == []
+    # It kept trying for rotate_verify, with backoff: 1+2+4+8 s of waiting, then gave up.
+    tries = [r for r in world.issuer.received if r.form.get("scope") == "openid,AdobeID"]
+    assert len(tries) == 5
+    world.check_done()
+
+
+async def test_a_new_secret_that_works_after_a_while_is_verified(world):
+    world.issuer.activation_delay = 6.0  # e.g. IMS learns of it a few seconds late
+    result = await world.cycle().run()
+    assert result.outcome == "success"
+    world.check_done()
+
+
+@pytest.mark.parametrize("mode", ["post_lost", "post_garbage"])
+async def test_a_post_without_a_usable_answer_leaves_nothing_behind(world, mode):
+    world.issuer.console_mode = mode
+    with pytest.raises(CycleError, match="Console API"):
+        await world.cycle().run()
+    world.issuer.console_mode = "ok"
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    world.check_done()
+    assert (await world.cycle().run()).outcome == "success"
+    world.check_done()
+
+
+@pytest.mark.parametrize("mode", ["error500", "unavailable"])
+async def test_a_console_that_fails_changes_nothing(world, mode):
+    world.issuer.console_mode = mode
+    with pytest.raises(CycleError, match=r"GET answered HTTP 50\d.*x-request-id") as info:
+        await world.cycle().run()
+    assert info.value.outcome == "error" and info.value.status in (500, 503)
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    assert world.stored() == ["the-original-secret-value"]
+
+
+async def test_a_refused_post_quotes_the_console_and_changes_nothing(world):
+    world.issuer.max_secrets = 1  # Adobe refuses a secret beyond its limit
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    text = str(info.value)
+    assert "HTTP 400: 400012 maximum number of client secrets reached" in text
+    assert "x-request-id" in text and info.value.request_id
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    world.check_done()
+
+
+async def test_without_the_management_api_the_error_says_so(world):
+    world.issuer.mode = "invalid_scope"
+    with pytest.raises(CycleError, match="I/O Management API added"):
+        await world.cycle().run()
+    assert world.issuer.console_calls == []
+
+
+async def test_a_failed_delete_of_the_old_secret_is_retried(world):
+    world.issuer.console_mode = "delete_error"
+    with pytest.raises(CycleError, match="DELETE answered HTTP 500"):
+        await world.cycle().run()
+    assert world.state()["step"] == "switched"  # the new secret is in use already
+    world.check_invariants()
+    assert len(world.at_adobe) == 2
+    world.issuer.console_mode = "ok"
+    result = await world.cycle().run()
+    assert result.outcome == "success"
+    world.check_done()
+
+
+async def test_a_manual_rotation_in_progress_is_not_touched(world):
+    world.secret_file.with_name("adobe.secret.next").write_text("manual\n")
+    with pytest.raises(CycleError, match="by hand is under way"):
+        await world.cycle().run()
+    assert world.issuer.console_calls == []
+
+
+async def test_one_cycle_at_a_time(world):
+    with StateFile(world.state_dir, "adobe").locked():
+        with pytest.raises(CycleError) as info:
+            await world.cycle().run()
+    assert info.value.outcome == "busy"
+
+
+async def test_the_state_file_is_private(world):
+    await world.cycle().run()
+    path = world.state_dir / "cycling" / "adobe.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (world.state_dir / "cycling").stat().st_mode & 0o777 == 0o700
+    assert "secret-value" not in path.read_text()
+    assert world.secret_file.read_text().strip() not in path.read_text()
+
+
+#: Every step boundary of a cycle that succeeds, in order.
+BOUNDARIES = ["adding", "posted", "stored", "added", "verified", "promoted", "switched", "deleted"]
+
+
+@pytest.mark.parametrize("point", BOUNDARIES)
+async def test_a_crash_at_any_step_boundary_is_finished_by_the_next_run(world, point, caplog):
+    with pytest.raises(Crash):
+        await world.cycle(crash_at=point).run()
+    world.check_invariants()
+    caplog.set_level(logging.INFO)
+    result = await world.cycle().run()
+    assert result.outcome == "success"
+    world.check_done()
+    # The secret the issuer holds is the one stored, and it works.
+    assert world.secret_file.read_text().strip() == next(iter(world.at_adobe.values()))
+
+
+@pytest.mark.parametrize("point", ["added", "discarding", "discard-deleted"])
+async def test_a_crash_while_discarding_is_finished_by_the_next_run(world, point):
+    world.issuer.new_secrets_work = False
+    with pytest.raises((Crash, CycleError)):
+        await world.cycle(crash_at=point).run()
+    world.check_invariants()
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    assert info.value.outcome == "discarded"
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    world.check_done()
+
+
+async def test_a_malformed_list_changes_nothing(world, monkeypatch):
+    async def garbage(self, method, url, token):  # type: ignore[no-untyped-def]
+        from broker.providers.base import Answer
+
+        return Answer(200, httpx.Headers({"x-request-id": "r1"}), b'{"client_secrets": [{}]}')
+
+    monkeypatch.setattr("broker.console.Console._call", garbage)
+    with pytest.raises(CycleError, match="without a uuid.*x-request-id r1"):
+        await world.cycle().run()
+    assert world.stored() == ["the-original-secret-value"]
+
+
+async def test_secrets_and_tokens_stay_out_of_errors_and_logs(world, caplog):
+    caplog.set_level(logging.DEBUG)
+    await world.cycle().run()
+    world.issuer.new_secrets_work = False
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    text = caplog.text + str(info.value)
+    values = [*world.at_adobe.values(), "the-original-secret-value", *world.issuer.minted]
+    for value in values:
+        assert value not in text
+
+
+# -- the daemon's cycler -------------------------------------------------------------------
+
+
+async def test_the_daemon_schedules_cycles_by_the_secrets_age(world):
+    """No state: learn the secret's age first (a GET, nothing changed), then cycle when it
+    is rotate_every old (+ at most 5% jitter); the daemon serves the new secret's token."""
+    from helpers import FakeScheduler
+
+    from broker.api import gauges, status_json
+    from broker.console import Cycler
+    from broker.manager import Manager
+
+    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "30d"}}})
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
+    sched = FakeScheduler()
+    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched,
+                      rand=lambda: 0.5)  # fmt: skip
+    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.5,
+                    sleep=world.clock.sleep)  # fmt: skip
+    await manager.start()
+    await manager.first_round()
+    cycler.start()
+    when, _ = sched.jobs["cycle:adobe"]
+    assert when == world.clock() + 1.0  # soon: learn the age
+    await sched.run("cycle:adobe")
+    assert [c.method for c in world.issuer.console_calls] == ["GET"]  # a survey only
+    created = world.original.created_at / 1000
+    when, _ = sched.jobs["cycle:adobe"]
+    assert when == created + 30 * 86400 + 0.5 * 3600  # jitter: 5%, at most an hour
+    status = status_json(manager.get("adobe"), world.clock(), None, cycler)["secret_cycling"]
+    assert status["secret_uuid"] == world.original.uuid and status["step"] is None
+    assert status["secret_age_seconds"] == round(world.clock() - created)
+    assert gauges(manager, world.clock(), cycler)[0].secret_age == world.clock() - created
+    world.clock.now = when
+    await sched.run("cycle:adobe")
+    ((new_uuid, new_value),) = world.at_adobe.items()
+    credential = manager.get("adobe")
+    assert credential.secrets == (new_value,)
+    assert world.issuer.minted[credential.token.access_token].secret_uuid == new_uuid
+    assert manager.recorder.rotations[("adobe", "success")] == 1
+    when, _ = sched.jobs["cycle:adobe"]
+    assert when == world.clock() + 30 * 86400 + 0.5 * 3600
+    await manager.close()
+
+
+async def test_a_failed_cycle_backs_off_and_is_reported(world):
+    from helpers import FakeScheduler
+
+    from broker.console import Cycler
+    from broker.manager import Manager
+
+    world.issuer.add_client(CLIENT, "someone-elses-second-secret")
+    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
+    sched = FakeScheduler()
+    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
+    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
+    await manager.start()
+    await manager.first_round()
+    cycler.start()
+    await sched.run("cycle:adobe")  # the survey cannot tell which is ours: cycle → conflict
+    status = cycler.status["adobe"]
+    assert status.failures == 1 and status.last_error["outcome"] == "conflict"
+    assert manager.recorder.rotations[("adobe", "conflict")] == 1
+    when, _ = sched.jobs["cycle:adobe"]
+    assert when == world.clock() + 3600  # a person must act: an hour, not seconds
+    await manager.close()
+
+
+def _table(world: World) -> dict[str, object]:
+    return {
+        "provider": "adobe", "client_id": CLIENT, "scopes": ["openid", "AdobeID"],
+        "secret": f"file:{world.secret_file}", "ims_url": URL, "console_url": URL,
+        "credential_id": CRED_ID, "console_org_id": ORG,
+    }  # fmt: skip
