@@ -647,6 +647,7 @@ def _cycle_here(cred: Any) -> dict[str, Any]:
     import asyncio
     import time
 
+    from broker import logs
     from broker.config import AdobeSettings
     from broker.console import Cycle, StateFile
     from broker.files import state_dir
@@ -659,10 +660,12 @@ def _cycle_here(cred: Any) -> dict[str, Any]:
             "credential_id and console_org_id (`token-broker import` records both)"
         )
     store = SecretStore.of(cred.secret, cred.name)
+    redactor = logs.Redactor()  # the steps are logged to stderr, through the redaction net
+    logs.setup(redactor)
 
     async def run() -> dict[str, Any]:
         async with issuer_client(cred.policy.timeout, cred.ca_file) as client:
-            cycle = Cycle(cred, client=client, store=store,
+            cycle = Cycle(cred, client=client, store=store, redactor=redactor,
                           state=StateFile(state_dir(), cred.name), clock=time.time)  # fmt: skip
             return (await cycle.run()).as_json()
 

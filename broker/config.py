@@ -346,9 +346,17 @@ class AdobeSettings(CredentialBase):
 
     @field_validator("ims_url", "console_url")
     @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
+    def _no_trailing_slash(cls, value: str, info: ValidationInfo) -> str:
         if not value.startswith(("https://", "http://")):
             raise ValueError(f"expected an https:// URL, got {value!r}")
+        if info.field_name == "console_url" and value.startswith("http://"):
+            from urllib.parse import urlsplit
+
+            host = urlsplit(value).hostname or ""
+            if host != "localhost" and not is_loopback(host):
+                # The management token (it can delete this credential's secrets) would
+                # cross the network in clear.
+                raise ValueError(f"expected an https:// URL (http only on loopback), got {value!r}")
         return value.rstrip("/")
 
     @field_validator("credential_id")

@@ -27,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -61,6 +63,9 @@ MANAGEMENT_SCOPES = (
 )  # fmt: skip
 #: Steps a cycle records in its state file (None: no cycle in progress).
 STEPS = ("adding", "added", "verified", "switched", "discarding")
+#: A secret made by a lost POST is recognised as ours only if Adobe dates it after the
+#: cycle began (less this much, for clock skew); anything older is someone else's.
+RECOVERY_SKEW = 600.0
 #: Longest pause between two attempts of step 3.
 VERIFY_MAX_DELAY = 30.0
 HOLD_HINT = "is the I/O Management API added to the credential's project in the Developer Console?"
@@ -169,25 +174,37 @@ class Console:
         return CycleError("error", text, status=answer.status, request_id=request_id)
 
 
+#: What a secret's uuid may look like: it goes into a URL path (no '/', '.', '#', '%').
+UUID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+#: Times outside these years are not believed (epoch seconds, 2000 to 2100).
+_EARLIEST, _LATEST = 946_684_800.0, 4_102_444_800.0
+
+
 def _remote(item: object) -> RemoteSecret | None:
     """A client_secrets entry, trusting nothing in it (times are epoch ms as strings)."""
     if not isinstance(item, dict):
         return None
     uuid = item.get("uuid")
-    if not isinstance(uuid, str) or not uuid or len(uuid) > 100 or not uuid.isprintable():
+    if not isinstance(uuid, str) or not UUID_RE.match(uuid):
         return None
-    used = [_millis(u.get("last_used_at")) for u in item.get("secret_usages") or []
-            if isinstance(u, dict)]  # fmt: skip
+    usages = item.get("secret_usages")
+    used = [_millis(u.get("last_used_at")) for u in usages if isinstance(u, dict)] if (
+        isinstance(usages, list)
+    ) else []  # fmt: skip
     last_used = max((u for u in used if u is not None), default=None)
     return RemoteSecret(uuid, _millis(item.get("created_at")), last_used)
 
 
 def _millis(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str) and value.strip().isdigit():
+    """Epoch milliseconds (a string of digits or a number) as seconds, if believable."""
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 16:
         value = int(value)
-    return value / 1000.0 if isinstance(value, int | float) and value > 0 else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not 0 < value < 10**16:
+        return None
+    seconds = value / 1000.0
+    return seconds if _EARLIEST <= seconds <= _LATEST else None  # NaN and inf fail too
 
 
 # -- the state file -----------------------------------------------------------------------
@@ -206,6 +223,42 @@ class CycleState:
     new: str | None = None
     before: list[str] = field(default_factory=list)  # the uuids listed at step 1
     started_at: float | None = None
+    # SHA-256 of the old and new values (never the values): which one a store holds.
+    old_digest: str | None = None
+    new_digest: str | None = None
+
+
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "credential_id": (str,),
+    "current": (str, type(None)), "old": (str, type(None)), "new": (str, type(None)),
+    "step": (str, type(None)), "old_digest": (str, type(None)), "new_digest": (str, type(None)),
+    "current_created_at": (float, int, type(None)), "last_cycle_at": (float, int, type(None)),
+    "started_at": (float, int, type(None)), "before": (list,),
+}  # fmt: skip
+
+
+def _checked(data: object) -> CycleState:
+    """The state file's content, every field checked (it decides what gets deleted)."""
+    if not isinstance(data, dict) or set(data) - set(_STATE_TYPES) or "credential_id" not in data:
+        raise ValueError("not a cycling state")
+    for key, value in data.items():
+        if not isinstance(value, _STATE_TYPES[key]) or isinstance(value, bool):
+            raise ValueError(key)
+        if key in ("current", "old", "new") and value is not None and not UUID_RE.match(value):
+            raise ValueError(key)
+        if key.endswith("_at") and value is not None and not _EARLIEST <= value <= _LATEST:
+            raise ValueError(key)
+    if not all(isinstance(u, str) and UUID_RE.match(u) for u in data.get("before", [])):
+        raise ValueError("before")
+    state = CycleState(**data)
+    if state.step is not None and state.step not in STEPS:
+        raise ValueError("step")
+    return state
+
+
+def digest(secret: str) -> str:
+    """Which secret a store holds, without keeping it: secrets are long random strings."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class StateFile:
@@ -218,10 +271,9 @@ class StateFile:
 
     def load(self, credential_id: str) -> CycleState:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            state = CycleState(**data)
-            if state.step is not None and state.step not in STEPS:
-                raise ValueError(state.step)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, encoding="utf-8") as f:
+                state = _checked(json.loads(f.read(65536)))
         except FileNotFoundError:
             return CycleState(credential_id)
         except (OSError, ValueError, TypeError) as exc:
@@ -252,7 +304,8 @@ class StateFile:
         """Exclusive across processes (the daemon and `rotate --auto`); ``busy`` if held."""
         make_private_dir(self.directory.parent)
         make_private_dir(self.directory)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.lock_path, flags, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -326,6 +379,11 @@ class Cycle:
                 return await self._resume(state)
             except (SecretError, IssuerError) as exc:
                 raise CycleError("error", str(exc)) from None
+            except (CycleError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a surprise must not leave the daemon's cycling broken
+                log.exception("cycle %s: unexpected error", self.cred.name)
+                raise CycleError("error", f"unexpected {type(exc).__name__}; see the log") from None
             finally:
                 self._redactor.set(f"cycle:{self.cred.name}", tuple(self._minted))
 
@@ -355,11 +413,13 @@ class Cycle:
                 "the broker is in progress: a `token-broker rotate` by hand is under way; "
                 "finish or abort it first",
             )
-        token = await self._management_token(await self._current())
+        current = await self._current()
+        token = await self._management_token(current)
         listed = await self.console.list(token)
         self._identify(state, listed)
         # Step 2: recorded before the POST, so that a crash after it finds what it made.
-        state.step, state.old, state.new = "adding", state.current, None
+        state.step, state.old, state.new, state.new_digest = "adding", state.current, None, None
+        state.old_digest = digest(current)
         state.before = [s.uuid for s in listed]
         state.started_at = self._clock()
         self._save(state, "adding")
@@ -375,7 +435,7 @@ class Cycle:
         self._checkpoint("posted")  # the value exists only in this process's memory now
         await self._store.put_upcoming(value)
         self._checkpoint("stored")
-        state.step, state.new = "added", remote.uuid
+        state.step, state.new, state.new_digest = "added", remote.uuid, digest(value)
         self._save(state, "added")
         log.info("cycle %s: new secret %s stored beside the current one", self.cred.name,
                  remote.uuid, extra={"event": "cycle_added"})  # fmt: skip
@@ -383,8 +443,9 @@ class Cycle:
 
     async def _from_added(self, state: CycleState) -> CycleResult:
         value = await self._store.upcoming()
-        if value is None:  # removed by hand (`rotate --abort`): Adobe's copy must go too
-            return await self._discard(state, "the stored new secret is gone")
+        if value is None or digest(value) != state.new_digest:
+            # Removed (`rotate --abort`) or replaced by hand: Adobe's copy must go too.
+            return await self._discard(state, "the new secret is no longer stored")
         issued, why = await self._verify(value)
         if issued is None:
             return await self._discard(state, why)
@@ -392,7 +453,11 @@ class Cycle:
         return await self._from_verified(state, issued)
 
     async def _from_verified(self, state: CycleState, issued: Issued | None) -> CycleResult:
-        await self._store.promote()  # idempotent: nothing left to promote after a crash here
+        upcoming = await self._store.upcoming()
+        if upcoming is not None and digest(upcoming) == state.new_digest:
+            await self._store.promote()
+        elif digest(await self._current()) != state.new_digest:  # not promoted before either
+            return await self._discard(state, "the new secret is no longer stored")
         self._checkpoint("promoted")
         state.current = state.new
         self._save(state, "switched", step="switched")
@@ -400,44 +465,79 @@ class Cycle:
         await self._on_switch(new_secret, issued)
         log.info("cycle %s: switched to secret %s", self.cred.name, state.new,
                  extra={"event": "cycle_switched"})  # fmt: skip
-        return await self._from_switched(state, new_secret)
+        return await self._from_switched(state)
 
-    async def _from_switched(self, state: CycleState, new_secret: str | None = None) -> CycleResult:
-        new_secret = new_secret or await self._current()
+    async def _from_switched(self, state: CycleState) -> CycleResult:
+        stored = await self._current()
+        if digest(stored) != state.new_digest:
+            if digest(stored) == state.old_digest:  # switched back by hand
+                return await self._discard(state, "the switch was undone by hand")
+            raise CycleError(
+                "error",
+                f"credential {self.cred.name!r}: the stored secret is neither the old nor the "
+                f"new one of the cycle in progress (step switched, old {state.old}, new "
+                f"{state.new}); nothing was deleted: check the secrets in the Developer Console",
+            )
         # Step 5 with a token of the new secret: should the old one be refused already,
         # its deletion still goes through; and it proves the new one for management too.
-        token = await self._management_token(new_secret)
-        old = state.old
-        if old is not None and old != state.new:
-            await self.console.delete(token, old)  # False: gone already (a retried step)
-        self._checkpoint("deleted")
-        listed = await self.console.list(token)
-        mine = next((s for s in listed if s.uuid == state.new), None)
+        token = await self._management_token(stored)
+        old, new = state.old, state.new
+        listed = {s.uuid: s for s in await self.console.list(token)}
+        if new not in listed:
+            raise CycleError(
+                "error",
+                f"credential {self.cred.name!r}: Adobe does not list the new secret {new} "
+                f"although it works; nothing was deleted: check the Developer Console",
+            )
+        if old is not None and old != new and old in listed:
+            await self.console.delete(token, old)
+            self._checkpoint("deleted")
+            listed = {s.uuid: s for s in await self.console.list(token)}
+            if old in listed:  # a DELETE that said 404, or did not take: try again later
+                raise CycleError(
+                    "error",
+                    f"credential {self.cred.name!r}: the old secret {old} is still listed after "
+                    "its DELETE; the cycle finishes at the next attempt",
+                )
+        else:
+            self._checkpoint("deleted")
+        created = listed[new].created_at if new in listed else None
         done = CycleState(
             state.credential_id,
-            current=state.new,
-            current_created_at=mine.created_at if mine else self._clock(),
+            current=new,
+            current_created_at=created or self._clock(),
             last_cycle_at=self._clock(),
         )
         self._state.save(done)
-        log.info("cycle %s done: secret %s replaced by %s", self.cred.name, old, state.new,
+        log.info("cycle %s done: secret %s replaced by %s", self.cred.name, old, new,
                  extra={"event": "cycle_done", "credential": self.cred.name})  # fmt: skip
-        return CycleResult("success", old, state.new, f"secret {old} replaced by {state.new}")
+        return CycleResult("success", old, new, f"secret {old} replaced by {new}")
 
     async def _discard(self, state: CycleState, why: str) -> CycleResult:
+        """Delete the new secret at Adobe with a token of the stored (old) one; keep the old."""
         self._save(state, "discarding", step="discarding")
-        token = await self._management_token(await self._current())
-        if state.new is not None and state.new != state.current:
-            await self.console.delete(token, state.new)
+        current = await self._current()
+        if state.new_digest is not None and digest(current) == state.new_digest:
+            raise CycleError(  # never delete the secret that is stored and in use
+                "error",
+                f"credential {self.cred.name!r}: the new secret {state.new} is the stored one; "
+                "not deleting it: check the Developer Console and the state file",
+            )
+        token = await self._management_token(current)
+        if state.new is not None:
+            await self.console.delete(token, state.new)  # False: gone already
         self._checkpoint("discard-deleted")
-        await self._store.drop_upcoming()
-        new, state.step, state.new = state.new, None, None
+        upcoming = await self._store.upcoming()
+        if upcoming is not None and digest(upcoming) == state.new_digest:
+            await self._store.drop_upcoming()
+        new = state.new
+        state.step, state.current, state.new, state.new_digest = None, state.old, None, None
         self._state.save(state)
         raise CycleError(
             "discarded",
             f"credential {self.cred.name!r}: the new secret {new} did not work at IMS within "
-            f"rotate_verify ({self.cred.rotate_verify:g}s): deleted it at Adobe; the current "
-            f"secret stays in use ({why})",
+            f"rotate_verify ({self.cred.rotate_verify:g}s) or was no longer stored: deleted it "
+            f"at Adobe; the current secret stays in use ({why})",
         )
 
     async def _recover_adding(self, state: CycleState, token: str | None = None) -> None:
@@ -445,15 +545,18 @@ class Cycle:
         token = token or await self._management_token(await self._current())
         listed = await self.console.list(token)
         made = [s for s in listed if s.uuid not in state.before]
-        if len(made) > 1:
-            raise self._conflict(listed, "secrets appeared that the broker did not make")
+        started = (state.started_at or 0.0) - RECOVERY_SKEW
+        if len(made) > 1 or any(s.created_at is not None and s.created_at < started
+                                for s in made):  # fmt: skip
+            raise self._conflict(listed, "a secret appeared that the broker did not make")
         if not made:
             state.step, state.old = None, None
             self._state.save(state)
             return
         orphan = made[0]
-        if await self._store.upcoming() is not None:  # stored before the crash: carry on
-            state.step, state.new = "added", orphan.uuid
+        upcoming = await self._store.upcoming()
+        if upcoming is not None:  # stored before the crash: carry on with it
+            state.step, state.new, state.new_digest = "added", orphan.uuid, digest(upcoming)
             self._save(state, "added")
             return
         # The value is lost: nobody can use this secret. Delete it; nothing else changed.
@@ -490,7 +593,12 @@ class Cycle:
             if not strict:
                 return
             raise self._conflict(listed, "the broker cannot tell which one it holds")
-        state.current, state.current_created_at = mine.uuid, mine.created_at
+        # No believable created_at: count the age from now, never cycle for want of it.
+        known = state.current_created_at if state.current == mine.uuid else None
+        state.current, state.current_created_at = (
+            mine.uuid,
+            mine.created_at or known or (self._clock()),
+        )
         others = [s for s in listed if s.uuid != mine.uuid]
         if others and strict:
             raise self._conflict(listed, f"{others[0].uuid} is not the broker's")
@@ -616,7 +724,11 @@ class Cycler:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def start(self) -> None:
-        """Schedule every cycling credential (at start and after each reload)."""
+        """Schedule every cycling credential (at start and after each reload).
+
+        A credential with ``rotate_every`` at the age of its secret; an interrupted
+        cycle soon, with or without ``rotate_every``: it must not stay half done.
+        """
         now = self._clock()
         wanted = {n for n, c in self.manager.settings.credentials.items() if _cycling(c)}
         for name in list(self.status):
@@ -626,17 +738,19 @@ class Cycler:
         for name in wanted:
             status = self.status.setdefault(name, CycleStatus())
             cred = self._settings(name)
-            if not status.running:  # read again: a reload may name another credential_id
-                try:
-                    status.state = StateFile(self.directory, name).load(cred.credential_id or "")
-                except CycleError as exc:
-                    self._failed(name, exc)
-                    continue
-            if cred.rotate_every is None:
+            if status.running:
+                continue  # it reschedules itself when done
+            try:  # read again: a reload may name another credential_id
+                status.state = StateFile(self.directory, name).load(cred.credential_id or "")
+            except CycleError as exc:
+                self._failed(name, exc)
+                continue
+            when = self._due(status, cred, now)
+            if when is None:
                 status.next_at = None
                 self.manager.scheduler.cancel(_job(name))
-            elif not status.running:
-                self._schedule(name, self._due(status, cred, now))
+            else:
+                self._schedule(name, when)
 
     async def rotate(self, name: str) -> CycleResult:
         """Run one cycle of ``name`` now (or finish an interrupted one)."""
@@ -694,23 +808,29 @@ class Cycler:
         finally:
             status.running = False
         status.failures, status.last_error = 0, None
-        status.state = state_file.load(cred.credential_id or "")
         manager.recorder.rotated(name, "success")
-        if cred.rotate_every is not None:
-            self._schedule(name, self._due(status, cred, self._clock()))
+        await manager.reread_secrets(name)  # the old secret, kept as a fallback, is gone
+        with contextlib.suppress(CycleError):
+            status.state = state_file.load(cred.credential_id or "")
+        when = self._due(status, cred, self._clock())
+        if when is not None:
+            self._schedule(name, when)
         return result
 
     async def _after_failure(self, name: str, state_file: StateFile, cred: AdobeSettings) -> None:
         """Keep what is known, let the daemon hold exactly the stored secrets, retry later."""
-        status = self.status[name]
+        status = self.status.get(name)
+        if status is None:  # removed by a reload meanwhile
+            return
         with contextlib.suppress(CycleError):
             status.state = state_file.load(cred.credential_id or "")
         await self.manager.reread_secrets(name)  # a discarded new secret is gone from the store
-        if cred.rotate_every is None:
+        pending = status.state is not None and status.state.step is not None
+        if cred.rotate_every is None and not pending:
             return
         delay = retry_delay(status.failures, cred.policy, None, self._rand)
         if status.last_error and status.last_error["outcome"] == "conflict":
-            delay = max(delay, min(cred.rotate_every, 3600.0))  # a person must act first
+            delay = max(delay, min(cred.rotate_every or 3600.0, 3600.0))  # a person must act
         self._schedule(name, self._clock() + delay)
 
     async def _scheduled(self, job: str) -> None:
@@ -726,9 +846,12 @@ class Cycler:
                 and (status.state.current_created_at is None)
             ):
                 await self._survey(name, cred)
+                when = self._due(status, cred, self._clock())
+                if when is None:
+                    return
                 known = status.state is not None and status.state.current_created_at is not None
-                if known and self._due(status, cred, self._clock()) > self._clock():
-                    self._schedule(name, self._due(status, cred, self._clock()))
+                if known and when > self._clock():
+                    self._schedule(name, when)
                     return
             await self.rotate(name)
         except CycleError as exc:
@@ -755,29 +878,39 @@ class Cycler:
             await self._after_failure(name, StateFile(self.directory, name), cred)
             raise
 
-    def _due(self, status: CycleStatus, cred: AdobeSettings, now: float) -> float:
+    def _due(self, status: CycleStatus, cred: AdobeSettings, now: float) -> float | None:
+        """When the next cycle (or resume, or survey) is due; None: none is."""
         state = status.state
-        assert cred.rotate_every is not None
-        if state is None or state.step is not None or state.current_created_at is None:
-            return now + self._first_delay  # resume, or learn the secret's age, soon
+        if state is not None and state.step is not None:
+            return now + self._first_delay  # finish the interrupted cycle soon
+        if cred.rotate_every is None:
+            return None
+        if state is None or state.current_created_at is None:
+            return now + self._first_delay  # learn the secret's age soon
         jitter = self._rand() * min(cred.rotate_every * 0.05, 3600.0)
         return max(now + self._first_delay, state.current_created_at + cred.rotate_every + jitter)
 
     def _schedule(self, name: str, when: float) -> None:
-        self.status[name].next_at = when
+        status = self.status.get(name)
+        if status is None:  # removed by a reload while its cycle ran
+            return
+        status.next_at = when
         self.manager.scheduler.schedule(_job(name), when, self._scheduled)
 
     def _failed(self, name: str, exc: CycleError) -> None:
-        status = self.status.setdefault(name, CycleStatus())
+        self.manager.recorder.rotated(name, exc.outcome)
+        status = self.status.get(name)
+        if status is None:  # removed by a reload while its cycle ran
+            return
         status.failures += 1
         status.last_error = {
             "outcome": exc.outcome,
             "status": exc.status,
-            "detail": str(exc),
+            # The Console's own words are quoted: keep anything secret-shaped out of them.
+            "detail": self.manager.redactor(str(exc)),
             "x_request_id": exc.request_id,
             "at": rfc3339(self._clock()),
         }
-        self.manager.recorder.rotated(name, exc.outcome)
 
     def _settings(self, name: str) -> AdobeSettings:
         cred = self.manager.get(name).settings

@@ -13,6 +13,8 @@ import asyncio
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,8 +127,39 @@ def remove(doc: ConfigDocument, name: str) -> Removed:
     return result
 
 
+@contextmanager
+def _no_cycle(doc: ConfigDocument, name: str) -> Iterator[None]:
+    """A rotation by hand holds the cycling lock, and never meets a cycle half done: both
+    use the ``NAME#next`` item, and a cycle checks which secret is stored before it deletes."""
+    from broker.console import StateFile
+    from broker.errors import CycleError
+    from broker.files import state_dir
+
+    state = StateFile(state_dir(), name)
+    if not state.directory.exists():  # this host never cycled a secret
+        yield
+        return
+    cred = credential_settings(doc, name)
+    try:
+        with state.locked():
+            step = state.load(getattr(cred, "credential_id", None) or "").step
+            if step is not None:
+                raise SecretError(
+                    f"credential {name!r}: a secret cycle is in progress (step {step}); the "
+                    f"daemon finishes it, or run `token-broker rotate {name} --auto`"
+                )
+            yield
+    except CycleError as exc:
+        raise SecretError(f"credential {name!r}: {exc}") from None
+
+
 def rotate_start(doc: ConfigDocument, name: str, new_secret: str, *, check: bool = True) -> None:
     """Store ``new_secret`` beside the current one after the issuer accepted it."""
+    with _no_cycle(doc, name):
+        _rotate_start(doc, name, new_secret, check=check)
+
+
+def _rotate_start(doc: ConfigDocument, name: str, new_secret: str, *, check: bool) -> None:
     service, user = _rotatable(doc, name)
     if secrets.get_keyring(service, user + secrets.NEXT_SUFFIX, name) is not None:
         raise SecretError(
@@ -144,19 +177,21 @@ def rotate_start(doc: ConfigDocument, name: str, new_secret: str, *, check: bool
 
 def rotate_finish(doc: ConfigDocument, name: str) -> None:
     """Make the new secret the only one: copy it over the old item, then drop ``#next``."""
-    service, user = _rotatable(doc, name)
-    upcoming = secrets.get_keyring(service, user + secrets.NEXT_SUFFIX, name)
-    if upcoming is None:
-        raise SecretError(f"credential {name!r}: no rotation in progress")
-    # Both items hold the new secret between these two steps: never a moment without it.
-    secrets.store_keyring(service, user, upcoming, name)
-    secrets.delete_keyring(service, user + secrets.NEXT_SUFFIX, name)
+    with _no_cycle(doc, name):
+        service, user = _rotatable(doc, name)
+        upcoming = secrets.get_keyring(service, user + secrets.NEXT_SUFFIX, name)
+        if upcoming is None:
+            raise SecretError(f"credential {name!r}: no rotation in progress")
+        # Both items hold the new secret between these two steps: never a moment without it.
+        secrets.store_keyring(service, user, upcoming, name)
+        secrets.delete_keyring(service, user + secrets.NEXT_SUFFIX, name)
 
 
 def rotate_abort(doc: ConfigDocument, name: str) -> None:
-    service, user = _rotatable(doc, name)
-    if not secrets.delete_keyring(service, user + secrets.NEXT_SUFFIX, name):
-        raise SecretError(f"credential {name!r}: no rotation in progress")
+    with _no_cycle(doc, name):
+        service, user = _rotatable(doc, name)
+        if not secrets.delete_keyring(service, user + secrets.NEXT_SUFFIX, name):
+            raise SecretError(f"credential {name!r}: no rotation in progress")
 
 
 def _rotatable(doc: ConfigDocument, name: str) -> tuple[str, str]:

@@ -427,7 +427,10 @@ class Manager:
         credential = self.credentials.get(name)
         if credential is None:
             return
-        self._use_secrets(credential, (secret,))
+        # The old secret stays as the fallback until step 5 is done (an IMS node that has
+        # not heard of the new one yet answers invalid_client); then the store is read again.
+        previous = tuple(s for s in credential.secrets if s != secret)[:1]
+        self._use_secrets(credential, (secret, *previous))
         credential.generation += 1  # an attempt in flight with the old secret is repeated
         if issued is not None:
             self._success(credential, issued.token, issued.debug_id)

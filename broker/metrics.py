@@ -108,11 +108,13 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
 
-    family("token_broker_token_requests_total", "counter", "Token requests by outcome.")
-    for (cred, outcome), n in sorted(counters.tokens.items()):
-        lines.append(
-            f'token_broker_token_requests_total{{credential="{cred}",outcome="{outcome}"}} {n}'
-        )
+    def by_outcome(name: str, help_text: str, counts: Counter[tuple[str, str]]) -> None:
+        """A counter family labelled by credential and outcome."""
+        family(name, "counter", help_text)
+        for (cred, outcome), n in sorted(counts.items()):
+            lines.append(f'{name}{{credential="{cred}",outcome="{outcome}"}} {n}')
+
+    by_outcome("token_broker_token_requests_total", "Token requests by outcome.", counters.tokens)
     family(
         "token_broker_unknown_credential_requests_total",
         "counter",
@@ -122,9 +124,7 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
     family("token_broker_rejected_requests_total", "counter", "Requests refused by a guard.")
     for reason, n in sorted(counters.rejected.items()):
         lines.append(f'token_broker_rejected_requests_total{{reason="{reason}"}} {n}')
-    family("token_broker_refreshes_total", "counter", "Refresh attempts by outcome.")
-    for (cred, outcome), n in sorted(recorder.refreshes.items()):
-        lines.append(f'token_broker_refreshes_total{{credential="{cred}",outcome="{outcome}"}} {n}')
+    by_outcome("token_broker_refreshes_total", "Refresh attempts by outcome.", recorder.refreshes)
     family(
         "token_broker_issuer_request_duration_seconds",
         "histogram",
@@ -159,11 +159,8 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
         for (path, k, outcome), n in sorted(recorder.outputs.items()):
             if k == kind:
                 lines.append(f'{series}{{path="{_label(path)}",outcome="{outcome}"}} {n}')
-    family("token_broker_secret_rotations_total", "counter", "Secret cycles by outcome.")
-    for (cred, outcome), n in sorted(recorder.rotations.items()):
-        lines.append(
-            f'token_broker_secret_rotations_total{{credential="{cred}",outcome="{outcome}"}} {n}'
-        )
+    by_outcome("token_broker_secret_rotations_total", "Secret cycles by outcome.",
+               recorder.rotations)  # fmt: skip
     family(
         "token_broker_secret_age_seconds",
         "gauge",

@@ -10,6 +10,7 @@ tests/integration/test_cycling.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -20,14 +21,14 @@ import pytest
 from broker import config
 from broker.console import MANAGEMENT_SCOPES, Cycle, StateFile
 from broker.demo import DemoIssuer
-from broker.errors import CycleError
+from broker.errors import ConfigError, CycleError
 from broker.logs import Redactor
 from broker.secrets import SecretStore
 
 CLIENT = "cycling-client"
 ORG = "4711"
 CRED_ID = "88301"
-URL = "http://issuer.test"
+URL = "https://issuer.test"
 
 
 class Clock:
@@ -139,8 +140,9 @@ async def test_a_cycle_replaces_the_secret_and_deletes_the_old_one_with_the_new(
     assert world.state()["current"] == new_uuid and world.state()["step"] is None
     calls = [(c.method, c.minted_by) for c in world.issuer.console_calls]
     old, new = world.original.uuid, new_uuid
-    # list + add with the old secret's token; delete + list with the new secret's.
-    assert calls == [("GET", old), ("POST", old), ("DELETE", new), ("GET", new)]
+    # list + add with the old secret's token; list, delete, list with the new secret's
+    # (both must be listed before the old one is deleted, and it must be gone after).
+    assert calls == [("GET", old), ("POST", old), ("GET", new), ("DELETE", new), ("GET", new)]
     # The management token had exactly the management scopes; the proof of the new secret
     # asked for the credential's own scopes, and that token went to the daemon (on_switch).
     mgmt = [m for m in world.issuer.minted.values() if "manage_client_secrets" in m.scopes]
@@ -398,3 +400,214 @@ def _table(world: World) -> dict[str, object]:
         "secret": f"file:{world.secret_file}", "ims_url": URL, "console_url": URL,
         "credential_id": CRED_ID, "console_org_id": ORG,
     }  # fmt: skip
+
+
+# -- what a review found: the state and the Console are not trusted blindly -------------------
+
+
+async def test_a_new_secret_removed_by_hand_mid_cycle_is_discarded_not_switched_to(world):
+    """Crash after step 3, then the new secret is removed (`rotate --abort`, a hand):
+    the next run must delete the new one at Adobe and keep the stored old one."""
+    with pytest.raises(Crash):
+        await world.cycle(crash_at="verified").run()
+    world.secret_file.with_name("adobe.secret.next").unlink()
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    assert info.value.outcome == "discarded"
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    world.check_done()
+
+
+async def test_a_forged_state_file_never_deletes_the_stored_secret(world):
+    state = world.state_dir / "cycling" / "adobe.json"
+    state.parent.mkdir(parents=True, mode=0o700)
+    forged = {"credential_id": CRED_ID, "step": "switched", "old": world.original.uuid,
+              "new": "bogus", "new_digest": "0" * 64}  # fmt: skip
+    state.write_text(json.dumps(forged))
+    with pytest.raises(CycleError, match="neither the old nor the new"):
+        await world.cycle().run()
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    assert [c.method for c in world.issuer.console_calls if c.method == "DELETE"] == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"credential_id": CRED_ID, "step": "switched", "old": "../../..", "new": "x"},
+        {"credential_id": CRED_ID, "current_created_at": "soon"},
+        {"credential_id": CRED_ID, "current_created_at": 1e300},
+        {"credential_id": CRED_ID, "unknown": 1},
+    ],
+)
+async def test_a_state_file_with_odd_values_is_refused_whole(world, content):
+    state = world.state_dir / "cycling" / "adobe.json"
+    state.parent.mkdir(parents=True, mode=0o700)
+    state.write_text(json.dumps(content))
+    with pytest.raises(CycleError, match="cannot be read"):
+        await world.cycle().run()
+    assert world.issuer.console_calls == []
+
+
+async def test_the_state_file_is_not_followed_through_a_symlink(world, tmp_path):
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"credential_id": CRED_ID}))
+    state = world.state_dir / "cycling" / "adobe.json"
+    state.parent.mkdir(parents=True, mode=0o700)
+    state.symlink_to(elsewhere)
+    with pytest.raises(CycleError, match="cannot be read"):
+        await world.cycle().run()
+
+
+@pytest.mark.parametrize("created", [None, "Infinity", "1e400", str(10**40), "2027-01-01T00:00"])
+def test_unbelievable_times_are_unknown_not_fatal(created):
+    from broker.console import _remote
+
+    item = {"uuid": "a-b", "created_at": created, "secret_usages": [{"last_used_at": created}]}
+    assert _remote(item) == _remote({"uuid": "a-b"})
+    assert _remote(item).created_at is None
+
+
+@pytest.mark.parametrize("uuid", ["..", "a/b", "x#y", "a%2fb", "", "a" * 101, 7])
+def test_a_uuid_that_could_change_the_url_is_refused(world, uuid):
+    from broker.console import _remote
+
+    assert _remote({"uuid": uuid, "created_at": "1800000000000"}) is None
+
+
+async def test_an_unknown_created_at_counts_from_now_and_does_not_cycle_at_once(world):
+    """A Console that gives no believable created_at: the age starts now; the daemon
+    does not cycle again and again for want of it."""
+    from helpers import FakeScheduler
+
+    from broker.console import Cycler
+    from broker.manager import Manager
+
+    world.original.created_at = 0  # the demo answers "0": not believable
+    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
+    sched = FakeScheduler()
+    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
+    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
+    await manager.start()
+    await manager.first_round()
+    cycler.start()
+    await sched.run("cycle:adobe")
+    assert [c.method for c in world.issuer.console_calls] == ["GET"]
+    when, _ = sched.jobs["cycle:adobe"]
+    assert when == world.clock() + 86400
+    await manager.close()
+
+
+async def test_a_delete_that_does_not_take_keeps_the_cycle_open(world, monkeypatch):
+    """The old secret is still listed after its DELETE (a 404, a lagging Console): the
+    cycle stays at step 5 and finishes at the next run; it never reports success early."""
+    from broker.console import Console
+
+    async def not_found(self, token, uuid):  # type: ignore[no-untyped-def]
+        return False
+
+    with monkeypatch.context() as m:
+        m.setattr(Console, "delete", not_found)
+        with pytest.raises(CycleError, match="still listed after its DELETE"):
+            await world.cycle().run()
+    assert world.state()["step"] == "switched" and len(world.at_adobe) == 2
+    assert (await world.cycle().run()).outcome == "success"
+    world.check_done()
+
+
+async def test_a_credential_removed_while_its_cycle_runs_is_no_error(world):
+    from helpers import FakeScheduler
+
+    from broker.console import Cycler
+    from broker.manager import Manager
+
+    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
+    manager = Manager(settings, client=client, clock=world.clock, scheduler=FakeScheduler())
+    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
+    await manager.start()
+    await manager.first_round()
+    cycler.start()
+    world.issuer.delay = 0.05  # every Console call waits: the cycle is caught mid-way
+    running = asyncio.create_task(cycler.rotate("adobe"))
+    await asyncio.sleep(0.01)
+    assert cycler.status["adobe"].running
+    cycler.status.clear()  # what start() after a reload without it does, mid-cycle
+    result = await running
+    assert result.outcome == "success"
+    await manager.close()
+
+
+async def test_an_interrupted_cycle_resumes_without_rotate_every(world):
+    from helpers import FakeScheduler
+
+    from broker.console import Cycler
+    from broker.manager import Manager
+
+    with pytest.raises(Crash):
+        await world.cycle(crash_at="switched").run()
+    settings = config.parse({"credentials": {"adobe": _table(world)}})  # no rotate_every
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
+    sched = FakeScheduler()
+    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
+    cycler = Cycler(manager, world.state_dir, clock=world.clock)
+    await manager.start()
+    await manager.first_round()
+    cycler.start()
+    await sched.run("cycle:adobe")
+    world.check_done()
+    assert "cycle:adobe" not in sched.jobs  # and no further cycle without rotate_every
+    await manager.close()
+
+
+async def test_console_words_are_redacted_in_the_status(world):
+    from helpers import FakeScheduler
+
+    from broker.console import Cycler
+    from broker.manager import Manager
+
+    settings = config.parse({"credentials": {"adobe": _table(world)}})
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
+    manager = Manager(settings, client=client, clock=world.clock, scheduler=FakeScheduler())
+    cycler = Cycler(manager, world.state_dir, clock=world.clock)
+    manager.redactor.set("secret:adobe", ("the-original-secret-value",))
+    cycler.start()
+    cycler._failed("adobe", CycleError("error", "Console said: the-original-secret-value"))
+    assert "the-original-secret-value" not in json.dumps(cycler.status["adobe"].last_error)
+
+
+def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
+    """`rotate --finish/--abort` and a cycle both use NAME#next: never at the same time."""
+    from broker import credentials
+    from broker.configedit import ConfigDocument
+    from broker.errors import SecretError
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[credentials.adobe]\nprovider = "adobe"\nclient_id = "c"\n'
+        f'credential_id = "{CRED_ID}"\nconsole_org_id = "{ORG}"\n'
+    )
+    state = StateFile(tmp_path / "xdg" / "token-broker", "adobe")
+    from broker.console import CycleState
+
+    state.save(CycleState(CRED_ID, step="added", old="a", new="b"))
+    for step in (credentials.rotate_abort, credentials.rotate_finish):
+        with pytest.raises(SecretError, match=r"a secret cycle is in progress \(step added\)"):
+            step(ConfigDocument(cfg), "adobe")
+    with state.locked(), pytest.raises(SecretError, match="running already"):
+        credentials.rotate_abort(ConfigDocument(cfg), "adobe")
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [("https://api.adobe.io", True), ("http://127.0.0.1:9", True), ("http://[::1]:9", True),
+     ("http://localhost:9", True), ("http://api.adobe.io", False), ("http://10.1.2.3", False)],
+)  # fmt: skip
+def test_the_management_token_travels_over_https_only(url, ok):
+    table = {"provider": "adobe", "client_id": "c", "console_url": url}
+    if ok:
+        config.parse({"credentials": {"a": table}})
+    else:
+        with pytest.raises(ConfigError, match="console_url: expected an https:// URL"):
+            config.parse({"credentials": {"a": table}})

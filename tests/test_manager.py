@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -322,17 +323,23 @@ async def test_many_credentials_share_a_bounded_number_of_issuer_slots(tmp_path)
     await manager.close()
 
 
-async def test_mid_rotation_invalid_client_tries_the_other_secret_once(tmp_path):
-    clock = FakeClock()
-    seen: list[str] = []
+def accepting_only(good: str, seen: list[str]) -> Callable[[httpx.Request], httpx.Response]:
+    """An issuer that accepts one secret (client_secret_post) and notes every one it sees."""
 
     def issuer(request: httpx.Request) -> httpx.Response:
         secret = dict(httpx.QueryParams(request.content.decode())).get("client_secret", "")
         seen.append(secret)
-        if secret != "old":
+        if secret != good:
             return httpx.Response(400, json={"error": "invalid_client"})
         return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
 
+    return issuer
+
+
+async def test_mid_rotation_invalid_client_tries_the_other_secret_once(tmp_path):
+    clock = FakeClock()
+    seen: list[str] = []
+    issuer = accepting_only("old", seen)
     manager, _ = make(tmp_path, clock, issuer, auth_method="client_secret_post")
     manager.credentials["a"].secrets = ("new", "old")
     await manager.start()
@@ -355,14 +362,7 @@ async def test_a_refused_secret_is_replaced_by_the_one_stored_now(tmp_path):
     replaced by hand: the issuer refuses the secret held, the stored one works."""
     clock = FakeClock()
     seen: list[str] = []
-
-    def issuer(request: httpx.Request) -> httpx.Response:
-        secret = dict(httpx.QueryParams(request.content.decode())).get("client_secret", "")
-        seen.append(secret)
-        if secret != "cycled":
-            return httpx.Response(400, json={"error": "invalid_client"})
-        return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
-
+    issuer = accepting_only("cycled", seen)
     manager, _ = make(tmp_path, clock, issuer, auth_method="client_secret_post")
     manager.credentials["a"].secrets = ("deleted-at-adobe",)
     (tmp_path / "secret").write_text("cycled\n")
