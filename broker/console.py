@@ -761,11 +761,20 @@ class Cycler:
                 f"credential {name!r} has no credential_id and console_org_id: secret cycling "
                 "needs both (`token-broker import` records them); reload after adding them",
             )
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        if lock.locked():
+        status = self.status.setdefault(name, CycleStatus())
+        if status.running:
             raise CycleError("busy", f"a cycle of credential {name!r} is running already")
-        async with lock:
-            return await self._run(name, cred)
+        status.running = True
+        try:
+            async with self._lock(name):  # a survey in progress finishes first
+                return await self._run(name, cred)
+        finally:
+            status.running = False
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        """One step-1-or-more at a time per credential inside the daemon (the state file's
+        flock, per open file, would refuse the daemon's own second attempt as busy)."""
+        return self._locks.setdefault(name, asyncio.Lock())
 
     def secret_ages(self, now: float) -> dict[str, float]:
         return {
@@ -776,7 +785,6 @@ class Cycler:
 
     async def _run(self, name: str, cred: AdobeSettings) -> CycleResult:
         status = self.status.setdefault(name, CycleStatus())
-        status.running = True
         manager = self.manager
         state_file = StateFile(self.directory, name)
 
@@ -805,8 +813,6 @@ class Cycler:
             self._failed(name, err)
             await self._after_failure(name, state_file, cred)
             raise err from None
-        finally:
-            status.running = False
         status.failures, status.last_error = 0, None
         manager.recorder.rotated(name, "success")
         await manager.reread_secrets(name)  # the old secret, kept as a fallback, is gone
@@ -872,7 +878,10 @@ class Cycler:
             redactor=self.manager.redactor,
         )
         try:
-            self.status[name].state = await cycle.survey()
+            async with self._lock(name):
+                survey = await cycle.survey()
+            if name in self.status:
+                self.status[name].state = survey
         except CycleError as exc:
             self._failed(name, exc)
             await self._after_failure(name, StateFile(self.directory, name), cred)

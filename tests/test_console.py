@@ -611,3 +611,29 @@ def test_the_management_token_travels_over_https_only(url, ok):
     else:
         with pytest.raises(ConfigError, match="console_url: expected an https:// URL"):
             config.parse({"credentials": {"a": table}})
+
+
+async def test_a_cycle_asked_for_during_the_survey_waits_for_it(world):
+    """`rotate --auto` right after the daemon started meets the survey of step 1: it
+    waits for it, it is not refused as busy (CI saw that race once)."""
+    from helpers import FakeScheduler
+
+    from broker.console import Cycler
+    from broker.manager import Manager
+
+    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
+    sched = FakeScheduler()
+    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
+    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
+    await manager.start()
+    await manager.first_round()
+    cycler.start()
+    world.issuer.delay = 0.05
+    survey = asyncio.create_task(sched.run("cycle:adobe"))
+    await asyncio.sleep(0.01)  # the survey holds the state file's lock now
+    result = await cycler.rotate("adobe")
+    await survey
+    assert result.outcome == "success"
+    world.check_done()
+    await manager.close()
