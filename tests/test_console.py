@@ -17,12 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import FakeScheduler
 
 from broker import config
-from broker.console import MANAGEMENT_SCOPES, Cycle, StateFile
+from broker.console import MANAGEMENT_SCOPES, Cycle, Cycler, StateFile
 from broker.demo import DemoIssuer
 from broker.errors import ConfigError, CycleError
 from broker.logs import Redactor
+from broker.manager import Manager
 from broker.secrets import SecretStore
 
 CLIENT = "cycling-client"
@@ -117,6 +119,23 @@ class World:
         values = set(self.at_adobe.values())
         assert len(values) <= 2
         assert any(v in values for v in self.stored()), "no stored secret works at Adobe"
+
+    async def daemon(
+        self, rand: float = 0.0, **keys: object
+    ) -> tuple[Manager, Cycler, FakeScheduler]:
+        """The daemon's manager and cycler for this credential, started, jobs in the test's
+        hand (a FakeScheduler); ``keys`` are added to the credential's table."""
+        settings = config.parse({"credentials": {"adobe": {**_table(self), **keys}}})
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.issuer))
+        sched = FakeScheduler()
+        manager = Manager(settings, client=client, clock=self.clock, scheduler=sched,
+                          rand=lambda: rand)  # fmt: skip
+        cycler = Cycler(manager, self.state_dir, clock=self.clock, rand=lambda: rand,
+                        sleep=self.clock.sleep)  # fmt: skip
+        await manager.start()
+        await manager.first_round()
+        cycler.start()
+        return manager, cycler, sched
 
     def check_done(self) -> None:
         """A finished (or undone) cycle: one secret, the stored one, nothing pending."""
@@ -331,22 +350,9 @@ async def test_secrets_and_tokens_stay_out_of_errors_and_logs(world, caplog):
 async def test_the_daemon_schedules_cycles_by_the_secrets_age(world):
     """No state: learn the secret's age first (a GET, nothing changed), then cycle when it
     is rotate_every old (+ at most 5% jitter); the daemon serves the new secret's token."""
-    from helpers import FakeScheduler
-
     from broker.api import gauges, status_json
-    from broker.console import Cycler
-    from broker.manager import Manager
 
-    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "30d"}}})
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
-    sched = FakeScheduler()
-    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched,
-                      rand=lambda: 0.5)  # fmt: skip
-    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.5,
-                    sleep=world.clock.sleep)  # fmt: skip
-    await manager.start()
-    await manager.first_round()
-    cycler.start()
+    manager, cycler, sched = await world.daemon(rand=0.5, rotate_every="30d")
     when, _ = sched.jobs["cycle:adobe"]
     assert when == world.clock() + 1.0  # soon: learn the age
     await sched.run("cycle:adobe")
@@ -371,20 +377,8 @@ async def test_the_daemon_schedules_cycles_by_the_secrets_age(world):
 
 
 async def test_a_failed_cycle_backs_off_and_is_reported(world):
-    from helpers import FakeScheduler
-
-    from broker.console import Cycler
-    from broker.manager import Manager
-
     world.issuer.add_client(CLIENT, "someone-elses-second-secret")
-    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
-    sched = FakeScheduler()
-    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
-    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
-    await manager.start()
-    await manager.first_round()
-    cycler.start()
+    manager, cycler, sched = await world.daemon(rotate_every="1d")
     await sched.run("cycle:adobe")  # the survey cannot tell which is ours: cycle → conflict
     status = cycler.status["adobe"]
     assert status.failures == 1 and status.last_error["outcome"] == "conflict"
@@ -477,20 +471,8 @@ def test_a_uuid_that_could_change_the_url_is_refused(world, uuid):
 async def test_an_unknown_created_at_counts_from_now_and_does_not_cycle_at_once(world):
     """A Console that gives no believable created_at: the age starts now; the daemon
     does not cycle again and again for want of it."""
-    from helpers import FakeScheduler
-
-    from broker.console import Cycler
-    from broker.manager import Manager
-
     world.original.created_at = 0  # the demo answers "0": not believable
-    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
-    sched = FakeScheduler()
-    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
-    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
-    await manager.start()
-    await manager.first_round()
-    cycler.start()
+    manager, cycler, sched = await world.daemon(rotate_every="1d")
     await sched.run("cycle:adobe")
     assert [c.method for c in world.issuer.console_calls] == ["GET"]
     when, _ = sched.jobs["cycle:adobe"]
@@ -516,18 +498,7 @@ async def test_a_delete_that_does_not_take_keeps_the_cycle_open(world, monkeypat
 
 
 async def test_a_credential_removed_while_its_cycle_runs_is_no_error(world):
-    from helpers import FakeScheduler
-
-    from broker.console import Cycler
-    from broker.manager import Manager
-
-    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
-    manager = Manager(settings, client=client, clock=world.clock, scheduler=FakeScheduler())
-    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
-    await manager.start()
-    await manager.first_round()
-    cycler.start()
+    manager, cycler, sched = await world.daemon(rotate_every="1d")
     world.issuer.delay = 0.05  # every Console call waits: the cycle is caught mid-way
     running = asyncio.create_task(cycler.rotate("adobe"))
     await asyncio.sleep(0.01)
@@ -539,21 +510,9 @@ async def test_a_credential_removed_while_its_cycle_runs_is_no_error(world):
 
 
 async def test_an_interrupted_cycle_resumes_without_rotate_every(world):
-    from helpers import FakeScheduler
-
-    from broker.console import Cycler
-    from broker.manager import Manager
-
     with pytest.raises(Crash):
         await world.cycle(crash_at="switched").run()
-    settings = config.parse({"credentials": {"adobe": _table(world)}})  # no rotate_every
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
-    sched = FakeScheduler()
-    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
-    cycler = Cycler(manager, world.state_dir, clock=world.clock)
-    await manager.start()
-    await manager.first_round()
-    cycler.start()
+    manager, cycler, sched = await world.daemon()
     await sched.run("cycle:adobe")
     world.check_done()
     assert "cycle:adobe" not in sched.jobs  # and no further cycle without rotate_every
@@ -561,19 +520,11 @@ async def test_an_interrupted_cycle_resumes_without_rotate_every(world):
 
 
 async def test_console_words_are_redacted_in_the_status(world):
-    from helpers import FakeScheduler
-
-    from broker.console import Cycler
-    from broker.manager import Manager
-
-    settings = config.parse({"credentials": {"adobe": _table(world)}})
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
-    manager = Manager(settings, client=client, clock=world.clock, scheduler=FakeScheduler())
-    cycler = Cycler(manager, world.state_dir, clock=world.clock)
+    manager, cycler, sched = await world.daemon()
     manager.redactor.set("secret:adobe", ("the-original-secret-value",))
-    cycler.start()
     cycler._failed("adobe", CycleError("error", "Console said: the-original-secret-value"))
     assert "the-original-secret-value" not in json.dumps(cycler.status["adobe"].last_error)
+    await manager.close()
 
 
 def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
@@ -616,19 +567,7 @@ def test_the_management_token_travels_over_https_only(url, ok):
 async def test_a_cycle_asked_for_during_the_survey_waits_for_it(world):
     """`rotate --auto` right after the daemon started meets the survey of step 1: it
     waits for it, it is not refused as busy (CI saw that race once)."""
-    from helpers import FakeScheduler
-
-    from broker.console import Cycler
-    from broker.manager import Manager
-
-    settings = config.parse({"credentials": {"adobe": {**_table(world), "rotate_every": "1d"}}})
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=world.issuer))
-    sched = FakeScheduler()
-    manager = Manager(settings, client=client, clock=world.clock, scheduler=sched)
-    cycler = Cycler(manager, world.state_dir, clock=world.clock, rand=lambda: 0.0)
-    await manager.start()
-    await manager.first_round()
-    cycler.start()
+    manager, cycler, sched = await world.daemon(rotate_every="1d")
     world.issuer.delay = 0.05
     survey = asyncio.create_task(sched.run("cycle:adobe"))
     await asyncio.sleep(0.01)  # the survey holds the state file's lock now
