@@ -784,60 +784,60 @@ class Cycler:
         }
 
     async def _run(self, name: str, cred: AdobeSettings) -> CycleResult:
-        status = self.status.setdefault(name, CycleStatus())
-        manager = self.manager
         state_file = StateFile(self.directory, name)
 
         async def on_switch(secret: str, issued: Issued | None) -> None:
-            await manager.switch_secret(name, secret, issued)
+            await self.manager.switch_secret(name, secret, issued)
 
-        cycle = Cycle(
+        try:
+            result = await self._cycle(name, cred, state_file, on_switch).run()
+        except BrokerError as exc:  # a CycleError, or a secret store that cannot be written
+            err = exc if isinstance(exc, CycleError) else CycleError("error", str(exc))
+            if err.outcome != "busy":
+                self._failed(name, err)
+                await self._settle(name, state_file, cred, failed=True)
+            raise err from None
+        if (status := self.status.get(name)) is not None:
+            status.failures, status.last_error = 0, None
+        self.manager.recorder.rotated(name, "success")
+        await self._settle(name, state_file, cred, failed=False)
+        return result
+
+    def _cycle(
+        self, name: str, cred: AdobeSettings, state_file: StateFile, on_switch: OnSwitch = _nothing
+    ) -> Cycle:
+        """A cycle of ``name`` on the daemon's HTTP client, redaction net and clock."""
+        return Cycle(
             cred,
-            client=manager.client_for(cred),
+            client=self.manager.client_for(cred),
             store=SecretStore.of(cred.secret, name),
             state=state_file,
             clock=self._clock,
             sleep=self._sleep,
-            redactor=manager.redactor,
+            redactor=self.manager.redactor,
             on_switch=on_switch,
         )
-        try:
-            result = await cycle.run()
-        except CycleError as exc:
-            if exc.outcome != "busy":
-                self._failed(name, exc)
-                await self._after_failure(name, state_file, cred)
-            raise
-        except BrokerError as exc:  # a secret store that cannot be written, say
-            err = CycleError("error", str(exc))
-            self._failed(name, err)
-            await self._after_failure(name, state_file, cred)
-            raise err from None
-        status.failures, status.last_error = 0, None
-        manager.recorder.rotated(name, "success")
-        await manager.reread_secrets(name)  # the old secret, kept as a fallback, is gone
-        with contextlib.suppress(CycleError):
-            status.state = state_file.load(cred.credential_id or "")
-        when = self._due(status, cred, self._clock())
-        if when is not None:
-            self._schedule(name, when)
-        return result
 
-    async def _after_failure(self, name: str, state_file: StateFile, cred: AdobeSettings) -> None:
-        """Keep what is known, let the daemon hold exactly the stored secrets, retry later."""
+    async def _settle(
+        self, name: str, state_file: StateFile, cred: AdobeSettings, *, failed: bool
+    ) -> None:
+        """After a cycle or survey: keep what is known, let the daemon hold exactly the
+        stored secrets (the old one after success, a discarded new one after a failure, are
+        gone), and schedule what comes next: the next cycle, or a retry with backoff."""
         status = self.status.get(name)
         if status is None:  # removed by a reload meanwhile
             return
         with contextlib.suppress(CycleError):
             status.state = state_file.load(cred.credential_id or "")
-        await self.manager.reread_secrets(name)  # a discarded new secret is gone from the store
-        pending = status.state is not None and status.state.step is not None
-        if cred.rotate_every is None and not pending:
-            return
-        delay = retry_delay(status.failures, cred.policy, None, self._rand)
-        if status.last_error and status.last_error["outcome"] == "conflict":
-            delay = max(delay, min(cred.rotate_every or 3600.0, 3600.0))  # a person must act
-        self._schedule(name, self._clock() + delay)
+        await self.manager.reread_secrets(name)
+        when = self._due(status, cred, self._clock())
+        if failed and when is not None:
+            delay = retry_delay(status.failures, cred.policy, None, self._rand)
+            if status.last_error and status.last_error["outcome"] == "conflict":
+                delay = max(delay, min(cred.rotate_every or 3600.0, 3600.0))  # a person must act
+            when = self._clock() + delay
+        if when is not None:
+            self._schedule(name, when)
 
     async def _scheduled(self, job: str) -> None:
         name = job.removeprefix("cycle:")
@@ -869,23 +869,17 @@ class Cycler:
             self._schedule(name, self._clock() + cred.policy.retry_max)
 
     async def _survey(self, name: str, cred: AdobeSettings) -> None:
-        cycle = Cycle(
-            cred,
-            client=self.manager.client_for(cred),
-            store=SecretStore.of(cred.secret, name),
-            state=StateFile(self.directory, name),
-            clock=self._clock,
-            redactor=self.manager.redactor,
-        )
+        state_file = StateFile(self.directory, name)
         try:
             async with self._lock(name):
-                survey = await cycle.survey()
-            if name in self.status:
-                self.status[name].state = survey
-        except CycleError as exc:
-            self._failed(name, exc)
-            await self._after_failure(name, StateFile(self.directory, name), cred)
-            raise
+                survey = await self._cycle(name, cred, state_file).survey()
+        except BrokerError as exc:
+            err = exc if isinstance(exc, CycleError) else CycleError("error", str(exc))
+            self._failed(name, err)
+            await self._settle(name, state_file, cred, failed=True)
+            raise err from None
+        if name in self.status:
+            self.status[name].state = survey
 
     def _due(self, status: CycleStatus, cred: AdobeSettings, now: float) -> float | None:
         """When the next cycle (or resume, or survey) is due; None: none is."""

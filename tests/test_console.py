@@ -576,3 +576,17 @@ async def test_a_cycle_asked_for_during_the_survey_waits_for_it(world):
     assert result.outcome == "success"
     world.check_done()
     await manager.close()
+
+
+async def test_a_secret_the_daemon_cannot_write_is_a_reported_cycle_error(world, monkeypatch):
+    """rotate --auto on a credential without rotate_every whose secret is an env: one: the
+    cycle fails before it starts, and says so in the status like any failed cycle."""
+    monkeypatch.setenv("TB_CYCLE_TEST_SECRET", "the-original-secret-value")
+    manager, cycler, _ = await world.daemon(secret="env:TB_CYCLE_TEST_SECRET")
+    with pytest.raises(CycleError, match="secret cycling cannot use env:") as info:
+        await cycler.rotate("adobe")
+    assert info.value.outcome == "error"
+    assert "environment variable" in cycler.status["adobe"].last_error["detail"]
+    assert manager.recorder.rotations[("adobe", "error")] == 1
+    assert world.issuer.console_calls == []
+    await manager.close()
