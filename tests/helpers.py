@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -157,6 +158,17 @@ def write_config(path: Path, body: str) -> Path:
 def new_secret() -> str:
     # Characters that need form-encoding, so that encoding mistakes show up.
     return "s3cr3t+/ :" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One issuer fault of the fault tests (in-process matrix and process cases)."""
+
+    mode: str  # DemoIssuer mode, or "gate:refuse" / "gate:garbage" / "gate:reset"
+    error: str  # last_error.error the broker reports
+    permanent: bool = False
+    retry_after: int | None = None  # seconds the issuer asks for
+    max_calls: int = 12  # issuer calls in the ~3 s of outage watched
 
 
 class FakeClock:

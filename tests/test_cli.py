@@ -78,39 +78,24 @@ def test_the_wheel_installs_and_runs(tmp_path):
         ],
         check=True,
     )
-    where = subprocess.run(
-        [str(py), "-c", "import broker; print(broker.__file__)"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-    ).stdout
+
+    def run(*argv: object) -> str:
+        """What a command of the new environment prints (outside the source tree)."""
+        argv_ = [str(a) for a in argv]
+        return subprocess.run(
+            argv_, capture_output=True, text=True, check=True, cwd=tmp_path
+        ).stdout
+
+    where = run(py, "-c", "import broker; print(broker.__file__)")
     assert where.startswith(str(env_dir)), where
-    out = subprocess.run(
-        [str(env_dir / "bin" / "token-broker"), "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-    ).stdout
+    out = run(env_dir / "bin" / "token-broker", "--help")
     for command in ("serve", "demo", "token", "list"):
         assert command in out
-    version = subprocess.run(
-        [str(py), "-m", "broker", "--version"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-    ).stdout
+    version = run(py, "-m", "broker", "--version")
     import tomllib
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert version.strip() == f"token-broker {declared}"  # one place: pyproject.toml
-    typed = subprocess.run(
-        [str(py), "-c", "import broker, pathlib; print(pathlib.Path(broker.__file__).parent)"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-    ).stdout.strip()
+    typed = run(py, "-c", "import broker, pathlib; print(pathlib.Path(broker.__file__).parent)")
+    typed = typed.strip()
     assert (Path(typed) / "py.typed").exists()  # type checkers may use the annotations

@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
 
 import httpx
 import pytest
-from helpers import HEADERS, FakeClock, FakeScheduler
+from helpers import HEADERS, FakeClock, FakeScheduler, Fault
 
 from broker import config
 from broker.api import create_app
@@ -36,15 +35,6 @@ POLICY = {
     "timeout": "0.2s",  # real time: only the hanging issuer waits for it
     "force_cooldown": "0s",
 }
-
-
-@dataclass(frozen=True)
-class Fault:
-    mode: str  # DemoIssuer mode, or "gate:refuse" / "gate:garbage" / "gate:reset"
-    error: str  # last_error.error the broker reports
-    permanent: bool = False
-    retry_after: int | None = None  # seconds the issuer asks for
-    max_calls: int = 12  # issuer calls in the ~3 s of outage watched
 
 
 FAULTS = {

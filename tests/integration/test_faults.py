@@ -13,23 +13,13 @@ Retry-After), how often it calls the issuer, what /v1/credentials/NAME,
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
-from helpers import HEADERS, TcpGate, wait_for
+from helpers import HEADERS, Fault, TcpGate, wait_for
 
 LIFETIME = 4.0  # seconds; scheduled refresh at ~2.7 s, servable until 4 - 0.4 s
 REFRESH = 'retry_initial = "0.2s"\nretry_max = "1s"\ntimeout = "1s"\nforce_cooldown = "0s"'
-
-
-@dataclass(frozen=True)
-class Fault:
-    mode: str  # DemoIssuer mode, or "gate:refuse" / "gate:garbage"
-    error: str  # last_error.error the broker reports
-    permanent: bool = False
-    retry_after: int | None = None  # seconds the issuer asks for
-    max_calls: int = 12  # issuer calls in the ~3 s of outage watched
 
 
 FAULTS = {
