@@ -184,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
                "      --org-id ABCDEF0123456789ABCDEF01@AdobeOrg --scopes openid,AdobeID\n"
                "  printf %s \"$SECRET\" | token-broker add partner --provider oauth2 \\\n"
                "      --client-id broker --token-url https://login.example.com/oauth2/token \\\n"
-               "      --secret-stdin --secret file:/etc/token-broker/partner.secret\n")  # fmt: skip
+               "      --secret-stdin --secret file:partner.secret\n")  # fmt: skip
     add.add_argument("name")
     add.add_argument("--client-id", required=True)
     add.add_argument("--provider", choices=["adobe", "oauth2"], default="adobe")

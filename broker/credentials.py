@@ -160,9 +160,11 @@ def _write_keyring(ref: SecretRef, name: str, values: list[str], force: bool) ->
     try:
         secrets.keyring_backend(name)
     except SecretError as exc:  # a headless host: name the option that gets past it
+        cause = str(exc).removesuffix(secrets.WAY_OUT).rstrip("; ")
         raise SecretError(
-            f"{exc}; or pass --secret file:PATH (a 0600 file the daemon reads) or "
-            "--secret systemd:NAME (for the system service)"
+            f"{cause}; start a Secret Service (e.g. gnome-keyring), or pass --secret "
+            "file:PATH (a 0600 file the daemon reads) or --secret systemd:NAME (for the "
+            "system service)"
         ) from None
     for item in items:
         present = secrets.get_keyring(service, item, name)

@@ -134,6 +134,60 @@ class Sandbox:
         )  # fmt: skip
 
 
+@contextmanager
+def system_config_untouched() -> Iterator[None]:
+    """Fail a test that leaves /etc/token-broker/config.toml behind (and remove it).
+
+    Root's `add` and `import` write the system config when no other exists: tests that
+    run them as root give them a config of the user's first, and this catches one that
+    does not, before it disturbs every later test on the machine.
+    """
+    from broker.config import SYSTEM_CONFIG
+
+    existed = SYSTEM_CONFIG.exists()
+    made_dir = not SYSTEM_CONFIG.parent.exists()
+    yield
+    if existed or not SYSTEM_CONFIG.exists():
+        return
+    SYSTEM_CONFIG.unlink()
+    if made_dir:
+        shutil.rmtree(SYSTEM_CONFIG.parent, ignore_errors=True)
+    raise AssertionError(f"the test wrote {SYSTEM_CONFIG} (removed again)")
+
+
+def users_config(home: Path) -> Path:
+    """An empty config of the user's own, so that root's commands edit it, not /etc's."""
+    path = home / ".config" / "token-broker" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    return path
+
+
+def userns_works() -> bool:
+    """Whether this host lets us run a command as uid 1000 in a user namespace."""
+    if not shutil.which("unshare"):
+        return False
+    try:
+        done = subprocess.run(
+            ["unshare", "--user", "--map-user=1000", "--map-group=1000", "id", "-u"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and done.stdout.strip() == "1000"
+
+
+def as_uid_1000(argv: list[str]) -> list[str]:
+    """``argv`` run as uid 1000 in a user namespace; skip (fail in CI) where impossible."""
+    import pytest
+
+    if not userns_works():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root with user namespaces (unshare --user)")
+        pytest.skip("user namespaces are not available here (unshare --user)")
+    return ["unshare", "--user", "--map-user=1000", "--map-group=1000", *argv]
+
+
 def user_env(home: Path) -> dict[str, str]:
     """An environment of a user with ``home``: token-broker and python on PATH (this
     checkout's), nothing of ours configured, no keyring session, XDG under home."""

@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from doctext import FILES, ROOT, Block, block, blocks, commands, sandbox
+from doctext import (
+    FILES,
+    ROOT,
+    Block,
+    block,
+    blocks,
+    commands,
+    sandbox,
+    system_config_untouched,
+)
 from promql import broker_scrape, evaluate, promtool
 
 from broker import config
@@ -27,6 +36,12 @@ from broker.cli import _parser
 
 README = ROOT / "README.md"
 ALL = blocks()
+
+
+@pytest.fixture(autouse=True)
+def _no_system_config():  # type: ignore[no-untyped-def]
+    with system_config_untouched():
+        yield
 
 
 def ids(b: Block) -> str:
@@ -122,7 +137,7 @@ def test_the_link_check_can_fail(tmp_path):
 def test_every_marked_block_is_run_by_a_test():
     marked = {b.arg for b in ALL if b.kind == "test"}
     sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
-    claimed = set(re.findall(r"""block\(\s*["']([\w-]+)["']""", sources))
+    claimed = set(re.findall(r"""block\(\s*["']([a-z][\w-]*)["']""", sources))
     assert marked - claimed == set(), "blocks marked test: that no test runs"
     assert claimed - marked == set(), "tests that run a block nobody marked"
 
@@ -310,3 +325,81 @@ def test_config_error_examples_are_what_the_loader_says(tmp_path):
             config.load(path)
         made.append(str(info.value).replace(str(tmp_path) + "/", ""))
     assert made == lines
+
+
+def test_the_install_block_makes_a_virtualenv_whose_pip_comes_first(tmp_path):
+    """The README's install block, as written: a virtualenv, activated (pip install . from
+    PyPI is the Quick start's, which tests/test_cli.py does offline with the wheel)."""
+    from doctext import user_env
+
+    home = tmp_path / "home"
+    home.mkdir()
+    script = block("install") + "command -v pip\n"
+    done = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True,
+                          env=user_env(home), cwd=home, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{home}/.local/share/token-broker/bin/pip"
+
+
+def test_the_quick_start_demo_and_the_lines_to_try(tmp_path):
+    """`token-broker demo` (the Quick start's first command after `pip install .`), and the
+    README's lines to try in another terminal. The demo listens on a free port instead
+    of 8765 (other tests may hold it): the lines are given that address, as `--listen`
+    and $TOKEN_BROKER_URL would."""
+    import signal
+    import sys
+
+    import httpx
+    from doctext import user_env
+    from helpers import free_port, wait_for
+
+    first = block("quick-start").splitlines()[0]
+    assert first.split(" && ")[1] == "token-broker demo"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = user_env(home)
+    port = free_port()
+    env["TOKEN_BROKER_URL"] = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "demo.out", "wb")  # noqa: SIM115 - closed below
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "broker", "demo", "--listen", f"127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                assert demo.poll() is None, (tmp_path / "demo.out").read_text()
+                return False
+
+        wait_for(up, timeout=30, what="the demo")
+        lines = block("demo").replace("127.0.0.1:8765", f"127.0.0.1:{port}")
+        done = subprocess.run(["bash", "-e", "-c", lines], capture_output=True, text=True,
+                              env=env, cwd=home, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+        assert out.startswith("demo-")  # the token (curl adds no newline)
+        assert '"name":"demo"' in out and "'state': 'fresh'" in out
+        assert "\ntoken until 20" in out and "\nNAME " in out and "\ndemo " in out
+        assert not (home / ".config" / "token-broker").exists()  # it wrote no config
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=15) == 0
+        log.close()
+
+
+def test_the_kubernetes_commands_render(tmp_path):
+    """`kubectl apply -k` needs a cluster; what it would apply is `kubectl kustomize` of the
+    same overlay, which must render (tests/test_kubernetes.py validates every object)."""
+    from kube import tool
+
+    kubectl = tool("kubectl")
+    for line in commands(block("kubectl")):
+        words = shlex.split(line, comments=True)
+        assert words[0] == "kubectl" and words[1] in ("apply", "kustomize"), line
+        overlay = words[words.index("-k") + 1] if words[1] == "apply" else words[2]
+        done = subprocess.run([kubectl, "kustomize", overlay], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)  # fmt: skip
+        assert done.returncode == 0 and "kind: " in done.stdout, done.stderr

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from doctext import as_uid_1000
 from helpers import HEADERS, BrokerProcess, free_port, new_secret, wait_for, write_config
 
 from broker.access import key_digest, new_key
@@ -82,22 +83,9 @@ def run_cli(monkeypatch, argv: list[str], stdin: str = "") -> int:
 # -- trap 1: the config file a normal user's `add` writes ----------------------------------
 
 
-def _userns_works() -> bool:
-    try:
-        done = subprocess.run(
-            ["unshare", "--user", "--map-user=1000", "--map-group=1000", "id", "-u"],
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0 and done.stdout.strip() == "1000"
-
-
 def as_user(home: Path, *argv: str, stdin: str = "", env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     """``python -m broker ARGV`` as uid 1000 (a user namespace), on a host without a
     Secret Service: no D-Bus session, nothing configured, HOME and XDG in ``home``."""
-    if not shutil.which("unshare") or not _userns_works():
-        pytest.skip("user namespaces are not available here (unshare --user)")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_BROKER_", "DBUS_"))}
     clean.pop("PYTHON_KEYRING_BACKEND", None)
     runtime = home / "run"
@@ -107,8 +95,7 @@ def as_user(home: Path, *argv: str, stdin: str = "", env: dict[str, str] | None 
                  XDG_STATE_HOME=str(home / ".local/state"))  # fmt: skip
     clean.update(env or {})
     return subprocess.run(
-        ["unshare", "--user", "--map-user=1000", "--map-group=1000",
-         sys.executable, "-m", "broker", *argv],
+        as_uid_1000([sys.executable, "-m", "broker", *argv]),
         input=stdin, capture_output=True, text=True, env=clean, timeout=120,
     )  # fmt: skip
 
