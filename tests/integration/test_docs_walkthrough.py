@@ -158,7 +158,8 @@ def test_import_a_project_into_the_keyring_and_into_a_file(issuer, own_secret_se
     project_json(home / "Downloads" / "project.json", secret)
     env = {**user_env(home), **_keyring(own_secret_service)}
     out = _walk(block("import-project"), env, home, issuer.url)
-    assert "imported usersync" in out and own_secret_service.lookup("token-broker", "usersync") == secret
+    assert "imported usersync" in out
+    assert own_secret_service.lookup("token-broker", "usersync") == secret
     other = home / "other"
     other.mkdir()
     users_config(other)
