@@ -282,9 +282,9 @@ def test_json_blocks_parse(b):
         assert isinstance(json.loads(line), dict), b.where
 
 
-@pytest.mark.parametrize("b", _by("ini"), ids=ids)
-def test_ini_blocks_parse(b):
-    configparser.ConfigParser().read_string(b.body)
+def test_ini_blocks_parse():
+    for b in [b for b in ALL if b.lang == "ini"]:  # systemd drop-ins
+        configparser.ConfigParser().read_string(b.body)
 
 
 @pytest.mark.parametrize("b", _by("yaml"), ids=ids)

@@ -346,7 +346,7 @@ def test_fail_backend_names_cause_and_way_out(tmp_path):
     assert r.returncode == 1
     assert "no keyring backend is available" in r.stderr
     assert "PYTHON_KEYRING_BACKEND selects the fail backend" in r.stderr
-    assert "use a systemd: or file: secret" in r.stderr
+    assert "or pass --secret file:PATH" in r.stderr
 
 
 def test_no_dbus_session(tmp_path):
