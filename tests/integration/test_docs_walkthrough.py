@@ -123,8 +123,8 @@ def test_first_credential_with_a_keyring(issuer, own_secret_service, home):
     assert out in issuer.issuer.issued  # curl printed a token the issuer handed out
     config = home / ".config" / "token-broker" / "config.toml"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
-    assert "[credentials.usersync]" in config.read_text()  # named after the project
-    assert own_secret_service.lookup("token-broker", "usersync") == secret
+    assert "[credentials.adobe]" in config.read_text()
+    assert own_secret_service.lookup("token-broker", "adobe") == secret
     assert secret not in config.read_text() + (home / "serve.log").read_text()
 
 
