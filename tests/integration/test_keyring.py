@@ -487,3 +487,19 @@ secret = "file:{secret_file}"
 
     assert main(["doctor", "--config", str(tmp_path / "nope.toml")]) == 1
     assert "FAIL  config:" in capsys.readouterr().out
+
+
+def test_a_second_added_credential_keeps_the_first_as_default(
+    keyring_env, tmp_path, monkeypatch, capsys
+):
+    """GET /token served the only credential; after `add` of a second one it still does."""
+    cfg = tmp_path / "config.toml"
+    base = ["--no-verify", "--secret-stdin", "--config", str(cfg)]
+    assert run_cli(monkeypatch, ["add", "first2", "--client-id", "a", *base], "s1") == 0
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["add", "second2", "--client-id", "b", *base], "s2") == 0
+    out = capsys.readouterr().out
+    assert '[server] default = "first2" written' in out
+    assert 'default = "first2"' in cfg.read_text()
+    for name in ("first2", "second2"):
+        assert run_cli(monkeypatch, ["remove", name, "--config", str(cfg)]) == 0
