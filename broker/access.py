@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -135,6 +136,27 @@ class Access:
             raise AccessDenied(
                 403, f'client {client.name!r} may not reload: needs credentials = ["*"]', "client"
             )
+
+
+def keyless_admin(scope: Mapping[str, Any], denied: AccessDenied) -> bool:
+    """Whether a request refused for want of a key is a local administrator's reload or cycle.
+
+    Over the unix socket the kernel names the caller (``SO_PEERCRED``). Root and the
+    daemon's own user may already signal it (SIGHUP reloads) and read its config and
+    secrets, so a key proves nothing more: they may ``POST /v1/reload`` and
+    ``POST /v1/credentials/NAME/rotate`` without one. This is how ``token-broker client
+    add`` on the same host gets the daemon to load the very first ``"*"`` key it has
+    just written. Only a missing key is excused, never a wrong one; over TCP the
+    caller's user cannot be known, and a key is needed.
+    """
+    if denied.rule != "no_key" or scope.get("method") != "POST":
+        return False
+    path: str = scope.get("path", "")
+    admin = path == "/v1/reload" or (
+        path.startswith("/v1/credentials/") and path.endswith("/rotate")
+    )
+    peer: Peer | None = (scope.get("extensions") or {}).get(PEER)
+    return admin and peer is not None and peer.uid in (0, os.getuid())
 
 
 def _peer_allowed(peer: Peer, cred: CredentialSettings) -> bool:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,19 +33,61 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+_READ_CONFIG = (
+    "the config file (default: $TOKEN_BROKER_CONFIG, else "
+    "$XDG_CONFIG_HOME/token-broker/config.toml (~/.config/...) if it exists, "
+    "else /etc/token-broker/config.toml)"
+)
+_WRITE_CONFIG = (
+    _READ_CONFIG + "; when none exists it is created: your own (dir 0700, file 0600), or "
+    "/etc/token-broker/config.toml when run as root"
+)
+
+
+def _sub(
+    sub: Any,
+    name: str,
+    parents: list[argparse.ArgumentParser],
+    summary: str,
+    description: str,
+    examples: str,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """A subcommand with a one-line summary, a paragraph of description and examples."""
+    import textwrap
+
+    return sub.add_parser(  # type: ignore[no-any-return]
+        name,
+        parents=parents,
+        help=summary,
+        description=textwrap.fill(description, width=79),
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="token-broker",
         description="Serve OAuth access tokens on loopback; the client secret stays here.",
+        epilog="Start with `token-broker demo` (no setup), then `token-broker import "
+        "project.json` (an Adobe Developer Console download) and `token-broker serve`. "
+        "`token-broker COMMAND --help` describes each command, with examples.",
     )
     parser.add_argument("--version", action=_Version, help="print the version and exit")
     config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", metavar="PATH", help="config file (default: see README)")
-    config.add_argument(
+    config.add_argument("--config", metavar="PATH", help=_READ_CONFIG)
+    config_write = argparse.ArgumentParser(add_help=False)
+    config_write.add_argument("--config", metavar="PATH", help=_WRITE_CONFIG)
+    # Only on commands that talk to a running daemon: they send the key with each request.
+    key = argparse.ArgumentParser(add_help=False)
+    key.add_argument(
         "--key-file",
         metavar="PATH",
-        help="client key for asking the daemon (default: $TOKEN_BROKER_CLIENT_KEY, else the "
-        "file $TOKEN_BROKER_CLIENT_KEY_FILE names)",
+        help="a file holding the client key to show the daemon, once it has [clients.NAME] "
+        "keys (default: $TOKEN_BROKER_CLIENT_KEY, else the file $TOKEN_BROKER_CLIENT_KEY_FILE "
+        "names)",
     )
     daemon = argparse.ArgumentParser(add_help=False)
     daemon.add_argument(
@@ -56,28 +99,53 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "--log-format", choices=["text", "json"], default="text", help="log lines on stderr"
     )
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", parents=[config, logs], help="run the daemon in the foreground")
-    demo = sub.add_parser(
-        "demo", parents=[config, logs], help="zero-setup demo: embedded issuer + broker"
-    )
+    _sub(sub, "serve", [config, logs], "run the daemon in the foreground",
+         "Run the daemon in the foreground: it reads the config, fetches a token for every "
+         "credential, refreshes each ahead of its expiry and serves them on the listen "
+         "addresses. It logs to stderr. SIGHUP (or `token-broker reload`) re-reads the "
+         "config and the secrets; SIGTERM stops it.",
+         "  token-broker serve\n"
+         "  token-broker serve --config /etc/token-broker/config.toml\n"
+         "  token-broker serve --log-format json\n")  # fmt: skip
+    demo = _sub(sub, "demo", [logs], "zero-setup demo: embedded issuer + broker",
+                "Start an OAuth issuer of its own on a random loopback port and the broker on "
+                "127.0.0.1:8765 with one credential, `demo`, whose tokens live 120 s, so that "
+                "you can watch a refresh. It needs no config and writes none; it prints the "
+                "commands to try. Ctrl-C stops both.",
+                "  token-broker demo\n"
+                "  token-broker demo --lifetime 10m --rotate-every 30s\n")  # fmt: skip
     demo.add_argument("--listen", default="127.0.0.1:8765", help="default 127.0.0.1:8765")
     demo.add_argument(
         "--rotate-every",
         metavar="DURATION",
-        help='cycle the demo secret this often, e.g. "30s" (DESIGN §11)',
+        help="cycle the demo secret this often through the issuer's I/O Management API, "
+        'e.g. "30s"',
     )
     demo.add_argument(
-        "--lifetime", type=float, default=120.0, help="demo token lifetime in seconds"
+        "--lifetime",
+        metavar="DURATION",
+        default="120s",
+        help='the demo tokens\' lifetime, e.g. "90s", "10m" (default 120s)',
     )
-    token = sub.add_parser("token", parents=[config, daemon], help="print a token from the daemon")
+    demo.add_argument("--config", help=argparse.SUPPRESS)  # refused with a sentence
+    token = _sub(sub, "token", [config, daemon, key], "print a token from the daemon",
+                 "Ask the running daemon for a credential's access token and print it alone "
+                 "on stdout. Needs no config file: see --url.",
+                 "  token-broker token\n"
+                 "  TOKEN=$(token-broker token adobe)\n")  # fmt: skip
     token.add_argument("name", nargs="?", help="credential (default: the default credential)")
-    lst = sub.add_parser("list", parents=[config, daemon], help="show each credential's state")
+    lst = _sub(sub, "list", [config, daemon, key], "show each credential's state",
+               "Show each credential the daemon serves: provider, state, when its token "
+               "expires, and the last error while the credential is not fresh (with cycling, "
+               "the secret's age and the next cycle).",
+               "  token-broker list\n"
+               "  token-broker list --json --url unix:/run/token-broker/broker.sock\n")  # fmt: skip
     lst.add_argument("--json", action="store_true", help="print the status JSON")
 
-    json_flag = argparse.ArgumentParser(add_help=False)
-    json_flag.add_argument("--json", action="store_true", help="machine-readable output")
     secret_in = argparse.ArgumentParser(add_help=False)
     secret_in.add_argument(
         "--secret-stdin", action="store_true", help="read the secret from stdin (no prompt)"
@@ -85,20 +153,59 @@ def _parser() -> argparse.ArgumentParser:
     secret_in.add_argument(
         "--no-verify", action="store_true", help="skip the test token request to the issuer"
     )
-    add = sub.add_parser(
-        "add", parents=[config, json_flag, secret_in], help="add a credential (secret to keyring)"
+    secret_out = argparse.ArgumentParser(add_help=False)
+    secret_out.add_argument(
+        "--secret",
+        metavar="REF",
+        help="where the secret goes, written into the config as `secret = REF`: keyring "
+        "(default: the OS keyring), file:PATH (written 0600, its directory made 0700; "
+        "for a server without a Secret Service), systemd:NAME (prints the systemd-creds "
+        "line to run; for the system service)",
     )
+    secret_out.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a secret file or keyring item that holds another secret",
+    )
+    secret_out.add_argument(
+        "--default",
+        action="store_true",
+        help="make this the [server] default credential, served by GET /token (without it, "
+        "an existing single credential stays the default)",
+    )
+    add = _sub(sub, "add", [config_write, key, json_flag, secret_in, secret_out],
+               "add a credential by hand",
+               "Add a credential: the secret is prompted for without echo (or read from stdin "
+               "with --secret-stdin), verified with one token request, and stored where "
+               "--secret says (the OS keyring by default); the config file is created or "
+               "edited in place, comments kept, and a running daemon reloads. The config "
+               "names the secret's place, never the secret.",
+               "  token-broker add adobe --client-id 0123456789abcdef0123456789abcdef \\\n"
+               "      --org-id ABCDEF0123456789ABCDEF01@AdobeOrg --scopes openid,AdobeID\n"
+               "  printf %s \"$SECRET\" | token-broker add partner --provider oauth2 \\\n"
+               "      --client-id broker --token-url https://login.example.com/oauth2/token \\\n"
+               "      --secret-stdin --secret file:partner.secret\n")  # fmt: skip
     add.add_argument("name")
     add.add_argument("--client-id", required=True)
     add.add_argument("--provider", choices=["adobe", "oauth2"], default="adobe")
-    add.add_argument("--org-id", help="Adobe IMS org, e.g. ABC123@AdobeOrg")
+    add.add_argument("--org-id", help="Adobe IMS org, e.g. ABCDEF0123456789ABCDEF01@AdobeOrg")
     add.add_argument("--scopes", help="comma-separated, e.g. openid,AdobeID")
     add.add_argument("--ims-url", help="Adobe IMS base URL (default: production)")
     add.add_argument("--token-url", help="token endpoint (oauth2)")
     add.add_argument("--auth-method", choices=["client_secret_basic", "client_secret_post"])
-    imp = sub.add_parser(
-        "import", parents=[config, json_flag], help="import an Adobe Developer Console JSON"
-    )
+    imp = _sub(sub, "import", [config_write, key, json_flag, secret_out],
+               "import an Adobe Developer Console project JSON",
+               "Add every OAuth Server-to-Server credential of a Developer Console project "
+               "download (project overview, Download): client id, scopes, IMS org and the "
+               "Console ids that secret cycling needs go into the config, the client "
+               "secret(s) where --secret says (the OS keyring by default; a second secret "
+               "beside the first, as a rotation keeps it). Each is verified with one token "
+               "request first. The credential is named after the project (--name chooses). "
+               "Afterwards it offers to delete FILE, which holds the secret in plain text.",
+               "  token-broker import ~/Downloads/project.json\n"
+               "  token-broker import project.json --name adobe --delete \\\n"
+               "      --secret file:$HOME/.config/token-broker/adobe.secret\n"
+               "  token-broker import project.json --secret systemd:adobe --keep\n")  # fmt: skip
     imp.add_argument("file")
     imp.add_argument("--name", help="credential name (one OAuth Server-to-Server credential)")
     imp.add_argument("--no-verify", action="store_true", help="skip the test token request")
@@ -106,11 +213,21 @@ def _parser() -> argparse.ArgumentParser:
     keep = imp.add_mutually_exclusive_group()
     keep.add_argument("--delete", action="store_true", help="delete FILE afterwards, no prompt")
     keep.add_argument("--keep", action="store_true", help="keep FILE, no prompt")
-    rm = sub.add_parser("remove", parents=[config, json_flag], help="remove a credential")
+    rm = _sub(sub, "remove", [config_write, key, json_flag], "remove a credential",
+              "Remove a credential from the config and its keyring items (a file or systemd "
+              "secret is left where it is, and named), then reload a running daemon.",
+              "  token-broker remove adobe\n")  # fmt: skip
     rm.add_argument("name")
-    rot = sub.add_parser(
-        "rotate", parents=[config, json_flag, secret_in], help="rotate a secret without downtime"
-    )
+    rot = _sub(sub, "rotate", [config_write, key, json_flag, secret_in],
+               "rotate a secret without downtime",
+               "Rotate a keyring secret in two steps while every tool keeps getting tokens: "
+               "the new secret (made in the Developer Console) is verified and stored beside "
+               "the old one; once the old one is deleted at Adobe, --finish keeps only the "
+               "new one. --auto instead runs one automatic cycle through Adobe's I/O "
+               "Management API (the credential needs credential_id and console_org_id).",
+               "  token-broker rotate adobe\n"
+               "  token-broker rotate adobe --finish\n"
+               "  token-broker rotate adobe --auto\n")  # fmt: skip
     rot.add_argument("name")
     step = rot.add_mutually_exclusive_group()
     step.add_argument("--finish", action="store_true", help="drop the old secret")
@@ -121,40 +238,73 @@ def _parser() -> argparse.ArgumentParser:
         help="cycle the secret through Adobe's I/O Management API now (by the daemon if one "
         "runs with this config, else here)",
     )
-    sub.add_parser(
-        "reload",
-        parents=[config, daemon, json_flag],
-        help="make the daemon re-read config and secrets",
-    )
-    health = sub.add_parser(
-        "health",
-        parents=[config, daemon],
-        help="exit 0 if the daemon is healthy (container probes)",
-    )
+    _sub(sub, "reload", [config, daemon, key, json_flag],
+         "make the daemon re-read config and secrets",
+         "Ask the running daemon to re-read its config file and secrets, as SIGHUP does: "
+         "added credentials start, removed ones stop, changed ones refresh, the others keep "
+         "their tokens. A config with an error is refused whole. With client keys it needs a "
+         'key whose credentials are "*" -- except from root or the daemon\'s own user over '
+         "its unix socket.",
+         "  token-broker reload\n"
+         "  token-broker reload --key-file /etc/token-broker/admin.key\n")  # fmt: skip
+    health = _sub(sub, "health", [config, daemon, key],
+                  "exit 0 if the daemon is healthy (container probes)",
+                  "Exit 0 if the daemon answers /healthz (with --ready: /readyz, every "
+                  "credential has a servable token), else 1 with the reason on stderr.",
+                  "  token-broker health --ready\n")  # fmt: skip
     health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
-    _exec_parser(sub, [config, daemon])
-    doc = sub.add_parser("doctor", parents=[config, json_flag], help="check the setup")
+    _exec_parser(sub, [config, daemon, key])
+    doc = _sub(sub, "doctor", [config, json_flag], "check the setup",
+               "Check the setup, one line per check: the config file, file modes, the "
+               "keyring, listen addresses, TLS files, every credential's secret and, unless "
+               "--offline, one token request per credential. Exit 1 when a check fails.",
+               "  token-broker doctor\n"
+               "  token-broker doctor --offline --json\n")  # fmt: skip
     doc.add_argument("--offline", action="store_true", help="no token requests to issuers")
 
-    client = sub.add_parser("client", help="client keys: who may read which token")
+    client = _sub(sub, "client", [], "client keys: who may read which token",
+                  "Client keys let each tool read only its own credentials. Once one exists, "
+                  "every token and status request needs `Authorization: Bearer KEY`.",
+                  "  token-broker client add ci --credentials adobe > ci.key\n"
+                  "  token-broker client list\n")  # fmt: skip
     client_sub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
-    cadd = client_sub.add_parser(
-        "add", parents=[config, json_flag], help="create a client key (printed once)"
-    )
+    cadd = _sub(client_sub, "add", [config_write, key, json_flag],
+                "create a client key (printed once)",
+                "Create a client key allowed to read the named credentials and print it, "
+                "alone on stdout, once: the config keeps only its SHA-256. Adding the first "
+                "client makes every other reader need a key too.",
+                "  (umask 077; token-broker client add ci --credentials adobe > ci.key)\n"
+                "  token-broker client add ops --credentials '*'\n")  # fmt: skip
     cadd.add_argument("name")
     cadd.add_argument(
         "--credentials", required=True, help='comma-separated credential names, or "*" for all'
     )
     cadd.add_argument("--replace", action="store_true", help="give an existing client a new key")
-    crm = client_sub.add_parser("remove", parents=[config, json_flag], help="remove a client")
+    crm = _sub(client_sub, "remove", [config_write, key, json_flag], "remove a client",
+               "Remove a client from the config: its key stops working once the daemon has "
+               "reloaded (this command asks it to).",
+               "  token-broker client remove ci\n")  # fmt: skip
     crm.add_argument("name")
-    client_sub.add_parser("list", parents=[config, json_flag], help="show the clients")
+    _sub(client_sub, "list", [config, json_flag], "show the clients",
+         "Show each client and the credentials its key may read, from the config (the keys "
+         "themselves are not kept anywhere: only their SHA-256).",
+         "  token-broker client list --json\n")  # fmt: skip
 
-    # -- tls (DESIGN §10): the local CA of the HTTPS listener; the logic is in broker/tls.py
-    tls = sub.add_parser("tls", help="the local CA of the HTTPS (IMS) listener")
+    # -- tls: the local CA of the HTTPS listener; the logic is in broker/tls.py
+    tls = _sub(sub, "tls", [], "the local CA of the HTTPS (IMS) listener",
+               "The local CA that signs the certificate of the HTTPS listeners (ims_listen, "
+               "tls_listen): create it, and print the files clients must trust.",
+               "  token-broker tls init\n"
+               "  token-broker tls ca --bundle\n")  # fmt: skip
     tls_sub = tls.add_subparsers(dest="tls_command", required=True, metavar="ACTION")
-    tls_sub.add_parser("init", parents=[config], help="create the local CA (once)")
-    tls_ca = tls_sub.add_parser("ca", parents=[config], help="print the CA certificate's path")
+    _sub(tls_sub, "init", [config], "create the local CA (once)",
+         "Create the local CA (an ECDSA key, mode 0600, and a certificate limited to "
+         "loopback names) in the state directory; an existing one is left alone.",
+         "  token-broker tls init\n")  # fmt: skip
+    tls_ca = _sub(tls_sub, "ca", [config], "print the CA certificate's path",
+                  "Print the path of the local CA's certificate alone on stdout (with "
+                  "--bundle: of a bundle of the system's CAs plus the broker's).",
+                  "  export REQUESTS_CA_BUNDLE=$(token-broker tls ca --bundle)\n")  # fmt: skip
     tls_ca.add_argument(
         "--bundle",
         action="store_true",
@@ -165,13 +315,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _exec_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    ex = sub.add_parser(
-        "exec",
-        parents=parents,
-        help="run a command with the token in its environment",
-        usage="token-broker exec [NAME] [--env VAR=FIELD]... [--min-remaining DUR] [--pass-key] "
-        "[--url URL] -- COMMAND [ARG...]",
-    )
+    ex = _sub(sub, "exec", parents, "run a command with the token in its environment",
+              "Run COMMAND with a credential's token in its environment "
+              "(TOKEN_BROKER_ACCESS_TOKEN, TOKEN_BROKER_EXPIRES_AT and, for Adobe, "
+              "TOKEN_BROKER_API_KEY and TOKEN_BROKER_ORG_ID), as `aws-vault exec` does. The "
+              "command goes after `--`. It becomes this process: same pid, its signals and "
+              "its exit status.",
+              "  token-broker exec adobe -- ./sync-users.sh\n"
+              "  token-broker exec --env AUTH=authorization -- my-tool --verbose\n",
+              usage="token-broker exec [NAME] [--env VAR=FIELD]... [--min-remaining DUR] "
+              "[--pass-key] [--url URL] -- COMMAND [ARG...]")  # fmt: skip
     ex.add_argument("name", nargs="?", help="credential (default: the default credential)")
     ex.add_argument(
         "--env",
@@ -201,6 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         argv, command = split_command(argv)
     parser = _parser()
+    if argv[:1] == ["exec"] and command is None:
+        args, extra = parser.parse_known_args(argv)
+        if extra or not command:
+            # `exec adobe ./script.sh`: the command was taken for our own arguments.
+            name = f"{args.name} " if args.name else ""
+            given = " ".join(extra)
+            parser.error(
+                f"exec: put the command after --: token-broker exec {name}-- "
+                f"{given or 'COMMAND [ARG...]'}"
+            )
     args = parser.parse_args(argv)
     if args.command == "exec":
         if not command:
@@ -267,7 +430,20 @@ def _demo(args: argparse.Namespace) -> int:
     from broker import demo, logs, server
     from broker.config import parse_duration
 
-    if args.lifetime < 2:
+    if args.config is not None:
+        print(
+            "token-broker: demo takes no --config: it runs an issuer and a credential of its "
+            f"own and reads no config; to serve {args.config}, run `token-broker serve "
+            f"--config {args.config}`",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        lifetime = parse_duration(args.lifetime)
+    except ValueError as exc:
+        print(f"token-broker: --lifetime: {exc}", file=sys.stderr)
+        return 2
+    if lifetime < 2:
         print("token-broker: --lifetime must be at least 2 seconds", file=sys.stderr)
         return 2
     rotate_every = None
@@ -282,7 +458,7 @@ def _demo(args: argparse.Namespace) -> int:
             return 2
     redactor = logs.Redactor()
     logs.setup(redactor, args.log_format)
-    return server.run(demo.run(args.listen, args.lifetime, redactor, rotate_every))
+    return server.run(demo.run(args.listen, lifetime, redactor, rotate_every))
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -306,7 +482,9 @@ def _list(args: argparse.Namespace) -> int:
     head = ["NAME", "PROVIDER", "STATE", "EXPIRES_AT"]
     table = [(*head, *(("SECRET_AGE", "NEXT_CYCLE") if cycling else ()), "LAST_ERROR")]
     for row in rows:
-        err = row.get("last_error") or {}
+        # A fresh credential has recovered: its last error is history, and beside "fresh" it
+        # reads as a current fault (the status JSON keeps it, with its time).
+        err = (row.get("last_error") or {}) if row["state"] != "fresh" else {}
         last = f"{err.get('error')}: {err.get('description')}" if err else "-"
         cells = [row["name"], row["provider"], row["state"], row["expires_at"] or "-"]
         if cycling:
@@ -332,14 +510,16 @@ def _age(seconds: float) -> str:
 
 
 def _daemon(
-    args: argparse.Namespace, *, from_config: bool = False
+    args: argparse.Namespace, *, from_config: bool = False, admin: bool = False
 ) -> tuple[TokenBroker, dict[str, str]]:
     """A TokenBroker for the running daemon, and any extra header its config requires.
 
     ``--url``, else ``$TOKEN_BROKER_URL``, else the config's first listen address
-    when a config file exists, else ``http://127.0.0.1:8765`` (DESIGN §9), so the
-    commands that only talk to the daemon need no config. ``from_config``: the
-    daemon that serves this config (``add``, ``remove``... notify it).
+    when a config file exists, else ``http://127.0.0.1:8765``, so the commands
+    that only talk to the daemon need no config. ``from_config``: the daemon that
+    serves this config (``add``, ``remove``... notify it). ``admin``: a reload or
+    a cycle, asked over the config's unix socket when it has one, where the
+    daemon knows the caller's uid and lets root and its own user in without a key.
     """
     import os
 
@@ -348,22 +528,26 @@ def _daemon(
     url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
     extra: dict[str, str] = {}
     if not url:
-        url, extra = _config_address(args)
+        url, extra = _config_address(args, admin=admin)
     return TokenBroker(url, key=_client_key(args)), extra
 
 
-def _config_address(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
-    """The first listen address of the config file, if there is one (None: the default)."""
+def _config_address(
+    args: argparse.Namespace, *, admin: bool = False
+) -> tuple[str | None, dict[str, str]]:
+    """The config file's listen address to ask (None: no config file, the default)."""
     import os
 
     from broker import config
-    from broker.config import TcpListen
+    from broker.config import TcpListen, UnixListen
 
     explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
     if not explicit and not config.config_path().exists():
         return None, {}
     settings = config.load(args.config)
-    listen = settings.server.listen[0]
+    listens = settings.server.listen
+    unix = [x for x in listens if isinstance(x, UnixListen)]
+    listen = unix[0] if admin and unix else listens[0]
     url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
     header = settings.server.require_header
     # broker.client always sends X-Token-Broker: 1; a config may name another header.
@@ -376,13 +560,16 @@ def _ask_daemon(
     method: str = "GET",
     *,
     from_config: bool = False,
+    admin: bool = False,
     timeout: float = 5.0,
 ) -> Any:
     """One request to the running daemon (BrokerUnavailable if it cannot be reached)."""
-    broker, extra = _daemon(args, from_config=from_config)
+    broker, extra = _daemon(args, from_config=from_config, admin=admin)
     broker.timeout = timeout
     with broker:
-        return broker.request(method, path, headers=extra)
+        response = broker.request(method, path, headers=extra)
+    response.broker_url = broker.url  # for the advice on a refusal
+    return response
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -422,14 +609,96 @@ def _client_key(args: argparse.Namespace) -> str | None:
         raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
 
 
+_KEY_HINT = (
+    "pass the client key with --key-file PATH, or name its file in "
+    "$TOKEN_BROKER_CLIENT_KEY_FILE (or put the key in $TOKEN_BROKER_CLIENT_KEY)"
+)
+
+
 def _daemon_error(response: Any) -> int:
-    try:
-        body = response.json()
-        message = f"{body['error']}: {body['detail']}"
-    except (ValueError, KeyError, TypeError):
-        message = f"HTTP {response.status_code}"
+    message = _refusal(response)
+    if response.status_code == 401:
+        message += f"; {_KEY_HINT}"
     print(f"token-broker: {message}", file=sys.stderr)
     return 1
+
+
+def _refusal(response: Any) -> str:
+    """The daemon's error answer in one phrase: ``code: detail``."""
+    try:
+        body = response.json()
+        return f"{body['error']}: {body['detail']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
+def _admin_advice(response: Any) -> str:
+    """What to do when the daemon refused an administrator's request for want of a key."""
+    url = str(getattr(response, "broker_url", ""))
+    pid = _daemon_pid(url)
+    hup = f"`kill -HUP {pid}`" if pid else "`kill -HUP <pid of token-broker serve>`"
+    advice = (
+        'ask it with a client key whose credentials are "*" (--key-file PATH or '
+        "$TOKEN_BROKER_CLIENT_KEY_FILE), or reload it by signal: "
+        f"`systemctl reload token-broker` for the system service, else {hup}"
+    )
+    if url.startswith("unix:"):
+        import os
+
+        return (
+            f"{advice} (over its unix socket only root and the daemon's own user need no key; "
+            f"this is uid {os.getuid()})"
+        )
+    return (
+        f"{advice}; with a unix socket in [server] listen, root and the daemon's own user "
+        "reload it over that socket without a key"
+    )
+
+
+def _daemon_pid(url: str) -> int | None:
+    """The pid of the daemon at ``url``, where this user may see it (else None)."""
+    import socket
+    import struct
+
+    try:
+        if url.startswith("unix:"):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(2)
+                sock.connect(url[5:])
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                return struct.unpack("3i", creds)[0] or None
+        from urllib.parse import urlsplit
+
+        port = urlsplit(url).port
+        return _listener_pid(port) if port else None
+    except (OSError, ValueError):
+        return None
+
+
+def _listener_pid(port: int) -> int | None:
+    """The process listening on loopback TCP ``port``, from /proc (Linux)."""
+    import os
+
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for entry in os.listdir("/proc") if inodes else ():
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    return int(entry)
+        except OSError:
+            continue
+    return None
 
 
 def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
@@ -437,10 +706,10 @@ def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 def _document(args: argparse.Namespace) -> Any:
-    from broker.config import config_path
+    from broker.config import write_path
     from broker.configedit import ConfigDocument
 
-    return ConfigDocument(config_path(args.config))
+    return ConfigDocument(write_path(args.config))
 
 
 def _read_secret(args: argparse.Namespace, prompt: str) -> str:
@@ -454,18 +723,93 @@ def _read_secret(args: argparse.Namespace, prompt: str) -> str:
     return getpass.getpass(prompt)
 
 
-def _reload_daemon(args: argparse.Namespace) -> str:
-    """Tell a running daemon to reload; say what happened in a few words."""
+@dataclass
+class _Reload:
+    """What became of the request to reload after a config change."""
+
+    ok: bool  # reloaded, or no daemon runs (it reads the file at start)
+    note: str  # a few words for the command's line
+    problem: str | None = None  # the refusal and what to do (stderr), when not ok
+
+
+def _reload_daemon(args: argparse.Namespace) -> _Reload:
+    """Tell a running daemon to reload; say what happened, and what to do if it refused."""
     try:
-        response = _ask_daemon(args, "/v1/reload", "POST", from_config=True)
+        response = _ask_daemon(args, "/v1/reload", "POST", from_config=True, admin=True)
     except BrokerError:
-        return "no daemon is running with this config; it will use this at start"
+        return _Reload(True, "no daemon is running with this config; it will use this at start")
     if response.status_code == 200:
-        return "the running daemon reloaded"
-    try:
-        return f"the daemon refused to reload: {response.json()['detail']}"
-    except (ValueError, KeyError):
-        return f"the daemon refused to reload (HTTP {response.status_code})"
+        return _Reload(True, "the running daemon reloaded")
+    problem = f"the config is written, but the daemon refused to reload: {_refusal(response)}"
+    if response.status_code in (401, 403):
+        problem += f"; {_admin_advice(response)}"
+    elif response.status_code == 400:
+        problem += "; it keeps serving its previous config until this is fixed"
+    return _Reload(False, "the running daemon did NOT reload (see the error)", problem)
+
+
+def _reloaded(reload: _Reload) -> int:
+    """The exit status after a config change: 1 when the daemon refused to take it."""
+    if reload.problem:
+        print(f"token-broker: {reload.problem}", file=sys.stderr)
+    return 0 if reload.ok else 1
+
+
+def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> str | None:
+    """The ``secret = …`` of a new credential from --secret (None: the default, keyring).
+
+    ``file:~/x`` and a relative ``file:x`` are made absolute here, as a shell would
+    not; ``file:DIR/`` and a bare ``systemd`` name one place per credential.
+    """
+    import os
+
+    text = getattr(args, "secret", None)
+    if text is None or text == "keyring":
+        return None
+    if text == "systemd":
+        return f"systemd:{name}"
+    if text.startswith("file:"):
+        raw = text[5:]
+        path = os.path.abspath(os.path.expanduser(raw))
+        if raw.endswith("/") or os.path.isdir(path):
+            return f"file:{os.path.join(path, name)}"
+        if several:
+            raise BrokerError(
+                f"--secret {text}: names one file, and the project has several credentials; "
+                "give a directory (file:DIR/) to write one file per credential"
+            )
+        return f"file:{path}"
+    if text.startswith("systemd:") and several:
+        raise BrokerError(
+            f"--secret {text}: names one systemd credential, and the project has several; "
+            "pass --secret systemd to name each after its credential"
+        )
+    return text
+
+
+def _secret_lines(added: Any) -> list[str]:
+    """What the user still has to do for the secret (systemd: encrypt it for the service)."""
+    stored = added.stored
+    if stored is None or not stored.todo:
+        return []
+    encrypt, load = stored.todo
+    return [
+        f"  {encrypt}    # as root; reads the client secret on stdin: paste it, then Ctrl-D",
+        f"  and in the unit (systemctl edit token-broker): {load}",
+    ]
+
+
+def _default_line(added: Any) -> str | None:
+    """A warning when ``[server] default`` was written for this addition."""
+    if not added.default_written:
+        return None
+    if added.default == added.name:
+        return f"{added.name} is now the [server] default: GET /token serves it"
+    return (
+        f'[server] default = "{added.default}" written: GET /token, `token-broker token` and '
+        f"TokenBroker().token() keep serving {added.default}; ask for the new one by name "
+        f"(/token/{added.name}), or pass --default to make it the default"
+    )
 
 
 def _add(args: argparse.Namespace) -> int:
@@ -475,6 +819,11 @@ def _add(args: argparse.Namespace) -> int:
     if args.provider == "oauth2" and not args.token_url:
         print("token-broker: --token-url is required with --provider oauth2", file=sys.stderr)
         return 2
+    if args.org_id is not None and not args.org_id.endswith("@AdobeOrg"):
+        print(f"token-broker: --org-id {args.org_id!r}: expected the IMS org id, which ends in "
+              "@AdobeOrg (e.g. ABCDEF0123456789ABCDEF01@AdobeOrg; in the Developer Console "
+              "project JSON, project.org.ims_org_id)", file=sys.stderr)  # fmt: skip
+        return 2
     table = {
         "provider": args.provider,
         "client_id": args.client_id,
@@ -483,26 +832,34 @@ def _add(args: argparse.Namespace) -> int:
         "ims_url": args.ims_url,
         "token_url": args.token_url,
         "auth_method": args.auth_method,
+        "secret": _secret_ref(args, args.name),
     }
     # Check the entry before asking for the secret: a typo should not cost a paste.
     _document(args).add_credential(args.name, table)
     secret = _read_secret(args, f"Client secret for {args.name}: ")
-    added = credentials.add(doc, args.name, table, [secret], check=not args.no_verify)
-    note = _reload_daemon(args)
+    added = credentials.add(doc, args.name, table, [secret], check=not args.no_verify,
+                            force=args.force, make_default=args.default)  # fmt: skip
+    reload = _reload_daemon(args)
     verified = "verified with the issuer, " if added.verified else ""
+    where = added.stored.where if added.stored else "the keyring"
+    done = "secret stored in" if added.secrets_stored else "secret to go to"
+    lines = [f"added {added.name}: {verified}{done} {where}, {added.config} "
+             f"{'created' if not doc.existed else 'updated'}; {reload.note}",
+             *_secret_lines(added)]  # fmt: skip
+    if line := _default_line(added):
+        lines.append(line)
     _out(
         args,
         {"added": added.name, "config": str(added.config), "verified": added.verified,
-         "daemon": note},
-        f"added {added.name}: {verified}secret stored in the keyring, {added.config} updated; "
-        f"{note}",
+         "secret": where, "todo": added.stored.todo if added.stored else [],
+         "default": added.default if added.default_written else None,
+         "daemon": reload.note, "daemon_reloaded": reload.ok},
+        "\n".join(lines),
     )  # fmt: skip
-    return 0
+    return _reloaded(reload)
 
 
 def _import(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from broker import credentials
 
     path = Path(args.file)
@@ -517,26 +874,40 @@ def _import(args: argparse.Namespace) -> int:
         print("token-broker: --name needs a file with one OAuth Server-to-Server credential",
               file=sys.stderr)  # fmt: skip
         return 2
-    names = [args.name] if args.name else [credentials.console_name(c.name) for c in found]
+    names = [args.name] if args.name else credentials.default_names(found)
+    refs = [_secret_ref(args, n, several=len(found) > 1) for n in names]
     doc = _document(args)
     done = credentials.import_console(
-        doc, found, names, check=not args.no_verify, ims_url=args.ims_url
-    )
-    note = _reload_daemon(args)
-    deleted = _offer_delete(args, path)
+        doc, found, names, check=not args.no_verify, ims_url=args.ims_url, secret_refs=refs,
+        force=args.force, make_default=args.default,
+    )  # fmt: skip
+    reload = _reload_daemon(args)
+    todo = any(a.stored and a.stored.todo for a in done)
+    deleted = _offer_delete(args, path, needed=todo)
     cycling = {a.name: _cycling_note(c) for a, c in zip(done, found, strict=True)}
+    lines = []
+    for a, c in zip(done, found, strict=True):
+        where = a.stored.where if a.stored else "the keyring"
+        lines.append(f"imported {a.name} (from {c.name!r}; {a.secrets_stored} secret(s) to "
+                     f"{where}); {cycling[a.name][0]}")  # fmt: skip
+        lines += _secret_lines(a)
+        if line := _default_line(a):
+            lines.append(line)
+    lines.append(f"{done[0].config} {'created' if not doc.existed else 'updated'}; {reload.note}")
     _out(
         args,
         {"imported": [a.name for a in done], "skipped": refused, "file_deleted": deleted,
-         "daemon": note, "secret_cycling": {n: t for n, (_, t) in cycling.items()}},
-        "\n".join(f"imported {a.name} ({a.secrets_stored} secret(s) to the keyring); "
-                  f"{cycling[a.name][0]}" for a in done) + f"\n{note}",
+         "config": str(done[0].config), "daemon": reload.note, "daemon_reloaded": reload.ok,
+         "todo": {a.name: a.stored.todo for a in done if a.stored and a.stored.todo},
+         "default": next((a.default for a in done if a.default_written), None),
+         "secret_cycling": {n: t for n, (_, t) in cycling.items()}},
+        "\n".join(lines),
     )  # fmt: skip
-    return 0
+    return _reloaded(reload)
 
 
 def _cycling_note(found: Any) -> tuple[str, dict[str, Any]]:
-    """Whether the imported credential can cycle its secret (DESIGN §11): a sentence, JSON."""
+    """Whether the imported credential can cycle its secret: a sentence, and the JSON facts."""
     facts = {
         "credential_id": found.credential_id,
         "console_org_id": found.console_org_id,
@@ -553,8 +924,17 @@ def _cycling_note(found: Any) -> tuple[str, dict[str, Any]]:
     return 'secret cycling possible: set rotate_every (e.g. "30d") to turn it on', facts
 
 
-def _offer_delete(args: argparse.Namespace, path: Any) -> bool:
+def _offer_delete(args: argparse.Namespace, path: Any, *, needed: bool = False) -> bool:
+    """Delete the project JSON (it holds the secret in plain text) if the user wants.
+
+    ``needed``: a secret is still to be copied out of it (``systemd-creds encrypt``), so
+    it is kept whatever was asked, and the user is told to delete it afterwards.
+    """
     warning = f"{path} holds the client secret in plain text"
+    if needed:
+        print(f"token-broker: {warning}: kept for the systemd-creds line above; delete it "
+              "once the secret is encrypted", file=sys.stderr)  # fmt: skip
+        return False
     if args.delete:
         answer = True
     elif args.keep or not sys.stdin.isatty():
@@ -572,15 +952,17 @@ def _remove(args: argparse.Namespace) -> int:
     from broker import credentials
 
     removed = credentials.remove(_document(args), args.name)
-    note = _reload_daemon(args)
+    reload = _reload_daemon(args)
     extra = " (it was the [server] default; that key is gone too)" if removed.was_default else ""
     items = ", ".join(removed.keyring_items) or "none"
+    left = f"; its secret, {removed.left}, is left in place" if removed.left else ""
     _out(
         args,
-        {"removed": removed.name, "keyring_items": removed.keyring_items, "daemon": note},
-        f"removed {removed.name}{extra}; keyring items deleted: {items}; {note}",
-    )
-    return 0
+        {"removed": removed.name, "keyring_items": removed.keyring_items, "left": removed.left,
+         "daemon": reload.note, "daemon_reloaded": reload.ok},
+        f"removed {removed.name}{extra}; keyring items deleted: {items}{left}; {reload.note}",
+    )  # fmt: skip
+    return _reloaded(reload)
 
 
 def _rotate(args: argparse.Namespace) -> int:
@@ -603,14 +985,15 @@ def _rotate(args: argparse.Namespace) -> int:
             "the new secret is stored beside the old one and in use; after deleting the old "
             f"secret at the issuer, run `token-broker rotate {args.name} --finish`"
         )
-    note = _reload_daemon(args)
-    _out(args, {"rotation": step, "name": args.name, "daemon": note},
-         f"rotation of {args.name} {step}: {text}; {note}")  # fmt: skip
-    return 0
+    reload = _reload_daemon(args)
+    _out(args, {"rotation": step, "name": args.name, "daemon": reload.note,
+                "daemon_reloaded": reload.ok},
+         f"rotation of {args.name} {step}: {text}; {reload.note}")  # fmt: skip
+    return _reloaded(reload)
 
 
 def _rotate_auto(args: argparse.Namespace) -> int:
-    """One secret cycle (DESIGN §11): asked of the daemon that serves this config, so that
+    """One secret cycle: asked of the daemon that serves this config, so that
     it never refreshes with a secret being deleted; run here when no daemon answers."""
     from broker import config
     from broker.client import BrokerUnavailable
@@ -628,11 +1011,16 @@ def _rotate_auto(args: argparse.Namespace) -> int:
     else:
         try:
             response = _ask_daemon(
-                args, f"/v1/credentials/{args.name}/rotate", "POST", from_config=True, timeout=wait
-            )
+                args, f"/v1/credentials/{args.name}/rotate", "POST", from_config=True,
+                admin=True, timeout=wait,
+            )  # fmt: skip
         except BrokerUnavailable as exc:
             print(f"token-broker: {exc}; the cycle may still be running: see `token-broker "
                   "list`", file=sys.stderr)  # fmt: skip
+            return 1
+        if response.status_code in (401, 403):
+            print(f"token-broker: {_refusal(response)}; {_admin_advice(response)}",
+                  file=sys.stderr)  # fmt: skip
             return 1
         if response.status_code != 200:
             return _daemon_error(response)
@@ -673,7 +1061,10 @@ def _cycle_here(cred: Any) -> dict[str, Any]:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    response = _ask_daemon(args, "/v1/reload", "POST")
+    response = _ask_daemon(args, "/v1/reload", "POST", admin=True)
+    if response.status_code in (401, 403):
+        print(f"token-broker: {_refusal(response)}; {_admin_advice(response)}", file=sys.stderr)
+        return 1
     if response.status_code != 200:
         return _daemon_error(response)
     result = response.json()
@@ -691,9 +1082,8 @@ def _health(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from broker import credentials
-    from broker.config import config_path
 
-    checks = credentials.doctor(config_path(args.config), offline=args.offline)
+    checks = credentials.doctor(args.config, offline=args.offline)
     failed = any(c.ok is False for c in checks)
     if args.json:
         rows = [{"verdict": c.verdict, "check": c.text} for c in checks]
@@ -721,29 +1111,61 @@ def _client(args: argparse.Namespace) -> int:
     if args.client_command == "remove":
         doc.remove_client(args.name)
         doc.write()
-        note = _reload_daemon(args)
-        _out(args, {"removed": args.name, "daemon": note}, f"removed client {args.name}; {note}")
-        return 0
+        reload = _reload_daemon(args)
+        _out(args, {"removed": args.name, "daemon": reload.note, "daemon_reloaded": reload.ok},
+             f"removed client {args.name}; {reload.note}")  # fmt: skip
+        return _reloaded(reload)
     names = [c.strip() for c in args.credentials.split(",") if c.strip()]
     if args.name in doc.clients() and not args.replace:
         raise BrokerError(
             f"{doc.path}: a client named {args.name!r} exists already "
             "(--replace gives it a new key; the old key stops working)"
         )
+    first = not doc.clients()
     key = access.new_key()
     doc.set_client(args.name, access.key_digest(key).hex(), names)
     doc.write()
-    note = _reload_daemon(args)
+    reload = _reload_daemon(args)
+    tightened = _private_stdout()
     if args.json:
-        print(json.dumps({"client": args.name, "key": key, "credentials": names, "daemon": note}))
+        print(json.dumps({"client": args.name, "key": key, "credentials": names,
+                          "daemon": reload.note, "daemon_reloaded": reload.ok}))  # fmt: skip
     else:
         print(key)  # alone on stdout, so KEY=$(token-broker client add ...) works
-        print(
-            f"token-broker: client {args.name} may read {', '.join(names)}; this key is shown "
-            f"only now (the config keeps its SHA-256); {note}",
-            file=sys.stderr,
+    notes = [f"client {args.name} may read {', '.join(names)}; this key is shown only now (the "
+             f"config keeps its SHA-256); {reload.note}"]  # fmt: skip
+    if tightened:
+        notes.append(f"{tightened} holds a key: made it mode 0600")
+    if first:
+        notes.append(
+            "this is the first client key: from now on every token and status request needs "
+            "one (`curl /token` without Authorization: Bearer KEY is 401), so give each tool "
+            "on this host its key, or a key file in $TOKEN_BROKER_CLIENT_KEY_FILE"
         )
-    return 0
+    print("token-broker: " + "\ntoken-broker: ".join(notes), file=sys.stderr)
+    return _reloaded(reload)
+
+
+def _private_stdout() -> str | None:
+    """Make stdout's file 0600 when it is a file others may read (``> key.txt``).
+
+    The key goes to stdout so that a user can redirect it; a shell creates that file
+    with its umask, usually 0644. Returns the file's path when its mode was narrowed.
+    """
+    import os
+    import stat
+
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None  # not a real file descriptor (tests capture stdout)
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077 or st.st_uid != os.geteuid():
+        return None
+    try:
+        os.fchmod(sys.stdout.fileno(), stat.S_IMODE(st.st_mode) & 0o600)
+        return os.readlink(f"/proc/self/fd/{sys.stdout.fileno()}")
+    except OSError:
+        return "the file stdout writes to"
 
 
 def _tls(args: argparse.Namespace) -> int:

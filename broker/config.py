@@ -1,4 +1,4 @@
-"""Load and validate the TOML configuration (DESIGN §3) into the settings.
+"""Load and validate the TOML configuration (docs/configuration.md) into the settings.
 
 The frozen pydantic models below *are* the settings the rest of the code
 reads: each value is parsed once, here, into the type it is used as (a listen
@@ -178,10 +178,10 @@ class ServerSettings(_Model):
     default: str | None = None
     access_log: bool = False
     header_timeout: Duration = Field(10.0, gt=0)  # request headers must arrive within this
-    #: HTTPS listeners that look like Adobe IMS (DESIGN §10), for tools that cannot be told
-    #: to ask a broker; answered from the cache to client keys only.
+    #: HTTPS listeners that look like Adobe IMS (docs/ims-endpoint.md), for tools that
+    #: cannot be told to ask a broker; answered from the cache to client keys only.
     ims_listen: tuple[TcpListen, ...] = ()
-    #: HTTPS listeners of the main API (DESIGN §12's cluster mode).
+    #: HTTPS listeners of the main API (the cluster mode of docs/deploy.md).
     tls_listen: tuple[TcpListen, ...] = ()
     #: The certificate and key of the HTTPS listeners; default: a leaf of the local CA.
     tls_cert: str | None = None
@@ -331,12 +331,12 @@ class CredentialBase(RefreshKeys):
 
 
 class AdobeSettings(CredentialBase):
-    """``provider = "adobe"``: Adobe IMS OAuth Server-to-Server (DESIGN §6)."""
+    """``provider = "adobe"``: Adobe IMS OAuth Server-to-Server."""
 
     provider: Literal["adobe"]
     org_id: str | None = None
     ims_url: str = DEFAULT_IMS_URL
-    # Secret cycling through the I/O Management API (DESIGN §11).
+    # Secret cycling through the I/O Management API (docs/credentials.md).
     # workspace.details.credentials[].id; it goes into a URL path, so no '/', '?', '#'
     credential_id: str | None = None
     console_org_id: str | None = Field(None, min_length=1)  # project.org.id (numeric)
@@ -358,6 +358,17 @@ class AdobeSettings(CredentialBase):
                 # cross the network in clear.
                 raise ValueError(f"expected an https:// URL (http only on loopback), got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("org_id")
+    @classmethod
+    def _ims_org(cls, value: str | None) -> str | None:
+        if value is not None and (not value.endswith("@AdobeOrg") or value == "@AdobeOrg"):
+            raise ValueError(
+                f"expected the IMS organization id, which ends in @AdobeOrg "
+                f"(e.g. 0123456789ABCDEF01234567@AdobeOrg; project.org.ims_org_id in the "
+                f"Developer Console project JSON), got {value!r}"
+            )
+        return value
 
     @field_validator("credential_id")
     @classmethod
@@ -442,7 +453,7 @@ def check_header(name: str, value: str) -> tuple[str, str]:
 
 
 class OutputSettings(_Model):
-    """One ``[[outputs]]`` table: a file the daemon writes the token into (DESIGN §9)."""
+    """One ``[[outputs]]`` table: a file the daemon writes the token into."""
 
     index: int  # its place in the file, for messages and metrics
     credential: str
@@ -552,25 +563,51 @@ def changes(old: Settings, new: Settings) -> Changes:
 # -- loading -----------------------------------------------------------------------------
 
 
-def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Resolve the config file as DESIGN §2 says.
+#: The search path, in words, for help texts and error messages.
+SEARCH_ORDER = (
+    "--config PATH, else $TOKEN_BROKER_CONFIG, else $XDG_CONFIG_HOME/token-broker/config.toml "
+    "(~/.config/...) if it exists, else /etc/token-broker/config.toml"
+)
+SYSTEM_CONFIG = Path("/etc/token-broker/config.toml")
 
-    ``--config``, else ``$TOKEN_BROKER_CONFIG``, else the XDG user config if
-    it exists, else ``/etc/token-broker/config.toml``.
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file a command reads: :data:`SEARCH_ORDER`.
+
+    The user's own file wins over the system's when it exists, so a user on a
+    host with a system broker can keep a config of their own.
     """
     if explicit:
         return Path(explicit)
     if env := os.environ.get("TOKEN_BROKER_CONFIG"):
         return Path(env)
-    return next((p for p in _candidates() if p.exists()), _SYSTEM_CONFIG)
+    return next((p for p in _candidates() if p.exists()), SYSTEM_CONFIG)
 
 
-_SYSTEM_CONFIG = Path("/etc/token-broker/config.toml")
+def write_path(explicit: str | os.PathLike[str] | None = None, *, euid: int | None = None) -> Path:
+    """The config file a command that changes the config (``add``, ``import``...) edits.
+
+    The file :func:`config_path` reads when one exists; when none exists anywhere, the
+    one to create: the user's own (``$XDG_CONFIG_HOME/token-broker/config.toml``) for a
+    normal user, who cannot write ``/etc`` and whose keyring secrets only their own
+    broker can read, and ``/etc/token-broker/config.toml`` for root (the system service).
+    """
+    found = config_path(explicit)
+    if explicit or os.environ.get("TOKEN_BROKER_CONFIG") or found.exists():
+        return found
+    root = (os.geteuid() if euid is None else euid) == 0
+    return SYSTEM_CONFIG if root else user_config_path()
+
+
+def user_config_path() -> Path:
+    """``$XDG_CONFIG_HOME/token-broker/config.toml`` (an unset or relative XDG: ~/.config)."""
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "token-broker" / "config.toml"
 
 
 def _candidates() -> list[Path]:
-    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
-    return [Path(xdg) / "token-broker" / "config.toml", _SYSTEM_CONFIG]
+    return [user_config_path(), SYSTEM_CONFIG]
 
 
 def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -> Settings:
@@ -623,19 +660,22 @@ def _not_found(resolved: Path, explicit: object) -> str:
     if explicit or os.environ.get("TOKEN_BROKER_CONFIG"):
         where = "--config" if explicit else "$TOKEN_BROKER_CONFIG"
         return f"{resolved}: config file not found (named by {where})"
-    looked = ", ".join(str(p) for p in _candidates())
+    looked = " and ".join(str(p) for p in _candidates())
     return (
-        f"config file not found: looked in {looked} (pass --config PATH or set TOKEN_BROKER_CONFIG)"
+        f"config file not found: looked in {looked}; create one with `token-broker add` or "
+        "`token-broker import` (or pass --config PATH, or set TOKEN_BROKER_CONFIG)"
     )
 
 
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
-    unknown = sorted(set(data) - {"server", "refresh", "credentials", "clients", "outputs"})
+    tables = ["server", "refresh", "credentials", "clients", "outputs"]
+    unknown = sorted(set(data) - set(tables))
     if unknown:
+        hint = _did_you_mean(unknown[0], tables)
         raise ConfigError(
-            f"{source}: unknown table or key {unknown[0]!r} (expected [server], [refresh], "
-            "[credentials.NAME], [clients.NAME] and [[outputs]])"
+            f"{source}: unknown table or key {unknown[0]!r}{hint} (expected [server], "
+            "[refresh], [credentials.NAME], [clients.NAME] and [[outputs]])"
         )
     server = _validate(ServerSettings, data.get("server", {}), source, "[server]")
     refresh = _validate(RefreshKeys, data.get("refresh", {}), source, "[refresh]")
@@ -764,6 +804,21 @@ class _KeyError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
+#: Fields the loader fills in (from the table's name or place), never written by a user.
+_INTERNAL = frozenset({"name", "index"})
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    """`` (did you mean 'scopes'?)`` for a near miss among ``known``, else ""."""
+    import difflib
+
+    spelt = key.replace("-", "_").lower()
+    if spelt in known:
+        return f" (did you mean {spelt!r}? keys are written with '_')"
+    close = difflib.get_close_matches(spelt, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
@@ -779,9 +834,13 @@ def _validate(
     try:
         return model.model_validate(value, context=context)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
+        errors = exc.errors(include_url=False)
+        # An unknown key first: `client-id` is a misspelt `client_id`, not a missing one.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         key = ".".join(str(part) for part in err["loc"])
         msg = _MESSAGES.get(err["type"], err["msg"])
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            msg += _did_you_mean(key, [k for k in model.model_fields if k not in _INTERNAL])
         msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
         # TOML has arrays; that they become tuples and sets here is ours to know.
         msg = re.sub(r"valid (tuple|frozenset|set)\b", "valid list", msg)

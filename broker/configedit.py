@@ -1,7 +1,7 @@
 """Edit the config file in place, keeping comments and everything else intact.
 
-Used only by the CLI commands that change credentials (``add``, ``import``,
-``remove``). Every change is validated as a whole config before anything is
+Used only by the CLI commands that change the config (``add``, ``import``,
+``remove``, ``client``). Every change is validated as a whole config before anything is
 written, and the write is atomic (temp file + rename), so a failure leaves
 the old file exactly as it was.
 """
@@ -26,6 +26,7 @@ class ConfigDocument:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.exists = path.exists()
+        self.existed = self.exists  # before this command: "created" or "updated"
         try:
             text = path.read_text(encoding="utf-8") if self.exists else ""
         except (OSError, UnicodeDecodeError) as exc:
@@ -98,11 +99,36 @@ class ConfigDocument:
             del self.doc["clients"]
         self.validate()
 
+    def default(self) -> str | None:
+        server = self.doc.get("server")
+        value = server.get("default") if server is not None else None
+        return value if isinstance(value, str) else None
+
+    def set_default(self, name: str) -> None:
+        """Write ``[server] default = NAME`` (the credential ``GET /token`` serves)."""
+        if "server" not in self.doc:
+            self.doc["server"] = tomlkit.table()
+        self.doc["server"]["default"] = name  # type: ignore[index]
+        self.validate()
+
     def write(self) -> None:
-        """Atomically replace the file; a new file gets mode 0600, an old one keeps its mode."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        mode = self.path.stat().st_mode & 0o777 if self.exists else 0o600
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".config-", suffix=".toml")
+        """Atomically replace the file; an old file keeps its mode.
+
+        A new file is private (0600, in a 0700 directory made if missing), except the
+        system's ``/etc/token-broker/config.toml``: the system service runs as a user of
+        its own (``DynamicUser=``) that must read it, and the file holds no secret, so
+        it is 0644 in a 0755 directory, as the install steps make it.
+        """
+        system = self.path == config.SYSTEM_CONFIG
+        mode = self.path.stat().st_mode & 0o777 if self.exists else (0o644 if system else 0o600)
+        try:
+            if not self.path.parent.is_dir():
+                self.path.parent.parent.mkdir(parents=True, exist_ok=True)
+                self.path.parent.mkdir(mode=0o755 if system else 0o700)
+                os.chmod(self.path.parent, 0o755 if system else 0o700)  # whatever the umask
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".config-", suffix=".toml")
+        except OSError as exc:
+            raise ConfigError(self._unwritable(exc)) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(tomlkit.dumps(self.doc))
@@ -114,3 +140,13 @@ class ConfigDocument:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.exists = True
+
+    def _unwritable(self, exc: OSError) -> str:
+        reason = exc.strerror or str(exc)
+        text = f"{self.path}: cannot write the config file ({reason})"
+        if self.path == config.SYSTEM_CONFIG and os.geteuid() != 0:
+            return (
+                f"{text}: it is the system's config; run the command as root to change it, "
+                f"or pass --config {config.user_config_path()} to keep a config of your own"
+            )
+        return f"{text}; pass --config PATH to write another file"

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from broker.configedit import ConfigDocument
 from broker.errors import BrokerError, ConfigError, IssuerError, SecretError
 from broker.net import is_loopback
 from broker.providers import fetch_token, issuer_client, token_request
+from broker.secrets import SecretRef
 from broker.tokens import Token
 
 
@@ -57,6 +58,11 @@ class Added:
     config: Path
     verified: bool
     secrets_stored: int
+    stored: Stored | None = None  # where the secret went, and what the user still has to do
+    #: ``[server] default`` as the config has it after this addition, when it names
+    #: another credential (the first kept serving ``GET /token``) or this one (--default).
+    default: str | None = None
+    default_written: bool = False  # this addition wrote ``[server] default``
 
 
 def add(
@@ -66,13 +72,21 @@ def add(
     new_secrets: list[str],
     *,
     check: bool = True,
+    force: bool = False,
+    make_default: bool = False,
 ) -> Added:
-    """Add a credential whose secret(s) go to the keyring (``secret = "keyring"``)."""
+    """Add a credential and write its secret(s) where its ``secret`` reference points.
+
+    When the config held exactly one credential and no ``[server] default``, that
+    one is written as the default, so tools that asked ``GET /token`` keep getting
+    the token they got before; ``make_default`` makes the new credential the default.
+    """
     if not new_secrets or not all(new_secrets):
         raise SecretError(f"credential {name!r}: the secret is empty")
+    before = list(doc.credentials())
     doc.add_credential(name, table)  # validates name, duplicates and the whole config
+    written = _keep_default(doc, name, before, make_default)
     cred = credential_settings(doc, name)
-    service, user = cred.secret.service, cred.secret.user
     if check:
         try:
             verify(cred, new_secrets[0])
@@ -85,23 +99,186 @@ def add(
                 status=exc.status,
                 debug_id=exc.debug_id,
             ) from None
-    if secrets.get_keyring(service, user, name) is not None:
-        raise SecretError(
-            f"credential {name!r}: the keyring already holds service={service!r} "
-            f"username={user!r}; remove it first (`token-broker remove {name}` or secret-tool)"
-        )
-    stored: list[str] = []
+    stored = write_secret(cred.secret, name, new_secrets[:2], force=force)
     try:
-        for i, secret in enumerate(new_secrets[:2]):
-            item = user if i == 0 else user + secrets.NEXT_SUFFIX
-            secrets.store_keyring(service, item, secret, name)
-            stored.append(item)
         doc.write()
     except BaseException:
-        for item in stored:  # leave the keyring as it was
+        stored.undo()  # leave the secret store as it was
+        raise
+    return Added(
+        name, doc.path, check, stored.count, stored, doc.default() if written else None, written
+    )
+
+
+def _keep_default(doc: ConfigDocument, name: str, before: list[str], make_default: bool) -> bool:
+    """Write ``[server] default`` where it is needed; True if it was written."""
+    if make_default:
+        doc.set_default(name)
+        return True
+    if doc.default() is None and len(before) == 1:
+        doc.set_default(before[0])  # GET /token served it: it still does
+        return True
+    return False
+
+
+# -- writing a new credential's secret, one function per reference kind -----------------
+
+
+@dataclass
+class Stored:
+    """Where ``add``/``import`` put a credential's secret(s), and how to take them back."""
+
+    where: str  # in words, for the command's output
+    count: int  # secrets written (0: the user writes them, see ``todo``)
+    todo: list[str] = field(default_factory=list)  # commands the user still has to run
+    undo: Callable[[], None] = field(default=lambda: None, repr=False)
+
+
+SecretWriter = Callable[[SecretRef, str, list[str], bool], Stored]
+
+
+def write_secret(ref: SecretRef, name: str, values: list[str], *, force: bool = False) -> Stored:
+    """Write the secret(s) of a new credential ``name`` where ``ref`` points.
+
+    ``values``: one secret, or two (a Console project may list two client secrets;
+    the second goes where a rotation keeps the new one: ``NAME#next`` or ``PATH.next``).
+    A writer checks before it writes, and never replaces a different secret unless
+    ``force``. Adding a reference kind means adding its writer to ``SECRET_WRITERS``.
+    """
+    writer = SECRET_WRITERS.get(ref.kind)
+    if writer is None:
+        raise SecretError(
+            f"credential {name!r}: token-broker cannot write a {ref.kind}: secret; store it "
+            "there yourself, or use keyring, file:PATH or systemd:NAME"
+        )
+    return writer(ref, name, values, force)
+
+
+def _write_keyring(ref: SecretRef, name: str, values: list[str], force: bool) -> Stored:
+    service, user = ref.service, ref.user
+    items = [user, user + secrets.NEXT_SUFFIX][: len(values)]
+    try:
+        secrets.keyring_backend(name)
+    except SecretError as exc:  # a headless host: name the option that gets past it
+        cause = str(exc).removesuffix(secrets.WAY_OUT).rstrip("; ")
+        raise SecretError(
+            f"{cause}; start a Secret Service (e.g. gnome-keyring), or pass --secret "
+            "file:PATH (a 0600 file the daemon reads) or --secret systemd:NAME (for the "
+            "system service)"
+        ) from None
+    for item in items:
+        present = secrets.get_keyring(service, item, name)
+        if present is not None and present != values[items.index(item)] and not force:
+            raise SecretError(
+                f"credential {name!r}: the keyring already holds service={service!r} "
+                f"username={item!r}; remove it first (`token-broker remove {name}` or "
+                "secret-tool), or pass --force to replace it"
+            )
+    stored: list[str] = []
+    try:
+        for item, value in zip(items, values, strict=True):
+            secrets.store_keyring(service, item, value, name)
+            stored.append(item)
+    except BaseException:
+        for item in stored:
             secrets.delete_keyring(service, item, name)
         raise
-    return Added(name, doc.path, check, len(stored))
+
+    def undo() -> None:
+        for item in stored:
+            secrets.delete_keyring(service, item, name)
+
+    return Stored(f"the keyring (service {service!r}, username {user!r})", len(stored), [], undo)
+
+
+def _write_file(ref: SecretRef, name: str, values: list[str], force: bool) -> Stored:
+    """``file:PATH``: 0600, its directory made 0700 if missing; ``PATH.next`` for a second."""
+    from broker.files import atomic_write, make_private_dir
+
+    assert ref.path is not None
+    paths = [ref.path, secrets.next_file(ref.path)][: len(values)]
+    previous: dict[Path, bytes | None] = {}
+    for path, value in zip(paths, values, strict=True):
+        previous[path] = _existing(path, name, value, force)
+    try:
+        make_private_dir(ref.path.parent)
+    except OSError as exc:
+        raise SecretError(
+            f"credential {name!r}: cannot create the directory {ref.path.parent}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    written: list[Path] = []
+
+    def undo() -> None:
+        for path in written:
+            old = previous[path]
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write(path, old, 0o600)
+
+    try:
+        for path, value in zip(paths, values, strict=True):
+            data = (value + "\n").encode()
+            if previous[path] == data:
+                continue  # the same secret is there already
+            atomic_write(path, data, 0o600)
+            written.append(path)
+    except OSError as exc:
+        undo()
+        raise SecretError(
+            f"credential {name!r}: cannot write the secret file {path}: {exc.strerror or exc}"
+        ) from None
+    except BaseException:
+        undo()
+        raise
+    where = f"the file {ref.path} (mode 0600)"
+    if len(paths) > 1:
+        where += f" and {paths[1]} (the second client secret, used as a rotation's new one)"
+    return Stored(where, len(paths), [], undo)
+
+
+def _existing(path: Path, name: str, value: str, force: bool) -> bytes | None:
+    """The bytes of a secret file that may be replaced (None: none there); else SecretError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SecretError(f"credential {name!r}: cannot read {path}: {exc.strerror}") from None
+    if data.rstrip(b"\r\n") == value.encode() or force or not data.strip():
+        return data
+    raise SecretError(
+        f"credential {name!r}: {path} exists and holds something else; pass --force to "
+        "replace it, or name another file"
+    )
+
+
+def _write_systemd(ref: SecretRef, name: str, values: list[str], force: bool) -> Stored:
+    """``systemd:NAME``: nothing is written here; systemd-creds encrypts it for the service."""
+    target = f"/etc/credstore.encrypted/token-broker.{ref.name}"
+    todo = [
+        f"systemd-creds encrypt --name={ref.name} - {target}",
+        f"LoadCredentialEncrypted={ref.name}:{target}",
+    ]
+    return Stored(f"systemd credential {ref.name!r} (not written yet: see below)", 0, todo)
+
+
+def _refuse_env(ref: SecretRef, name: str, values: list[str], force: bool) -> Stored:
+    raise SecretError(
+        f"credential {name!r}: --secret env:{ref.variable} cannot be written: an "
+        "environment variable belongs to whatever starts the daemon, not to token-broker; "
+        "use keyring, file:PATH or systemd:NAME (or set the variable there yourself and "
+        f'write secret = "env:{ref.variable}" in the config)'
+    )
+
+
+SECRET_WRITERS: dict[str, SecretWriter] = {
+    "keyring": _write_keyring,
+    "file": _write_file,
+    "systemd": _write_systemd,
+    "env": _refuse_env,
+}
 
 
 @dataclass
@@ -109,6 +286,7 @@ class Removed:
     name: str
     was_default: bool
     keyring_items: list[str] = field(default_factory=list)
+    left: str | None = None  # a secret outside the keyring, left where it is (in words)
 
 
 def remove(doc: ConfigDocument, name: str) -> Removed:
@@ -118,7 +296,9 @@ def remove(doc: ConfigDocument, name: str) -> Removed:
         secrets.keyring_backend(name)  # fail before touching the config if it is unusable
     was_default = doc.remove_credential(name)
     doc.write()
-    result = Removed(name, was_default)
+    # A file or systemd credential may be shared or managed elsewhere: say, do not delete.
+    left = None if keyring_ref else cred.secret.describe()
+    result = Removed(name, was_default, left=left)
     if keyring_ref:
         service, user = cred.secret.service, cred.secret.user
         for item in (user, user + secrets.NEXT_SUFFIX):
@@ -214,9 +394,10 @@ class ConsoleCredential:
     client_secrets: list[str] = field(repr=False)
     scopes: list[str]
     org_id: str | None
-    credential_id: str | None = None  # for secret cycling (DESIGN §11)
+    credential_id: str | None = None  # for secret cycling (rotate --auto)
     console_org_id: str | None = None
     management_api: bool = False  # the project lists the I/O Management API
+    project: str | None = None  # the project's name (project.name, else project.title)
 
 
 #: The I/O Management API's service code in a project JSON: secret cycling needs it.
@@ -248,6 +429,10 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
             "(no project.workspace.details.credentials list)"
         ) from None
     console_org_id = _id_text(console_org)
+    project_name = next(
+        (v for v in (project.get("name"), project.get("title")) if isinstance(v, str) and v),
+        None,
+    )
     services = project["workspace"]["details"].get("services")
     management = isinstance(services, list) and any(
         isinstance(x, dict) and x.get("code") == MANAGEMENT_SERVICE for x in services
@@ -289,6 +474,7 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
                 _id_text(item.get("id"), digits=False),
                 console_org_id,
                 management,
+                project_name,
             )  # fmt: skip
         )
     return found, refused
@@ -304,9 +490,25 @@ def _id_text(value: object, *, digits: bool = True) -> str | None:
 
 
 def console_name(label: str) -> str:
-    """A credential name from a Console label: 'My Credential (S2S)' -> 'my-credential-s2s'."""
+    """A credential name from a Console label: 'My Project (S2S)' -> 'my-project-s2s'."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.").lower()
     return name or "adobe"
+
+
+def default_names(found: list[ConsoleCredential]) -> list[str]:
+    """Names for imported credentials: the project's name, which tells projects apart.
+
+    Adobe labels a project's OAuth Server-to-Server credential "Credential in
+    Production" or "OAuth Server-to-Server" in every project, so names made from
+    labels collide as soon as a second project is imported. With several such
+    credentials in one project the first gets the project's name and the next ones
+    ``-2``, ``-3``...; without a project name the credential's label is used.
+    """
+    names: list[str] = []
+    for i, cred in enumerate(found):
+        base = console_name(cred.project) if cred.project else console_name(cred.name)
+        names.append(base if i == 0 or not cred.project else f"{base}-{i + 1}")
+    return names
 
 
 def import_console(
@@ -316,16 +518,27 @@ def import_console(
     *,
     check: bool = True,
     ims_url: str | None = None,
+    secret_refs: list[str | None] | None = None,
+    force: bool = False,
+    make_default: bool = False,
 ) -> list[Added]:
-    """Add every credential; all are checked (names, config, issuer) before any is stored."""
+    """Add every credential; all are checked (names, config, issuer) before any is stored.
+
+    ``secret_refs``: the ``secret = …`` of each credential (None: the keyring).
+    ``make_default``: the first imported credential becomes ``[server] default``.
+    If storing one fails, the config file and the secrets written so far are put
+    back as they were: nothing is half-imported.
+    """
+    refs = secret_refs or [None] * len(found)
     tables = []
-    for cred, name in zip(found, names, strict=True):
+    for cred, name, ref in zip(found, names, refs, strict=True):
         table: dict[str, Any] = {
             "provider": "adobe",
             "client_id": cred.client_id,
             "org_id": cred.org_id,
             "scopes": cred.scopes,
             "ims_url": ims_url,
+            "secret": ref,
             # Recorded whenever known: secret cycling needs them (and rotate_every).
             "credential_id": cred.credential_id if cred.console_org_id else None,
             "console_org_id": cred.console_org_id if cred.credential_id else None,
@@ -335,19 +548,42 @@ def import_console(
     if check:
         for name, _, cred in tables:
             verify(credential_settings(doc, name), cred.client_secrets[0])
+    original = doc.path.read_bytes() if doc.path.exists() else None
     # Re-read the file: add() writes it once per credential from a clean document.
     fresh = ConfigDocument(doc.path)
     done: list[Added] = []
     try:
-        for name, table, cred in tables:
-            done.append(add(fresh, name, table, cred.client_secrets, check=False))
+        for i, (name, table, cred) in enumerate(tables):
+            first = make_default and i == 0
+            done.append(
+                add(
+                    fresh,
+                    name,
+                    table,
+                    cred.client_secrets,
+                    check=False,
+                    force=force,
+                    make_default=first,
+                )  # fmt: skip
+            )
     except BaseException:
         for added in done:  # nothing half-imported
-            remove(ConfigDocument(doc.path), added.name)
+            if added.stored is not None:
+                added.stored.undo()
+        _restore(doc.path, original)
         raise
     for added in done:
         added.verified = check
     return done
+
+
+def _restore(path: Path, original: bytes | None) -> None:
+    from broker.files import atomic_write
+
+    if original is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write(path, original, path.stat().st_mode & 0o777)
 
 
 # -- doctor -----------------------------------------------------------------------------
@@ -363,13 +599,15 @@ class Check:
         return {True: "ok", False: "FAIL", None: "warn"}[self.ok]
 
 
-def doctor(path: Path, *, offline: bool) -> list[Check]:
+def doctor(explicit: str | None, *, offline: bool) -> list[Check]:
+    """The checklist of ``token-broker doctor`` for the config ``explicit`` names, or the one
+    the search order finds (so that a missing file is reported as not found where looked)."""
     checks: list[Check] = []
     try:
-        settings = config.load(path, serving=True)
+        settings = config.load(explicit, serving=True)
     except ConfigError as exc:
         return [Check(False, f"config: {exc}")]
-    checks.append(Check(True, f"config {path} found and valid"))
+    checks.append(Check(True, f"config {settings.path} found and valid"))
     checks += _mode_checks(settings)
     uses_keyring = any(c.secret.kind == "keyring" for c in settings.credentials.values())
     checks.append(_keyring_check(uses_keyring))
@@ -424,16 +662,21 @@ def _tls_checks(settings: config.Settings) -> list[Check]:
 
 def _keyring_check(needed: bool) -> Check:
     probe_user = f"doctor-probe-{os.getpid()}"
+    # The secrets module names a credential in each message; this probe is none.
+    label = "doctor-probe"
     try:
-        backend = secrets.keyring_backend("doctor")
+        backend = secrets.keyring_backend(label)
         name = f"{type(backend).__module__}.{type(backend).__name__}"
-        secrets.store_keyring("token-broker-doctor", probe_user, "probe", "doctor")
-        got = secrets.get_keyring("token-broker-doctor", probe_user, "doctor")
-        secrets.delete_keyring("token-broker-doctor", probe_user, "doctor")
+        secrets.store_keyring("token-broker-doctor", probe_user, "probe", label)
+        got = secrets.get_keyring("token-broker-doctor", probe_user, label)
+        secrets.delete_keyring("token-broker-doctor", probe_user, label)
         if got != "probe":
             raise SecretError(f"keyring backend {name} did not return what was stored")
     except SecretError as exc:
-        return Check(False if needed else None, f"keyring: {exc}")
+        text = str(exc).replace(f"credential {label!r}: ", "")
+        if not needed:
+            text += " (no credential uses the keyring: only add/import to it would fail)"
+        return Check(False if needed else None, f"keyring: {text}")
     return Check(True, f"keyring backend {name} works (set/get/delete of a probe item)")
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 import venv
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import main
+from broker.cli import _parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +101,68 @@ def test_the_wheel_installs_and_runs(tmp_path):
     typed = run(py, "-c", "import broker, pathlib; print(pathlib.Path(broker.__file__).parent)")
     typed = typed.strip()
     assert (Path(typed) / "py.typed").exists()  # type checkers may use the annotations
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)subcommand's parser, by its words: "add", "client add", "tls ca"..."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, words: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found[f"{words} {name}".strip()] = child
+                    walk(child, f"{words} {name}")
+
+    walk(_parser(), "")
+    return found
+
+
+def test_every_subcommand_has_a_description_and_an_example():
+    commands = _subcommands()
+    assert {"serve", "demo", "add", "import", "exec", "client add", "tls ca"} <= set(commands)
+    for words, parser in commands.items():
+        text = parser.format_help()
+        assert parser.description and len(parser.description) > 60, words
+        assert "examples:\n  " in text, words
+        leaf = not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+        if leaf:  # the examples run this very command
+            assert f"token-broker {words}" in text.split("examples:")[1], words
+        assert "DESIGN" not in text and "see README" not in text, words
+
+
+def test_config_help_names_the_search_path():
+    text = _subcommands()["list"].format_help().replace("\n", " ")
+    text = re.sub(r"\s+", " ", text)
+    assert "$TOKEN_BROKER_CONFIG" in text and "/etc/token-broker/config.toml" in text
+    assert "~/.config/" in text
+    add = re.sub(r"\s+", " ", _subcommands()["add"].format_help())
+    assert "when none exists it is created" in add
+
+
+def test_key_file_only_where_a_daemon_is_asked():
+    with_key = {"token", "list", "reload", "health", "exec", "add", "import", "remove", "rotate",
+                "client add", "client remove"}  # fmt: skip
+    for words, parser in _subcommands().items():
+        options = {o for a in parser._actions for o in a.option_strings}
+        assert ("--key-file" in options) == (words in with_key), words
+
+
+def test_exec_without_the_separator_says_where_the_command_goes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["exec", "adobe", "./script.sh", "--verbose"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "put the command after --: token-broker exec adobe -- ./script.sh --verbose" in err
+    assert "unrecognized arguments" not in err
+
+
+def test_demo_takes_durations_and_refuses_a_config(capsys, tmp_path):
+    assert main(["demo", "--lifetime", "1s"]) == 2
+    assert "--lifetime must be at least 2 seconds" in capsys.readouterr().err
+    assert main(["demo", "--lifetime", "soon"]) == 2
+    assert "--lifetime: expected a duration" in capsys.readouterr().err
+    cfg = tmp_path / "c.toml"
+    assert main(["demo", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "demo takes no --config" in err and f"token-broker serve --config {cfg}" in err

@@ -264,9 +264,66 @@ def test_config_not_found_names_every_path_looked_in(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         config.load()
     assert str(info.value) == (
-        f"config file not found: looked in {tmp_path}/xdg/token-broker/config.toml, "
-        "/etc/token-broker/config.toml (pass --config PATH or set TOKEN_BROKER_CONFIG)"
+        f"config file not found: looked in {tmp_path}/xdg/token-broker/config.toml and "
+        "/etc/token-broker/config.toml; create one with `token-broker add` or "
+        "`token-broker import` (or pass --config PATH, or set TOKEN_BROKER_CONFIG)"
     )
+
+
+def test_commands_that_write_create_the_users_file_unless_root(tmp_path, monkeypatch):
+    """With no config anywhere, a normal user's `add` creates their own file, root's /etc.
+
+    Reading keeps the search order: the user's file if it exists, else /etc.
+    """
+    monkeypatch.delenv("TOKEN_BROKER_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    if config.SYSTEM_CONFIG.exists():
+        pytest.skip("this machine has a system config")
+    user = tmp_path / "xdg" / "token-broker" / "config.toml"
+    assert config.write_path(euid=1000) == user
+    assert config.write_path(euid=0) == config.SYSTEM_CONFIG
+    assert config.config_path() == config.SYSTEM_CONFIG  # reading: nothing found
+    explicit = tmp_path / "c.toml"
+    assert config.write_path(explicit, euid=1000) == explicit
+    monkeypatch.setenv("TOKEN_BROKER_CONFIG", str(explicit))
+    assert config.write_path(euid=0) == explicit
+    monkeypatch.delenv("TOKEN_BROKER_CONFIG")
+    user.parent.mkdir(parents=True)
+    user.write_text("")
+    assert config.write_path(euid=0) == user == config.config_path()  # root's own file too
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/dir")  # not absolute: ignored (XDG spec)
+    assert config.user_config_path() == Path.home() / ".config/token-broker/config.toml"
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ("client-id = 'x'", "[credentials.a] client-id: unknown key (did you mean 'client_id'? "
+         "keys are written with '_')"),
+        ("client_id = 'x'\nscope = ['openid']", "[credentials.a] scope: unknown key (did you "
+         "mean 'scopes'?)"),
+        ("client_id = 'x'\nretry_mx = '1m'", "retry_mx: unknown key (did you mean 'retry_max'?)"),
+        ("client_id = 'x'\nzzz = 1", "[credentials.a] zzz: unknown key"),
+    ],
+)  # fmt: skip
+def test_an_unknown_key_says_which_one_was_meant(tmp_path, table, expected):
+    message = error_of(tmp_path, f"[credentials.a]\nprovider = 'adobe'\n{table}\n")
+    assert message.startswith(expected) or expected in message, message
+    assert "required key is missing" not in message
+    assert "did you mean 'credentials'?" in error_of(tmp_path, "[credential.a]\nx = 1\n")
+    assert "[server] listn: unknown key (did you mean 'listen'?)" in error_of(
+        tmp_path, "[server]\nlistn = []\n"
+    )
+
+
+def test_org_id_must_be_an_ims_org(tmp_path):
+    for bad in ("ABCDEF0123456789ABCDEF01", "@AdobeOrg", "1234567"):
+        message = error_of(
+            tmp_path, f"[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\norg_id = '{bad}'\n"
+        )
+        assert message.startswith("[credentials.a] org_id: expected the IMS organization id, "
+                                  "which ends in @AdobeOrg"), message  # fmt: skip
+        assert f"got {bad!r}" in message
 
 
 def test_https_listeners_are_validated(tmp_path):

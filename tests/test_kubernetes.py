@@ -4,8 +4,8 @@ No cluster can run here, so each overlay is rendered with ``kubectl kustomize`` 
 every object is validated against the schemas of the two newest Kubernetes versions
 that kubernetes-validate ships, strictly (an unknown field is an error), and scanned
 by checkov; a suppressed finding must carry its reason. On top of the scanner, the
-promises of README.md, "Running on Kubernetes" are checked object by object: the hardening of every
-broker container, the probes that start no `token-broker` process, the update
+promises of docs/deploy.md, "Running on Kubernetes" are checked object by object: the
+hardening of every broker container, the probes that start no `token-broker` process, the update
 strategies, the ConfigMap whose name carries its hash, and configs the broker loads.
 """
 
@@ -159,7 +159,7 @@ def test_every_broker_container_is_hardened_and_bounded(overlay):
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert probe in c, f"{overlay}: no {probe}"
             command = c[probe].get("exec", {}).get("command", [])
-            # `token-broker health` costs ~0.22 s of CPU and ~40 MB per run (README.md,
+            # `token-broker health` costs ~0.22 s of CPU and ~40 MB per run (docs/deploy.md,
             # "Running on Kubernetes", Probes).
             assert "token-broker" not in command[:1], f"{overlay} {probe}: a costly probe"
 

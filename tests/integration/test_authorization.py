@@ -130,7 +130,7 @@ def test_client_add_prints_a_key_once_and_the_daemon_uses_it(start_broker, capsy
     assert main(["client", "add", "ci", "--credentials", "main", "--config", str(cfg)]) == 1
     assert "exists already" in capsys.readouterr().err
     rc = main(["client", "add", "ci", "--replace", "--credentials", "main", "--config", str(cfg)])
-    assert rc == 0
+    assert rc == 1  # the config is written, the daemon did not take it: an error
     new, err = capsys.readouterr()
     assert "refused to reload" in err and "client key" in err
     os.kill(broker.proc.proc.pid, 1)  # SIGHUP: the operator's way
@@ -138,8 +138,8 @@ def test_client_add_prints_a_key_once_and_the_daemon_uses_it(start_broker, capsy
     assert token_status(broker.url, new.strip()) == 200
     assert main(["client", "list", "--json", "--config", str(cfg)]) == 0
     assert json.loads(capsys.readouterr().out) == {"clients": {"ci": ["main"]}}
-    assert main(["client", "remove", "ci", "--config", str(cfg)]) == 0
-    capsys.readouterr()
+    assert main(["client", "remove", "ci", "--config", str(cfg)]) == 1  # no key to reload
+    assert "kill -HUP" in capsys.readouterr().err
     os.kill(broker.proc.proc.pid, 1)
     wait_for(lambda: token_status(broker.url, None) == 200)
     broker.proc.stop()

@@ -304,11 +304,11 @@ def test_group_readable_secret_files_and_writable_configs_are_warned_about(start
     assert broker.secret not in out
 
 
-def test_every_metric_the_readme_lists_is_exposed(start_broker):
+def test_every_metric_the_docs_list_is_exposed(start_broker):
     from pathlib import Path
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    table = readme.split("### Metrics", 1)[1].split("Two alert rules", 1)[0]
+    readme = (Path(__file__).parents[2] / "docs" / "observability.md").read_text()
+    table = readme.split("## Metrics", 1)[1].split("Series that appear only", 1)[0]
     listed = re.findall(r"^\| `(token_broker_\w+)` \| (\w+) \|", table, re.M)
     assert len(listed) == 8
     broker = start_broker()

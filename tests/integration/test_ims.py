@@ -258,3 +258,137 @@ def test_the_leaf_is_renewed_without_a_restart_and_serving_goes_on(start_broker,
         worker.join()
     assert second != first and failures == [] and served > 10
     assert "new leaf certificate" in ims.broker.proc.output()  # type: ignore[attr-defined]
+
+
+# -- the User Sync Tool section of docs/ims-endpoint.md, followed as written ----------------
+
+
+def _tls_stand_in(issuer, directory: Path):  # type: ignore[no-untyped-def]
+    """Adobe's User Management API behind a TLS-inspecting proxy: the stand-in, over HTTPS
+    with a certificate from a "corporate" CA that only $REQUESTS_CA_BUNDLE trusts."""
+    from doctext import CLIENT_ID, ORG
+    from helpers import make_ca_and_leaf
+
+    corporate, leaf, key = make_ca_and_leaf(directory, "corporate")
+    stand_in = StandInApi(lambda: issuer.issuer.issued, CLIENT_ID, ORG)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(leaf, key)
+    stand_in._server.socket = context.wrap_socket(stand_in._server.socket, server_side=True)
+    return stand_in.start(), corporate
+
+
+def test_the_user_sync_tool_section_followed_as_written(issuer, tmp_path):
+    """docs/ims-endpoint.md, step by step, as a user on the UST host: the client key
+    (0600) before ims_listen, the restart, the connector-umapi.yml snippet read the way
+    UST 2.10 reads it and used with umapi-client, a corporate CA bundle kept, and the
+    troubleshooting curl telling the failures apart.
+
+    Only what cannot be the same here is changed: /etc/user-sync is a temporary
+    directory, port 8443 a free port, the key placeholder the key, `systemctl restart`
+    a restart of the broker process, and UST's API host the stand-in's.
+    """
+    import os
+    import stat
+    import tomllib
+
+    import tomlkit
+    import yaml
+    from doctext import CLIENT_ID, ORG, block, project_json, user_env
+    from helpers import BrokerProcess, new_secret
+
+    from broker.config import TcpListen
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = user_env(home)
+    ust_dir = tmp_path / "user-sync"
+    port, ims_port = free_port(), free_port()
+    secret = new_secret()
+    issuer.issuer.add_client(CLIENT_ID, secret)
+    project = project_json(home / "project.json", secret)
+    cfg = home / ".config" / "token-broker" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    cfg.chmod(0o600)
+
+    def sh(text: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        text = text.replace("/etc/user-sync", str(ust_dir)).replace("8443", str(ims_port))
+        return subprocess.run(["bash", "-e", "-c", text], capture_output=True, text=True,
+                              env={**env, **extra}, cwd=home, timeout=120)  # fmt: skip
+
+    # The credential UST uses, named adobe, served by a running broker.
+    done = sh(f"token-broker import {project} --name adobe --keep --ims-url {issuer.url} "
+              f"--secret file:{home}/adobe.secret")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    proc = BrokerProcess(cfg, env={"XDG_STATE_HOME": env["XDG_STATE_HOME"]})
+    try:
+        proc.wait_healthy(f"http://127.0.0.1:{port}")
+        # 1. The client key, written 0600 before ims_listen exists (the config takes it).
+        done = sh(block("ust-key"))
+        assert done.returncode == 0, done.stderr
+        key_file = ust_dir / "broker.key"
+        key = key_file.read_text().strip()
+        assert key.startswith("tbk_") and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert "this is the first client key" in done.stderr  # (d): every reader needs one
+        # 2. ims_listen into [server], then the restart and the bundle.
+        doc = tomlkit.parse(cfg.read_text())
+        wanted = tomllib.loads(block("ust-config").replace("8443", str(ims_port)))
+        doc["server"]["ims_listen"] = wanted["server"]["ims_listen"]  # type: ignore[index]
+        cfg.write_text(tomlkit.dumps(doc))
+        restart = block("ust-restart").splitlines()
+        assert restart[0] == "systemctl restart token-broker"
+        proc.stop()
+        proc = BrokerProcess(cfg, env={"XDG_STATE_HOME": env["XDG_STATE_HOME"]})
+        proc.wait_healthy(f"http://127.0.0.1:{port}")
+        assert TcpListen("127.0.0.1", ims_port)  # the listener the config now names
+        done = sh(restart[1])
+        assert done.returncode == 0, done.stderr
+        assert Path(done.stdout.strip()).is_file()  # the bundle's path, alone on stdout
+        wait_for(lambda: (Path(env["XDG_STATE_HOME"]) / "token-broker" / "leaf.pem").exists(),
+                 what="the leaf of the HTTPS listener")  # fmt: skip
+
+        # 3-4. A host whose REQUESTS_CA_BUNDLE names a corporate CA: appended, not replaced.
+        api, corporate = _tls_stand_in(issuer, tmp_path)
+        try:
+            done = sh(block("ust-append-ca") + 'echo "$REQUESTS_CA_BUNDLE"\n',
+                      REQUESTS_CA_BUNDLE=str(corporate))  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            bundle = done.stdout.strip()
+            assert bundle == str(ust_dir / "ca-bundle.crt")
+            connector = yaml.safe_load(
+                block("ust-connector").replace("8443", str(ims_port)).replace("tbk_…", key)
+            )
+            assert connector["enterprise"] == {"org_id": ORG, "client_id": CLIENT_ID,
+                                               "client_secret": key}  # fmt: skip
+            connector["server"]["host"] = f"127.0.0.1:{api.port}"  # the stand-in for Adobe
+            calls = issuer.issuer.calls
+            with Umapi(env={"REQUESTS_CA_BUNDLE": bundle}) as umapi:
+                umapi.result("ust_connect", connector=connector)
+                assert umapi.result("users") == ["ada@example.com"]
+            assert api.accepted() and issuer.issuer.calls == calls  # the broker's cached token
+            # (b) Without `authentication_method: oauth`, UST stops as the docs say.
+            jwt = {k: v for k, v in connector.items() if k != "authentication_method"}
+            with Umapi(env={"REQUESTS_CA_BUNDLE": bundle}) as umapi:
+                answer = umapi.call("ust_connect", connector=jwt)
+            assert "'tech_acct_id' is required for jwt authentication" in answer["message"]
+            # (e) `tls ca --bundle` alone (certifi + the broker) would lose the corporate CA.
+            alone = ssl.create_default_context(cafile=sh(restart[1]).stdout.strip())
+            with pytest.raises(ssl.SSLCertVerificationError):
+                with socket.create_connection(("127.0.0.1", api.port), timeout=10) as raw:
+                    alone.wrap_socket(raw, server_hostname="127.0.0.1").close()
+        finally:
+            api.stop()
+
+        # (f) The troubleshooting curl: 200, then each failure it tells apart.
+        curl = block("ust-curl")
+        done = sh(curl, REQUESTS_CA_BUNDLE=bundle)
+        assert (done.returncode, done.stdout.strip()) == (0, "200"), done.stderr
+        untrusted = sh(curl, REQUESTS_CA_BUNDLE=str(corporate))
+        assert untrusted.returncode == 60 and "SSL certificate problem" in untrusted.stderr
+        assert key not in untrusted.stderr + untrusted.stdout
+    finally:
+        proc.stop()
+    down = sh(curl, REQUESTS_CA_BUNDLE=bundle)
+    assert down.returncode == 7 and "Failed to connect" in down.stderr
+    assert key not in proc.output() and secret not in proc.output()
+    assert os.environ.get("REQUESTS_CA_BUNDLE") != bundle  # nothing leaked into the tests

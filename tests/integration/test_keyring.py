@@ -114,10 +114,10 @@ def test_add_serve_rotate_under_load_remove(issuer, keyring_env, tmp_path, monke
 
         # remove: config entry and keyring items gone. It was the last credential, and a
         # daemon with nothing to serve refuses that config (an empty file is more often a
-        # truncated write): the command says so, and the daemon is to be stopped.
+        # truncated write): the command says so, exits 1, and the daemon is to be stopped.
         capsys.readouterr()
-        assert run_cli(monkeypatch, ["remove", "kr", *args]) == 0
-        said = capsys.readouterr().out
+        assert run_cli(monkeypatch, ["remove", "kr", *args]) == 1
+        said = capsys.readouterr().err
         assert "the daemon refused to reload" in said and "no credentials" in said, said
         assert keyring_env.lookup("token-broker", "kr") is None
         assert "[credentials.kr]" not in cfg.read_text()
@@ -218,20 +218,20 @@ def test_import_console_json(issuer, keyring_env, tmp_path, monkeypatch, capsys)
     assert run_cli(monkeypatch, argv) == 0
     captured = capsys.readouterr()
     assert "skipped 'Old JWT'" in captured.err and "retired by Adobe" in captured.err
-    assert "imported user-sync-s2s" in captured.out
+    assert "imported migration (from 'User Sync (S2S)'" in captured.out  # the project's name
     assert not exported.exists()
     text = cfg.read_text()
     assert 'client_id = "s2s-client"' in text
     assert 'org_id = "ABCDEF0123456789ABCDEF01@AdobeOrg"' in text
     assert '"user_management_sdk"' in text and "S2S-SECRET" not in text
-    assert keyring_env.lookup("token-broker", "user-sync-s2s") == "S2S-SECRET-ONE"
-    assert keyring_env.lookup("token-broker", "user-sync-s2s#next") == "S2S-SECRET-TWO"
+    assert keyring_env.lookup("token-broker", "migration") == "S2S-SECRET-ONE"
+    assert keyring_env.lookup("token-broker", "migration#next") == "S2S-SECRET-TWO"
     assert issuer.issuer.received[-1].form["client_secret"] == "S2S-SECRET-ONE"
     # The Console ids secret cycling needs are recorded; the project lacks the API.
     assert 'credential_id = "222"' in text and 'console_org_id = "98765"' in text
     assert "does not list the I/O Management API (AdobeIOManagementAPISDK)" in captured.out
-    assert run_cli(monkeypatch, ["remove", "user-sync-s2s", "--config", str(cfg)]) == 0
-    assert keyring_env.lookup("token-broker", "user-sync-s2s#next") is None
+    assert run_cli(monkeypatch, ["remove", "migration", "--config", str(cfg)]) == 0
+    assert keyring_env.lookup("token-broker", "migration#next") is None
 
 
 def test_import_says_when_the_project_can_cycle_its_secret(
@@ -346,7 +346,7 @@ def test_fail_backend_names_cause_and_way_out(tmp_path):
     assert r.returncode == 1
     assert "no keyring backend is available" in r.stderr
     assert "PYTHON_KEYRING_BACKEND selects the fail backend" in r.stderr
-    assert "use a systemd: or file: secret" in r.stderr
+    assert "or pass --secret file:PATH" in r.stderr
 
 
 def test_no_dbus_session(tmp_path):
@@ -487,3 +487,19 @@ secret = "file:{secret_file}"
 
     assert main(["doctor", "--config", str(tmp_path / "nope.toml")]) == 1
     assert "FAIL  config:" in capsys.readouterr().out
+
+
+def test_a_second_added_credential_keeps_the_first_as_default(
+    keyring_env, tmp_path, monkeypatch, capsys
+):
+    """GET /token served the only credential; after `add` of a second one it still does."""
+    cfg = tmp_path / "config.toml"
+    base = ["--no-verify", "--secret-stdin", "--config", str(cfg)]
+    assert run_cli(monkeypatch, ["add", "first2", "--client-id", "a", *base], "s1") == 0
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["add", "second2", "--client-id", "b", *base], "s2") == 0
+    out = capsys.readouterr().out
+    assert '[server] default = "first2" written' in out
+    assert 'default = "first2"' in cfg.read_text()
+    for name in ("first2", "second2"):
+        assert run_cli(monkeypatch, ["remove", name, "--config", str(cfg)]) == 0

@@ -1,7 +1,7 @@
-"""The README's server install, as written, under a real systemd: Debian booted in nspawn.
+"""The server install of docs/deploy.md, as written, under a real systemd: Debian in nspawn.
 
 A debootstrapped bookworm (cached in /var/tmp between runs) gets this
-checkout's README steps of "Running under systemd" run as written, from a copy
+checkout's steps of "Running under systemd" run as written, from a copy
 of the checkout with the test's config.toml in it: the install block in a
 chroot (it needs the network), the configure-and-start block inside the booted
 system (the secret on its stdin, as a user would paste it). The unit files are
@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from doctext import block
 
 pytestmark = pytest.mark.xdist_group("nspawn")  # one boot, on one worker
 
@@ -55,15 +56,8 @@ group = "adobe-tools"
 """
 
 
-def _readme_dropin() -> str:
-    """The drop-in the README shows for an output file with a group, verbatim."""
-    text = (ROOT / "README.md").read_text()
-    found = re.search(r"```ini\n(# systemctl edit token-broker\n.*?)```", text, re.S)
-    assert found, "README.md: the drop-in for an output file's group is gone"
-    return found.group(1)
-
-
-OUTPUT_GROUP_DROPIN = _readme_dropin()
+#: The drop-in docs/deploy.md shows for an output file with a group, verbatim.
+OUTPUT_GROUP_DROPIN = block("nspawn-dropin")
 
 READER = """[Unit]
 Description=another account that reads the token file, as a tool would
@@ -82,7 +76,7 @@ WantedBy=multi-user.target
 """
 
 SETUP = """[Unit]
-Description=the README's configure-and-start steps, as written
+Description=the configure-and-start steps of docs/deploy.md, as written
 Before=probe.service
 [Service]
 Type=oneshot
@@ -138,11 +132,8 @@ def _run(*cmd: str, **kw: object) -> None:
 
 
 def readme_blocks() -> tuple[str, str]:
-    """The README's install block and its configure-and-start block, verbatim."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-    return blocks[0], blocks[1]
+    """The install block and the configure-and-start block of docs/deploy.md, verbatim."""
+    return block("nspawn-install"), block("nspawn-configure")
 
 
 def _prepare() -> None:
@@ -181,7 +172,7 @@ def _prepare() -> None:
     dropin = units / "token-broker.service.d"
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "test.conf").write_text("[Service]\nWatchdogSec=2s\n")  # see it ping, quickly
-    # What the README tells a user with a group for an output file to add (systemctl edit).
+    # What the docs tell a user with a group for an output file to add (systemctl edit).
     (dropin / "override.conf").write_text(OUTPUT_GROUP_DROPIN)
     (units / "issuer.service").write_text(ISSUER)
     (units / "setup.service").write_text(SETUP)

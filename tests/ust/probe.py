@@ -9,6 +9,7 @@ two calls. Commands:
     {"op": "connect", "org": ORG, "endpoint": URL, "auth": "broker", "broker": URL}
     {"op": "connect", "org": ORG, "endpoint": URL, "auth": "s2s", "client_id": ...,
      "client_secret": ..., "auth_host": "127.0.0.1:PORT"}     (UST's own OAuthS2S)
+    {"op": "ust_connect", "connector": {...}}   (a connector-umapi.yml, read as UST 2.10 does)
     {"op": "users"} | {"op": "user", "email": E} | {"op": "add_to_group", "email": E,
      "group": G} | {"op": "auth_token"}  (the s2s auth's own token request, once)
     {"op": "quit"}
@@ -38,6 +39,10 @@ def main() -> int:
                 conn = connect(umapi_client, command)
                 auth = conn.auth
                 result: Any = True
+            elif op == "ust_connect":
+                conn = ust_connect(umapi_client, command["connector"])
+                auth = conn.auth
+                result = True
             elif op == "auth_token":  # the auth's own token request, without the retries
                 auth.refresh_token()  # that umapi-client wraps around API calls
                 result = bool(auth.token)
@@ -69,6 +74,48 @@ def connect(umapi_client: Any, command: dict[str, Any]) -> Any:
             command["client_id"], command["client_secret"], auth_host=command["auth_host"]
         )
     return umapi_client.Connection(command["org"], auth=auth, endpoint=command["endpoint"])
+
+
+def ust_connect(umapi_client: Any, options: dict[str, Any]) -> Any:
+    """The connection the User Sync Tool 2.10 makes from a ``connector-umapi.yml``.
+
+    These are UST's rules (user_sync/connector/connector_umapi.py and umapi_util.py),
+    restated: ``authentication_method`` defaults to ``jwt``, which needs
+    ``enterprise.tech_acct_id``; ``oauth`` must not have it, and builds umapi-client's
+    ``OAuthS2S`` from ``enterprise.client_id`` and ``client_secret``, posting to
+    ``server.auth_host`` (default ``ims-na1.adobelogin.com``) at ``/ims/token/v2``; the
+    API is ``https://`` + ``server.host`` + ``server.endpoint``, with 120 s timeouts
+    and 3 retries, certificates verified unless ``ssl_cert_verify: false``.
+    """
+    method = options.get("authentication_method", "jwt")
+    server = options.get("server") or {}
+    enterprise = options.get("enterprise") or {}
+    org_id = enterprise["org_id"]
+    tech = enterprise.get("tech_acct_id", enterprise.get("tech_acct"))
+    if tech is None and method == "jwt":
+        raise ValueError("'tech_acct_id' is required for jwt authentication")
+    if tech is not None and method == "oauth":
+        raise ValueError("'tech_acct_id' should not be set for oauth authentication")
+    if method != "oauth":
+        raise ValueError("this stand-in for UST speaks OAuth only (JWT is retired)")
+    verify = options.get("ssl_cert_verify", True)
+    if server.get("ssl_verify") is not None:
+        verify = server["ssl_verify"]
+    auth = umapi_client.OAuthS2S(
+        client_id=enterprise["client_id"],
+        client_secret=enterprise["client_secret"],
+        auth_host=server.get("ims_host") or server.get("auth_host", "ims-na1.adobelogin.com"),
+        auth_endpoint=server.get("ims_endpoint_jwt")
+        or server.get("auth_endpoint", "/ims/token/v2"),
+        ssl_verify=verify,
+    )
+    host = server.get("host", "usermanagement.adobe.io")
+    endpoint = "https://" + host + server.get("endpoint", "/v2/usermanagement")
+    return umapi_client.Connection(
+        org_id=org_id, auth=auth, endpoint=endpoint, user_agent="user-sync/2.10",
+        timeout=float(server.get("timeout", 120)), max_retries=server.get("retries", 3),
+        ssl_verify=verify,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
