@@ -571,6 +571,11 @@ class BrokerAuth(httpx.Auth):
     cause one refresh: the first refreshes, the others find newer headers
     than the ones refused and just send again with those.
 
+    The headers belong to the origin (scheme, host, port) of the request they
+    were added to: a request is sent again only there. A 401 from another
+    origin, after a redirect (which both libraries follow without the token),
+    is returned as it is: nothing is refreshed and nothing is added.
+
     Args:
         name: the credential; None: the broker's default credential.
         broker: a :class:`TokenBroker` (or :class:`AsyncTokenBroker`) whose URL,
@@ -667,7 +672,7 @@ class BrokerAuth(httpx.Auth):
         used = self._current()
         request.headers.update(used)
         response = yield request
-        if response.status_code != 401 or not _replayable(request):
+        if not _send_again(request, response):
             return
         request.headers.update(self._after_401(used))
         yield request
@@ -704,7 +709,7 @@ class BrokerAuth(httpx.Auth):
         used = await self._acurrent()
         request.headers.update(used)
         response = yield request
-        if response.status_code != 401 or not _replayable(request):
+        if not _send_again(request, response):
             return
         request.headers.update(await self._aafter_401(used))
         yield request
@@ -715,9 +720,10 @@ class BrokerAuth(httpx.Auth):
         """requests' auth interface: add the headers, and a hook for the 401 retry."""
         used = self._current()
         request.headers.update(used)
+        origin = _origin(request.url)
 
         def on_response(response: Any, **send_kwargs: Any) -> Any:
-            return self._requests_401(response, used, on_response, send_kwargs)
+            return self._requests_401(response, used, origin, on_response, send_kwargs)
 
         request.register_hook("response", on_response)
         return request
@@ -726,14 +732,22 @@ class BrokerAuth(httpx.Auth):
         self,
         response: Any,
         used: dict[str, str],
+        origin: _Origin | None,
         hook: Callable[..., Any],
         send_kwargs: dict[str, Any],
     ) -> Any:
         """Send a request that got a 401 again, once, with fresh headers (as requests'
-        own digest auth does: through the same adapter, the 401 kept in ``history``)."""
+        own digest auth does: through the same adapter, the 401 kept in ``history``).
+
+        requests runs this hook for every hop of a redirect too, and strips the token
+        from a hop to another host (CVE-2018-18074): a 401 from an origin other than
+        the one the headers were added for is returned as it is, with nothing added.
+        """
         sent = response.request
         adapter = getattr(response, "connection", None)
         if response.status_code != 401 or adapter is None:
+            return response
+        if origin is None or _origin(sent.url) != origin:
             return response
         if sent.body is not None and not isinstance(sent.body, bytes | str):
             return response  # a file or a generator: it cannot be sent a second time
@@ -752,10 +766,41 @@ class BrokerAuth(httpx.Auth):
         return retried
 
 
-def _replayable(request: httpx.Request) -> bool:
-    """True if the body is in memory (or absent), so the request can be sent again."""
+def _send_again(request: httpx.Request, response: httpx.Response) -> bool:
+    """Whether an httpx request that got ``response`` is sent again with fresh headers.
+
+    Only after a 401 from the origin the headers were added for: httpx hands the flow
+    the last answer of a redirect chain, and a 401 from another origin (which httpx
+    sent no token) says nothing of the token and must not cause a refresh. And only
+    if the body is in memory (or absent), so the request can be sent again.
+    """
+    if response.status_code != 401:
+        return False
+    origin = _origin(request.url)
+    if origin is None or _origin(response.request.url) != origin:
+        return False
     try:
         request.content  # noqa: B018
     except httpx.RequestNotRead:
         return False
     return True
+
+
+_Origin = tuple[str, str, int]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: object) -> _Origin | None:
+    """(scheme, host, port) of ``url``, the port made explicit; None if it has none.
+
+    A token is bound to the origin it was first added for: it is sent again only there.
+    """
+    parts = urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port that is not a number
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return scheme, parts.hostname.lower(), port

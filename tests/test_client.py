@@ -536,3 +536,39 @@ def test_fifty_threads_on_a_cold_cache_ask_the_broker_once(route):
         for t in threads:
             t.join()
     assert paths(seen) == ["GET /v1/credentials/main/headers"]
+
+
+def test_an_origin_is_scheme_host_and_port_with_the_default_port_made_explicit():
+    from broker.client import _origin
+
+    assert (
+        _origin("http://API.test/x") == _origin("http://api.test:80/y") == ("http", "api.test", 80)
+    )
+    assert _origin("https://api.test/") == ("https", "api.test", 443)
+    assert _origin("http://api.test:8443/") != _origin("https://api.test:8443/")
+    assert _origin("http://api.test:1/") != _origin("http://api.test:2/")
+    assert _origin("http://127.0.0.1/") != _origin("http://127.0.0.2/")
+    assert _origin("http://api.test:port/") is None and _origin("ftp://api.test/") is None
+    assert _origin("/relative") is None
+
+
+def test_httpx_sends_again_only_to_the_origin_that_got_the_token(route):
+    """The flow sees the last answer of a redirect chain: a 401 from another origin
+    refreshes nothing and is not answered by sending the token again."""
+    seen = route(FakeBroker())
+    sent: list[tuple[str, str | None]] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        sent.append((str(request.url), request.headers.get("authorization")))
+        if request.url.host == "api.test":
+            return httpx.Response(302, headers={"Location": "http://elsewhere.test/landing"})
+        return httpx.Response(401)
+
+    auth = BrokerAuth("main")
+    with httpx.Client(transport=httpx.MockTransport(api), auth=auth, follow_redirects=True) as c:
+        assert c.get("http://api.test/x").status_code == 401
+    assert sent == [
+        ("http://api.test/x", f"Bearer {TOKENS[0]}"),
+        ("http://elsewhere.test/landing", None),
+    ]
+    assert paths(seen) == [HEADERS]
