@@ -572,3 +572,30 @@ def test_httpx_sends_again_only_to_the_origin_that_got_the_token(route):
         ("http://elsewhere.test/landing", None),
     ]
     assert paths(seen) == [HEADERS]
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "issuer error (HTTP 400): invalid_client: Client ID is invalid (x-debug-id "
+        "5c3e0a7e-1b2c-4d5e-8f90-a1b2c3d4e5f6)",
+        "no servable token for: main, partner-api",
+        "cannot read /run/user/1000/token-broker/adobe.secret: Permission denied",
+        "a client key is required: Authorization: Bearer KEY",
+        "org 4A5B6C7D8E9F0A1B2C3D4E5F@AdobeOrg; sha256 "
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    ],
+)
+def test_the_brokers_own_details_are_quoted_unchanged(route, detail):
+    route(lambda r: httpx.Response(502, json={"error": "issuer_error", "detail": detail}))
+    with pytest.raises(BrokerClientError) as info:
+        TokenBroker(key=KEY).token("main")
+    assert str(info.value).endswith(f"502 issuer_error: {detail}")
+
+
+def test_credential_shapes_in_a_detail_are_redacted(route):
+    detail = f"got Bearer {TOKENS[0]} and tbk_other-key_0123 and eyJhbGciOiJSUzI1NiJ9.eyJzdWIi0"
+    route(lambda r: httpx.Response(500, json={"error": "x", "detail": detail}))
+    with pytest.raises(BrokerClientError) as info:
+        TokenBroker().token("main")
+    assert str(info.value).endswith("500 x: got [redacted] and [redacted] and [redacted]")
