@@ -154,7 +154,8 @@ class Endpoint:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BrokerClientError(
-                f"{where} {url!r}: expected http://HOST:PORT, https://HOST:PORT or unix:/path"
+                f"{where} {re.sub(r'//[^/@]*@', '//…@', url)!r}: expected http://HOST:PORT, "
+                "https://HOST:PORT or unix:/path"  # a key put in the URL is not quoted
             )
         if parts.username or parts.password or parts.query or parts.fragment:
             raise BrokerClientError(

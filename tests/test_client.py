@@ -133,6 +133,12 @@ def test_bad_urls_are_refused_with_a_sentence(bad):
     assert "pw" not in str(info.value) or "user" not in bad
 
 
+def test_a_key_put_in_a_bad_url_is_not_quoted():
+    with pytest.raises(BrokerClientError) as info:
+        Endpoint.parse(f"ftp://user:{KEY}@127.0.0.1:1")
+    assert KEY not in str(info.value) and "ftp://…@127.0.0.1:1" in str(info.value)
+
+
 # -- error mapping ----------------------------------------------------------------------
 
 
