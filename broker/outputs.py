@@ -33,7 +33,7 @@ from broker.files import atomic_write
 from broker.metrics import Recorder
 from broker.providers import api_headers
 from broker.tokens import Clock, Token, rfc3339
-from broker.variables import Taken, variables
+from broker.variables import EnvFileError, Taken, env_file, variables
 
 if TYPE_CHECKING:
     from broker.manager import Credential
@@ -65,7 +65,7 @@ def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: 
         org_id=getattr(cred, "org_id", None),
         extra=dict(cred.headers),
     )
-    return "".join(f"{k}={v}\n" for k, v in variables(taken).items()).encode()
+    return env_file(variables(taken)).encode()
 
 
 def write_file(path: Path, content: bytes, mode: int, group: str | None) -> None:
@@ -138,13 +138,16 @@ class Outputs:
             del self._tasks[path]
 
     async def _write(self, output: OutputSettings, cred: CredentialSettings, token: Token) -> None:
-        content = render(output, cred, token, self._clock())
         target = Path(output.path)
         try:
+            content = render(output, cred, token, self._clock())
             await asyncio.to_thread(self._writer, target, content, output.mode, output.group)
-        except (OSError, KeyError) as exc:
+        except (OSError, KeyError, EnvFileError) as exc:
             self._recorder.output(output.path, "write", "error")
-            reason = getattr(exc, "strerror", None) or f"no group named {output.group!r}"
+            if isinstance(exc, EnvFileError):
+                reason = str(exc)  # names the variable, never the value
+            else:
+                reason = getattr(exc, "strerror", None) or f"no group named {output.group!r}"
             log.warning(
                 "output %s for %s not written: %s; tried again at the next refresh",
                 output.path, cred.name, reason,

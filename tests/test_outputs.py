@@ -231,3 +231,39 @@ async def test_a_failed_write_is_counted_and_logged_and_serving_goes_on(tmp_path
     await outputs.close()
     assert recorder.outputs[(str(tmp_path / "t"), "write", "error")] == 1
     assert "not written: Permission denied; tried again at the next refresh" in caplog.text
+
+
+def test_an_env_output_refuses_static_values_that_readers_would_read_differently(tmp_path):
+    env = {"credential": "adobe", "path": str(tmp_path / "t.env"), "format": "env"}
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, env, headers={"x-note": "two words"})
+    assert str(info.value) == (
+        "<config>: [[outputs]] #1 format env: TOKEN_BROKER_HEADER_X_NOTE holds a space, which "
+        "sh, systemd's EnvironmentFile= and Docker's --env-file would each read differently "
+        "(an env file carries only letters, digits and -._~+/=:@%, unquoted); use the json or "
+        "headers format for it"
+    )
+    with pytest.raises(ConfigError, match="TOKEN_BROKER_HEADER_X_Q holds '\"'"):
+        settings(tmp_path, env, headers={"x-q": 'say"hi'})
+    # The same header in the other formats, and plain values in env, are fine.
+    settings(tmp_path, {**env, "format": "headers"}, headers={"x-note": "two words"})
+    settings(tmp_path, env, headers={"x-sandbox-name": "prod-1"})
+
+
+async def test_a_token_an_env_file_cannot_carry_is_not_written_and_not_logged(tmp_path, caplog):
+    s = settings(tmp_path, {"credential": "adobe", "path": str(tmp_path / "t.env"),
+                            "format": "env"})  # fmt: skip
+
+    class Cred:
+        settings = s.credentials["adobe"]
+        token = Token("~root-0123456789abcdef", "bearer", NOW - 60, NOW + 3540)  # b64token
+        serve_until = NOW + 3000
+
+    recorder = Recorder()
+    outputs = Outputs(s.outputs, recorder=recorder, clock=FakeClock(NOW))
+    outputs.refreshed(Cred())  # type: ignore[arg-type]
+    await outputs.close()
+    assert not (tmp_path / "t.env").exists()
+    assert recorder.outputs[(str(tmp_path / "t.env"), "write", "error")] == 1
+    assert "TOKEN_BROKER_ACCESS_TOKEN holds a '~' where sh expands it" in caplog.text
+    assert Cred.token.access_token not in caplog.text

@@ -170,3 +170,66 @@ def test_metrics_pass_promtools_own_check(start_broker, issuer, tmp_path):
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+
+
+class ChosenTokenIssuer:
+    """An issuer on loopback that answers every token request with ``token``."""
+
+    def __init__(self, token: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = json.dumps({"access_token": token, "token_type": "bearer", "expires_in": 3600})
+        self.calls = 0
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                issuer.calls += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def test_a_token_that_a_shell_would_run_is_refused_and_never_written(
+    start_broker, issuer, tmp_path
+):
+    """The issuer chooses the token; sourced from an env file, this one would run `touch`."""
+    marker = tmp_path / "ran"
+    hostile = ChosenTokenIssuer(f"x;touch${{IFS}}{marker};")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = out / "token.env"
+    try:
+        broker = start_broker(
+            extra=outputs_toml(tmp_path, f'path = "{env}"\nformat = "env"'),
+            issuer_url=hostile.url,
+        )
+
+        def last_error() -> str:
+            status = httpx.get(broker.url + "/v1/credentials/main", headers=HEADERS).json()
+            return (status.get("last_error") or {}).get("error", "")
+
+        wait_for(lambda: last_error() or env.exists(), what="the answer taken or refused")
+        if env.exists():  # what a unit's ExecStartPre or a shell script does with it
+            subprocess.run(["sh", "-c", f'set -a; . "{env}"'], capture_output=True, timeout=30)
+        assert not marker.exists(), "sourcing the env output ran the issuer's command"
+        assert last_error() == "invalid_response" and not env.exists()
+        assert httpx.get(broker.url + "/token", headers=HEADERS).status_code == 503
+    finally:
+        hostile.stop()
