@@ -233,3 +233,44 @@ def test_a_token_that_a_shell_would_run_is_refused_and_never_written(
         assert httpx.get(broker.url + "/token", headers=HEADERS).status_code == 503
     finally:
         hostile.stop()
+
+
+def live_members(group: int) -> list[int]:
+    """Live (not zombie) processes of process group ``group``, from /proc."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_stopping_the_daemon_ends_a_running_output_command_and_its_children(
+    start_broker, issuer, tmp_path
+):
+    """SIGTERM while an output's command runs (``sh -c 'sleep 300; :'``): the daemon exits
+    at once, cleanly, and leaves no process of that command behind."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    group_file = tmp_path / "group"
+    script = f'echo $$ > "{group_file}"; sleep 300; :'
+    command = json.dumps(["sh", "-c", script])
+    table = f'path = "{out}/token"\ncommand = {command}'
+    broker = start_broker(extra=outputs_toml(tmp_path, table))
+    group = int(wait_for(lambda: group_file.exists() and group_file.read_text().strip(),
+                         what="the command to start"))  # fmt: skip
+    try:
+        assert live_members(group)
+        assert broker.proc.stop() == 0  # SIGTERM; within the 10 s it allows
+        assert not live_members(group), "the command's children outlived the daemon"
+    finally:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
