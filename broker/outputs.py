@@ -232,14 +232,13 @@ class Outputs:
         SIGKILL to whatever is left (a child that ignores SIGTERM, or a slow one)."""
         group = proc.pid  # start_new_session: the command leads its own group
         _signal_group(group, signal.SIGTERM)
-        deadline = asyncio.get_running_loop().time() + self._command_grace
-        # Polled: nothing tells a process when a group it does not lead has emptied.
-        while _group_alive(group) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        # The group's id cannot be handed to another process while any member lives; once
-        # all are gone, a new group with that id within these milliseconds would need the
-        # pid counter to wrap around in between.
-        _signal_group(group, signal.SIGKILL)
+        await self._until_gone(group)
+        if _group_alive(group):
+            # The group's id cannot go to another process while any member lives; between
+            # this check and the signal, a new group with that id would need the pid
+            # counter to wrap around.
+            _signal_group(group, signal.SIGKILL)
+            await self._until_gone(group)  # delivered at once; the exits take a moment
         try:
             # asyncio's wait() also waits for the stderr pipe to close; a process that left
             # the group (setsid) may hold it still: bounded, so this never hangs the daemon.
@@ -250,6 +249,13 @@ class Outputs:
                 "output command %s: a process it started outside its process group still "
                 "holds its stderr; not waiting for it", proc.pid,
             )  # fmt: skip
+
+    async def _until_gone(self, group: int) -> None:
+        """Wait, at most the grace, for every process of ``group`` to be gone."""
+        deadline = asyncio.get_running_loop().time() + self._command_grace
+        # Polled: nothing tells a process when a group it does not lead has emptied.
+        while _group_alive(group) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:

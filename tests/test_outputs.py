@@ -362,7 +362,7 @@ async def test_stopping_ends_running_commands_with_their_groups_at_once(tmp_path
         group = await started_group(group_file)
         # Before, close() waited for the command's 30 s; a stopping daemon cannot.
         await asyncio.wait_for(outputs.close(), 10)
-        assert not group_members(group)
+        await asyncio.to_thread(wait_for, lambda: not group_members(group), what="the group")
         assert "ended with its process group: the broker stopped" in caplog.text
     finally:
         await ended(outputs, group_file)
@@ -375,6 +375,6 @@ async def test_a_child_that_ignores_sigterm_gets_sigkill_after_the_grace(tmp_pat
         outputs.refreshed(cred_of(s))  # type: ignore[arg-type]
         group = await started_group(group_file)
         await asyncio.wait_for(outputs.close(), 10)
-        assert not group_members(group)
+        await asyncio.to_thread(wait_for, lambda: not group_members(group), what="the group")
     finally:
         await ended(outputs, group_file)
