@@ -6,7 +6,7 @@ output writes them as ``NAME=value`` lines: one place names them.
 An env file is read four ways: ``set -a; . FILE`` in sh (dash) or bash,
 systemd's ``EnvironmentFile=``, and Docker's ``--env-file``. No one quoting
 reads the same in all four: Docker takes everything after the first ``=`` as
-it is (up to 28.x quotes included; later versions drop one pair of matching
+it is (up to 28.x quotes included; newer versions drop one pair of matching
 quotes, with no escapes), so any quote or backslash written for sh or systemd
 becomes part of the value there. Values are therefore written bare, and only
 values that all four read back byte for byte are written: letters, digits and
@@ -73,7 +73,7 @@ def header_variable(header: str) -> str:
 
 #: What an env file value may hold: characters sh, bash, systemd and Docker all take
 #: literally when unquoted (checked against each, character by character, in
-#: tests/test_outputs.py).
+#: tests/test_variables.py).
 _ENV_VALUE = re.compile(r"[A-Za-z0-9\-._~+/=:@%,]*")
 #: Docker reads an env file with Go's bufio.Scanner, which fails on a line of 64 KiB.
 _ENV_LINE_MAX = 64 * 1024 - 1

@@ -4,7 +4,7 @@ Each reader is the real program where it can run: dash and bash source the
 file; systemd reads it as a unit's ``EnvironmentFile=`` (through
 ``systemd-run`` when a system manager runs, else through a user manager of
 its own in a private mount namespace); Docker's parsing is modelled from
-docker/cli's ``pkg/kvfile`` (28.x keeps quotes, later versions drop one
+docker/cli's ``pkg/kvfile`` (28.x keeps quotes, newer versions drop one
 matching pair), and checked against the real ``docker`` CLI when one is
 installed, through a stand-in for the engine's API that records the
 container's ``Env`` (no engine is needed: the CLI parses the file itself).
@@ -123,8 +123,8 @@ def docker_model_reads(text: str, *, trim_quotes: bool) -> dict[str, str]:
     whitespace removed; empty lines and lines starting with "#" skipped; KEY=VALUE split
     at the first "=", a KEY with a space or tab an error, a line without "=" taken from
     the environment (skipped here); VALUE kept as it is: quotes, backslashes, "$" and
-    trailing whitespace included. Since docker/cli 29 (``trim_quotes``) one pair of
-    matching quotes around the whole value is removed, with no escapes.
+    trailing whitespace included. Newer docker/cli (``trim_quotes``; its pull request
+    6046) removes one pair of matching quotes around the whole value, with no escapes.
     """
     text = text.removeprefix("\ufeff")
     found: dict[str, str] = {}
@@ -211,8 +211,8 @@ READERS: dict[str, Callable[[Path], dict[str, str]]] = {
     "dash": lambda p: shell_reads("dash", p),
     "bash": lambda p: shell_reads("bash", p),
     "systemd": systemd_reads,
-    "docker-28": lambda p: docker_model_reads(p.read_text(), trim_quotes=False),
-    "docker-29": lambda p: docker_model_reads(p.read_text(), trim_quotes=True),
+    "docker-keeps-quotes": lambda p: docker_model_reads(p.read_text(), trim_quotes=False),
+    "docker-trims-quotes": lambda p: docker_model_reads(p.read_text(), trim_quotes=True),
     "docker-cli": docker_cli_reads,
 }
 
