@@ -17,9 +17,14 @@ imports nothing either)::
      ├── BrokerUnavailable cannot connect, no answer in time, 503 token_unavailable (retry_after)
      └── BrokerRefused     401 / 403 / 404: no or a wrong client key, not allowed, unknown name
 
-No message, repr or exception text carries a token or a client key: they are
-built from the URL, the status and the broker's own ``error``/``detail``
-fields, which never hold one either.
+No message, repr or exception text carries a token or a client key, whatever
+answers on the broker's address (a squatter on the port while the daemon is
+down echoes what it is sent): messages are built from the URL, the status and
+the broker's own ``error``/``detail`` fields; a ``detail`` that holds a piece
+of the client key the request carried is not quoted at all, anything shaped
+like a credential in it is replaced, and ``error`` is quoted only if it is a
+plain code. Bodies that are not the broker's JSON, headers, reason phrases
+and the text of malformed answers are never quoted.
 
 Every call is a small "flow" (a generator that yields the broker requests it
 needs and receives their responses), run by a sync or an async driver, so
@@ -32,17 +37,18 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
 
-from broker.errors import BrokerError  # the standard library only
+from broker.errors import REDACTED, BrokerError  # the standard library only
 
 __all__ = [
     "AsyncTokenBroker",
@@ -66,6 +72,17 @@ CACHE_MARGIN = 300.0
 REFRESH_TIMEOUT = 30.0
 #: Longest ``detail`` quoted from an error answer.
 _DETAIL_MAX = 300
+#: The broker's ``error`` codes (``unknown_credential``); anything else is not quoted.
+_CODE = re.compile(r"[a-z0-9_]{1,64}")
+#: A piece this long of the client key in a broker's text withholds the whole text: a
+#: squatter that echoes the request must not get a key into a caller's log, not even
+#: cut short or upper-cased.
+_PIECE = 8
+#: Shapes of a credential in a broker's text: an Authorization value or a client key (of
+#: 8 characters or more, so "Bearer KEY" in a sentence stays), and a run of 24 or more
+#: token characters that mixes upper case, lower case and digits (any random token or
+#: JWT; names, paths and hex ids do not).
+_SHAPED = re.compile(r"(?i)\b(?:bearer|basic)\s+\S{8,}|\btbk_[\w-]{8,}|[A-Za-z0-9._~+/-]{24,}=*")
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -137,7 +154,8 @@ class Endpoint:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BrokerClientError(
-                f"{where} {url!r}: expected http://HOST:PORT, https://HOST:PORT or unix:/path"
+                f"{where} {re.sub(r'//[^/@]*@', '//…@', url)!r}: expected http://HOST:PORT, "
+                "https://HOST:PORT or unix:/path"  # a key put in the URL is not quoted
             )
         if parts.username or parts.password or parts.query or parts.fragment:
             raise BrokerClientError(
@@ -149,10 +167,33 @@ class Endpoint:
 
     def transport(self) -> httpx.HTTPTransport:
         # Plain HTTP has nothing to verify; skipping the CA bundle saves ~40 ms per client.
-        return httpx.HTTPTransport(uds=self.uds, verify=self.base.startswith("https:"))
+        return _Transport(uds=self.uds, verify=self.base.startswith("https:"))
 
     def async_transport(self) -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(uds=self.uds, verify=self.base.startswith("https:"))
+        return _AsyncTransport(uds=self.uds, verify=self.base.startswith("https:"))
+
+
+class _Transport(httpx.HTTPTransport):
+    """httpx's transport, without the answer's reason phrase.
+
+    httpx logs it ("HTTP Request: GET … "HTTP/1.1 200 OK"", at INFO, which many tools
+    show), and whatever answers on the broker's address chooses it: the standard
+    phrase of the status is logged instead.
+    """
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        response.extensions.pop("reason_phrase", None)
+        return response
+
+
+class _AsyncTransport(httpx.AsyncHTTPTransport):
+    """:class:`_Transport` for asyncio."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        response.extensions.pop("reason_phrase", None)
+        return response
 
 
 @dataclass(frozen=True)
@@ -190,15 +231,55 @@ def _check(response: httpx.Response, url: str) -> httpx.Response:
 
 
 def _error_fields(response: httpx.Response) -> tuple[str, str]:
-    """The broker's ``error`` and ``detail``; a body that is not its JSON is not quoted."""
+    """The broker's ``error`` and ``detail``, fit to quote; a body that is not its JSON
+    is not quoted, nor is an ``error`` that is not a plain code."""
+    fallback = f"http_{response.status_code}"
     try:
         body = response.json()
-        code, detail = str(body["error"]), str(body.get("detail") or "")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return f"http_{response.status_code}", "not an answer of the token broker"
-    if len(detail) > _DETAIL_MAX:
-        detail = detail[:_DETAIL_MAX] + "…"
-    return code, detail
+        code, detail = body["error"], body.get("detail") or ""
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return fallback, "not an answer of the token broker"
+    if not isinstance(code, str) or not _CODE.fullmatch(code):
+        code = fallback
+    return code, _quotable(str(detail), _sent_secrets(response))
+
+
+def _sent_secrets(response: httpx.Response) -> tuple[str, ...]:
+    """The client key the request of ``response`` carried (what a squatter could echo)."""
+    try:
+        sent = response.request.headers.get("authorization", "")
+    except RuntimeError:  # a response built by hand, without its request
+        return ()
+    key = sent.removeprefix("Bearer ").strip()
+    return (key,) if key else ()
+
+
+def _quotable(text: str, secrets: Sequence[str]) -> str:
+    """``text`` from an answer, fit for a message: no piece of ``secrets``, nothing shaped
+    like a credential, one line, at most :data:`_DETAIL_MAX` characters.
+
+    The checks come before the cut, so a cut never leaves part of a secret behind.
+    """
+    folded = text.casefold()
+    for secret in filter(None, secrets):  # no key sent: nothing to look for
+        secret = secret.casefold()
+        if any(secret[i : i + _PIECE] in folded for i in range(max(1, len(secret) - _PIECE + 1))):
+            return "(not quoted: it holds part of the client key this request sent)"
+    text = _SHAPED.sub(_redact, text)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= _DETAIL_MAX else text[:_DETAIL_MAX] + "…"
+
+
+def _redact(match: re.Match[str]) -> str:
+    found = match.group()
+    if found[:4].lower() == "tbk_" or " " in found or "\t" in found:
+        return REDACTED  # a client key, or an Authorization value
+    mixed = (
+        any(c.isupper() for c in found)
+        and any(c.islower() for c in found)
+        and any(c.isdigit() for c in found)
+    )
+    return REDACTED if mixed else found
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -223,11 +304,14 @@ def _json(response: httpx.Response, url: str) -> Any:
 def _default_flow(url: str) -> Flow[dict[str, Any]]:
     """The status object of the default credential (``"default": true``)."""
     rows = _json(_check((yield _Call("GET", "/v1/credentials")), url), url)
-    if not isinstance(rows, list):
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("name"), str) for r in rows
+    ):
         raise BrokerClientError(
-            f"the token broker at {url} answered /v1/credentials with something else than a list"
+            f"the token broker at {url} answered /v1/credentials with something else than a "
+            "list of credentials"
         )
-    marked = [r for r in rows if isinstance(r, dict) and r.get("default") is True]
+    marked = [r for r in rows if r.get("default") is True]
     if not marked and len(rows) == 1 and "default" not in rows[0]:
         marked = rows  # a broker from before the "default" field: one credential is the default
     if len(marked) != 1:
@@ -262,6 +346,8 @@ def _headers_flow(name: str | None, url: str) -> Flow[tuple[dict[str, str], floa
         left: float | None = float(response.headers[EXPIRES_IN_HEADER])
     except (KeyError, ValueError):
         left = None
+    if left is not None and not math.isfinite(left):
+        left = None  # "inf" would keep the headers forever
     return {str(k): str(v) for k, v in headers.items()}, left
 
 
@@ -342,13 +428,19 @@ class _Base:
     def _timeout(self, call: _Call) -> float:
         return max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
 
-    def _unavailable(self, exc: httpx.TransportError) -> BrokerUnavailable:
+    def _unavailable(self, exc: httpx.HTTPError, sent: dict[str, str]) -> BrokerUnavailable:
+        """The error for a request that got no usable answer, quoting nothing it received."""
+        name = type(exc).__name__
         if isinstance(exc, httpx.TimeoutException):
-            why = f"no answer within {self.timeout:g}s ({type(exc).__name__})"
+            why = f"no answer within {self.timeout:g}s ({name})"
+        elif isinstance(exc, httpx.ProtocolError | httpx.DecodingError):
+            # h11 quotes the offending bytes ("illegal header line: b'...'"), and whatever
+            # answers there may have put the request's key into them.
+            why = f"{name}: the answer is not HTTP as the broker speaks it"
         else:
-            # httpx's own words are the OS error ("[Errno 111] Connection refused"); they
-            # never quote request headers, so no key or token can be in them.
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            # The OS error ("[Errno 111] Connection refused"), checked all the same.
+            secrets = (sent.get("Authorization", "").removeprefix("Bearer "),)
+            why = f"{name}: {_quotable(str(exc), secrets)}" if str(exc) else name
         return BrokerUnavailable(f"cannot reach the token broker at {self.url} ({why})")
 
     async def _arun_once(self, flow: Flow[T]) -> T:
@@ -367,15 +459,19 @@ def _drive_sync(base: _Base, client: httpx.Client, flow: Flow[T]) -> T:
     try:
         call = next(flow)
         while True:
+            headers = base._headers()
+            failure: BrokerUnavailable | None = None
             try:
                 response = client.request(
                     call.method,
                     base._endpoint.base + call.path,
-                    headers=base._headers(),
+                    headers=headers,
                     timeout=base._timeout(call),
                 )
-            except httpx.TransportError as exc:
-                raise base._unavailable(exc) from None
+            except (httpx.TransportError, httpx.DecodingError) as exc:
+                failure = base._unavailable(exc, headers)
+            if failure is not None:
+                raise failure  # here, so httpx's error (with its text) is not its context
             call = flow.send(response)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
@@ -385,15 +481,19 @@ async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) ->
     try:
         call = next(flow)
         while True:
+            headers = base._headers()
+            failure: BrokerUnavailable | None = None
             try:
                 response = await client.request(
                     call.method,
                     base._endpoint.base + call.path,
-                    headers=base._headers(),
+                    headers=headers,
                     timeout=base._timeout(call),
                 )
-            except httpx.TransportError as exc:
-                raise base._unavailable(exc) from None
+            except (httpx.TransportError, httpx.DecodingError) as exc:
+                failure = base._unavailable(exc, headers)
+            if failure is not None:
+                raise failure  # here, so httpx's error (with its text) is not its context
             call = flow.send(response)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
@@ -478,13 +578,16 @@ class TokenBroker(_Base):
 
         It may wait for token requests (a reload, a refresh): at least 30 s.
         """
+        sent = self._headers(headers)
+        failure: BrokerUnavailable | None = None
         try:
             return self._pool().request(
-                method, self._endpoint.base + path, headers=self._headers(headers),
+                method, self._endpoint.base + path, headers=sent,
                 timeout=max(self.timeout, REFRESH_TIMEOUT),
             )  # fmt: skip
-        except httpx.TransportError as exc:
-            raise self._unavailable(exc) from None
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            failure = self._unavailable(exc, sent)
+        raise failure  # here, so httpx's error (with its text) is not its context
 
 
 class AsyncTokenBroker(_Base):
@@ -570,6 +673,11 @@ class BrokerAuth(httpx.Auth):
     is returned). Many threads (or tasks) that get a 401 for the same headers
     cause one refresh: the first refreshes, the others find newer headers
     than the ones refused and just send again with those.
+
+    The headers belong to the origin (scheme, host, port) of the request they
+    were added to: a request is sent again only there. A 401 from another
+    origin, after a redirect (which both libraries follow without the token),
+    is returned as it is: nothing is refreshed and nothing is added.
 
     Args:
         name: the credential; None: the broker's default credential.
@@ -667,7 +775,7 @@ class BrokerAuth(httpx.Auth):
         used = self._current()
         request.headers.update(used)
         response = yield request
-        if response.status_code != 401 or not _replayable(request):
+        if not _send_again(request, response):
             return
         request.headers.update(self._after_401(used))
         yield request
@@ -704,7 +812,7 @@ class BrokerAuth(httpx.Auth):
         used = await self._acurrent()
         request.headers.update(used)
         response = yield request
-        if response.status_code != 401 or not _replayable(request):
+        if not _send_again(request, response):
             return
         request.headers.update(await self._aafter_401(used))
         yield request
@@ -715,9 +823,10 @@ class BrokerAuth(httpx.Auth):
         """requests' auth interface: add the headers, and a hook for the 401 retry."""
         used = self._current()
         request.headers.update(used)
+        origin = _origin(request.url)
 
         def on_response(response: Any, **send_kwargs: Any) -> Any:
-            return self._requests_401(response, used, on_response, send_kwargs)
+            return self._requests_401(response, used, origin, on_response, send_kwargs)
 
         request.register_hook("response", on_response)
         return request
@@ -726,14 +835,22 @@ class BrokerAuth(httpx.Auth):
         self,
         response: Any,
         used: dict[str, str],
+        origin: _Origin | None,
         hook: Callable[..., Any],
         send_kwargs: dict[str, Any],
     ) -> Any:
         """Send a request that got a 401 again, once, with fresh headers (as requests'
-        own digest auth does: through the same adapter, the 401 kept in ``history``)."""
+        own digest auth does: through the same adapter, the 401 kept in ``history``).
+
+        requests runs this hook for every hop of a redirect too, and strips the token
+        from a hop to another host (CVE-2018-18074): a 401 from an origin other than
+        the one the headers were added for is returned as it is, with nothing added.
+        """
         sent = response.request
         adapter = getattr(response, "connection", None)
         if response.status_code != 401 or adapter is None:
+            return response
+        if origin is None or _origin(sent.url) != origin:
             return response
         if sent.body is not None and not isinstance(sent.body, bytes | str):
             return response  # a file or a generator: it cannot be sent a second time
@@ -752,10 +869,41 @@ class BrokerAuth(httpx.Auth):
         return retried
 
 
-def _replayable(request: httpx.Request) -> bool:
-    """True if the body is in memory (or absent), so the request can be sent again."""
+def _send_again(request: httpx.Request, response: httpx.Response) -> bool:
+    """Whether an httpx request that got ``response`` is sent again with fresh headers.
+
+    Only after a 401 from the origin the headers were added for: httpx hands the flow
+    the last answer of a redirect chain, and a 401 from another origin (which httpx
+    sent no token) says nothing of the token and must not cause a refresh. And only
+    if the body is in memory (or absent), so the request can be sent again.
+    """
+    if response.status_code != 401:
+        return False
+    origin = _origin(request.url)
+    if origin is None or _origin(response.request.url) != origin:
+        return False
     try:
         request.content  # noqa: B018
     except httpx.RequestNotRead:
         return False
     return True
+
+
+_Origin = tuple[str, str, int]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: object) -> _Origin | None:
+    """(scheme, host, port) of ``url``, the port made explicit; None if it has none.
+
+    A token is bound to the origin it was first added for: it is sent again only there.
+    """
+    parts = urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port that is not a number
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return scheme, parts.hostname.lower(), port

@@ -37,6 +37,7 @@ from broker.errors import ConfigError
 from broker.net import is_loopback
 from broker.secrets import SecretRef
 from broker.tokens import RefreshPolicy
+from broker.variables import EnvFileError, check_env_file
 
 M = TypeVar("M", bound=BaseModel)
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -711,6 +712,14 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
     if len(set(paths)) != len(paths):
         twice = next(p for p in paths if paths.count(p) > 1)
         raise ConfigError(f"{source}: [[outputs]] path: {twice} is written by two outputs")
+    for out in parsed:
+        if out.format == "env":
+            cred = credentials[out.credential]
+            try:
+                check_env_file(cred.provider, cred.client_id, getattr(cred, "org_id", None),
+                               dict(cred.headers))  # fmt: skip
+            except EnvFileError as exc:
+                raise ConfigError(f"{source}: [[outputs]] #{out.index} format env: {exc}") from None
     if server.ims_listen:
         _check_ims(credentials, clients, source)
     if server.allow_remote and not clients:

@@ -10,8 +10,11 @@ fsync'ed, renamed over the path. A reader sees the old file or the new one,
 whole, and never a looser mode, not even for an instant.
 
 A command (an argv, never a shell) runs after each write, with a minimal
-environment (never the broker's: an ``env:`` secret lives there) and 30
-seconds to finish. A failed write or command is logged once, counted in
+environment (never the broker's: an ``env:`` secret lives there), in a
+process group of its own, and 30 seconds to finish; then, and when the
+daemon stops, the whole group is ended (SIGTERM, SIGKILL 2 s later), so a
+child the command started (``sh -c 'sleep 300; :'``) is not left behind,
+one more at every refresh. A failed write or command is logged once, counted in
 ``/metrics`` and tried again at the next refresh; serving never waits for it.
 Writes of one output never overlap: a new token that arrives meanwhile is
 written once the running write is done (only the newest).
@@ -24,6 +27,7 @@ import grp
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,15 +37,17 @@ from broker.files import atomic_write
 from broker.metrics import Recorder
 from broker.providers import api_headers
 from broker.tokens import Clock, Token, rfc3339
-from broker.variables import Taken, variables
+from broker.variables import EnvFileError, Taken, env_file, variables
 
 if TYPE_CHECKING:
     from broker.manager import Credential
 
 log = logging.getLogger("broker.outputs")
 
-#: How long a command may run after a write before it is killed.
+#: How long a command may run after a write before its process group is ended.
 COMMAND_TIMEOUT = 30.0
+#: From SIGTERM to the command's process group to SIGKILL: time to clean up, not to finish.
+COMMAND_GRACE = 2.0
 #: What a command's environment holds: enough to find programs and read text, no more.
 _COMMAND_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -65,7 +71,7 @@ def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: 
         org_id=getattr(cred, "org_id", None),
         extra=dict(cred.headers),
     )
-    return "".join(f"{k}={v}\n" for k, v in variables(taken).items()).encode()
+    return env_file(variables(taken)).encode()
 
 
 def write_file(path: Path, content: bytes, mode: int, group: str | None) -> None:
@@ -84,13 +90,19 @@ class Outputs:
         recorder: Recorder,
         clock: Clock,
         writer: Callable[[Path, bytes, int, str | None], None] = write_file,
+        command_timeout: float = COMMAND_TIMEOUT,
+        command_grace: float = COMMAND_GRACE,
     ) -> None:
         self._outputs = tuple(outputs)
         self._recorder = recorder
         self._clock = clock
         self._writer = writer
+        self._command_timeout = command_timeout
+        self._command_grace = command_grace
         self._tasks: dict[str, asyncio.Task[None]] = {}  # by path: one write at a time
         self._next: dict[str, tuple[OutputSettings, CredentialSettings, Token]] = {}
+        self._running: set[asyncio.subprocess.Process] = set()
+        self._closing = False
 
     def use(self, outputs: Iterable[OutputSettings], credentials: dict[str, Credential]) -> None:
         """Take the outputs of a reloaded config: write the new or changed ones now, and
@@ -118,7 +130,11 @@ class Outputs:
                 self._write_if_servable(output, credential)
 
     async def close(self) -> None:
-        """Let writes in flight finish (commands are killed at their own deadline)."""
+        """Let writes in flight finish; end running commands, each with its process group,
+        and start no more."""
+        self._closing = True
+        ending = [self._end(proc) for proc in list(self._running)]
+        await asyncio.gather(*ending, return_exceptions=True)
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def _write_if_servable(self, output: OutputSettings, credential: Credential) -> None:
@@ -138,13 +154,16 @@ class Outputs:
             del self._tasks[path]
 
     async def _write(self, output: OutputSettings, cred: CredentialSettings, token: Token) -> None:
-        content = render(output, cred, token, self._clock())
         target = Path(output.path)
         try:
+            content = render(output, cred, token, self._clock())
             await asyncio.to_thread(self._writer, target, content, output.mode, output.group)
-        except (OSError, KeyError) as exc:
+        except (OSError, KeyError, EnvFileError) as exc:
             self._recorder.output(output.path, "write", "error")
-            reason = getattr(exc, "strerror", None) or f"no group named {output.group!r}"
+            if isinstance(exc, EnvFileError):
+                reason = str(exc)  # names the variable, never the value
+            else:
+                reason = getattr(exc, "strerror", None) or f"no group named {output.group!r}"
             log.warning(
                 "output %s for %s not written: %s; tried again at the next refresh",
                 output.path, cred.name, reason,
@@ -162,6 +181,8 @@ class Outputs:
 
     async def _run(self, output: OutputSettings, name: str) -> None:
         assert output.command is not None
+        if self._closing:
+            return  # the daemon is stopping: the file is written, the command not started
         env = {k: os.environ[k] for k in _COMMAND_ENV if k in os.environ}
         env.update(TOKEN_BROKER_OUTPUT=output.path, TOKEN_BROKER_CREDENTIAL=name)
         outcome, detail = "ok", ""
@@ -172,23 +193,32 @@ class Outputs:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # a signal to the broker's group is not the command's
+                # A session, so a process group, of its own: a signal to the broker's group
+                # is not the command's, and the command's whole group can be ended at once.
+                start_new_session=True,
             )
         except OSError as exc:
             outcome, detail = "error", f"cannot run {output.command[0]}: {exc.strerror}"
         else:
+            self._running.add(proc)
             try:
-                async with asyncio.timeout(COMMAND_TIMEOUT):
+                if self._closing:  # close() began while this one was starting
+                    await self._end(proc)
+                async with asyncio.timeout(self._command_timeout):
                     _, err = await proc.communicate()
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                outcome, detail = "error", f"killed after {COMMAND_TIMEOUT:g}s"
+                await self._end(proc)
+                outcome = "error"
+                detail = f"ended after {self._command_timeout:g}s, with its process group"
             else:
-                if proc.returncode != 0:
+                if self._closing and proc.returncode is not None and proc.returncode < 0:
+                    outcome, detail = "error", "ended with its process group: the broker stopped"
+                elif proc.returncode != 0:
                     tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
                     outcome = "error"
                     detail = f"exit status {proc.returncode} {tail[0][:200]}".rstrip()
+            finally:
+                self._running.discard(proc)
         self._recorder.output(output.path, "command", outcome)
         if outcome == "error":
             log.warning(
@@ -196,3 +226,50 @@ class Outputs:
                 output.path, output.command[0], detail,
                 extra={"event": "output_command_failed", "credential": name},
             )  # fmt: skip
+
+    async def _end(self, proc: asyncio.subprocess.Process) -> None:
+        """End a command and every process of its group: SIGTERM, then after the grace
+        SIGKILL to whatever is left (a child that ignores SIGTERM, or a slow one)."""
+        group = proc.pid  # start_new_session: the command leads its own group
+        _signal_group(group, signal.SIGTERM)
+        await self._until_gone(group)
+        if _group_alive(group):
+            # The group's id cannot go to another process while any member lives; between
+            # this check and the signal, a new group with that id would need the pid
+            # counter to wrap around.
+            _signal_group(group, signal.SIGKILL)
+            await self._until_gone(group)  # delivered at once; the exits take a moment
+        try:
+            # asyncio's wait() also waits for the stderr pipe to close; a process that left
+            # the group (setsid) may hold it still: bounded, so this never hangs the daemon.
+            async with asyncio.timeout(self._command_grace):
+                await proc.wait()
+        except TimeoutError:
+            log.warning(
+                "output command %s: a process it started outside its process group still "
+                "holds its stderr; not waiting for it", proc.pid,
+            )  # fmt: skip
+
+    async def _until_gone(self, group: int) -> None:
+        """Wait, at most the grace, for every process of ``group`` to be gone."""
+        deadline = asyncio.get_running_loop().time() + self._command_grace
+        # Polled: nothing tells a process when a group it does not lead has emptied.
+        while _group_alive(group) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone (or holds only a process that changed its user)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

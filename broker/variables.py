@@ -2,11 +2,24 @@
 
 ``token-broker exec`` puts them in a command's environment, the ``env`` file
 output writes them as ``NAME=value`` lines: one place names them.
+
+An env file is read four ways: ``set -a; . FILE`` in sh (dash) or bash,
+systemd's ``EnvironmentFile=``, and Docker's ``--env-file``. No one quoting
+reads the same in all four: Docker takes everything after the first ``=`` as
+it is (up to 28.x quotes included; newer versions drop one pair of matching
+quotes, with no escapes), so any quote or backslash written for sh or systemd
+becomes part of the value there. Values are therefore written bare, and only
+values that all four read back byte for byte are written: letters, digits and
+``-._~+/=:@%,`` (every b64token, every RFC 3339 time), not beginning with
+``~`` and without ``:~`` (sh expands both to a home directory). Anything else
+(a static header with a space or a quote, say) is refused with a sentence
+that names the variable; ``env_file`` never guesses a quoting.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 FIELDS = ("access_token", "authorization", "expires_at", "api_key", "org_id")
@@ -56,3 +69,64 @@ def variables(taken: Taken) -> dict[str, str]:
 def header_variable(header: str) -> str:
     """``x-sandbox-name`` -> ``TOKEN_BROKER_HEADER_X_SANDBOX_NAME``."""
     return PREFIX + "HEADER_" + re.sub(r"[^A-Z0-9]", "_", header.upper())
+
+
+#: What an env file value may hold: characters sh, bash, systemd and Docker all take
+#: literally when unquoted (checked against each, character by character, in
+#: tests/test_variables.py).
+_ENV_VALUE = re.compile(r"[A-Za-z0-9\-._~+/=:@%,]*")
+#: Docker reads an env file with Go's bufio.Scanner, which fails on a line of 64 KiB.
+_ENV_LINE_MAX = 64 * 1024 - 1
+
+
+class EnvFileError(ValueError):
+    """A value that an env file cannot carry so that every reader reads the same."""
+
+
+def env_file(env: Mapping[str, str]) -> str:
+    """``NAME=value`` lines that sh, bash, systemd and Docker all read as ``env``.
+
+    Raises EnvFileError naming the first variable whose value they would read
+    differently; the message never quotes the value (it may be a token).
+    """
+    lines = []
+    for name, value in env.items():
+        if (why := _env_value_problem(value)) is not None:
+            raise EnvFileError(
+                f"{name} {why}, which sh, systemd's EnvironmentFile= and Docker's --env-file "
+                "would each read differently (an env file carries only letters, digits and "
+                "-._~+/=:@%, unquoted); use the json or headers format for it"
+            )
+        line = f"{name}={value}"
+        if len(line) > _ENV_LINE_MAX:
+            raise EnvFileError(f"{name} is longer than a line of Docker's --env-file (64 KiB)")
+        lines.append(line + "\n")
+    return "".join(lines)
+
+
+def _env_value_problem(value: str) -> str | None:
+    bad = sorted(set(_ENV_VALUE.sub("", value)))
+    if bad:
+        shown = ", ".join("a space" if c == " " else repr(c) for c in bad[:5])
+        return f"holds {shown}"
+    if value.startswith("~") or ":~" in value:
+        return "holds a '~' where sh expands it to a home directory"
+    return None
+
+
+def check_env_file(
+    provider: str, client_id: str, org_id: str | None, headers: Mapping[str, str]
+) -> None:
+    """Raise EnvFileError if what the config fixes for a credential (client_id, org_id,
+    static headers) cannot go in its env file; checked once, when the config is read."""
+    sample = Taken(
+        name="",
+        provider=provider,
+        access_token="t",  # a token is checked as it arrives (RFC 6750's alphabet)
+        expires_at="2000-01-01T00:00:00Z",
+        expires_in=0.0,
+        client_id=client_id,
+        org_id=org_id,
+        extra=dict(headers),
+    )
+    env_file(variables(sample))

@@ -133,6 +133,12 @@ def test_bad_urls_are_refused_with_a_sentence(bad):
     assert "pw" not in str(info.value) or "user" not in bad
 
 
+def test_a_key_put_in_a_bad_url_is_not_quoted():
+    with pytest.raises(BrokerClientError) as info:
+        Endpoint.parse(f"ftp://user:{KEY}@127.0.0.1:1")
+    assert KEY not in str(info.value) and "ftp://…@127.0.0.1:1" in str(info.value)
+
+
 # -- error mapping ----------------------------------------------------------------------
 
 
@@ -163,11 +169,15 @@ def test_cannot_connect_is_unavailable_naming_the_url(route):
         raise httpx.ConnectError("[Errno 111] Connection refused")
 
     route(refuse)
-    with pytest.raises(BrokerUnavailable) as info:
-        TokenBroker("http://127.0.0.1:4321", key=KEY).headers("main")
-    assert "http://127.0.0.1:4321" in str(info.value) and "Connection refused" in str(info.value)
-    assert info.value.retry_after is None
-    no_secret_in(info.value)
+    for key in (KEY, None):
+        with pytest.raises(BrokerUnavailable) as info:
+            TokenBroker("http://127.0.0.1:4321", key=key).headers("main")
+        assert str(info.value) == (
+            "cannot reach the token broker at http://127.0.0.1:4321 "
+            "(ConnectError: [Errno 111] Connection refused)"
+        )
+        assert info.value.retry_after is None
+        no_secret_in(info.value)
 
 
 def test_a_timeout_is_unavailable(route):
@@ -536,3 +546,66 @@ def test_fifty_threads_on_a_cold_cache_ask_the_broker_once(route):
         for t in threads:
             t.join()
     assert paths(seen) == ["GET /v1/credentials/main/headers"]
+
+
+def test_an_origin_is_scheme_host_and_port_with_the_default_port_made_explicit():
+    from broker.client import _origin
+
+    assert (
+        _origin("http://API.test/x") == _origin("http://api.test:80/y") == ("http", "api.test", 80)
+    )
+    assert _origin("https://api.test/") == ("https", "api.test", 443)
+    assert _origin("http://api.test:8443/") != _origin("https://api.test:8443/")
+    assert _origin("http://api.test:1/") != _origin("http://api.test:2/")
+    assert _origin("http://127.0.0.1/") != _origin("http://127.0.0.2/")
+    assert _origin("http://api.test:port/") is None and _origin("ftp://api.test/") is None
+    assert _origin("/relative") is None
+
+
+def test_httpx_sends_again_only_to_the_origin_that_got_the_token(route):
+    """The flow sees the last answer of a redirect chain: a 401 from another origin
+    refreshes nothing and is not answered by sending the token again."""
+    seen = route(FakeBroker())
+    sent: list[tuple[str, str | None]] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        sent.append((str(request.url), request.headers.get("authorization")))
+        if request.url.host == "api.test":
+            return httpx.Response(302, headers={"Location": "http://elsewhere.test/landing"})
+        return httpx.Response(401)
+
+    auth = BrokerAuth("main")
+    with httpx.Client(transport=httpx.MockTransport(api), auth=auth, follow_redirects=True) as c:
+        assert c.get("http://api.test/x").status_code == 401
+    assert sent == [
+        ("http://api.test/x", f"Bearer {TOKENS[0]}"),
+        ("http://elsewhere.test/landing", None),
+    ]
+    assert paths(seen) == [HEADERS]
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "issuer error (HTTP 400): invalid_client: Client ID is invalid (x-debug-id "
+        "5c3e0a7e-1b2c-4d5e-8f90-a1b2c3d4e5f6)",
+        "no servable token for: main, partner-api",
+        "cannot read /run/user/1000/token-broker/adobe.secret: Permission denied",
+        "a client key is required: Authorization: Bearer KEY",
+        "org 4A5B6C7D8E9F0A1B2C3D4E5F@AdobeOrg; sha256 "
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    ],
+)
+def test_the_brokers_own_details_are_quoted_unchanged(route, detail):
+    route(lambda r: httpx.Response(502, json={"error": "issuer_error", "detail": detail}))
+    with pytest.raises(BrokerClientError) as info:
+        TokenBroker(key=KEY).token("main")
+    assert str(info.value).endswith(f"502 issuer_error: {detail}")
+
+
+def test_credential_shapes_in_a_detail_are_redacted(route):
+    detail = f"got Bearer {TOKENS[0]} and tbk_other-key_0123 and eyJhbGciOiJSUzI1NiJ9.eyJzdWIi0"
+    route(lambda r: httpx.Response(500, json={"error": "x", "detail": detail}))
+    with pytest.raises(BrokerClientError) as info:
+        TokenBroker().token("main")
+    assert str(info.value).endswith("500 x: got [redacted] and [redacted] and [redacted]")

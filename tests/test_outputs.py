@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import FakeClock
+from helpers import FakeClock, wait_for
 
 from broker import config
 from broker.errors import ConfigError
@@ -197,9 +197,14 @@ async def test_a_command_runs_without_the_brokers_environment_and_is_bounded(
 
     recorder = Recorder()
     outputs = Outputs(s.outputs, recorder=recorder, clock=FakeClock(NOW))
+
+    def all_ran() -> bool:
+        return sum(n for (_, kind, _), n in recorder.outputs.items() if kind == "command") == 3
+
     with caplog.at_level(logging.INFO):
         outputs.refreshed(Cred())  # type: ignore[arg-type]
-        await outputs.close()
+        await asyncio.to_thread(wait_for, all_ran, what="the three commands")
+        await outputs.close()  # at shutdown a command not yet started is not started
     env = json.loads(env_file.read_text())
     assert "PARTNER_SECRET" not in env and "do-not-pass-me" not in env.values()
     assert env["TOKEN_BROKER_OUTPUT"] == str(tmp_path / "t")
@@ -231,3 +236,145 @@ async def test_a_failed_write_is_counted_and_logged_and_serving_goes_on(tmp_path
     await outputs.close()
     assert recorder.outputs[(str(tmp_path / "t"), "write", "error")] == 1
     assert "not written: Permission denied; tried again at the next refresh" in caplog.text
+
+
+def test_an_env_output_refuses_static_values_that_readers_would_read_differently(tmp_path):
+    env = {"credential": "adobe", "path": str(tmp_path / "t.env"), "format": "env"}
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, env, headers={"x-note": "two words"})
+    assert str(info.value) == (
+        "<config>: [[outputs]] #1 format env: TOKEN_BROKER_HEADER_X_NOTE holds a space, which "
+        "sh, systemd's EnvironmentFile= and Docker's --env-file would each read differently "
+        "(an env file carries only letters, digits and -._~+/=:@%, unquoted); use the json or "
+        "headers format for it"
+    )
+    with pytest.raises(ConfigError, match="TOKEN_BROKER_HEADER_X_Q holds '\"'"):
+        settings(tmp_path, env, headers={"x-q": 'say"hi'})
+    # The same header in the other formats, and plain values in env, are fine.
+    settings(tmp_path, {**env, "format": "headers"}, headers={"x-note": "two words"})
+    settings(tmp_path, env, headers={"x-sandbox-name": "prod-1"})
+
+
+async def test_a_token_an_env_file_cannot_carry_is_not_written_and_not_logged(tmp_path, caplog):
+    s = settings(tmp_path, {"credential": "adobe", "path": str(tmp_path / "t.env"),
+                            "format": "env"})  # fmt: skip
+
+    class Cred:
+        settings = s.credentials["adobe"]
+        token = Token("~root-0123456789abcdef", "bearer", NOW - 60, NOW + 3540)  # b64token
+        serve_until = NOW + 3000
+
+    recorder = Recorder()
+    outputs = Outputs(s.outputs, recorder=recorder, clock=FakeClock(NOW))
+    outputs.refreshed(Cred())  # type: ignore[arg-type]
+    await outputs.close()
+    assert not (tmp_path / "t.env").exists()
+    assert recorder.outputs[(str(tmp_path / "t.env"), "write", "error")] == 1
+    assert "TOKEN_BROKER_ACCESS_TOKEN holds a '~' where sh expands it" in caplog.text
+    assert Cred.token.access_token not in caplog.text
+
+
+def group_members(group: int) -> list[int]:
+    """Live (not zombie) processes whose process group is ``group``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+async def started_group(group_file: Path) -> int:
+    """The process group the command wrote into ``group_file``, once it has."""
+
+    def written() -> str:
+        return group_file.read_text().strip() if group_file.exists() else ""
+
+    return int(await asyncio.to_thread(wait_for, written, what="the command to start"))
+
+
+async def ended(outputs: Outputs, group_file: Path) -> None:
+    """Cleanup whatever a failed test left: the outputs' tasks, the command's group."""
+    kill_recorded_group(group_file)
+    await asyncio.wait_for(outputs.close(), 10)
+
+
+def kill_recorded_group(group_file: Path) -> None:
+    import signal
+
+    if group_file.exists() and group_file.read_text().strip():
+        try:
+            os.killpg(int(group_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def lingering(tmp_path: Path, command: str | None = None) -> tuple[config.Settings, Path]:
+    """Settings with one output whose command records its process group and then waits
+    on a child, as ``sh -c 'sleep 300; :'`` does (``:`` keeps sh from becoming sleep)."""
+    group_file = tmp_path / "t.group"
+    script = f'echo $$ > "{group_file}"; ' + (command or "sleep 300; :")
+    table = {"credential": "adobe", "path": str(tmp_path / "t"), "command": ["sh", "-c", script]}
+    return settings(tmp_path, table), group_file
+
+
+def cred_of(s: config.Settings) -> object:
+    class Cred:
+        settings = s.credentials["adobe"]
+        token = TOKEN
+        serve_until = NOW + 3000
+
+    return Cred()
+
+
+async def test_a_command_that_overstays_is_ended_with_its_whole_process_group(tmp_path, caplog):
+    s, group_file = lingering(tmp_path)
+    recorder = Recorder()
+    outputs = Outputs(s.outputs, recorder=recorder, clock=FakeClock(NOW),
+                      command_timeout=0.5, command_grace=0.5)  # fmt: skip
+    try:
+        outputs.refreshed(cred_of(s))  # type: ignore[arg-type]
+        group = await started_group(group_file)
+        # The timeout ends the command: its sleep must not outlive it.
+        await asyncio.to_thread(
+            wait_for, lambda: recorder.outputs.get((str(tmp_path / "t"), "command", "error")),
+            what="the command to time out",
+        )  # fmt: skip
+        await asyncio.to_thread(
+            wait_for, lambda: not group_members(group), what="the command's children to end"
+        )
+        assert "ended after 0.5s, with its process group" in caplog.text
+    finally:
+        await ended(outputs, group_file)
+
+
+async def test_stopping_ends_running_commands_with_their_groups_at_once(tmp_path, caplog):
+    s, group_file = lingering(tmp_path)
+    outputs = Outputs(s.outputs, recorder=Recorder(), clock=FakeClock(NOW), command_grace=0.5)
+    try:
+        outputs.refreshed(cred_of(s))  # type: ignore[arg-type]
+        group = await started_group(group_file)
+        # Before, close() waited for the command's 30 s; a stopping daemon cannot.
+        await asyncio.wait_for(outputs.close(), 10)
+        await asyncio.to_thread(wait_for, lambda: not group_members(group), what="the group")
+        assert "ended with its process group: the broker stopped" in caplog.text
+    finally:
+        await ended(outputs, group_file)
+
+
+async def test_a_child_that_ignores_sigterm_gets_sigkill_after_the_grace(tmp_path):
+    s, group_file = lingering(tmp_path, "sh -c 'trap \"\" TERM; sleep 300; :'")
+    outputs = Outputs(s.outputs, recorder=Recorder(), clock=FakeClock(NOW), command_grace=0.2)
+    try:
+        outputs.refreshed(cred_of(s))  # type: ignore[arg-type]
+        group = await started_group(group_file)
+        await asyncio.wait_for(outputs.close(), 10)
+        await asyncio.to_thread(wait_for, lambda: not group_members(group), what="the group")
+    finally:
+        await ended(outputs, group_file)

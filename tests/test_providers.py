@@ -269,16 +269,52 @@ async def test_a_gzip_bomb_is_cut_at_the_cap():
     assert seen[0].headers["accept-encoding"] == "identity"  # we never asked for it
 
 
+OUTSIDE = "outside RFC 6750's token alphabet"
+
+
 @pytest.mark.parametrize(
     "token, why",
-    [("t" * (32 * 1024 + 1), "32769 characters"), ("ab\r\nX-Evil: 1", "cannot go in an HTTP")],
-    ids=["too-long", "crlf"],
-)
+    [
+        ("t" * (32 * 1024 + 1), "32769 characters"),
+        ("ab\r\nX-Evil: 1", OUTSIDE),
+        ("x;touch${IFS}/tmp/pwned;", OUTSIDE),  # sourced from an env file, it runs
+        ("a b", OUTSIDE),
+        ("a\tb", OUTSIDE),
+        ('a"b', OUTSIDE),
+        ("a'b", OUTSIDE),
+        ("a$(id)", OUTSIDE),
+        ("a`id`", OUTSIDE),
+        ("a\\b", OUTSIDE),
+        ("tok,en", OUTSIDE),
+        ("tøken", OUTSIDE),
+        ("=abc", OUTSIDE),  # "=" only as padding, at the end
+        ("ab=c", OUTSIDE),
+        ("===", OUTSIDE),
+    ],
+    ids=["too-long", "crlf", "shell", "space", "tab", "dquote", "squote", "subst", "backtick",
+         "backslash", "comma", "non-ascii", "leading-equals", "inner-equals", "only-equals"],
+)  # fmt: skip
 async def test_unusable_access_tokens_are_refused(token, why):
     body = {"access_token": token, "token_type": "bearer", "expires_in": 60}
     with pytest.raises(IssuerError, match=why) as info:
         await fetch(answer(200, body))
     assert info.value.error == "invalid_response"
+    assert token not in info.value.description
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",  # a JWT
+        "demo-AbC_dEf-123",  # what the demo issuer hands out
+        "a-b.c_d~e+f/g==",  # every character of the alphabet, padding at the end
+        "~",
+        "x",
+    ],
+)
+async def test_tokens_in_rfc_6750s_alphabet_are_accepted(token):
+    body = {"access_token": token, "token_type": "bearer", "expires_in": 60}
+    assert (await fetch(answer(200, body))).token.access_token == token
 
 
 async def test_a_refused_connection_is_named():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import gc
 import json
+import re
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ MAX_ANSWER_BYTES = 1024 * 1024
 #: The longest access token served: tokens travel in request headers, which servers cap at
 #: 8-64 KB; one beyond that is an issuer's mistake, not something to hand to every tool.
 MAX_TOKEN_LENGTH = 32 * 1024
+#: RFC 6750 §2.1 ``b64token``: the characters a bearer token is made of. Every token the
+#: broker serves goes into headers, JSON, env files a shell sources, a command's
+#: environment: a token outside this alphabet (``x;touch${IFS}/p;``) is refused here, once,
+#: so nothing downstream has to quote it.
+B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclass(frozen=True)
@@ -204,8 +210,11 @@ def parse_response(response: Answer, *, now: float) -> Issued:
         raise bad("HTTP 200 without an access_token")
     if len(access_token) > MAX_TOKEN_LENGTH:
         raise bad(f"access_token of {len(access_token)} characters; at most {MAX_TOKEN_LENGTH}")
-    if not access_token.isascii() or not access_token.isprintable() or " " in access_token:
-        raise bad("access_token has characters that cannot go in an HTTP header")
+    if not B64TOKEN.fullmatch(access_token):
+        raise bad(
+            "access_token has characters outside RFC 6750's token alphabet (letters, digits, "
+            "-._~+/ and = only at the end)"
+        )
     token_type = body.get("token_type", "bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise bad(f"token_type {str(token_type)[:40]!r} is not bearer")

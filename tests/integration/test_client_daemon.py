@@ -18,7 +18,8 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -168,6 +169,124 @@ def test_fifty_threads_with_a_401_cause_one_forced_refresh(broker, tb, api, issu
     assert len(api.refused()) == n
     assert issuer.issuer.calls == calls + 1
     assert forced(broker) == 1
+
+
+# -- redirects: the token stays with its origin -------------------------------------------
+
+
+class Site:
+    """A loopback HTTP server whose answers the test decides; it records every request.
+
+    ``answer(path, authorization)`` returns (status, extra headers).
+    """
+
+    def __init__(
+        self, host: str, answer: Callable[[str, str | None], tuple[int, dict[str, str]]]
+    ) -> None:
+        self.seen: list[tuple[str, str | None]] = []  # (path, Authorization) per request
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                authorization = self.headers.get("Authorization")
+                site.seen.append((self.path, authorization))
+                status, headers = answer(self.path, authorization)
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": "0"}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def sites() -> Iterator[Callable[..., Site]]:
+    started: list[Site] = []
+
+    def start(host: str, answer: Callable[[str, str | None], tuple[int, dict[str, str]]]) -> Site:
+        started.append(Site(host, answer))
+        return started[-1]
+
+    yield start
+    for site in started:
+        site.stop()
+
+
+def get_with(kind: str, url: str, auth: BrokerAuth) -> int:
+    """GET ``url`` with ``auth``, following redirects, with requests or httpx (sync, async)."""
+    if kind == "requests":
+        with requests.Session() as session:
+            return session.get(url, auth=auth).status_code
+    if kind == "httpx":
+        with httpx.Client(auth=auth, follow_redirects=True) as client:
+            return client.get(url).status_code
+
+    async def get() -> int:
+        async with httpx.AsyncClient(auth=auth, follow_redirects=True) as client:
+            return (await client.get(url)).status_code
+
+    return asyncio.run(get())
+
+
+CLIENTS = ("requests", "httpx", "httpx-async")
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+@pytest.mark.parametrize("host", ["127.0.0.2", "127.0.0.1"], ids=["other-host", "other-port"])
+def test_a_401_from_another_origin_after_a_redirect_never_gets_a_token(
+    broker, tb, issuer, sites, kind, host
+):
+    """The API redirects to another origin, which answers 401: that origin never receives a
+    token (requests strips it on the hop, and BrokerAuth must not add a fresh one), and a
+    401 from an origin that never saw the token refreshes nothing."""
+    other = sites(host, lambda path, auth: (401, {"WWW-Authenticate": "Bearer"}))
+    api = sites("127.0.0.1", lambda path, auth: (302, {"Location": other.url + "/landing"}))
+    token = current(broker)  # the broker's first token is in: count issuer calls from here
+    calls = issuer.issuer.calls
+    assert get_with(kind, api.url + "/start", BrokerAuth("main", broker=tb)) == 401
+    assert other.seen and all(auth is None for _, auth in other.seen), other.seen
+    assert api.seen == [("/start", f"Bearer {token}")]  # once, and only the origin
+    assert other.seen == [("/landing", None)]
+    assert issuer.issuer.calls == calls and forced(broker) == 0
+
+
+def test_a_401_from_the_origin_after_a_redirect_is_still_retried_there(broker, tb, issuer, sites):
+    """requests: a redirect within the origin keeps the token; a 401 there is retried, to it."""
+    refused: set[str] = set()
+
+    def answer(path: str, auth: str | None) -> tuple[int, dict[str, str]]:
+        if path == "/start":
+            return 302, {"Location": "/next"}
+        token = (auth or "")[len("Bearer ") :]
+        return (200 if token in issuer.issuer.issued and token not in refused else 401), {}
+
+    api = sites("127.0.0.1", answer)
+    auth = BrokerAuth("main", broker=tb)
+    first = current(broker)
+    refused.add(first)  # the API stops accepting it
+    with requests.Session() as session:
+        assert session.get(api.url + "/start", auth=auth).status_code == 200
+    second = current(broker)
+    assert second != first and forced(broker) == 1
+    assert api.seen == [
+        ("/start", f"Bearer {first}"),
+        ("/next", f"Bearer {first}"),
+        ("/next", f"Bearer {second}"),
+    ]
 
 
 # -- errors -----------------------------------------------------------------------------

@@ -170,3 +170,107 @@ def test_metrics_pass_promtools_own_check(start_broker, issuer, tmp_path):
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+
+
+class ChosenTokenIssuer:
+    """An issuer on loopback that answers every token request with ``token``."""
+
+    def __init__(self, token: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = json.dumps({"access_token": token, "token_type": "bearer", "expires_in": 3600})
+        self.calls = 0
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                issuer.calls += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def test_a_token_that_a_shell_would_run_is_refused_and_never_written(
+    start_broker, issuer, tmp_path
+):
+    """The issuer chooses the token; sourced from an env file, this one would run `touch`."""
+    marker = tmp_path / "ran"
+    hostile = ChosenTokenIssuer(f"x;touch${{IFS}}{marker};")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = out / "token.env"
+    try:
+        broker = start_broker(
+            extra=outputs_toml(tmp_path, f'path = "{env}"\nformat = "env"'),
+            issuer_url=hostile.url,
+        )
+
+        def last_error() -> str:
+            status = httpx.get(broker.url + "/v1/credentials/main", headers=HEADERS).json()
+            return (status.get("last_error") or {}).get("error", "")
+
+        wait_for(lambda: last_error() or env.exists(), what="the answer taken or refused")
+        if env.exists():  # what a unit's ExecStartPre or a shell script does with it
+            subprocess.run(["sh", "-c", f'set -a; . "{env}"'], capture_output=True, timeout=30)
+        assert not marker.exists(), "sourcing the env output ran the issuer's command"
+        assert last_error() == "invalid_response" and not env.exists()
+        assert httpx.get(broker.url + "/token", headers=HEADERS).status_code == 503
+    finally:
+        hostile.stop()
+
+
+def live_members(group: int) -> list[int]:
+    """Live (not zombie) processes of process group ``group``, from /proc."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_stopping_the_daemon_ends_a_running_output_command_and_its_children(
+    start_broker, issuer, tmp_path
+):
+    """SIGTERM while an output's command runs (``sh -c 'sleep 300; :'``): the daemon exits
+    at once, cleanly, and leaves no process of that command behind."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    group_file = tmp_path / "group"
+    script = f'echo $$ > "{group_file}"; sleep 300; :'
+    command = json.dumps(["sh", "-c", script])
+    table = f'path = "{out}/token"\ncommand = {command}'
+    broker = start_broker(extra=outputs_toml(tmp_path, table))
+    group = int(wait_for(lambda: group_file.exists() and group_file.read_text().strip(),
+                         what="the command to start"))  # fmt: skip
+    try:
+        assert live_members(group)
+        assert broker.proc.stop() == 0  # SIGTERM; within the 10 s it allows
+        wait_for(lambda: not live_members(group), what="the command's children to be gone")
+    finally:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
