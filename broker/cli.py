@@ -747,6 +747,8 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _tls(args: argparse.Namespace) -> int:
+    import os
+
     from broker import tls
     from broker.tokens import rfc3339
 
@@ -764,16 +766,19 @@ def _tls(args: argparse.Namespace) -> int:
         return 0
     # The system service keeps its CA in a directory private to it, and publishes the
     # public parts in its runtime directory: that is where other users find them.
+    # Either is checked before it is printed: tools trust what this prints, for Adobe too.
     published = Path("/run/token-broker")
     if not args.bundle:
         for candidate in (files.ca_cert, published / "ca.crt"):
-            if candidate.is_file():
-                print(candidate)  # alone on stdout: REQUESTS_CA_BUNDLE=$(token-broker tls ca)
+            if os.path.lexists(candidate):
+                fix = tls.start_over(files) if candidate == files.ca_cert else None
+                print(tls.published_ca(candidate, fix))  # alone on stdout, for $(...)
                 return 0
         raise BrokerError(
             f"the local CA certificate {files.ca_cert} does not exist: run `token-broker tls init`"
         )
-    if not files.ca_cert.is_file() and (published / "ca-bundle.crt").is_file():
+    if not os.path.lexists(files.ca_cert) and (published / "ca-bundle.crt").is_file():
+        tls.published_ca(published / "ca.crt")
         print(published / "ca-bundle.crt")  # the system service's, kept current by it
         return 0
     bundle = tls.write_bundle(files)
