@@ -25,7 +25,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from broker.errors import ConfigError
+from broker.errors import UnsafePath
 
 #: Bits that let someone other than the owner change a file or a directory's entries.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -59,10 +59,6 @@ def make_private_dir(directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     directory.mkdir(mode=0o700, exist_ok=True)  # the umask can only narrow it
     check_dir(directory)
-
-
-class UnsafePath(ConfigError):
-    """A directory or file of the daemon's own that another user could change."""
 
 
 def check_dir(directory: Path) -> None:

@@ -55,9 +55,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from broker.errors import TlsError
+from broker.errors import TlsError, UnsafePath
 from broker.files import (
-    UnsafePath,
     atomic_write,
     check_dir,
     make_private_dir,
