@@ -422,6 +422,14 @@ def _client_key(args: argparse.Namespace) -> str | None:
         raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
 
 
+def _detail(response: Any) -> str:
+    """The ``detail`` of a daemon's error answer (or its status, if it has none)."""
+    try:
+        return str(response.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
 def _daemon_error(response: Any) -> int:
     try:
         body = response.json()
@@ -633,6 +641,10 @@ def _rotate_auto(args: argparse.Namespace) -> int:
         except BrokerUnavailable as exc:
             print(f"token-broker: {exc}; the cycle may still be running: see `token-broker "
                   "list`", file=sys.stderr)  # fmt: skip
+            return 1
+        if response.status_code == 429:  # rotate_cooldown: the detail says when it may be asked
+            print(f"token-broker: {args.name} was not cycled: {_detail(response)}",
+                  file=sys.stderr)  # fmt: skip
             return 1
         if response.status_code != 200:
             return _daemon_error(response)

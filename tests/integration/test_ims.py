@@ -258,3 +258,40 @@ def test_the_leaf_is_renewed_without_a_restart_and_serving_goes_on(start_broker,
         worker.join()
     assert second != first and failures == [] and served > 10
     assert "new leaf certificate" in ims.broker.proc.output()  # type: ignore[attr-defined]
+
+
+def test_a_key_removed_by_a_reload_is_refused_to_a_request_sent_before_it(start_broker, tmp_path):
+    """The head of a request (and so the request) arrived before the reload that removed
+    its key; its form with the key arrives after. It was answered 200 under the old
+    settings for up to header_timeout: now the key is judged when the answer is made."""
+    import os
+    import signal
+    from urllib.parse import urlencode
+
+    from rawhttp import RawRequest
+
+    ims = start_ims(start_broker, tmp_path, extra_server='header_timeout = "60s"')
+    context = ssl.create_default_context(cafile=ims.ca())
+    body = urlencode(ims.form()).encode()
+    head = (f"POST /ims/token/v3 HTTP/1.1\r\nHost: 127.0.0.1:{ims.port}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    waiting = RawRequest(ims.port, head, context=context)
+    with ims.client() as c:  # after it on the same event loop: the head above is in
+        assert c.post("/ims/token/v3", data=ims.form()).status_code == 200
+    # `token-broker client add ust --replace`: the old key goes, by a reload.
+    config = ims.broker.proc.config  # type: ignore[attr-defined]
+    new_key_ = new_key()
+    digest = hashlib.sha256(ims.key.encode()).hexdigest()
+    new_digest = hashlib.sha256(new_key_.encode()).hexdigest()
+    config.write_text(config.read_text().replace(digest, new_digest))
+    os.kill(ims.broker.proc.proc.pid, signal.SIGHUP)  # type: ignore[attr-defined]
+    main = ims.broker.url + "/token"  # type: ignore[attr-defined]
+    wait_for(lambda: httpx.get(main, headers={**HEADERS, "Authorization": f"Bearer {ims.key}"})
+             .status_code == 401, what="the reload")  # fmt: skip
+    waiting.send(body)
+    status, _, answer = waiting.answer()
+    assert (status, answer.get("error")) == (401, "invalid_client"), (status, list(answer))
+    assert "access_token" not in answer
+    with ims.client() as c:
+        assert c.post("/ims/token/v3", data=ims.form(client_secret=new_key_)).status_code == 200
