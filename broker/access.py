@@ -36,7 +36,7 @@ PEER = "token_broker.peer"
 CLIENT = "token_broker.client"
 #: Where a route records what its answer was authorized for, to be judged again should a
 #: reload change the rules before the answer is made: the credential names it read, and
-#: whether it needed an administrator (ASGI extensions).
+#: the administrator's act it needed, if any (ASGI extensions).
 NAMES = "token_broker.names"
 ADMIN = "token_broker.admin"
 
