@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,11 @@ KEY_PREFIX = "tbk_"
 #: Where the protocol puts the peer and the app the authenticated client (ASGI extensions).
 PEER = "token_broker.peer"
 CLIENT = "token_broker.client"
+#: Where a route records what its answer was authorized for, to be judged again should a
+#: reload change the rules before the answer is made: the credential names it read, and
+#: the administrator's act it needed, if any (ASGI extensions).
+NAMES = "token_broker.names"
+ADMIN = "token_broker.admin"
 
 
 def new_key() -> str:
@@ -129,12 +134,34 @@ class Access:
             return False
         return True
 
-    def authorize_reload(self, scope: Mapping[str, Any]) -> None:
-        """Reloading is for a client that may read every credential ("*")."""
+    def reauthorize(
+        self, scope: MutableMapping[str, Any], names: Iterable[str] = (), *, admin: str = ""
+    ) -> AccessDenied | None:
+        """Judge again, under these rules, a request authorized under others: its key (the
+        client it names may be gone or changed), the credentials ``names`` it read, and
+        with ``admin`` (the act, e.g. "cycle secrets") the administrator rule. The
+        refusal, or None."""
+        try:
+            client = self.authenticate(scope)
+            ext = scope.get("extensions")
+            if ext is None:
+                ext = scope["extensions"] = {}
+            ext[CLIENT] = client
+            for name in names:
+                self.authorize(scope, name)
+            if admin:
+                self.authorize_reload(scope, admin)
+        except AccessDenied as exc:
+            return exc
+        return None
+
+    def authorize_reload(self, scope: Mapping[str, Any], act: str = "reload") -> None:
+        """Reloading (and cycling a secret, ``act``) is for a client that may read every
+        credential ("*")."""
         client: ClientSettings | None = (scope.get("extensions") or {}).get(CLIENT)
         if client is not None and client.credentials is not None:
             raise AccessDenied(
-                403, f'client {client.name!r} may not reload: needs credentials = ["*"]', "client"
+                403, f'client {client.name!r} may not {act}: needs credentials = ["*"]', "client"
             )
 
 

@@ -31,12 +31,14 @@ from broker.errors import (
     CycleError,
     IssuerError,
     RefreshCooldown,
+    RotateCooldown,
     SecretError,
     TokenUnavailable,
     UnknownCredential,
 )
 from broker.manager import Credential, Manager
 from broker.metrics import Gauges, RequestCounters, render
+from broker.net import is_loopback
 from broker.providers import api_headers
 from broker.tokens import Clock, rfc3339
 
@@ -47,6 +49,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 #: Routes that answer without the X-Token-Broker header: they reveal no token or secret.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: The route whose answer is about the reload it made: it is not judged again under the
+#: rules that reload put in force (they may have dropped the very key that asked for it).
+RELOAD_PATH = "/v1/reload"
 NO_STORE = "no-store"
 access_log = logging.getLogger("broker.access")
 
@@ -68,6 +73,9 @@ def error_body(exc: BrokerError) -> tuple[int, dict[str, object], dict[str, str]
     if isinstance(exc, RefreshCooldown):
         headers["Retry-After"] = str(math.ceil(exc.retry_after))
         return 429, {"error": "refresh_cooldown", "detail": str(exc)}, headers
+    if isinstance(exc, RotateCooldown):
+        headers["Retry-After"] = str(math.ceil(exc.retry_after))
+        return 429, {"error": "rotate_cooldown", "detail": str(exc)}, headers
     if isinstance(exc, CycleError):
         status = {"conflict": 409, "busy": 409}.get(exc.outcome, 502)
         body = {"error": f"cycle_{exc.outcome}", "detail": str(exc),
@@ -105,7 +113,10 @@ class BrokerApp:
     """Outer ASGI layer: guards for every route, and the token hot path.
 
     The access rules are built once per (re)loaded settings, here, and the
-    FastAPI routes read them from :meth:`rules`.
+    FastAPI routes read them from :meth:`rules`. An answer is made under the
+    rules in force when it is sent: a request that waited (on a refresh, a
+    cycle) while a reload removed its key, or its right to that credential,
+    gets the refusal instead of what it asked for.
     """
 
     def __init__(self, manager: Manager, counters: RequestCounters) -> None:
@@ -138,6 +149,7 @@ class BrokerApp:
             return
         if self.manager.settings is not self._settings:  # a reload happened
             self._use(self.manager.settings)
+        settings = self._settings  # the rules this request is judged by, until its answer
         if self._access_log:
             send = _logged(scope, send)
         path: str = scope["path"]
@@ -160,12 +172,17 @@ class BrokerApp:
                     return
                 client = None  # root or the daemon's user on the unix socket: see access.py
             scope.setdefault("extensions", {})[access.CLIENT] = client
+        elif not guarded and self._remote and _remote_peer(scope):
+            if await self._remote_probe(scope, path, send):
+                return
         if scope["method"] == "GET" and (path == "/token" or path.startswith("/token/")):
-            await self._token(scope, path, send)
+            await self._token(scope, path, send, settings)
             return
+        if guarded and path != RELOAD_PATH:
+            send = self._judged_again(scope, send, settings)
         await self.api(scope, receive, send)  # type: ignore[misc]
 
-    async def _token(self, scope: Scope, path: str, send: Send) -> None:
+    async def _token(self, scope: Scope, path: str, send: Send, settings: Settings) -> None:
         manager = self.manager
         name = manager.default if path == "/token" else path[7:]
         if not self._open:
@@ -186,8 +203,60 @@ class BrokerApp:
                 self.counters.tokens[(name, "unavailable")] += 1  # type: ignore[index]
                 await self._error(send, exc)
                 return
+            # It waited for a refresh: a reload meanwhile may have removed its key.
+            if manager.settings is not settings and name is not None:
+                denied = self.rules().reauthorize(scope, (name,))
+                if denied is not None:
+                    await self._denied(send, denied)
+                    return
         self.counters.tokens[(name, "ok")] += 1  # type: ignore[index]
         await _send(send, 200, token.access_token.encode(), _TEXT, [])
+
+    def _judged_again(self, scope: Scope, send: Send, settings: Settings) -> Send:
+        """Wrap ``send`` so that, should a reload have changed the rules since the request
+        was admitted, the request is judged again when its answer starts; refused, it gets
+        the refusal and nothing of the answer. The names and the administrator rule it
+        was admitted for are those the route recorded (access.NAMES, access.ADMIN)."""
+        refused = False
+
+        async def judged_send(message: Message) -> None:
+            nonlocal refused
+            if refused:
+                return  # the route's own answer is dropped: the refusal was sent
+            if message["type"] == "http.response.start" and self.manager.settings is not settings:
+                ext = scope.get("extensions") or {}
+                denied = self.rules().reauthorize(
+                    scope, ext.get(access.NAMES, ()), admin=ext.get(access.ADMIN, "")
+                )
+                if denied is not None:
+                    refused = True
+                    await self._denied(send, denied)
+                    return
+            await send(message)
+
+        return judged_send
+
+    async def _remote_probe(self, scope: Scope, path: str, send: Send) -> bool:
+        """``/healthz``, ``/readyz`` and ``/metrics`` for a non-loopback peer (allow_remote):
+        True once answered here. Without a client key it learns no credential name:
+        ``/readyz`` answers with its status code alone (probes keep working), ``/metrics``
+        is refused (401). With a valid key the routes answer in full; a wrong one is 401."""
+        if path == "/metrics" or any(n == b"authorization" for n, _ in scope["headers"]):
+            try:
+                client = self._access.authenticate(scope)
+            except AccessDenied as exc:
+                await self._denied(send, exc)
+                return True
+            scope.setdefault("extensions", {})[access.CLIENT] = client
+            return False
+        if path == "/readyz":
+            if self.manager.ready():
+                body: dict[str, object] = {"status": "ready"}
+            else:
+                body = {"error": "not_ready", "detail": "a credential has no servable token"}
+            await _send(send, 200 if "status" in body else 503, _dump(body), _JSON, [])
+            return True
+        return False  # /healthz names nothing
 
     async def _denied(self, send: Send, exc: AccessDenied) -> None:
         self.counters.rejected[exc.rule] += 1
@@ -198,6 +267,14 @@ class BrokerApp:
         status, body, headers = error_body(exc)
         extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         await _send(send, status, _dump(body), _JSON, extra)
+
+
+def _remote_peer(scope: Scope) -> bool:
+    """A TCP peer outside loopback (only admitted with allow_remote)."""
+    server, client = scope.get("server"), scope.get("client")
+    if server is not None and server[1] is None:
+        return False  # a unix socket
+    return client is None or not is_loopback(client[0])
 
 
 def _logged(scope: Scope, send: Send) -> Send:
@@ -304,9 +381,16 @@ def create_app(manager: Manager, *, clock: Clock, cycler: Cycler | None = None) 
         return JSONResponse({"error": code, "detail": str(exc.detail)}, exc.status_code)
 
     def allowed(request: Request, name: str) -> str:
-        """``name`` once the request may read it (raises AccessDenied otherwise)."""
+        """``name`` once the request may read it (raises AccessDenied otherwise); recorded,
+        so that the answer is judged again should a reload change the rules meanwhile."""
         app.rules().authorize(request.scope, name)
+        request.scope.setdefault("extensions", {}).setdefault(access.NAMES, []).append(name)
         return name
+
+    def administrator(request: Request, act: str) -> None:
+        """Raise AccessDenied unless an administrator asks (with client keys: "*")."""
+        app.rules().authorize_reload(request.scope, act)
+        request.scope.setdefault("extensions", {})[access.ADMIN] = act
 
     def status(credential: Credential) -> dict[str, object]:
         return status_json(credential, clock(), manager.default, cycler)
@@ -346,16 +430,19 @@ def create_app(manager: Manager, *, clock: Clock, cycler: Cycler | None = None) 
 
     @api.post("/v1/credentials/{name}/rotate")
     async def rotate(request: Request, name: str) -> dict[str, object]:
-        # Changes a secret at Adobe: as much an administrator's act as a reload.
-        app.rules().authorize_reload(request.scope)
+        # Creates and deletes secrets at Adobe: for whoever may force a refresh of that
+        # credential (client keys, allow_uids / allow_gids), and with client keys only for
+        # an administrator ("*"), as reload; at most one per ROTATE_COOLDOWN on request.
+        administrator(request, "cycle secrets")
+        manager.get(allowed(request, name))
         if cycler is None:
             raise CycleError("error", "this daemon does not cycle secrets")
-        result = await cycler.rotate(manager.get(name).settings.name)
+        result = await cycler.rotate(name)
         return {**result.as_json(), "credential": name, "status": status(manager.get(name))}
 
     @api.post("/v1/reload")
     async def reload(request: Request) -> dict[str, list[str]]:
-        app.rules().authorize_reload(request.scope)
+        administrator(request, "reload")
         return await manager.reload_file()
 
     @api.get("/healthz")

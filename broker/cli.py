@@ -615,6 +615,14 @@ _KEY_HINT = (
 )
 
 
+def _detail(response: Any) -> str:
+    """The ``detail`` of a daemon's error answer (or its status, if it has none)."""
+    try:
+        return str(response.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
 def _daemon_error(response: Any) -> int:
     message = _refusal(response)
     if response.status_code == 401:
@@ -1022,6 +1030,10 @@ def _rotate_auto(args: argparse.Namespace) -> int:
             print(f"token-broker: {_refusal(response)}; {_admin_advice(response)}",
                   file=sys.stderr)  # fmt: skip
             return 1
+        if response.status_code == 429:  # rotate_cooldown: the detail says when it may be asked
+            print(f"token-broker: {args.name} was not cycled: {_detail(response)}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         if response.status_code != 200:
             return _daemon_error(response)
         result = response.json()
@@ -1169,6 +1181,8 @@ def _private_stdout() -> str | None:
 
 
 def _tls(args: argparse.Namespace) -> int:
+    import os
+
     from broker import tls
     from broker.tokens import rfc3339
 
@@ -1186,16 +1200,19 @@ def _tls(args: argparse.Namespace) -> int:
         return 0
     # The system service keeps its CA in a directory private to it, and publishes the
     # public parts in its runtime directory: that is where other users find them.
+    # Either is checked before it is printed: tools trust what this prints, for Adobe too.
     published = Path("/run/token-broker")
     if not args.bundle:
         for candidate in (files.ca_cert, published / "ca.crt"):
-            if candidate.is_file():
-                print(candidate)  # alone on stdout: REQUESTS_CA_BUNDLE=$(token-broker tls ca)
+            if os.path.lexists(candidate):
+                fix = tls.start_over(files) if candidate == files.ca_cert else None
+                print(tls.published_ca(candidate, fix))  # alone on stdout, for $(...)
                 return 0
         raise BrokerError(
             f"the local CA certificate {files.ca_cert} does not exist: run `token-broker tls init`"
         )
-    if not files.ca_cert.is_file() and (published / "ca-bundle.crt").is_file():
+    if not os.path.lexists(files.ca_cert) and (published / "ca-bundle.crt").is_file():
+        tls.published_ca(published / "ca.crt")
         print(published / "ca-bundle.crt")  # the system service's, kept current by it
         return 0
     bundle = tls.write_bundle(files)

@@ -42,8 +42,21 @@ from typing import TYPE_CHECKING
 import httpx
 
 from broker.config import AdobeSettings, CredentialSettings
-from broker.errors import BrokerError, CycleError, IssuerError, SecretError
-from broker.files import atomic_write, make_private_dir
+from broker.errors import (
+    BrokerError,
+    CycleError,
+    IssuerError,
+    RotateCooldown,
+    SecretError,
+    UnsafePath,
+)
+from broker.files import (
+    atomic_write,
+    check_dir,
+    make_private_dir,
+    open_private,
+    read_private,
+)
 from broker.logs import Redactor
 from broker.providers import fetch_token, token_request
 from broker.providers.base import Answer, Issued, json_object, send_bounded, text_field
@@ -68,6 +81,13 @@ STEPS = ("adding", "added", "verified", "switched", "discarding")
 RECOVERY_SKEW = 600.0
 #: Longest pause between two attempts of step 3.
 VERIFY_MAX_DELAY = 30.0
+#: A cycle asked for (POST .../rotate, `rotate --auto`) this soon after the last one is
+#: refused (429): each cycle creates a secret at Adobe and deletes one for good, and a
+#: caller looping on the route would churn the credential's secrets every few seconds.
+#: One per ten minutes is ample for a person who reacts to a leak (one cycle ends the
+#: leaked secret). Scheduled cycles (rotate_every) and the end of an interrupted cycle
+#: are not held to it.
+ROTATE_COOLDOWN = 600.0
 HOLD_HINT = "is the I/O Management API added to the credential's project in the Developer Console?"
 
 
@@ -270,12 +290,19 @@ class StateFile:
         self.lock_path = self.directory / f"{name}.lock"
 
     def load(self, credential_id: str) -> CycleState:
+        """The state of the last or current cycle (a fresh one when there is none).
+
+        The state decides what is deleted at Adobe, so it is read only from directories
+        no other user can change, never through a symlink (:func:`broker.files.check_dir`).
+        """
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, encoding="utf-8") as f:
-                state = _checked(json.loads(f.read(65536)))
+            check_dir(self.directory.parent)
+            check_dir(self.directory)
+            state = _checked(json.loads(read_private(self.path, 65536)))
         except FileNotFoundError:
             return CycleState(credential_id)
+        except UnsafePath as exc:
+            raise self._unsafe(exc) from None
         except (OSError, ValueError, TypeError) as exc:
             raise CycleError(
                 "error",
@@ -295,17 +322,17 @@ class StateFile:
         return CycleState(credential_id)  # the config now names another credential
 
     def save(self, state: CycleState) -> None:
-        make_private_dir(self.directory.parent)
-        make_private_dir(self.directory)
+        self._directories()
         atomic_write(self.path, json.dumps(asdict(state), indent=1).encode(), 0o600)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive across processes (the daemon and `rotate --auto`); ``busy`` if held."""
-        make_private_dir(self.directory.parent)
-        make_private_dir(self.directory)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(self.lock_path, flags, 0o600)
+        self._directories()
+        try:
+            fd = open_private(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except UnsafePath as exc:
+            raise self._unsafe(exc) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -314,6 +341,19 @@ class StateFile:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _directories(self) -> None:
+        """The state directory and its ``cycling/``: created 0700, or refused when another
+        user could change them."""
+        try:
+            make_private_dir(self.directory.parent)
+            make_private_dir(self.directory)
+        except UnsafePath as exc:
+            raise self._unsafe(exc) from None
+
+    @staticmethod
+    def _unsafe(exc: UnsafePath) -> CycleError:
+        return CycleError("error", f"secret cycling does not use its state: {exc}")
 
 
 # -- one cycle ------------------------------------------------------------------------------
@@ -515,14 +555,17 @@ class Cycle:
 
     async def _discard(self, state: CycleState, why: str) -> CycleResult:
         """Delete the new secret at Adobe with a token of the stored (old) one; keep the old."""
-        self._save(state, "discarding", step="discarding")
         current = await self._current()
-        if state.new_digest is not None and digest(current) == state.new_digest:
+        self._prove(state, current)
+        if state.new is None or state.new_digest is None or state.new == state.old:
+            raise self._unproven(state, "does not record the new secret's uuid and digest")
+        if digest(current) == state.new_digest:
             raise CycleError(  # never delete the secret that is stored and in use
                 "error",
                 f"credential {self.cred.name!r}: the new secret {state.new} is the stored one; "
                 "not deleting it: check the Developer Console and the state file",
             )
+        self._save(state, "discarding", step="discarding")
         token = await self._management_token(current)
         if state.new is not None:
             await self.console.delete(token, state.new)  # False: gone already
@@ -541,8 +584,16 @@ class Cycle:
         )
 
     async def _recover_adding(self, state: CycleState, token: str | None = None) -> None:
-        """After a POST whose answer was lost or not stored: adopt or delete what it made."""
-        token = token or await self._management_token(await self._current())
+        """After a POST whose answer was lost or not stored: adopt or delete what it made.
+
+        Only what was not listed before the POST can be its secret, and only a state that
+        proves it is this broker's (:meth:`_prove`) says what was listed before.
+        """
+        current = await self._current()
+        self._prove(state, current)
+        if state.started_at is None or state.old not in state.before:
+            raise self._unproven(state, "does not record which secrets were listed before the POST")
+        token = token or await self._management_token(current)
         listed = await self.console.list(token)
         made = [s for s in listed if s.uuid not in state.before]
         started = (state.started_at or 0.0) - RECOVERY_SKEW
@@ -581,6 +632,29 @@ class Cycle:
         return await self._discard(state, "an interrupted discard was finished")
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _prove(self, state: CycleState, current: str) -> None:
+        """Raise unless ``state`` was written by this broker for the secret it stores now.
+
+        Recovery deletes secrets at Adobe on the word of the state file: it must name
+        the old secret (uuid and SHA-256 digest) and the store must still hold that
+        secret. Nobody can write that digest without the secret itself, so a state
+        planted or corrupted is never acted on, and the stored secret, or the one it
+        held before, is never deleted because a file said so.
+        """
+        if state.old is None or state.old_digest is None:
+            raise self._unproven(state, "does not record the old secret's uuid and digest")
+        if digest(current) != state.old_digest:
+            raise self._unproven(state, "was not written for the secret stored now")
+
+    def _unproven(self, state: CycleState, why: str) -> CycleError:
+        return CycleError(
+            "error",
+            f"credential {self.cred.name!r}: the cycling state {self._state.path} records a "
+            f"cycle at step {state.step!r} but {why}, so nothing was deleted or changed: "
+            "check the credential's secrets in the Developer Console, "
+            f"then remove {self._state.path}",
+        )
 
     def _identify(self, state: CycleState, listed: list[RemoteSecret], strict: bool = True) -> None:
         """Find the broker's own secret among ``listed``; refuse when there is another."""
@@ -743,6 +817,8 @@ class Cycler:
             try:  # read again: a reload may name another credential_id
                 status.state = StateFile(self.directory, name).load(cred.credential_id or "")
             except CycleError as exc:
+                log.error("cycle %s: %s", name, exc, extra={"event": "cycle_failed",
+                          "credential": name, "error": exc.outcome})  # fmt: skip
                 self._failed(name, exc)
                 continue
             when = self._due(status, cred, now)
@@ -753,7 +829,11 @@ class Cycler:
                 self._schedule(name, when)
 
     async def rotate(self, name: str) -> CycleResult:
-        """Run one cycle of ``name`` now (or finish an interrupted one)."""
+        """Run one cycle of ``name`` now, as asked (POST .../rotate), or finish an interrupted
+        one; RotateCooldown within :data:`ROTATE_COOLDOWN` of the last cycle."""
+        return await self._rotate(name, asked=True)
+
+    async def _rotate(self, name: str, *, asked: bool = False) -> CycleResult:
         cred = self._settings(name)
         if not _cycling(cred):
             raise CycleError(
@@ -764,12 +844,33 @@ class Cycler:
         status = self.status.setdefault(name, CycleStatus())
         if status.running:
             raise CycleError("busy", f"a cycle of credential {name!r} is running already")
+        if asked:  # no await between this check and `running`: two requests cannot both pass
+            self._cooldown(name, StateFile(self.directory, name).load(cred.credential_id or ""))
         status.running = True
         try:
             async with self._lock(name):  # a survey in progress finishes first
                 return await self._run(name, cred)
         finally:
             status.running = False
+
+    def _cooldown(self, name: str, state: CycleState) -> None:
+        """Refuse a cycle asked for within ROTATE_COOLDOWN of the last one (its end, or the
+        start of one that was undone); an interrupted cycle may always be finished."""
+        if state.step is not None:
+            return
+        last = max((t for t in (state.last_cycle_at, state.started_at) if t is not None),
+                   default=None)  # fmt: skip
+        now = self._clock()
+        if last is None or now >= last + ROTATE_COOLDOWN:
+            return
+        raise RotateCooldown(
+            name,
+            f"credential {name!r}: the last secret cycle ran at {rfc3339(last)}; another may "
+            f"be asked for from {rfc3339(last + ROTATE_COOLDOWN)} (one per "
+            f"{ROTATE_COOLDOWN / 60:g} minutes on request: each cycle creates and deletes a "
+            "secret at Adobe)",
+            retry_after=last + ROTATE_COOLDOWN - now,
+        )
 
     def _lock(self, name: str) -> asyncio.Lock:
         """One step-1-or-more at a time per credential inside the daemon (the state file's
@@ -859,7 +960,7 @@ class Cycler:
                 if known and when > self._clock():
                     self._schedule(name, when)
                     return
-            await self.rotate(name)
+            await self._rotate(name)
         except CycleError as exc:
             log.error("cycle %s: %s", name, exc, extra={"event": "cycle_failed",
                       "credential": name, "error": exc.outcome,

@@ -4,12 +4,14 @@
 
     BrokerError
      ├── ConfigError          a config file that cannot be used (names file and key)
-     │    └── TlsError        a CA, certificate or key that cannot be used (names the file)
+     │    ├── TlsError        a CA, certificate or key that cannot be used (names the file)
+     │    └── UnsafePath      a directory or file of the daemon's own that others could change
      ├── SecretError          a secret reference that cannot be resolved
      ├── IssuerError          the token issuer refused or failed (retryable, retry_after)
- ├── CycleError           a secret cycle stopped, was undone, or could not run (outcome)
+     ├── CycleError           a secret cycle stopped, was undone, or could not run (outcome)
      ├── TokenUnavailable     no servable token right now (retry_after)
      ├── RefreshCooldown      a forced refresh asked for too soon (retry_after)
+     ├── RotateCooldown       a secret cycle asked for too soon after the last (retry_after)
      ├── AccessDenied         no or a wrong client key (401), or not allowed to read (403)
      ├── UnknownCredential    no credential of that name
      └── BrokerClientError    broker.client: the running broker could not give what was asked
@@ -35,6 +37,11 @@ class ConfigError(BrokerError):
 
 class TlsError(ConfigError):
     """A local CA, leaf, or ``tls_cert`` / ``tls_key`` file cannot be used (DESIGN §10)."""
+
+
+class UnsafePath(ConfigError):
+    """A directory or file of the daemon's own (state, runtime) that another user owns or
+    may write, or a symlink where a file of its own should be (names the path and the fix)."""
 
 
 class SecretError(BrokerError):
@@ -191,6 +198,16 @@ class RefreshCooldown(BrokerError):
         super().__init__(
             f"credential {name!r} was refreshed moments ago; try again in {retry_after:.0f}s"
         )
+
+
+class RotateCooldown(BrokerError):
+    """A secret cycle asked for too soon after the last one (each creates and deletes a
+    secret at Adobe); ``retry_after``: seconds until one may be asked for again."""
+
+    def __init__(self, name: str, detail: str, *, retry_after: float) -> None:
+        self.name = name
+        self.retry_after = retry_after
+        super().__init__(detail)
 
 
 class AccessDenied(BrokerError):

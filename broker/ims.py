@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from broker import access, guards
+from broker.config import Settings
 from broker.errors import BrokerError, TokenUnavailable
 from broker.manager import Manager
 from broker.metrics import RequestCounters
@@ -53,7 +54,12 @@ class ImsError(Exception):
 
 
 class ImsApp:
-    """The ASGI app of the IMS-compatible listeners, answering from ``manager``'s cache."""
+    """The ASGI app of the IMS-compatible listeners, answering from ``manager``'s cache.
+
+    The key is judged under the settings in force when the answer is made: a request
+    whose head came before a reload that removed its key (its form may follow up to
+    ``header_timeout`` later, and a token may be waited for) is refused like any other.
+    """
 
     def __init__(self, manager: Manager, counters: RequestCounters, clock: Clock) -> None:
         self.manager = manager
@@ -63,13 +69,17 @@ class ImsApp:
         self._rules = access.Access(manager.settings)
         self._by_client_id = _by_client_id(manager)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return  # lifespan: the main listener's app starts and stops the manager
-        if self.manager.settings is not self._settings:  # a reload happened
+    def _current(self) -> None:
+        """Use the rules of the settings in force (a reload may have replaced them)."""
+        if self.manager.settings is not self._settings:
             self._settings = self.manager.settings
             self._rules = access.Access(self.manager.settings)
             self._by_client_id = _by_client_id(self.manager)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan: the main listener's app starts and stops the manager
+        self._current()
         remote = self._settings.server.allow_remote
         rejection = guards.refusal(scope, None, remote=remote, own_address=True)
         if rejection is not None:
@@ -105,21 +115,8 @@ class ImsApp:
                 "only grant_type=client_credentials is served",
                 "ims_grant",
             )
-        name = self._by_client_id.get(form.get("client_id", ""))
-        key = form.get("client_secret", "").encode()
-        client = self._rules.client_of(key) if key else None
-        # One answer for an unknown client_id, a wrong key and a key of another client: no
-        # probing for names or keys. The Adobe secret is not a client key: refused alike.
-        if name is None or client is None or not _may_read(client, name):
-            raise ImsError(401, "invalid_client", "invalid client_id or client_secret", "bad_key")
+        name, settings = self._authorized(form)
         cred = self.manager.credentials[name].settings
-        if cred.peer_restricted:
-            raise ImsError(
-                401,
-                "invalid_client",
-                f"{name!r} is served only on the broker's unix socket",
-                "peer",
-            )
         asked = [s.strip() for s in form.get("scope", "").replace(" ", ",").split(",")]
         missing = [s for s in asked if s and s not in cred.scopes]
         if missing:
@@ -146,12 +143,36 @@ class ImsApp:
                 raise ImsError(
                     503, "temporarily_unavailable", str(exc), "unavailable", retry_after=1
                 ) from None
+            if self.manager.settings is not settings:  # reloaded while the token was awaited
+                if self._authorized(form)[0] != name:  # its client_id names another now
+                    raise ImsError(401, "invalid_client", "invalid client_id or client_secret",
+                                   "bad_key")  # fmt: skip
         self.counters.tokens[(name, "ok")] += 1
         return {
             "access_token": token.access_token,
             "token_type": "bearer",
             "expires_in": max(0, math.floor(token.expires_at - self.clock())),
         }
+
+    def _authorized(self, form: dict[str, str]) -> tuple[str, Settings]:
+        """Raise ImsError unless the form's key may read the credential its client_id
+        names, under the settings in force now; return that name and those settings."""
+        self._current()  # the form arrived after the head: a reload may have come between
+        name = self._by_client_id.get(form.get("client_id", ""))
+        key = form.get("client_secret", "").encode()
+        client = self._rules.client_of(key) if key else None
+        # One answer for an unknown client_id, a wrong key and a key of another client: no
+        # probing for names or keys. The Adobe secret is not a client key: refused alike.
+        if name is None or client is None or not _may_read(client, name):
+            raise ImsError(401, "invalid_client", "invalid client_id or client_secret", "bad_key")
+        if self.manager.credentials[name].settings.peer_restricted:
+            raise ImsError(
+                401,
+                "invalid_client",
+                f"{name!r} is served only on the broker's unix socket",
+                "peer",
+            )
+        return name, self._settings
 
 
 def _by_client_id(manager: Manager) -> dict[str, str]:

@@ -55,8 +55,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from broker.errors import TlsError
-from broker.files import atomic_write, make_private_dir, state_dir
+from broker.errors import TlsError, UnsafePath
+from broker.files import (
+    atomic_write,
+    check_dir,
+    make_private_dir,
+    open_private,
+    read_private,
+    state_dir,
+)
 
 if TYPE_CHECKING:  # only for annotations: cryptography costs the daemon 8-11 MiB of RSS
     from cryptography import x509
@@ -174,13 +181,14 @@ def init_ca(
 ) -> tuple[bool, CertInfo]:
     """Create the local CA unless one exists; return (created, the CA certificate's info).
 
-    An existing CA is left alone but checked: a missing or foreign key raises
-    TlsError naming the files. ``ca.crt`` is written last, so its presence means
-    the CA is complete; a key without a certificate (a crash) is replaced.
+    An existing CA is left alone but checked: a missing or foreign key, or a
+    certificate without the loopback name constraints, raises TlsError naming
+    the files. ``ca.crt`` is written last, so its presence means the CA is
+    complete; a key without a certificate (a crash) is replaced.
     """
-    make_private_dir(files.directory)
+    _private_dir(files.directory)
     with _locked(files):
-        if files.ca_cert.exists():
+        if os.path.lexists(files.ca_cert):
             _, cert = _load_ca(files)
             return False, _info(cert, files.ca_cert)
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -230,12 +238,71 @@ def _load_ca(files: TlsFiles) -> tuple[EllipticCurvePrivateKey, x509.Certificate
     """The CA key and certificate, checked to belong together; TlsError names the file."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    cert = _parse_cert(_read(files.ca_cert, "the local CA certificate"), files.ca_cert)
-    key = _parse_key(_read(files.ca_key, "the local CA key"), files.ca_key)
+    _checked_dir(files.directory)
+    cert = _parse_cert(_read_own(files.ca_cert, "the local CA certificate"), files.ca_cert)
+    check_constraints(cert, files.ca_cert, start_over(files))
+    key = _parse_key(_read_own(files.ca_key, "the local CA key"), files.ca_key)
     redo = f"remove {files.ca_cert} and {files.ca_key} and run `token-broker tls init` again"
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_key(key, cert):
         raise TlsError(f"the local CA key {files.ca_key} does not match {files.ca_cert}: {redo}")
     return key, cert
+
+
+def start_over(files: TlsFiles) -> str:
+    """What to do about a local CA that cannot be used: the files to remove, in words."""
+    return (
+        f"to start over, remove {files.ca_cert}, {files.ca_key}, {files.leaf} and "
+        f"{files.bundle}, run `token-broker tls init`, and give clients the new {files.ca_cert}"
+    )
+
+
+def check_constraints(cert: x509.Certificate, path: Path, fix: str) -> None:
+    """Raise TlsError unless the CA certificate ``cert`` vouches for loopback names only.
+
+    Its name constraints must permit nothing but subnets of ``127.0.0.0/8`` and
+    ``::1/128`` and the name ``localhost``: a CA without them, planted where the
+    broker keeps its own, would be published in the bundle tools trust for
+    Adobe too, and could then vouch for ``ims-na1.adobelogin.com``. ``fix``
+    says how to start over.
+    """
+    from cryptography import x509
+
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        why = "has no name constraints"
+    else:
+        permitted = constraints.permitted_subtrees or []
+        foreign = [_shown(name) for name in permitted if not _loopback_subtree(name)]
+        if not permitted:
+            why = "has name constraints that permit every name"
+        elif foreign:
+            why = f"has name constraints that permit more than loopback ({', '.join(foreign[:3])})"
+        else:
+            return
+    raise TlsError(
+        f"the local CA certificate {path} {why}, so it could vouch for any host "
+        f"(ims-na1.adobelogin.com included) and token-broker does not use it: {fix}"
+    )
+
+
+def _loopback_subtree(name: x509.GeneralName) -> bool:
+    from cryptography import x509
+
+    if isinstance(name, x509.DNSName):
+        return name.value.lower() == LOOPBACK_NAME
+    if isinstance(name, x509.IPAddress) and isinstance(
+        name.value, ipaddress.IPv4Network | ipaddress.IPv6Network
+    ):
+        return any(
+            name.value.version == loop.version and name.value.subnet_of(loop)  # type: ignore[arg-type]
+            for loop in map(ipaddress.ip_network, LOOPBACK_NETWORKS)
+        )
+    return False
+
+
+def _shown(name: x509.GeneralName) -> str:
+    return f"{type(name).__name__} {name.value}"[:80]
 
 
 # -- the leaf ---------------------------------------------------------------------------
@@ -353,7 +420,7 @@ def _reusable_leaf(
     files: TlsFiles, hosts: list[str], now: float, lifetime: float
 ) -> CertInfo | None:
     try:
-        leaf = _parse_cert(_read(files.leaf, "the leaf"), files.leaf)
+        leaf = _parse_cert(_read_own(files.leaf, "the leaf"), files.leaf)
         _, ca_cert = _load_ca(files)
         info = _info(leaf, files.leaf)
         good = (
@@ -477,13 +544,16 @@ def write_bundle(files: TlsFiles, system: Path | None = None) -> Bundle:
     """Write ``ca-bundle.crt`` = the system CAs + the local CA; rewrite only if it changed.
 
     For ``REQUESTS_CA_BUNDLE``, which *replaces* requests' trust store: a tool
-    given the local CA alone could no longer verify Adobe. ``system`` defaults
-    to :func:`system_ca_bundle`.
+    given the local CA alone could no longer verify Adobe. So the CA must have
+    its loopback name constraints (:func:`check_constraints`). ``system``
+    defaults to :func:`system_ca_bundle`.
     """
     source = "the given CA bundle"
     if system is None:
         system, source = system_ca_bundle()
-    ca = _read(files.ca_cert, "the local CA certificate", hint="run `token-broker tls init`")
+    _checked_dir(files.directory)
+    ca = _read_own(files.ca_cert, "the local CA certificate", hint="run `token-broker tls init`")
+    check_constraints(_parse_cert(ca, files.ca_cert), files.ca_cert, start_over(files))
     base = _read(system, source)
     if not _PEM_CERT.search(base):
         raise TlsError(f"{source} {system} holds no PEM certificate")
@@ -493,13 +563,30 @@ def write_bundle(files: TlsFiles, system: Path | None = None) -> Bundle:
         + _PEM_CERT.search(ca).group(0)  # type: ignore[union-attr]
         + b"\n"
     )
-    try:
-        changed = files.bundle.read_bytes() != content
-    except FileNotFoundError:
-        changed = True
+    changed = _differs(files.bundle, content)
     if changed:
         atomic_write(files.bundle, content, 0o644)
     return Bundle(files.bundle, system, source, changed)
+
+
+def published_ca(path: Path, fix: str | None = None) -> Path:
+    """``path``, once it is a CA certificate tools may trust: a regular file only its
+    owner may change, with the loopback name constraints. What `token-broker tls ca`
+    prints: the caller's own CA, or the one the system service published in /run (another
+    user's file, by design). ``fix``: how to start over (default: the files beside it)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise TlsError(f"cannot read the CA certificate {path}: {_why(exc)}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TlsError(f"the CA certificate {path} is not a regular file that only its owner "
+                       "may change: remove it")  # fmt: skip
+    fix = fix or (
+        f"to start over, remove {path} (and the CA files beside it), run `token-broker "
+        "tls init`, and give clients the new certificate"
+    )
+    check_constraints(_parse_cert(_read(path, "the CA certificate"), path), path, fix)
+    return path
 
 
 # -- doctor -----------------------------------------------------------------------------
@@ -515,7 +602,7 @@ def doctor(
 ) -> list[TlsCheck]:
     """Check the local CA and the leaf; ``hosts`` are the HTTPS listen hosts."""
     now = time.time() if now is None else now
-    if not files.ca_cert.exists():
+    if not os.path.lexists(files.ca_cert):
         return [
             TlsCheck(
                 None,
@@ -529,12 +616,12 @@ def doctor(
     except TlsError as exc:
         return [*checks, TlsCheck(False, str(exc))]
     checks.append(_ca_check(ca_cert, files.ca_cert, now))
-    if not files.leaf.exists():
+    if not os.path.lexists(files.leaf):
         checks.append(TlsCheck(None, f"no leaf certificate {files.leaf}: the daemon issues it"))
         return checks
     checks.append(_key_file_check(files.leaf, "leaf key file"))
     try:
-        leaf = _parse_cert(_read(files.leaf, "the leaf"), files.leaf)
+        leaf = _parse_cert(_read_own(files.leaf, "the leaf"), files.leaf)
     except TlsError as exc:
         return [*checks, TlsCheck(False, str(exc))]
     checks.append(_leaf_check(leaf, ca_cert, files.leaf, list(hosts), now))
@@ -561,15 +648,7 @@ def _key_file_check(path: Path, what: str) -> TlsCheck:
 
 
 def _ca_check(cert: x509.Certificate, path: Path, now: float) -> TlsCheck:
-    from cryptography import x509
-
-    end = _validity(cert)[1]
-    try:
-        cert.extensions.get_extension_for_class(x509.NameConstraints)
-    except x509.ExtensionNotFound:
-        return TlsCheck(
-            False, f"local CA {path} has no name constraints: it could vouch for any host"
-        )
+    end = _validity(cert)[1]  # its name constraints were checked when it was loaded
     if end <= now:
         return TlsCheck(False, f"local CA {path} expired at {_date(end)}")
     if end - now < CA_WARN_REMAINING:
@@ -598,6 +677,53 @@ def _leaf_check(
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _private_dir(directory: Path) -> None:
+    """Create (0700) or accept the state directory: TlsError when another user could
+    change it."""
+    try:
+        make_private_dir(directory)
+    except UnsafePath as exc:
+        raise TlsError(str(exc)) from None
+
+
+def _checked_dir(directory: Path) -> None:
+    """The state directory exists and only this user can change it (TlsError otherwise)."""
+    try:
+        check_dir(directory)
+    except FileNotFoundError:
+        raise TlsError(f"{directory} does not exist: run `token-broker tls init`") from None
+    except UnsafePath as exc:
+        raise TlsError(str(exc)) from None
+
+
+def _read_own(path: Path, what: str, hint: str = "") -> bytes:
+    """A file of the state directory: not through a symlink, and refused when another
+    user owns it or may write it (:func:`broker.files.read_private`)."""
+    try:
+        return read_private(path)
+    except UnsafePath as exc:
+        raise TlsError(str(exc)) from None
+    except FileNotFoundError:
+        tail = f": {hint}" if hint else ""
+        raise TlsError(f"{what} {path} does not exist{tail}") from None
+    except PermissionError:
+        raise TlsError(f"{what} {path} is not readable by this user (uid {os.getuid()})") from None
+    except OSError as exc:
+        raise TlsError(f"cannot read {what} {path}: {_why(exc)}") from None
+
+
+def _differs(path: Path, content: bytes) -> bool:
+    """Whether the file of ours at ``path`` is missing or holds other than ``content``."""
+    try:
+        return read_private(path) != content
+    except FileNotFoundError:
+        return True
+    except UnsafePath as exc:  # a symlink, or another user's file: replace nothing, say so
+        raise TlsError(str(exc)) from None
+    except OSError as exc:
+        raise TlsError(f"cannot read {path}: {_why(exc)}") from None
 
 
 def _read(path: Path, what: str, hint: str = "") -> bytes:
@@ -743,8 +869,15 @@ def _loose_mode(path: Path) -> bool:
 
 @contextmanager
 def _locked(files: TlsFiles) -> Iterator[None]:
-    """Serialise writers (the daemon's `init` and a user's) across processes."""
-    fd = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Serialise writers (the daemon's `init` and a user's) across processes.
+
+    The lock file is opened without following a symlink: root running `tls init`
+    must not create or truncate a file that a planted ``.tls.lock`` points at.
+    """
+    try:
+        fd = open_private(files.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except UnsafePath as exc:
+        raise TlsError(str(exc)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -813,15 +946,12 @@ class ServerCertificate:
         if not self.local_ca:
             return
         bundle = write_bundle(self.files)
+        _checked_dir(directory)  # tools trust what is found here: only we may change it
         for source, name in ((self.files.ca_cert, "ca.crt"), (bundle.path, "ca-bundle.crt")):
             target = directory / name
-            content = source.read_bytes()
-            try:
-                if target.read_bytes() == content:
-                    continue
-            except FileNotFoundError:
-                pass
-            atomic_write(target, content, 0o644)
+            content = _read_own(source, "file")
+            if _differs(target, content):
+                atomic_write(target, content, 0o644)
 
     def _current(self) -> CertInfo:
         if self._user is not None:

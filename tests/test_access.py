@@ -153,3 +153,28 @@ def test_config_validates_clients_and_remote_listen():
         config.parse(doc)
     with pytest.raises(ConfigError, match=r"allow_uids"):
         config.parse(tomllib.loads(CREDS.replace("allow_uids = [1000]", 'allow_uids = ["me"]')))
+
+
+def test_a_request_is_judged_again_under_reloaded_rules():
+    """What BrokerApp asks when a reload came while a request waited: its key, the names
+    it read and the administrator rule, under the new rules; None when it still may."""
+    key, admin = new_key(), new_key()
+    before = Access(settings(client("ci", key, '["a"]') + client("ops", admin, '["*"]')))
+    scope = request(key)
+    scope["extensions"][access.CLIENT] = before.authenticate(scope)
+    assert before.reauthorize(scope, ["a"]) is None
+    # The key was replaced: 401. Its client may no longer read "a": 403. Keys gone: fine.
+    replaced = Access(settings(client("ci", new_key(), '["a"]')))
+    assert replaced.reauthorize(scope, ["a"]).status == 401  # type: ignore[union-attr]
+    narrowed = Access(settings(client("ci", key, '["b"]')))
+    denied = narrowed.reauthorize(scope, ["a"])
+    assert denied is not None and (denied.status, denied.rule) == (403, "client")
+    assert scope["extensions"][access.CLIENT].credentials == frozenset({"b"})  # judged anew
+    assert Access(settings()).reauthorize(request(), ["a"]) is None
+    # A peer-restricted credential read over TCP: 403 once the reload restricted it.
+    assert Access(settings()).reauthorize(request(), ["b"]).rule == "peer_unknown"  # type: ignore[union-attr]
+    # The administrator rule: an "ops" key narrowed to one credential may not cycle.
+    ops = request(admin)
+    narrowed = Access(settings(client("ops", admin, '["a"]')))
+    denied = narrowed.reauthorize(ops, ["a"], admin="cycle secrets")
+    assert denied is not None and "may not cycle secrets" in str(denied)

@@ -139,3 +139,55 @@ def test_a_forged_x_forwarded_for_never_changes_the_peer_uvicorn_reports():
         sock.close()
     (client,) = seen
     assert client[0] == "127.0.0.1", client  # uvicorn's proxy-header handling is off
+
+
+async def test_a_remote_peer_without_a_key_learns_no_credential_name(tmp_path):
+    """With allow_remote, /metrics and /readyz named every credential, its state (and the
+    output files) to any peer; without a key a remote peer now learns only the status."""
+    from broker.access import key_digest, new_key
+
+    secret = tmp_path / "s"
+    secret.write_text(SECRET)
+    key = new_key()
+    settings = config.parse(
+        {
+            "server": {"allow_remote": True},
+            "clients": {"ci": {"key_sha256": key_digest(key).hex(), "credentials": ["adobe"]}},
+            "credentials": {
+                "adobe": {"provider": "adobe", "client_id": "cid", "secret": f"file:{secret}"},
+                "never": {"provider": "adobe", "client_id": "c2", "secret": f"file:{secret}x"},
+            },
+        }
+    )
+    ok = httpx.Response(200, json={"access_token": "tok-api", "expires_in": 3600})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: ok))
+    manager = Manager(settings, client=client, clock=FakeClock(), scheduler=FakeScheduler())
+    application = create_app(manager, clock=FakeClock())
+    await manager.start()
+    await manager.first_round()
+
+    def peer(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=application, client=(address, 40000))
+        return httpx.AsyncClient(transport=transport, base_url="http://10.0.0.9:8765")
+
+    bearer = {"Authorization": f"Bearer {key}"}
+    async with peer("10.0.0.5") as remote, peer("127.0.0.1") as local:
+        assert (await remote.get("/healthz")).status_code == 200
+        ready = await remote.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
+        metrics = await remote.get("/metrics")
+        assert metrics.status_code == 401 and metrics.json()["error"] == "unauthorized"
+        assert metrics.headers["www-authenticate"].startswith("Bearer")
+        for answer in (ready, metrics):
+            assert "adobe" not in answer.text and "never" not in answer.text
+        wrong = await remote.get("/readyz", headers={"Authorization": "Bearer tbk_wrong"})
+        assert wrong.status_code == 401
+        # With a client key, as Prometheus presents it: the whole answer.
+        metrics = await remote.get("/metrics", headers=bearer)
+        assert metrics.status_code == 200 and 'credential="never"' in metrics.text
+        ready = await remote.get("/readyz", headers=bearer)
+        assert ready.json()["credentials"] == {"adobe": "fresh", "never": "failed"}
+        # Loopback peers: as before, no key needed.
+        assert 'credential="never"' in (await local.get("/metrics")).text
+        assert (await local.get("/readyz")).json()["credentials"]["never"] == "failed"
+    await manager.close()

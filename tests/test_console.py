@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from pathlib import Path
 
 import httpx
@@ -448,7 +449,7 @@ async def test_the_state_file_is_not_followed_through_a_symlink(world, tmp_path)
     state = world.state_dir / "cycling" / "adobe.json"
     state.parent.mkdir(parents=True, mode=0o700)
     state.symlink_to(elsewhere)
-    with pytest.raises(CycleError, match="cannot be read"):
+    with pytest.raises(CycleError, match=f"{state} is a symbolic link.*: remove it"):
         await world.cycle().run()
 
 
@@ -589,4 +590,143 @@ async def test_a_secret_the_daemon_cannot_write_is_a_reported_cycle_error(world,
     assert "environment variable" in cycler.status["adobe"].last_error["detail"]
     assert manager.recorder.rotations[("adobe", "error")] == 1
     assert world.issuer.console_calls == []
+    await manager.close()
+
+
+# -- issue 18: whose state, and who may ask for a cycle -------------------------------------
+
+
+def _forged(world: World) -> dict[str, dict[str, object]]:
+    """State files that name the broker's own secret as something to delete, without the
+    digest that only the broker could write."""
+    mine = world.original.uuid
+    return {
+        "the two fields of the report": {"credential_id": CRED_ID, "step": "adding"},
+        "adding, a made-up old secret": {
+            "credential_id": CRED_ID, "step": "adding", "old": "made-up", "before": ["made-up"],
+            "old_digest": "0" * 64, "started_at": world.clock(),
+        },
+        "discarding ours": {"credential_id": CRED_ID, "step": "discarding", "new": mine},
+        "discarding ours, digests made up": {
+            "credential_id": CRED_ID, "step": "discarding", "old": "made-up", "new": mine,
+            "old_digest": "0" * 64, "new_digest": "1" * 64,
+        },
+        "added, ours as the new one": {"credential_id": CRED_ID, "step": "added", "new": mine,
+                                       "new_digest": "1" * 64},
+        "verified, ours as the new one": {"credential_id": CRED_ID, "step": "verified",
+                                          "new": mine, "old": "made-up"},
+    }  # fmt: skip
+
+
+FORGED = ["the two fields of the report", "adding, a made-up old secret", "discarding ours",
+          "discarding ours, digests made up", "added, ours as the new one",
+          "verified, ours as the new one"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FORGED)
+async def test_a_state_that_does_not_prove_an_orphan_deletes_nothing(world, case):
+    """A two-field state file made the daemon delete its only working secret as the
+    "orphan of a lost POST"; no state but the broker's own (the digest of the secret it
+    stores) may decide a deletion."""
+    state = world.state_dir / "cycling" / "adobe.json"
+    state.parent.mkdir(parents=True, mode=0o700)
+    state.write_text(json.dumps(_forged(world)[case]))
+    state.chmod(0o600)
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    text = str(info.value)
+    assert "nothing was deleted or changed" in text and f"then remove {state}" in text
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    assert [c.method for c in world.issuer.console_calls if c.method != "GET"] == []
+    assert world.stored() == ["the-original-secret-value"]
+    assert json.loads(state.read_text()) == _forged(world)[case]  # left for a person to judge
+
+
+async def test_a_lost_post_is_still_recovered_from_the_brokers_own_state(world):
+    """The proof does not stop the recovery it is for: a POST whose answer was lost."""
+    with pytest.raises(Crash):
+        await world.cycle(crash_at="posted").run()
+    assert len(world.at_adobe) == 2 and world.state()["step"] == "adding"
+    assert (await world.cycle().run()).outcome == "success"
+    world.check_done()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's directory")
+async def test_a_state_directory_another_user_made_is_not_used(world):
+    """The state directory pre-created by another user (0777), a state file planted in it:
+    the cycle refuses the directory with a sentence that names it and the fix."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    (world.state_dir / "cycling").mkdir(parents=True)
+    for path in (world.state_dir, world.state_dir / "cycling"):
+        os.chown(path, nobody, nobody)
+        path.chmod(0o777)
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    assert f"{world.state_dir} is owned by uid {nobody}, not by this user" in str(info.value)
+    assert world.issuer.console_calls == []
+    os.chown(world.state_dir, 0, 0)
+    with pytest.raises(CycleError, match=rf"{world.state_dir} is writable by group or others "
+                                         r"\(mode 0777\).*chmod go-w"):  # fmt: skip
+        await world.cycle().run()
+    world.state_dir.chmod(0o700)
+    with pytest.raises(CycleError, match=f"{world.state_dir / 'cycling'} is owned by uid"):
+        StateFile(world.state_dir, "adobe").load(CRED_ID)
+    assert world.issuer.console_calls == []
+
+
+async def test_a_planted_lock_symlink_is_not_followed(world, tmp_path):
+    lock = world.state_dir / "cycling" / "adobe.lock"
+    lock.parent.mkdir(parents=True, mode=0o700)
+    target = tmp_path / "created-by-root"
+    lock.symlink_to(target)
+    with pytest.raises(CycleError, match=f"{lock} is a symbolic link"):
+        await world.cycle().run()
+    assert not target.exists() and world.issuer.console_calls == []
+
+
+async def test_a_cycle_asked_for_within_the_cooldown_is_refused(world):
+    """Three back-to-back requests ran three whole cycles: now the second is a 429 that
+    says when the last one ran and when one may be asked for again."""
+    from broker.api import error_body
+    from broker.console import ROTATE_COOLDOWN
+    from broker.errors import RotateCooldown
+
+    manager, cycler, sched = await world.daemon(rotate_every="5m")
+    assert (await cycler.rotate("adobe")).outcome == "success"
+    ended = world.clock()
+    world.clock.now += 60
+    posts = len([c for c in world.issuer.console_calls if c.method == "POST"])
+    with pytest.raises(RotateCooldown) as info:
+        await cycler.rotate("adobe")
+    assert info.value.retry_after == ROTATE_COOLDOWN - 60
+    status, body, headers = error_body(info.value)
+    assert (status, body["error"], headers["Retry-After"]) == (429, "rotate_cooldown", "540")
+    from broker.tokens import rfc3339
+
+    assert f"the last secret cycle ran at {rfc3339(ended)}" in body["detail"]
+    assert f"asked for from {rfc3339(ended + ROTATE_COOLDOWN)}" in body["detail"]
+    assert len([c for c in world.issuer.console_calls if c.method == "POST"]) == posts
+    assert not cycler.status["adobe"].running and cycler.status["adobe"].failures == 0
+    # The schedule (rotate_every) is not held to it: the daemon cycles when it is due.
+    world.clock.now = sched.jobs["cycle:adobe"][0]
+    assert world.clock.now < ended + ROTATE_COOLDOWN
+    await sched.run("cycle:adobe")
+    assert manager.recorder.rotations[("adobe", "success")] == 2
+    world.clock.now += ROTATE_COOLDOWN
+    assert (await cycler.rotate("adobe")).outcome == "success"
+    await manager.close()
+
+
+async def test_a_cycle_that_was_undone_counts_for_the_cooldown(world):
+    from broker.errors import RotateCooldown
+
+    world.issuer.new_secrets_work = False
+    manager, cycler, _ = await world.daemon()
+    with pytest.raises(CycleError, match="did not work at IMS"):
+        await cycler.rotate("adobe")
+    world.issuer.new_secrets_work = True
+    with pytest.raises(RotateCooldown):
+        await cycler.rotate("adobe")
     await manager.close()

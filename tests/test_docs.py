@@ -410,3 +410,21 @@ def test_the_kubernetes_commands_render(tmp_path):
         done = subprocess.run([kubectl, "kustomize", overlay], capture_output=True, text=True,
                               cwd=ROOT, timeout=120)  # fmt: skip
         assert done.returncode == 0 and "kind: " in done.stdout, done.stderr
+
+
+def test_the_prometheus_scrape_config_presents_a_client_key(tmp_path):
+    """docs/access.md's scrape config: valid for promtool, and the key sent as a Bearer token."""
+    key, ca = tmp_path / "token-broker.key", tmp_path / "token-broker-ca.crt"
+    key.write_text("tbk_example\n")
+    ca.write_text("")
+    text = block("prometheus-scrape")
+    text = text.replace("/etc/prometheus/token-broker.key", str(key))
+    text = text.replace("/etc/prometheus/token-broker-ca.crt", str(ca))
+    (tmp_path / "prometheus.yml").write_text(text)
+    checked = subprocess.run(
+        [promtool(), "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    job = yaml.safe_load(text)["scrape_configs"][0]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": str(key)}

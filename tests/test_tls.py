@@ -1057,3 +1057,180 @@ def test_cli_tls_usage_errors_exit_2():
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
+
+
+# -- a state directory others could change; a planted CA (issue 18, items 4 and 5) -------
+
+
+def _nobody() -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return 65534
+
+
+def test_a_planted_lock_symlink_is_not_followed(tmp_path):
+    """`tls init` as root must not create (or truncate) what a planted .tls.lock names."""
+    files = tls.TlsFiles(tmp_path / "state")
+    files.directory.mkdir(mode=0o700)
+    target = tmp_path / "etc-something"
+    files.lock.symlink_to(target)
+    with pytest.raises(TlsError, match=rf"{files.lock} is a symbolic link.*remove it"):
+        tls.init_ca(files)
+    assert not target.exists() and not files.ca_cert.exists()
+    precious = _write(tmp_path / "precious", b"keep me\n", 0o644)
+    files.lock.unlink()
+    files.lock.symlink_to(precious)
+    with pytest.raises(TlsError, match="symbolic link"):
+        tls.init_ca(files)
+    assert precious.read_bytes() == b"keep me\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's directory")
+def test_a_state_directory_another_user_made_is_refused(tmp_path):
+    files = tls.TlsFiles(tmp_path / "state")
+    files.directory.mkdir()
+    os.chown(files.directory, _nobody(), -1)
+    files.directory.chmod(0o777)
+    with pytest.raises(TlsError) as info:
+        tls.init_ca(files)
+    text = str(info.value)
+    assert f"{files.directory} is owned by uid {_nobody()}, not by this user" in text
+    assert f"chown {os.geteuid()} {files.directory}" in text
+    assert not files.ca_cert.exists() and not files.ca_key.exists()
+
+
+def test_a_state_directory_others_may_write_is_refused(tmp_path):
+    files = tls.TlsFiles(tmp_path / "state")
+    files.directory.mkdir()
+    files.directory.chmod(0o770)
+    said = rf"{files.directory} is writable by group or others \(mode 0770\).*chmod go-w"
+    with pytest.raises(TlsError, match=said):
+        tls.init_ca(files)
+    assert not files.ca_key.exists()
+    # A directory above it that others may write (without the sticky bit of /tmp) too.
+    files.directory.chmod(0o700)
+    (tmp_path).chmod(0o777)
+    try:
+        with pytest.raises(TlsError, match=rf"{tmp_path} \(which holds {files.directory}\) is "
+                                           "writable by group or others"):  # fmt: skip
+            tls.init_ca(files)
+        tmp_path.chmod(0o1777)  # sticky, as /tmp: nobody renames what is ours in it
+        assert tls.init_ca(files)[0]
+    finally:
+        tmp_path.chmod(0o700)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's file")
+def test_a_ca_file_another_user_owns_or_may_write_is_refused(files):
+    os.chown(files.ca_cert, _nobody(), -1)
+    with pytest.raises(TlsError, match=rf"{files.ca_cert} is owned by uid {_nobody()}"):
+        tls.init_ca(files)
+    os.chown(files.ca_cert, os.geteuid(), -1)
+    files.ca_cert.chmod(0o666)
+    with pytest.raises(TlsError, match=rf"{files.ca_cert} is writable by group or others"):
+        tls.issue_leaf(files)
+
+
+def _plant_ca(files: tls.TlsFiles, permitted: list[x509.GeneralName] | None) -> tuple:
+    """A CA planted where the broker keeps its own: no name constraints, or ``permitted``."""
+    files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = _name("token-broker local CA (planted)")
+    now = time.time()
+    builder = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(_when(now - DAY)).not_valid_after(_when(now + 365 * DAY))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_usage(cert_sign=True), critical=True)
+    )  # fmt: skip
+    if permitted is not None:
+        builder = builder.add_extension(x509.NameConstraints(permitted, None), critical=True)
+    cert = builder.sign(key, hashes.SHA256())
+    _write(files.ca_key, _pem(key))
+    _write(files.ca_cert, _pem(cert), 0o644)
+    return key, cert
+
+
+PLANTED = {
+    "none": None,
+    "adobe too": [x509.DNSName("localhost"), x509.DNSName("adobelogin.com")],
+    "a LAN": [x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))],
+}
+
+
+@pytest.mark.parametrize("permitted", PLANTED.values(), ids=PLANTED.keys())
+def test_a_planted_ca_without_the_loopback_constraints_is_refused(
+    state, capsys, adobe, monkeypatch, permitted, serve
+):
+    """`tls init` left a planted CA alone, `tls ca --bundle` published it, and a certificate
+    it signed for ims-na1.adobelogin.com then verified against the bundle."""
+    adobe_server, system = adobe
+    monkeypatch.setattr(tls, "system_ca_bundle", lambda: (system, "the test's CA bundle"))
+    key, cert = _plant_ca(state, permitted)
+    fake = serve(*_leaf(key, cert, dns=("ims-na1.adobelogin.com",)))
+    start_over = (f"remove {state.ca_cert}, {state.ca_key}, {state.leaf} and {state.bundle}, "
+                  "run `token-broker tls init`")  # fmt: skip
+    for argv in (["tls", "init"], ["tls", "ca"], ["tls", "ca", "--bundle"]):
+        assert main(argv) == 1, argv
+        captured = capsys.readouterr()
+        assert captured.out == "", argv
+        assert f"the local CA certificate {state.ca_cert} has " in captured.err
+        assert "could vouch for any host" in captured.err and start_over in captured.err
+    assert not state.bundle.exists() and not state.leaf.exists()
+    # The daemon (`serve`) refuses it too: its certificate comes from ServerCertificate.
+    with pytest.raises(TlsError, match="could vouch for any host"):
+        tls.ServerCertificate(None, None, ["127.0.0.1"], files=state)
+    with pytest.raises(TlsError, match="could vouch for any host"):
+        tls.write_bundle(state, system)
+    with pytest.raises(TlsError, match="could vouch for any host"):
+        tls.issue_leaf(state)
+    assert "could vouch" in tls.doctor(state)[1].text
+    # The control: the bundle the old code wrote would have trusted the fake Adobe.
+    control = _write(state.directory.parent / "control.pem", system.read_bytes() + _pem(cert))
+    assert _handshake(_client(control), fake.port, "ims-na1.adobelogin.com")
+    # After starting over as the sentence says, everything works again.
+    for path in (state.ca_cert, state.ca_key):
+        path.unlink()
+    assert main(["tls", "init"]) == 0 and main(["tls", "ca", "--bundle"]) == 0
+    capsys.readouterr()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(_client(state.bundle), fake.port, "ims-na1.adobelogin.com")
+
+
+def test_a_published_ca_is_checked_before_tls_ca_prints_it(tmp_path):
+    files = tls.TlsFiles(tmp_path / "state")
+    _plant_ca(files, None)
+    with pytest.raises(TlsError, match=f"{files.ca_cert} has no name constraints"):
+        tls.published_ca(files.ca_cert)
+    tls_files = tls.TlsFiles(tmp_path / "good")
+    tls.init_ca(tls_files)
+    assert tls.published_ca(tls_files.ca_cert) == tls_files.ca_cert
+    tls_files.ca_cert.chmod(0o666)
+    with pytest.raises(TlsError, match="only its owner may change"):
+        tls.published_ca(tls_files.ca_cert)
+
+
+def test_the_ca_is_published_only_into_a_directory_only_we_may_change(files, tmp_path, adobe,
+                                                                      monkeypatch):  # fmt: skip
+    _, system = adobe
+    monkeypatch.setattr(tls, "system_ca_bundle", lambda: (system, "the test's CA bundle"))
+    cert = tls.ServerCertificate(None, None, ["127.0.0.1"], files=files)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o711)
+    cert.publish(runtime)
+    assert (runtime / "ca.crt").read_bytes() == files.ca_cert.read_bytes()
+    assert stat.S_IMODE((runtime / "ca-bundle.crt").stat().st_mode) == 0o644
+    runtime.chmod(0o777)
+    with pytest.raises(TlsError, match=f"{runtime} is writable by group or others"):
+        cert.publish(runtime)
+    runtime.chmod(0o711)
+    (runtime / "ca.crt").unlink()
+    (runtime / "ca.crt").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TlsError, match="symbolic link"):
+        cert.publish(runtime)
+    assert not (tmp_path / "elsewhere").exists()

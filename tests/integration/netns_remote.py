@@ -44,6 +44,36 @@ def test_a_remote_peer_is_served_only_with_a_client_key(start_broker, issuer):
     assert key not in broker.proc.output()
 
 
+def test_a_remote_peer_without_a_key_learns_no_name_and_no_path(start_broker, issuer, tmp_path):
+    """/metrics and /readyz named every credential, its state and the output file paths to
+    a remote peer without a key. Probes keep their status code; /metrics needs a key, as a
+    Prometheus scrape config presents it (authorization: credentials_file)."""
+    key = new_key()
+    port = free_port()
+    output = tmp_path / "secret-project.token"
+    broker = start_broker(
+        listen=(f"{REMOTE}:{port}",),
+        server="allow_remote = true",
+        extra=(f'[clients.prometheus]\nkey_sha256 = "{key_digest(key).hex()}"\n'
+               f'credentials = ["main"]\n\n[[outputs]]\ncredential = "main"\n'
+               f'path = "{output}"\n'),
+    )  # fmt: skip
+    url = f"http://{REMOTE}:{port}"
+    assert httpx.get(url + "/healthz").status_code == 200
+    ready = httpx.get(url + "/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    metrics = httpx.get(url + "/metrics")
+    assert metrics.status_code == 401 and metrics.json()["error"] == "unauthorized"
+    for answer in (ready, metrics):
+        assert "main" not in answer.text and str(output) not in answer.text
+    scraped = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert scraped.status_code == 200 and 'credential="main"' in scraped.text
+    assert str(output) in scraped.text
+    # On loopback nothing changed: probes and metrics need no key and name everything.
+    assert httpx.get(broker.url + "/readyz").json()["credentials"] == {"main": "fresh"}
+    assert 'credential="main"' in httpx.get(broker.url + "/metrics").text
+
+
 def test_without_allow_remote_a_remote_listen_is_refused(tmp_path):
     cfg = write_config(tmp_path / "c.toml", f'[server]\nlisten = ["{REMOTE}:{free_port()}"]\n')
     done = subprocess.run(

@@ -172,10 +172,12 @@ def shared_dir() -> Path:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def curl_as(user: pwd.struct_passwd | None, sock: Path, path: str) -> tuple[int, str]:
-    """GET ``path`` over the unix socket as ``user`` (None: as ourselves), with curl."""
+def curl_as(
+    user: pwd.struct_passwd | None, sock: Path, path: str, method: str = "GET"
+) -> tuple[int, str]:
+    """``method`` ``path`` over the unix socket as ``user`` (None: as ourselves), with curl."""
     command = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket", str(sock),
-               "-H", "X-Token-Broker: 1", f"http://localhost{path}"]  # fmt: skip
+               "-X", method, "-H", "X-Token-Broker: 1", f"http://localhost{path}"]  # fmt: skip
     kwargs = {}
     if user is not None:
         kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
@@ -186,7 +188,8 @@ def curl_as(user: pwd.struct_passwd | None, sock: Path, path: str) -> tuple[int,
     return int(status), body
 
 
-def test_allow_uids_and_gids_are_checked_with_so_peercred(start_broker, issuer, shared_dir):
+def _second_user() -> pwd.struct_passwd:
+    """``nobody``, to speak as a second local user (skip, or in CI fail, without one)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to act as a second local user")
     nobody = _nobody()
@@ -194,6 +197,11 @@ def test_allow_uids_and_gids_are_checked_with_so_peercred(start_broker, issuer, 
         if os.environ.get("CI") == "true":
             pytest.fail("CI must have the user nobody and curl (see .ci/run)")
         pytest.skip("no user 'nobody' or no curl on this machine")
+    return nobody
+
+
+def test_allow_uids_and_gids_are_checked_with_so_peercred(start_broker, issuer, shared_dir):
+    nobody = _second_user()
     sock = shared_dir / "broker.sock"
     extra = OTHER.format(url=issuer.url) + f"allow_gids = [{nobody.pw_gid}]\n"
     issuer.issuer.add_client("broker-client", "other-secret-value")
@@ -220,3 +228,107 @@ def test_allow_uids_and_gids_are_checked_with_so_peercred(start_broker, issuer, 
     # Over TCP nobody's user cannot be known: a restricted credential is not served there.
     tcp = httpx.get(f"{broker.url}/token/main", headers=H)
     assert tcp.status_code == 403 and "only on a unix socket" in tcp.json()["detail"]
+
+
+def test_rotate_is_for_who_may_refresh_and_not_again_within_the_cooldown(
+    start_broker, issuer, shared_dir, tmp_path
+):
+    """POST .../rotate ignored allow_uids: nobody (403 on /token and .../refresh) and any TCP
+    peer got 200, a new secret at Adobe and the old one deleted, and three back-to-back
+    calls ran three cycles. The stand-in Console is the demo issuer's."""
+    nobody = _second_user()
+    issuer.issuer.add_console("broker-client", "4711", "88301")
+    sock = shared_dir / "broker.sock"
+    cycling = (f'allow_uids = [0]\nconsole_url = "{issuer.url}"\ncredential_id = "88301"\n'
+               'console_org_id = "4711"')  # fmt: skip
+    broker = start_broker(
+        credential=cycling,
+        listen=(f"unix:{sock}",),
+        server='socket_mode = "0666"',
+        env={"XDG_STATE_HOME": str(tmp_path / "state")},
+        wait=False,
+    )
+    broker.proc.wait_healthy("http://localhost", uds=str(sock))
+    rotate = "/v1/credentials/main/rotate"
+
+    def posts() -> int:
+        return len([c for c in issuer.issuer.console_calls if c.method == "POST"])
+
+    # nobody may not read main: refused on /token, .../refresh and .../rotate alike.
+    for path, method in (("/token/main", "GET"), ("/v1/credentials/main/refresh", "POST"),
+                         (rotate, "POST")):  # fmt: skip
+        status, body = curl_as(nobody, sock, path, method)
+        assert status == 403, (path, body)
+        assert f"uid {nobody.pw_uid} may not read 'main'" in body and "secret_cycling" not in body
+    # Over TCP the user is unknown: refused as the token is.
+    tcp = httpx.post(broker.url + rotate, headers=H)
+    assert tcp.status_code == 403 and "only on a unix socket" in tcp.json()["detail"]
+    assert posts() == 0 and len(issuer.issuer.secrets_of("broker-client")) == 1
+    # root may read it, and cycles once; asking again at once is a 429 that says when.
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60) as root:
+        first = root.post("http://localhost" + rotate, headers=H)
+        assert first.status_code == 200, first.text
+        assert first.json()["outcome"] == "success" and first.json()["status"]["name"] == "main"
+        for _ in range(2):
+            again = root.post("http://localhost" + rotate, headers=H)
+            assert again.status_code == 429, again.text
+            assert again.json()["error"] == "rotate_cooldown"
+            assert 590 <= int(again.headers["retry-after"]) <= 600
+            detail = again.json()["detail"]
+            assert "the last secret cycle ran at " in detail and "may be asked for from" in detail
+    assert posts() == 1 and len(issuer.issuer.secrets_of("broker-client")) == 1
+    metrics = httpx.get(broker.url + "/metrics").text
+    assert 'token_broker_secret_rotations_total{credential="main",outcome="success"} 1' in metrics
+
+
+class _AnyToken(set):  # type: ignore[type-arg]
+    """An issuer ``hold`` that holds every token request, whatever the secret's uuid."""
+
+    def __contains__(self, event: object) -> bool:
+        return str(event).startswith("TOKEN:")
+
+
+def test_a_key_removed_by_a_reload_is_refused_to_a_request_waiting_on_a_token(start_broker, issuer):
+    """Authenticated when it arrived, a request then waited for a token; a reload removed
+    its key meanwhile. It got the token: now the answer is made under the rules in force."""
+    from rawhttp import RawRequest
+
+    key, replaced, admin = new_key(), new_key(), new_key()
+    issuer.issuer.hold = _AnyToken()  # the first token is on its way until released
+
+    def auth(key: str) -> dict[str, str]:
+        return {**H, "Authorization": f"Bearer {key}"}
+
+    broker = start_broker(
+        extra=clients_toml(reader=(key, ["main"]), admin=(admin, ["*"])), wait=False
+    )
+    try:
+        broker.proc.wait_healthy(broker.url)
+        wait_for(lambda: issuer.issuer.held, what="the first token request, held")
+        head = ("{} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Token-Broker: 1\r\nContent-Length: 0\r\n"
+                f"Authorization: Bearer {key}\r\nConnection: close\r\n\r\n")  # fmt: skip
+        waiting = [
+            RawRequest(broker.port, head.format(line))
+            for line in (
+                "GET /token/main",
+                "GET /v1/credentials/main/token",
+                "POST /v1/credentials/main/refresh",
+            )  # fmt: skip
+        ]
+        # After them on the same event loop: their heads are in, and they wait.
+        assert httpx.get(broker.url + "/v1/credentials", headers=auth(key)).status_code == 200
+        # `token-broker client add reader --replace`, and the reload it asks for.
+        cfg = broker.proc.config
+        cfg.write_text(cfg.read_text().replace(key_digest(key).hex(), key_digest(replaced).hex()))
+        reloaded = httpx.post(broker.url + "/v1/reload", headers=auth(admin))
+        assert reloaded.status_code == 200, reloaded.text
+    finally:
+        issuer.issuer.hold = set()
+        issuer.issuer.release()
+    token = httpx.get(broker.url + "/token/main", headers=auth(replaced)).text
+    for request in waiting:
+        status, headers, body = request.answer()
+        assert (status, body.get("error")) == (401, "unauthorized"), (status, body)
+        assert token not in json.dumps(body) and headers["www-authenticate"].startswith("Bearer")
+    metrics = httpx.get(broker.url + "/metrics").text
+    assert 'token_broker_rejected_requests_total{reason="bad_key"} 3' in metrics

@@ -47,8 +47,9 @@ class Broker:
     tmp: Path
     secret_ref: str
     env: dict[str, str]
-    every: str = "3s"
+    every: str = "3s"  # "": no rotate_every
     verify: str = "20s"
+    ims: bool = True  # an IMS-compatible listener (its local CA lives in the state directory)
     port: int = field(default_factory=free_port)
     ims_port: int = field(default_factory=free_port)
     key: str = field(default_factory=new_key)
@@ -59,11 +60,13 @@ class Broker:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**self.env, "XDG_STATE_HOME": str(self.tmp / "state")}
         digest = hashlib.sha256(self.key.encode()).hexdigest()
+        ims = f'ims_listen = ["127.0.0.1:{self.ims_port}"]' if self.ims else ""
+        every = f'rotate_every = "{self.every}"' if self.every else ""
         self.config = self.tmp / "config.toml"
         self.config.write_text(f"""
 [server]
 listen = ["127.0.0.1:{self.port}"]
-ims_listen = ["127.0.0.1:{self.ims_port}"]
+{ims}
 
 [refresh]
 force_cooldown = "0s"
@@ -78,7 +81,7 @@ ims_url = "{self.issuer.url}"
 console_url = "{self.issuer.url}"
 credential_id = "{CRED_ID}"
 console_org_id = "{CONSOLE_ORG}"
-rotate_every = "{self.every}"
+{every}
 rotate_verify = "{self.verify}"
 
 [clients.app]
@@ -296,13 +299,13 @@ def settled(broker: Broker, issuer: IssuerThread) -> bool:
     return broker.state().get("step", "x") is None and len(at_adobe(issuer)) == 1
 
 
-def file_broker(issuer: IssuerThread, tmp_path: Path, **kw: str) -> tuple[Broker, Path]:
+def file_broker(issuer: IssuerThread, tmp_path: Path, **kw: object) -> tuple[Broker, Path]:
     secret = new_secret()
     issuer.issuer.add_client(CLIENT, secret)
     secret_file = tmp_path / "adobe.secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
-    return Broker(issuer, tmp_path, f"file:{secret_file}", {}, **kw), secret_file
+    return Broker(issuer, tmp_path, f"file:{secret_file}", {}, **kw), secret_file  # type: ignore[arg-type]
 
 
 def stored(secret_file: Path) -> list[str]:
@@ -445,6 +448,15 @@ def test_rotate_auto_asks_the_daemon_or_runs_here(cycling_issuer, tmp_path):
         # The daemon serves a token of the new secret at once.
         token = broker.get("/token").text
         assert issuer.issuer.minted[token].secret_uuid == answer["new"]
+        # Asked again at once: the daemon refuses (each cycle creates and deletes a secret
+        # at Adobe) and the command says so, and when it may be asked again.
+        again = subprocess.run(cmd, env={**env, "TOKEN_BROKER_CLIENT_KEY": broker.key},
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert again.returncode == 1 and again.stdout == ""
+        assert again.stderr.startswith("token-broker: main was not cycled: credential 'main': "
+                                       "the last secret cycle ran at "), again.stderr  # fmt: skip
+        assert "may be asked for from" in again.stderr
+        assert list(at_adobe(issuer).values()) == [after]
         broker.stop()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -517,3 +529,51 @@ def _get(url: str) -> int:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's directory")
+def test_a_state_directory_another_user_made_deletes_nothing(cycling_issuer, tmp_path):
+    """The state directory pre-created by another user (0777), a two-field state file
+    planted in it, no rotate_every: the daemon "resumed" the cycle at start and deleted its
+    own secret at Adobe, and every refresh then failed with invalid_client."""
+    import pwd
+
+    issuer = cycling_issuer
+    nobody = pwd.getpwnam("nobody").pw_uid
+    state = tmp_path / "state" / "token-broker"
+    (state / "cycling").mkdir(parents=True)
+    planted = state / "cycling" / "main.json"
+    planted.write_text(json.dumps({"credential_id": CRED_ID, "step": "adding"}))
+    for path, mode in ((state, 0o777), (state / "cycling", 0o777), (planted, 0o666)):
+        os.chown(path, nobody, nobody)
+        path.chmod(mode)
+    refused = f"{state} is owned by uid {nobody}, not by this user (uid 0)"
+    broker, secret_file = file_broker(issuer, tmp_path, every="", ims=False)
+    original = secret_file.read_text().strip()
+    admin = {**HEADERS, "Authorization": f"Bearer {broker.key}"}
+    broker.start()
+    try:
+        # It serves tokens and refuses to cycle from there, saying why, and deletes nothing.
+        output = broker.proc.output  # type: ignore[union-attr]
+        wait_for(lambda: refused in output() or issuer.issuer.console_calls,
+                 what="the refusal in the log")  # fmt: skip
+        assert issuer.issuer.console_calls == []
+        assert f"chown 0 {state}" in output()
+        status = broker.get("/v1/credentials/main").json()["secret_cycling"]
+        assert refused in status["last_error"]["detail"]
+        forced = httpx.post(broker.url + "/v1/credentials/main/refresh", headers=admin)
+        assert forced.status_code == 200, forced.text
+        assert broker.get("/token").status_code == 200
+        asked = httpx.post(broker.url + "/v1/credentials/main/rotate", headers=admin)
+        assert asked.status_code == 502 and refused in asked.json()["detail"]
+        assert list(at_adobe(issuer).values()) == [original] == stored(secret_file)
+        assert issuer.issuer.console_calls == []
+    finally:
+        assert_nothing_leaked(broker, issuer)
+    # With an IMS listener the local CA would live there too: serve refuses to start.
+    broker = Broker(issuer, tmp_path, f"file:{secret_file}", {}, every="", ims=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(broker.config)],
+        env={**os.environ, **broker.env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and refused in done.stderr, done.stderr

@@ -392,3 +392,94 @@ def test_the_user_sync_tool_section_followed_as_written(issuer, tmp_path):
     assert down.returncode == 7 and "Failed to connect" in down.stderr
     assert key not in proc.output() and secret not in proc.output()
     assert os.environ.get("REQUESTS_CA_BUNDLE") != bundle  # nothing leaked into the tests
+
+
+def test_a_key_removed_by_a_reload_is_refused_to_a_request_sent_before_it(start_broker, tmp_path):
+    """The head of a request (and so the request) arrived before the reload that removed
+    its key; its form with the key arrives after. It was answered 200 under the old
+    settings for up to header_timeout: now the key is judged when the answer is made."""
+    import os
+    import signal
+    from urllib.parse import urlencode
+
+    from rawhttp import RawRequest
+
+    ims = start_ims(start_broker, tmp_path, extra_server='header_timeout = "60s"')
+    context = ssl.create_default_context(cafile=ims.ca())
+    body = urlencode(ims.form()).encode()
+    head = (f"POST /ims/token/v3 HTTP/1.1\r\nHost: 127.0.0.1:{ims.port}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    waiting = RawRequest(ims.port, head, context=context)
+    with ims.client() as c:  # after it on the same event loop: the head above is in
+        assert c.post("/ims/token/v3", data=ims.form()).status_code == 200
+    # `token-broker client add ust --replace`: the old key goes, by a reload.
+    config = ims.broker.proc.config  # type: ignore[attr-defined]
+    new_key_ = new_key()
+    digest = hashlib.sha256(ims.key.encode()).hexdigest()
+    new_digest = hashlib.sha256(new_key_.encode()).hexdigest()
+    config.write_text(config.read_text().replace(digest, new_digest))
+    os.kill(ims.broker.proc.proc.pid, signal.SIGHUP)  # type: ignore[attr-defined]
+    main = ims.broker.url + "/token"  # type: ignore[attr-defined]
+    wait_for(lambda: httpx.get(main, headers={**HEADERS, "Authorization": f"Bearer {ims.key}"})
+             .status_code == 401, what="the reload")  # fmt: skip
+    waiting.send(body)
+    status, _, answer = waiting.answer()
+    assert (status, answer.get("error")) == (401, "invalid_client"), (status, list(answer))
+    assert "access_token" not in answer
+    with ims.client() as c:
+        assert c.post("/ims/token/v3", data=ims.form(client_secret=new_key_)).status_code == 200
+
+
+def test_serve_refuses_a_planted_ca_without_the_loopback_constraints(tmp_path):
+    """A CA planted where the broker keeps its own, with no name constraints: `serve` used
+    it for ims_listen (and published it); now it stops with how to start over."""
+    import datetime
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    state = tmp_path / "state" / "token-broker"
+    state.mkdir(parents=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-broker local CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 - as helpers.py
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (state / "ca.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    (state / "ca.key").chmod(0o600)
+    (state / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    digest = hashlib.sha256(new_key().encode()).hexdigest()
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[server]
+listen = ["127.0.0.1:{free_port()}"]
+ims_listen = ["127.0.0.1:{free_port()}"]
+[credentials.main]
+provider = "adobe"
+client_id = "broker-client"
+secret = "env:TB_SECRET"
+[clients.ust]
+key_sha256 = "{digest}"
+credentials = ["main"]
+""")
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TB_SECRET": "x" * 20},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"the local CA certificate {state / 'ca.crt'} has no name constraints" in done.stderr
+    assert f"remove {state / 'ca.crt'}, {state / 'ca.key'}" in done.stderr
+    assert not (state / "leaf.pem").exists() and not (state / "ca-bundle.crt").exists()

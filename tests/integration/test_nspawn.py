@@ -13,6 +13,7 @@ machine, seconds afterwards); needs root, debootstrap and systemd-container.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -123,6 +124,52 @@ systemctl poweroff
 """
 
 
+# What the shipped unit's StateDirectory= and RuntimeDirectory= give under DynamicUser=
+# (/var/lib/NAME a link into /var/lib/private, 0700 and owned by the dynamic user): the
+# daemon trusts its directories only when no other user can change them, so the local CA,
+# its publication in /run and the cycling state must work there. The probe runs in the
+# shipped unit's own sandbox (the file itself, with its command replaced), with directories
+# of its own so that it does not race the real service for them.
+TLS_PROBE_SCRIPT = """
+import json, os
+from pathlib import Path
+from broker import files, tls
+from broker.console import CycleState, StateFile
+out = {"uid": os.geteuid(), "state": str(files.state_dir())}
+try:
+    cert = tls.ServerCertificate(None, None, ["127.0.0.1"])
+    cert.publish(Path(os.environ["RUNTIME_DIRECTORY"]))
+    cycling = StateFile(files.state_dir(), "adobe")
+    with cycling.locked():
+        cycling.save(CycleState("4711"))
+    out["cycling"] = cycling.load("4711").credential_id
+    out["published"] = sorted(os.listdir(os.environ["RUNTIME_DIRECTORY"]))
+    out["checks"] = [c.ok for c in tls.doctor(cert.files)]
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+"""
+
+
+def tls_probe_unit() -> str:
+    """systemd/token-broker.service with the probe as its command (and its own directories)."""
+    lines = ["[Unit]", "Description=the local CA in the shipped unit's sandbox",
+             "Before=probe.service"]  # fmt: skip
+    shipped = (ROOT / "systemd" / "token-broker.service").read_text()
+    service = shipped.split("\n[Service]\n", 1)[1].split("\n[Install]\n", 1)[0]
+    for line in service.splitlines():
+        name = line.partition("=")[0]
+        if name in ("Type", "NotifyAccess", "ExecStart", "ExecReload", "Restart", "RestartSec",
+                    "WatchdogSec", "LoadCredentialEncrypted", "LoadCredential"):  # fmt: skip
+            continue
+        if name in ("StateDirectory", "RuntimeDirectory"):
+            line += "-probe"
+        lines.append(line)
+    lines[3:3] = ["[Service]", "Type=oneshot", "StandardOutput=file:/results/tls",
+                  "ExecStart=/opt/token-broker/bin/python /usr/local/sbin/tlsprobe.py"]  # fmt: skip
+    return "\n".join([*lines, "[Install]", "WantedBy=multi-user.target", ""])
+
+
 def _chroot() -> str:
     return shutil.which("chroot") or "/usr/sbin/chroot"
 
@@ -178,12 +225,15 @@ def _prepare() -> None:
     (units / "setup.service").write_text(SETUP)
     (units / "probe.service").write_text(PROBE)
     (units / "reader.service").write_text(READER)
+    (units / "tlsprobe.service").write_text(tls_probe_unit())
+    (ROOTFS / "usr/local/sbin/tlsprobe.py").write_text(TLS_PROBE_SCRIPT)
     (ROOTFS / "usr/local/sbin/probe").write_text(PROBE_SCRIPT)
     wants = units / "multi-user.target.wants"
     wants.mkdir(exist_ok=True)
     for stale in wants.glob("token-broker*"):
         stale.unlink()
-    for name in ("issuer.service", "setup.service", "reader.service", "probe.service"):
+    for name in ("issuer.service", "setup.service", "reader.service", "probe.service",
+                 "tlsprobe.service"):  # fmt: skip
         link = wants / name
         link.unlink(missing_ok=True)
         link.symlink_to(f"/etc/systemd/system/{name}")
@@ -253,3 +303,15 @@ def test_another_account_in_the_group_reads_the_token_file(booted: Path):
     assert read.startswith("demo-"), (booted / "reader.err").read_text()
     # The reader ran before the probe's request: the file held the token then served.
     assert read == token or read.startswith("demo-")
+
+
+def test_the_local_ca_and_the_cycling_state_work_in_the_units_own_directories(booted: Path):
+    """The daemon refuses a state or runtime directory another user could change; what the
+    shipped unit gives (StateDirectory= 0700 of the dynamic user, reached through the link
+    /var/lib/NAME, RuntimeDirectory= 0711) is trusted: CA, leaf, bundle, publication in /run,
+    cycling state."""
+    found = json.loads((booted / "tls").read_text())
+    assert "error" not in found, found
+    assert found["uid"] != 0 and found["state"] == "/var/lib/token-broker-probe", found
+    assert found["published"] == ["ca-bundle.crt", "ca.crt"] and found["cycling"] == "4711"
+    assert found["checks"] == [True, True, True, True], found

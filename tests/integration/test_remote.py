@@ -32,4 +32,4 @@ def test_remote_peers_need_allow_remote_and_a_client_key():
         cwd=HERE.parent.parent,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "3 passed" in done.stdout, done.stdout
+    assert "4 passed" in done.stdout, done.stdout
