@@ -258,3 +258,66 @@ def test_the_leaf_is_renewed_without_a_restart_and_serving_goes_on(start_broker,
         worker.join()
     assert second != first and failures == [] and served > 10
     assert "new leaf certificate" in ims.broker.proc.output()  # type: ignore[attr-defined]
+
+
+def _raw(sock: socket.socket, request: bytes) -> bytes:
+    """Send ``request``; the broker's whole first answer (or what came within 5 s)."""
+    import re
+
+    sock.settimeout(5)
+    sock.sendall(request)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+            if sep and length and len(body) >= int(length.group(1)):
+                break  # a whole answer, kept alive or not
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def test_http_1_1_framing_and_host_rules_on_both_listeners(ims):
+    """RFC 9112 §6.3 and §3.2, RFC 9110 §4.2.4, over raw sockets: a Transfer-Encoding that
+    does not end in chunked, an absolute-form target with userinfo, without Host or with
+    a malformed Host: 400 and closed, on the main listener and the IMS one alike."""
+    main = ims.broker.port  # type: ignore[attr-defined]
+    auth = f"X-Token-Broker: 1\r\nAuthorization: Bearer {ims.key}\r\n".encode()
+    form = "&".join(f"{k}={v}" for k, v in ims.form().items()).encode()
+    body = (b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n" % len(form))  # fmt: skip
+    tricks = [  # (target, header lines)
+        (b"/T", b"Host: localhost\r\nTransfer-Encoding: identity\r\n"),
+        (b"http://user@localhost:P/T", b"Host: localhost\r\n"),
+        (b"http://localhost:P/T", b""),
+        (b"http://localhost:P/T", b"Host: user@localhost\r\n"),
+    ]
+    context = ssl.create_default_context(cafile=ims.ca())
+    bearer = {**HEADERS, "Authorization": f"Bearer {ims.key}"}
+    token = httpx.get(ims.broker.url + "/token", headers=bearer).text.encode()  # type: ignore[attr-defined]
+
+    def connect(port: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if port == main:
+            return sock
+        return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+    for port, method, path, extra, tail in (
+        (main, b"GET", b"/token", auth, b""),
+        (ims.port, b"POST", b"/ims/token/v3", body, form),
+    ):
+        ok = b"http://localhost:%d%s" % (port, path)
+        with connect(port) as sock:  # the same target, well formed: served
+            answer = _raw(sock, method + b" " + ok + b" HTTP/1.1\r\nHost: localhost\r\n" + extra
+                          + b"\r\n" + tail)  # fmt: skip
+        assert answer.startswith(b"HTTP/1.1 200 ") and token in answer, answer[:300]
+        for target, lines in tricks:
+            target = target.replace(b"P", b"%d" % port).replace(b"/T", path)
+            with connect(port) as sock:
+                answer = _raw(sock, method + b" " + target + b" HTTP/1.1\r\n" + lines + extra
+                              + b"\r\n" + tail)  # fmt: skip
+            assert answer.startswith(b"HTTP/1.1 400 "), (port, target, lines, answer[:300])
+            assert b"connection: close" in answer.lower(), answer[:300]
+            assert token not in answer
