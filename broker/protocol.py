@@ -39,6 +39,10 @@ attribute tests (no timer, no counting):
 * **Forms, bounded** (:class:`FormProtocol`, a listener that reads a small
   body): the body needs a ``Content-Length`` of at most ``max_body`` (no
   chunked bodies, so no trailers either) and must arrive within the deadline.
+* **A connection cap per listener** is kept by :mod:`broker.connections`, which
+  makes these protocols: a connection tells its listener when it is gone, and
+  says whether it is idle (open, between requests) so that a listener at its cap
+  may close it to make room.
 
 A refusal is written after the responses to earlier pipelined requests. The
 HTTP version (RFC 9112 requires one in the request line) and duplicate headers
@@ -55,13 +59,16 @@ import asyncio
 import re
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from broker.access import PEER, Peer
 from broker.guards import valid_host
+
+if TYPE_CHECKING:
+    from broker.connections import Listener
 
 MAX_HEADER_BYTES = 32 * 1024
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
@@ -122,6 +129,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_body: int = 0  # this listener reads no request body
     #: Where a request is once its headers are in: complete (no body follows).
     _after_head = _IDLE
+    #: The listener whose cap this connection counts against (set by it, see
+    #: :mod:`broker.connections`); None when driven without one (tests).
+    listener: Listener | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -139,7 +149,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.listener is not None:
+            self.listener.release(self)
         super().connection_lost(exc)
+
+    def idle(self) -> bool:
+        """Open, between requests, nothing owed: a listener at its cap may close it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._phase != _IDLE:
+            return False
+        return self.cycle is None or (self.cycle.response_complete and not self.pipeline)
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, with the refusals of this class answered as such.

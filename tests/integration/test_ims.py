@@ -260,6 +260,59 @@ def test_the_leaf_is_renewed_without_a_restart_and_serving_goes_on(start_broker,
     assert "new leaf certificate" in ims.broker.proc.output()  # type: ignore[attr-defined]
 
 
+def _handshake(port: int, context: ssl.SSLContext) -> None:
+    """One TLS handshake with the broker that must fail on the client's side too."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_failed_handshakes_are_logged_and_counted_by_reason(ims, api):
+    """A User Sync Tool without the broker's CA leaves a trace: an info line with the peer
+    and the reason, and a count by reason; so do a TLS 1.1 client and one with no cipher
+    in common with the broker (whose key is EC: RSA-only suites cannot be served)."""
+    import re
+    import warnings
+
+    with Umapi() as umapi:  # requests' own trust store: the broker's CA is not in it
+        umapi.result("connect", org=ORG, endpoint=api.endpoint, auth="s2s",
+                     client_id="broker-client", client_secret=ims.key,
+                     auth_host=f"127.0.0.1:{ims.port}")  # fmt: skip
+        assert umapi.call("auth_token")["error"] == "SSLError"
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1: that is the point
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    _handshake(ims.port, old)
+    rsa = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    rsa.check_hostname, rsa.verify_mode = False, ssl.CERT_NONE
+    rsa.maximum_version = ssl.TLSVersion.TLSv1_2
+    rsa.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:AES128-SHA")
+    _handshake(ims.port, rsa)
+    out = ims.broker.proc.output  # type: ignore[attr-defined]
+    for reason in ("unknown_ca", "protocol_version", "no_shared_cipher"):
+        line = wait_for(
+            lambda r=reason: re.search(
+                rf"INFO broker\.connections: TLS handshake from 127\.0\.0\.1:\d+ on "
+                rf"127\.0\.0\.1:{ims.port} failed: {r}: .*", out()),
+            what=f"the {reason} line",
+        )  # fmt: skip
+        if reason == "unknown_ca":
+            assert "token-broker tls ca --bundle" in line.group(0)
+    metrics = httpx.get(ims.broker.url + "/metrics").text  # type: ignore[attr-defined]
+    for reason in ("unknown_ca", "protocol_version", "no_shared_cipher"):
+        series = (
+            f'token_broker_tls_handshake_failures_total{{listener="127.0.0.1:{ims.port}",'
+            f'reason="{reason}"}} '
+        )
+        assert series in metrics, metrics
+    # And the listener goes on serving a client that trusts the CA.
+    with ims.client() as c:
+        assert c.post("/ims/token/v3", data=ims.form()).status_code == 200
+
+
 def _raw(sock: socket.socket, request: bytes) -> bytes:
     """Send ``request``; the broker's whole first answer (or what came within 5 s)."""
     import re
