@@ -1,6 +1,6 @@
 """Hot-path benchmark: the broker beside a bare-ASGI baseline, in one run.
 
-Usage: python bench/bench.py [--duration 10] [--pairs 3] [--idle 60] [--quick]
+Usage: python bench/bench.py [--duration 10] [--pairs 3] [--idle 60] [--quick] [--only STEP...]
 
 Servers are pinned to core 0 and wrk to core 1 (taskset). Each figure of the
 performance issue is printed in one table at the end. Needs `wrk` (Debian
@@ -297,6 +297,57 @@ def ims(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -
         issuer.stop()
 
 
+def callgrind(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    """Instructions per warm GET /token over keep-alive, counted by callgrind: the one
+    figure the machine's noise does not move, so it shows what a change costs per request.
+
+    The broker runs under valgrind with collection off; 200 warm-up requests on one
+    keep-alive connection, then collection on for 2,000 more (``callgrind_control -i``).
+    """
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        rows.append(("instructions per warm GET /token (callgrind)", "not measured: no valgrind",
+                     "-"))  # fmt: skip
+        return
+    issuer = start_issuer()
+    port = free_port()
+    config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-cg")
+    out = tmp / "callgrind.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+         sys.executable, "-m", "broker", "serve", "--config", str(config)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    request = b"GET /token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Token-Broker: 1\r\n\r\n"
+    count = 2000
+    try:
+        wait_ready(port, timeout=300)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+
+            def ask(n: int) -> None:
+                for _ in range(n):
+                    sock.sendall(request)
+                    answer = b""
+                    while len(answer.partition(b"\r\n\r\n")[2]) < TOKEN_BYTES:
+                        answer += sock.recv(65536)
+
+            ask(200)
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)],
+                           check=True, capture_output=True)  # fmt: skip
+            ask(count)
+            subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)],
+                           check=True, capture_output=True)  # fmt: skip
+    finally:
+        stop(proc)
+        issuer.stop()
+    total = 0
+    for dump in tmp.glob("callgrind.out*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("totals:", "summary:")):
+                total = max(total, int(line.split()[1]))
+    rows.append((f"instructions per warm GET /token (callgrind, {count:,} over keep-alive)",
+                 f"{total / count / 1000:.1f}k", "-"))  # fmt: skip
+
+
 def keyring_rss(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
     """RSS with the secret in a real Secret Service (gnome-keyring on a private bus)."""
     from secret_service import SecretServiceSession, missing_programs
@@ -511,7 +562,17 @@ def main() -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        default=["throughput", "keyring", "herds", "startup", "idle", "many", "client", "ims"],
+        default=[
+            "throughput",
+            "callgrind",
+            "keyring",
+            "herds",
+            "startup",
+            "idle",
+            "many",
+            "client",
+            "ims",
+        ],
     )
     args = parser.parse_args()
     if args.quick:
@@ -522,7 +583,8 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
     rows: list[tuple[str, str, str]] = []
-    steps = {"throughput": throughput, "keyring": keyring_rss, "herds": herds,
+    steps = {"throughput": throughput, "callgrind": callgrind, "keyring": keyring_rss,
+             "herds": herds,
              "startup": startup, "idle": idle, "many": many, "ims": ims,
              "client": client_cache}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
