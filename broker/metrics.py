@@ -202,13 +202,15 @@ def _connections(
         lines.append(f'token_broker_connection_limit{{listener="{_label(name)}"}} {limit}')
     family("token_broker_refused_connections_total", "counter",
            "Connections refused because the listener held its limit, none idle.")  # fmt: skip
-    for name, n in sorted(counters.refused_connections.items()):
+    listeners = sorted(counters.connection_limits)  # every listener, from 0 on
+    for name in listeners:
+        n = counters.refused_connections[name]
         lines.append(f'token_broker_refused_connections_total{{listener="{_label(name)}"}} {n}')
     family("token_broker_idle_connections_closed_total", "counter",
            "Idle keep-alive connections closed to make room at the limit.")  # fmt: skip
-    for name, n in sorted(counters.idle_closed.items()):
+    for name in listeners:
         series = "token_broker_idle_connections_closed_total"
-        lines.append(f'{series}{{listener="{_label(name)}"}} {n}')
+        lines.append(f'{series}{{listener="{_label(name)}"}} {counters.idle_closed[name]}')
     family("token_broker_tls_handshake_failures_total", "counter",
            "TLS handshakes that failed, by reason.")  # fmt: skip
     for (name, reason), n in sorted(counters.handshake_failures.items()):

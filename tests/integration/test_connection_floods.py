@@ -110,6 +110,14 @@ def test_a_flood_of_idle_connections_to_the_ims_port_leaves_the_main_listener_se
     )
     assert len(logged) == 1, out  # rate-limited: one line for the lot
     assert out.count("refused: ") == 1, out
+    # Every connection series the README lists is exposed, with a value per listener.
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("Connections, per listening socket", 1)[1].split("\n\n", 2)[1]
+    listed = re.findall(r"^\| `(token_broker_\w+)` \| (\w+) \|", table, re.M)
+    assert len(listed) == 5
+    text = httpx.get(broker.url + "/metrics").text
+    for name, kind in listed:
+        assert f"# TYPE {name} {kind}" in text and re.search(rf"^{name}{{listener=", text, re.M)
     # And the IMS listener serves again once the flood is gone.
     ca = subprocess.run(
         [sys.executable, "-m", "broker", "tls", "ca"], capture_output=True, text=True,
