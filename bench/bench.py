@@ -1,6 +1,7 @@
 """Hot-path benchmark: the broker beside a bare-ASGI baseline, in one run.
 
 Usage: python bench/bench.py [--duration 10] [--pairs 3] [--idle 60] [--quick] [--only STEP...]
+       [--against PYTHON]   (the "ab" step: this tree's broker beside another venv's)
 
 Servers are pinned to core 0 and wrk to core 1 (taskset). Each figure of the
 performance issue is printed in one table at the end. Needs `wrk` (Debian
@@ -94,11 +95,11 @@ def write_config(
 
 
 def start_broker(
-    config: Path, port: int, env: dict[str, str] | None = None
+    config: Path, port: int, env: dict[str, str] | None = None, python: str = sys.executable
 ) -> tuple[subprocess.Popen[bytes], float]:
     started = time.perf_counter()
     proc = subprocess.Popen(
-        pinned([sys.executable, "-m", "broker", "serve", "--config", str(config)]),
+        pinned([python, "-m", "broker", "serve", "--config", str(config)]),
         stderr=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
     )
@@ -295,6 +296,54 @@ def ims(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -
         stop(broker)
         stop(without)
         issuer.stop()
+
+
+def ab(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    """Two brokers side by side, both up at once: the one this interpreter imports and the
+    one ``--against PYTHON`` imports (another tree's venv), GET /token in interleaved
+    runs whose order flips every pair, so both see the shared machine's same drift.
+
+    Run it from a directory outside both trees, so that ``-m broker`` finds each venv's
+    own installed copy.
+    """
+    if not args.against:
+        rows.append(("A/B against another tree", "not measured: give --against PYTHON", "-"))
+        return
+    issuer = start_issuer()
+    started = []
+    try:
+        for python in (args.against, sys.executable):
+            port = free_port()
+            config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-ab")
+            own = config.rename(tmp / f"config-ab-{len(started)}.toml")
+            proc, _ = start_broker(own, port, python=python)
+            started.append((proc, port))
+        for _, port in started:
+            wait_ready(port)
+            wrk(port, "/token", 50, 2)
+        runs: list[tuple[dict[str, float], dict[str, float]]] = []
+        for i in range(args.pairs):
+            order = started if i % 2 == 0 else started[::-1]
+            got = {port: wrk(port, "/token", 50, args.duration) for _, port in order}
+            other, this = (got[port] for _, port in started)
+            runs.append((other, this))
+            print(f"  pair: --against {other['rps']:8.0f} req/s p99 {other['p99']:.2f} ms   "
+                  f"this {this['rps']:8.0f} req/s p99 {this['p99']:.2f} ms   "
+                  f"ratio {this['rps'] / other['rps']:.2f}", flush=True)  # fmt: skip
+    finally:
+        for proc, _ in started:
+            stop(proc)
+        issuer.stop()
+    ratio = statistics.median(t["rps"] / o["rps"] for o, t in runs)
+    rows += [
+        ("A/B GET /token req/s, --against / this (medians)",
+         f"{statistics.median(o['rps'] for o, _ in runs):.0f} / "
+         f"{statistics.median(t['rps'] for _, t in runs):.0f}", "-"),
+        ("A/B GET /token p99, --against / this (medians)",
+         f"{statistics.median(o['p99'] for o, _ in runs):.2f} / "
+         f"{statistics.median(t['p99'] for _, t in runs):.2f} ms", "-"),
+        ("A/B this / --against (median of pairs)", f"{ratio:.2f}x", "~1.00x"),
+    ]  # fmt: skip
 
 
 def callgrind(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
@@ -560,6 +609,10 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
     parser.add_argument("--quick", action="store_true", help="short runs, to try the script")
     parser.add_argument(
+        "--against", metavar="PYTHON",
+        help="the ab step: the interpreter of another tree's venv, whose broker is compared",
+    )  # fmt: skip
+    parser.add_argument(
         "--only",
         nargs="*",
         default=[
@@ -583,7 +636,7 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
     rows: list[tuple[str, str, str]] = []
-    steps = {"throughput": throughput, "callgrind": callgrind, "keyring": keyring_rss,
+    steps = {"throughput": throughput, "ab": ab, "callgrind": callgrind, "keyring": keyring_rss,
              "herds": herds,
              "startup": startup, "idle": idle, "many": many, "ims": ims,
              "client": client_cache}  # fmt: skip
