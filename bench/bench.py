@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -299,9 +300,11 @@ def ims(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -
 
 
 def ab(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
-    """Two brokers side by side, both up at once: the one this interpreter imports and the
-    one ``--against PYTHON`` imports (another tree's venv), GET /token in interleaved
-    runs whose order flips every pair, so both see the shared machine's same drift.
+    """Two trees' brokers side by side, both up at once: the one this interpreter imports
+    and the one ``--against PYTHON`` imports (another tree's venv). Runs are interleaved
+    and their order flips every pair, so both see the shared machine's same drift:
+    GET /token on a default config, then POST /ims/token/v3 over TLS (keep-alive, and a
+    new connection per request) on a pair configured with ``ims_listen``.
 
     Run it from a directory outside both trees, so that ``-m broker`` finds each venv's
     own installed copy.
@@ -310,39 +313,94 @@ def ab(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) ->
         rows.append(("A/B against another tree", "not measured: give --against PYTHON", "-"))
         return
     issuer = start_issuer()
-    started = []
     try:
-        for python in (args.against, sys.executable):
-            port = free_port()
-            config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-ab")
-            own = config.rename(tmp / f"config-ab-{len(started)}.toml")
-            proc, _ = start_broker(own, port, python=python)
-            started.append((proc, port))
-        for _, port in started:
-            wait_ready(port)
-            wrk(port, "/token", 50, 2)
-        runs: list[tuple[dict[str, float], dict[str, float]]] = []
-        for i in range(args.pairs):
-            order = started if i % 2 == 0 else started[::-1]
-            got = {port: wrk(port, "/token", 50, args.duration) for _, port in order}
-            other, this = (got[port] for _, port in started)
-            runs.append((other, this))
-            print(f"  pair: --against {other['rps']:8.0f} req/s p99 {other['p99']:.2f} ms   "
-                  f"this {this['rps']:8.0f} req/s p99 {this['p99']:.2f} ms   "
-                  f"ratio {this['rps'] / other['rps']:.2f}", flush=True)  # fmt: skip
+        plain = _pair(tmp, issuer, "ab", args.against)
+        try:
+            _ab_runs(args, rows, "GET /token, 50 conns", [p for _, p in plain], "/token", 50)
+        finally:
+            for proc, _ in plain:
+                stop(proc)
+        pair = _pair(tmp, issuer, "ab-ims", args.against, ims=True)
+        try:
+            ports = [p for _, p in pair]
+            for name, conns in (("keep", 50), ("close", 10)):
+                what = ("POST /ims/token/v3, TLS keep-alive, 50 conns" if name == "keep" else
+                        "POST /ims/token/v3, new TLS connection each, 10 conns")  # fmt: skip
+                _ab_runs(args, rows, what, ports, "/ims/token/v3", conns,
+                         scheme="https", script=tmp / f"ims-{name}.lua")  # fmt: skip
+        finally:
+            for proc, _ in pair:
+                stop(proc)
     finally:
-        for proc, _ in started:
-            stop(proc)
         issuer.stop()
+
+
+def _pair(
+    tmp: Path, issuer: IssuerThread, name: str, against: str, *, ims: bool = False
+) -> list[tuple[subprocess.Popen[bytes], int]]:
+    """The other tree's broker and this one's, ready; with ``ims``, their IMS ports."""
+    import hashlib
+
+    started = []
+    key = "tbk_" + "b" * 43
+    for python in (against, sys.executable):
+        port, ims_port = free_port(), free_port()
+        config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-ab")
+        own = config.rename(tmp / f"config-{name}-{len(started)}.toml")
+        if ims:
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            own.write_text(
+                own.read_text().replace("[server]\n", f'[server]\nims_listen = ["127.0.0.1:'
+                                        f'{ims_port}"]\n', 1)
+                + f'\n[clients.ust]\nkey_sha256 = "{digest}"\ncredentials = ["adobe"]\n'
+            )  # fmt: skip
+        env = {"XDG_STATE_HOME": str(tmp / f"state-{name}-{len(started)}")}
+        proc, _ = start_broker(own, port, env, python=python)
+        started.append((proc, ims_port if ims else port))
+        wait_ready(port)
+    if ims:
+        form = f"grant_type=client_credentials&client_id=bench&client_secret={key}&scope="
+        for kind, extra in (("keep", ""), ("close", 'wrk.headers["Connection"] = "close"\n')):
+            (tmp / f"ims-{kind}.lua").write_text(
+                'wrk.method = "POST"\n'
+                'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n'
+                f'wrk.body = "{form}"\n{extra}'
+            )
+    return started
+
+
+def _ab_runs(
+    args: argparse.Namespace,
+    rows: list[tuple[str, str, str]],
+    what: str,
+    ports: list[int],
+    path: str,
+    conns: int,
+    **kw: Any,
+) -> None:
+    """Interleaved wrk runs on ``ports`` (the other tree's, then this one's)."""
+    for port in ports:
+        wrk(port, path, conns, 2, **kw)  # warm-up
+    runs: list[tuple[dict[str, float], dict[str, float]]] = []
+    for i in range(args.pairs):
+        order = ports if i % 2 == 0 else ports[::-1]
+        got = {port: wrk(port, path, conns, args.duration, **kw) for port in order}
+        other, this = got[ports[0]], got[ports[1]]
+        runs.append((other, this))
+        print(f"  {what}: --against {other['rps']:8.0f} req/s p99 {other['p99']:.2f} ms   "
+              f"this {this['rps']:8.0f} req/s p99 {this['p99']:.2f} ms   "
+              f"ratio {this['rps'] / other['rps']:.2f}", flush=True)  # fmt: skip
+
+    def med(side: int, key: str) -> float:
+        return statistics.median(run[side][key] for run in runs)
+
     ratio = statistics.median(t["rps"] / o["rps"] for o, t in runs)
     rows += [
-        ("A/B GET /token req/s, --against / this (medians)",
-         f"{statistics.median(o['rps'] for o, _ in runs):.0f} / "
-         f"{statistics.median(t['rps'] for _, t in runs):.0f}", "-"),
-        ("A/B GET /token p99, --against / this (medians)",
-         f"{statistics.median(o['p99'] for o, _ in runs):.2f} / "
-         f"{statistics.median(t['p99'] for _, t in runs):.2f} ms", "-"),
-        ("A/B this / --against (median of pairs)", f"{ratio:.2f}x", "~1.00x"),
+        (f"A/B {what}: req/s, --against / this (medians)",
+         f"{med(0, 'rps'):.0f} / {med(1, 'rps'):.0f} ({ratio:.2f}x, median of pairs)", "~1.00x"),
+        (f"A/B {what}: p50 / p99, --against", f"{med(0, 'p50'):.2f} / {med(0, 'p99'):.2f} ms",
+         "-"),
+        (f"A/B {what}: p50 / p99, this", f"{med(1, 'p50'):.2f} / {med(1, 'p99'):.2f} ms", "-"),
     ]  # fmt: skip
 
 
