@@ -1,6 +1,7 @@
 """Hot-path benchmark: the broker beside a bare-ASGI baseline, in one run.
 
-Usage: python bench/bench.py [--duration 10] [--pairs 3] [--idle 60] [--quick]
+Usage: python bench/bench.py [--duration 10] [--pairs 3] [--idle 60] [--quick] [--only STEP...]
+       [--against PYTHON]   (the "ab" step: this tree's broker beside another venv's)
 
 Servers are pinned to core 0 and wrk to core 1 (taskset). Each figure of the
 performance issue is printed in one table at the end. Needs `wrk` (Debian
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -94,11 +96,11 @@ def write_config(
 
 
 def start_broker(
-    config: Path, port: int, env: dict[str, str] | None = None
+    config: Path, port: int, env: dict[str, str] | None = None, python: str = sys.executable
 ) -> tuple[subprocess.Popen[bytes], float]:
     started = time.perf_counter()
     proc = subprocess.Popen(
-        pinned([sys.executable, "-m", "broker", "serve", "--config", str(config)]),
+        pinned([python, "-m", "broker", "serve", "--config", str(config)]),
         stderr=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
     )
@@ -295,6 +297,162 @@ def ims(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -
         stop(broker)
         stop(without)
         issuer.stop()
+
+
+def ab(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    """Two trees' brokers side by side, both up at once: the one this interpreter imports
+    and the one ``--against PYTHON`` imports (another tree's venv). Runs are interleaved
+    and their order flips every pair, so both see the shared machine's same drift:
+    GET /token on a default config, then POST /ims/token/v3 over TLS (keep-alive, and a
+    new connection per request) on a pair configured with ``ims_listen``.
+
+    Run it from a directory outside both trees, so that ``-m broker`` finds each venv's
+    own installed copy.
+    """
+    if not args.against:
+        rows.append(("A/B against another tree", "not measured: give --against PYTHON", "-"))
+        return
+    issuer = start_issuer()
+    try:
+        plain = _pair(tmp, issuer, "ab", args.against)
+        try:
+            _ab_runs(args, rows, "GET /token, 50 conns", [p for _, p in plain], "/token", 50)
+        finally:
+            for proc, _ in plain:
+                stop(proc)
+        pair = _pair(tmp, issuer, "ab-ims", args.against, ims=True)
+        try:
+            ports = [p for _, p in pair]
+            for name, conns in (("keep", 50), ("close", 10)):
+                what = ("POST /ims/token/v3, TLS keep-alive, 50 conns" if name == "keep" else
+                        "POST /ims/token/v3, new TLS connection each, 10 conns")  # fmt: skip
+                _ab_runs(args, rows, what, ports, "/ims/token/v3", conns,
+                         scheme="https", script=tmp / f"ims-{name}.lua")  # fmt: skip
+        finally:
+            for proc, _ in pair:
+                stop(proc)
+    finally:
+        issuer.stop()
+
+
+def _pair(
+    tmp: Path, issuer: IssuerThread, name: str, against: str, *, ims: bool = False
+) -> list[tuple[subprocess.Popen[bytes], int]]:
+    """The other tree's broker and this one's, ready; with ``ims``, their IMS ports."""
+    import hashlib
+
+    started = []
+    key = "tbk_" + "b" * 43
+    for python in (against, sys.executable):
+        port, ims_port = free_port(), free_port()
+        config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-ab")
+        own = config.rename(tmp / f"config-{name}-{len(started)}.toml")
+        if ims:
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            own.write_text(
+                own.read_text().replace("[server]\n", f'[server]\nims_listen = ["127.0.0.1:'
+                                        f'{ims_port}"]\n', 1)
+                + f'\n[clients.ust]\nkey_sha256 = "{digest}"\ncredentials = ["adobe"]\n'
+            )  # fmt: skip
+        env = {"XDG_STATE_HOME": str(tmp / f"state-{name}-{len(started)}")}
+        proc, _ = start_broker(own, port, env, python=python)
+        started.append((proc, ims_port if ims else port))
+        wait_ready(port)
+    if ims:
+        form = f"grant_type=client_credentials&client_id=bench&client_secret={key}&scope="
+        for kind, extra in (("keep", ""), ("close", 'wrk.headers["Connection"] = "close"\n')):
+            (tmp / f"ims-{kind}.lua").write_text(
+                'wrk.method = "POST"\n'
+                'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n'
+                f'wrk.body = "{form}"\n{extra}'
+            )
+    return started
+
+
+def _ab_runs(
+    args: argparse.Namespace,
+    rows: list[tuple[str, str, str]],
+    what: str,
+    ports: list[int],
+    path: str,
+    conns: int,
+    **kw: Any,
+) -> None:
+    """Interleaved wrk runs on ``ports`` (the other tree's, then this one's)."""
+    for port in ports:
+        wrk(port, path, conns, 2, **kw)  # warm-up
+    runs: list[tuple[dict[str, float], dict[str, float]]] = []
+    for i in range(args.pairs):
+        order = ports if i % 2 == 0 else ports[::-1]
+        got = {port: wrk(port, path, conns, args.duration, **kw) for port in order}
+        other, this = got[ports[0]], got[ports[1]]
+        runs.append((other, this))
+        print(f"  {what}: --against {other['rps']:8.0f} req/s p99 {other['p99']:.2f} ms   "
+              f"this {this['rps']:8.0f} req/s p99 {this['p99']:.2f} ms   "
+              f"ratio {this['rps'] / other['rps']:.2f}", flush=True)  # fmt: skip
+
+    def med(side: int, key: str) -> float:
+        return statistics.median(run[side][key] for run in runs)
+
+    ratio = statistics.median(t["rps"] / o["rps"] for o, t in runs)
+    rows += [
+        (f"A/B {what}: req/s, --against / this (medians)",
+         f"{med(0, 'rps'):.0f} / {med(1, 'rps'):.0f} ({ratio:.2f}x, median of pairs)", "~1.00x"),
+        (f"A/B {what}: p50 / p99, --against", f"{med(0, 'p50'):.2f} / {med(0, 'p99'):.2f} ms",
+         "-"),
+        (f"A/B {what}: p50 / p99, this", f"{med(1, 'p50'):.2f} / {med(1, 'p99'):.2f} ms", "-"),
+    ]  # fmt: skip
+
+
+def callgrind(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
+    """Instructions per warm GET /token over keep-alive, counted by callgrind: the one
+    figure the machine's noise does not move, so it shows what a change costs per request.
+
+    The broker runs under valgrind with collection off; 200 warm-up requests on one
+    keep-alive connection, then collection on for 2,000 more (``callgrind_control -i``).
+    """
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        rows.append(("instructions per warm GET /token (callgrind)", "not measured: no valgrind",
+                     "-"))  # fmt: skip
+        return
+    issuer = start_issuer()
+    port = free_port()
+    config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-cg")
+    out = tmp / "callgrind.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+         sys.executable, "-m", "broker", "serve", "--config", str(config)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    request = b"GET /token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Token-Broker: 1\r\n\r\n"
+    count = 2000
+    try:
+        wait_ready(port, timeout=300)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+
+            def ask(n: int) -> None:
+                for _ in range(n):
+                    sock.sendall(request)
+                    answer = b""
+                    while len(answer.partition(b"\r\n\r\n")[2]) < TOKEN_BYTES:
+                        answer += sock.recv(65536)
+
+            ask(200)
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)],
+                           check=True, capture_output=True)  # fmt: skip
+            ask(count)
+            subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)],
+                           check=True, capture_output=True)  # fmt: skip
+    finally:
+        stop(proc)
+        issuer.stop()
+    total = 0
+    for dump in tmp.glob("callgrind.out*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("totals:", "summary:")):
+                total = max(total, int(line.split()[1]))
+    rows.append((f"instructions per warm GET /token (callgrind, {count:,} over keep-alive)",
+                 f"{total / count / 1000:.1f}k", "-"))  # fmt: skip
 
 
 def keyring_rss(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
@@ -509,9 +667,23 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
     parser.add_argument("--quick", action="store_true", help="short runs, to try the script")
     parser.add_argument(
+        "--against", metavar="PYTHON",
+        help="the ab step: the interpreter of another tree's venv, whose broker is compared",
+    )  # fmt: skip
+    parser.add_argument(
         "--only",
         nargs="*",
-        default=["throughput", "keyring", "herds", "startup", "idle", "many", "client", "ims"],
+        default=[
+            "throughput",
+            "callgrind",
+            "keyring",
+            "herds",
+            "startup",
+            "idle",
+            "many",
+            "client",
+            "ims",
+        ],
     )
     args = parser.parse_args()
     if args.quick:
@@ -522,7 +694,8 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
     rows: list[tuple[str, str, str]] = []
-    steps = {"throughput": throughput, "keyring": keyring_rss, "herds": herds,
+    steps = {"throughput": throughput, "ab": ab, "callgrind": callgrind, "keyring": keyring_rss,
+             "herds": herds,
              "startup": startup, "idle": idle, "many": many, "ims": ims,
              "client": client_cache}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:

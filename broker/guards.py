@@ -12,11 +12,15 @@ there is exactly one implementation of the rules:
 * no ``X-Forwarded-For`` / ``Forwarded`` (proxied requests);
 * the ``X-Token-Broker`` header (SSRF), on every route that needs it;
 * HTTP/1.1 or 1.0 (RFC 9112 requires the version in the request line), and
-  no duplicate of any header these rules read (RFC 9112 §3.2 for ``Host``).
+  no duplicate of any header these rules read (RFC 9112 §3.2 for ``Host``);
+* a ``Host`` that is present in HTTP/1.1 and well formed (``uri-host [":" port]``,
+  RFC 9112 §3.2, RFC 9110 §7.2), on a unix socket too: a missing or malformed one is
+  400 (the protocol judges an absolute-form target's own ``Host`` the same way).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -40,6 +44,30 @@ _BROWSER = Rejection(403, "forbidden", "browser requests are refused", "browser"
 _PROXIED = Rejection(403, "forbidden", "proxied requests are refused", "proxied")
 _PEER = Rejection(403, "forbidden", "only loopback peers are served", "peer")
 _HOST = Rejection(403, "forbidden", "Host must be localhost, 127.0.0.1 or [::1]", "host")
+_NO_HOST = Rejection(400, "bad_request", "an HTTP/1.1 request needs a Host header", "bad_host")
+_BAD_HOST = Rejection(400, "bad_request", "the Host header is not a valid host[:port]", "bad_host")
+
+#: RFC 9110 §7.2 ``Host = uri-host [ ":" port ]``, uri-host from RFC 3986 §3.2.2: an IP
+#: literal in brackets, or a reg-name (unreserved, pct-encoded, sub-delims; IPv4 is one too).
+#: No "@" (userinfo), no "/", no space or control character.
+_VALID_HOST = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?"
+)
+
+
+def valid_host(value: bytes) -> bool:
+    """``value`` is a well-formed ``Host`` field value (it may still name another host)."""
+    return _VALID_HOST.fullmatch(value) is not None
+
+
+def host_rejection(host: bytes | None, version: str) -> Rejection:
+    """Why a ``Host`` that does not name this broker is refused: 400 when it is missing in
+    HTTP/1.1 or malformed (RFC 9112 §3.2), else 403 (another host: DNS rebinding)."""
+    if host is None:
+        return _NO_HOST if version == "1.1" else _HOST
+    return _HOST if valid_host(host) else _BAD_HOST
 
 
 def duplicate(name: bytes) -> Rejection:
@@ -109,7 +137,11 @@ def refusal(
     if not unix:
         own = server[0] if (remote or own_address) and server else None
         if not host_allowed(host, server[1] if server else None, own, names):
-            return _HOST
+            return host_rejection(host, version)
+    elif host is None or (host not in _LOOPBACK_NAMES and not valid_host(host)):
+        # No Host rule on a unix socket (no browser reaches one), but HTTP/1.1's own.
+        if host is not None or version == "1.1":
+            return host_rejection(host, version)
     if header is not None and (presented is None or not presented.strip()):
         return header_rejection("-".join(w.capitalize() for w in header.decode().split("-")))
     return None
@@ -127,7 +159,9 @@ def host_allowed(
         return False
     host = host.lower()
     if host.startswith(b"["):
-        name, _, rest = host.partition(b"]")
+        name, bracket, rest = host.partition(b"]")
+        if not bracket:
+            return False  # "[::1" is not "[::1]"
         name += b"]"
         port_text = rest[1:] if rest.startswith(b":") else None
         if rest and port_text is None:

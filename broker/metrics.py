@@ -14,7 +14,7 @@ the manager.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import NamedTuple
 
 STATES = ("pending", "fresh", "refreshing", "stale", "expired", "failed")
@@ -82,12 +82,19 @@ class Recorder:
 
 
 class RequestCounters:
-    """Counters the HTTP layer bumps on the hot path (plain dict increments)."""
+    """Counters the HTTP layer bumps on the hot path (plain dict increments), and what the
+    listeners count per connection (:mod:`broker.connections`), by listener address."""
 
     def __init__(self) -> None:
         self.tokens: Counter[tuple[str, str]] = Counter()
         self.unknown = 0
         self.rejected: Counter[str] = Counter()
+        #: Each listener's open connections (its own live collection, read at a scrape).
+        self.connections: dict[str, Sized] = {}
+        self.connection_limits: dict[str, int] = {}
+        self.refused_connections: Counter[str] = Counter()
+        self.idle_closed: Counter[str] = Counter()
+        self.handshake_failures: Counter[tuple[str, str]] = Counter()  # (listener, reason)
 
 
 class Gauges(NamedTuple):
@@ -124,6 +131,7 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
     family("token_broker_rejected_requests_total", "counter", "Requests refused by a guard.")
     for reason, n in sorted(counters.rejected.items()):
         lines.append(f'token_broker_rejected_requests_total{{reason="{reason}"}} {n}')
+    _connections(counters, family, lines)
     by_outcome("token_broker_refreshes_total", "Refresh attempts by outcome.", recorder.refreshes)
     family(
         "token_broker_issuer_request_duration_seconds",
@@ -179,6 +187,37 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
                 f'token_broker_credential_state{{credential="{g.name}",state="{state}"}} {value}'
             )
     return "\n".join(lines) + "\n"
+
+
+def _connections(
+    counters: RequestCounters, family: Callable[[str, str, str], None], lines: list[str]
+) -> None:
+    """The listeners' families: open connections and cap, refusals, TLS handshake failures."""
+    family("token_broker_open_connections", "gauge", "Connections open on a listener.")
+    for name, live in sorted(counters.connections.items()):
+        lines.append(f'token_broker_open_connections{{listener="{_label(name)}"}} {len(live)}')
+    family("token_broker_connection_limit", "gauge",
+           "The most connections a listener holds (from the open-file limit).")  # fmt: skip
+    for name, limit in sorted(counters.connection_limits.items()):
+        lines.append(f'token_broker_connection_limit{{listener="{_label(name)}"}} {limit}')
+    family("token_broker_refused_connections_total", "counter",
+           "Connections refused because the listener held its limit, none idle.")  # fmt: skip
+    listeners = sorted(counters.connection_limits)  # every listener, from 0 on
+    for name in listeners:
+        n = counters.refused_connections[name]
+        lines.append(f'token_broker_refused_connections_total{{listener="{_label(name)}"}} {n}')
+    family("token_broker_idle_connections_closed_total", "counter",
+           "Idle keep-alive connections closed to make room at the limit.")  # fmt: skip
+    for name in listeners:
+        series = "token_broker_idle_connections_closed_total"
+        lines.append(f'{series}{{listener="{_label(name)}"}} {counters.idle_closed[name]}')
+    family("token_broker_tls_handshake_failures_total", "counter",
+           "TLS handshakes that failed, by reason.")  # fmt: skip
+    for (name, reason), n in sorted(counters.handshake_failures.items()):
+        lines.append(
+            f'token_broker_tls_handshake_failures_total{{listener="{_label(name)}",'
+            f'reason="{reason}"}} {n}'
+        )
 
 
 def _label(value: str) -> str:

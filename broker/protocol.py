@@ -10,7 +10,16 @@ attribute tests (no timer, no counting):
   list, where a trailer ``X-Token-Broker`` or ``Host`` would count.
 * **Absolute-form targets** (``GET http://host/path``): RFC 9112 §3.2.2 says
   the target's authority replaces ``Host``, so the Host the guards judge is
-  that authority.
+  that authority. The request's own ``Host`` must still be there (HTTP/1.1),
+  once and well formed (§3.2), and the authority must carry no userinfo
+  (``http://user@host/``, RFC 9110 §4.2.4): otherwise 400.
+* **A request whose message does not parse is never answered by the app.** The
+  parser may fail right after a request's header section, in the same chunk:
+  a ``Transfer-Encoding`` whose final coding is not ``chunked`` (RFC 9112 §6.3),
+  a chunked body that is not one. uvicorn has handed that request to the app
+  by then; its answer is dropped unsent and the connection gets 400 and is
+  closed, as for any parse error. Nothing is checked per request for this: the
+  parser's own error is the signal.
 * **A header size limit per request.** What the parser hands over as request
   line and header fields, for every request of a connection (keep-alive and
   pipelined ones too, whatever empty lines precede them): over
@@ -30,6 +39,10 @@ attribute tests (no timer, no counting):
 * **Forms, bounded** (:class:`FormProtocol`, a listener that reads a small
   body): the body needs a ``Content-Length`` of at most ``max_body`` (no
   chunked bodies, so no trailers either) and must arrive within the deadline.
+* **A connection cap per listener** is kept by :mod:`broker.connections`, which
+  makes these protocols: a connection tells its listener when it is gone, and
+  says whether it is idle (open, between requests) so that a listener at its cap
+  may close it to make room.
 
 A refusal is written after the responses to earlier pipelined requests. The
 HTTP version (RFC 9112 requires one in the request line) and duplicate headers
@@ -43,20 +56,28 @@ class in-process so a change in uvicorn's internals fails loudly.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from broker.access import PEER, Peer
+from broker.guards import valid_host
+
+if TYPE_CHECKING:
+    from broker.connections import Listener
 
 MAX_HEADER_BYTES = 32 * 1024
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _GROUPS_BUFFER = 1024  # 256 groups; the most uvloop's getsockopt accepts
 #: A header field line costs its name, its value and ": " plus CRLF around them.
 _FIELD_OVERHEAD = 4
+
+#: Where an authority ends in a target (RFC 3986 §3.2).
+_END_OF_AUTHORITY = re.compile(rb"[/?#]")
 
 # Where a connection is in the request it is reading.
 _IDLE, _HEAD, _BODY = 0, 1, 2
@@ -108,6 +129,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_body: int = 0  # this listener reads no request body
     #: Where a request is once its headers are in: complete (no body follows).
     _after_head = _IDLE
+    #: The listener whose cap this connection counts against (set by it, see
+    #: :mod:`broker.connections`); None when driven without one (tests).
+    listener: Listener | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -120,11 +144,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refusal: Refusal | None = None
         self._pending: Refusal | None = None  # to answer once earlier responses are out
         self._deadline: asyncio.TimerHandle | None = None
+        self._withdrawn = False  # the request being answered was withdrawn (see _withdraw)
         self._arm()  # a connection must start a request in time
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.listener is not None:
+            self.listener.release(self)
         super().connection_lost(exc)
+
+    def idle(self) -> bool:
+        """Open, between requests, nothing owed: a listener at its cap may close it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._phase != _IDLE:
+            return False
+        return self.cycle is None or (self.cycle.response_complete and not self.pipeline)
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, with the refusals of this class answered as such.
@@ -138,8 +172,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # no websocket routes (ws="none"): the request went to the app as plain HTTP
-        except httptools.HttpParserError:
-            refusal = self._refusal or Refusal(400, b"malformed HTTP request")
+        except httptools.HttpParserError as exc:
+            refusal = self._refusal or Refusal(400, _parse_reason(exc))
+            self._withdraw()
             self._refuse(refusal.status, refusal.reason)
             return
         if self._phase == _IDLE:
@@ -189,6 +224,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         fields = sum(len(name) + len(value) for name, value in self.headers)
         return len(self.url) + fields + _FIELD_OVERHEAD * len(self.headers)
 
+    def _withdraw(self) -> None:
+        """The parser failed inside the newest request's message (after its header section):
+        that request must not be answered, whatever the app would say."""
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or cycle.response_started:
+            return  # no such request, or it is whole, or its answer is already on its way
+        cycle.disconnected = True  # the app may run; what it sends goes nowhere
+        if self.pipeline and self.pipeline[0][0] is cycle:
+            self.pipeline.popleft()  # queued behind earlier requests: it never starts
+        else:
+            self._withdrawn = True  # it was started: nothing before it is left to answer
+
     def _stop(self, status: int, reason: bytes) -> None:
         """Abort parsing from a callback; :meth:`data_received` answers and closes."""
         self._refusal = Refusal(status, reason)
@@ -202,6 +249,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._stop(400, b"malformed request target")
         if not target.host:
             self._stop(400, b"malformed request target")
+        authority = _END_OF_AUTHORITY.split(self.url.partition(b"//")[2], maxsplit=1)[0]
+        if b"@" in authority:
+            self._stop(400, b"userinfo in the request target")  # RFC 9110 §4.2.4
+        given = [v for n, v in self.headers if n == b"host"]
+        if len(given) > 1:
+            self._stop(400, b"duplicate host header")
+        if not given and self.parser.get_http_version() == "1.1":
+            self._stop(400, b"an HTTP/1.1 request needs a Host header")
+        if given and not valid_host(given[0]):
+            self._stop(400, b"the Host header is not a valid host[:port]")
         host = b"[" + target.host + b"]" if b":" in target.host else target.host
         if target.port is not None:
             host += b":%d" % target.port
@@ -235,7 +292,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, reason: bytes) -> None:
         """Answer ``status`` and close, after the responses to earlier pipelined requests."""
         self._disarm()
-        if self.cycle is not None and not self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not self._withdrawn:
             self._pending = Refusal(status, reason)
             self.flow.pause_reading()  # the parser has stopped: read nothing more
             return
@@ -268,7 +326,7 @@ class FormProtocol(GuardedHttpProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._length = 0
-        self._chunked = False
+        self._coding: bytes | None = None  # the last Transfer-Encoding value
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)
@@ -276,12 +334,15 @@ class FormProtocol(GuardedHttpProtocol):
         if name == b"content-length":
             self._length = int(value) if value.isdigit() else self.max_body + 1
         elif name == b"transfer-encoding":
-            self._chunked = True
+            self._coding = value
 
     def on_headers_complete(self) -> None:
         # A body has a Content-Length, so it is bounded before it is read (and no trailer
         # section can follow it).
-        if self._chunked:
+        if self._coding is not None:
+            if self._coding.rpartition(b",")[2].strip().lower() != b"chunked":
+                # RFC 9112 §6.3: the body's length cannot be known; 400 and close.
+                self._stop(400, b"Transfer-Encoding must end in chunked, once")
             self._stop(411, b"a request body needs a Content-Length")
         if self._length > self.max_body:
             self._stop(413, b"request body too large")
@@ -291,6 +352,13 @@ class FormProtocol(GuardedHttpProtocol):
         self._phase = _IDLE
         self._disarm()
         super().on_message_complete()
+
+
+def _parse_reason(exc: httptools.HttpParserError) -> bytes:
+    """The refusal's detail for a parse error: the framing rule by name where it is one."""
+    if "Transfer-Encoding" in str(exc):
+        return b"Transfer-Encoding must end in chunked, once"
+    return b"malformed HTTP request"
 
 
 _REASONS = {

@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import socket
+import ssl as ssl_module
 import stat
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 
-from broker import systemd
+from broker import connections, systemd
 from broker.api import BrokerApp, create_app
 from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen, UnixListen
 from broker.console import Cycler
@@ -31,6 +33,7 @@ from broker.errors import BrokerError
 from broker.files import state_dir
 from broker.logs import Redactor
 from broker.manager import APScheduler, Manager
+from broker.metrics import RequestCounters
 from broker.outputs import Outputs
 from broker.providers import issuer_client
 from broker.tokens import Clock, rfc3339
@@ -48,6 +51,9 @@ def harden() -> None:
     or read its memory through /proc). Under the systemd unit ``LimitCORE=0``
     already holds and setrlimit is filtered, so an unchanged limit is not
     touched.
+
+    Also raises the soft open-file limit to the hard one
+    (:func:`broker.connections.raise_fd_limit`), of which each listener gets a share.
     """
     import ctypes
     import resource
@@ -60,6 +66,8 @@ def harden() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("cannot mark the process not dumpable: %s", os.strerror(ctypes.get_errno()))
+    # Every connection holds a descriptor: the listeners' caps are shares of this limit.
+    connections.raise_fd_limit()
 
 
 PR_SET_DUMPABLE = 4
@@ -213,13 +221,12 @@ def uvicorn_config(
     *,
     max_body: int = 0,
     lifespan: str = "on",
-    ssl: object = None,
 ) -> uvicorn.Config:
     """uvicorn's settings for one of the broker's servers.
 
-    ``max_body`` > 0: a listener that reads a small form; ``ssl``: an SSLContext
-    the caller keeps (and renews in place); ``lifespan`` "off" for every server
-    but the main one, whose app starts and stops the manager.
+    ``max_body`` > 0: a listener that reads a small form; ``lifespan`` "off" for
+    every server but the main one, whose app starts and stops the manager. TLS is
+    not uvicorn's to set up: :class:`Server` adds it per listener.
     """
     from broker.protocol import protocol_class
 
@@ -236,9 +243,6 @@ def uvicorn_config(
         ws="none",  # no websocket routes: skip importing a websocket implementation (~MBs)
         timeout_graceful_shutdown=1,
     )
-    if ssl is not None:
-        config.load()
-        config.ssl = ssl  # ours, not files uvicorn would load once: renewed in place
     return config
 
 
@@ -246,7 +250,7 @@ class Https:
     """The HTTPS listeners (DESIGN §10, §12): the IMS-compatible ones and the main API over
     TLS, with one certificate, renewed (local CA) or re-read (user files) in place."""
 
-    def __init__(self, settings: Settings, app: BrokerApp, manager: Manager) -> None:
+    def __init__(self, settings: Settings, app: BrokerApp, manager: Manager, limit: int) -> None:
         from broker import tls  # cryptography is loaded only when TLS is configured
         from broker.ims import MAX_FORM, ImsApp
 
@@ -264,14 +268,15 @@ class Https:
                 # certificate and bundle are public: other users find them in /run.
                 self.cert.publish(Path(runtime.split(":")[0]))
         self.servers: list[tuple[Server, list[socket.socket]]] = []
+        # The certificate's context is handed over, not files: it is renewed in place.
+        own: dict[str, Any] = {"counters": app.counters, "limit": limit, "ssl": self.cert.context}
         if server.ims_listen:
             ims = ImsApp(manager, app.counters, time.time)
-            config = uvicorn_config(ims, server, max_body=MAX_FORM, lifespan="off",
-                                    ssl=self.cert.context)  # fmt: skip
-            self.servers.append((Server(config), bind(server.ims_listen, server)))
+            config = uvicorn_config(ims, server, max_body=MAX_FORM, lifespan="off")
+            self.servers.append((Server(config, **own), bind(server.ims_listen, server)))
         if server.tls_listen:
-            config = uvicorn_config(app, server, lifespan="off", ssl=self.cert.context)
-            self.servers.append((Server(config), bind(server.tls_listen, server)))
+            config = uvicorn_config(app, server, lifespan="off")
+            self.servers.append((Server(config, **own), bind(server.tls_listen, server)))
         self._app = app
 
     @staticmethod
@@ -361,25 +366,73 @@ def _reloaded(manager: Manager, outputs: Outputs, cycler: Cycler, done: bool) ->
 
 
 class Server(uvicorn.Server):
-    """uvicorn without its own signal capture and without its 0.1 s tick.
+    """uvicorn without its own signal capture and without its 0.1 s tick, and with a
+    connection cap and (optionally) TLS per listening socket.
 
     uvicorn re-raises a captured SIGTERM after shutting down, so the process
     would die "killed by signal"; we stop through :meth:`request_exit` and
     exit 0. Its main loop wakes ten times a second to refresh the Date header
     and check request limits; neither is in use here (``date_header=False``,
     no limit), so an idle broker sleeps until asked to exit.
+
+    With ``counters``, each socket is served through a
+    :class:`broker.connections.Listener`: at most ``limit`` connections, and ``ssl``
+    (an SSLContext) set up per connection with the handshake bounded by the
+    protocol's ``header_timeout``. Without, uvicorn's own startup (the demo issuer).
     """
 
     _loop: asyncio.AbstractEventLoop | None = None
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        counters: RequestCounters | None = None,
+        limit: int = connections.MAX_PER_LISTENER,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         super().__init__(config)
         self.listening = asyncio.Event()
+        self._counters = counters
+        self._limit = limit
+        self._ssl = ssl
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        if self._counters is None or sockets is None:
+            await super().startup(sockets=sockets)
+        else:
+            await self._startup(sockets, self._counters)
         if self.started:
             self.listening.set()
+
+    async def _startup(self, sockets: list[socket.socket], counters: RequestCounters) -> None:
+        """uvicorn's startup for sockets it is handed, with a Listener as each one's
+        protocol factory (uvicorn would pass the same factory, and ``ssl``, to all)."""
+        from uvicorn.config import STARTUP_FAILURE
+
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+        config = self.config
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> Any:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state,
+                app_state=self.lifespan.state, _loop=loop,
+            )  # fmt: skip
+
+        timeout = getattr(config.http_protocol_class, "header_timeout", 10.0)
+        self.servers = []
+        for sock in sockets:
+            listener = connections.Listener(
+                systemd.listen_name(sock), self._limit, protocol, counters, loop=loop,
+                ssl_context=self._ssl, handshake_timeout=timeout,
+            )  # fmt: skip
+            self.servers.append(
+                await loop.create_server(listener, sock=sock, backlog=config.backlog)
+            )
+        self.started = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -423,8 +476,9 @@ async def serve(
     once the daemon is ready.
     """
     app, manager, outputs = build(settings, redactor=redactor, state_directory=state_directory)
-    server = Server(uvicorn_config(app, settings.server))
-    https = Https(settings, app, manager) if _wants_https(settings) else None
+    limit = _connection_limit(settings, sockets)
+    server = Server(uvicorn_config(app, settings.server), counters=app.counters, limit=limit)
+    https = Https(settings, app, manager, limit) if _wants_https(settings) else None
     if https is not None:
         reloaded = manager.on_reload
 
@@ -498,6 +552,17 @@ async def _reload(manager: Manager) -> None:
         await manager.reload_file()
     except BrokerError:
         pass  # already logged by the manager; the running state stays
+
+
+def _connection_limit(settings: Settings, sockets: list[socket.socket]) -> int:
+    """Each listening socket's cap: an equal share of the open-file limit (see
+    :func:`broker.connections.connection_limit` for the arithmetic)."""
+    count = len(sockets) + len(settings.server.ims_listen) + len(settings.server.tls_listen)
+    soft = connections.fd_limit()
+    limit = connections.connection_limit(soft, count)
+    log.info("connections: at most %d per listener (%d listener(s), open-file limit %d)",
+             limit, count, soft)  # fmt: skip
+    return limit
 
 
 def _wants_https(settings: Settings) -> bool:

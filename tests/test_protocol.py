@@ -188,3 +188,67 @@ async def test_a_dribble_of_empty_lines_gets_a_deadline():
     assert protocol._deadline is not None
     await asyncio.sleep(0.1)
     assert transport.closed
+
+
+TOKEN = b"GET /token HTTP/1.1\r\nHost: localhost\r\nX-Token-Broker: 1\r\n"
+
+
+@pytest.mark.parametrize("coding", [b"identity", b"gzip", b"chunked\r\nTransfer-Encoding: gzip"])
+async def test_a_transfer_encoding_that_does_not_end_in_chunked_is_400_and_never_served(coding):
+    """RFC 9112 §6.3: the body's length cannot be known: 400 and close, not the app's answer."""
+    app, protocol, transport = await connect()
+    protocol.data_received(TOKEN + b"Transfer-Encoding: " + coding + b"\r\n\r\nabc")
+    await settle()
+    assert statuses(transport.written) == [400] and transport.closed
+    assert b"Transfer-Encoding must end in chunked" in transport.written
+    # Pipelined behind a whole request: that one is answered, the broken one is not.
+    app, protocol, transport = await connect()
+    protocol.data_received(REQUEST + TOKEN + b"Transfer-Encoding: " + coding + b"\r\n\r\n")
+    await settle()
+    assert statuses(transport.written) == [200, 400] and transport.closed
+
+
+async def test_a_chunked_body_that_breaks_withdraws_its_request():
+    app, protocol, transport = await connect()
+    protocol.data_received(TOKEN + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+    await settle()
+    assert statuses(transport.written) == [400] and transport.closed
+
+
+async def test_a_form_listener_refuses_a_non_chunked_transfer_encoding_with_400():
+    app, protocol, transport = await connect(max_body=64)
+    protocol.data_received(
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: identity\r\n\r\nabc"
+    )
+    await settle()
+    assert statuses(transport.written) == [400] and transport.closed and not app.scopes
+    assert b"Transfer-Encoding must end in chunked" in transport.written
+
+
+@pytest.mark.parametrize(
+    "target, headers, reason",
+    [
+        (b"http://user@localhost/token", b"Host: localhost\r\n", b"userinfo"),
+        (b"http://user:pw@localhost:8765/token", b"Host: localhost\r\n", b"userinfo"),
+        (b"http://@localhost/token", b"Host: localhost\r\n", b"userinfo"),
+        (b"http://localhost/token", b"", b"needs a Host"),
+        (b"http://localhost/token", b"Host: user@localhost\r\n", b"not a valid"),
+        (b"http://localhost/token", b"Host: localhost\r\nHost: localhost\r\n", b"duplicate"),
+    ],
+)
+async def test_an_absolute_form_target_keeps_every_host_rule(target, headers, reason):
+    """RFC 9112 §3.2 and RFC 9110 §4.2.4 hold whatever the target form."""
+    for max_body in (0, 64):  # the main listener and the IMS one
+        app, protocol, transport = await connect(max_body=max_body)
+        protocol.data_received(b"GET " + target + b" HTTP/1.1\r\n" + headers + b"\r\n")
+        await settle()
+        assert statuses(transport.written) == [400] and transport.closed and not app.scopes
+        assert reason in transport.written
+
+
+async def test_http_1_0_may_omit_host_with_an_absolute_form_target():
+    app, protocol, transport = await connect()
+    protocol.data_received(b"GET http://localhost/token HTTP/1.0\r\n\r\n")
+    await settle()
+    assert statuses(transport.written) == [200]
+    assert dict(app.scopes[0]["headers"])[b"host"] == b"localhost"

@@ -483,3 +483,119 @@ credentials = ["main"]
     assert f"the local CA certificate {state / 'ca.crt'} has no name constraints" in done.stderr
     assert f"remove {state / 'ca.crt'}, {state / 'ca.key'}" in done.stderr
     assert not (state / "leaf.pem").exists() and not (state / "ca-bundle.crt").exists()
+
+
+def _handshake(port: int, context: ssl.SSLContext) -> None:
+    """One TLS handshake with the broker that must fail on the client's side too."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_failed_handshakes_are_logged_and_counted_by_reason(ims, api):
+    """A User Sync Tool without the broker's CA leaves a trace: an info line with the peer
+    and the reason, and a count by reason; so do a TLS 1.1 client and one with no cipher
+    in common with the broker (whose key is EC: RSA-only suites cannot be served)."""
+    import re
+    import warnings
+
+    with Umapi() as umapi:  # requests' own trust store: the broker's CA is not in it
+        umapi.result("connect", org=ORG, endpoint=api.endpoint, auth="s2s",
+                     client_id="broker-client", client_secret=ims.key,
+                     auth_host=f"127.0.0.1:{ims.port}")  # fmt: skip
+        assert umapi.call("auth_token")["error"] == "SSLError"
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1: that is the point
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    _handshake(ims.port, old)
+    rsa = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    rsa.check_hostname, rsa.verify_mode = False, ssl.CERT_NONE
+    rsa.maximum_version = ssl.TLSVersion.TLSv1_2
+    rsa.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:AES128-SHA")
+    _handshake(ims.port, rsa)
+    out = ims.broker.proc.output  # type: ignore[attr-defined]
+    for reason in ("unknown_ca", "protocol_version", "no_shared_cipher"):
+        line = wait_for(
+            lambda r=reason: re.search(
+                rf"INFO broker\.connections: TLS handshake from 127\.0\.0\.1:\d+ on "
+                rf"127\.0\.0\.1:{ims.port} failed: {r}: .*", out()),
+            what=f"the {reason} line",
+        )  # fmt: skip
+        if reason == "unknown_ca":
+            assert "token-broker tls ca --bundle" in line.group(0)
+    metrics = httpx.get(ims.broker.url + "/metrics").text  # type: ignore[attr-defined]
+    for reason in ("unknown_ca", "protocol_version", "no_shared_cipher"):
+        series = (
+            f'token_broker_tls_handshake_failures_total{{listener="127.0.0.1:{ims.port}",'
+            f'reason="{reason}"}} '
+        )
+        assert series in metrics, metrics
+    # And the listener goes on serving a client that trusts the CA.
+    with ims.client() as c:
+        assert c.post("/ims/token/v3", data=ims.form()).status_code == 200
+
+
+def _raw(sock: socket.socket, request: bytes) -> bytes:
+    """Send ``request``; the broker's whole first answer (or what came within 5 s)."""
+    import re
+
+    sock.settimeout(5)
+    sock.sendall(request)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+            if sep and length and len(body) >= int(length.group(1)):
+                break  # a whole answer, kept alive or not
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def test_http_1_1_framing_and_host_rules_on_both_listeners(ims):
+    """RFC 9112 §6.3 and §3.2, RFC 9110 §4.2.4, over raw sockets: a Transfer-Encoding that
+    does not end in chunked, an absolute-form target with userinfo, without Host or with
+    a malformed Host: 400 and closed, on the main listener and the IMS one alike."""
+    main = ims.broker.port  # type: ignore[attr-defined]
+    auth = f"X-Token-Broker: 1\r\nAuthorization: Bearer {ims.key}\r\n".encode()
+    form = "&".join(f"{k}={v}" for k, v in ims.form().items()).encode()
+    body = (b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n" % len(form))  # fmt: skip
+    tricks = [  # (target, header lines)
+        (b"/T", b"Host: localhost\r\nTransfer-Encoding: identity\r\n"),
+        (b"http://user@localhost:P/T", b"Host: localhost\r\n"),
+        (b"http://localhost:P/T", b""),
+        (b"http://localhost:P/T", b"Host: user@localhost\r\n"),
+    ]
+    context = ssl.create_default_context(cafile=ims.ca())
+    bearer = {**HEADERS, "Authorization": f"Bearer {ims.key}"}
+    token = httpx.get(ims.broker.url + "/token", headers=bearer).text.encode()  # type: ignore[attr-defined]
+
+    def connect(port: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if port == main:
+            return sock
+        return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+    for port, method, path, extra, tail in (
+        (main, b"GET", b"/token", auth, b""),
+        (ims.port, b"POST", b"/ims/token/v3", body, form),
+    ):
+        ok = b"http://localhost:%d%s" % (port, path)
+        with connect(port) as sock:  # the same target, well formed: served
+            answer = _raw(sock, method + b" " + ok + b" HTTP/1.1\r\nHost: localhost\r\n" + extra
+                          + b"\r\n" + tail)  # fmt: skip
+        assert answer.startswith(b"HTTP/1.1 200 ") and token in answer, answer[:300]
+        for target, lines in tricks:
+            target = target.replace(b"P", b"%d" % port).replace(b"/T", path)
+            with connect(port) as sock:
+                answer = _raw(sock, method + b" " + target + b" HTTP/1.1\r\n" + lines + extra
+                              + b"\r\n" + tail)  # fmt: skip
+            assert answer.startswith(b"HTTP/1.1 400 "), (port, target, lines, answer[:300])
+            assert b"connection: close" in answer.lower(), answer[:300]
+            assert token not in answer

@@ -212,3 +212,14 @@ def test_socket_activation_refuses_a_non_loopback_socket(tmp_path):
             proc.kill()
     assert proc.returncode == 1
     assert "loopback is required" in out
+
+
+def test_units_give_every_listener_its_most_connections():
+    """The system unit filters setrlimit, so the daemon cannot raise its own soft limit:
+    LimitNOFILE= must leave each of three listeners its full share (broker.connections)."""
+    from broker.connections import MAX_PER_LISTENER, connection_limit
+
+    for unit in (UNITS / "token-broker.service", UNITS / "user" / "token-broker.service"):
+        found = re.findall(r"^LimitNOFILE=(\d+)$", unit.read_text(), re.M)
+        assert len(found) == 1, f"{unit} sets no single LimitNOFILE="
+        assert connection_limit(int(found[0]), 3) == MAX_PER_LISTENER, unit
