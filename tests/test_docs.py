@@ -150,9 +150,10 @@ def test_every_block_has_a_language():
 
 
 @pytest.mark.parametrize("b", [b for b in ALL if b.kind == "skip"], ids=ids)
-def test_blocks_that_cannot_run_here(b):
+def test_blocks_that_cannot_run_here_say_why(b):
+    """A block marked skip: is not run (it needs docker, a cluster, PyPI...): its marker
+    must say why, and name what covers it instead, so that nothing is skipped silently."""
     assert len(b.arg) > 20, f"{b.where}: say why it cannot run here"
-    pytest.skip(f"{b.where}: {b.arg}")
 
 
 # -- unmarked blocks, by language --------------------------------------------------------------
