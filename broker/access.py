@@ -28,8 +28,9 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.config import ClientSettings, CredentialSettings, Settings
-from broker.errors import AccessDenied
+from broker.config import ClientSettings, Settings
+from broker.errors import Refused
+from broker.schema import CredentialSettings
 
 KEY_PREFIX = "tbk_"
 #: Where the protocol puts the peer and the app the authenticated client (ASGI extensions).
@@ -80,14 +81,14 @@ class Access:
             if name == b"authorization":
                 presented = value
         if presented is None:
-            raise AccessDenied(401, "a client key is required: Authorization: Bearer KEY", "no_key")
+            raise Refused(401, "a client key is required: Authorization: Bearer KEY", "no_key")
         scheme, _, key = presented.strip().partition(b" ")
         key = key.strip()
         if scheme.lower() != b"bearer" or not key:
-            raise AccessDenied(401, "expected Authorization: Bearer KEY", "no_key")
+            raise Refused(401, "expected Authorization: Bearer KEY", "no_key")
         found = self.client_of(key)
         if found is None:
-            raise AccessDenied(401, "the client key is not valid", "bad_key")
+            raise Refused(401, "the client key is not valid", "bad_key")
         return found
 
     def client_of(self, key: bytes) -> ClientSettings | None:
@@ -100,7 +101,7 @@ class Access:
         return found
 
     def authorize(self, scope: Mapping[str, Any], name: str | None) -> None:
-        """Raise AccessDenied unless this request may read credential ``name``.
+        """Raise Refused unless this request may read credential ``name``.
 
         A name the client may not read is refused before its existence is
         checked, so a client cannot probe which names exist.
@@ -110,33 +111,33 @@ class Access:
         ext = scope.get("extensions") or {}
         client: ClientSettings | None = ext.get(CLIENT)
         if client is not None and client.credentials is not None and name not in client.credentials:
-            raise AccessDenied(403, f"client {client.name!r} may not read {name!r}", "client")
+            raise Refused(403, f"client {client.name!r} may not read {name!r}", "client")
         cred = self.credentials.get(name)
         if cred is None or not cred.peer_restricted:
             return
         peer: Peer | None = ext.get(PEER)
         if peer is None:
-            raise AccessDenied(
+            raise Refused(
                 403,
                 f"{name!r} is served only on a unix socket to the users in its "
                 "allow_uids / allow_gids",
                 "peer_unknown",
             )
         if not _peer_allowed(peer, cred):
-            raise AccessDenied(
+            raise Refused(
                 403, f"uid {peer.uid} may not read {name!r} (allow_uids / allow_gids)", "peer"
             )
 
     def may_read(self, scope: Mapping[str, Any], name: str) -> bool:
         try:
             self.authorize(scope, name)
-        except AccessDenied:
+        except Refused:
             return False
         return True
 
     def reauthorize(
         self, scope: MutableMapping[str, Any], names: Iterable[str] = (), *, admin: str = ""
-    ) -> AccessDenied | None:
+    ) -> Refused | None:
         """Judge again, under these rules, a request authorized under others: its key (the
         client it names may be gone or changed), the credentials ``names`` it read, and
         with ``admin`` (the act, e.g. "cycle secrets") the administrator rule. The
@@ -151,7 +152,7 @@ class Access:
                 self.authorize(scope, name)
             if admin:
                 self.authorize_reload(scope, admin)
-        except AccessDenied as exc:
+        except Refused as exc:
             return exc
         return None
 
@@ -160,12 +161,12 @@ class Access:
         credential ("*")."""
         client: ClientSettings | None = (scope.get("extensions") or {}).get(CLIENT)
         if client is not None and client.credentials is not None:
-            raise AccessDenied(
+            raise Refused(
                 403, f'client {client.name!r} may not {act}: needs credentials = ["*"]', "client"
             )
 
 
-def keyless_admin(scope: Mapping[str, Any], denied: AccessDenied) -> bool:
+def keyless_admin(scope: Mapping[str, Any], denied: Refused) -> bool:
     """Whether a request refused for want of a key is a local administrator's reload or cycle.
 
     Over the unix socket the kernel names the caller (``SO_PEERCRED``). Root and the

@@ -9,43 +9,28 @@ other route is an ordinary FastAPI route behind the same guards.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import access, guards
+from broker.asgi import TEXT, Message, Receive, Scope, Send, respond, respond_error
 from broker.config import Settings
-from broker.console import Cycler
-from broker.errors import (
-    AccessDenied,
-    BrokerError,
-    ConfigError,
-    CycleError,
-    IssuerError,
-    RefreshCooldown,
-    RotateCooldown,
-    SecretError,
-    TokenUnavailable,
-    UnknownCredential,
-)
+from broker.cycling import Cycler
+from broker.errors import BrokerError, CycleError, Refused, UnknownCredential
 from broker.manager import Credential, Manager
 from broker.metrics import Gauges, RequestCounters, render
 from broker.net import is_loopback
-from broker.providers import api_headers
 from broker.tokens import Clock, rfc3339
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+#: What the reload route calls: re-read the config and apply it (the daemon's), returning
+#: the plan (added, removed, changed, unchanged).
+Reload = Callable[[], Awaitable[dict[str, list[str]]]]
 
 #: Routes that answer without the X-Token-Broker header: they reveal no token or secret.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -56,84 +41,35 @@ NO_STORE = "no-store"
 access_log = logging.getLogger("broker.access")
 
 
-def error_body(exc: BrokerError) -> tuple[int, dict[str, object], dict[str, str]]:
-    """Map an error of the tree to (status, JSON body, headers): one place for both paths."""
-    headers: dict[str, str] = {}
-    body: dict[str, object]
-    if isinstance(exc, AccessDenied):
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="token-broker"'
-        return exc.status, {"error": exc.code, "detail": str(exc)}, headers
-    if isinstance(exc, UnknownCredential):
-        return 404, {"error": "unknown_credential", "detail": str(exc)}, headers
-    if isinstance(exc, TokenUnavailable):
-        headers["Retry-After"] = str(math.ceil(exc.retry_after))
-        body = {"error": "token_unavailable", "detail": str(exc), "last_error": exc.last_error}
-        return 503, body, headers
-    if isinstance(exc, RefreshCooldown):
-        headers["Retry-After"] = str(math.ceil(exc.retry_after))
-        return 429, {"error": "refresh_cooldown", "detail": str(exc)}, headers
-    if isinstance(exc, RotateCooldown):
-        headers["Retry-After"] = str(math.ceil(exc.retry_after))
-        return 429, {"error": "rotate_cooldown", "detail": str(exc)}, headers
-    if isinstance(exc, CycleError):
-        status = {"conflict": 409, "busy": 409}.get(exc.outcome, 502)
-        body = {"error": f"cycle_{exc.outcome}", "detail": str(exc),
-                "x_request_id": exc.request_id}  # fmt: skip
-        return status, body, headers
-    if isinstance(exc, IssuerError):
-        return 502, {"error": "issuer_error", "detail": exc.summary()}, headers
-    if isinstance(exc, SecretError):
-        return 502, {"error": "secret_unavailable", "detail": str(exc)}, headers
-    if isinstance(exc, ConfigError):
-        return 400, {"error": "config_error", "detail": str(exc)}, headers
-    return 500, {"error": "internal_error", "detail": type(exc).__name__}, headers
-
-
-async def _send(
-    send: Send, status: int, body: bytes, content_type: bytes, extra: list[tuple[bytes, bytes]]
-) -> None:
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        (b"x-content-type-options", b"nosniff"),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-_JSON = b"application/json"
 _NO_NAMES: frozenset[bytes] = frozenset()
-_TEXT = b"text/plain; charset=utf-8"
 
 
 class BrokerApp:
     """Outer ASGI layer: guards for every route, and the token hot path.
 
-    The access rules are built once per (re)loaded settings, here, and the
-    FastAPI routes read them from :meth:`rules`. An answer is made under the
-    rules in force when it is sent: a request that waited (on a refresh, a
-    cycle) while a reload removed its key, or its right to that credential,
-    gets the refusal instead of what it asked for.
+    The access rules are built once per (re)loaded settings, in :meth:`use`, which
+    the daemon calls at every reload; the FastAPI routes read them from
+    :meth:`rules`. An answer is made under the rules in force when it is sent: a
+    request that waited (on a refresh, a cycle) while a reload removed its key, or
+    its right to that credential, gets the refusal instead of what it asked for.
     """
 
-    def __init__(self, manager: Manager, counters: RequestCounters) -> None:
-        self.api: FastAPI | None = None  # set by create_app
+    def __init__(
+        self, manager: Manager, counters: RequestCounters, settings: Settings, api: FastAPI
+    ) -> None:
+        self.api = api
         #: The DNS names of the TLS certificate: Host may be one of them over HTTPS.
         self.tls_names: frozenset[bytes] = frozenset()
         self.manager = manager
         self.counters = counters
-        self._use(manager.settings)
+        self.use(settings)
 
     def rules(self) -> access.Access:
         """The access rules of the settings in force."""
-        if self.manager.settings is not self._settings:  # a reload happened
-            self._use(self.manager.settings)
         return self._access
 
-    def _use(self, settings: Settings) -> None:
+    def use(self, settings: Settings) -> None:
+        """Take the settings of a (re)load: their access rules and guard switches."""
         self._settings = settings
         self._header = _header_name(settings)
         self._remote = settings.server.allow_remote
@@ -145,28 +81,23 @@ class BrokerApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.api(scope, receive, send)  # type: ignore[misc]  # lifespan
-            return
-        if self.manager.settings is not self._settings:  # a reload happened
-            self._use(self.manager.settings)
+            return  # no lifespan: the daemon starts and stops what this app reads
         settings = self._settings  # the rules this request is judged by, until its answer
         if self._access_log:
             send = _logged(scope, send)
         path: str = scope["path"]
         guarded = path not in OPEN_PATHS
         names = self.tls_names if self.tls_names and scope["scheme"] == "https" else _NO_NAMES
-        rejection = guards.refusal(
+        refused = guards.refusal(
             scope, self._header if guarded else None, remote=self._remote, names=names
         )
-        if rejection is not None:
-            self.counters.rejected[rejection.rule] += 1
-            body = _dump({"error": rejection.error, "detail": rejection.detail})
-            await _send(send, rejection.status, body, _JSON, [])
+        if refused is not None:
+            await self._denied(send, refused)
             return
         if guarded and self._keys:
             try:
                 client = self._access.authenticate(scope)
-            except AccessDenied as exc:
+            except Refused as exc:
                 if not access.keyless_admin(scope, exc):
                     await self._denied(send, exc)
                     return
@@ -180,7 +111,7 @@ class BrokerApp:
             return
         if guarded and path != RELOAD_PATH:
             send = self._judged_again(scope, send, settings)
-        await self.api(scope, receive, send)  # type: ignore[misc]
+        await self.api(scope, receive, send)
 
     async def _token(self, scope: Scope, path: str, send: Send, settings: Settings) -> None:
         manager = self.manager
@@ -188,7 +119,7 @@ class BrokerApp:
         if not self._open:
             try:
                 self._access.authorize(scope, name)
-            except AccessDenied as exc:
+            except Refused as exc:
                 await self._denied(send, exc)
                 return
         token = manager.cached(name)
@@ -197,20 +128,20 @@ class BrokerApp:
                 token = await manager.token(name)
             except UnknownCredential as exc:
                 self.counters.unknown += 1
-                await self._error(send, exc)
+                await respond_error(send, exc)
                 return
             except BrokerError as exc:
                 self.counters.tokens[(name, "unavailable")] += 1  # type: ignore[index]
-                await self._error(send, exc)
+                await respond_error(send, exc)
                 return
             # It waited for a refresh: a reload meanwhile may have removed its key.
-            if manager.settings is not settings and name is not None:
+            if self._settings is not settings and name is not None:
                 denied = self.rules().reauthorize(scope, (name,))
                 if denied is not None:
                     await self._denied(send, denied)
                     return
         self.counters.tokens[(name, "ok")] += 1  # type: ignore[index]
-        await _send(send, 200, token.access_token.encode(), _TEXT, [])
+        await respond(send, 200, token.access_token.encode(), content_type=TEXT)
 
     def _judged_again(self, scope: Scope, send: Send, settings: Settings) -> Send:
         """Wrap ``send`` so that, should a reload have changed the rules since the request
@@ -223,7 +154,7 @@ class BrokerApp:
             nonlocal refused
             if refused:
                 return  # the route's own answer is dropped: the refusal was sent
-            if message["type"] == "http.response.start" and self.manager.settings is not settings:
+            if message["type"] == "http.response.start" and self._settings is not settings:
                 ext = scope.get("extensions") or {}
                 denied = self.rules().reauthorize(
                     scope, ext.get(access.NAMES, ()), admin=ext.get(access.ADMIN, "")
@@ -244,7 +175,7 @@ class BrokerApp:
         if path == "/metrics" or any(n == b"authorization" for n, _ in scope["headers"]):
             try:
                 client = self._access.authenticate(scope)
-            except AccessDenied as exc:
+            except Refused as exc:
                 await self._denied(send, exc)
                 return True
             scope.setdefault("extensions", {})[access.CLIENT] = client
@@ -254,19 +185,13 @@ class BrokerApp:
                 body: dict[str, object] = {"status": "ready"}
             else:
                 body = {"error": "not_ready", "detail": "a credential has no servable token"}
-            await _send(send, 200 if "status" in body else 503, _dump(body), _JSON, [])
+            await respond(send, 200 if "status" in body else 503, body)
             return True
         return False  # /healthz names nothing
 
-    async def _denied(self, send: Send, exc: AccessDenied) -> None:
+    async def _denied(self, send: Send, exc: Refused) -> None:
         self.counters.rejected[exc.rule] += 1
-        await self._error(send, exc)
-
-    @staticmethod
-    async def _error(send: Send, exc: BrokerError) -> None:
-        status, body, headers = error_body(exc)
-        extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        await _send(send, status, _dump(body), _JSON, extra)
+        await respond_error(send, exc)
 
 
 def _remote_peer(scope: Scope) -> bool:
@@ -310,10 +235,6 @@ def _header_name(settings: Settings) -> bytes | None:
     return name.lower().encode() if name else None
 
 
-def _dump(body: dict[str, object]) -> bytes:
-    return json.dumps(body).encode()
-
-
 def status_json(
     credential: Credential, now: float, default: str | None, cycler: Cycler | None = None
 ) -> dict[str, object]:
@@ -349,31 +270,23 @@ def gauges(manager: Manager, now: float, cycler: Cycler | None = None) -> list[G
     ]
 
 
-def create_app(manager: Manager, *, clock: Clock, cycler: Cycler | None = None) -> BrokerApp:
-    """Build the ASGI app around ``manager``; its lifespan starts and stops the manager
-    (and the secret cycling beside it)."""
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await manager.start()
-        if cycler is not None:
-            cycler.start()
-        try:
-            yield
-        finally:
-            await manager.close()
-
-    api = FastAPI(
-        title="token-broker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
-    )
-    counters = RequestCounters()
-    app = BrokerApp(manager, counters)
-    app.api = api
+def create_app(
+    manager: Manager,
+    *,
+    clock: Clock,
+    cycler: Cycler | None = None,
+    counters: RequestCounters | None = None,
+    reload: Reload | None = None,
+) -> BrokerApp:
+    """Build the ASGI app that answers from ``manager`` (and ``cycler``); ``reload`` is
+    what ``POST /v1/reload`` runs. Starting and stopping them is the daemon's."""
+    api = FastAPI(title="token-broker", docs_url=None, redoc_url=None, openapi_url=None)
+    counters = counters or RequestCounters()
+    app = BrokerApp(manager, counters, manager.settings, api)
 
     @api.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> Response:
-        status, body, headers = error_body(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(exc.http_body(), exc.http_status, headers=exc.http_headers())
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
@@ -381,14 +294,14 @@ def create_app(manager: Manager, *, clock: Clock, cycler: Cycler | None = None) 
         return JSONResponse({"error": code, "detail": str(exc.detail)}, exc.status_code)
 
     def allowed(request: Request, name: str) -> str:
-        """``name`` once the request may read it (raises AccessDenied otherwise); recorded,
+        """``name`` once the request may read it (raises Refused otherwise); recorded,
         so that the answer is judged again should a reload change the rules meanwhile."""
         app.rules().authorize(request.scope, name)
         request.scope.setdefault("extensions", {}).setdefault(access.NAMES, []).append(name)
         return name
 
     def administrator(request: Request, act: str) -> None:
-        """Raise AccessDenied unless an administrator asks (with client keys: "*")."""
+        """Raise Refused unless an administrator asks (with client keys: "*")."""
         app.rules().authorize_reload(request.scope, act)
         request.scope.setdefault("extensions", {})[access.ADMIN] = act
 
@@ -418,7 +331,7 @@ def create_app(manager: Manager, *, clock: Clock, cycler: Cycler | None = None) 
     async def credential_headers(request: Request, name: str) -> Response:
         cred = manager.get(allowed(request, name)).settings
         token = await manager.token(name)
-        body = api_headers(cred, token.access_token)
+        body = cred.api_headers(token.access_token)
         # The token's remaining life, so a client knows how long to keep these headers
         # (broker.client.BrokerAuth); the JSON body stays exactly the headers to send.
         left = str(max(0, math.floor(token.expires_at - clock())))
@@ -441,9 +354,11 @@ def create_app(manager: Manager, *, clock: Clock, cycler: Cycler | None = None) 
         return {**result.as_json(), "credential": name, "status": status(manager.get(name))}
 
     @api.post("/v1/reload")
-    async def reload(request: Request) -> dict[str, list[str]]:
+    async def reload_route(request: Request) -> dict[str, list[str]]:
         administrator(request, "reload")
-        return await manager.reload_file()
+        if reload is None:
+            raise CycleError("error", "this app has no config file to reload")
+        return await reload()
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -406,7 +406,7 @@ def _command(argv: Sequence[str]) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker import config, logs, server, systemd
+    from broker import config, daemon, logs, server, systemd
 
     settings = config.load(args.config, serving=True)
     redactor = logs.Redactor()
@@ -420,7 +420,7 @@ def _serve(args: argparse.Namespace) -> int:
         own = server.socket_files(settings.server)
     try:
         pending = lambda: bool(_hangups)  # noqa: E731
-        server.run(server.serve(settings, sockets, redactor=redactor, hangup_pending=pending))
+        server.run(daemon.serve(settings, sockets, redactor=redactor, hangup_pending=pending))
     finally:
         server.remove_socket_files(own)  # never the ones systemd passed
     return 0

@@ -3,7 +3,7 @@
 The frozen pydantic models below *are* the settings the rest of the code
 reads: each value is parsed once, here, into the type it is used as (a listen
 address into :class:`TcpListen` / :class:`UnixListen`, a secret reference into
-:class:`~broker.secrets.SecretRef`, a mode string into an int, durations into
+:class:`~broker.stores.SecretRef`, a mode string into an int, durations into
 seconds), and every default is written once, on its field.
 
 Every error names the file, the key and what was expected, e.g.
@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
 import tomllib
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -35,36 +31,21 @@ from pydantic import (
 
 from broker.errors import ConfigError
 from broker.net import is_loopback
-from broker.secrets import SecretRef
-from broker.tokens import RefreshPolicy
+from broker.providers import PROVIDERS
+from broker.schema import (
+    NAME_RE,
+    CredentialSettings,
+    Duration,
+    KeyProblem,
+    Model,
+    RefreshKeys,
+    named,
+)
+from broker.stores import FileMode, file_mode
 from broker.variables import EnvFileError, check_env_file
 
 M = TypeVar("M", bound=BaseModel)
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULT_LISTEN = "127.0.0.1:8765"
-DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com"
-DEFAULT_CONSOLE_URL = "https://api.adobe.io"
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DEFAULT_POLICY = RefreshPolicy()
-
-
-def parse_duration(value: object) -> float:
-    """``"90s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"250ms"`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError('expected a duration such as "90s", "5m" or a number of seconds')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    else:
-        raise ValueError('expected a duration such as "90s", "5m" or a number of seconds')
-    if seconds < 0:
-        raise ValueError("expected a duration of zero or more seconds")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 # -- listen addresses --------------------------------------------------------------------
@@ -134,41 +115,7 @@ def _is_ip(host: str) -> bool:
 # -- the models ----------------------------------------------------------------------------
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True
-    )
-
-
-class RefreshKeys(_Model):
-    """The ``[refresh]`` table: defaults any ``[credentials.NAME]`` may override."""
-
-    at: float = Field(_DEFAULT_POLICY.at, gt=0, lt=1)
-    jitter: float = Field(_DEFAULT_POLICY.jitter, ge=0, lt=0.5)
-    min_remaining: Duration = _DEFAULT_POLICY.min_remaining
-    retry_initial: Duration = Field(_DEFAULT_POLICY.retry_initial, gt=0)
-    retry_max: Duration = Field(_DEFAULT_POLICY.retry_max, gt=0)
-    timeout: Duration = Field(_DEFAULT_POLICY.timeout, gt=0)
-    force_cooldown: Duration = _DEFAULT_POLICY.force_cooldown
-
-    @cached_property
-    def policy(self) -> RefreshPolicy:
-        """These keys as the lifecycle's value object (broker.tokens imports no pydantic)."""
-        return RefreshPolicy(
-            at=self.at,
-            jitter=self.jitter,
-            min_remaining=self.min_remaining,
-            retry_initial=self.retry_initial,
-            retry_max=self.retry_max,
-            timeout=self.timeout,
-            force_cooldown=self.force_cooldown,
-        )
-
-
-_REFRESH_KEYS = frozenset(RefreshKeys.model_fields)
-
-
-class ServerSettings(_Model):
+class ServerSettings(Model):
     """The ``[server]`` table."""
 
     allow_remote: bool = False  # a non-loopback listen/peer; needs [clients.NAME]
@@ -212,14 +159,14 @@ class ServerSettings(_Model):
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise _KeyError("tls_cert", "tls_cert and tls_key go together (or neither)")
+            raise KeyProblem("tls_cert", "tls_cert and tls_key go together (or neither)")
         for key in ("tls_cert", "tls_key"):
             value = getattr(self, key)
             if value is not None and not os.path.isabs(value):
-                raise _KeyError(key, f"expected an absolute path, got {value!r}")
+                raise KeyProblem(key, f"expected an absolute path, got {value!r}")
         https = (*self.ims_listen, *self.tls_listen)
         if self.tls_cert is None and any(not is_loopback(t.host) for t in https):
-            raise _KeyError(
+            raise KeyProblem(
                 "tls_cert",
                 "a non-loopback HTTPS listener needs tls_cert and tls_key: the local CA "
                 "signs loopback names only (its name constraints)",
@@ -227,7 +174,7 @@ class ServerSettings(_Model):
         bound = [str(x) for x in (*self.listen, *https)]
         if len(set(bound)) != len(bound):
             twice = next(b for b in bound if bound.count(b) > 1)
-            raise _KeyError("listen", f"{twice} is named twice (listen, ims_listen, tls_listen)")
+            raise KeyProblem("listen", f"{twice} is named twice (listen, ims_listen, tls_listen)")
         return self
 
     @field_validator("socket_mode", mode="before")
@@ -240,7 +187,7 @@ class ServerSettings(_Model):
         return value
 
 
-class ClientSettings(_Model):
+class ClientSettings(Model):
     """One ``[clients.NAME]`` table: who holds a key, and what it may read."""
 
     name: str
@@ -250,210 +197,34 @@ class ClientSettings(_Model):
     @model_validator(mode="before")
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
-        data = _named(data, info)
+        data = named(data, info)
         digest = data.get("key_sha256")
         if isinstance(digest, str):
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise _KeyError("key_sha256", "expected 64 lower-case hex digits (a SHA-256)")
+                raise KeyProblem("key_sha256", "expected 64 lower-case hex digits (a SHA-256)")
             data["key_sha256"] = bytes.fromhex(digest)
         names = data.get("credentials")
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             if not names:
-                raise _KeyError("credentials", 'expected at least one name, or ["*"]')
+                raise KeyProblem("credentials", 'expected at least one name, or ["*"]')
             if "*" in names:
                 data["credentials"] = None
             else:
                 known = (info.context or {}).get("credentials", ())
                 unknown = [n for n in names if n not in known]
                 if unknown:
-                    raise _KeyError(
+                    raise KeyProblem(
                         "credentials",
                         f"no credential named {unknown[0]!r} "
                         f'(configured: {", ".join(sorted(known)) or "none"}; "*" means all)',
                     )
                 data["credentials"] = frozenset(names)
         elif "credentials" not in data:
-            raise _KeyError("credentials", "required key is missing")
+            raise KeyProblem("credentials", "required key is missing")
         return data
 
 
-class CredentialBase(RefreshKeys):
-    """What every ``[credentials.NAME]`` table has; the refresh keys default to [refresh]."""
-
-    name: str
-    provider: str
-    client_id: str = Field(min_length=1)
-    scopes: tuple[str, ...] = ()
-    secret: SecretRef
-    # Unix-socket peers allowed to read this credential (SO_PEERCRED); None: no restriction.
-    allow_uids: frozenset[Annotated[int, Field(ge=0)]] | None = None
-    allow_gids: frozenset[Annotated[int, Field(ge=0)]] | None = None
-    ca_file: str | None = None  # a private CA that alone is trusted for this issuer
-    #: Static headers some APIs need besides the token's (Experience Platform's
-    #: x-sandbox-name, Analytics' x-proxy-global-company-id); not secrets.
-    headers: tuple[tuple[str, str], ...] = ()
-
-    @field_validator("headers", mode="before")
-    @classmethod
-    def _headers(cls, value: object) -> object:
-        if not isinstance(value, dict):
-            return value
-        pairs = []
-        for name, text in value.items():
-            if not isinstance(text, str):
-                raise ValueError(f"{name!r}: expected a string value")
-            pairs.append(check_header(name, text))
-        return tuple(pairs)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shape(cls, data: Any, info: ValidationInfo) -> Any:
-        data = _named(data, info)
-        context = info.context or {}
-        for key, value in context.get("refresh", {}).items():
-            data.setdefault(key, value)  # [refresh] fills what the table does not set
-        for key in ("scopes", "allow_uids", "allow_gids"):
-            if isinstance(data.get(key), list):
-                data[key] = (tuple if key == "scopes" else frozenset)(data[key])
-        text = data.get("secret", "keyring")
-        if not isinstance(text, str):
-            raise _KeyError("secret", "expected a string")
-        try:
-            data["secret"] = SecretRef.parse(text, data["name"])
-        except ValueError as exc:
-            raise _KeyError("secret", str(exc)) from None
-        if isinstance(data.get("ca_file"), str):
-            _check_ca_file(data["ca_file"])
-        return data
-
-    @property
-    def peer_restricted(self) -> bool:
-        return self.allow_uids is not None or self.allow_gids is not None
-
-
-class AdobeSettings(CredentialBase):
-    """``provider = "adobe"``: Adobe IMS OAuth Server-to-Server."""
-
-    provider: Literal["adobe"]
-    org_id: str | None = None
-    ims_url: str = DEFAULT_IMS_URL
-    # Secret cycling through the I/O Management API (docs/credentials.md).
-    # workspace.details.credentials[].id; it goes into a URL path, so no '/', '?', '#'
-    credential_id: str | None = None
-    console_org_id: str | None = Field(None, min_length=1)  # project.org.id (numeric)
-    console_url: str = DEFAULT_CONSOLE_URL
-    rotate_every: Duration | None = Field(None, ge=1)  # None: no automatic cycling
-    rotate_verify: Duration = Field(300.0, gt=0)  # how long a new secret is tried at IMS
-
-    @field_validator("ims_url", "console_url")
-    @classmethod
-    def _no_trailing_slash(cls, value: str, info: ValidationInfo) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError(f"expected an https:// URL, got {value!r}")
-        if info.field_name == "console_url" and value.startswith("http://"):
-            from urllib.parse import urlsplit
-
-            host = urlsplit(value).hostname or ""
-            if host != "localhost" and not is_loopback(host):
-                # The management token (it can delete this credential's secrets) would
-                # cross the network in clear.
-                raise ValueError(f"expected an https:// URL (http only on loopback), got {value!r}")
-        return value.rstrip("/")
-
-    @field_validator("org_id")
-    @classmethod
-    def _ims_org(cls, value: str | None) -> str | None:
-        if value is not None and (not value.endswith("@AdobeOrg") or value == "@AdobeOrg"):
-            raise ValueError(
-                f"expected the IMS organization id, which ends in @AdobeOrg "
-                f"(e.g. 0123456789ABCDEF01234567@AdobeOrg; project.org.ims_org_id in the "
-                f"Developer Console project JSON), got {value!r}"
-            )
-        return value
-
-    @field_validator("credential_id")
-    @classmethod
-    def _url_safe(cls, value: str | None) -> str | None:
-        if value is not None and not NAME_RE.match(value):
-            raise ValueError(f"expected the credential's id from the project JSON, got {value!r}")
-        return value
-
-    @field_validator("console_org_id")
-    @classmethod
-    def _numeric_org(cls, value: str | None) -> str | None:
-        if value is not None and not value.isdigit():
-            raise ValueError(
-                f"expected the numeric Developer Console org id (project.org.id in the "
-                f"project JSON), not the IMS org {value!r} (that one is org_id)"
-                if value.endswith("@AdobeOrg")
-                else f"expected the numeric Developer Console org id, got {value!r}"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _cycling(self) -> AdobeSettings:
-        if self.rotate_every is None:
-            return self
-        missing = [k for k in ("credential_id", "console_org_id") if getattr(self, k) is None]
-        if missing:
-            raise _KeyError(
-                "rotate_every",
-                f"secret cycling needs {' and '.join(missing)} (`token-broker import` records "
-                "both from the Developer Console project JSON)",
-            )
-        if self.secret.kind in ("systemd", "env"):
-            raise _KeyError("rotate_every", str(self.secret.unwritable()))
-        return self
-
-    @property
-    def cycling(self) -> bool:
-        """Whether the Console ids are known, so a cycle can run (now or on schedule)."""
-        return self.credential_id is not None and self.console_org_id is not None
-
-
-class OAuth2Settings(CredentialBase):
-    """``provider = "oauth2"``: any RFC 6749 client-credentials issuer."""
-
-    provider: Literal["oauth2"]
-    token_url: str
-    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
-    params: tuple[tuple[str, str], ...] = ()  # extra form fields, in the file's order
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _pairs(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return tuple((k, v) for k, v in value.items())
-        return value
-
-
-CredentialSettings = AdobeSettings | OAuth2Settings
-
-#: Headers a static ``headers`` table may not set: the token's own, the Adobe ones the
-#: broker sets, and hop-by-hop or framing headers that belong to each connection.
-RESERVED_HEADERS = frozenset(
-    {
-        "authorization", "x-api-key", "x-gw-ims-org-id", "proxy-authorization", "cookie",
-        "host", "connection", "keep-alive", "proxy-connection", "te", "trailer",
-        "transfer-encoding", "upgrade", "content-length", "content-type", "expect",
-        "x-token-broker",
-    }
-)  # fmt: skip
-_TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2
-
-
-def check_header(name: str, value: str) -> tuple[str, str]:
-    """One static header, as RFC 9110 allows and the broker leaves to the table."""
-    if not _TOKEN_CHARS.match(name):
-        raise ValueError(f"{name!r}: not a valid header name")
-    if name.lower() in RESERVED_HEADERS:
-        raise ValueError(f"{name!r}: set by the broker or per connection, not by a table")
-    if not value.isprintable() or value != value.strip():
-        raise ValueError(f"{name!r}: the value must be printable, without surrounding spaces")
-    return name, value
-
-
-class OutputSettings(_Model):
+class OutputSettings(Model):
     """One ``[[outputs]]`` table: a file the daemon writes the token into."""
 
     index: int  # its place in the file, for messages and metrics
@@ -470,26 +241,26 @@ class OutputSettings(_Model):
         if not isinstance(data, dict):
             return data
         if "index" in data:
-            raise _KeyError("index", "unknown key")
+            raise KeyProblem("index", "unknown key")
         context = info.context or {}
         data = {**data, "index": context["index"]}
         name = data.get("credential")
         known = context.get("credentials", ())
         if isinstance(name, str) and name not in known:
-            raise _KeyError(
+            raise KeyProblem(
                 "credential",
                 f"no credential named {name!r} (configured: {', '.join(sorted(known)) or 'none'})",
             )
         path = data.get("path")
         if isinstance(path, str):
             if not os.path.isabs(path) or path.endswith("/"):
-                raise _KeyError("path", f"expected an absolute file path, got {path!r}")
+                raise KeyProblem("path", f"expected an absolute file path, got {path!r}")
             if not os.path.isdir(os.path.dirname(path)):
-                raise _KeyError("path", f"the directory {os.path.dirname(path)} does not exist")
+                raise KeyProblem("path", f"the directory {os.path.dirname(path)} does not exist")
         mode = data.get("mode")
         if isinstance(mode, str):
             if not re.fullmatch(r"0?[0-7]{3}", mode) or int(mode, 8) & 0o133:
-                raise _KeyError(
+                raise KeyProblem(
                     "mode",
                     f'expected permission bits such as "0600" or "0640" (at most 0644, '
                     f"never executable or writable by others), got {mode!r}",
@@ -502,16 +273,13 @@ class OutputSettings(_Model):
             try:
                 grp.getgrnam(group)
             except KeyError:
-                raise _KeyError("group", f"no group named {group!r} on this host") from None
+                raise KeyProblem("group", f"no group named {group!r} on this host") from None
         command = data.get("command")
         if isinstance(command, list):
             if not command or not all(isinstance(a, str) and a for a in command):
-                raise _KeyError("command", "expected a non-empty list of strings (an argv)")
+                raise KeyProblem("command", "expected a non-empty list of strings (an argv)")
             data["command"] = tuple(command)
         return data
-
-
-_PROVIDERS: dict[str, type[CredentialBase]] = {"adobe": AdobeSettings, "oauth2": OAuth2Settings}
 
 
 @dataclass(frozen=True)
@@ -523,6 +291,16 @@ class Settings:
     path: Path | None = None
     clients: dict[str, ClientSettings] = field(default_factory=dict)
     outputs: tuple[OutputSettings, ...] = ()
+
+    def file_modes(self) -> list[FileMode]:
+        """The config file and every secret file it names, with what is wrong with each
+        (a secret file others may read; a config file others may change: they could
+        point ``token_url`` at their own server and receive the secret)."""
+        found = [file_mode(self.path, "config file", secret=False)] if self.path else []
+        for name, cred in self.credentials.items():
+            if (target := cred.secret.file()) is not None:
+                found.append(file_mode(target, f"secret file of {name!r}", secret=True))
+        return [f for f in found if f is not None]
 
     def default_name(self) -> str | None:
         """The credential served by ``GET /token``."""
@@ -651,7 +429,7 @@ def _check_cycled_secrets(settings: Settings, source: Path) -> None:
     file: a user's `token-broker list` need not be able to write root's secret file.
     """
     for name, cred in settings.credentials.items():
-        if getattr(cred, "rotate_every", None) is not None:
+        if cred.cycles_secret:
             problem = cred.secret.unwritable()
             if problem is not None:
                 raise ConfigError(f"{source}: [credentials.{name}] rotate_every: {problem}")
@@ -716,8 +494,7 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         if out.format == "env":
             cred = credentials[out.credential]
             try:
-                check_env_file(cred.provider, cred.client_id, getattr(cred, "org_id", None),
-                               dict(cred.headers))  # fmt: skip
+                check_env_file(cred.api_headers("t"))
             except EnvFileError as exc:
                 raise ConfigError(f"{source}: [[outputs]] #{out.index} format env: {exc}") from None
     if server.ims_listen:
@@ -776,41 +553,11 @@ def _credential(
 ) -> CredentialSettings:
     where = f"[credentials.{name}]"
     provider = table.get("provider") if isinstance(table, dict) else None
-    if isinstance(table, dict) and provider not in _PROVIDERS:
-        raise ConfigError(
-            f'{source}: {where} provider: expected "adobe" or "oauth2", got {provider!r}'
-        )
-    model = _PROVIDERS[provider] if isinstance(provider, str) else AdobeSettings
-    return _validate(model, table, source, where, {"name": name, "refresh": defaults})  # type: ignore[return-value]
-
-
-def _check_ca_file(path: str) -> None:
-    """A ``ca_file`` must be an absolute path to PEM certificates that load."""
-    if not os.path.isabs(path):
-        raise _KeyError("ca_file", f"expected an absolute path, got {path!r}")
-    try:
-        ssl.create_default_context(cafile=path)
-    except FileNotFoundError:
-        raise _KeyError("ca_file", f"{path} does not exist") from None
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-        raise _KeyError("ca_file", f"{path} holds no usable PEM certificate ({reason})") from None
-
-
-def _named(data: Any, info: ValidationInfo) -> Any:
-    """The table with the name it has in the file (``[credentials.NAME]``) added."""
-    if not isinstance(data, dict):
-        return data
-    if "name" in data:
-        raise _KeyError("name", "unknown key")
-    return {**data, "name": (info.context or {})["name"]}
-
-
-class _KeyError(ValueError):
-    """A validator's complaint about one key of the table."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+    if isinstance(table, dict) and provider not in PROVIDERS:
+        known = " or ".join(f'"{p}"' for p in PROVIDERS)
+        raise ConfigError(f"{source}: {where} provider: expected {known}, got {provider!r}")
+    model = PROVIDERS[provider] if isinstance(provider, str) else PROVIDERS["adobe"]
+    return _validate(model, table, source, where, {"name": name, "refresh": defaults})
 
 
 #: Fields the loader fills in (from the table's name or place), never written by a user.
@@ -853,7 +600,7 @@ def _validate(
         msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
         # TOML has arrays; that they become tuples and sets here is ours to know.
         msg = re.sub(r"valid (tuple|frozenset|set)\b", "valid list", msg)
-        if err["type"] == "value_error":  # our own sentence; a _KeyError names its key
+        if err["type"] == "value_error":  # our own sentence; a KeyProblem names its key
             text = f"{where} {key}: {msg}" if key else f"{where} {msg}"
         else:
             got = "" if err["type"] in _MESSAGES else f" (got {type(err['input']).__name__})"

@@ -579,7 +579,7 @@ async def run(
     With ``rotate_every`` the credential is an Adobe one whose secret the broker
     cycles through the issuer's I/O Management API (DESIGN §11) that often.
     """
-    from broker import config, server
+    from broker import config, daemon, server
 
     issuer = DemoIssuer(lifetime=lifetime)
     secret = secrets.token_urlsafe(24)
@@ -619,7 +619,7 @@ async def run(
         issuer_srv = issuer_server(issuer)
         issuer_task = asyncio.create_task(issuer_srv.serve(sockets=[issuer_sock]))
         try:
-            await server.serve(settings, sockets, redactor=redactor, state_directory=Path(tmp))
+            await daemon.serve(settings, sockets, redactor=redactor, state_directory=Path(tmp))
         finally:
             server.remove_socket_files(own)
             issuer_srv.request_exit()

@@ -2,7 +2,7 @@
 
 ::
 
-    BrokerError
+    BrokerError                          (HTTP answer: http_status, code, http_headers())
      ├── ConfigError          a config file that cannot be used (names file and key)
      │    ├── TlsError        a CA, certificate or key that cannot be used (names the file)
      │    └── UnsafePath      a directory or file of the daemon's own that others could change
@@ -12,7 +12,7 @@
      ├── TokenUnavailable     no servable token right now (retry_after)
      ├── RefreshCooldown      a forced refresh asked for too soon (retry_after)
      ├── RotateCooldown       a secret cycle asked for too soon after the last (retry_after)
-     ├── AccessDenied         no or a wrong client key (401), or not allowed to read (403)
+     ├── Refused              a request refused by a guard or an access rule (400-505, rule)
      ├── UnknownCredential    no credential of that name
      └── BrokerClientError    broker.client: the running broker could not give what was asked
           ├── BrokerUnavailable   cannot connect, or 503 token_unavailable (retry_after)
@@ -20,23 +20,42 @@
 
 No message in this tree ever carries a secret or a whole token: messages are
 built from names, codes and the issuer's own error fields only.
+
+Each class says how the HTTP API answers it (``http_status``, ``code``,
+:meth:`BrokerError.http_headers`, :meth:`BrokerError.http_body`): the main API
+and the IMS-compatible endpoint read those, and nothing else maps an error to a
+status.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
 class BrokerError(Exception):
     """Root of every error token-broker raises on purpose."""
 
+    http_status: int = 500
+    code: str = "internal_error"
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers the answer to this error carries (Retry-After, WWW-Authenticate)."""
+        return {}
+
+    def http_body(self) -> dict[str, object]:
+        """The JSON body of the answer: ``{"error": code, "detail": sentence}``."""
+        return {"error": self.code, "detail": str(self)}
+
 
 class ConfigError(BrokerError):
     """The configuration is missing, malformed or invalid."""
 
+    http_status, code = 400, "config_error"
+
 
 class TlsError(ConfigError):
-    """A local CA, leaf, or ``tls_cert`` / ``tls_key`` file cannot be used (DESIGN §10)."""
+    """A local CA, leaf, or ``tls_cert`` / ``tls_key`` file cannot be used."""
 
 
 class UnsafePath(ConfigError):
@@ -46,6 +65,8 @@ class UnsafePath(ConfigError):
 
 class SecretError(BrokerError):
     """A secret reference could not be resolved to a secret."""
+
+    http_status, code = 502, "secret_unavailable"
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,8 @@ class IssuerError(BrokerError):
     ``description`` the OAuth error fields (or our own code for transport and
     parse failures), ``debug_id`` Adobe's ``x-debug-id`` header.
     """
+
+    http_status, code = 502, "issuer_error"
 
     def __init__(
         self,
@@ -148,7 +171,7 @@ def _issuer_summary(status: int | None, error: str, description: str, debug_id: 
 
 
 class CycleError(BrokerError):
-    """A secret cycle (DESIGN §11) did not complete.
+    """A secret cycle did not complete (docs/architecture.md, "A secret cycle").
 
     ``outcome`` is a bounded label (the rotations metric): ``conflict`` (two
     secrets at Adobe and the other is not the broker's: nothing was changed),
@@ -171,9 +194,31 @@ class CycleError(BrokerError):
         self.request_id = request_id
         super().__init__(detail)
 
+    @property  # type: ignore[override]  # per outcome, not per class
+    def http_status(self) -> int:
+        return 409 if self.outcome in ("conflict", "busy") else 502
 
-class TokenUnavailable(BrokerError):
+    @property  # type: ignore[override]
+    def code(self) -> str:
+        return f"cycle_{self.outcome}"
+
+    def http_body(self) -> dict[str, object]:
+        return {**super().http_body(), "x_request_id": self.request_id}
+
+
+class _RetryAfter(BrokerError):
+    """An error whose answer says when to ask again (``retry_after`` seconds)."""
+
+    retry_after: float
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(math.ceil(self.retry_after))}
+
+
+class TokenUnavailable(_RetryAfter):
     """No servable token exists for a credential at the moment."""
+
+    http_status, code = 503, "token_unavailable"
 
     def __init__(
         self,
@@ -188,9 +233,14 @@ class TokenUnavailable(BrokerError):
         self.last_error = last_error  # ErrorInfo.as_json() of the last failed attempt
         super().__init__(detail)
 
+    def http_body(self) -> dict[str, object]:
+        return {**super().http_body(), "last_error": self.last_error}
 
-class RefreshCooldown(BrokerError):
+
+class RefreshCooldown(_RetryAfter):
     """A forced refresh came within ``force_cooldown`` or while the issuer's Retry-After runs."""
+
+    http_status, code = 429, "refresh_cooldown"
 
     def __init__(self, name: str, *, retry_after: float) -> None:
         self.name = name
@@ -200,9 +250,11 @@ class RefreshCooldown(BrokerError):
         )
 
 
-class RotateCooldown(BrokerError):
+class RotateCooldown(_RetryAfter):
     """A secret cycle asked for too soon after the last one (each creates and deletes a
     secret at Adobe); ``retry_after``: seconds until one may be asked for again."""
+
+    http_status, code = 429, "rotate_cooldown"
 
     def __init__(self, name: str, detail: str, *, retry_after: float) -> None:
         self.name = name
@@ -210,21 +262,30 @@ class RotateCooldown(BrokerError):
         super().__init__(detail)
 
 
-class AccessDenied(BrokerError):
-    """The request may not read what it asked for (DESIGN §4: 401 / 403).
+class Refused(BrokerError):
+    """A request refused by a guard or an access rule, or by the HTTP parser.
 
-    ``rule`` is a bounded label for the rejected-requests metric.
+    ``http_status`` 400 (``bad_request``, a malformed request), 401
+    (``unauthorized``: no or a wrong client key), 403 (``forbidden``), 408, 411,
+    413, 431, 505; ``rule`` is a bounded label for the rejected-requests metric.
     """
 
-    def __init__(self, status: int, detail: str, rule: str) -> None:
-        self.status = status
-        self.code = "unauthorized" if status == 401 else "forbidden"
+    def __init__(self, status: int, detail: str, rule: str, code: str | None = None) -> None:
+        self.http_status = status
+        self.code = code or {401: "unauthorized", 403: "forbidden"}.get(status, "bad_request")
         self.rule = rule
         super().__init__(detail)
+
+    def http_headers(self) -> dict[str, str]:
+        return (
+            {"WWW-Authenticate": 'Bearer realm="token-broker"'} if self.http_status == 401 else {}
+        )
 
 
 class UnknownCredential(BrokerError, LookupError):
     """No credential of that name (or no default credential) is configured."""
+
+    http_status, code = 404, "unknown_credential"
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -235,3 +296,15 @@ class UnknownCredential(BrokerError, LookupError):
             shown = name if len(name) <= 64 else name[:64] + "…"
             msg = f"no credential named {shown!r}"
         super().__init__(msg)
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, innermost last (bounded:
+    a chain may loop). Libraries wrap the error a user can act on (httpx wraps ssl's,
+    keyring wraps D-Bus's): this is how it is found."""
+    found = [exc]
+    while len(found) < 10 and (inner := found[-1].__cause__ or found[-1].__context__):
+        if inner in found:
+            break
+        found.append(inner)
+    return found

@@ -22,12 +22,11 @@ from datetime import datetime
 from typing import Any
 
 from broker.client import KEY_ENV, KEY_FILE_ENV, BrokerClientError, TokenBroker
-from broker.variables import FIELDS, Taken, variables
+from broker.variables import FIELDS, TokenExport, variables
 
 DEFAULT_MIN_REMAINING = 600.0  # "10m"
 #: Headers that have variables of their own; any other header of the credential (its static
 #: ``headers`` table) becomes TOKEN_BROKER_HEADER_<NAME>.
-_OWN_HEADERS = frozenset({"authorization", "x-api-key", "x-gw-ims-org-id"})
 _VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Token and headers come from two requests; a refresh between them is retried this often.
 _ATTEMPTS = 3
@@ -76,7 +75,7 @@ def _epoch(value: object) -> float | None:
         return None
 
 
-def take(broker: TokenBroker, name: str | None, min_remaining: float) -> Taken:
+def take(broker: TokenBroker, name: str | None, min_remaining: float) -> TokenExport:
     """Ask the broker for the token (refreshed first if too little is left) and its headers."""
     status = broker.status(name)
     name = str(status["name"])
@@ -91,21 +90,19 @@ def take(broker: TokenBroker, name: str | None, min_remaining: float) -> Taken:
         info = broker._token_info(name)  # a refresh came between the two requests
     else:
         raise LookupError(f"the token of {name!r} kept changing while it was read; try again")
-    lower = {k.lower(): v for k, v in headers.items()}
-    return Taken(
+    client_id = status.get("client_id")
+    return TokenExport(
         name=name,
-        provider=str(status.get("provider")),
         access_token=str(info["access_token"]),
         expires_at=str(info.get("expires_at")),
         expires_in=float(info.get("expires_in", 0)),
-        client_id=lower.get("x-api-key") or status.get("client_id"),
-        org_id=lower.get("x-gw-ims-org-id"),
-        extra={k: v for k, v in headers.items() if k.lower() not in _OWN_HEADERS},
+        client_id=client_id if isinstance(client_id, str) else None,
+        headers=headers,
     )
 
 
 def environment(
-    taken: Taken, asked: Sequence[tuple[str, str]], base: Mapping[str, str], *, pass_key: bool
+    taken: TokenExport, asked: Sequence[tuple[str, str]], base: Mapping[str, str], *, pass_key: bool
 ) -> dict[str, str]:
     """The command's environment: ``base`` without the client key, plus the variables.
 

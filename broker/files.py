@@ -2,7 +2,7 @@
 
 The local CA (:mod:`broker.tls`), the file outputs (:mod:`broker.outputs`),
 ``file:`` secrets rewritten by secret cycling and the cycling state
-(:mod:`broker.console`) all go through :func:`atomic_write`, so each of them
+(:mod:`broker.cycling`) all go through :func:`atomic_write`, so each of them
 is either the old file or the new one, never a torn write, and has its mode
 (and owner) from its first byte.
 

@@ -22,30 +22,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
+from broker.errors import Refused
 from broker.net import is_loopback
 
 _LOOPBACK_NAMES = (b"localhost", b"127.0.0.1", b"[::1]")
 
 
-class Rejection(NamedTuple):
-    """Why a request is refused; ``rule`` is a bounded label for metrics."""
-
-    status: int
-    error: str
-    detail: str
-    rule: str
-
-
-_NO_VERSION = Rejection(400, "bad_request", "the request line has no HTTP version", "version")
-_VERSION = Rejection(505, "bad_request", "only HTTP/1.1 and HTTP/1.0 are served", "version")
-_BROWSER = Rejection(403, "forbidden", "browser requests are refused", "browser")
-_PROXIED = Rejection(403, "forbidden", "proxied requests are refused", "proxied")
-_PEER = Rejection(403, "forbidden", "only loopback peers are served", "peer")
-_HOST = Rejection(403, "forbidden", "Host must be localhost, 127.0.0.1 or [::1]", "host")
-_NO_HOST = Rejection(400, "bad_request", "an HTTP/1.1 request needs a Host header", "bad_host")
-_BAD_HOST = Rejection(400, "bad_request", "the Host header is not a valid host[:port]", "bad_host")
+_NO_VERSION = Refused(400, "the request line has no HTTP version", "version")
+_VERSION = Refused(505, "only HTTP/1.1 and HTTP/1.0 are served", "version")
+_BROWSER = Refused(403, "browser requests are refused", "browser")
+_PROXIED = Refused(403, "proxied requests are refused", "proxied")
+_PEER = Refused(403, "only loopback peers are served", "peer")
+_HOST = Refused(403, "Host must be localhost, 127.0.0.1 or [::1]", "host")
+_NO_HOST = Refused(400, "an HTTP/1.1 request needs a Host header", "bad_host")
+_BAD_HOST = Refused(400, "the Host header is not a valid host[:port]", "bad_host")
 
 #: RFC 9110 §7.2 ``Host = uri-host [ ":" port ]``, uri-host from RFC 3986 §3.2.2: an IP
 #: literal in brackets, or a reg-name (unreserved, pct-encoded, sub-delims; IPv4 is one too).
@@ -62,7 +54,7 @@ def valid_host(value: bytes) -> bool:
     return _VALID_HOST.fullmatch(value) is not None
 
 
-def host_rejection(host: bytes | None, version: str) -> Rejection:
+def host_rejection(host: bytes | None, version: str) -> Refused:
     """Why a ``Host`` that does not name this broker is refused: 400 when it is missing in
     HTTP/1.1 or malformed (RFC 9112 §3.2), else 403 (another host: DNS rebinding)."""
     if host is None:
@@ -70,13 +62,13 @@ def host_rejection(host: bytes | None, version: str) -> Rejection:
     return _HOST if valid_host(host) else _BAD_HOST
 
 
-def duplicate(name: bytes) -> Rejection:
+def duplicate(name: bytes) -> Refused:
     shown = name.decode("latin-1")
-    return Rejection(400, "bad_request", f"duplicate {shown} header", "duplicate")
+    return Refused(400, f"duplicate {shown} header", "duplicate")
 
 
-def header_rejection(header: str) -> Rejection:
-    return Rejection(403, "forbidden", f"the {header} header is required", "header")
+def header_rejection(header: str) -> Refused:
+    return Refused(403, f"the {header} header is required", "header")
 
 
 def refusal(
@@ -86,7 +78,7 @@ def refusal(
     remote: bool = False,
     own_address: bool = False,
     names: frozenset[bytes] = frozenset(),
-) -> Rejection | None:
+) -> Refused | None:
     """Return why the request in ``scope`` is refused, or None if it may pass.
 
     ``header`` is the lower-cased name of the required header, or None when

@@ -18,22 +18,17 @@ small form bounded by the protocol (:class:`broker.protocol.FormProtocol`).
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
 from broker import access, guards
+from broker.asgi import Receive, Scope, Send, respond
 from broker.config import Settings
-from broker.errors import BrokerError, TokenUnavailable
+from broker.errors import BrokerError, Refused, TokenUnavailable
 from broker.manager import Manager
 from broker.metrics import RequestCounters
 from broker.tokens import Clock
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 PATHS = frozenset({"/ims/token/v2", "/ims/token/v2/", "/ims/token/v3", "/ims/token/v3/"})
 FORM = b"application/x-www-form-urlencoded"
@@ -41,16 +36,21 @@ FORM = b"application/x-www-form-urlencoded"
 MAX_FORM = 8 * 1024
 
 
-class ImsError(Exception):
-    """An answer in IMS's error shape."""
+#: IMS's own answers have this content type.
+_IMS_JSON = b"application/json;charset=utf-8"
+
+
+class ImsError(Refused):
+    """A refusal with one of IMS's own error codes (``invalid_client``, ``invalid_scope``...)."""
 
     def __init__(
-        self, status: int, error: str, description: str, rule: str, *, retry_after: int = 0
+        self, status: int, code: str, description: str, rule: str, *, retry_after: int = 0
     ) -> None:
-        super().__init__(description)
-        self.status, self.error, self.description = status, error, description
-        self.rule = rule  # the rejected-requests metric's reason
+        super().__init__(status, description, rule, code)
         self.retry_after = retry_after
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
 
 
 class ImsApp:
@@ -61,44 +61,36 @@ class ImsApp:
     ``header_timeout`` later, and a token may be waited for) is refused like any other.
     """
 
-    def __init__(self, manager: Manager, counters: RequestCounters, clock: Clock) -> None:
+    def __init__(
+        self, manager: Manager, counters: RequestCounters, clock: Clock, settings: Settings
+    ) -> None:
         self.manager = manager
         self.counters = counters
         self.clock = clock
-        self._settings = manager.settings
-        self._rules = access.Access(manager.settings)
-        self._by_client_id = _by_client_id(manager)
+        self.use(settings)
 
-    def _current(self) -> None:
-        """Use the rules of the settings in force (a reload may have replaced them)."""
-        if self.manager.settings is not self._settings:
-            self._settings = self.manager.settings
-            self._rules = access.Access(self.manager.settings)
-            self._by_client_id = _by_client_id(self.manager)
+    def use(self, settings: Settings) -> None:
+        """Take the settings of a (re)load: their access rules, built once here."""
+        self._settings = settings
+        self._rules = access.Access(settings)
+        self._by_client_id = {c.client_id: n for n, c in settings.credentials.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return  # lifespan: the main listener's app starts and stops the manager
-        self._current()
+            return  # no lifespan: the daemon starts and stops what this app reads
         remote = self._settings.server.allow_remote
-        rejection = guards.refusal(scope, None, remote=remote, own_address=True)
-        if rejection is not None:
-            self.counters.rejected[rejection.rule] += 1
-            await _reply(
-                send,
-                rejection.status,
-                {"error": rejection.error, "error_description": rejection.detail},
-            )
-            return
+        refused = guards.refusal(scope, None, remote=remote, own_address=True)
         try:
+            if refused is not None:
+                raise refused
             body = await self._token(scope, receive)
-        except ImsError as exc:
+        except Refused as exc:
             self.counters.rejected[exc.rule] += 1
-            headers = [(b"retry-after", b"%d" % exc.retry_after)] if exc.retry_after else []
-            body = {"error": exc.error, "error_description": exc.description}
-            await _reply(send, exc.status, body, headers)
+            answer = {"error": exc.code, "error_description": str(exc)}
+            await respond(send, exc.http_status, answer, content_type=_IMS_JSON,
+                          headers=exc.http_headers())  # fmt: skip
             return
-        await _reply(send, 200, body)
+        await respond(send, 200, body, content_type=_IMS_JSON)
 
     async def _token(self, scope: Scope, receive: Receive) -> dict[str, object]:
         if scope["path"] not in PATHS:
@@ -143,7 +135,7 @@ class ImsApp:
                 raise ImsError(
                     503, "temporarily_unavailable", str(exc), "unavailable", retry_after=1
                 ) from None
-            if self.manager.settings is not settings:  # reloaded while the token was awaited
+            if self._settings is not settings:  # reloaded while the token was awaited
                 if self._authorized(form)[0] != name:  # its client_id names another now
                     raise ImsError(401, "invalid_client", "invalid client_id or client_secret",
                                    "bad_key")  # fmt: skip
@@ -156,8 +148,8 @@ class ImsApp:
 
     def _authorized(self, form: dict[str, str]) -> tuple[str, Settings]:
         """Raise ImsError unless the form's key may read the credential its client_id
-        names, under the settings in force now; return that name and those settings."""
-        self._current()  # the form arrived after the head: a reload may have come between
+        names, under the settings in force now (the form arrives after the head: a reload
+        may have come between); return that name and those settings."""
         name = self._by_client_id.get(form.get("client_id", ""))
         key = form.get("client_secret", "").encode()
         client = self._rules.client_of(key) if key else None
@@ -173,10 +165,6 @@ class ImsApp:
                 "peer",
             )
         return name, self._settings
-
-
-def _by_client_id(manager: Manager) -> dict[str, str]:
-    return {c.client_id: name for name, c in manager.settings.credentials.items()}
 
 
 def _may_read(client: Any, name: str) -> bool:
@@ -211,18 +199,3 @@ async def _form(scope: Scope, receive: Receive) -> dict[str, str]:
             raise ImsError(400, "invalid_request", f"the field {key!r} is given twice", "ims_form")
         form[key] = value
     return form
-
-
-async def _reply(
-    send: Send, status: int, body: dict[str, object], extra: list[tuple[bytes, bytes]] = ()
-) -> None:  # type: ignore[assignment]
-    data = json.dumps(body).encode()
-    headers = [
-        (b"content-type", b"application/json;charset=utf-8"),
-        (b"content-length", str(len(data)).encode()),
-        (b"cache-control", b"no-store"),
-        (b"x-content-type-options", b"nosniff"),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})

@@ -2,13 +2,14 @@
 
 The scheduler is an optimisation: :meth:`Manager.token` checks expiry on
 every call, so a missed job can never serve an expired token. Time comes from
-an injected clock and jobs go through a small :class:`Scheduler` interface,
-so the whole lifecycle runs under a fake clock in tests. What the manager
-needs from the outside is handed in: the HTTP client, the clock, the
-scheduler, the metrics :class:`~broker.metrics.Recorder`, the log
-:class:`~broker.logs.Redactor` and a callback for reload notifications. What
-to do on a reload is decided by :func:`broker.config.changes`, a pure
-function; what the status JSON looks like is the API's business.
+an injected clock and jobs go through a small :class:`~broker.scheduler.Scheduler`
+interface, so the whole lifecycle runs under a fake clock in tests. What the
+manager needs from the outside is handed in at construction (by the daemon,
+:mod:`broker.daemon`): the HTTP clients, the clock, the scheduler, the metrics
+:class:`~broker.metrics.Recorder`, the log :class:`~broker.logs.Redactor`, the
+secret stores' context and who to tell about each new token. What to do on a
+reload is decided by :func:`broker.config.changes`, a pure function; what the
+status JSON looks like is the API's business.
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
 
 import httpx
 
-from broker import config, secrets
-from broker.config import CredentialSettings, Settings
+from broker import config
+from broker.config import Settings
 from broker.errors import (
     BrokerError,
-    ConfigError,
     ErrorInfo,
     IssuerError,
     RefreshCooldown,
@@ -40,8 +38,10 @@ from broker.errors import (
 )
 from broker.logs import Redactor
 from broker.metrics import Recorder
-from broker.providers import fetch_token, issuer_client, token_request
-from broker.providers.base import Issued
+from broker.providers import IssuedToken, IssuerClients, request_token
+from broker.scheduler import Scheduler
+from broker.schema import CredentialSettings
+from broker.stores import NO_CONTEXT, Context
 from broker.tokens import Clock, Token, refresh_at, retry_delay, rfc3339, servable, serve_until
 
 log = logging.getLogger("broker.refresh")
@@ -50,58 +50,6 @@ log = logging.getLogger("broker.refresh")
 #: cold start would otherwise open hundreds of connections at the same moment and
 #: time most of them out; the timeout clock starts only once a slot is free.
 MAX_CONCURRENT_REFRESHES = 10
-
-Job = Callable[[str], Awaitable[None]]  # called with the credential name
-
-
-class Scheduler(Protocol):
-    """Where refresh jobs live: one job per credential, replaced on every schedule."""
-
-    def start(self) -> None: ...
-    def schedule(self, name: str, when: float, job: Job) -> None: ...
-    def cancel(self, name: str) -> None: ...
-    def shutdown(self) -> None: ...
-
-
-class APScheduler:
-    """:class:`Scheduler` on APScheduler 3's AsyncIOScheduler (timers, no polling)."""
-
-    def __init__(self) -> None:
-        from apscheduler.events import EVENT_JOB_ERROR
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-        # A date job is removed when it is submitted, so every schedule is a fresh
-        # add_job(replace_existing=True); a late job still runs (misfire_grace_time=None).
-        self._sched = AsyncIOScheduler(
-            timezone=UTC,
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
-        )
-        self._sched.add_listener(self._on_error, EVENT_JOB_ERROR)
-
-    def start(self) -> None:
-        self._sched.start()  # must run inside the event loop (APScheduler 3.11)
-
-    def schedule(self, name: str, when: float, job: Job) -> None:
-        self._sched.add_job(
-            job,  # a coroutine function, so the AsyncIOExecutor awaits it on the loop
-            args=[name],
-            trigger="date",
-            run_date=datetime.fromtimestamp(when, UTC),
-            id=name,
-            replace_existing=True,
-        )
-
-    def cancel(self, name: str) -> None:
-        if self._sched.get_job(name) is not None:
-            self._sched.remove_job(name)
-
-    def shutdown(self) -> None:
-        if self._sched.running:
-            self._sched.shutdown(wait=False)
-
-    @staticmethod
-    def _on_error(event: Any) -> None:
-        log.error("refresh job %s raised %r", event.job_id, event.exception)
 
 
 @dataclass(eq=False)
@@ -141,20 +89,23 @@ class Credential:
 class Manager:
     """Keeps a servable token for every configured credential.
 
-    The manager owns the HTTP client it is given and closes it in :meth:`close`.
+    ``client``: the issuers' HTTP clients (or one client for all), closed in
+    :meth:`close`. ``scheduler`` is started and stopped by whoever built it (the
+    daemon shares it with the secret cycling). ``on_token`` hears of every new
+    token (the daemon passes it on to the file outputs).
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | IssuerClients,
         clock: Clock,
         scheduler: Scheduler,
         rand: Callable[[], float] = random.random,
         recorder: Recorder | None = None,
         redactor: Redactor | None = None,
-        on_reload: Callable[[bool], object] = lambda done: None,
+        stores: Context = NO_CONTEXT,
         on_token: Callable[[Credential], object] = lambda credential: None,
     ) -> None:
         self.settings = settings
@@ -162,24 +113,19 @@ class Manager:
         # Secrets and tokens this manager holds, kept out of every log line it writes.
         self.redactor = redactor or Redactor()
         self.scheduler = scheduler
-        self.on_reload = on_reload  # called with False before a reload, True after it
-        self.on_token = on_token  # called after each new token (the file outputs)
-        self._client = client
+        self.issuers = client if isinstance(client, IssuerClients) else IssuerClients(client)
+        self._stores = stores
+        self._on_token = on_token
         self._clock = clock
         self._rand = rand
         self.credentials = {n: Credential(c) for n, c in settings.credentials.items()}
         self.default = settings.default_name()
-        self._ca_clients: dict[str, httpx.AsyncClient] = {}  # per ca_file
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REFRESHES)
-        self._reloading = asyncio.Lock()
-        self._listen = settings.server.listen  # what the sockets were bound to
         self._stopped: asyncio.Future[None] | None = None  # set by stop_waiting()
 
     async def start(self) -> None:
-        """Start the scheduler and fetch every token eagerly, without waiting for them."""
-        _warn_file_modes(self.settings)
+        """Fetch every token eagerly, without waiting for them."""
         self._stopped = asyncio.get_running_loop().create_future()
-        self.scheduler.start()
         for credential in self.credentials.values():
             self._begin(credential)
 
@@ -226,39 +172,12 @@ class Manager:
         return task.result()
 
     async def close(self) -> None:
-        """Stop the scheduler, cancel refreshes in flight, close the HTTP client."""
-        self.scheduler.shutdown()
+        """Cancel refreshes in flight, close the HTTP clients."""
         tasks = [e.inflight for e in self.credentials.values() if e.inflight is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._client.aclose()
-        for client in self._ca_clients.values():
-            await client.aclose()
-
-    async def reload_file(self) -> dict[str, list[str]]:
-        """Re-read the config file this daemon started from, then :meth:`reload`.
-
-        A config with errors raises ConfigError and changes nothing.
-        """
-        path = self.settings.path
-        if path is None:
-            raise ConfigError("this daemon was started without a config file: nothing to reload")
-        try:
-            settings = config.load(path, serving=True)
-        except ConfigError as exc:
-            log.error(
-                "reload refused, the running configuration stays: %s",
-                exc,
-                extra={"event": "reload_refused"},
-            )
-            raise
-        _warn_file_modes(settings)
-        result = await self.reload(settings)
-        if settings.server.listen != self._listen:
-            result["restart_needed"] = [str(listen) for listen in settings.server.listen]
-            log.warning("reload: listen addresses change only at a restart")
-        return result
+        await self.issuers.aclose()
 
     async def reload(self, settings: Settings) -> dict[str, list[str]]:
         """Apply a new, already validated configuration without dropping any token.
@@ -267,16 +186,8 @@ class Manager:
         (serving their current token meanwhile). For every credential the
         secrets are read again, so a rotated secret takes effect; a secret that
         cannot be read keeps the previous one in use. A ``failed`` credential is
-        retried.
+        retried. The caller (the daemon) runs one reload at a time.
         """
-        async with self._reloading:  # SIGHUP twice must not interleave two reloads
-            self.on_reload(False)
-            try:
-                return await self._reload(settings)
-            finally:
-                self.on_reload(True)
-
-    async def _reload(self, settings: Settings) -> dict[str, list[str]]:
         plan = config.changes(self.settings, settings)
         old = self.credentials
         for name in plan.removed:
@@ -308,7 +219,7 @@ class Manager:
         """Read a kept credential's secrets again; refresh it if it changed or had failed."""
         cred = credential.settings
         try:
-            fresh = await secrets.resolve(cred.secret, cred.name)
+            fresh = await cred.secret.read(cred.name, self._stores)
         except SecretError as exc:
             if not credential.secrets or changed:
                 self._use_secrets(credential, ())
@@ -420,15 +331,16 @@ class Manager:
             raise error
         return credential
 
-    async def switch_secret(self, name: str, secret: str, issued: Issued | None) -> None:
-        """Secret cycling switched ``name`` to ``secret`` (step 4); before the old one is
-        deleted (step 5), serve a token minted by the new one and let no refresh with the
-        old one remain in flight."""
+    async def use_secret(self, name: str, secret: str, issued: IssuedToken | None) -> None:
+        """A secret store now holds ``secret`` as ``name``'s (a cycle switched to it): use
+        it from now on, serve ``issued`` (a token it minted) if given, and return once no
+        refresh with the previous secret is in flight, so that the previous one may go."""
         credential = self.credentials.get(name)
         if credential is None:
             return
-        # The old secret stays as the fallback until step 5 is done (an IMS node that has
-        # not heard of the new one yet answers invalid_client); then the store is read again.
+        # The previous secret stays as the fallback until it is deleted at the issuer (an IMS
+        # node that has not heard of the new one yet answers invalid_client); then the store
+        # is read again (reread_secrets).
         previous = tuple(s for s in credential.secrets if s != secret)[:1]
         self._use_secrets(credential, (secret, *previous))
         credential.generation += 1  # an attempt in flight with the old secret is repeated
@@ -440,12 +352,13 @@ class Manager:
             await asyncio.wait((credential.inflight,))
 
     async def reread_secrets(self, name: str) -> None:
-        """Hold exactly what the store has now (after a cycle stopped); keep the old on error."""
+        """Hold exactly what the store has now (a cycle ended, a new version appeared); on
+        an error keep what is held."""
         credential = self.credentials.get(name)
         if credential is None:
             return
         try:
-            fresh = await secrets.resolve(credential.settings.secret, name)
+            fresh = await credential.settings.secret.read(name, self._stores)
         except SecretError as exc:
             log.warning("cycle %s: %s; keeping the secret already in use", name, exc)
             return
@@ -499,12 +412,6 @@ class Manager:
         except IssuerError as exc:
             self._failure(credential, exc)
             return exc
-        except TimeoutError:
-            err = IssuerError(
-                "timeout", f"no complete answer within {cred.policy.timeout:g}s (refresh.timeout)"
-            )
-            self._failure(credential, err)
-            return err
         except Exception as exc:  # never let an upstream surprise kill the daemon
             log.exception("refresh %s: unexpected error", cred.name)
             err = IssuerError("internal_error", f"{type(exc).__name__} while refreshing")
@@ -515,35 +422,33 @@ class Manager:
         self._success(credential, issued.token, issued.debug_id)
         return None
 
-    async def _exchange(self, credential: Credential) -> Issued:
+    async def _exchange(self, credential: Credential) -> IssuedToken:
         """Resolve the secrets if needed and ask the issuer for a token."""
         cred = credential.settings
         if not credential.secrets:
-            self._use_secrets(credential, await secrets.resolve(cred.secret, cred.name))
+            self._use_secrets(credential, await cred.secret.read(cred.name, self._stores))
         held = credential.secrets
-        try:
-            return await self._fetch(cred, held[0])
-        except IssuerError as exc:
-            if exc.error != "invalid_client":
-                raise
-            refused = exc
-        if len(held) > 1:
-            # Mid-rotation two secrets are stored and the issuer refused one: try the
-            # other once, and prefer it from now on.
+        refused: IssuerError | None = None
+        for i, secret in enumerate(held):
+            # Mid-rotation two (or, in Vault, three) secrets are stored and the issuer may
+            # refuse one: try the others in order, and prefer the one that works.
             try:
-                issued = await self._fetch(cred, held[1])
+                issued = await self._fetch(cred, secret)
             except IssuerError as exc:
                 if exc.error != "invalid_client":
                     raise
-            else:
-                self._use_secrets(credential, (held[1], held[0]))
-                log.warning("refresh %s: the issuer refused one stored secret; the other "
+                refused = refused or exc
+                continue
+            if i:
+                self._use_secrets(credential, (secret, *(s for s in held if s != secret)))
+                log.warning("refresh %s: the issuer refused a stored secret; another one "
                             "worked", cred.name)  # fmt: skip
-                return issued
+            return issued
+        assert refused is not None  # held is never empty
         # Every secret held was refused: the store may have a newer one (a cycle by
         # `token-broker rotate --auto` in another process, a file replaced by hand).
         try:
-            fresh = await secrets.resolve(cred.secret, cred.name)
+            fresh = await cred.secret.read(cred.name, self._stores)
         except SecretError:
             raise refused from None
         if fresh == held:
@@ -553,28 +458,19 @@ class Manager:
                     cred.name)  # fmt: skip
         return await self._exchange(credential)
 
-    async def _fetch(self, cred: CredentialSettings, secret: str) -> Issued:
+    async def _fetch(self, cred: CredentialSettings, secret: str) -> IssuedToken:
         async with self._slots:
             started = self._clock()  # the timeout and issued_at start once a slot is ours
             timer = time.perf_counter()
             try:
-                async with asyncio.timeout(cred.policy.timeout):
-                    return await fetch_token(
-                        self.client_for(cred), token_request(cred, secret), now=started
-                    )
+                return await request_token(
+                    self.issuers.for_(cred),
+                    cred.token_request(secret),
+                    now=started,
+                    timeout=cred.policy.timeout,
+                )
             finally:
                 self.recorder.issuer_latency(cred.name, time.perf_counter() - timer)
-
-    def client_for(self, cred: CredentialSettings) -> httpx.AsyncClient:
-        """The shared client, or the one that trusts only this credential's ``ca_file``."""
-        if cred.ca_file is None:
-            return self._client
-        client = self._ca_clients.get(cred.ca_file)
-        if client is None:
-            client = self._ca_clients[cred.ca_file] = issuer_client(
-                cred.policy.timeout, cred.ca_file
-            )
-        return client
 
     def _success(self, credential: Credential, token: Token, debug_id: str | None) -> None:
         cred = credential.settings
@@ -590,7 +486,7 @@ class Manager:
         credential.issuer_retry_until = 0.0
         when = refresh_at(token, cred.policy, self._rand)
         self._schedule(credential, when)
-        self.on_token(credential)
+        self._on_token(credential)
         self.recorder.refreshed(cred.name, "success")
         log.info(
             "refresh %s ok: expires_at=%s token=…%s x-debug-id=%s next_refresh_at=%s",
@@ -675,9 +571,3 @@ def _error_fields(event: str, credential: Credential, info: ErrorInfo) -> dict[s
         "x_debug_id": info.debug_id,
         "attempt": credential.failures,
     }
-
-
-def _warn_file_modes(settings: Settings) -> None:
-    for found in secrets.file_modes(settings):
-        if found.problem:
-            log.warning("%s", found.problem, extra={"event": "file_mode"})

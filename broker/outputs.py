@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker.config import CredentialSettings, OutputSettings
+from broker.config import OutputSettings
 from broker.files import atomic_write
 from broker.metrics import Recorder
-from broker.providers import api_headers
+from broker.schema import CredentialSettings
 from broker.tokens import Clock, Token, rfc3339
-from broker.variables import EnvFileError, Taken, env_file, variables
+from broker.variables import EnvFileError, TokenExport, env_file, variables
 
 if TYPE_CHECKING:
     from broker.manager import Credential
@@ -58,20 +58,18 @@ def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: 
         return token.access_token.encode() + b"\n"
     if output.format == "json":
         return json.dumps(token.as_json(now)).encode() + b"\n"
-    headers = api_headers(cred, token.access_token)
+    headers = cred.api_headers(token.access_token)
     if output.format == "headers":
         return json.dumps(headers).encode() + b"\n"
-    taken = Taken(
-        name=cred.name,
-        provider=cred.provider,
-        access_token=token.access_token,
-        expires_at=rfc3339(token.expires_at) or "",
-        expires_in=token.expires_at - now,
-        client_id=cred.client_id,
-        org_id=getattr(cred, "org_id", None),
-        extra=dict(cred.headers),
+    export = TokenExport(
+        cred.name,
+        token.access_token,
+        rfc3339(token.expires_at) or "",
+        token.expires_at - now,
+        cred.client_id,
+        headers,
     )
-    return env_file(variables(taken)).encode()
+    return env_file(variables(export)).encode()
 
 
 def write_file(path: Path, content: bytes, mode: int, group: str | None) -> None:

@@ -1,8 +1,9 @@
-"""Process life: listeners, uvicorn, logging.
+"""Sockets and uvicorn: what the daemon (:mod:`broker.daemon`) serves on.
 
 The daemon binds its own sockets (TCP on loopback, unix sockets with their
 mode and group) and hands them to uvicorn, with proxy-header handling off so
-that no request can rewrite its peer address.
+that no request can rewrite its peer address; :class:`Server` is uvicorn
+without its signal capture and tick, with a connection cap per listener.
 """
 
 from __future__ import annotations
@@ -13,30 +14,18 @@ import errno
 import grp
 import logging
 import os
-import signal
 import socket
 import ssl as ssl_module
 import stat
 import sys
-import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 import uvicorn
 
 from broker import connections, systemd
-from broker.api import BrokerApp, create_app
-from broker.config import ConfigError, Listen, ServerSettings, Settings, TcpListen, UnixListen
-from broker.console import Cycler
-from broker.errors import BrokerError
-from broker.files import state_dir
-from broker.logs import Redactor
-from broker.manager import APScheduler, Manager
+from broker.config import ConfigError, Listen, ServerSettings, TcpListen, UnixListen
 from broker.metrics import RequestCounters
-from broker.outputs import Outputs
-from broker.providers import issuer_client
-from broker.tokens import Clock, rfc3339
 
 log = logging.getLogger("broker.server")
 T = TypeVar("T")
@@ -220,13 +209,13 @@ def uvicorn_config(
     server: ServerSettings | None = None,
     *,
     max_body: int = 0,
-    lifespan: str = "on",
+    lifespan: str = "off",
 ) -> uvicorn.Config:
     """uvicorn's settings for one of the broker's servers.
 
-    ``max_body`` > 0: a listener that reads a small form; ``lifespan`` "off" for
-    every server but the main one, whose app starts and stops the manager. TLS is
-    not uvicorn's to set up: :class:`Server` adds it per listener.
+    ``max_body`` > 0: a listener that reads a small form. No lifespan by default: the
+    daemon starts and stops what the apps read. TLS is not uvicorn's to set up:
+    :class:`Server` adds it per listener.
     """
     from broker.protocol import protocol_class
 
@@ -234,7 +223,7 @@ def uvicorn_config(
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         http=protocol_class(header_timeout, max_body),  # peer, header deadline and size
-        proxy_headers=False,  # never rewrite the peer from X-Forwarded-For (DESIGN §7)
+        proxy_headers=False,  # never rewrite the peer from X-Forwarded-For (security model)
         server_header=False,
         date_header=False,
         access_log=False,
@@ -244,125 +233,6 @@ def uvicorn_config(
         timeout_graceful_shutdown=1,
     )
     return config
-
-
-class Https:
-    """The HTTPS listeners (DESIGN §10, §12): the IMS-compatible ones and the main API over
-    TLS, with one certificate, renewed (local CA) or re-read (user files) in place."""
-
-    def __init__(self, settings: Settings, app: BrokerApp, manager: Manager, limit: int) -> None:
-        from broker import tls  # cryptography is loaded only when TLS is configured
-        from broker.ims import MAX_FORM, ImsApp
-
-        server = settings.server
-        self.cert = tls.ServerCertificate(
-            server.tls_cert, server.tls_key, self._hosts(settings),
-            leaf_lifetime=server.tls_leaf_lifetime,
-        )  # fmt: skip
-        app.tls_names = self.names()
-        if self.cert.local_ca:
-            if self.cert.files.bundle.exists():
-                tls.write_bundle(self.cert.files)  # refreshed, should the system CAs change
-            if runtime := os.environ.get("RUNTIME_DIRECTORY"):
-                # The system unit's state directory is private to the service; the CA
-                # certificate and bundle are public: other users find them in /run.
-                self.cert.publish(Path(runtime.split(":")[0]))
-        self.servers: list[tuple[Server, list[socket.socket]]] = []
-        # The certificate's context is handed over, not files: it is renewed in place.
-        own: dict[str, Any] = {"counters": app.counters, "limit": limit, "ssl": self.cert.context}
-        if server.ims_listen:
-            ims = ImsApp(manager, app.counters, time.time)
-            config = uvicorn_config(ims, server, max_body=MAX_FORM, lifespan="off")
-            self.servers.append((Server(config, **own), bind(server.ims_listen, server)))
-        if server.tls_listen:
-            config = uvicorn_config(app, server, lifespan="off")
-            self.servers.append((Server(config, **own), bind(server.tls_listen, server)))
-        self._app = app
-
-    @staticmethod
-    def _hosts(settings: Settings) -> list[str]:
-        return [t.host for t in (*settings.server.ims_listen, *settings.server.tls_listen)]
-
-    def names(self) -> frozenset[bytes]:
-        """The certificate's DNS names: over TLS a rebinding page could not present them."""
-        return frozenset(n.lower().encode() for n in self.cert.info.dns_names)
-
-    async def serve(self) -> None:
-        for _, sockets in self.servers:
-            for sock in sockets:
-                log.info("listening on %s (HTTPS)", systemd.listen_name(sock))
-        await asyncio.gather(
-            self._renewals(), *(srv.serve(sockets=socks) for srv, socks in self.servers)
-        )
-
-    async def _renewals(self) -> None:
-        from broker.errors import TlsError
-
-        while (when := self.cert.renew_at()) is not None:
-            await asyncio.sleep(max(0.0, when - time.time()))
-            try:
-                info = self.cert.renew()
-            except TlsError as exc:
-                log.error("TLS: the leaf could not be renewed: %s; trying again in 60s", exc)
-                await asyncio.sleep(60)
-                continue
-            log.info("TLS: new leaf certificate, serial %x, valid until %s",
-                     info.serial, rfc3339(info.not_after))  # fmt: skip
-
-    def reloaded(self, settings: Settings) -> None:
-        """Read tls_cert/tls_key again (cert-manager renewed them), or re-issue for new hosts."""
-        from broker.errors import TlsError
-
-        server = settings.server
-        try:
-            self.cert.reload(server.tls_cert, server.tls_key, self._hosts(settings))
-        except TlsError as exc:
-            log.error("reload: TLS certificate not changed: %s", exc)
-        self._app.tls_names = self.names()
-
-    def request_exit(self) -> None:
-        for srv, _ in self.servers:
-            srv.request_exit()
-
-
-def build(
-    settings: Settings,
-    *,
-    redactor: Redactor,
-    clock: Clock = time.time,
-    state_directory: Path | None = None,
-) -> tuple[BrokerApp, Manager, Outputs]:
-    """The ASGI app, its manager, its secret cycling and the file outputs for ``settings``.
-
-    ``redactor`` is the one the log handlers apply (:func:`broker.logs.setup`):
-    the manager registers there the secrets and tokens it holds. The cycling
-    state lives in ``state_directory`` (default: :func:`broker.files.state_dir`).
-    """
-    longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
-    manager = Manager(
-        settings,
-        client=issuer_client(longest),
-        clock=clock,
-        scheduler=APScheduler(),
-        redactor=redactor,
-    )
-    outputs = Outputs(settings.outputs, recorder=manager.recorder, clock=clock)
-    cycler = Cycler(manager, state_directory or state_dir(), clock=clock)
-    manager.on_token = outputs.refreshed
-    manager.on_reload = lambda done: _reloaded(manager, outputs, cycler, done)
-    return create_app(manager, clock=clock, cycler=cycler), manager, outputs
-
-
-def _reloaded(manager: Manager, outputs: Outputs, cycler: Cycler, done: bool) -> None:
-    """Tell systemd a reload begins (RELOADING=1 with the monotonic clock) or ended; once
-    ended, the file outputs and cycling schedules of the new config are in force."""
-    if done:
-        outputs.use(manager.settings.outputs, manager.credentials)
-        cycler.start()
-        systemd.notify("READY=1", f"STATUS={manager.summary()}")
-    else:
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
 
 class Server(uvicorn.Server):
@@ -450,131 +320,3 @@ class Server(uvicorn.Server):
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._exit.set)
-
-
-#: After SIGTERM, requests still waiting on a refresh get 503 token_unavailable this late:
-#: before uvicorn's graceful-shutdown deadline (1 s, after its own 0.1 s pause) would cancel
-#: them with a bare 500, yet late enough that a token arriving soon is still served.
-STOP_WAITING_AFTER = 0.8
-
-
-async def serve(
-    settings: Settings,
-    sockets: list[socket.socket],
-    *,
-    redactor: Redactor,
-    hangup_pending: Callable[[], bool] = lambda: False,
-    state_directory: Path | None = None,
-) -> None:
-    """Serve on already-bound ``sockets`` until SIGTERM or SIGINT.
-
-    Under systemd: READY=1 once listening and the first token round has been
-    attempted, STATUS= lines, watchdog pings from the event loop (a wedged loop
-    stops them and systemd restarts the service), RELOADING=1 around a reload
-    and STOPPING=1 at shutdown. ``hangup_pending`` says whether a SIGHUP arrived
-    before the loop's handler was installed (see ``cli.run``): that reload runs
-    once the daemon is ready.
-    """
-    app, manager, outputs = build(settings, redactor=redactor, state_directory=state_directory)
-    limit = _connection_limit(settings, sockets)
-    server = Server(uvicorn_config(app, settings.server), counters=app.counters, limit=limit)
-    https = Https(settings, app, manager, limit) if _wants_https(settings) else None
-    if https is not None:
-        reloaded = manager.on_reload
-
-        def on_reload(done: bool) -> None:
-            reloaded(done)
-            if done:
-                https.reloaded(manager.settings)
-
-        manager.on_reload = on_reload
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _request_exit, server, https, manager, sig)
-    tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(coro: Coroutine[Any, Any, None]) -> None:
-        task = loop.create_task(coro)
-        tasks.add(task)  # keep a reference until it is done
-        task.add_done_callback(tasks.discard)
-
-    ready = asyncio.Event()
-    hangups: list[bool] = []
-
-    def on_hangup() -> None:
-        if ready.is_set():
-            spawn(_reload(manager))
-        else:  # the manager is still starting: reload once it is ready
-            hangups.append(True)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    for sock in sockets:
-        log.info("listening on %s", systemd.listen_name(sock))
-    names = list(settings.credentials)
-    shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
-    log.info("credentials: %s", shown or "none")
-    spawn(_announce_ready(server, manager, ready, lambda: hangup_pending() or bool(hangups)))
-    interval = systemd.watchdog_interval()
-    if interval:
-        spawn(_watchdog(interval))
-    if https is not None:
-        spawn(https.serve())
-    try:
-        await server.serve(sockets=sockets)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        for task in list(tasks):
-            task.cancel()
-        await outputs.close()
-
-
-async def _announce_ready(
-    server: Server, manager: Manager, ready: asyncio.Event, hangup_pending: Callable[[], bool]
-) -> None:
-    await server.listening.wait()
-    await manager.first_round()
-    ready.set()
-    systemd.notify("READY=1", f"STATUS={manager.summary()}")
-    if hangup_pending():
-        await _reload(manager)  # a SIGHUP that came while the daemon was starting
-
-
-async def _watchdog(interval: float) -> None:
-    while True:
-        systemd.notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
-
-
-async def _reload(manager: Manager) -> None:
-    log.info("SIGHUP received: reloading")
-    try:
-        await manager.reload_file()
-    except BrokerError:
-        pass  # already logged by the manager; the running state stays
-
-
-def _connection_limit(settings: Settings, sockets: list[socket.socket]) -> int:
-    """Each listening socket's cap: an equal share of the open-file limit (see
-    :func:`broker.connections.connection_limit` for the arithmetic)."""
-    count = len(sockets) + len(settings.server.ims_listen) + len(settings.server.tls_listen)
-    soft = connections.fd_limit()
-    limit = connections.connection_limit(soft, count)
-    log.info("connections: at most %d per listener (%d listener(s), open-file limit %d)",
-             limit, count, soft)  # fmt: skip
-    return limit
-
-
-def _wants_https(settings: Settings) -> bool:
-    return bool(settings.server.ims_listen or settings.server.tls_listen)
-
-
-def _request_exit(
-    server: Server, https: Https | None, manager: Manager, sig: signal.Signals
-) -> None:
-    log.info("%s received: shutting down", sig.name)
-    systemd.notify("STOPPING=1", "STATUS=shutting down")
-    server.request_exit()
-    if https is not None:
-        https.request_exit()
-    asyncio.get_running_loop().call_later(STOP_WAITING_AFTER, manager.stop_waiting)

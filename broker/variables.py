@@ -26,18 +26,25 @@ FIELDS = ("access_token", "authorization", "expires_at", "api_key", "org_id")
 PREFIX = "TOKEN_BROKER_"
 
 
+#: The API headers that become variables of their own (the rest: TOKEN_BROKER_HEADER_*).
+_API_KEY, _ORG_ID = "x-api-key", "x-gw-ims-org-id"
+
+
 @dataclass(frozen=True)
-class Taken:
-    """One token and what goes with it, as exec and the env output hand it on."""
+class TokenExport:
+    """One token and what goes with it, as exec and the env output hand it on: the token,
+    its expiry, and every header an API call with it needs (the provider's and the
+    credential's static ones), from which the variables are named."""
 
     name: str
-    provider: str
     access_token: str = field(repr=False)
     expires_at: str
     expires_in: float
     client_id: str | None
-    org_id: str | None
-    extra: dict[str, str]  # static headers beyond the usual three (not secrets)
+    headers: Mapping[str, str] = field(repr=False)  # as /v1/credentials/NAME/headers
+
+    def _header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers.items() if k.lower() == name), None)
 
     def value(self, name: str) -> str:
         """The value of a FIELD; raises LookupError if this credential has none."""
@@ -47,22 +54,27 @@ class Taken:
             return f"Bearer {self.access_token}"
         if name == "expires_at":
             return self.expires_at
-        found = self.client_id if name == "api_key" else self.org_id
+        found = (self._header(_API_KEY) or self.client_id) if name == "api_key" else (
+            self._header(_ORG_ID)
+        )  # fmt: skip
         if found is None:
             raise LookupError(f"credential {self.name!r} has no {name}")
         return found
 
 
-def variables(taken: Taken) -> dict[str, str]:
-    """``TOKEN_BROKER_ACCESS_TOKEN``, ``..._EXPIRES_AT``; for Adobe ``..._API_KEY`` and
-    ``..._ORG_ID`` (when set); each static header as ``TOKEN_BROKER_HEADER_<NAME>``."""
-    env = {PREFIX + "ACCESS_TOKEN": taken.access_token, PREFIX + "EXPIRES_AT": taken.expires_at}
-    if taken.provider == "adobe":
-        env[PREFIX + "API_KEY"] = taken.value("api_key")
-        if taken.org_id is not None:
-            env[PREFIX + "ORG_ID"] = taken.org_id
-    for header, value in taken.extra.items():
-        env[header_variable(header)] = value
+def variables(export: TokenExport) -> dict[str, str]:
+    """``TOKEN_BROKER_ACCESS_TOKEN``, ``..._EXPIRES_AT``; ``..._API_KEY`` and ``..._ORG_ID``
+    when the API calls carry them (Adobe's ``x-api-key``, ``x-gw-ims-org-id``); every
+    other header but the token's as ``TOKEN_BROKER_HEADER_<NAME>``."""
+    env = {PREFIX + "ACCESS_TOKEN": export.access_token, PREFIX + "EXPIRES_AT": export.expires_at}
+    for header, value in export.headers.items():
+        lower = header.lower()
+        if lower == _API_KEY:
+            env[PREFIX + "API_KEY"] = value
+        elif lower == _ORG_ID:
+            env[PREFIX + "ORG_ID"] = value
+        elif lower != "authorization":
+            env[header_variable(header)] = value
     return env
 
 
@@ -114,19 +126,9 @@ def _env_value_problem(value: str) -> str | None:
     return None
 
 
-def check_env_file(
-    provider: str, client_id: str, org_id: str | None, headers: Mapping[str, str]
-) -> None:
-    """Raise EnvFileError if what the config fixes for a credential (client_id, org_id,
-    static headers) cannot go in its env file; checked once, when the config is read."""
-    sample = Taken(
-        name="",
-        provider=provider,
-        access_token="t",  # a token is checked as it arrives (RFC 6750's alphabet)
-        expires_at="2000-01-01T00:00:00Z",
-        expires_in=0.0,
-        client_id=client_id,
-        org_id=org_id,
-        extra=dict(headers),
-    )
+def check_env_file(headers: Mapping[str, str]) -> None:
+    """Raise EnvFileError if what the config fixes for a credential (the API headers but
+    the token's: client_id, org_id, static headers) cannot go in its env file; checked
+    once, when the config is read (a token is checked as it arrives: RFC 6750)."""
+    sample = TokenExport("", "t", "2000-01-01T00:00:00Z", 0.0, None, headers)
     env_file(variables(sample))

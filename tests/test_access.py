@@ -7,7 +7,7 @@ import pytest
 
 from broker import access, config
 from broker.access import Access, Peer, key_digest, new_key
-from broker.errors import AccessDenied, ConfigError
+from broker.errors import ConfigError, Refused
 
 CREDS = """
 [credentials.a]
@@ -64,18 +64,18 @@ def test_authenticate_compares_with_every_client_in_constant_time(monkeypatch):
     assert rules.authenticate(request(keys[0])).name == "c0"
     assert len(calls) == 5  # no early exit on the first match
     calls.clear()
-    with pytest.raises(AccessDenied) as info:
+    with pytest.raises(Refused) as info:
         rules.authenticate(request(new_key()))
-    assert info.value.status == 401 and info.value.rule == "bad_key" and len(calls) == 5
+    assert info.value.http_status == 401 and info.value.rule == "bad_key" and len(calls) == 5
 
 
 @pytest.mark.parametrize("header", [None, b"Bearer", b"Bearer  ", b"Basic dXNlcjpw", b"tbk_x"])
 def test_missing_or_malformed_authorization_is_401(header):
     rules = Access(settings(client("ci", new_key(), '["a"]')))
     scope = {"headers": [(b"authorization", header)] if header else []}
-    with pytest.raises(AccessDenied) as info:
+    with pytest.raises(Refused) as info:
         rules.authenticate(scope)
-    assert info.value.status == 401 and info.value.code == "unauthorized"
+    assert info.value.http_status == 401 and info.value.code == "unauthorized"
 
 
 def test_no_clients_means_no_key_needed():
@@ -93,9 +93,9 @@ def test_a_client_reads_only_its_credentials_and_cannot_probe_names():
     scope = request(key, **{access.CLIENT: ci})
     rules.authorize(scope, "a")
     for name in ("b", "missing"):
-        with pytest.raises(AccessDenied, match=f"client 'ci' may not read '{name}'"):
+        with pytest.raises(Refused, match=f"client 'ci' may not read '{name}'"):
             rules.authorize(scope, name)
-    with pytest.raises(AccessDenied, match="may not reload"):
+    with pytest.raises(Refused, match="may not reload"):
         rules.authorize_reload(scope)
 
 
@@ -122,13 +122,13 @@ def test_peer_credentials_decide_restricted_credentials(peer, allowed):
     if allowed:
         rules.authorize(request(peer=peer), "b")
     else:
-        with pytest.raises(AccessDenied, match=f"uid {peer.uid} may not read 'b'"):
+        with pytest.raises(Refused, match=f"uid {peer.uid} may not read 'b'"):
             rules.authorize(request(peer=peer), "b")
     rules.authorize(request(peer=peer), "a")  # unrestricted
 
 
 def test_a_restricted_credential_is_refused_over_tcp():
-    with pytest.raises(AccessDenied, match="only on a unix socket"):
+    with pytest.raises(Refused, match="only on a unix socket"):
         Access(settings()).authorize(request(), "b")
 
 
@@ -165,10 +165,10 @@ def test_a_request_is_judged_again_under_reloaded_rules():
     assert before.reauthorize(scope, ["a"]) is None
     # The key was replaced: 401. Its client may no longer read "a": 403. Keys gone: fine.
     replaced = Access(settings(client("ci", new_key(), '["a"]')))
-    assert replaced.reauthorize(scope, ["a"]).status == 401  # type: ignore[union-attr]
+    assert replaced.reauthorize(scope, ["a"]).http_status == 401  # type: ignore[union-attr]
     narrowed = Access(settings(client("ci", key, '["b"]')))
     denied = narrowed.reauthorize(scope, ["a"])
-    assert denied is not None and (denied.status, denied.rule) == (403, "client")
+    assert denied is not None and (denied.http_status, denied.rule) == (403, "client")
     assert scope["extensions"][access.CLIENT].credentials == frozenset({"b"})  # judged anew
     assert Access(settings()).reauthorize(request(), ["a"]) is None
     # A peer-restricted credential read over TCP: 403 once the reload restricted it.

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from broker import config
-from broker.config import TcpListen, UnixListen, parse_duration
+from broker.config import TcpListen, UnixListen
 from broker.errors import ConfigError
+from broker.schema import parse_duration
 
 DESIGN_EXAMPLE = """
 [server]
@@ -217,20 +218,20 @@ def test_a_config_without_credentials_is_refused(tmp_path, text):
 
 
 def test_secret_references_are_parsed_once_into_their_parts(monkeypatch, tmp_path):
-    from broker.secrets import SecretRef
+    from broker.stores import parse
 
-    ref = SecretRef.parse("keyring:svc/user", "a")
+    ref = parse("keyring:svc/user", "a")
     assert (ref.kind, ref.service, ref.user, ref.describe()) == (
         "keyring", "svc", "user", "keyring item service='svc' username='user'",
     )  # fmt: skip
-    assert SecretRef.parse("env:X", "a").variable == "X"
+    assert parse("env:X", "a").variable == "X"
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert SecretRef.parse("systemd:adobe", "a").file() == tmp_path / "adobe"
+    assert parse("systemd:adobe", "a").file() == tmp_path / "adobe"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
-    assert SecretRef.parse("systemd:adobe", "a").file() is None
+    assert parse("systemd:adobe", "a").file() is None
     for bad in ("vault:x", "keyring:only", "keyring:/u", "file:relative", "env:", "systemd: "):
         with pytest.raises(ValueError, match="expected"):
-            SecretRef.parse(bad, "a")
+            parse(bad, "a")
 
 
 def test_a_table_may_not_name_itself(tmp_path):

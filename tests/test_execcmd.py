@@ -11,17 +11,20 @@ from broker.execcmd import (
     parse_env,
     split_command,
 )
-from broker.variables import Taken, header_variable
+from broker.variables import TokenExport, header_variable
 
-ADOBE = Taken(
+ADOBE = TokenExport(
     name="adobe",
-    provider="adobe",
     access_token="tok-0123456789",
     expires_at="2030-01-01T00:00:00Z",
     expires_in=3600,
     client_id="cid",
-    org_id=None,
-    extra={"x-sandbox-name": "prod", "x-proxy-global-company-id": "acme1"},
+    headers={
+        "Authorization": "Bearer tok-0123456789",
+        "x-api-key": "cid",
+        "x-sandbox-name": "prod",
+        "x-proxy-global-company-id": "acme1",
+    },
 )
 
 

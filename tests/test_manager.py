@@ -414,7 +414,7 @@ async def test_thousand_requests_on_a_just_expired_token_make_one_call(tmp_path)
 
 async def test_a_missed_apscheduler_job_still_runs():
     """A date job whose time passed (suspend, clock jump) runs late instead of being dropped."""
-    from broker.manager import APScheduler
+    from broker.scheduler import APScheduler
 
     ran: list[str] = []
 
@@ -449,7 +449,7 @@ async def test_a_reload_during_an_in_flight_refresh_ends_with_the_new_settings(t
         seen.append(dict(httpx.QueryParams(request.content.decode()))["scope"])
         return await original(request)
 
-    manager._client._transport = httpx.MockTransport(recording)  # type: ignore[attr-defined]
+    manager.issuers._shared._transport = httpx.MockTransport(recording)  # type: ignore[attr-defined]
     issuer.gate = asyncio.Event()
     issuer.arrived.clear()
     clock.now += DAY  # expired: the next request starts a refresh, still with the old scopes
@@ -485,7 +485,7 @@ async def test_a_refresh_whose_answer_comes_after_its_own_refresh_point_is_not_d
     """With short tokens and a slow issuer, the next refresh is due before the job ends."""
     import time as _time
 
-    from broker.manager import APScheduler
+    from broker.scheduler import APScheduler
 
     clock = _time.time
     calls = 0
@@ -510,12 +510,14 @@ async def test_a_refresh_whose_answer_comes_after_its_own_refresh_point_is_not_d
             }
         }
     )
+    scheduler = APScheduler()
     manager = Manager(
         cfg,
         client=httpx.AsyncClient(transport=httpx.MockTransport(slow)),
         clock=clock,
-        scheduler=APScheduler(),
+        scheduler=scheduler,
     )
+    scheduler.start()
     await manager.start()
     try:
         deadline = _time.monotonic() + 3
@@ -524,3 +526,4 @@ async def test_a_refresh_whose_answer_comes_after_its_own_refresh_point_is_not_d
             await asyncio.sleep(0.05)
     finally:
         await manager.close()
+        scheduler.shutdown()

@@ -9,7 +9,7 @@ import pytest
 
 from broker import config
 from broker.errors import IssuerError
-from broker.providers import fetch_token, token_request
+from broker.providers import request_token
 from broker.providers.base import MAX_LIFETIME, parse_retry_after
 from broker.providers.oauth2 import basic_auth
 
@@ -50,7 +50,7 @@ def answer(status=200, body=None, headers=None, content=None):
 
 async def fetch(handler, cred=ADOBE, secret="sec"):
     async with client_for(handler) as client:
-        return await fetch_token(client, token_request(cred, secret), now=NOW)
+        return await request_token(client, cred.token_request(secret), now=NOW, timeout=10)
 
 
 async def test_adobe_request_shape():
@@ -323,7 +323,7 @@ async def test_a_refused_connection_is_named():
     cred = ADOBE.model_copy(update={"ims_url": f"http://127.0.0.1:{free_port()}"})
     async with httpx.AsyncClient() as client:
         with pytest.raises(IssuerError) as info:
-            await fetch_token(client, token_request(cred, "sec"), now=NOW)
+            await request_token(client, cred.token_request("sec"), now=NOW, timeout=10)
     assert info.value.error == "connection_error"
     assert "connection refused by http://127.0.0.1:" in info.value.description
 
@@ -353,7 +353,7 @@ async def test_a_certificate_that_fails_verification_is_named(tmp_path):
         cred = ADOBE.model_copy(update={"ims_url": thread.url})
         async with httpx.AsyncClient() as client:
             with pytest.raises(IssuerError) as info:
-                await fetch_token(client, token_request(cred, "sec"), now=NOW)
+                await request_token(client, cred.token_request("sec"), now=NOW, timeout=10)
         assert info.value.error == "connection_error"
         assert info.value.description.startswith(
             f"TLS certificate verify failed for {thread.url}: unable to get local issuer "

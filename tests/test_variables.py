@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.variables import PREFIX, EnvFileError, Taken, env_file, variables
+from broker.variables import PREFIX, EnvFileError, TokenExport, env_file, variables
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -233,10 +233,11 @@ def reader(request: pytest.FixtureRequest) -> Callable[[Path], dict[str, str]]:
 # -- what is written, and what each reader reads ---------------------------------------
 
 
-def taken(token: str, **extra: str) -> Taken:
-    return Taken(name="adobe", provider="adobe", access_token=token,
-                 expires_at="2027-01-15T08:59:00Z", expires_in=3540.0, client_id="0a1b2c3d4e5f",
-                 org_id="4A5B6C7D8E9F0A1B2C3D4E5F@AdobeOrg", extra=extra)  # fmt: skip
+def taken(token: str, **extra: str) -> TokenExport:
+    headers = {"Authorization": f"Bearer {token}", "x-api-key": "0a1b2c3d4e5f",
+               "x-gw-ims-org-id": "4A5B6C7D8E9F0A1B2C3D4E5F@AdobeOrg", **extra}  # fmt: skip
+    return TokenExport(name="adobe", access_token=token, expires_at="2027-01-15T08:59:00Z",
+                       expires_in=3540.0, client_id="0a1b2c3d4e5f", headers=headers)  # fmt: skip
 
 
 TOKENS = [

@@ -1,8 +1,10 @@
-"""Token issuers: Adobe IMS Server-to-Server and generic OAuth 2.0 client credentials.
+"""Token issuers, one module per kind: Adobe IMS Server-to-Server and generic OAuth 2.0.
 
-A provider turns (credential settings, secret) into one token request and
-parses the answer defensively into a :class:`~broker.tokens.Token`, or raises
-:class:`~broker.errors.IssuerError`. The HTTP client is handed in.
+A provider is its settings class (a :class:`~broker.schema.CredentialSettings`):
+the keys of its ``[credentials.NAME]`` table, its token request and the headers
+an API call needs. :data:`PROVIDERS` maps ``provider = "…"`` to that class; the
+config picks it once, when it is loaded. Adding a provider is one module and one
+line here (docs/architecture.md, "Providers").
 """
 
 from __future__ import annotations
@@ -11,34 +13,15 @@ import ssl
 
 import httpx
 
-from broker.config import CredentialSettings
-from broker.providers.base import TokenRequest, fetch_token
+from broker.providers.adobe import AdobeSettings
+from broker.providers.base import IssuedToken, TokenRequest, request_token
+from broker.providers.oauth2 import OAuth2Settings
+from broker.schema import CredentialSettings
 
-
-def token_request(cred: CredentialSettings, secret: str) -> TokenRequest:
-    """The request that asks ``cred``'s issuer for a token with ``secret``."""
-    if cred.provider == "adobe":
-        from broker.providers.adobe import request
-    else:
-        from broker.providers.oauth2 import request
-    return request(cred, secret)
-
-
-def api_headers(cred: CredentialSettings, access_token: str) -> dict[str, str]:
-    """Every header an API call with this token needs (``/v1/credentials/NAME/headers``).
-
-    The token; for Adobe, ``x-api-key`` and ``x-gw-ims-org-id``; then the
-    credential's static ``headers`` table. One place for the API route, the
-    ``headers`` and ``env`` file outputs and, through the route, the client.
-    """
-    if cred.provider == "adobe":
-        from broker.providers.adobe import api_headers as adobe_headers
-
-        headers = adobe_headers(cred, access_token)
-    else:
-        headers = {"Authorization": f"Bearer {access_token}"}
-    headers.update(cred.headers)
-    return headers
+PROVIDERS: dict[str, type[CredentialSettings]] = {
+    "adobe": AdobeSettings,
+    "oauth2": OAuth2Settings,
+}
 
 
 def issuer_client(timeout: float, ca_file: str | None = None) -> httpx.AsyncClient:
@@ -55,4 +38,35 @@ def issuer_client(timeout: float, ca_file: str | None = None) -> httpx.AsyncClie
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, verify=verify)
 
 
-__all__ = ["TokenRequest", "api_headers", "fetch_token", "issuer_client", "token_request"]
+class IssuerClients:
+    """The daemon's HTTP clients for issuers: one shared, and one per private CA
+    (``ca_file``) that alone is trusted for the credentials that name it."""
+
+    def __init__(self, shared: httpx.AsyncClient) -> None:
+        self._shared = shared
+        self._by_ca: dict[str, httpx.AsyncClient] = {}
+
+    def for_(self, cred: CredentialSettings) -> httpx.AsyncClient:
+        if cred.ca_file is None:
+            return self._shared
+        client = self._by_ca.get(cred.ca_file)
+        if client is None:
+            client = self._by_ca[cred.ca_file] = issuer_client(cred.policy.timeout, cred.ca_file)
+        return client
+
+    async def aclose(self) -> None:
+        await self._shared.aclose()
+        for client in self._by_ca.values():
+            await client.aclose()
+
+
+__all__ = [
+    "PROVIDERS",
+    "AdobeSettings",
+    "IssuedToken",
+    "IssuerClients",
+    "OAuth2Settings",
+    "TokenRequest",
+    "issuer_client",
+    "request_token",
+]

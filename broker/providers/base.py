@@ -1,7 +1,14 @@
-"""What every client-credentials issuer shares: one POST, one defensive parse."""
+"""What every client-credentials issuer shares: one token-endpoint call, one defensive parse.
+
+:func:`request_token` is the one way anything asks an issuer for a token (the
+manager's refreshes, a cycle's checks, ``add``/``import``/``doctor``): one POST,
+bounded in time from connect to last byte and in size, its answer parsed
+trusting nothing, its failures named.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import gc
 import json
@@ -12,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from broker.errors import IssuerError
+from broker.errors import IssuerError, causes
 from broker.tokens import Token
 
 #: Longest lifetime we believe; beyond it ``expires_in`` is treated as garbage.
@@ -41,17 +48,34 @@ class TokenRequest:
 
 
 @dataclass(frozen=True)
-class Issued:
+class IssuedToken:
+    """A token an issuer just issued, and the ``x-debug-id`` of its answer (for the log)."""
+
     token: Token
     debug_id: str | None
 
 
-async def fetch_token(client: httpx.AsyncClient, request: TokenRequest, *, now: float) -> Issued:
+async def request_token(
+    client: httpx.AsyncClient,
+    request: TokenRequest,
+    *,
+    now: float,
+    timeout: float,  # noqa: ASYNC109 - the bound is the call's own: one call, one bound
+) -> IssuedToken:
     """POST ``request`` and return the issued token, or raise IssuerError.
 
-    The caller bounds the whole exchange (connect to last byte) with
-    ``asyncio.timeout``; httpx's own timeouts only bound each phase.
+    ``timeout`` bounds the whole exchange, connect to last byte (httpx's own timeouts
+    bound each phase only): past it, IssuerError ``timeout``. ``now`` is when the
+    token counts as issued.
     """
+    try:
+        async with asyncio.timeout(timeout):
+            return await _exchange(client, request, now=now)
+    except TimeoutError:
+        raise IssuerError("timeout", f"no complete answer within {timeout:g}s") from None
+
+
+async def _exchange(client: httpx.AsyncClient, request: TokenRequest, *, now: float) -> IssuedToken:
     try:
         response = await _post(client, request)
     except httpx.HTTPError as exc:
@@ -63,7 +87,7 @@ async def fetch_token(client: httpx.AsyncClient, request: TokenRequest, *, now: 
 
 
 @dataclass(frozen=True)
-class Answer:
+class HttpReply:
     """An issuer's answer, read whole (and bounded)."""
 
     status: int
@@ -71,7 +95,7 @@ class Answer:
     body: bytes = field(repr=False)
 
 
-async def _post(client: httpx.AsyncClient, request: TokenRequest) -> Answer:
+async def _post(client: httpx.AsyncClient, request: TokenRequest) -> HttpReply:
     """POST the token request and read the answer (bounded)."""
     return await send_bounded(client, "POST", request.url, request.headers, data=request.form)
 
@@ -83,7 +107,7 @@ async def send_bounded(
     headers: dict[str, str],
     *,
     data: dict[str, str] | None = None,
-) -> Answer:
+) -> HttpReply:
     """Send one request and read the answer, at most :data:`MAX_ANSWER_BYTES` of it.
 
     Raises httpx.HTTPError when no answer arrives, IssuerError when it is too long.
@@ -119,10 +143,10 @@ async def send_bounded(
             status=response.status_code,
             debug_id=response.headers.get("x-debug-id"),
         )
-    return Answer(response.status_code, response.headers, bytes(body))
+    return HttpReply(response.status_code, response.headers, bytes(body))
 
 
-def transport_failure(exc: httpx.HTTPError, url: str) -> tuple[str, str]:
+def transport_failure(exc: httpx.HTTPError, url: str, peer: str = "the issuer") -> tuple[str, str]:
     """(error code, sentence) naming why no answer arrived.
 
     The code stays ``timeout`` or ``connection_error`` (what scripts match on); the
@@ -138,7 +162,7 @@ def transport_failure(exc: httpx.HTTPError, url: str) -> tuple[str, str]:
             httpx.PoolTimeout: "waiting for a connection to",
         }.get(type(exc), "talking to")
         return "timeout", f"timed out {phase} {where}"
-    cause = _root_cause(exc)
+    cause = causes(exc)[-1]
     if isinstance(cause, ssl.SSLCertVerificationError):
         reason = cause.verify_message or cause.reason or "certificate rejected"
         return (
@@ -152,7 +176,7 @@ def transport_failure(exc: httpx.HTTPError, url: str) -> tuple[str, str]:
         host = httpx.URL(url).host
         return "connection_error", f"cannot resolve the name {host!r} of {where}: {cause.strerror}"
     if isinstance(cause, ConnectionRefusedError):
-        return "connection_error", f"connection refused by {where} (is the issuer up?)"
+        return "connection_error", f"connection refused by {where} (is {peer} up?)"
     if isinstance(cause, ConnectionResetError):
         return "connection_error", f"connection reset by {where}"
     if isinstance(exc, httpx.RemoteProtocolError):
@@ -162,22 +186,11 @@ def transport_failure(exc: httpx.HTTPError, url: str) -> tuple[str, str]:
     return "connection_error", f"cannot reach {where}: {type(exc).__name__}: {_short(exc)}"
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception httpx and httpcore wrapped (bounded: no cycles)."""
-    seen = 0
-    while seen < 10:
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            return exc
-        exc, seen = inner, seen + 1
-    return exc
-
-
 def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def parse_response(response: Answer, *, now: float) -> Issued:
+def parse_response(response: HttpReply, *, now: float) -> IssuedToken:
     """Turn an issuer's answer into a token, trusting nothing in it."""
     debug_id = response.headers.get("x-debug-id")
     status = response.status
@@ -225,7 +238,7 @@ def parse_response(response: Answer, *, now: float) -> Issued:
             f"between 1 and {MAX_LIFETIME}"
         )
     token = Token(access_token, "bearer", issued_at=now, expires_at=now + expires_in)
-    return Issued(token, debug_id)
+    return IssuedToken(token, debug_id)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -258,7 +271,7 @@ def _seconds(value: object) -> float | None:
     return None
 
 
-def json_object(response: Answer) -> dict[str, object] | None:
+def json_object(response: HttpReply) -> dict[str, object] | None:
     try:
         body = json.loads(response.body)
     except (ValueError, UnicodeDecodeError):
@@ -270,7 +283,7 @@ def text_field(value: object, limit: int = 500) -> str:
     return value[:limit] if isinstance(value, str) else ""
 
 
-def _content_type(response: Answer) -> str:
+def _content_type(response: HttpReply) -> str:
     return response.headers.get("content-type", "no content-type").split(";")[0][:60]
 
 

@@ -1,26 +1,45 @@
-"""Generic OAuth 2.0 client-credentials grant (RFC 6749 §4.4)."""
+"""Any OAuth 2.0 client-credentials issuer (RFC 6749 §4.4): ``provider = "oauth2"``."""
 
 from __future__ import annotations
 
 import base64
+from typing import Literal
 from urllib.parse import quote_plus
 
-from broker.config import CredentialSettings
+from pydantic import field_validator
+
 from broker.providers.base import TokenRequest
+from broker.schema import CredentialSettings
 
 
-def request(cred: CredentialSettings, secret: str) -> TokenRequest:
-    form = {"grant_type": "client_credentials"}
-    if cred.scopes:
-        form["scope"] = " ".join(cred.scopes)  # RFC 6749 §3.3: space-delimited
-    form.update(cred.params)
-    headers: dict[str, str] = {}
-    if cred.auth_method == "client_secret_post":
-        form["client_id"] = cred.client_id
-        form["client_secret"] = secret
-    else:
-        headers["Authorization"] = basic_auth(cred.client_id, secret)
-    return TokenRequest(url=str(cred.token_url), form=form, headers=headers, secret=secret)
+class OAuth2Settings(CredentialSettings):
+    """``provider = "oauth2"``: the token endpoint, how the client authenticates, extra
+    form fields."""
+
+    provider: Literal["oauth2"]
+    token_url: str
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    params: tuple[tuple[str, str], ...] = ()  # extra form fields, in the file's order
+
+    def token_request(self, secret: str) -> TokenRequest:
+        form = {"grant_type": "client_credentials"}
+        if self.scopes:
+            form["scope"] = " ".join(self.scopes)  # RFC 6749 §3.3: space-delimited
+        form.update(self.params)
+        headers: dict[str, str] = {}
+        if self.auth_method == "client_secret_post":
+            form["client_id"] = self.client_id
+            form["client_secret"] = secret
+        else:
+            headers["Authorization"] = basic_auth(self.client_id, secret)
+        return TokenRequest(url=self.token_url, form=form, headers=headers, secret=secret)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return tuple((k, v) for k, v in value.items())
+        return value
 
 
 def basic_auth(client_id: str, secret: str) -> str:

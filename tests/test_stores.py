@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from other_user import run_python_as
 
-from broker import secrets
+from broker import stores
 from broker.errors import SecretError
+from broker.stores import keyring as keyring_store
+from broker.stores.file import FileWriter
 
 
 async def resolve(text: str, name: str) -> tuple[str, ...]:
-    return await secrets.resolve(secrets.SecretRef.parse(text, name), name)
+    return await stores.parse(text, name).read(name)
 
 
 async def test_file_secret_strips_one_trailing_newline(tmp_path):
@@ -99,35 +101,35 @@ def test_read_keyring_current_next_and_errors(monkeypatch):
             ("svc", "user"): "explicit",
         }
     )
-    monkeypatch.setattr(secrets, "keyring_backend", lambda name: backend)
-    assert secrets.read_keyring("token-broker", "adobe", "adobe") == ("new", "old")
-    assert secrets.read_keyring("svc", "user", "x") == ("explicit",)
+    monkeypatch.setattr(keyring_store, "backend", lambda name: backend)
+    assert keyring_store.read("token-broker", "adobe", "adobe") == ("new", "old")
+    assert keyring_store.read("svc", "user", "x") == ("explicit",)
     with pytest.raises(SecretError, match="no keyring item service='token-broker' username='b'"):
-        secrets.read_keyring("token-broker", "b", "b")
+        keyring_store.read("token-broker", "b", "b")
     with pytest.raises(SecretError, match="the collection is locked.*start a Secret Service"):
-        secrets.read_keyring("locked", "x", "b")
+        keyring_store.read("locked", "x", "b")
 
 
 def test_keyring_item_of_references():
-    ref = secrets.SecretRef.parse("keyring", "adobe")
+    ref = stores.parse("keyring", "adobe")
     assert (ref.service, ref.user) == ("token-broker", "adobe")
-    ref = secrets.SecretRef.parse("keyring:svc/a/b", "adobe")
+    ref = stores.parse("keyring:svc/a/b", "adobe")
     assert (ref.service, ref.user) == ("svc", "a/b")
 
 
 def test_keyring_child_gets_no_stray_environment(monkeypatch):
     monkeypatch.setenv("PARTNER_SECRET", "do-not-pass-me")
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/x")
-    env = secrets.child_environment()
+    env = keyring_store.child_environment()
     assert "PARTNER_SECRET" not in env and "do-not-pass-me" not in env.values()
     assert env["DBUS_SESSION_BUS_ADDRESS"] == "unix:path=/x"
 
 
 def test_describe():
-    assert secrets.SecretRef.parse("keyring", "adobe").describe() == (
+    assert stores.parse("keyring", "adobe").describe() == (
         "keyring item service='token-broker' username='adobe'"
     )
-    assert secrets.SecretRef.parse("file:/x", "a").describe() == "file /x"
+    assert stores.parse("file:/x", "a").describe() == "file /x"
 
 
 # -- writing secrets (secret cycling) ------------------------------------------------------
@@ -138,29 +140,29 @@ async def test_file_store_cycle_keeps_mode_and_owner_and_is_idempotent(tmp_path)
     current.write_text("old\n")
     current.chmod(0o640)
     os.chown(current, -1, 0)
-    ref = secrets.SecretRef.parse(f"file:{current}", "adobe")
-    store = secrets.SecretStore.of(ref, "adobe")
-    assert isinstance(store, secrets.FileStore)
+    ref = stores.parse(f"file:{current}", "adobe")
+    store = ref.writer("adobe")
+    assert isinstance(store, FileWriter)
     assert (await store.current(), await store.upcoming()) == ("old", None)
     await store.put_upcoming("new")
-    upcoming = secrets.next_file(current)
+    upcoming = stores.next_file(current)
     assert upcoming == tmp_path / "adobe.secret.next"
     assert stat.S_IMODE(upcoming.stat().st_mode) == 0o640  # the current file's mode
     # The daemon reads both while a cycle runs: the new one first, the old as fallback.
-    assert await secrets.resolve(ref, "adobe") == ("new", "old")
+    assert await ref.read("adobe") == ("new", "old")
     await store.promote()
     assert current.read_text() == "new\n" and not upcoming.exists()
     st = current.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, os.getuid(), 0)
     await store.promote()  # a step repeated after a crash changes nothing
     await store.drop_upcoming()
-    assert await secrets.resolve(ref, "adobe") == ("new",)
+    assert await ref.read("adobe") == ("new",)
 
 
 async def test_file_store_drop_upcoming_keeps_the_current_secret(tmp_path):
     current = tmp_path / "s"
     current.write_text("old")
-    store = secrets.SecretStore.of(secrets.SecretRef.parse(f"file:{current}", "a"), "a")
+    store = stores.parse(f"file:{current}", "a").writer("a")
     await store.put_upcoming("new")
     await store.drop_upcoming()
     assert await store.upcoming() is None and current.read_text() == "old"
@@ -174,18 +176,15 @@ async def test_file_store_drop_upcoming_keeps_the_current_secret(tmp_path):
     ],
 )
 def test_unwritable_references_say_why_and_what_to_use(text, says):
-    ref = secrets.SecretRef.parse(text, "a")
+    ref = stores.parse(text, "a")
     assert says in (ref.unwritable() or "")
     with pytest.raises(SecretError, match='use secret = "keyring"'):
-        secrets.SecretStore.of(ref, "a")
+        ref.writer("a")
 
 
 def _unwritable_as(uid: int, path: Path) -> str:
     """SecretRef.unwritable() of ``file:path`` as seen by the process ``uid``."""
-    code = (
-        "from broker.secrets import SecretRef; "
-        f"print(SecretRef.parse('file:{path}', 'a').unwritable())"
-    )
+    code = f"from broker.stores import parse; print(parse('file:{path}', 'a').unwritable())"
     try:  # root checks as another user, as a system service would run
         out = run_python_as(uid, uid, code)
     except LookupError as exc:  # no interpreter that user can start (say, pyenv under /root)
@@ -228,8 +227,8 @@ def test_a_read_only_mount_is_unwritable(tmp_path):
     (directory / "s").write_text("x")
     ns = subprocess.run(["unshare", "-m", "sh", "-c",
         f"mount --bind {directory} {directory} && mount -o remount,bind,ro {directory} && "
-        f"{sys.executable} -c 'from broker.secrets import SecretRef; "
-        f"print(SecretRef.parse(\"file:{directory}/s\", \"a\").unwritable())'"],
+        f"{sys.executable} -c 'from broker.stores import parse; "
+        f"print(parse(\"file:{directory}/s\", \"a\").unwritable())'"],
         capture_output=True, text=True, check=False)  # fmt: skip
     assert ns.returncode == 0, ns.stderr
     assert "is not writable by this process" in ns.stdout

@@ -1,4 +1,4 @@
-"""Keyring operations for the daemon: ``python -m broker.keyring_child``.
+"""Keyring operations for the daemon: ``python -m broker.stores.keyring_child``.
 
 Reads one JSON request on stdin: ``{"op", "service", "username", "name"}``
 (and ``"secret"`` to store) and writes one JSON answer on stdout, or
@@ -15,21 +15,21 @@ import sys
 from typing import Any
 
 from broker.errors import SecretError
-from broker.secrets import delete_keyring, get_keyring, read_keyring, store_keyring
+from broker.stores import keyring
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     service, user, name = request["service"], request["username"], request["name"]
     op = request.get("op", "read")
     if op == "read":
-        return {"secrets": list(read_keyring(service, user, name))}
+        return {"secrets": list(keyring.read(service, user, name))}
     if op == "get":
-        return {"secret": get_keyring(service, user, name)}
+        return {"secret": keyring.get(service, user, name)}
     if op == "set":
-        store_keyring(service, user, request["secret"], name)
+        keyring.store(service, user, request["secret"], name)
         return {"done": True}
     if op == "delete":
-        return {"done": delete_keyring(service, user, name)}
+        return {"done": keyring.delete(service, user, name)}
     return {"error": f"keyring child: unknown operation {op!r}"}
 
 

@@ -1,4 +1,4 @@
-"""Secret cycling (broker/console.py) against the demo issuer's I/O Management API.
+"""Secret cycling (broker/cycling/) against the demo issuer's I/O Management API.
 
 The issuer runs in-process (httpx's ASGI transport) under a fake clock; the
 secret is a real file. A crash is a checkpoint that raises: the cycle is
@@ -21,12 +21,12 @@ import pytest
 from helpers import FakeScheduler
 
 from broker import config
-from broker.console import MANAGEMENT_SCOPES, Cycle, Cycler, StateFile
+from broker.cycling import Cycle, Cycler, StateFile
 from broker.demo import DemoIssuer
 from broker.errors import ConfigError, CycleError
 from broker.logs import Redactor
 from broker.manager import Manager
-from broker.secrets import SecretStore
+from broker.providers.adobe import MANAGEMENT_SCOPES
 
 CLIENT = "cycling-client"
 ORG = "4711"
@@ -90,7 +90,7 @@ class World:
         return Cycle(
             self.cred,  # type: ignore[arg-type]
             client=client,
-            store=SecretStore.of(self.cred.secret, "adobe"),
+            store=self.cred.secret.writer("adobe"),
             state=StateFile(self.state_dir, "adobe"),
             clock=self.clock,
             sleep=self.clock.sleep,
@@ -131,11 +131,15 @@ class World:
         sched = FakeScheduler()
         manager = Manager(settings, client=client, clock=self.clock, scheduler=sched,
                           rand=lambda: rand)  # fmt: skip
-        cycler = Cycler(manager, self.state_dir, clock=self.clock, rand=lambda: rand,
-                        sleep=self.clock.sleep)  # fmt: skip
+        cycler = Cycler(
+            holder=manager, issuers=manager.issuers, scheduler=sched,
+            states=lambda name, cred: StateFile(self.state_dir, name), clock=self.clock,
+            recorder=manager.recorder, redactor=manager.redactor, rand=lambda: rand,
+            sleep=self.clock.sleep,
+        )  # fmt: skip
         await manager.start()
         await manager.first_round()
-        cycler.start()
+        await cycler.use(settings.credentials)
         return manager, cycler, sched
 
     def check_done(self) -> None:
@@ -276,7 +280,7 @@ async def test_a_manual_rotation_in_progress_is_not_touched(world):
 
 
 async def test_one_cycle_at_a_time(world):
-    with StateFile(world.state_dir, "adobe").locked():
+    async with StateFile(world.state_dir, "adobe").locked():
         with pytest.raises(CycleError) as info:
             await world.cycle().run()
     assert info.value.outcome == "busy"
@@ -323,11 +327,11 @@ async def test_a_crash_while_discarding_is_finished_by_the_next_run(world, point
 
 async def test_a_malformed_list_changes_nothing(world, monkeypatch):
     async def garbage(self, method, url, token):  # type: ignore[no-untyped-def]
-        from broker.providers.base import Answer
+        from broker.providers.base import HttpReply
 
-        return Answer(200, httpx.Headers({"x-request-id": "r1"}), b'{"client_secrets": [{}]}')
+        return HttpReply(200, httpx.Headers({"x-request-id": "r1"}), b'{"client_secrets": [{}]}')
 
-    monkeypatch.setattr("broker.console.Console._call", garbage)
+    monkeypatch.setattr("broker.cycling.console.Console._call", garbage)
     with pytest.raises(CycleError, match="without a uuid.*x-request-id r1"):
         await world.cycle().run()
     assert world.stored() == ["the-original-secret-value"]
@@ -455,7 +459,7 @@ async def test_the_state_file_is_not_followed_through_a_symlink(world, tmp_path)
 
 @pytest.mark.parametrize("created", [None, "Infinity", "1e400", str(10**40), "2027-01-01T00:00"])
 def test_unbelievable_times_are_unknown_not_fatal(created):
-    from broker.console import _remote
+    from broker.cycling.console import _remote
 
     item = {"uuid": "a-b", "created_at": created, "secret_usages": [{"last_used_at": created}]}
     assert _remote(item) == _remote({"uuid": "a-b"})
@@ -464,7 +468,7 @@ def test_unbelievable_times_are_unknown_not_fatal(created):
 
 @pytest.mark.parametrize("uuid", ["..", "a/b", "x#y", "a%2fb", "", "a" * 101, 7])
 def test_a_uuid_that_could_change_the_url_is_refused(world, uuid):
-    from broker.console import _remote
+    from broker.cycling.console import _remote
 
     assert _remote({"uuid": uuid, "created_at": "1800000000000"}) is None
 
@@ -484,7 +488,7 @@ async def test_an_unknown_created_at_counts_from_now_and_does_not_cycle_at_once(
 async def test_a_delete_that_does_not_take_keeps_the_cycle_open(world, monkeypatch):
     """The old secret is still listed after its DELETE (a 404, a lagging Console): the
     cycle stays at step 5 and finishes at the next run; it never reports success early."""
-    from broker.console import Console
+    from broker.cycling.console import Console
 
     async def not_found(self, token, uuid):  # type: ignore[no-untyped-def]
         return False
@@ -672,7 +676,7 @@ async def test_a_state_directory_another_user_made_is_not_used(world):
         await world.cycle().run()
     world.state_dir.chmod(0o700)
     with pytest.raises(CycleError, match=f"{world.state_dir / 'cycling'} is owned by uid"):
-        StateFile(world.state_dir, "adobe").load(CRED_ID)
+        await StateFile(world.state_dir, "adobe").load(CRED_ID)
     assert world.issuer.console_calls == []
 
 
@@ -689,8 +693,7 @@ async def test_a_planted_lock_symlink_is_not_followed(world, tmp_path):
 async def test_a_cycle_asked_for_within_the_cooldown_is_refused(world):
     """Three back-to-back requests ran three whole cycles: now the second is a 429 that
     says when the last one ran and when one may be asked for again."""
-    from broker.api import error_body
-    from broker.console import ROTATE_COOLDOWN
+    from broker.cycling import ROTATE_COOLDOWN
     from broker.errors import RotateCooldown
 
     manager, cycler, sched = await world.daemon(rotate_every="5m")
@@ -701,7 +704,11 @@ async def test_a_cycle_asked_for_within_the_cooldown_is_refused(world):
     with pytest.raises(RotateCooldown) as info:
         await cycler.rotate("adobe")
     assert info.value.retry_after == ROTATE_COOLDOWN - 60
-    status, body, headers = error_body(info.value)
+    status, body, headers = (
+        info.value.http_status,
+        info.value.http_body(),
+        info.value.http_headers(),
+    )
     assert (status, body["error"], headers["Retry-After"]) == (429, "rotate_cooldown", "540")
     from broker.tokens import rfc3339
 

@@ -1,0 +1,40 @@
+"""Secret stores: one class per kind of ``secret = …`` reference (docs/architecture.md).
+
+``keyring`` / ``keyring:SERVICE/USERNAME``, ``file:/path``, ``systemd:NAME``
+and ``env:VAR``; :func:`parse` picks the kind once, when the config is loaded.
+"""
+
+from __future__ import annotations
+
+from broker.stores.base import (
+    NO_CONTEXT,
+    Context,
+    FileMode,
+    SecretRef,
+    SecretWriter,
+    Stored,
+    file_mode,
+    parse,
+    register,
+)
+from broker.stores.env import EnvRef
+from broker.stores.file import FileRef, next_file
+from broker.stores.keyring import KeyringRef
+from broker.stores.systemd import SystemdRef
+
+__all__ = [
+    "NO_CONTEXT",
+    "Context",
+    "EnvRef",
+    "FileMode",
+    "FileRef",
+    "KeyringRef",
+    "SecretRef",
+    "SecretWriter",
+    "Stored",
+    "SystemdRef",
+    "file_mode",
+    "next_file",
+    "parse",
+    "register",
+]
