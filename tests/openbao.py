@@ -587,6 +587,8 @@ class RaftServer(OpenBao):
                 self.unseal()
                 return self
             except (RuntimeError, VaultError):
+                # Only the API port is fatal: a cluster port lost to another process is an
+                # ERROR line in the log, and one node never dials itself.
                 taken = "address already in use" in self.output()
                 self.stop(signal.SIGKILL)
                 if not taken or attempt == self.PORT_TRIES - 1:
