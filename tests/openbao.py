@@ -215,8 +215,7 @@ class OpenBao:
             time.sleep(0.02)
 
     def _health(self) -> int | None:
-        """``GET /v1/sys/health``'s status: 200 active, 429 standby, 501 not initialised,
-        503 sealed; None while nothing answers."""
+        """The status of ``GET /v1/sys/health`` (200 active, 501 new, 503 sealed), or None."""
         try:
             return self.http.get("/v1/sys/health", timeout=2).status_code
         except httpx.TransportError:
@@ -312,6 +311,16 @@ class OpenBao:
             raise VaultError(response)
         data: dict[str, Any] = response.json()["data"]
         return data
+
+    def kv_list(self, mount: str, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (folders end in "/"); [] where there are none (404)."""
+        response = self.request("LIST", f"{mount}/metadata/{prefix.rstrip('/')}/")
+        if response.status_code == 404:
+            return []
+        if response.status_code != 200:
+            raise VaultError(response)
+        keys: list[str] = response.json()["data"]["keys"]
+        return keys
 
     def kv_destroy(self, mount: str, path: str) -> None:
         """Delete the secret with every version and its metadata."""

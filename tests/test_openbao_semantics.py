@@ -266,6 +266,8 @@ def test_list_gives_the_keys_under_a_prefix(openbao: DevServer) -> None:
     ]
     empty = openbao.request("LIST", f"secret/metadata/{SECRET}/nothing/")
     assert (empty.status_code, empty.json()) == (404, {"errors": []})
+    assert openbao.kv_list("secret", f"{SECRET}/brokers") == ["b1", "b2"]
+    assert openbao.kv_list("secret", f"{SECRET}/nothing") == []
 
 
 def test_delete_on_data_is_soft_and_delete_on_metadata_removes_all(openbao: DevServer) -> None:
