@@ -77,6 +77,7 @@ async def send_bounded(
     headers: dict[str, str],
     *,
     data: dict[str, str] | None = None,
+    json: object = None,
 ) -> Answer:
     """Send one request and read the answer, at most :data:`MAX_ANSWER_BYTES` of it.
 
@@ -89,7 +90,7 @@ async def send_bounded(
         "Accept-Encoding": "identity",
         **headers,
     }
-    outgoing = client.build_request(method, url, data=data, headers=headers)
+    outgoing = client.build_request(method, url, data=data, json=json, headers=headers)
     response = await client.send(outgoing, stream=True)
     body = bytearray()
     try:
