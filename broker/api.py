@@ -1,4 +1,4 @@
-"""The HTTP API of DESIGN §4.
+"""The HTTP API (docs/http-api.md).
 
 ``create_app`` returns one ASGI application. Its outer layer applies the
 guards to every request and answers the hot path (``GET /token`` and
@@ -238,7 +238,7 @@ def _header_name(settings: Settings) -> bytes | None:
 def status_json(
     credential: Credential, now: float, default: str | None, cycler: Cycler | None = None
 ) -> dict[str, object]:
-    """The status JSON of DESIGN §4: no secret, no token; with secret cycling, its state."""
+    """The status JSON (docs/http-api.md): no secret, no token; with secret cycling, its state."""
     cred, token = credential.settings, credential.token
     cycling = cycler.status.get(cred.name) if cycler is not None else None
     return {

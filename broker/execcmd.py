@@ -1,4 +1,4 @@
-"""``token-broker exec``: run a command with the token in its environment (DESIGN §9).
+"""``token-broker exec``: run a command with the token in its environment (docs/using-tokens.md).
 
 Everything that can fail (broker down, unknown credential, a field the
 credential does not have) happens before the command starts; then this

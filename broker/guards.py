@@ -1,4 +1,4 @@
-"""The request guards of DESIGN §7, as one function over a raw ASGI scope.
+"""The request guards (docs/security.md), as one function over a raw ASGI scope.
 
 Both the ASGI fast path and the FastAPI routes go through :func:`refusal`, so
 there is exactly one implementation of the rules:

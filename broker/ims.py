@@ -1,4 +1,4 @@
-"""The IMS-compatible endpoint (DESIGN §10): the broker looks like Adobe IMS to tools
+"""The IMS-compatible endpoint (docs/ims-endpoint.md): the broker looks like Adobe IMS to tools
 that cannot be told to ask a broker (the User Sync Tool, umapi-client scripts).
 
 Only ``POST /ims/token/v2`` and ``/ims/token/v3`` (with or without a trailing

@@ -1,4 +1,4 @@
-"""File outputs (DESIGN §9): the token written where tools that read files find it.
+"""File outputs (docs/using-tokens.md): the token written where tools that read files find it.
 
 Each ``[[outputs]]`` table names a credential, a path, a format (``token``,
 ``json``, ``headers``, ``env``), a mode, an optional group and an optional

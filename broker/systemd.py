@@ -48,7 +48,7 @@ def listen_sockets(*, allow_remote: bool = False) -> list[socket.socket]:
     """The sockets passed by socket activation, or [] when there are none.
 
     Each must be a listening stream socket on loopback or a unix socket (any
-    address with the config's ``allow_remote``): the guards of DESIGN §7 hold
+    address with the config's ``allow_remote``): the guards (docs/security.md) hold
     for passed sockets exactly as for our own.
     """
     if os.environ.get("LISTEN_PID") != str(os.getpid()):

@@ -18,7 +18,7 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True)
 class RefreshPolicy:
-    """The ``[refresh]`` keys of DESIGN §3, durations in seconds."""
+    """The ``[refresh]`` keys (docs/configuration.md), durations in seconds."""
 
     at: float = 0.67
     jitter: float = 0.05

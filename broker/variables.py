@@ -1,4 +1,4 @@
-"""The variables a command or an env file gets for one token (DESIGN §9).
+"""The variables a command or an env file gets for one token (docs/using-tokens.md).
 
 ``token-broker exec`` puts them in a command's environment, the ``env`` file
 output writes them as ``NAME=value`` lines: one place names them.

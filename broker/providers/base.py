@@ -107,6 +107,7 @@ async def send_bounded(
     headers: dict[str, str],
     *,
     data: dict[str, str] | None = None,
+    json: object = None,
 ) -> HttpReply:
     """Send one request and read the answer, at most :data:`MAX_ANSWER_BYTES` of it.
 
@@ -119,7 +120,7 @@ async def send_bounded(
         "Accept-Encoding": "identity",
         **headers,
     }
-    outgoing = client.build_request(method, url, data=data, headers=headers)
+    outgoing = client.build_request(method, url, data=data, json=json, headers=headers)
     response = await client.send(outgoing, stream=True)
     body = bytearray()
     try:
