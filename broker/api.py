@@ -26,6 +26,7 @@ from broker.errors import BrokerError, CycleError, Refused, UnknownCredential
 from broker.manager import Credential, Manager
 from broker.metrics import Gauges, RequestCounters, render
 from broker.net import is_loopback
+from broker.stores import VaultRef, VaultSession
 from broker.tokens import Clock, rfc3339
 
 #: What the reload route calls: re-read the config and apply it (the daemon's), returning
@@ -236,11 +237,17 @@ def _header_name(settings: Settings) -> bytes | None:
 
 
 def status_json(
-    credential: Credential, now: float, default: str | None, cycler: Cycler | None = None
+    credential: Credential,
+    now: float,
+    default: str | None,
+    cycler: Cycler | None = None,
+    vault: VaultSession | None = None,
 ) -> dict[str, object]:
-    """The status JSON (docs/http-api.md): no secret, no token; with secret cycling, its state."""
+    """The status JSON (docs/http-api.md): no secret, no token; with secret cycling, its
+    state; with a secret in Vault, the version in use and how Vault answers."""
     cred, token = credential.settings, credential.token
     cycling = cycler.status.get(cred.name) if cycler is not None else None
+    in_vault = vault is not None and isinstance(cred.secret, VaultRef)
     return {
         "name": cred.name,
         "provider": cred.provider,
@@ -252,12 +259,27 @@ def status_json(
         "next_refresh_at": rfc3339(credential.next_refresh_at),
         "last_error": credential.last_error.as_json() if credential.last_error else None,
         "secret_cycling": cycling.as_json(cred, now) if cycling is not None else None,  # type: ignore[arg-type]
+        "vault": _vault_json(vault, cred.name) if in_vault and vault is not None else None,
     }
 
 
-def gauges(manager: Manager, now: float, cycler: Cycler | None = None) -> list[Gauges]:
+def _vault_json(vault: VaultSession, name: str) -> dict[str, object]:
+    health = vault.vault.health
+    return {
+        "address": vault.vault.address,
+        "version": vault.versions.get(name),
+        "ok": health.ok,
+        "error": health.error,  # the address, the call and Vault's own words: no secret
+        "failed_at": rfc3339(health.at),
+    }
+
+
+def gauges(
+    manager: Manager, now: float, cycler: Cycler | None = None, vault: VaultSession | None = None
+) -> list[Gauges]:
     """Each credential's current values for a metrics scrape."""
     ages = cycler.secret_ages(now) if cycler is not None else {}
+    versions = vault.versions if vault is not None else {}
     return [
         Gauges(
             name,
@@ -265,6 +287,7 @@ def gauges(manager: Manager, now: float, cycler: Cycler | None = None) -> list[G
             c.token.expires_at - now if c.token is not None else None,
             c.refreshed_at,
             ages.get(name),
+            versions.get(name),
         )
         for name, c in manager.credentials.items()
     ]
@@ -277,9 +300,11 @@ def create_app(
     cycler: Cycler | None = None,
     counters: RequestCounters | None = None,
     reload: Reload | None = None,
+    vault: VaultSession | None = None,
 ) -> BrokerApp:
-    """Build the ASGI app that answers from ``manager`` (and ``cycler``); ``reload`` is
-    what ``POST /v1/reload`` runs. Starting and stopping them is the daemon's."""
+    """Build the ASGI app that answers from ``manager`` (and ``cycler``, ``vault``);
+    ``reload`` is what ``POST /v1/reload`` runs. Starting and stopping them is the
+    daemon's."""
     api = FastAPI(title="token-broker", docs_url=None, redoc_url=None, openapi_url=None)
     counters = counters or RequestCounters()
     app = BrokerApp(manager, counters, manager.settings, api)
@@ -306,7 +331,7 @@ def create_app(
         request.scope.setdefault("extensions", {})[access.ADMIN] = act
 
     def status(credential: Credential) -> dict[str, object]:
-        return status_json(credential, clock(), manager.default, cycler)
+        return status_json(credential, clock(), manager.default, cycler, vault)
 
     @api.get("/v1/credentials")
     async def list_credentials(request: Request) -> list[dict[str, object]]:
@@ -380,7 +405,8 @@ def create_app(
 
     @api.get("/metrics")
     async def metrics() -> Response:
-        text = render(manager.recorder, counters, gauges(manager, clock(), cycler))
+        health = vault.vault.health if vault is not None else None
+        text = render(manager.recorder, counters, gauges(manager, clock(), cycler, vault), health)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app

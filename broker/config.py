@@ -18,7 +18,8 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -29,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from broker import stores
 from broker.errors import ConfigError
 from broker.net import is_loopback
 from broker.providers import PROVIDERS
@@ -39,9 +41,10 @@ from broker.schema import (
     KeyProblem,
     Model,
     RefreshKeys,
+    check_ca_file,
     named,
 )
-from broker.stores import FileMode, file_mode
+from broker.stores import FileMode, SecretRef, file_mode
 from broker.variables import EnvFileError, check_env_file
 
 M = TypeVar("M", bound=BaseModel)
@@ -282,6 +285,73 @@ class OutputSettings(Model):
         return data
 
 
+class VaultSettings(Model):
+    """The ``[vault]`` table: the one Vault (or OpenBao) cluster every ``vault:`` secret is
+    in, and how this broker logs in (docs/vault.md)."""
+
+    address: str
+    ca_file: str | None = None  # a private CA trusted for Vault only
+    namespace: str | None = None  # X-Vault-Namespace
+    auth: Literal["token", "approle", "jwt", "kubernetes"]
+    token: SecretRef | None = None  # auth = "token" (e.g. Vault Agent's sink file)
+    role_id: str | None = None  # auth = "approle"
+    secret_id: SecretRef | None = None  # auth = "approle"
+    role: str | None = None  # auth = "jwt" | "kubernetes": the Vault role
+    jwt: SecretRef | None = None  # auth = "jwt" | "kubernetes" (a projected token file)
+    mount: str | None = None  # where the auth method is enabled; default: its name
+    poll: Duration = Field(30.0, ge=1)  # look for a new version, and report, this often
+    timeout: Duration = Field(10.0, gt=0)  # one call to Vault, connect to last byte
+
+    #: The keys each login method needs (and no other method's).
+    NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "token": ("token",), "approle": ("role_id", "secret_id"),
+        "jwt": ("role", "jwt"), "kubernetes": ("role", "jwt"),
+    }  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refs(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in ("token", "secret_id", "jwt"):
+            text = data.get(key)
+            if not isinstance(text, str):
+                continue
+            if text.startswith("vault:"):
+                raise KeyProblem(key, "Vault's own login cannot come from Vault")
+            try:
+                data[key] = stores.parse(text, "vault")
+            except ValueError as exc:
+                raise KeyProblem(key, str(exc)) from None
+        if isinstance(data.get("ca_file"), str):
+            check_ca_file(data["ca_file"])
+        return data
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.path.strip("/"):
+            raise ValueError(f"expected https://HOST[:PORT], got {value!r}")
+        host = parts.hostname
+        if parts.scheme == "http" and host != "localhost" and not is_loopback(host):
+            # The Vault token and the client secret would cross the network in clear.
+            raise ValueError(f"expected an https:// address (http only on loopback), got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _login(self) -> VaultSettings:
+        needed = self.NEEDS[self.auth]
+        for key in needed:
+            if getattr(self, key) is None:
+                raise KeyProblem(key, f'auth = "{self.auth}" needs {" and ".join(needed)}')
+        for key in {k for keys in self.NEEDS.values() for k in keys} - set(needed):
+            if getattr(self, key) is not None:
+                raise KeyProblem(key, f'not used with auth = "{self.auth}"')
+        return self
+
+
 @dataclass(frozen=True)
 class Settings:
     """A whole validated configuration: the tables, and the file they came from."""
@@ -291,6 +361,7 @@ class Settings:
     path: Path | None = None
     clients: dict[str, ClientSettings] = field(default_factory=dict)
     outputs: tuple[OutputSettings, ...] = ()
+    vault: VaultSettings | None = None
 
     def file_modes(self) -> list[FileMode]:
         """The config file and every secret file it names, with what is wrong with each
@@ -448,13 +519,13 @@ def _not_found(resolved: Path, explicit: object) -> str:
 
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
-    tables = ["server", "refresh", "credentials", "clients", "outputs"]
+    tables = ["server", "refresh", "credentials", "clients", "outputs", "vault"]
     unknown = sorted(set(data) - set(tables))
     if unknown:
         hint = _did_you_mean(unknown[0], tables)
         raise ConfigError(
             f"{source}: unknown table or key {unknown[0]!r}{hint} (expected [server], "
-            "[refresh], [credentials.NAME], [clients.NAME] and [[outputs]])"
+            "[refresh], [credentials.NAME], [clients.NAME], [[outputs]] and [vault])"
         )
     server = _validate(ServerSettings, data.get("server", {}), source, "[server]")
     refresh = _validate(RefreshKeys, data.get("refresh", {}), source, "[refresh]")
@@ -509,8 +580,20 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
             f"{source}: [server] default: no credential named {server.default!r} "
             f"(configured: {', '.join(sorted(credentials)) or 'none'})"
         )
+    vault = _validate(VaultSettings, data["vault"], source, "[vault]") if "vault" in data else None
+    for name, cred in credentials.items():
+        if cred.secret.needs_vault and vault is None:
+            raise ConfigError(
+                f"{source}: [credentials.{name}] secret: {cred.secret} needs a [vault] table "
+                "(address and login; see docs/vault.md)"
+            )
     return Settings(
-        server=server, credentials=credentials, path=path, clients=clients, outputs=parsed
+        server=server,
+        credentials=credentials,
+        path=path,
+        clients=clients,
+        outputs=parsed,
+        vault=vault,
     )
 
 

@@ -24,7 +24,8 @@ from typing import Any
 from broker import config, connections, systemd
 from broker.api import BrokerApp, create_app
 from broker.config import ConfigError, Settings
-from broker.cycling import Cycler, StateFile
+from broker.cycling import Cycler, StateFile, StateStore
+from broker.cycling.fleet import VaultState
 from broker.errors import BrokerError
 from broker.files import state_dir
 from broker.logs import Redactor
@@ -32,10 +33,12 @@ from broker.manager import Credential, Manager
 from broker.metrics import Recorder, RequestCounters
 from broker.outputs import Outputs
 from broker.providers import IssuerClients, issuer_client
+from broker.providers.adobe import AdobeSettings
 from broker.scheduler import APScheduler
 from broker.server import Server, bind, uvicorn_config
-from broker.stores import Context
+from broker.stores import NO_CONTEXT, Context, SecretRef, VaultRef, VaultSession
 from broker.tokens import Clock, rfc3339
+from broker.vault import Login, Vault
 
 log = logging.getLogger("broker.daemon")
 
@@ -65,7 +68,8 @@ class Daemon:
         self.scheduler = APScheduler()
         longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
         self.issuers = IssuerClients(issuer_client(longest))
-        self.stores = Context()
+        self.vault = vault_session(settings, redactor) if settings.vault is not None else None
+        self.stores = Context(vault=self.vault)
         self.manager = Manager(
             settings,
             client=self.issuers,
@@ -78,11 +82,17 @@ class Daemon:
         )
         self.outputs = Outputs(settings.outputs, recorder=self.recorder, clock=clock)
         directory = state_directory or state_dir()
+
+        def states(name: str, cred: AdobeSettings) -> StateStore:
+            if isinstance(cred.secret, VaultRef) and self.vault is not None:
+                return VaultState(name, cred.secret, self.vault, grace=cred.rotate_grace)
+            return StateFile(directory, name)
+
         self.cycler = Cycler(
             holder=self.manager,
             issuers=self.issuers,
             scheduler=self.scheduler,
-            states=lambda name, cred: StateFile(directory, name),
+            states=states,
             clock=clock,
             recorder=self.recorder,
             redactor=redactor,
@@ -94,11 +104,14 @@ class Daemon:
             cycler=self.cycler,
             counters=self.counters,
             reload=self.reload_file,
+            vault=self.vault,
         )
         https = settings.server.ims_listen or settings.server.tls_listen
         self.https = Https(settings, self.app, self.manager, connection_limit) if https else None
         self._reloading = asyncio.Lock()
         self._listen = settings.server.listen  # what the sockets were bound to
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by what they do: "vault", "follow:NAME"
+        self._following: dict[str, SecretRef] = {}
 
     def _new_token(self, credential: Credential) -> None:
         """A credential has a new token: the file outputs write it."""
@@ -108,8 +121,31 @@ class Daemon:
         """Start the scheduler, the first token round (not waited for) and the cycling."""
         _warn_file_modes(self.settings)
         self.scheduler.start()  # inside the running loop (APScheduler 3.11)
+        if self.vault is not None:
+            self._spawn("vault", self.vault.vault.keep_alive())
         await self.manager.start()
+        self._follow_vault()
         await self.cycler.use(self.settings.credentials)
+
+    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks[key] = asyncio.get_running_loop().create_task(work, name=key)
+
+    def _follow_vault(self) -> None:
+        """Every credential whose secret is in Vault follows its versions and reports the
+        one in use (a task each); one no longer configured (or moved) stops."""
+        wanted = {
+            f"follow:{name}": cred.secret
+            for name, cred in self.settings.credentials.items()
+            if isinstance(cred.secret, VaultRef)
+        }
+        for key in [k for k in self._tasks if k.startswith("follow:")]:
+            if key not in wanted or self._following.get(key) != wanted[key]:
+                self._tasks.pop(key).cancel()
+        for key, ref in wanted.items():
+            if key not in self._tasks and isinstance(ref, VaultRef) and self.vault is not None:
+                self._following[key] = ref
+                name = key.removeprefix("follow:")
+                self._spawn(key, ref.follow(name, self.vault, self.manager.reread_secrets))
 
     async def reload_file(self) -> dict[str, list[str]]:
         """Re-read the config file this daemon started from, then :meth:`reload`.
@@ -147,6 +183,7 @@ class Daemon:
                 if self.https is not None:
                     self.https.reloaded(settings)
                 self.outputs.use(settings.outputs, self.manager.credentials)
+                self._follow_vault()
                 await self.cycler.use(settings.credentials)
             finally:
                 systemd.notify("READY=1", f"STATUS={self.manager.summary()}")
@@ -158,8 +195,38 @@ class Daemon:
     async def close(self) -> None:
         """Stop the scheduler, the refreshes in flight, the outputs' writes; close clients."""
         self.scheduler.shutdown()
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self.manager.close()
         await self.outputs.close()
+        if self.vault is not None:
+            await self.vault.vault.aclose()
+
+
+def vault_session(settings: Settings, redactor: Redactor | None = None) -> VaultSession:
+    """The Vault client of ``settings``' ``[vault]`` table, with its login; the token it
+    holds is kept out of every log line (``redactor``)."""
+    table = settings.vault
+    assert table is not None
+    ref = {"token": table.token, "approle": table.secret_id}.get(table.auth, table.jwt)
+    assert ref is not None  # the config's validation says each method has its keys
+
+    async def credential() -> str:
+        return (await ref.read("vault", NO_CONTEXT))[0]
+
+    role = table.role_id if table.auth == "approle" else table.role
+    vault = Vault(
+        table.address,
+        Login(table.auth, credential, role=role or "", mount=table.mount or ""),
+        namespace=table.namespace,
+        ca_file=table.ca_file,
+        timeout=table.timeout,
+        on_token=(lambda token: redactor.set("vault:token", (token,)))
+        if redactor
+        else (lambda token: None),
+    )
+    return VaultSession(vault, table.poll)
 
 
 def _warn_file_modes(settings: Settings) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sized
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 STATES = ("pending", "fresh", "refreshing", "stale", "expired", "failed")
 #: Issuer round trips in seconds: IMS answers in ~0.1-0.5 s; the default timeout is 10 s.
@@ -105,9 +105,22 @@ class Gauges(NamedTuple):
     expires_in: float | None  # seconds until the cached token expires
     refreshed_at: float | None  # Unix time of the last successful refresh
     secret_age: float | None = None  # seconds since the secret in use was created (cycling)
+    secret_version: int | None = None  # the version of a Vault secret in use
 
 
-def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauges]) -> str:
+class VaultHealth(Protocol):
+    """How the daemon's Vault answers (:class:`broker.vault.Health`), as a scrape reads it."""
+
+    ok: bool
+    errors: Counter[str]
+
+
+def render(
+    recorder: Recorder,
+    counters: RequestCounters,
+    gauges: Iterable[Gauges],
+    vault: VaultHealth | None = None,
+) -> str:
     gauges = list(gauges)
     lines: list[str] = []
 
@@ -186,7 +199,27 @@ def render(recorder: Recorder, counters: RequestCounters, gauges: Iterable[Gauge
             lines.append(
                 f'token_broker_credential_state{{credential="{g.name}",state="{state}"}} {value}'
             )
+    if vault is not None:
+        _vault(vault, gauges, family, lines)
     return "\n".join(lines) + "\n"
+
+
+def _vault(
+    vault: VaultHealth,
+    gauges: list[Gauges],
+    family: Callable[[str, str, str], None],
+    lines: list[str],
+) -> None:
+    """Vault's families: whether its last call answered, failures by reason, versions."""
+    family("token_broker_vault_up", "gauge", "1 when the last call to Vault was answered.")
+    lines.append(f"token_broker_vault_up {1 if vault.ok else 0}")
+    family("token_broker_vault_failures_total", "counter", "Failed calls to Vault, by reason.")
+    for reason, n in sorted(vault.errors.items()):
+        lines.append(f'token_broker_vault_failures_total{{reason="{reason}"}} {n}')
+    family("token_broker_secret_version", "gauge", "The version of a Vault secret in use.")
+    for g in gauges:
+        if g.secret_version is not None:
+            lines.append(f'token_broker_secret_version{{credential="{g.name}"}} {g.secret_version}')
 
 
 def _connections(

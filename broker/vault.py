@@ -21,6 +21,7 @@ import logging
 import math
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import httpx
 
 from broker.errors import BrokerError, SecretError
-from broker.providers.base import send_bounded, transport_failure
+from broker.upstream import send_bounded, transport_failure
 
 log = logging.getLogger("broker.vault")
 
@@ -107,6 +108,7 @@ class Health:
     reason: str | None = None  # VaultError.reason of that failure
     at: float | None = None  # when it happened (local epoch seconds)
     failures: int = 0  # consecutive failed calls
+    errors: Counter[str] = field(default_factory=Counter)  # every failure, by reason (metrics)
 
 
 class Vault:
@@ -386,6 +388,7 @@ class Vault:
             self.health.error, self.health.reason = str(error), reason
             self.health.at = self._wall()
             self.health.failures += 1
+            self.health.errors[reason] += 1
         return error
 
     def _shape(self, method: str, path: str, why: str) -> VaultError:

@@ -20,9 +20,9 @@ import httpx
 
 from broker.errors import CycleError, IssuerError
 from broker.providers.adobe import AdobeSettings
-from broker.providers.base import HttpReply, json_object, send_bounded, text_field
-from broker.providers.base import transport_failure as _transport_failure
 from broker.tokens import rfc3339
+from broker.upstream import HttpReply, json_object, send_bounded, text_field
+from broker.upstream import transport_failure as _transport_failure
 
 log = logging.getLogger("broker.cycle")
 
@@ -53,7 +53,7 @@ class Console:
     def __init__(self, client: httpx.AsyncClient, cred: AdobeSettings, timeout: float) -> None:
         self._client = client
         self._cred = cred
-        self._timeout = timeout
+        self.timeout = timeout
         self.url = (
             f"{cred.console_url}/console/organizations/{cred.console_org_id}"
             f"/credentials/{cred.credential_id}/secrets"
@@ -93,11 +93,11 @@ class Console:
     async def _call(self, method: str, url: str, token: str) -> HttpReply:
         headers = {"Authorization": f"Bearer {token}", "x-api-key": self._cred.client_id}
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self.timeout):
                 answer = await send_bounded(self._client, method, url, headers)
         except TimeoutError:
             raise CycleError("error", f"Console API {method}: no answer within "
-                                      f"{self._timeout:g}s") from None  # fmt: skip
+                                      f"{self.timeout:g}s") from None  # fmt: skip
         except httpx.HTTPError as exc:
             raise CycleError("error", f"Console API {method}: "
                                       f"{_transport_failure(exc, url)[1]}") from None  # fmt: skip

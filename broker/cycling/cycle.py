@@ -96,11 +96,17 @@ class Cycle:
         self._checkpoint = checkpoint
         self._minted: list[str] = []  # management tokens and the new secret, kept out of logs
 
-    async def run(self) -> CycleResult:
-        """Run a cycle, or finish (or undo) the one a crash interrupted; raise CycleError."""
+    async def run(self, *, if_due: Callable[[CycleState], bool] | None = None) -> CycleResult:
+        """Run a cycle, or finish (or undo) the one a crash interrupted; raise CycleError.
+
+        ``if_due``: a scheduled cycle starts only if the state found under the lock says
+        one is due (a broker of a fleet may have cycled meanwhile): else ``not_due``.
+        """
         async with self._state.locked():
             state = await self._state.load(self.cred.credential_id or "")
             try:
+                if state.step is None and if_due is not None and not if_due(state):
+                    return CycleResult("not_due", state.current, None, "no cycle is due")
                 if state.step is None:
                     return await self._cycle(state)
                 log.warning("cycle %s: resuming a cycle interrupted at %r", self.cred.name,
@@ -153,6 +159,7 @@ class Cycle:
         state.started_at = self._clock()
         await self._save(state, "adding")
         try:
+            await self._fenced()
             remote, value = await self.console.add(token)
         except CycleError as exc:
             log.warning("cycle %s: %s; looking for what the POST may have created",
@@ -208,7 +215,7 @@ class Cycle:
                 f"{state.new}); nothing was deleted: check the secrets in the Developer Console",
             )
         # Every broker that reads this store uses the new secret before the old one goes.
-        await self._store.adopted()
+        await self._state.adopted()
         # Step 5 with a token of the new secret: should the old one be refused already,
         # its deletion still goes through; and it proves the new one for management too.
         token = await self._management_token(stored)
@@ -221,6 +228,7 @@ class Cycle:
                 f"although it works; nothing was deleted: check the Developer Console",
             )
         if old is not None and old != new and old in listed:
+            await self._fenced()
             await self.console.delete(token, old)
             self._checkpoint("deleted")
             listed = {s.uuid: s for s in await self.console.list(token)}
@@ -260,6 +268,7 @@ class Cycle:
         await self._save(state, "discarding", step="discarding")
         token = await self._management_token(current)
         if state.new is not None:
+            await self._fenced()
             await self.console.delete(token, state.new)  # False: gone already
         self._checkpoint("discard-deleted")
         upcoming = await self._store.upcoming()
@@ -303,6 +312,7 @@ class Cycle:
             await self._save(state, "added")
             return
         # The value is lost: nobody can use this secret. Delete it; nothing else changed.
+        await self._fenced()
         await self.console.delete(token, orphan.uuid)
         state.step, state.old = None, None
         await self._state.save(state)
@@ -414,6 +424,13 @@ class Cycle:
             self._client, cred.token_request(secret), now=self._clock(),
             timeout=cred.policy.timeout,
         )  # fmt: skip
+
+    async def _fenced(self) -> None:
+        """Before a change at Adobe: the lock is surely held, and the change must end
+        before it could lapse (a fleet's lease in Vault expires)."""
+        bound = await self._state.fence()
+        timeout = self.cred.policy.timeout
+        self.console.timeout = timeout if bound is None else min(timeout, bound)
 
     async def _current(self) -> str:
         secret = await self._store.current()

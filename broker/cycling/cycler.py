@@ -146,6 +146,11 @@ class Cycler:
                 log.error("cycle %s: %s", name, exc, extra={"event": "cycle_failed",
                           "credential": name, "error": exc.outcome})  # fmt: skip
                 self._failed(name, exc)
+                if self._states(name, cred).shared and cred.rotate_every is not None:
+                    # Vault away at start: look again with backoff (a local state that
+                    # cannot be used waits for the operator and a reload).
+                    delay = retry_delay(status.failures, cred.policy, None, self._rand)
+                    self._schedule(name, now + delay)
                 continue
             when = self._due(status, cred, now)
             if when is None:
@@ -175,7 +180,7 @@ class Cycler:
             if asked:
                 self._cooldown(name, await self._states(name, cred).load(cred.credential_id or ""))
             async with self._lock(name):  # a survey in progress finishes first
-                return await self._run(name, cred)
+                return await self._run(name, cred, asked=asked)
         finally:
             status.running = False
 
@@ -210,25 +215,36 @@ class Cycler:
             if s.state is not None and s.state.current_created_at is not None
         }
 
-    async def _run(self, name: str, cred: AdobeSettings) -> CycleResult:
+    async def _run(self, name: str, cred: AdobeSettings, *, asked: bool) -> CycleResult:
         state_file = self._states(name, cred)
 
         async def on_switch(secret: str, issued: IssuedToken | None) -> None:
             await self._holder.use_secret(name, secret, issued)
 
+        if_due = None if asked else (lambda state: self._is_due(state, cred))
         try:
-            result = await self._cycle(name, cred, state_file, on_switch).run()
+            result = await self._cycle(name, cred, state_file, on_switch).run(if_due=if_due)
         except BrokerError as exc:  # a CycleError, or a secret store that cannot be written
             err = exc if isinstance(exc, CycleError) else CycleError("error", str(exc))
-            if err.outcome != "busy":
+            if err.outcome == "busy":  # another process (or broker) cycles: look again later
+                self._schedule(name, self._clock() + state_file.retry_busy)
+            else:
                 self._failed(name, err)
                 await self._settle(name, state_file, cred, failed=True)
             raise err from None
         if (status := self.status.get(name)) is not None:
             status.failures, status.last_error = 0, None
-        self._recorder.rotated(name, "success")
+        if result.outcome == "success":
+            self._recorder.rotated(name, "success")
         await self._settle(name, state_file, cred, failed=False)
         return result
+
+    def _is_due(self, state: CycleState, cred: AdobeSettings) -> bool:
+        """Whether a scheduled cycle is due by ``state`` as found under the lock."""
+        if cred.rotate_every is None:
+            return False
+        created = state.current_created_at
+        return created is None or self._clock() >= created + cred.rotate_every
 
     def _cycle(
         self, name: str, cred: AdobeSettings, state_file: StateStore, on_switch: OnSwitch = _nothing
@@ -273,11 +289,9 @@ class Cycler:
         cred = self._settings(name)
         status = self.status[name]
         try:
-            if (
-                status.state is not None
-                and status.state.step is None
-                and (status.state.current_created_at is None)
-            ):
+            if status.state is None:  # it could not be read before (Vault away, say)
+                status.state = await self._states(name, cred).load(cred.credential_id or "")
+            if status.state.step is None and status.state.current_created_at is None:
                 await self._survey(name, cred)
                 when = self._due(status, cred, self._clock())
                 if when is None:
@@ -288,9 +302,17 @@ class Cycler:
                     return
             await self._rotate(name)
         except CycleError as exc:
+            if exc.outcome == "busy":
+                log.info("cycle %s: %s; looking again later", name, exc,
+                         extra={"event": "cycle_busy", "credential": name})  # fmt: skip
+                return
             log.error("cycle %s: %s", name, exc, extra={"event": "cycle_failed",
                       "credential": name, "error": exc.outcome,
                       "x_request_id": exc.request_id})  # fmt: skip
+            if status.state is None:  # the state could not be read: try again later
+                self._failed(name, exc)
+                delay = retry_delay(status.failures, cred.policy, None, self._rand)
+                self._schedule(name, self._clock() + delay)
         except Exception:  # never let a surprise end the daemon's cycling for good
             log.exception("cycle %s: unexpected error", name)
             self._schedule(name, self._clock() + cred.policy.retry_max)
@@ -309,9 +331,15 @@ class Cycler:
             self.status[name].state = survey
 
     def _due(self, status: CycleStatus, cred: AdobeSettings, now: float) -> float | None:
-        """When the next cycle (or resume, or survey) is due; None: none is."""
+        """When the next cycle (or resume, or survey) is due; None: none is.
+
+        An interrupted cycle is finished soon, with or without ``rotate_every`` when this
+        broker alone cycles the credential; of a fleet's (a shared store) only brokers
+        with ``rotate_every`` take part, since only their policy may write the secret.
+        """
         state = status.state
-        if state is not None and state.step is not None:
+        shared = self._states(cred.name, cred).shared
+        if state is not None and state.step is not None and (cred.rotate_every or not shared):
             return now + self._first_delay  # finish the interrupted cycle soon
         if cred.rotate_every is None:
             return None

@@ -70,6 +70,11 @@ class StateStore(Protocol):
 
     #: Where the state lives, in words (for messages: "remove FILE", "delete PATH").
     where: str
+    #: Whether other brokers cycle the same credential through it: then only a broker
+    #: with ``rotate_every`` finishes another's cycle (its policy may write).
+    shared: bool
+    #: After ``busy`` (another holds the lock), look again this much later.
+    retry_busy: float
 
     def locked(self) -> _AsyncLock:
         """Hold the lock for a cycle; CycleError ``busy`` if another holds it."""
@@ -79,6 +84,16 @@ class StateStore(Protocol):
 
     async def save(self, state: CycleState) -> None: ...
 
+    async def fence(self) -> float | None:
+        """Before a change at Adobe: CycleError unless the lock is surely still held; the
+        seconds it surely lasts (a bound for the change), or None: no bound."""
+        ...
+
+    async def adopted(self) -> None:
+        """Between steps 4 and 5: return once every broker that reads the secret uses the
+        new one (a store read by one broker: at once, that broker was told)."""
+        ...
+
 
 class _AsyncLock(Protocol):
     async def __aenter__(self) -> None: ...
@@ -87,6 +102,9 @@ class _AsyncLock(Protocol):
 
 class StateFile:
     """``<state dir>/cycling/NAME.json`` and its lock, one per credential."""
+
+    shared = False
+    retry_busy = 5.0
 
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory / "cycling"
@@ -129,6 +147,12 @@ class StateFile:
     async def save(self, state: CycleState) -> None:
         self._directories()
         atomic_write(self.path, state.model_dump_json(indent=1).encode(), 0o600)
+
+    async def fence(self) -> None:
+        return None  # an flock held by this process does not expire
+
+    async def adopted(self) -> None:
+        return None  # one broker reads this credential's store: it was told
 
     @asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:

@@ -41,6 +41,9 @@ class AdobeSettings(CredentialSettings):
     console_url: str = DEFAULT_CONSOLE_URL
     rotate_every: Duration | None = Field(None, ge=1)  # None: no automatic cycling
     rotate_verify: Duration = Field(300.0, gt=0)  # how long a new secret is tried at IMS
+    #: A fleet (a vault: secret): how long the cycling broker waits for brokers still on
+    #: the old secret before it deletes it anyway; default 10 x [vault] poll.
+    rotate_grace: Duration | None = Field(None, gt=0)
 
     def token_request(self, secret: str) -> TokenRequest:
         form = {"grant_type": "client_credentials", "client_id": self.client_id,

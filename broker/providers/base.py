@@ -10,23 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import gc
-import json
 import re
-import socket
-import ssl
 from dataclasses import dataclass, field
 
 import httpx
 
-from broker.errors import IssuerError, causes
+from broker.errors import IssuerError
 from broker.tokens import Token
+from broker.upstream import HttpReply, json_object, send_bounded, text_field, transport_failure
 
 #: Longest lifetime we believe; beyond it ``expires_in`` is treated as garbage.
 MAX_LIFETIME = 366 * 86400
-#: An issuer's answer is a few KB (an Adobe token is a JWT of ~1.5 KB); reading stops past this,
-#: so an issuer that never ends its body cannot fill the daemon's memory.
-MAX_ANSWER_BYTES = 1024 * 1024
 #: The longest access token served: tokens travel in request headers, which servers cap at
 #: 8-64 KB; one beyond that is an issuer's mistake, not something to hand to every tool.
 MAX_TOKEN_LENGTH = 32 * 1024
@@ -86,109 +80,9 @@ async def _exchange(client: httpx.AsyncClient, request: TokenRequest, *, now: fl
         raise exc.scrubbed(request.secret) from None
 
 
-@dataclass(frozen=True)
-class HttpReply:
-    """An issuer's answer, read whole (and bounded)."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes = field(repr=False)
-
-
 async def _post(client: httpx.AsyncClient, request: TokenRequest) -> HttpReply:
     """POST the token request and read the answer (bounded)."""
     return await send_bounded(client, "POST", request.url, request.headers, data=request.form)
-
-
-async def send_bounded(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    headers: dict[str, str],
-    *,
-    data: dict[str, str] | None = None,
-    json: object = None,
-) -> HttpReply:
-    """Send one request and read the answer, at most :data:`MAX_ANSWER_BYTES` of it.
-
-    Raises httpx.HTTPError when no answer arrives, IssuerError when it is too long.
-    """
-    headers = {
-        "Accept": "application/json",
-        # An answer is a few KB: nothing to gain from compression, and a compressed body
-        # could expand far beyond what was read.
-        "Accept-Encoding": "identity",
-        **headers,
-    }
-    outgoing = client.build_request(method, url, data=data, json=json, headers=headers)
-    response = await client.send(outgoing, stream=True)
-    body = bytearray()
-    try:
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_ANSWER_BYTES:
-                break
-    finally:
-        await response.aclose()
-    if len(body) > MAX_ANSWER_BYTES:
-        # The transport reads ahead (megabytes, from a fast issuer) and what it read stays
-        # in reference cycles of the closed connection until the collector runs, which in
-        # a quiet daemon may be much later: collect now, on this rare path, so memory
-        # stays flat however often an issuer does this.
-        del body, chunk
-        gc.collect()
-        raise IssuerError(
-            "invalid_response",
-            f"HTTP {response.status_code} answer longer than "
-            f"{MAX_ANSWER_BYTES // 1024} KiB; stopped reading",
-            status=response.status_code,
-            debug_id=response.headers.get("x-debug-id"),
-        )
-    return HttpReply(response.status_code, response.headers, bytes(body))
-
-
-def transport_failure(exc: httpx.HTTPError, url: str, peer: str = "the issuer") -> tuple[str, str]:
-    """(error code, sentence) naming why no answer arrived.
-
-    The code stays ``timeout`` or ``connection_error`` (what scripts match on); the
-    sentence names the cause a user acts on: a certificate that failed verification
-    and why, a name that does not resolve, a refused or reset connection.
-    """
-    where = origin(url)
-    if isinstance(exc, httpx.TimeoutException):
-        phase = {
-            httpx.ConnectTimeout: "connecting to",
-            httpx.ReadTimeout: "waiting for an answer from",
-            httpx.WriteTimeout: "sending the request to",
-            httpx.PoolTimeout: "waiting for a connection to",
-        }.get(type(exc), "talking to")
-        return "timeout", f"timed out {phase} {where}"
-    cause = causes(exc)[-1]
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        reason = cause.verify_message or cause.reason or "certificate rejected"
-        return (
-            "connection_error",
-            f"TLS certificate verify failed for {where}: {reason} "
-            "(trust a private CA with the credential's ca_file)",
-        )
-    if isinstance(cause, ssl.SSLError):
-        return "connection_error", f"TLS handshake with {where} failed: {cause.reason or cause}"
-    if isinstance(cause, socket.gaierror):
-        host = httpx.URL(url).host
-        return "connection_error", f"cannot resolve the name {host!r} of {where}: {cause.strerror}"
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection_error", f"connection refused by {where} (is {peer} up?)"
-    if isinstance(cause, ConnectionResetError):
-        return "connection_error", f"connection reset by {where}"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return "connection_error", f"{where} broke the HTTP exchange: {_short(exc)}"
-    if isinstance(cause, OSError) and cause.strerror:
-        return "connection_error", f"cannot reach {where}: {cause.strerror}"
-    return "connection_error", f"cannot reach {where}: {type(exc).__name__}: {_short(exc)}"
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 def parse_response(response: HttpReply, *, now: float) -> IssuedToken:
@@ -272,22 +166,5 @@ def _seconds(value: object) -> float | None:
     return None
 
 
-def json_object(response: HttpReply) -> dict[str, object] | None:
-    try:
-        body = json.loads(response.body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def text_field(value: object, limit: int = 500) -> str:
-    return value[:limit] if isinstance(value, str) else ""
-
-
 def _content_type(response: HttpReply) -> str:
     return response.headers.get("content-type", "no content-type").split(";")[0][:60]
-
-
-def origin(url: str) -> str:
-    u = httpx.URL(url)
-    return f"{u.scheme}://{u.netloc.decode('ascii', 'replace')}"

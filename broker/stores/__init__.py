@@ -1,7 +1,8 @@
 """Secret stores: one class per kind of ``secret = …`` reference (docs/architecture.md).
 
-``keyring`` / ``keyring:SERVICE/USERNAME``, ``file:/path``, ``systemd:NAME``
-and ``env:VAR``; :func:`parse` picks the kind once, when the config is loaded.
+``keyring`` / ``keyring:SERVICE/USERNAME``, ``file:/path``, ``systemd:NAME``,
+``env:VAR`` and ``vault:MOUNT/PATH#FIELD``; :func:`parse` picks the kind once,
+when the config is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from broker.stores.env import EnvRef
 from broker.stores.file import FileRef, next_file
 from broker.stores.keyring import KeyringRef
 from broker.stores.systemd import SystemdRef
+from broker.stores.vault import VaultRef, VaultSession
 
 __all__ = [
     "NO_CONTEXT",
@@ -33,6 +35,8 @@ __all__ = [
     "SecretWriter",
     "Stored",
     "SystemdRef",
+    "VaultRef",
+    "VaultSession",
     "file_mode",
     "next_file",
     "parse",

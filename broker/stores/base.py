@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 from broker.errors import SecretError
 
 if TYPE_CHECKING:
-    from broker.vault import Vault
+    from broker.stores.vault import VaultSession
 
 _KINDS: dict[str, type[SecretRef]] = {}
 
@@ -54,9 +54,9 @@ def _rank(kind: type[SecretRef]) -> tuple[bool, str]:
 @dataclass(frozen=True)
 class Context:
     """What reading or writing a store may need beyond the reference itself: the
-    daemon's (or a command's) Vault client when ``[vault]`` is configured."""
+    daemon's (or a command's) Vault session when ``[vault]`` is configured."""
 
-    vault: Vault | None = None
+    vault: VaultSession | None = None
 
 
 NO_CONTEXT = Context()
@@ -74,6 +74,8 @@ class SecretRef(ABC):
     #: Whether a new secret can ever be written here (whether this process may, now, is
     #: :meth:`unwritable`'s answer): a cycled credential needs such a store.
     writable: ClassVar[bool] = False
+    #: Whether reading it needs the ``[vault]`` table's client (:class:`Context`).
+    needs_vault: ClassVar[bool] = False
 
     text: str  # as written in the config
 
@@ -172,13 +174,6 @@ class SecretWriter(ABC):
 
     async def finish(self) -> None:
         """Forget the previous secret (the old one is deleted at the issuer now)."""
-        return None
-
-    async def adopted(self) -> None:
-        """Return once every broker that reads this store uses the current secret.
-
-        A store read by one broker has nothing to wait for: that broker was told.
-        """
         return None
 
 

@@ -1,0 +1,257 @@
+"""``vault:MOUNT/PATH#FIELD``: a field of a KV version 2 secret in HashiCorp Vault or
+OpenBao, shared by every broker of a fleet (docs/vault.md).
+
+The secret document keeps a cycle's staging, as AWS Secrets Manager's rotation
+does: ``FIELD`` is the secret in use, ``FIELD_pending`` the new one between a
+cycle's steps 2 and 4, ``FIELD_previous`` the old one between steps 4 and 5;
+every change is a new version written with check-and-set on the version read,
+and the other fields of the document are kept. Every broker reads the
+document at start, again when its version changes (:meth:`VaultRef.follow`,
+every ``poll``) and at once when the issuer refuses the secret it holds; and
+reports the version it uses under ``PATH/brokers/ID``, so that the broker that
+cycles deletes the old secret only when every live broker has moved on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.errors import SecretError
+from broker.stores.base import NO_CONTEXT, Context, SecretRef, SecretWriter, Stored, register
+from broker.vault import CasConflict, Document, Vault, VaultError
+
+log = logging.getLogger("broker.vault")
+
+#: What a mount, a path and a field may look like: they go into URL paths.
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+DEFAULT_FIELD = "client_secret"
+PENDING, PREVIOUS = "_pending", "_previous"
+#: Tries of a read-modify-write whose check-and-set lost to another writer.
+_CAS_TRIES = 5
+
+
+@dataclass
+class VaultSession:
+    """This broker's Vault: the client, its id among the brokers that share a secret
+    (random per process: several brokers may share a host), how often it looks for a
+    new version, and the version of each credential's secret it holds now."""
+
+    vault: Vault
+    poll: float
+    broker: str = field(default_factory=lambda: secrets.token_hex(8))
+    versions: dict[str, int] = field(default_factory=dict)  # credential -> version held
+
+
+@register
+@dataclass(frozen=True)
+class VaultRef(SecretRef):
+    kind = "vault"
+    shapes = ("vault:MOUNT/PATH#FIELD",)
+    writable = True
+    needs_vault = True
+    mount: str = ""
+    path: str = ""
+    field: str = DEFAULT_FIELD
+
+    @classmethod
+    def from_text(cls, text: str, rest: str | None, credential: str) -> VaultRef | None:
+        if not rest:
+            return None
+        where, _, name = rest.partition("#")
+        mount, _, path = where.partition("/")
+        segments = [mount, *path.split("/")]
+        if not path or not all(_SEGMENT.match(s) and s not in (".", "..") for s in segments):
+            return None
+        if name and not _SEGMENT.match(name):
+            return None
+        return cls(text, mount, path, name or DEFAULT_FIELD)
+
+    def describe(self) -> str:
+        return f"Vault secret {self.mount}/{self.path} field {self.field!r}"
+
+    async def read(self, name: str, ctx: Context = NO_CONTEXT) -> tuple[str, ...]:
+        """The secret in use first, then a new one waiting (``_pending``), then the old
+        one (``_previous``): the issuer may not have heard of the newest yet."""
+        session = _session(ctx, name)
+        doc = await self._document(session, name)
+        values = [doc.data.get(self.field + s) for s in ("", PENDING, PREVIOUS)]
+        found = tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
+        if not isinstance(values[0], str) or not values[0]:
+            fields = ", ".join(sorted(doc.data)) or "none"
+            raise SecretError(
+                f"credential {name!r}: {self.describe()} has no such field (version "
+                f"{doc.version} has: {fields})"
+            )
+        session.versions[name] = doc.version
+        return found
+
+    def unwritable(self) -> None:
+        return None  # Vault's policy decides: `token-broker doctor` asks it
+
+    def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
+        return VaultWriter(self, name, _session(ctx, name))
+
+    async def store_new(
+        self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
+    ) -> Stored:
+        """Write the document (check-and-set: only if absent, or the version read); one
+        that holds another secret is replaced only with ``force``."""
+        session = _session(ctx, name)
+        data = {self.field: values[0]}
+        if len(values) > 1:
+            data[self.field + PENDING] = values[1]
+        doc = await session.vault.read(self.mount, self.path)
+        if doc is None:
+            await session.vault.write(self.mount, self.path, data, cas=0)
+        elif doc.data.get(self.field) in (None, values[0]) or force:
+            await session.vault.write(self.mount, self.path, {**doc.data, **data}, cas=doc.version)
+        else:
+            raise SecretError(
+                f"credential {name!r}: {self.describe()} exists and holds another secret; "
+                "pass --force to replace it, or name another path"
+            )
+        where = f"{self.describe()} in {session.vault.address}"
+        return Stored(where, len(values), [])
+
+    async def _document(self, session: VaultSession, name: str) -> Document:
+        doc = await session.vault.read(self.mount, self.path)
+        if doc is None:
+            raise SecretError(
+                f"credential {name!r}: {self.describe()} does not exist in "
+                f"{session.vault.address}; write it with `token-broker import FILE --secret "
+                f"{self.text}` (or `bao kv put -cas=0 {self.mount}/{self.path} {self.field}=-`)"
+            )
+        return doc
+
+    # -- every broker: follow new versions, report the one in use ------------------------
+
+    def report_path(self, broker: str) -> str:
+        return f"{self.path}/brokers/{broker}"
+
+    async def follow(
+        self, name: str, session: VaultSession, reread: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Every ``poll``: read the secret again when its version changed (``reread``: the
+        holder of ``name``'s secrets reads the store), and report the version in use.
+
+        A task of the daemon's, for as long as the credential is configured. Vault
+        unreachable or refusing: the secret in hand stays in use; the failure is in the
+        client's health (status, metrics) and in the log (once until Vault answers).
+        """
+        failing = False
+        while True:
+            try:
+                meta = await session.vault.metadata(self.mount, self.path)
+                if meta is not None and meta.current_version != session.versions.get(name):
+                    await reread(name)
+                await self.report(name, session)
+            except VaultError as exc:
+                if not failing:
+                    log.warning("credential %s: %s; the secret in hand stays in use", name, exc,
+                                extra={"event": "vault_failed", "credential": name})  # fmt: skip
+                failing = True
+            else:
+                if failing:
+                    log.info("credential %s: Vault answers again", name,
+                             extra={"event": "vault_ok", "credential": name})  # fmt: skip
+                failing = False
+            await asyncio.sleep(session.poll)
+
+    async def report(self, name: str, session: VaultSession) -> Document:
+        """Write this broker's report: the version it uses, who it is (a heartbeat too:
+        its write time, Vault's clock, says the broker is alive)."""
+        report = {
+            "version": session.versions.get(name, 0),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        return await session.vault.write(
+            self.mount, self.report_path(session.broker), report, cas=None
+        )
+
+
+def _session(ctx: Context, name: str) -> VaultSession:
+    session = ctx.vault
+    if not isinstance(session, VaultSession):
+        raise SecretError(f"credential {name!r}: a vault: secret needs the [vault] table")
+    return session
+
+
+class VaultWriter(SecretWriter):
+    """``FIELD``, ``FIELD_pending`` and ``FIELD_previous`` of the document, each change a
+    new version written with check-and-set on the version read."""
+
+    ref: VaultRef
+
+    def __init__(self, ref: VaultRef, name: str, session: VaultSession) -> None:
+        super().__init__(ref, name)
+        self._vault = session.vault
+        self._pending = ref.field + PENDING
+        self._previous = ref.field + PREVIOUS
+
+    async def _doc(self) -> Document:
+        doc = await self._vault.read(self.ref.mount, self.ref.path)
+        if doc is None:
+            raise SecretError(f"credential {self.name!r}: {self.ref.describe()} does not exist")
+        return doc
+
+    async def _field(self, key: str) -> str | None:
+        value = (await self._doc()).data.get(key)
+        return value if isinstance(value, str) and value else None
+
+    async def current(self) -> str | None:
+        return await self._field(self.ref.field)
+
+    async def upcoming(self) -> str | None:
+        return await self._field(self._pending)
+
+    async def put_upcoming(self, secret: str) -> None:
+        await self._change(lambda data: {**data, self._pending: secret})
+
+    async def drop_upcoming(self) -> None:
+        await self._change(lambda data: _without(data, self._pending))
+
+    async def promote(self) -> None:
+        def promoted(data: dict[str, Any]) -> dict[str, Any] | None:
+            pending = data.get(self._pending)
+            if not isinstance(pending, str) or not pending:
+                return None  # promoted before (a step repeated after a crash)
+            changed = _without(data, self._pending)
+            changed[self._previous] = data.get(self.ref.field)
+            changed[self.ref.field] = pending
+            return changed
+
+        await self._change(promoted)
+
+    async def finish(self) -> None:
+        await self._change(lambda data: _without(data, self._previous))
+
+    async def _change(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        """Read, change, write with check-and-set on the version read; again if another
+        writer came between (a person's `bao kv patch`); nothing when nothing changes."""
+        for _ in range(_CAS_TRIES):
+            doc = await self._doc()
+            data = change(dict(doc.data))
+            if data is None or data == doc.data:
+                return
+            try:
+                await self._vault.write(self.ref.mount, self.ref.path, data, cas=doc.version)
+            except CasConflict:
+                continue
+            return
+        raise SecretError(
+            f"credential {self.name!r}: {self.ref.describe()} changed under every one of "
+            f"{_CAS_TRIES} writes; is another program writing it?"
+        )
+
+
+def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != key}
