@@ -327,7 +327,7 @@ async def test_a_crash_while_discarding_is_finished_by_the_next_run(world, point
 
 async def test_a_malformed_list_changes_nothing(world, monkeypatch):
     async def garbage(self, method, url, token):  # type: ignore[no-untyped-def]
-        from broker.providers.base import HttpReply
+        from broker.upstream import HttpReply
 
         return HttpReply(200, httpx.Headers({"x-request-id": "r1"}), b'{"client_secrets": [{}]}')
 

@@ -229,7 +229,7 @@ async def test_error_json_with_odd_fields_is_still_an_error():
 
 
 async def test_an_answer_that_never_ends_is_cut_at_the_cap():
-    from broker.providers.base import MAX_ANSWER_BYTES
+    from broker.upstream import MAX_ANSWER_BYTES
 
     sent = 0
 

@@ -229,6 +229,7 @@ class VaultState:
         """
         vault, mount = self._vault, self.ref.mount
         fresh_since: float | None = None  # Vault's time from which reports were read
+        after_failure = False  # then only 3 x poll of fresh reports may be judged
         while True:
             try:
                 meta = await vault.metadata(mount, self.ref.path)
@@ -242,11 +243,11 @@ class VaultState:
             except VaultError as exc:
                 log.warning("cycle %s: waiting for Vault to judge the brokers: %s",
                             self.name, exc)  # fmt: skip
-                fresh_since = None
+                fresh_since, after_failure = None, True
                 await self.fence()  # Vault away long enough: the lease is gone, stop
                 await self._sleep(self.poll)
                 continue
-            judged = now - fresh_since >= ALIVE_POLLS * self.poll or fresh_since == now
+            judged = not after_failure or now - fresh_since >= ALIVE_POLLS * self.poll
             if not lagging and judged and meta is not None:
                 return
             if meta is not None and now - meta.updated >= self.grace:
