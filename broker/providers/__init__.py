@@ -18,10 +18,12 @@ from broker.providers.base import TokenRequest, fetch_token
 def token_request(cred: CredentialSettings, secret: str) -> TokenRequest:
     """The request that asks ``cred``'s issuer for a token with ``secret``."""
     if cred.provider == "adobe":
-        from broker.providers.adobe import request
-    else:
-        from broker.providers.oauth2 import request
-    return request(cred, secret)
+        from broker.providers import adobe
+
+        return adobe.request(cred, secret)
+    from broker.providers import oauth2
+
+    return oauth2.request(cred, secret)
 
 
 def api_headers(cred: CredentialSettings, access_token: str) -> dict[str, str]:

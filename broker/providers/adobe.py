@@ -6,11 +6,11 @@ secret in the body (never the URL).
 
 from __future__ import annotations
 
-from broker.config import CredentialSettings
+from broker.config import AdobeSettings
 from broker.providers.base import TokenRequest
 
 
-def request(cred: CredentialSettings, secret: str) -> TokenRequest:
+def request(cred: AdobeSettings, secret: str) -> TokenRequest:
     form = {
         "grant_type": "client_credentials",
         "client_id": cred.client_id,
@@ -21,7 +21,7 @@ def request(cred: CredentialSettings, secret: str) -> TokenRequest:
     return TokenRequest(url=f"{cred.ims_url}/ims/token/v3", form=form, secret=secret)
 
 
-def api_headers(cred: CredentialSettings, access_token: str) -> dict[str, str]:
+def api_headers(cred: AdobeSettings, access_token: str) -> dict[str, str]:
     """The headers an Adobe API call needs besides its own."""
     headers = {"Authorization": f"Bearer {access_token}", "x-api-key": cred.client_id}
     if cred.org_id:

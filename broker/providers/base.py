@@ -271,7 +271,8 @@ def text_field(value: object, limit: int = 500) -> str:
 
 
 def _content_type(response: Answer) -> str:
-    return response.headers.get("content-type", "no content-type").split(";")[0][:60]
+    value: str = response.headers.get("content-type", "no content-type")
+    return value.split(";")[0][:60]
 
 
 def origin(url: str) -> str:

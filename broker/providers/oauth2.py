@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 from urllib.parse import quote_plus
 
-from broker.config import CredentialSettings
+from broker.config import OAuth2Settings
 from broker.providers.base import TokenRequest
 
 
-def request(cred: CredentialSettings, secret: str) -> TokenRequest:
+def request(cred: OAuth2Settings, secret: str) -> TokenRequest:
     form = {"grant_type": "client_credentials"}
     if cred.scopes:
         form["scope"] = " ".join(cred.scopes)  # RFC 6749 §3.3: space-delimited
