@@ -183,16 +183,14 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> type[Any]:
     """The loop's own TLS protocol class, with the peer's address kept for the log."""
     import asyncio.sslproto
 
-    base: type[Any] = asyncio.sslproto.SSLProtocol
-    try:
-        import uvloop.loop
-    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        pass
-    else:
-        if isinstance(loop, uvloop.loop.Loop):
-            base = uvloop.loop.SSLProtocol  # its transports expect its own
+    import uvloop.loop
 
-    class PeerSSLProtocol(base):  # type: ignore[misc, valid-type]
+    base: type[Any] = asyncio.sslproto.SSLProtocol
+    if isinstance(loop, uvloop.loop.Loop):
+        base = uvloop.loop.SSLProtocol  # its transports expect its own
+
+    # mypy cannot check a base class chosen at run time (uvloop's is not in its stubs).
+    class PeerSSLProtocol(base):  # type: ignore[misc]
         peer: object = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -246,13 +244,13 @@ class Listener:
         if self._tls is None:
             return proto
         waiter = self._loop.create_future()
-        tls = self._tls(
+        tls: asyncio.BaseProtocol = self._tls(
             self._loop, proto, self._ssl, waiter, server_side=True,
             ssl_handshake_timeout=self._handshake_timeout,
             ssl_shutdown_timeout=self._handshake_timeout,
         )  # fmt: skip
         waiter.add_done_callback(lambda done: self._handshake_done(proto, tls, done))
-        return tls  # type: ignore[no-any-return]
+        return tls
 
     def release(self, proto: GuardedHttpProtocol) -> None:
         """``proto``'s connection is gone (or going): its slot is free."""

@@ -112,10 +112,10 @@ class Refusal(Exception):
         self.reason = reason
 
 
-class _Discard(list):  # type: ignore[type-arg]
+class _Discard(list[tuple[bytes, bytes]]):
     """Where uvicorn appends the trailer fields of a chunked body: nowhere."""
 
-    def append(self, item: object) -> None:
+    def append(self, item: tuple[bytes, bytes]) -> None:
         pass
 
 
@@ -200,7 +200,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._span = self._chunk  # this section lies within the chunk being parsed, so far
         self._open_bytes = 0
         if self._peer is not None:
-            self.scope["extensions"] = {PEER: self._peer}  # type: ignore[typeddict-unknown-key]
+            # uvicorn types an extension as a dict, the ASGI spec's shape; this one is the
+            # Peer itself, read back only by broker.access (a dict around it would cost the
+            # hot path an allocation per request and say nothing more).
+            self.scope["extensions"] = {PEER: self._peer}  # type: ignore[dict-item]
 
     def on_headers_complete(self) -> None:
         if self._span > MAX_HEADER_BYTES and self._header_bytes() > MAX_HEADER_BYTES:
