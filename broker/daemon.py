@@ -23,10 +23,10 @@ from typing import Any
 
 from broker import config, connections, systemd
 from broker.api import BrokerApp, create_app
-from broker.config import ConfigError, Settings
+from broker.config import Settings
 from broker.cycling import Cycler, StateFile, StateStore
 from broker.cycling.fleet import VaultState
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.files import state_dir
 from broker.logs import Redactor
 from broker.manager import Credential, Manager
@@ -258,11 +258,11 @@ class Https:
                 # certificate and bundle are public: other users find them in /run.
                 self.cert.publish(Path(runtime.split(":")[0]))
         self.servers: list[tuple[Server, list[socket.socket]]] = []
-        self.ims = None
+        self.ims: ImsApp | None = None
         # The certificate's context is handed over, not files: it is renewed in place.
         own: dict[str, Any] = {"counters": app.counters, "limit": limit, "ssl": self.cert.context}
         if server.ims_listen:
-            self.ims: ImsApp | None = ImsApp(manager, app.counters, time.time, settings)
+            self.ims = ImsApp(manager, app.counters, time.time, settings)
             config = uvicorn_config(self.ims, server, max_body=MAX_FORM)
             self.servers.append((Server(config, **own), bind(server.ims_listen, server)))
         if server.tls_listen:

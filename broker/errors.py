@@ -192,15 +192,10 @@ class CycleError(BrokerError):
         self.outcome = outcome
         self.status = status
         self.request_id = request_id
+        # Per outcome, not per class: nothing changed (409) or the cycle failed (502).
+        self.http_status = 409 if outcome in ("conflict", "busy") else 502
+        self.code = f"cycle_{outcome}"
         super().__init__(detail)
-
-    @property  # type: ignore[override]  # per outcome, not per class
-    def http_status(self) -> int:
-        return 409 if self.outcome in ("conflict", "busy") else 502
-
-    @property  # type: ignore[override]
-    def code(self) -> str:
-        return f"cycle_{self.outcome}"
 
     def http_body(self) -> dict[str, object]:
         return {**super().http_body(), "x_request_id": self.request_id}

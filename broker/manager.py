@@ -301,8 +301,8 @@ class Manager:
         last = credential.last_error
         reason = f"; last error: {last.summary()}" if last else ""
         detail = f"no servable token for credential {name!r} ({credential.state(now)}){reason}"
-        last = credential.last_error.as_json() if credential.last_error else None
-        return TokenUnavailable(name, detail, retry_after=retry_after, last_error=last)
+        shown = last.as_json() if last else None
+        return TokenUnavailable(name, detail, retry_after=retry_after, last_error=shown)
 
     async def force_refresh(self, name: str) -> Credential:
         """Refresh now (e.g. after an API answered 401); return the credential when done.

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import uvicorn
 
 from broker import connections, systemd
-from broker.config import ConfigError, Listen, ServerSettings, TcpListen, UnixListen
+from broker.config import Listen, ServerSettings, TcpListen, UnixListen
+from broker.errors import ConfigError
 from broker.metrics import RequestCounters
 
 log = logging.getLogger("broker.server")

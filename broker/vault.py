@@ -193,7 +193,7 @@ class Vault:
             raise self._shape("POST", f"{mount}/data/{path}", "no version in the answer")
         return Document(data, _int(meta.get("version")), _time(meta.get("created_time")))
 
-    async def list(self, mount: str, prefix: str) -> list[str]:
+    async def keys(self, mount: str, prefix: str) -> list[str]:
         """The keys under ``mount/prefix/`` (folders end in ``/``); [] when there are none."""
         answer = await self._call("LIST", f"{mount}/metadata/{prefix.rstrip('/')}/", missing=True)
         keys = _dig(answer or {}, "data", "keys")
@@ -305,8 +305,9 @@ class Vault:
             raise self._shape("POST", "auth", "no client_token in the answer")
         self._on_token(token)
         self._token = token
-        self._renewable = bool(auth.get("renewable"))  # type: ignore[union-attr]
-        lease = auth.get("lease_duration")  # type: ignore[union-attr]
+        assert isinstance(auth, dict)  # a token was found in it
+        self._renewable = bool(auth.get("renewable"))
+        lease = auth.get("lease_duration")
         self._set_ttl(float(lease) if isinstance(lease, int | float) else 0.0)
         log.info(
             "vault %s: %s, token valid for %ds",

@@ -47,10 +47,10 @@ async def test_read_write_with_check_and_set_metadata_list_and_destroy(openbao: 
         assert meta is not None and meta.current_version == 2 and meta.updated == second.written
         await vault.write("secret", "tb/adobe/brokers/a", {"version": 2}, cas=None)
         await vault.write("secret", "tb/adobe/brokers/b", {"version": 1}, cas=None)
-        assert await vault.list("secret", "tb/adobe/brokers") == ["a", "b"]
+        assert await vault.keys("secret", "tb/adobe/brokers") == ["a", "b"]
         await vault.destroy("secret", "tb/adobe/brokers/a")
-        assert await vault.list("secret", "tb/adobe/brokers") == ["b"]
-        assert await vault.list("secret", "tb/nothing") == []
+        assert await vault.keys("secret", "tb/adobe/brokers") == ["b"]
+        assert await vault.keys("secret", "tb/nothing") == []
         assert await vault.metadata("secret", "tb/nothing") is None
     finally:
         await vault.aclose()

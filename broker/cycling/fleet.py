@@ -265,7 +265,7 @@ class VaultState:
         reports older than ``rotate_grace`` are removed on the way."""
         vault, mount = self._vault, self.ref.mount
         lagging = []
-        for key in await vault.list(mount, f"{self.ref.path}/brokers"):
+        for key in await vault.keys(mount, f"{self.ref.path}/brokers"):
             path = f"{self.ref.path}/brokers/{key}"
             report = await vault.read(mount, path)
             if report is None:

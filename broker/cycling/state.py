@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
@@ -76,7 +76,7 @@ class StateStore(Protocol):
     #: After ``busy`` (another holds the lock), look again this much later.
     retry_busy: float
 
-    def locked(self) -> _AsyncLock:
+    def locked(self) -> AbstractAsyncContextManager[None]:
         """Hold the lock for a cycle; CycleError ``busy`` if another holds it."""
         ...
 
@@ -93,11 +93,6 @@ class StateStore(Protocol):
         """Between steps 4 and 5: return once every broker that reads the secret uses the
         new one (a store read by one broker: at once, that broker was told)."""
         ...
-
-
-class _AsyncLock(Protocol):
-    async def __aenter__(self) -> None: ...
-    async def __aexit__(self, *exc: object) -> None: ...
 
 
 class StateFile:

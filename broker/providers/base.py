@@ -167,4 +167,5 @@ def _seconds(value: object) -> float | None:
 
 
 def _content_type(response: HttpReply) -> str:
-    return response.headers.get("content-type", "no content-type").split(";")[0][:60]
+    found: str = response.headers.get("content-type", "no content-type")
+    return found.split(";")[0][:60]
