@@ -145,7 +145,7 @@ async def test_one_broker_holds_the_lease_and_another_takes_it_once_it_lapses(op
         await s.vault.aclose()
 
 
-async def test_the_old_secret_waits_for_every_live_broker_or_the_grace(openbao, caplog):
+async def test_the_old_secret_waits_for_every_broker_alive_at_the_switch(openbao, caplog):
     openbao.kv_write("secret", "tb/adobe", {"client_secret": "old"})
     holder, other = session(openbao, poll=1.0), session(openbao, poll=1.0)
     state = VaultState("adobe", ref(), holder, grace=6.0)
@@ -159,16 +159,24 @@ async def test_the_old_secret_waits_for_every_live_broker_or_the_grace(openbao, 
         await ref().read("adobe", Context(vault=other))
         await ref().report("adobe", other)
         await asyncio.wait_for(waited, 10)
-        # A broker that stops reporting: judged only while alive, named after the grace.
+        # Alive at the next switch, then silent (it lost Vault): waited for until the grace,
+        # and named.
         openbao.kv_write("secret", "tb/adobe", {"client_secret": "newer"})
-        await ref().report("adobe", other)  # alive, at version 2, then silent
         started = time.monotonic()
         await asyncio.wait_for(state.adopted(), 20)
-        assert time.monotonic() - started < 6.0  # it went silent: not waited for
+        assert time.monotonic() - started >= 4.0
+        assert f"{other.broker} (" in caplog.text and "at version 2" in caplog.text
+        # Silent for longer than 3 polls before a switch: gone, not waited for.
+        await asyncio.sleep(3.5)
+        openbao.kv_write("secret", "tb/adobe", {"client_secret": "newest"})
+        started = time.monotonic()
+        await asyncio.wait_for(state.adopted(), 20)
+        assert time.monotonic() - started < 3.0
     lost = session(openbao, poll=1.0)
     await ref().report("adobe", lost)
-    await asyncio.sleep(6.5)
+    await asyncio.sleep(6.5)  # longer than the grace before the next switch: gone
     async with state.locked():
+        openbao.kv_write("secret", "tb/adobe", {"client_secret": "last"})
         await state.adopted()
     listed = openbao.kv_list("secret", "tb/adobe/brokers")
     assert lost.broker not in listed and holder.broker in listed  # a stale report removed

@@ -219,13 +219,16 @@ class VaultState:
     # -- every broker on the new version -----------------------------------------------
 
     async def adopted(self) -> None:
-        """Return once every broker that reported within ``3 × poll`` uses the current
-        version, or ``rotate_grace`` after the switch (naming the brokers that do not).
+        """Return once every broker that was alive at the switch uses the current version,
+        or ``rotate_grace`` after the switch (naming the brokers that do not).
 
-        Times are Vault's: a report's write time against this broker's own latest
-        report. After a failure to read Vault, ``3 × poll`` of fresh reports are
-        awaited before any judgement. Reports older than ``rotate_grace`` are removed
-        (brokers that are gone). CycleError if the lease is lost meanwhile.
+        Alive at the switch: it reported within ``3 × poll`` before the version now
+        current was written; one that cannot reach Vault since (and so reports no more)
+        is waited for until the grace. Times are Vault's: a report's write time, the
+        switch's write time, this broker's own latest report as "now". After a failure to
+        read Vault, ``3 × poll`` of fresh reports are awaited before any judgement.
+        Reports older than ``rotate_grace`` are removed (brokers that are gone).
+        CycleError if the lease is lost meanwhile.
         """
         vault, mount = self._vault, self.ref.mount
         fresh_since: float | None = None  # Vault's time from which reports were read
@@ -233,13 +236,14 @@ class VaultState:
         while True:
             try:
                 meta = await vault.metadata(mount, self.ref.path)
-                target = meta.current_version if meta is not None else 0
+                if meta is None:
+                    raise CycleError("error", f"{self.ref.describe()} is gone from Vault")
                 self.session.versions[self.name] = max(
-                    self.session.versions.get(self.name, 0), target
+                    self.session.versions.get(self.name, 0), meta.current_version
                 )  # this broker switched already
                 now = (await self.ref.report(self.name, self.session)).written
                 fresh_since = now if fresh_since is None else fresh_since
-                lagging = await self._lagging(now, target)
+                lagging = await self._lagging(now, meta.current_version, meta.updated)
             except VaultError as exc:
                 log.warning("cycle %s: waiting for Vault to judge the brokers: %s",
                             self.name, exc)  # fmt: skip
@@ -248,9 +252,9 @@ class VaultState:
                 await self._sleep(self.poll)
                 continue
             judged = not after_failure or now - fresh_since >= ALIVE_POLLS * self.poll
-            if not lagging and judged and meta is not None:
+            if not lagging and judged:
                 return
-            if meta is not None and now - meta.updated >= self.grace:
+            if now - meta.updated >= self.grace:
                 log.warning(
                     "cycle %s: after rotate_grace (%gs) these brokers still use an older "
                     "version: %s; the old secret is deleted anyway", self.name, self.grace,
@@ -260,9 +264,10 @@ class VaultState:
             await self.fence()
             await self._sleep(self.poll)
 
-    async def _lagging(self, now: float, target: int) -> list[str]:
-        """The live brokers that report an older version than ``target``, in words;
-        reports older than ``rotate_grace`` are removed on the way."""
+    async def _lagging(self, now: float, target: int, switched: float) -> list[str]:
+        """The brokers alive at the switch (``switched``) that report an older version
+        than ``target``, in words; reports older than ``rotate_grace`` at the switch are
+        removed (brokers that are gone; one that fell silent later is named first)."""
         vault, mount = self._vault, self.ref.mount
         lagging = []
         for key in await vault.keys(mount, f"{self.ref.path}/brokers"):
@@ -270,13 +275,12 @@ class VaultState:
             report = await vault.read(mount, path)
             if report is None:
                 continue
-            age = now - report.written
-            if age > self.grace and key != self.session.broker:
+            if switched - report.written > self.grace and key != self.session.broker:
                 await vault.destroy(mount, path)
                 continue
             version = report.data.get("version")
-            old = not isinstance(version, int) or version < target
-            if age <= ALIVE_POLLS * self.poll and old:
+            alive = report.written >= switched - ALIVE_POLLS * self.poll
+            if alive and (not isinstance(version, int) or version < target):
                 lagging.append(f"{key} ({_who(report.data)}) at version {version}")
         return lagging
 
