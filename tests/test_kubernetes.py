@@ -318,7 +318,14 @@ def test_the_broker_loads_each_modes_config(overlay, tmp_path):
     # secret (a mounted Secret: no; Vault: yes). The Vault overlays' [vault] table needs
     # the broker's Vault support.
     path = tmp_path / "config.toml"
-    path.write_text(broker_config(objects(overlay)))
+    text = broker_config(objects(overlay))
+    if overlay in VAULT_OVERLAYS:  # the CA the pod mounts from its ConfigMap: one of ours here
+        from helpers import make_ca_and_leaf
+
+        ca = make_ca_and_leaf(tmp_path, "vault")[0]
+        text = text.replace("/etc/token-broker-vault/ca.crt", str(ca))
+        assert str(ca) in text
+    path.write_text(text)
     settings = config.load(path, serving=True)
     assert list(settings.credentials) == ["adobe"]
     adobe = settings.credentials["adobe"]

@@ -82,7 +82,7 @@ class VaultRef(SecretRef):
         one (``_previous``): the issuer may not have heard of the newest yet."""
         session = _session(ctx, name)
         doc = await self._document(session, name)
-        values = [doc.data.get(self.field + s) for s in ("", PENDING, PREVIOUS)]
+        values = [_value(doc.data.get(self.field + s)) for s in ("", PENDING, PREVIOUS)]
         found = tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
         if not isinstance(values[0], str) or not values[0]:
             fields = ", ".join(sorted(doc.data)) or "none"
@@ -178,6 +178,14 @@ class VaultRef(SecretRef):
         )
 
 
+def _value(found: object) -> str | None:
+    """A field's secret: a string, one trailing newline stripped (``bao kv put
+    field=-`` keeps the one of the text it read, as a file secret would have it)."""
+    if not isinstance(found, str):
+        return None
+    return found.removesuffix("\n").removesuffix("\r") or None
+
+
 def _session(ctx: Context, name: str) -> VaultSession:
     session = ctx.vault
     if not isinstance(session, VaultSession):
@@ -204,8 +212,7 @@ class VaultWriter(SecretWriter):
         return doc
 
     async def _field(self, key: str) -> str | None:
-        value = (await self._doc()).data.get(key)
-        return value if isinstance(value, str) and value else None
+        return _value((await self._doc()).data.get(key))
 
     async def current(self) -> str | None:
         return await self._field(self.ref.field)
