@@ -363,10 +363,13 @@ def _refresh_flow(name: str | None, url: str) -> Flow[None]:
 
 def _reload_flow(url: str) -> Flow[dict[str, list[str]]]:
     """An administrator's reload: the credentials added, removed, changed and unchanged."""
-    body = _object((yield _Call("POST", "/v1/reload", long=True)), url, "a reload")
+    response = yield _Call("POST", "/v1/reload", long=True)
+    body = _object(response, url, "a reload")
     if not all(isinstance(names, list) for names in body.values()):
-        raise BrokerClientError(f"the token broker at {url} answered a reload with other "
-                                "than lists of names")  # fmt: skip
+        raise BrokerClientError(
+            f"the token broker at {url} answered a reload with other than lists of names",
+            status=response.status_code,
+        )
     return {str(key): [str(name) for name in names] for key, names in body.items()}
 
 
@@ -384,5 +387,8 @@ def _object(response: httpx.Response, url: str, what: str) -> dict[str, Any]:
     """The JSON object of a 2xx answer; the client error of any other."""
     body = _json(_check(response, url), url)
     if not isinstance(body, dict):
-        raise BrokerClientError(f"the token broker at {url} answered {what} that is not a map")
+        raise BrokerClientError(
+            f"the token broker at {url} answered {what} that is not a map",
+            status=response.status_code,
+        )
     return body

@@ -299,24 +299,6 @@ class TokenBroker(_Base):
         """``/v1/credentials/NAME/token``: access_token, expires_in, expires_at (for exec)."""
         return self._run(_token_info_flow(name, self.url))
 
-    def request(
-        self, method: str, path: str, *, headers: dict[str, str] | None = None
-    ) -> httpx.Response:
-        """One raw request to ``path`` (e.g. ``/v1/reload``); only connection errors raise.
-
-        It may wait for token requests (a reload, a refresh): at least 30 s.
-        """
-        sent = {**self._headers(), **(headers or {})}
-        failure: BrokerUnavailable | None = None
-        try:
-            return self._pool().request(
-                method, self._endpoint.base + path, headers=sent,
-                timeout=max(self.timeout, REFRESH_TIMEOUT),
-            )  # fmt: skip
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            failure = self._unavailable(exc, sent)
-        raise failure  # here, so httpx's error (with its text) is not its context
-
     def credentials(self) -> list[dict[str, Any]]:
         """The status JSON of every credential this client may read (the default marked)."""
         return self._run(_credentials_flow(self.url))

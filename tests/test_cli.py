@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import _parser, main
+from broker.cli import main
+from broker.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
                     found[f"{words} {name}".strip()] = child
                     walk(child, f"{words} {name}")
 
-    walk(_parser(), "")
+    walk(build_parser(), "")
     return found
 
 

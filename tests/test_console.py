@@ -530,7 +530,7 @@ async def test_console_words_are_redacted_in_the_status(world):
 
 def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
     """`rotate --finish/--abort` and a cycle both use NAME#next: never at the same time."""
-    from broker import credentials
+    from broker.cli import operations
     from broker.configedit import ConfigDocument
     from broker.errors import SecretError
 
@@ -544,11 +544,11 @@ def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
     from broker.console import CycleState
 
     state.save(CycleState(CRED_ID, step="added", old="a", new="b"))
-    for step in (credentials.rotate_abort, credentials.rotate_finish):
+    for step in (operations.rotate_abort, operations.rotate_finish):
         with pytest.raises(SecretError, match=r"a secret cycle is in progress \(step added\)"):
             step(ConfigDocument(cfg), "adobe")
     with state.locked(), pytest.raises(SecretError, match="running already"):
-        credentials.rotate_abort(ConfigDocument(cfg), "adobe")
+        operations.rotate_abort(ConfigDocument(cfg), "adobe")
 
 
 @pytest.mark.parametrize(
