@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class _Version(argparse.Action):
@@ -59,8 +58,7 @@ def _sub(
     )
 
 
-@dataclass(frozen=True)
-class _Shared:
+class _Shared(NamedTuple):
     """Options several commands share (argparse parents)."""
 
     config: argparse.ArgumentParser  # --config, to read
