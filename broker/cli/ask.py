@@ -1,8 +1,8 @@
 """The commands that ask the running daemon: ``token``, ``list``, ``reload``,
 ``health``, ``exec`` and ``rotate --auto``.
 
-Each asks through :func:`broker.cli.running.connect` (a :mod:`broker.client`
-client) and prints the client's errors as :mod:`broker.cli.running` explains them.
+Each asks through :func:`broker.cli.running.asking` (a :mod:`broker.client`
+client), which turns the client's errors into the sentences ``main`` prints.
 """
 
 from __future__ import annotations
@@ -13,30 +13,20 @@ import sys
 from typing import Any
 
 from broker.cli import print_result
-from broker.cli.running import connect, report
+from broker.cli.running import Refused, asking, connect
 from broker.errors import ConfigError
 
 
 def token(args: argparse.Namespace) -> int:
-    from broker.client import BrokerClientError
-
-    with connect(args) as broker:
-        try:
-            value = broker.token(args.name)
-        except BrokerClientError as exc:
-            return report(exc, broker.url)
+    with asking(args) as broker:
+        value = broker.token(args.name)
     sys.stdout.write(value + "\n")
     return 0
 
 
 def list_credentials(args: argparse.Namespace) -> int:
-    from broker.client import BrokerClientError
-
-    with connect(args) as broker:
-        try:
-            rows = broker.credentials()
-        except BrokerClientError as exc:
-            return report(exc, broker.url)
+    with asking(args) as broker:
+        rows = broker.credentials()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -80,26 +70,16 @@ def _age(seconds: float) -> str:
 
 
 def reload(args: argparse.Namespace) -> int:
-    from broker.client import BrokerClientError
-
-    with connect(args, admin=True) as broker:
-        try:
-            result = broker.reload()
-        except BrokerClientError as exc:
-            return report(exc, broker.url, admin=True)
+    with asking(args, admin=True) as broker:
+        result = broker.reload()
     text = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in result.items())
     print_result(args, result, f"reloaded ({text})")
     return 0
 
 
 def health(args: argparse.Namespace) -> int:
-    from broker.client import BrokerClientError
-
-    with connect(args) as broker:
-        try:
-            broker.health(ready=args.ready)
-        except BrokerClientError as exc:
-            return report(exc, broker.url)
+    with asking(args) as broker:
+        broker.health(ready=args.ready)
     return 0
 
 
@@ -138,21 +118,16 @@ def rotate_auto(args: argparse.Namespace) -> int:
         where = "no daemon answered: the cycle ran in this process"
     else:
         wait = getattr(cred, "rotate_verify", 300.0) + 6 * cred.policy.timeout + 30
-        with connect(args, from_config=True, admin=True, timeout=wait) as broker:
+        with asking(args, from_config=True, admin=True, timeout=wait) as broker:
             try:
                 result = broker.rotate(args.name)
-            except BrokerUnavailable as exc:
-                if exc.status is not None:
-                    return report(exc, broker.url, admin=True)
-                print(f"token-broker: {exc}; the cycle may still be running: see `token-broker "
-                      "list`", file=sys.stderr)  # fmt: skip
-                return 1
             except BrokerClientError as exc:
-                if exc.status != 429:
-                    return report(exc, broker.url, admin=True)
-                # rotate_cooldown: the detail says when a cycle may be asked for again
-                print(f"token-broker: {args.name} was not cycled: {exc.detail}", file=sys.stderr)
-                return 1
+                if exc.status is None and isinstance(exc, BrokerUnavailable):
+                    raise Refused(f"{exc}; the cycle may still be running: see `token-broker "
+                                  "list`") from None  # fmt: skip
+                if exc.status == 429:  # rotate_cooldown: the detail says when it may be asked
+                    raise Refused(f"{args.name} was not cycled: {exc.detail}") from None
+                raise  # asking() explains it
         where = "by the running daemon"
     print_result(args, {**result, "where": where},
                  f"cycled {args.name} {where}: {result['detail']}")  # fmt: skip

@@ -1,17 +1,19 @@
 """The running daemon, as the commands see it: where it is, a client for it
 (:mod:`broker.client`), and what its refusals mean.
 
-Every command that asks the daemon goes through :func:`connect` and the client's
-methods; the client turns each answer other than a 2xx into one of its errors
-(status, code and the daemon's detail, checked for secrets), and
-:func:`explain` turns those into the sentence and exit code a command prints:
-no answer is parsed twice.
+Every command that asks the daemon goes through :func:`asking` (or
+:func:`connect`) and the client's methods; the client turns each answer other
+than a 2xx into one of its errors (status, code and the daemon's detail, checked
+for secrets), and :func:`explain` turns those into the sentence a command
+prints: no answer is parsed twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,10 +122,28 @@ def explain(exc: BrokerClientError, url: str, *, admin: bool = False) -> str:
     return refusal(exc)
 
 
-def report(exc: BrokerClientError, url: str, *, admin: bool = False) -> int:
-    """Print :func:`explain` on stderr; the exit status of a command the daemon refused."""
-    print(f"token-broker: {explain(exc, url, admin=admin)}", file=sys.stderr)
-    return 1
+class Refused(BrokerError):
+    """The daemon did not do what a command asked: :func:`explain`'s sentence, which
+    ``main`` prints (exit status 1)."""
+
+
+@contextmanager
+def asking(
+    args: argparse.Namespace,
+    *,
+    from_config: bool = False,
+    admin: bool = False,
+    timeout: float = TIMEOUT,
+) -> Iterator[TokenBroker]:
+    """:func:`connect`'s client for the block, closed after it; a client error raised in
+    the block becomes :class:`Refused` with :func:`explain`'s sentence."""
+    from broker.client import BrokerClientError
+
+    with connect(args, from_config=from_config, admin=admin, timeout=timeout) as broker:
+        try:
+            yield broker
+        except BrokerClientError as exc:
+            raise Refused(explain(exc, broker.url, admin=admin)) from None
 
 
 def admin_advice(url: str) -> str:
