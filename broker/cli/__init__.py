@@ -10,7 +10,7 @@ commands runs (``--help`` and ``serve`` load nothing they do not use):
     daemon.py      serve, demo
     ask.py         token, list, reload, health, exec, rotate --auto: ask the running daemon
     running.py     finding the running daemon, asking it through broker.client, and what
-                   its refusals mean (one sentence and one exit code each)
+                   its refusals mean (the one sentence a command prints, exit status 1)
     setup.py       add, import, remove, rotate, client: change the config and the secrets
     operations.py  the checks and writes behind add, import, remove, rotate
     secretwrite.py writing a new credential's secret, one writer per reference kind
