@@ -1,4 +1,4 @@
-"""The Python client of the token broker (DESIGN §9).
+"""The Python client of the token broker (``docs/using-tokens.md``).
 
 Imports only httpx and the standard library, so it installs wherever its
 users' tools live (umapi-client, the User Sync Tool, scripts) without FastAPI,
@@ -13,7 +13,7 @@ uvicorn, pydantic or keyring::
 Errors (``BrokerClientError`` is a ``broker.errors.BrokerError``, a module that
 imports nothing either)::
 
-    BrokerClientError      the broker answered other than asked (status, code)
+    BrokerClientError      the broker answered other than asked (status, code, detail)
      ├── BrokerUnavailable cannot connect, no answer in time, 503 token_unavailable (retry_after)
      └── BrokerRefused     401 / 403 / 404: no or a wrong client key, not allowed, unknown name
 
@@ -27,367 +27,94 @@ plain code. Bodies that are not the broker's JSON, headers, reason phrases
 and the text of malformed answers are never quoted.
 
 Every call is a small "flow" (a generator that yields the broker requests it
-needs and receives their responses), run by a sync or an async driver, so
-:class:`TokenBroker`, :class:`AsyncTokenBroker` and both halves of
-:class:`BrokerAuth` share one implementation of the protocol.
+needs and receives their responses, in :mod:`broker._client_calls`), run by a
+sync or an async driver here, so :class:`TokenBroker`, :class:`AsyncTokenBroker`
+and both halves of :class:`BrokerAuth` share one implementation of the protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
-import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from broker.errors import REDACTED, BrokerError  # the standard library only
+from broker._client_calls import DEFAULT_URL as DEFAULT_URL  # re-exported: the public names
+from broker._client_calls import EXPIRES_IN_HEADER as EXPIRES_IN_HEADER
+from broker._client_calls import (
+    KEY_ENV,
+    KEY_FILE_ENV,
+    BrokerClientError,
+    BrokerRefused,
+    BrokerUnavailable,
+    Endpoint,
+    Flow,
+    T,
+    _Call,
+    _credentials_flow,
+    _headers_flow,
+    _health_flow,
+    _quotable,
+    _refresh_flow,
+    _reload_flow,
+    _rotate_flow,
+    _status_flow,
+    _token_flow,
+    _token_info_flow,
+)
+from broker._client_calls import URL_ENV as URL_ENV
 
 __all__ = [
+    "DEFAULT_URL",
+    "KEY_ENV",
+    "KEY_FILE_ENV",
+    "URL_ENV",
     "AsyncTokenBroker",
     "BrokerAuth",
     "BrokerClientError",
     "BrokerRefused",
     "BrokerUnavailable",
+    "Endpoint",
     "TokenBroker",
 ]
+# The public classes defined beside the flows say they are this module's, as httpx's do:
+# tracebacks and reprs name the import path users know.
+for _public in (BrokerClientError, BrokerRefused, BrokerUnavailable, Endpoint):
+    _public.__module__ = __name__
 
-DEFAULT_URL = "http://127.0.0.1:8765"
-URL_ENV = "TOKEN_BROKER_URL"
-KEY_ENV = "TOKEN_BROKER_CLIENT_KEY"
-KEY_FILE_ENV = "TOKEN_BROKER_CLIENT_KEY_FILE"
-#: Response header of ``/v1/credentials/NAME/headers``: whole seconds the token has left.
-EXPIRES_IN_HEADER = "X-Token-Expires-In"
-#: BrokerAuth keeps headers until the token has less than this left (DESIGN §9); see keep_for.
+#: BrokerAuth keeps headers until the token has less than this left (the cache is described
+#: in ``docs/using-tokens.md``); see keep_for.
 CACHE_MARGIN = 300.0
 #: A forced refresh waits for the issuer (its own timeout is 10 s by default, plus a free
 #: slot): a short client timeout would give up on a refresh that is about to succeed.
 REFRESH_TIMEOUT = 30.0
-#: Longest ``detail`` quoted from an error answer.
-_DETAIL_MAX = 300
-#: The broker's ``error`` codes (``unknown_credential``); anything else is not quoted.
-_CODE = re.compile(r"[a-z0-9_]{1,64}")
-#: A piece this long of the client key in a broker's text withholds the whole text: a
-#: squatter that echoes the request must not get a key into a caller's log, not even
-#: cut short or upper-cased.
-_PIECE = 8
-#: Shapes of a credential in a broker's text: an Authorization value or a client key (of
-#: 8 characters or more, so "Bearer KEY" in a sentence stays), and a run of 24 or more
-#: token characters that mixes upper case, lower case and digits (any random token or
-#: JWT; names, paths and hex ids do not).
-_SHAPED = re.compile(r"(?i)\b(?:bearer|basic)\s+\S{8,}|\btbk_[\w-]{8,}|[A-Za-z0-9._~+/-]{24,}=*")
-
-
-# -- errors ---------------------------------------------------------------------------
-
-
-class BrokerClientError(BrokerError):
-    """Root of the client's errors: the broker could not give what was asked.
-
-    ``status`` is the HTTP status (None when no answer arrived) and ``code`` the
-    broker's ``error`` code (e.g. ``unknown_credential``), when it sent one.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class BrokerUnavailable(BrokerClientError):
-    """No connection, no answer in time, or no servable token (503); try again later.
-
-    ``retry_after`` is the broker's ``Retry-After`` in seconds, when it sent one.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, status=status, code=code)
-        self.retry_after = retry_after
-
-
-class BrokerRefused(BrokerClientError):
-    """401, 403 or 404: a missing or wrong client key, a credential this key may not
-    read, or an unknown name. ``code`` is the broker's ``error`` code."""
-
-
-# -- where the broker is --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A broker address, parsed once: ``http(s)://HOST:PORT`` or ``unix:/path/to.sock``."""
-
-    url: str  # as given (normalised), for messages
-    base: str  # what httpx is asked for; "http://localhost" over a unix socket
-    uds: str | None = None
-
-    @classmethod
-    def parse(cls, url: str | None = None) -> Endpoint:
-        """``url``, else ``$TOKEN_BROKER_URL``, else ``http://127.0.0.1:8765``."""
-        where = "url"
-        if not url:
-            url, where = os.environ.get(URL_ENV) or DEFAULT_URL, f"${URL_ENV}"
-        url = url.strip()
-        if url.startswith("unix:"):
-            path = url[5:]
-            if path.startswith("//"):  # unix:///run/x.sock, as some tools write it
-                path = path[2:]
-            if not path.startswith("/"):
-                raise BrokerClientError(f"{where} {url!r}: a unix socket needs an absolute path")
-            return cls(f"unix:{path}", "http://localhost", path)
-        if "://" not in url:
-            url = "http://" + url  # "127.0.0.1:8765", as the config's listen key writes it
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BrokerClientError(
-                f"{where} {re.sub(r'//[^/@]*@', '//…@', url)!r}: expected http://HOST:PORT, "
-                "https://HOST:PORT or unix:/path"  # a key put in the URL is not quoted
-            )
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise BrokerClientError(
-                f"{where}: a broker URL has no user, password, query or fragment; "
-                "the client key goes in $TOKEN_BROKER_CLIENT_KEY(_FILE)"
-            )
-        url = url.rstrip("/")
-        return cls(url, url)
-
-    def transport(self) -> httpx.HTTPTransport:
-        # Plain HTTP has nothing to verify; skipping the CA bundle saves ~40 ms per client.
-        return _Transport(uds=self.uds, verify=self.base.startswith("https:"))
-
-    def async_transport(self) -> httpx.AsyncHTTPTransport:
-        return _AsyncTransport(uds=self.uds, verify=self.base.startswith("https:"))
-
-
-class _Transport(httpx.HTTPTransport):
-    """httpx's transport, without the answer's reason phrase.
-
-    httpx logs it ("HTTP Request: GET … "HTTP/1.1 200 OK"", at INFO, which many tools
-    show), and whatever answers on the broker's address chooses it: the standard
-    phrase of the status is logged instead.
-    """
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = super().handle_request(request)
-        response.extensions.pop("reason_phrase", None)
-        return response
-
-
-class _AsyncTransport(httpx.AsyncHTTPTransport):
-    """:class:`_Transport` for asyncio."""
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await super().handle_async_request(request)
-        response.extensions.pop("reason_phrase", None)
-        return response
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One request a flow needs from the broker."""
-
-    method: str
-    path: str
-    long: bool = False  # waits for the issuer: REFRESH_TIMEOUT at least
-
-
-T = TypeVar("T")
-Flow = Generator[_Call, httpx.Response, T]
-
-
-def _path(name: str) -> str:
-    return "/v1/credentials/" + quote(name, safe="")
-
-
-# -- the protocol, as flows -----------------------------------------------------------
-
-
-def _check(response: httpx.Response, url: str) -> httpx.Response:
-    """Raise the client error a non-2xx answer stands for; return a 2xx answer."""
-    status = response.status_code
-    if 200 <= status < 300:
-        return response
-    code, detail = _error_fields(response)
-    text = f"the token broker at {url} answered {status} {code}: {detail}"
-    if status in (401, 403, 404):
-        raise BrokerRefused(text, status=status, code=code)
-    if status == 503:
-        raise BrokerUnavailable(text, status=status, code=code, retry_after=_retry_after(response))
-    raise BrokerClientError(text, status=status, code=code)
-
-
-def _error_fields(response: httpx.Response) -> tuple[str, str]:
-    """The broker's ``error`` and ``detail``, fit to quote; a body that is not its JSON
-    is not quoted, nor is an ``error`` that is not a plain code."""
-    fallback = f"http_{response.status_code}"
-    try:
-        body = response.json()
-        code, detail = body["error"], body.get("detail") or ""
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        return fallback, "not an answer of the token broker"
-    if not isinstance(code, str) or not _CODE.fullmatch(code):
-        code = fallback
-    return code, _quotable(str(detail), _sent_secrets(response))
-
-
-def _sent_secrets(response: httpx.Response) -> tuple[str, ...]:
-    """The client key the request of ``response`` carried (what a squatter could echo)."""
-    try:
-        sent = response.request.headers.get("authorization", "")
-    except RuntimeError:  # a response built by hand, without its request
-        return ()
-    key = sent.removeprefix("Bearer ").strip()
-    return (key,) if key else ()
-
-
-def _quotable(text: str, secrets: Sequence[str]) -> str:
-    """``text`` from an answer, fit for a message: no piece of ``secrets``, nothing shaped
-    like a credential, one line, at most :data:`_DETAIL_MAX` characters.
-
-    The checks come before the cut, so a cut never leaves part of a secret behind.
-    """
-    folded = text.casefold()
-    for secret in filter(None, secrets):  # no key sent: nothing to look for
-        secret = secret.casefold()
-        if any(secret[i : i + _PIECE] in folded for i in range(max(1, len(secret) - _PIECE + 1))):
-            return "(not quoted: it holds part of the client key this request sent)"
-    text = _SHAPED.sub(_redact, text)
-    text = "".join(c if c.isprintable() else " " for c in text)
-    return text if len(text) <= _DETAIL_MAX else text[:_DETAIL_MAX] + "…"
-
-
-def _redact(match: re.Match[str]) -> str:
-    found = match.group()
-    if found[:4].lower() == "tbk_" or " " in found or "\t" in found:
-        return REDACTED  # a client key, or an Authorization value
-    mixed = (
-        any(c.isupper() for c in found)
-        and any(c.islower() for c in found)
-        and any(c.isdigit() for c in found)
-    )
-    return REDACTED if mixed else found
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        value = float(response.headers.get("retry-after", ""))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
-
-
-def _json(response: httpx.Response, url: str) -> Any:
-    try:
-        return response.json()
-    except (ValueError, UnicodeDecodeError):
-        raise BrokerClientError(
-            f"the token broker at {url} answered {response.status_code} with a body that "
-            "is not JSON",
-            status=response.status_code,
-        ) from None
-
-
-def _default_flow(url: str) -> Flow[dict[str, Any]]:
-    """The status object of the default credential (``"default": true``)."""
-    rows = _json(_check((yield _Call("GET", "/v1/credentials")), url), url)
-    if not isinstance(rows, list) or not all(
-        isinstance(r, dict) and isinstance(r.get("name"), str) for r in rows
-    ):
-        raise BrokerClientError(
-            f"the token broker at {url} answered /v1/credentials with something else than a "
-            "list of credentials"
-        )
-    marked = [r for r in rows if r.get("default") is True]
-    if not marked and len(rows) == 1 and "default" not in rows[0]:
-        marked = rows  # a broker from before the "default" field: one credential is the default
-    if len(marked) != 1:
-        raise BrokerRefused(
-            f"the token broker at {url} has no default credential (or this client key may "
-            "not read it): name the credential",
-            status=404,
-            code="unknown_credential",
-        )
-    return marked[0]
-
-
-def _name_flow(name: str | None, url: str) -> Flow[str]:
-    if name is not None:
-        return name
-    return str((yield from _default_flow(url))["name"])
-
-
-def _token_flow(name: str | None, url: str) -> Flow[str]:
-    path = "/token" if name is None else "/token/" + quote(name, safe="")
-    return _check((yield _Call("GET", path)), url).text
-
-
-def _headers_flow(name: str | None, url: str) -> Flow[tuple[dict[str, str], float | None]]:
-    """The headers of ``name`` and the seconds its token has left (None if not said)."""
-    name = yield from _name_flow(name, url)
-    response = _check((yield _Call("GET", _path(name) + "/headers")), url)
-    headers = _json(response, url)
-    if not isinstance(headers, dict):
-        raise BrokerClientError(f"the token broker at {url} answered headers that are not a map")
-    try:
-        left: float | None = float(response.headers[EXPIRES_IN_HEADER])
-    except (KeyError, ValueError):
-        left = None
-    if left is not None and not math.isfinite(left):
-        left = None  # "inf" would keep the headers forever
-    return {str(k): str(v) for k, v in headers.items()}, left
-
-
-def _status_flow(name: str | None, url: str) -> Flow[dict[str, Any]]:
-    if name is None:
-        return (yield from _default_flow(url))
-    body = _json(_check((yield _Call("GET", _path(name))), url), url)
-    if not isinstance(body, dict):
-        raise BrokerClientError(f"the token broker at {url} answered a status that is not a map")
-    return body
-
-
-def _token_info_flow(name: str, url: str) -> Flow[dict[str, Any]]:
-    body = _json(_check((yield _Call("GET", _path(name) + "/token")), url), url)
-    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
-        raise BrokerClientError(f"the token broker at {url} answered a token without a token")
-    return body
-
-
-def _refresh_flow(name: str | None, url: str) -> Flow[None]:
-    name = yield from _name_flow(name, url)
-    response = yield _Call("POST", _path(name) + "/refresh", long=True)
-    if response.status_code == 429:
-        return None  # refresh_cooldown: somebody refreshed moments ago; that token is current
-    _check(response, url)
-    return None
 
 
 # -- the two clients ------------------------------------------------------------------
 
 
 class _Base:
-    """What both clients share: the address, the client key, the timeout."""
+    """What both clients share: the address, the client key, the timeout, extra headers."""
 
     def __init__(
-        self, url: str | Endpoint | None = None, *, key: str | None = None, timeout: float = 5.0
+        self,
+        url: str | Endpoint | None = None,
+        *,
+        key: str | None = None,
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._endpoint = url if isinstance(url, Endpoint) else Endpoint.parse(url)
         self._key = key or None
         self.timeout = timeout
+        self._sent_headers = dict(headers or {})
 
     @property
     def url(self) -> str:
@@ -417,12 +144,10 @@ class _Base:
                 f"{exc.strerror or type(exc).__name__}"
             ) from None
 
-    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        headers = {"X-Token-Broker": "1"}
+    def _headers(self) -> dict[str, str]:
+        headers = {"X-Token-Broker": "1", **self._sent_headers}
         if key := self._client_key():
             headers["Authorization"] = f"Bearer {key}"
-        if extra:
-            headers.update(extra)
         return headers
 
     def _timeout(self, call: _Call) -> float:
@@ -507,15 +232,23 @@ class TokenBroker(_Base):
             ``$TOKEN_BROKER_URL``, else ``http://127.0.0.1:8765``.
         key: the client key; default ``$TOKEN_BROKER_CLIENT_KEY``, else the content
             of the file ``$TOKEN_BROKER_CLIENT_KEY_FILE`` names (read per request).
-        timeout: seconds per request (a forced refresh waits at least 30 s).
+        timeout: seconds per request (a forced refresh, a reload and a secret cycle
+            wait at least 30 s).
+        headers: sent with every request besides ``X-Token-Broker: 1`` and the key:
+            ``{"X-Other": "1"}`` for a broker whose ``require_header`` is ``X-Other``.
 
     ``name=None`` in every method means the broker's default credential.
     """
 
     def __init__(
-        self, url: str | Endpoint | None = None, *, key: str | None = None, timeout: float = 5.0
+        self,
+        url: str | Endpoint | None = None,
+        *,
+        key: str | None = None,
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(url, key=key, timeout=timeout)
+        super().__init__(url, key=key, timeout=timeout, headers=headers)
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
 
@@ -571,23 +304,27 @@ class TokenBroker(_Base):
         """``/v1/credentials/NAME/token``: access_token, expires_in, expires_at (for exec)."""
         return self._run(_token_info_flow(name, self.url))
 
-    def request(
-        self, method: str, path: str, *, headers: dict[str, str] | None = None
-    ) -> httpx.Response:
-        """One raw request to ``path`` (e.g. ``/v1/reload``); only connection errors raise.
+    def credentials(self) -> list[dict[str, Any]]:
+        """The status JSON of every credential this client may read (the default marked)."""
+        return self._run(_credentials_flow(self.url))
 
-        It may wait for token requests (a reload, a refresh): at least 30 s.
+    def health(self, *, ready: bool = False) -> dict[str, Any]:
+        """``/healthz``: the daemon runs; ``ready``: ``/readyz``, every credential has a
+        servable token (else BrokerUnavailable, ``code`` ``not_ready``)."""
+        return self._run(_health_flow(ready, self.url))
+
+    def reload(self) -> dict[str, list[str]]:
+        """Make the daemon re-read its config and secrets, as SIGHUP does; what changed.
+
+        An administrator's act: with client keys, a key whose credentials are ``"*"``
+        (or, over the unix socket, root or the daemon's own user).
         """
-        sent = self._headers(headers)
-        failure: BrokerUnavailable | None = None
-        try:
-            return self._pool().request(
-                method, self._endpoint.base + path, headers=sent,
-                timeout=max(self.timeout, REFRESH_TIMEOUT),
-            )  # fmt: skip
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            failure = self._unavailable(exc, sent)
-        raise failure  # here, so httpx's error (with its text) is not its context
+        return self._run(_reload_flow(self.url))
+
+    def rotate(self, name: str) -> dict[str, Any]:
+        """Have the daemon cycle the secret of ``name`` through Adobe's I/O Management
+        API now, and return the cycle's outcome (an administrator's act, as reload)."""
+        return self._run(_rotate_flow(name, self.url))
 
 
 class AsyncTokenBroker(_Base):
@@ -598,9 +335,14 @@ class AsyncTokenBroker(_Base):
     """
 
     def __init__(
-        self, url: str | Endpoint | None = None, *, key: str | None = None, timeout: float = 5.0
+        self,
+        url: str | Endpoint | None = None,
+        *,
+        key: str | None = None,
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(url, key=key, timeout=timeout)
+        super().__init__(url, key=key, timeout=timeout, headers=headers)
         self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> AsyncTokenBroker:
@@ -632,6 +374,18 @@ class AsyncTokenBroker(_Base):
 
     async def refresh(self, name: str | None = None) -> None:
         await self._run(_refresh_flow(name, self.url))
+
+    async def credentials(self) -> list[dict[str, Any]]:
+        return await self._run(_credentials_flow(self.url))
+
+    async def health(self, *, ready: bool = False) -> dict[str, Any]:
+        return await self._run(_health_flow(ready, self.url))
+
+    async def reload(self) -> dict[str, list[str]]:
+        return await self._run(_reload_flow(self.url))
+
+    async def rotate(self, name: str) -> dict[str, Any]:
+        return await self._run(_rotate_flow(name, self.url))
 
 
 # -- BrokerAuth -----------------------------------------------------------------------
@@ -696,7 +450,10 @@ class BrokerAuth(httpx.Auth):
             self._broker, self._owned = TokenBroker(), True
         elif isinstance(broker, AsyncTokenBroker):
             # The sync half needs a sync client; the async half opens its own per loop.
-            self._broker = TokenBroker(broker._endpoint, key=broker._key, timeout=broker.timeout)
+            self._broker = TokenBroker(
+                broker._endpoint, key=broker._key, timeout=broker.timeout,
+                headers=broker._sent_headers,
+            )  # fmt: skip
             self._owned = True
         else:
             self._broker, self._owned = broker, False

@@ -2,14 +2,14 @@
 
 Used only by the CLI commands that change the config (``add``, ``import``,
 ``remove``, ``client``). Every change is validated as a whole config before anything is
-written, and the write is atomic (temp file + rename), so a failure leaves
-the old file exactly as it was.
+written, and the write is atomic (:func:`broker.files.atomic_write`: temporary
+file, fsync, rename, directory fsync), so a failure leaves the old file exactly
+as it was.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from tomlkit.exceptions import TOMLKitError
 
 from broker import config
 from broker.errors import ConfigError
+from broker.files import atomic_write
+from broker.schema import NAME_RE
 
 
 class ConfigDocument:
@@ -45,7 +47,7 @@ class ConfigDocument:
         return dict(self.doc.get("credentials", {}))
 
     def add_credential(self, name: str, table: dict[str, Any]) -> None:
-        if not config.NAME_RE.match(name):
+        if not NAME_RE.match(name):
             raise ConfigError(
                 f"invalid credential name {name!r}: use only letters, digits, '.', '_' and '-'"
             )
@@ -57,17 +59,17 @@ class ConfigDocument:
         for key, value in table.items():
             if value is not None:
                 entry[key] = value
-        self.doc["credentials"][name] = entry  # type: ignore[index]
+        self.doc["credentials"][name] = entry
         self.validate()
 
     def remove_credential(self, name: str) -> bool:
         """Remove ``[credentials.NAME]``; return True if it was the ``[server] default``."""
         if name not in self.credentials():
             raise ConfigError(f"{self.path}: no credential named {name!r}")
-        del self.doc["credentials"][name]  # type: ignore[union-attr]
+        del self.doc["credentials"][name]
         server = self.doc.get("server")
         was_default = server is not None and server.get("default") == name
-        if was_default:
+        if server is not None and was_default:
             del server["default"]
         self.validate()
         return was_default
@@ -77,7 +79,7 @@ class ConfigDocument:
 
     def set_client(self, name: str, key_sha256: str, credentials: list[str]) -> bool:
         """Add ``[clients.NAME]`` or replace its key; return True if it existed."""
-        if not config.NAME_RE.match(name):
+        if not NAME_RE.match(name):
             raise ConfigError(
                 f"invalid client name {name!r}: use only letters, digits, '.', '_' and '-'"
             )
@@ -87,15 +89,15 @@ class ConfigDocument:
         entry = tomlkit.table()
         entry["key_sha256"] = key_sha256
         entry["credentials"] = credentials
-        self.doc["clients"][name] = entry  # type: ignore[index]
+        self.doc["clients"][name] = entry
         self.validate()
         return existed
 
     def remove_client(self, name: str) -> None:
         if name not in self.clients():
             raise ConfigError(f"{self.path}: no client named {name!r}")
-        del self.doc["clients"][name]  # type: ignore[union-attr]
-        if not self.doc["clients"]:  # type: ignore[arg-type]
+        del self.doc["clients"][name]
+        if not self.doc["clients"]:
             del self.doc["clients"]
         self.validate()
 
@@ -108,11 +110,12 @@ class ConfigDocument:
         """Write ``[server] default = NAME`` (the credential ``GET /token`` serves)."""
         if "server" not in self.doc:
             self.doc["server"] = tomlkit.table()
-        self.doc["server"]["default"] = name  # type: ignore[index]
+        self.doc["server"]["default"] = name
         self.validate()
 
     def write(self) -> None:
-        """Atomically replace the file; an old file keeps its mode.
+        """Atomically replace the file (:func:`broker.files.atomic_write`): an old file keeps
+        its mode, and its owner and group wherever this user may give them.
 
         A new file is private (0600, in a 0700 directory made if missing), except the
         system's ``/etc/token-broker/config.toml``: the system service runs as a user of
@@ -120,25 +123,17 @@ class ConfigDocument:
         it is 0644 in a 0755 directory, as the install steps make it.
         """
         system = self.path == config.SYSTEM_CONFIG
-        mode = self.path.stat().st_mode & 0o777 if self.exists else (0o644 if system else 0o600)
+        mode, uid, gid = 0o644 if system else 0o600, -1, -1
         try:
+            if self.exists:
+                mode, uid, gid = _kept(self.path.stat())
             if not self.path.parent.is_dir():
                 self.path.parent.parent.mkdir(parents=True, exist_ok=True)
                 self.path.parent.mkdir(mode=0o755 if system else 0o700)
                 os.chmod(self.path.parent, 0o755 if system else 0o700)  # whatever the umask
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".config-", suffix=".toml")
+            atomic_write(self.path, tomlkit.dumps(self.doc).encode(), mode, uid=uid, gid=gid)
         except OSError as exc:
             raise ConfigError(self._unwritable(exc)) from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(tomlkit.dumps(self.doc))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self.exists = True
 
     def _unwritable(self, exc: OSError) -> str:
@@ -150,3 +145,16 @@ class ConfigDocument:
                 f"or pass --config {config.user_config_path()} to keep a config of your own"
             )
         return f"{text}; pass --config PATH to write another file"
+
+
+def _kept(st: os.stat_result) -> tuple[int, int, int]:
+    """(mode, uid, gid) for the new file that replaces the one ``st`` describes.
+
+    Root keeps both owner and group (``sudo token-broker add`` must not hand a user's
+    config to root); another user keeps the group if it is one of theirs, and owns the
+    new file itself (-1: as created), since only root may give a file away.
+    """
+    if os.geteuid() == 0:
+        return st.st_mode & 0o777, st.st_uid, st.st_gid
+    mine = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    return st.st_mode & 0o777, -1, st.st_gid if mine else -1

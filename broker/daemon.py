@@ -24,8 +24,7 @@ from typing import Any
 from broker import config, connections, systemd
 from broker.api import BrokerApp, create_app
 from broker.config import Settings
-from broker.cycling import Cycler, StateFile, StateStore
-from broker.cycling.fleet import VaultState
+from broker.cycling import Cycler, StateStore, state_store
 from broker.errors import BrokerError, ConfigError
 from broker.files import state_dir
 from broker.logs import Redactor
@@ -36,9 +35,9 @@ from broker.providers import IssuerClients, issuer_client
 from broker.providers.adobe import AdobeSettings
 from broker.scheduler import APScheduler
 from broker.server import Server, bind, uvicorn_config
-from broker.stores import NO_CONTEXT, Context, SecretRef, VaultRef, VaultSession
+from broker.stores import Context, SecretRef, VaultRef
+from broker.stores.vault import session_for
 from broker.tokens import Clock, rfc3339
-from broker.vault import Login, Vault
 
 log = logging.getLogger("broker.daemon")
 
@@ -68,7 +67,11 @@ class Daemon:
         self.scheduler = APScheduler()
         longest = max((c.policy.timeout for c in settings.credentials.values()), default=10.0)
         self.issuers = IssuerClients(issuer_client(longest))
-        self.vault = vault_session(settings, redactor) if settings.vault is not None else None
+        self.vault = (
+            session_for(settings.vault, lambda token: redactor.set("vault:token", (token,)))
+            if settings.vault is not None
+            else None
+        )
         self.stores = Context(vault=self.vault)
         self.manager = Manager(
             settings,
@@ -84,9 +87,7 @@ class Daemon:
         directory = state_directory or state_dir()
 
         def states(name: str, cred: AdobeSettings) -> StateStore:
-            if isinstance(cred.secret, VaultRef) and self.vault is not None:
-                return VaultState(name, cred.secret, self.vault, grace=cred.rotate_grace)
-            return StateFile(directory, name)
+            return state_store(name, cred, directory=directory, vault=self.vault)
 
         self.cycler = Cycler(
             holder=self.manager,
@@ -202,31 +203,6 @@ class Daemon:
         await self.outputs.close()
         if self.vault is not None:
             await self.vault.vault.aclose()
-
-
-def vault_session(settings: Settings, redactor: Redactor | None = None) -> VaultSession:
-    """The Vault client of ``settings``' ``[vault]`` table, with its login; the token it
-    holds is kept out of every log line (``redactor``)."""
-    table = settings.vault
-    assert table is not None
-    ref = {"token": table.token, "approle": table.secret_id}.get(table.auth, table.jwt)
-    assert ref is not None  # the config's validation says each method has its keys
-
-    async def credential() -> str:
-        return (await ref.read("vault", NO_CONTEXT))[0]
-
-    role = table.role_id if table.auth == "approle" else table.role
-    vault = Vault(
-        table.address,
-        Login(table.auth, credential, role=role or "", mount=table.mount or ""),
-        namespace=table.namespace,
-        ca_file=table.ca_file,
-        timeout=table.timeout,
-        on_token=(lambda token: redactor.set("vault:token", (token,)))
-        if redactor
-        else (lambda token: None),
-    )
-    return VaultSession(vault, table.poll)
 
 
 def _warn_file_modes(settings: Settings) -> None:

@@ -2,7 +2,7 @@
 
 ::
 
-    BrokerError                          (HTTP answer: http_status, code, http_headers())
+    BrokerError                    (its HTTP answer: http_status, error_code, http_headers())
      ├── ConfigError          a config file that cannot be used (names file and key)
      │    ├── TlsError        a CA, certificate or key that cannot be used (names the file)
      │    └── UnsafePath      a directory or file of the daemon's own that others could change
@@ -21,7 +21,7 @@
 No message in this tree ever carries a secret or a whole token: messages are
 built from names, codes and the issuer's own error fields only.
 
-Each class says how the HTTP API answers it (``http_status``, ``code``,
+Each class says how the HTTP API answers it (``http_status``, ``error_code``,
 :meth:`BrokerError.http_headers`, :meth:`BrokerError.http_body`): the main API
 and the IMS-compatible endpoint read those, and nothing else maps an error to a
 status.
@@ -37,21 +37,21 @@ class BrokerError(Exception):
     """Root of every error token-broker raises on purpose."""
 
     http_status: int = 500
-    code: str = "internal_error"
+    error_code: str = "internal_error"  # the answer's "error" field
 
     def http_headers(self) -> dict[str, str]:
         """Headers the answer to this error carries (Retry-After, WWW-Authenticate)."""
         return {}
 
     def http_body(self) -> dict[str, object]:
-        """The JSON body of the answer: ``{"error": code, "detail": sentence}``."""
-        return {"error": self.code, "detail": str(self)}
+        """The JSON body of the answer: ``{"error": error_code, "detail": sentence}``."""
+        return {"error": self.error_code, "detail": str(self)}
 
 
 class ConfigError(BrokerError):
     """The configuration is missing, malformed or invalid."""
 
-    http_status, code = 400, "config_error"
+    http_status, error_code = 400, "config_error"
 
 
 class TlsError(ConfigError):
@@ -66,7 +66,7 @@ class UnsafePath(ConfigError):
 class SecretError(BrokerError):
     """A secret reference could not be resolved to a secret."""
 
-    http_status, code = 502, "secret_unavailable"
+    http_status, error_code = 502, "secret_unavailable"
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class IssuerError(BrokerError):
     parse failures), ``debug_id`` Adobe's ``x-debug-id`` header.
     """
 
-    http_status, code = 502, "issuer_error"
+    http_status, error_code = 502, "issuer_error"
 
     def __init__(
         self,
@@ -194,7 +194,7 @@ class CycleError(BrokerError):
         self.request_id = request_id
         # Per outcome, not per class: nothing changed (409) or the cycle failed (502).
         self.http_status = 409 if outcome in ("conflict", "busy") else 502
-        self.code = f"cycle_{outcome}"
+        self.error_code = f"cycle_{outcome}"
         super().__init__(detail)
 
     def http_body(self) -> dict[str, object]:
@@ -213,7 +213,7 @@ class _RetryAfter(BrokerError):
 class TokenUnavailable(_RetryAfter):
     """No servable token exists for a credential at the moment."""
 
-    http_status, code = 503, "token_unavailable"
+    http_status, error_code = 503, "token_unavailable"
 
     def __init__(
         self,
@@ -235,7 +235,7 @@ class TokenUnavailable(_RetryAfter):
 class RefreshCooldown(_RetryAfter):
     """A forced refresh came within ``force_cooldown`` or while the issuer's Retry-After runs."""
 
-    http_status, code = 429, "refresh_cooldown"
+    http_status, error_code = 429, "refresh_cooldown"
 
     def __init__(self, name: str, *, retry_after: float) -> None:
         self.name = name
@@ -249,7 +249,7 @@ class RotateCooldown(_RetryAfter):
     """A secret cycle asked for too soon after the last one (each creates and deletes a
     secret at Adobe); ``retry_after``: seconds until one may be asked for again."""
 
-    http_status, code = 429, "rotate_cooldown"
+    http_status, error_code = 429, "rotate_cooldown"
 
     def __init__(self, name: str, detail: str, *, retry_after: float) -> None:
         self.name = name
@@ -267,7 +267,7 @@ class Refused(BrokerError):
 
     def __init__(self, status: int, detail: str, rule: str, code: str | None = None) -> None:
         self.http_status = status
-        self.code = code or {401: "unauthorized", 403: "forbidden"}.get(status, "bad_request")
+        self.error_code = code or {401: "unauthorized", 403: "forbidden"}.get(status, "bad_request")
         self.rule = rule
         super().__init__(detail)
 
@@ -280,7 +280,7 @@ class Refused(BrokerError):
 class UnknownCredential(BrokerError, LookupError):
     """No credential of that name (or no default credential) is configured."""
 
-    http_status, code = 404, "unknown_credential"
+    http_status, error_code = 404, "unknown_credential"
 
     def __init__(self, name: str | None) -> None:
         self.name = name

@@ -86,7 +86,7 @@ class ImsApp:
             body = await self._token(scope, receive)
         except Refused as exc:
             self.counters.rejected[exc.rule] += 1
-            answer = {"error": exc.code, "error_description": str(exc)}
+            answer = {"error": exc.error_code, "error_description": str(exc)}
             await respond(send, exc.http_status, answer, content_type=_IMS_JSON,
                           headers=exc.http_headers())  # fmt: skip
             return

@@ -75,7 +75,7 @@ def test_missing_or_malformed_authorization_is_401(header):
     scope = {"headers": [(b"authorization", header)] if header else []}
     with pytest.raises(Refused) as info:
         rules.authenticate(scope)
-    assert info.value.http_status == 401 and info.value.code == "unauthorized"
+    assert info.value.http_status == 401 and info.value.error_code == "unauthorized"
 
 
 def test_no_clients_means_no_key_needed():

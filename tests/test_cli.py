@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import _parser, main
+from broker.cli import main
+from broker.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
                     found[f"{words} {name}".strip()] = child
                     walk(child, f"{words} {name}")
 
-    walk(_parser(), "")
+    walk(build_parser(), "")
     return found
 
 
@@ -166,3 +167,29 @@ def test_demo_takes_durations_and_refuses_a_config(capsys, tmp_path):
     assert main(["demo", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "demo takes no --config" in err and f"token-broker serve --config {cfg}" in err
+
+
+def test_the_daemons_refusals_become_one_sentence_with_what_to_do():
+    """broker.cli.running.explain: the one place a client error becomes the CLI's words."""
+    from broker.cli.running import KEY_HINT, explain
+    from broker.client import BrokerRefused, BrokerUnavailable
+
+    url = "http://127.0.0.1:9"
+    answer = f"the token broker at {url} answered"
+    required = "a client key is required"
+    no_key = BrokerRefused(f"{answer} 401 unauthorized: {required}",
+                           status=401, code="unauthorized", detail=required)  # fmt: skip
+    assert explain(no_key, url) == f"unauthorized: a client key is required; {KEY_HINT}"
+    admin = explain(no_key, url, admin=True)
+    assert admin.startswith("unauthorized: a client key is required; ask it with a client key")
+    assert 'credentials are "*"' in admin and "kill -HUP" in admin and "systemctl reload" in admin
+    not_ready = BrokerUnavailable(f"{answer} 503 not_ready: no servable token for: main",
+                                  status=503, code="not_ready",
+                                  detail="no servable token for: main")  # fmt: skip
+    assert explain(not_ready, url) == "not_ready: no servable token for: main"
+    down = BrokerUnavailable(f"cannot reach the token broker at {url} (ConnectError: refused)")
+    assert explain(down, url) == str(down)  # no answer: the client's own sentence
+    # A refusal the client made itself (no default credential) has no detail of the daemon's.
+    made = BrokerRefused(f"the token broker at {url} has no default credential: name it",
+                         status=404, code="unknown_credential")  # fmt: skip
+    assert explain(made, url) == str(made)

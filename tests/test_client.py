@@ -89,8 +89,14 @@ class FakeBroker:
                 headers["X-Token-Expires-In"] = str(self.expires_in)
             body = {"Authorization": f"Bearer {self.current}", "x-api-key": "cid"}
             return httpx.Response(200, json=body, headers=headers)
+        if path.endswith("/rotate"):
+            return httpx.Response(200, json={"outcome": "cycled", "detail": "new secret in use"})
         if path.startswith("/v1/credentials/"):
             return httpx.Response(200, json={"name": path.rsplit("/", 1)[1], "state": "fresh"})
+        if path == "/v1/reload":
+            return httpx.Response(200, json={"added": [], "unchanged": ["main", "other"]})
+        if path in ("/healthz", "/readyz"):
+            return httpx.Response(200, json={"status": "ok" if path == "/healthz" else "ready"})
         if path.startswith("/token"):
             return httpx.Response(200, text=self.current)
         return httpx.Response(404, json={"error": "not_found", "detail": path})
@@ -210,6 +216,52 @@ def test_refresh_treats_429_as_done_and_502_as_an_error(route):
     assert paths(seen) == ["POST /v1/credentials/main/refresh"] * 2
 
 
+def test_the_detail_is_kept_whole_and_the_message_quotes_300_characters(route):
+    detail = "/etc/token-broker/config.toml: [credentials.a] rotate_every: " + "why " * 200
+    route(lambda r: httpx.Response(400, json={"error": "config_error", "detail": detail}))
+    with pytest.raises(BrokerClientError) as info:
+        TokenBroker().reload()
+    assert info.value.detail == detail
+    assert str(info.value).endswith(detail[:300] + "…")
+    assert (info.value.status, info.value.code) == (400, "config_error")
+
+
+def test_a_detail_with_the_key_is_withheld_from_the_attribute_too(route):
+    route(lambda r: httpx.Response(401, json={"error": "unauthorized", "detail": f"no {KEY}"}))
+    with pytest.raises(BrokerRefused) as info:
+        TokenBroker(key=KEY).credentials()
+    assert info.value.detail is not None and KEY[:12] not in info.value.detail
+    assert "not quoted" in info.value.detail
+    no_secret_in(info.value)
+
+
+def test_list_health_reload_and_rotate(route):
+    seen = route(FakeBroker())
+    broker = TokenBroker()
+    assert [row["name"] for row in broker.credentials()] == ["main", "other"]
+    assert broker.health() == {"status": "ok"}
+    assert broker.health(ready=True) == {"status": "ready"}
+    assert broker.reload() == {"added": [], "unchanged": ["main", "other"]}
+    assert broker.rotate("main")["outcome"] == "cycled"
+    assert paths(seen) == ["GET /v1/credentials", "GET /healthz", "GET /readyz",
+                           "POST /v1/reload", "POST /v1/credentials/main/rotate"]  # fmt: skip
+    assert [r.extensions["timeout"]["read"] for r in seen[-2:]] == [30.0, 30.0]  # they wait
+
+
+def test_not_ready_is_unavailable_with_the_brokers_detail(route):
+    body = {"error": "not_ready", "detail": "no servable token for: main"}
+    route(lambda r: httpx.Response(503, json=body))
+    with pytest.raises(BrokerUnavailable) as info:
+        TokenBroker().health(ready=True)
+    assert (info.value.code, info.value.detail) == ("not_ready", "no servable token for: main")
+
+
+def test_a_reload_answer_that_is_not_lists_of_names_is_an_error(route):
+    route(lambda r: httpx.Response(200, json={"added": "main"}))
+    with pytest.raises(BrokerClientError, match="other than lists of names"):
+        TokenBroker().reload()
+
+
 # -- the client key ---------------------------------------------------------------------
 
 
@@ -224,6 +276,10 @@ def test_header_and_key_sources(route, monkeypatch, tmp_path):
     TokenBroker(key=KEY).token()
     assert seen[-1].headers["Authorization"] == f"Bearer {KEY}"
     assert KEY not in repr(TokenBroker(key=KEY))
+    # A broker whose require_header names another header: the caller adds it.
+    TokenBroker(key=KEY, headers={"X-Other": "1"}).status("main")
+    assert seen[-1].headers["X-Other"] == "1" and seen[-1].headers["X-Token-Broker"] == "1"
+    assert seen[-1].headers["Authorization"] == f"Bearer {KEY}"
 
 
 def test_the_key_file_is_read_again_for_every_request(route, monkeypatch, tmp_path):
@@ -288,6 +344,10 @@ async def test_the_async_client_has_the_same_methods(route):
         assert (await broker.status("main"))["state"] == "fresh"
         await broker.refresh("main")
         assert await broker.token("main") == TOKENS[1]
+        assert len(await broker.credentials()) == 2
+        assert (await broker.health(ready=True))["status"] == "ready"
+        assert (await broker.reload())["unchanged"] == ["main", "other"]
+        assert (await broker.rotate("main"))["outcome"] == "cycled"
     assert all(r.headers["Authorization"] == f"Bearer {KEY}" for r in seen)
 
 

@@ -191,6 +191,10 @@ def calls(broker: TokenBroker) -> dict[str, Callable[[], object]]:
         "status": lambda: broker.status("main"),
         "refresh": lambda: broker.refresh("main"),
         "token-info": lambda: broker._token_info("main"),
+        "list": broker.credentials,
+        "health": lambda: broker.health(ready=True),
+        "reload": broker.reload,
+        "rotate": lambda: broker.rotate("main"),
         "httpx-auth": with_httpx,
         "requests-auth": with_requests,
     }
@@ -225,7 +229,8 @@ def test_the_async_client_quotes_no_secret_either(squatter):
         failures = []
         async with AsyncTokenBroker(squatter.url, key=KEY) as broker:
             for squatter.mode in MODES:
-                for call in (broker.token, broker.headers, broker.status, broker.refresh):
+                for call in (broker.token, broker.headers, broker.status, broker.refresh,
+                             broker.rotate):  # fmt: skip
                     try:
                         await call("main")
                     except BrokerClientError as exc:

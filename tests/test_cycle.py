@@ -534,8 +534,11 @@ async def test_console_words_are_redacted_in_the_status(world):
 
 def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
     """`rotate --finish/--abort` and a cycle both use NAME#next: never at the same time."""
-    from broker import credentials
+    import fcntl
+
+    from broker.cli import operations
     from broker.configedit import ConfigDocument
+    from broker.cycling import CycleState
     from broker.errors import SecretError
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
@@ -545,14 +548,14 @@ def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
         f'credential_id = "{CRED_ID}"\nconsole_org_id = "{ORG}"\n'
     )
     state = StateFile(tmp_path / "xdg" / "token-broker", "adobe")
-    from broker.console import CycleState
-
-    state.save(CycleState(CRED_ID, step="added", old="a", new="b"))
-    for step in (credentials.rotate_abort, credentials.rotate_finish):
+    asyncio.run(state.save(CycleState(credential_id=CRED_ID, step="added", old="a", new="b")))
+    for step in (operations.rotate_abort, operations.rotate_finish):
         with pytest.raises(SecretError, match=r"a secret cycle is in progress \(step added\)"):
             step(ConfigDocument(cfg), "adobe")
-    with state.locked(), pytest.raises(SecretError, match="running already"):
-        credentials.rotate_abort(ConfigDocument(cfg), "adobe")
+    with open(state.lock_path) as held:  # the daemon's cycle holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SecretError, match="running already"):
+            operations.rotate_abort(ConfigDocument(cfg), "adobe")
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from doctext import (
 from promql import broker_scrape, evaluate, promtool
 
 from broker import config
-from broker.cli import _parser
+from broker.cli.parser import build_parser
 
 README = ROOT / "README.md"
 ALL = blocks()
@@ -223,7 +223,7 @@ def test_shell_blocks_run_in_a_sandbox(b):
             if "--" in argv:
                 argv = argv[: argv.index("--")]
             try:
-                _parser().parse_args(argv)
+                build_parser().parse_args(argv)
             except SystemExit:
                 pytest.fail(f"{b.where}: {line}: the command line does not parse")
     with sandbox() as box:

@@ -8,9 +8,25 @@ one cycle's five steps, :mod:`~broker.cycling.cycler` the daemon's scheduling.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from broker.cycling.cycle import Cycle, CycleResult
 from broker.cycling.cycler import ROTATE_COOLDOWN, Cycler, CycleStatus, SecretHolder
+from broker.cycling.fleet import VaultState
 from broker.cycling.state import CycleState, StateFile, StateStore, digest
+from broker.providers.adobe import AdobeSettings
+from broker.stores import VaultRef, VaultSession
+
+
+def state_store(
+    name: str, cred: AdobeSettings, *, directory: Path, vault: VaultSession | None
+) -> StateStore:
+    """Where ``name``'s cycle state lives: beside its secret in Vault (a fleet shares it),
+    else a file in this broker's state ``directory``."""
+    if isinstance(cred.secret, VaultRef) and vault is not None:
+        return VaultState(name, cred.secret, vault, grace=cred.rotate_grace)
+    return StateFile(directory, name)
+
 
 __all__ = [
     "ROTATE_COOLDOWN",
@@ -22,5 +38,7 @@ __all__ = [
     "SecretHolder",
     "StateFile",
     "StateStore",
+    "VaultState",
     "digest",
+    "state_store",
 ]

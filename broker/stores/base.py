@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from broker.errors import SecretError
 
@@ -76,6 +76,10 @@ class SecretRef(ABC):
     writable: ClassVar[bool] = False
     #: Whether reading it needs the ``[vault]`` table's client (:class:`Context`).
     needs_vault: ClassVar[bool] = False
+    #: Whether the broker owns what it stores there (``remove`` deletes it): only the
+    #: keyring; a file, a systemd credential, a Vault secret may be shared or managed
+    #: elsewhere.
+    owned: ClassVar[bool] = False
 
     text: str  # as written in the config
 
@@ -120,12 +124,14 @@ class SecretRef(ABC):
         """The file this reference reads, if any (its mode is checked at start and reload)."""
         return None
 
-    async def remove(self, name: str) -> list[str]:
-        """Delete what ``add`` stored for ``name`` (``remove``); what was deleted, in words.
+    def check_removal(self, name: str) -> None:
+        """SecretError if :meth:`remove` could not do its part (checked before the config
+        changes)."""
+        return None
 
-        Only stores the broker owns delete anything: a file, a systemd credential, an
-        environment variable or a Vault secret may be shared or managed elsewhere.
-        """
+    async def remove(self, name: str) -> list[str]:
+        """Delete what ``add`` stored for ``name`` (``remove``), in a store the broker owns;
+        what was deleted, in words."""
         return []
 
 
@@ -136,7 +142,7 @@ class Stored:
     where: str  # in words, for the command's output
     count: int  # secrets written (0: the user writes them, see ``todo``)
     todo: list[str] = field(default_factory=list)  # commands the user still has to run
-    undo: Callable[[], Awaitable[None]] = field(default=lambda: _nothing(), repr=False)
+    undo: Callable[[], Coroutine[Any, Any, None]] = field(default=lambda: _nothing(), repr=False)
 
 
 async def _nothing() -> None:

@@ -40,6 +40,7 @@ class KeyringRef(SecretRef):
 
     kind = "keyring"
     writable = True
+    owned = True
     shapes = ("keyring", "keyring:SERVICE/USERNAME")
     bare = True
     service: str = SERVICE
@@ -102,8 +103,10 @@ class KeyringRef(SecretRef):
         where = f"the keyring (service {self.service!r}, username {self.user!r})"
         return Stored(where, len(written), [], undo)
 
+    def check_removal(self, name: str) -> None:
+        backend(name)  # SecretError naming why the keyring is unusable
+
     async def remove(self, name: str) -> list[str]:
-        backend(name)  # fail with the reason if the keyring is unusable
         return [
             f"{self.service}/{item}"
             for item in (self.user, self.user + NEXT_SUFFIX)

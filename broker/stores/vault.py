@@ -22,11 +22,17 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import SecretError
 from broker.stores.base import NO_CONTEXT, Context, SecretRef, SecretWriter, Stored, register
-from broker.vault import CasConflict, Document, Vault, VaultError
+
+if TYPE_CHECKING:
+    from broker.config import VaultSettings
+    from broker.vault import Document, Vault
+
+# broker.vault (and httpx under it) is imported where a Vault is used, not here: every
+# process that parses a config imports this module, most never talk to Vault.
 
 log = logging.getLogger("broker.vault")
 
@@ -146,6 +152,8 @@ class VaultRef(SecretRef):
         unreachable or refusing: the secret in hand stays in use; the failure is in the
         client's health (status, metrics) and in the log (once until Vault answers).
         """
+        from broker.vault import VaultError
+
         failing = False
         while True:
             try:
@@ -176,6 +184,33 @@ class VaultRef(SecretRef):
         return await session.vault.write(
             self.mount, self.report_path(session.broker), report, cas=None
         )
+
+
+def session_for(
+    table: VaultSettings, on_token: Callable[[str], None] = lambda token: None
+) -> VaultSession:
+    """The Vault session of a ``[vault]`` table: its client and login (the credential
+    of the login read from its own store at every login); ``on_token`` hears every
+    Vault token held (the daemon keeps it out of the log)."""
+    ref = {"token": table.token, "approle": table.secret_id}.get(table.auth, table.jwt)
+    if ref is None:  # the config's validation makes each method name its keys
+        raise SecretError(f"[vault] auth = {table.auth!r} names no credential to log in with")
+
+    async def credential() -> str:
+        return (await ref.read("vault", NO_CONTEXT))[0]
+
+    from broker.vault import Login, Vault
+
+    role = table.role_id if table.auth == "approle" else table.role
+    vault = Vault(
+        table.address,
+        Login(table.auth, credential, role=role or "", mount=table.mount or ""),
+        namespace=table.namespace,
+        ca_file=table.ca_file,
+        timeout=table.timeout,
+        on_token=on_token,
+    )
+    return VaultSession(vault, table.poll)
 
 
 def _value(found: object) -> str | None:
@@ -244,6 +279,8 @@ class VaultWriter(SecretWriter):
     async def _change(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
         """Read, change, write with check-and-set on the version read; again if another
         writer came between (a person's `bao kv patch`); nothing when nothing changes."""
+        from broker.vault import CasConflict
+
         for _ in range(_CAS_TRIES):
             doc = await self._doc()
             data = change(dict(doc.data))

@@ -66,6 +66,17 @@ def test_default_variables_of_an_adobe_credential(start_broker, issuer, tmp_path
     assert not [k for k in seen if k.startswith("TOKEN_BROKER_HEADER_")]
 
 
+def test_exec_through_the_config_sends_the_header_it_requires(start_broker, tmp_path):
+    """A config whose require_header is not X-Token-Broker: exec finds the daemon by the
+    config, as token and list do, and sends that header too."""
+    b = start_broker(server='require_header = "X-Other"')
+    env = exec_env(tmp_path, b.url)
+    del env["TOKEN_BROKER_URL"]
+    seen = child_env(["--config", str(b.proc.config)], env)
+    token = httpx.get(b.url + "/token", headers={"X-Other": "1"}).text
+    assert seen["TOKEN_BROKER_ACCESS_TOKEN"] == token
+
+
 def test_env_adds_variables_to_the_defaults(start_broker, issuer, tmp_path):
     b = start_broker()
     args = ["main", "--env", "AUTH=authorization", "--env", "API=api_key", "--env", "T=expires_at"]

@@ -1,0 +1,125 @@
+"""The ``token-broker`` command: ``main(argv) -> exit code``.
+
+Exit codes: 0 success, 1 failure, 2 usage. Errors go to stderr in one or two
+plain sentences, never with a traceback for an expected failure.
+
+Each group of commands has a module of its own, imported only when one of its
+commands runs (``--help`` and ``serve`` load nothing they do not use):
+
+    parser.py      the command line: every command, its options and its help
+    daemon.py      serve, demo
+    ask.py         token, list, reload, health, exec, rotate --auto: ask the running daemon
+    running.py     finding the running daemon, asking it through broker.client, and what
+                   its refusals mean (the one sentence a command prints, exit status 1)
+    setup.py       add, import, remove, rotate, client: change the config and the secrets
+    operations.py  the checks and writes behind add, import, remove, rotate (through the
+                   secret stores of broker.stores)
+    local.py       doctor, tls: this host only
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    import argparse
+
+#: Command -> the module (of this package) and function that run it.
+_COMMANDS = {
+    "serve": ("daemon", "serve"),
+    "demo": ("daemon", "demo"),
+    "token": ("ask", "token"),
+    "list": ("ask", "list_credentials"),
+    "reload": ("ask", "reload"),
+    "health": ("ask", "health"),
+    "exec": ("ask", "exec_command"),
+    "add": ("setup", "add"),
+    "import": ("setup", "import_project"),
+    "remove": ("setup", "remove"),
+    "rotate": ("setup", "rotate"),
+    "client": ("setup", "client"),
+    "doctor": ("local", "doctor"),
+    "tls": ("local", "tls_command"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit status (argparse exits 2 itself on a usage error)."""
+    from broker.cli.parser import build_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if argv[:1] == ["exec"]:  # everything after "--" is the command, never our options
+        from broker.execcmd import split_command
+
+        argv, command = split_command(argv)
+    parser = build_parser()
+    if argv[:1] == ["exec"] and command is None:
+        args, extra = parser.parse_known_args(argv)
+        if extra or not command:
+            # `exec adobe ./script.sh`: the command was taken for our own arguments.
+            name = f"{args.name} " if args.name else ""
+            given = " ".join(extra)
+            parser.error(
+                f"exec: put the command after --: token-broker exec {name}-- "
+                f"{given or 'COMMAND [ARG...]'}"
+            )
+    args = parser.parse_args(argv)
+    if args.command == "exec":
+        if not command:
+            parser.error("exec: give the command after --: token-broker exec [NAME] -- COMMAND")
+        args.argv = command
+    module, function = _COMMANDS[args.command]
+    # __import__, the import statement's own path: -X importtime shows the module's cost
+    # (importlib.import_module bypasses it).
+    run_command = getattr(__import__(f"{__name__}.{module}", fromlist=[function]), function)
+    try:
+        return int(run_command(args))
+    except BrokerError as exc:
+        print(f"token-broker: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+
+
+def print_result(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    """A command's result on stdout: ``data`` as JSON with ``--json``, else ``text``."""
+    import json
+
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else text)
+
+
+def run() -> None:
+    """Console-script entry point (``token-broker`` and ``python -m broker``)."""
+    if _command(sys.argv[1:]) in ("serve", "demo"):
+        _defer_hangups()
+    sys.exit(main())
+
+
+_hangups: list[int] = []
+
+
+def _defer_hangups() -> None:
+    """Record SIGHUP from the first instant our code runs, instead of dying of it.
+
+    The daemon installs its reload handler only once its event loop runs, a few
+    hundred milliseconds later; ``systemctl reload`` right after ``start`` would
+    otherwise kill it. A SIGHUP recorded here triggers one reload once it is ready.
+    """
+    import signal
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: _hangups.append(signum))
+
+
+def hangup_pending() -> bool:
+    """Whether a SIGHUP arrived before the daemon could reload (see :func:`_defer_hangups`)."""
+    return bool(_hangups)
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand word: the first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)

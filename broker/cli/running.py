@@ -1,0 +1,256 @@
+"""The running daemon, as the commands see it: where it is, a client for it
+(:mod:`broker.client`), and what its refusals mean.
+
+Every command that asks the daemon goes through :func:`asking` (or
+:func:`connect`) and the client's methods; the client turns each answer other
+than a 2xx into one of its errors (status, code and the daemon's detail, checked
+for secrets), and :func:`explain` turns those into the sentence a command
+prints: no answer is parsed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from broker.client import BrokerClientError, TokenBroker
+
+#: Seconds a command waits for the daemon: a reload or a forced refresh waits for the
+#: issuer (10 s per token request by default, plus a free slot).
+TIMEOUT = 30.0
+
+KEY_HINT = (
+    "pass the client key with --key-file PATH, or name its file in "
+    "$TOKEN_BROKER_CLIENT_KEY_FILE (or put the key in $TOKEN_BROKER_CLIENT_KEY)"
+)
+
+
+def connect(
+    args: argparse.Namespace,
+    *,
+    from_config: bool = False,
+    admin: bool = False,
+    timeout: float = TIMEOUT,
+) -> TokenBroker:
+    """A client of the running daemon, with any extra header its config requires.
+
+    ``--url``, else ``$TOKEN_BROKER_URL``, else the config's first listen address
+    when a config file exists, else ``http://127.0.0.1:8765``, so the commands
+    that only talk to the daemon need no config. ``from_config``: the daemon that
+    serves this config (``add``, ``remove``... notify it). ``admin``: a reload or
+    a cycle, asked over the config's unix socket when it has one, where the
+    daemon knows the caller's uid and lets root and its own user in without a key.
+    """
+    import os
+
+    from broker.client import URL_ENV, TokenBroker
+
+    url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
+    headers: dict[str, str] = {}
+    if not url:
+        url, headers = _config_address(args, admin=admin)
+    return TokenBroker(url, key=client_key(args), timeout=timeout, headers=headers)
+
+
+def _config_address(
+    args: argparse.Namespace, *, admin: bool = False
+) -> tuple[str | None, dict[str, str]]:
+    """The config file's listen address to ask (None: no config file, the default)."""
+    import os
+
+    from broker import config
+    from broker.config import TcpListen, UnixListen
+
+    explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
+    if not explicit and not config.config_path().exists():
+        return None, {}
+    settings = config.load(args.config)
+    listens = settings.server.listen
+    unix = [x for x in listens if isinstance(x, UnixListen)]
+    listen = unix[0] if admin and unix else listens[0]
+    url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
+    header = settings.server.require_header
+    # broker.client always sends X-Token-Broker: 1; a config may name another header.
+    return url, ({header: "1"} if header and header.lower() != "x-token-broker" else {})
+
+
+def client_key(args: argparse.Namespace) -> str | None:
+    """The client key from --key-file (never a command-line value).
+
+    Without it broker.client reads $TOKEN_BROKER_CLIENT_KEY, else the file
+    $TOKEN_BROKER_CLIENT_KEY_FILE names.
+    """
+    path = getattr(args, "key_file", None)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
+
+
+# -- what a refusal means ---------------------------------------------------------------
+
+
+def refusal(exc: BrokerClientError) -> str:
+    """The daemon's answer in one phrase, ``code: detail``; the client's own sentence
+    when no answer came (``cannot reach the token broker at URL (...)``)."""
+    if exc.status is None or exc.code is None or exc.detail is None:
+        return str(exc)
+    return f"{exc.code}: {exc.detail}"
+
+
+def explain(exc: BrokerClientError, url: str, *, admin: bool = False) -> str:
+    """Why the daemon did not do what was asked, and what to do about it.
+
+    ``admin``: a reload or a cycle, which a 401 or 403 refuses for want of a key
+    whose credentials are "*": the ways to get past it, the signal included.
+    """
+    if admin and exc.status in (401, 403):
+        return f"{refusal(exc)}; {admin_advice(url)}"
+    if exc.status == 401:
+        return f"{refusal(exc)}; {KEY_HINT}"
+    return refusal(exc)
+
+
+class Refused(BrokerError):
+    """The daemon did not do what a command asked: :func:`explain`'s sentence, which
+    ``main`` prints (exit status 1)."""
+
+
+@contextmanager
+def asking(
+    args: argparse.Namespace,
+    *,
+    from_config: bool = False,
+    admin: bool = False,
+    timeout: float = TIMEOUT,
+) -> Iterator[TokenBroker]:
+    """:func:`connect`'s client for the block, closed after it; a client error raised in
+    the block becomes :class:`Refused` with :func:`explain`'s sentence."""
+    from broker.client import BrokerClientError
+
+    with connect(args, from_config=from_config, admin=admin, timeout=timeout) as broker:
+        try:
+            yield broker
+        except BrokerClientError as exc:
+            raise Refused(explain(exc, broker.url, admin=admin)) from None
+
+
+def admin_advice(url: str) -> str:
+    """What to do when the daemon refused an administrator's request for want of a key."""
+    pid = _daemon_pid(url)
+    hup = f"`kill -HUP {pid}`" if pid else "`kill -HUP <pid of token-broker serve>`"
+    advice = (
+        'ask it with a client key whose credentials are "*" (--key-file PATH or '
+        "$TOKEN_BROKER_CLIENT_KEY_FILE), or reload it by signal: "
+        f"`systemctl reload token-broker` for the system service, else {hup}"
+    )
+    if url.startswith("unix:"):
+        import os
+
+        return (
+            f"{advice} (over its unix socket only root and the daemon's own user need no key; "
+            f"this is uid {os.getuid()})"
+        )
+    return (
+        f"{advice}; with a unix socket in [server] listen, root and the daemon's own user "
+        "reload it over that socket without a key"
+    )
+
+
+def _daemon_pid(url: str) -> int | None:
+    """The pid of the daemon at ``url``, where this user may see it (else None)."""
+    import socket
+    import struct
+
+    try:
+        if url.startswith("unix:"):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(2)
+                sock.connect(url[5:])
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                return struct.unpack("3i", creds)[0] or None
+        from urllib.parse import urlsplit
+
+        port = urlsplit(url).port
+        return _listener_pid(port) if port else None
+    except (OSError, ValueError):
+        return None
+
+
+def _listener_pid(port: int) -> int | None:
+    """The process listening on loopback TCP ``port``, from /proc (Linux)."""
+    import os
+
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for entry in os.listdir("/proc") if inodes else ():
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+# -- the reload after a change of the config --------------------------------------------
+
+
+@dataclass
+class Reloaded:
+    """What became of the request to reload after a config change."""
+
+    ok: bool  # reloaded, or no daemon runs (it reads the file at start)
+    note: str  # a few words for the command's line
+    problem: str | None = None  # the refusal and what to do (stderr), when not ok
+
+    def exit_status(self) -> int:
+        """0, or 1 (the problem printed) when the daemon refused to take the change."""
+        if self.problem:
+            print(f"token-broker: {self.problem}", file=sys.stderr)
+        return 0 if self.ok else 1
+
+
+def reload_after_edit(args: argparse.Namespace) -> Reloaded:
+    """Tell a running daemon to reload; say what happened, and what to do if it refused."""
+    from broker.client import BrokerClientError
+
+    nobody = Reloaded(True, "no daemon is running with this config; it will use this at start")
+    try:
+        broker = connect(args, from_config=True, admin=True)
+    except BrokerError:  # no config to find it by, or a key file that cannot be read
+        return nobody
+    with broker:
+        try:
+            broker.reload()
+        except BrokerClientError as exc:
+            if exc.status is None:  # no answer
+                return nobody
+            problem = f"the config is written, but the daemon refused to reload: {refusal(exc)}"
+            if exc.status in (401, 403):
+                problem += f"; {admin_advice(broker.url)}"
+            elif exc.status == 400:
+                problem += "; it keeps serving its previous config until this is fixed"
+            return Reloaded(False, "the running daemon did NOT reload (see the error)", problem)
+    return Reloaded(True, "the running daemon reloaded")
