@@ -131,18 +131,21 @@ systemctl poweroff
 # shipped unit's own sandbox (the file itself, with its command replaced), with directories
 # of its own so that it does not race the real service for them.
 TLS_PROBE_SCRIPT = """
-import json, os
+import asyncio, json, os
 from pathlib import Path
 from broker import files, tls
-from broker.console import CycleState, StateFile
+from broker.cycling import CycleState, StateFile
 out = {"uid": os.geteuid(), "state": str(files.state_dir())}
+
+async def cycle_state(cycling):
+    async with cycling.locked():
+        await cycling.save(CycleState(credential_id="4711"))
+    return (await cycling.load("4711")).credential_id
+
 try:
     cert = tls.ServerCertificate(None, None, ["127.0.0.1"])
     cert.publish(Path(os.environ["RUNTIME_DIRECTORY"]))
-    cycling = StateFile(files.state_dir(), "adobe")
-    with cycling.locked():
-        cycling.save(CycleState("4711"))
-    out["cycling"] = cycling.load("4711").credential_id
+    out["cycling"] = asyncio.run(cycle_state(StateFile(files.state_dir(), "adobe")))
     out["published"] = sorted(os.listdir(os.environ["RUNTIME_DIRECTORY"]))
     out["checks"] = [c.ok for c in tls.doctor(cert.files)]
 except Exception as exc:
