@@ -1,7 +1,8 @@
 """Shared test machinery: a real issuer on loopback, the broker as a process, fakes.
 
-The issuer is :class:`broker.demo.DemoIssuer` served by uvicorn in a thread on
-a loopback port; tests switch its ``mode`` and read what it received. The
+The issuer is :class:`issuer.TestIssuer` (the demo's issuer with the tests' knobs)
+served by uvicorn in a thread on a loopback port; tests switch its ``mode`` and
+read what it received. The
 broker runs as ``python -m broker serve`` with its stderr captured to a file,
 which every test searches for the secret and for whole tokens.
 """
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from issuer import TestIssuer, server_for
 
-from broker.demo import DemoIssuer, issuer_server, loopback_socket
+from broker.demo import loopback_socket
 
 HEADERS = {"X-Token-Broker": "1"}
 
@@ -52,7 +54,7 @@ def free_port() -> int:
 
 
 class IssuerThread:
-    """A DemoIssuer on 127.0.0.1:<port>, served from a background thread."""
+    """A TestIssuer on 127.0.0.1:<port>, served from a background thread."""
 
     def __init__(
         self,
@@ -62,12 +64,12 @@ class IssuerThread:
         certfile: str | None = None,
         keyfile: str | None = None,
     ) -> None:
-        self.issuer = DemoIssuer(lifetime=lifetime, token_bytes=token_bytes)
+        self.issuer = TestIssuer(lifetime=lifetime, token_bytes=token_bytes)
         self._sock = loopback_socket()
         self.port = self._sock.getsockname()[1]
         scheme = "https" if certfile else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self._server = issuer_server(self.issuer, certfile=certfile, keyfile=keyfile)
+        self._server = server_for(self.issuer, certfile=certfile, keyfile=keyfile)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -164,7 +166,7 @@ def new_secret() -> str:
 class Fault:
     """One issuer fault of the fault tests (in-process matrix and process cases)."""
 
-    mode: str  # DemoIssuer mode, or "gate:refuse" / "gate:garbage" / "gate:reset"
+    mode: str  # TestIssuer mode, or "gate:refuse" / "gate:garbage" / "gate:reset"
     error: str  # last_error.error the broker reports
     permanent: bool = False
     retry_after: int | None = None  # seconds the issuer asks for

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import FakeScheduler
+from issuer import TestIssuer
 
 from broker import config
 from broker.console import MANAGEMENT_SCOPES, Cycle, Cycler, StateFile
-from broker.demo import DemoIssuer
 from broker.errors import ConfigError, CycleError
 from broker.logs import Redactor
 from broker.manager import Manager
@@ -55,7 +55,7 @@ class World:
 
     def __init__(self, tmp_path: Path, **keys: object) -> None:
         self.clock = Clock()
-        self.issuer = DemoIssuer(clock=self.clock)
+        self.issuer = TestIssuer(clock=self.clock)
         self.original = self.issuer.add_client(CLIENT, "the-original-secret-value")
         self.issuer.add_console(CLIENT, ORG, CRED_ID)
         self.secret_file = tmp_path / "adobe.secret"

@@ -21,10 +21,10 @@ import random
 import httpx
 import pytest
 from helpers import HEADERS, FakeClock, FakeScheduler, Fault
+from issuer import TestIssuer
 
 from broker import config
 from broker.api import create_app
-from broker.demo import DemoIssuer
 from broker.manager import Manager
 
 LIFETIME = 4.0  # seconds; scheduled refresh at ~2.7 s, servable until 4 - 0.4 s
@@ -68,7 +68,7 @@ FAULTS = {
 class Gate(httpx.AsyncBaseTransport):
     """In front of the issuer's ASGI app: forwards, or fails as a network would."""
 
-    def __init__(self, issuer: DemoIssuer) -> None:
+    def __init__(self, issuer: TestIssuer) -> None:
         self.inner = httpx.ASGITransport(app=issuer)  # type: ignore[arg-type]
         self.mode = "forward"
         self.connections = 0
@@ -93,7 +93,7 @@ class World:
 
     def __init__(self, tmp_path, fault: Fault) -> None:  # type: ignore[no-untyped-def]
         self.clock = FakeClock()
-        self.issuer = DemoIssuer(lifetime=LIFETIME, clock=self.clock)
+        self.issuer = TestIssuer(lifetime=LIFETIME, clock=self.clock)
         self.issuer.add_client("c", "s3cret-value")
         self.issuer.retry_after = fault.retry_after or 2
         self.gate = Gate(self.issuer)
