@@ -220,7 +220,7 @@ def user_env(home: Path) -> dict[str, str]:
 
 @contextmanager
 def sandbox() -> Iterator[Sandbox]:
-    from helpers import free_port
+    from helpers import reserve_port
 
     issuer = IssuerThread().start()
     api = StandInApi(lambda: issuer.issuer.issued, CLIENT_ID, ORG).start()
@@ -236,7 +236,7 @@ def sandbox() -> Iterator[Sandbox]:
         for name, value in (("adobe", adobe), ("partner", partner)):
             (secrets_dir / f"{name}.secret").write_text(value + "\n")
             (secrets_dir / f"{name}.secret").chmod(0o600)
-        port = free_port()
+        port = reserve_port()
         sock = tmp / "broker.sock"
         config = write_config(
             secrets_dir / "config.toml",

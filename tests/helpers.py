@@ -47,10 +47,34 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):  # type
         time.sleep(0.02)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: The sockets that hold the ports of reserve_port(), until release_ports().
+_reserved: list[socket.socket] = []
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that stays ours until the test ends, for a server to bind.
+
+    The port is held by a socket bound with SO_REUSEADDR that never listens. Linux hands
+    such a port to no one else: not to bind(("", 0)), not to connect()'s choice of a local
+    port. A server told the number binds it beside the holder (its own listening socket
+    sets SO_REUSEADDR, as the broker's, uvicorn's and systemd's do), and binds it again
+    after a restart. A port that was bound, closed and handed over as a number could be
+    taken in between by any other test or connection (the race of ``-n 4``). Connecting
+    to a reserved port that no server listens on is refused: a port known to be down.
+    The conftest releases every reservation when the test ends.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind((host, 0))
+    _reserved.append(holder)
+    return holder.getsockname()[1]
+
+
+def release_ports() -> None:
+    """Give back every port reserve_port() handed out (servers that bound one keep it)."""
+    while _reserved:
+        _reserved.pop().close()
 
 
 class IssuerThread:
@@ -219,7 +243,7 @@ class TcpGate:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port()
+        self.port = reserve_port()  # refuse() closes the listener; forward() binds it again
         self.url = f"http://127.0.0.1:{self.port}"
         self.mode = "forward"
         self.connections = 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import HEADERS, BrokerProcess, IssuerThread, free_port, wait_for, write_config
+from helpers import HEADERS, BrokerProcess, IssuerThread, reserve_port, wait_for, write_config
 
 #: What Grafana substitutes at query time, and what stands in for it here.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$credential": ".*"}
@@ -123,7 +123,7 @@ def broker_scrape(tmp_path: Path) -> Iterator[Scrape]:
         secret_file.chmod(0o600)
         issuer.issuer.add_client("adobe-client", "first-secret")
         issuer.issuer.add_console("adobe-client", "1000001", "cred-1")
-        port = free_port()
+        port = reserve_port()
         url = f"http://127.0.0.1:{port}"
         config = write_config(
             tmp_path / "config.toml",

@@ -318,9 +318,9 @@ async def test_tokens_in_rfc_6750s_alphabet_are_accepted(token):
 
 
 async def test_a_refused_connection_is_named():
-    from helpers import free_port
+    from helpers import reserve_port
 
-    cred = ADOBE.model_copy(update={"ims_url": f"http://127.0.0.1:{free_port()}"})
+    cred = ADOBE.model_copy(update={"ims_url": f"http://127.0.0.1:{reserve_port()}"})
     async with httpx.AsyncClient() as client:
         with pytest.raises(IssuerError) as info:
             await fetch_token(client, token_request(cred, "sec"), now=NOW)

@@ -10,10 +10,9 @@ from broker.errors import ConfigError
 
 def test_tcp_listeners_disable_nagle(tmp_path):
     # Without TCP_NODELAY, keep-alive answers written in two pieces wait ~40 ms for an ACK.
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    number = port.getsockname()[1]
-    port.close()
+    from helpers import reserve_port
+
+    number = reserve_port()
     settings = config.parse({"server": {"listen": [f"127.0.0.1:{number}"]}})
     (sock,) = server.open_listeners(settings.server)
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import BrokerProcess, IssuerThread, free_port, new_secret, write_config
+from helpers import BrokerProcess, IssuerThread, new_secret, reserve_port, write_config
 
 
 @dataclass
@@ -54,7 +54,7 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         target = other_issuer or issuer
         if register:
             target.issuer.add_client("broker-client", secret)
-        port = free_port()
+        port = reserve_port()
         url = issuer_url or target.url
         if provider == "adobe":
             where = f'ims_url = "{url}"\norg_id = "ABC@AdobeOrg"'

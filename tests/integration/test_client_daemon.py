@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from helpers import HEADERS, free_port
+from helpers import HEADERS, reserve_port
 from standin import StandInApi
 from ust import Umapi
 
@@ -299,7 +299,7 @@ def no_secret(exc: BaseException, *secrets: str) -> None:
 
 
 def test_broker_down_is_unavailable_naming_the_url():
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{reserve_port()}"
     with pytest.raises(BrokerUnavailable) as info, TokenBroker(url) as client:
         client.token()
     assert url in str(info.value) and info.value.retry_after is None

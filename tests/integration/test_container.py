@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port
+from helpers import HEADERS, reserve_port
 
 from broker import config
 from broker.cli import main
@@ -63,7 +63,7 @@ def test_read_only_root_no_capabilities_and_prompt_sigterm(issuer):
         secret.write_text("ro-secret\n")
         secret.chmod(0o400)
         issuer.issuer.add_client("ro", "ro-secret")
-        port = free_port()
+        port = reserve_port()
         cfg = work / "config.toml"
         cfg.write_text(
             f'[server]\nlisten = ["127.0.0.1:{port}"]\n[credentials.ro]\nprovider = "oauth2"\n'
@@ -115,5 +115,5 @@ def test_health_command(start_broker, tmp_path):
     assert main(["health", "--config", str(b.proc.config)]) == 0
     assert main(["health", "--ready", "--config", str(b.proc.config)]) == 0
     cfg = tmp_path / "nothing.toml"
-    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n')
+    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{reserve_port()}"]\n')
     assert main(["health", "--config", str(cfg)]) == 1

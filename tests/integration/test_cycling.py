@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, BrokerProcess, IssuerThread, free_port, new_secret, wait_for
+from helpers import HEADERS, BrokerProcess, IssuerThread, new_secret, reserve_port, wait_for
 from standin import StandInApi
 
 from broker.access import new_key
@@ -50,8 +50,8 @@ class Broker:
     every: str = "3s"  # "": no rotate_every
     verify: str = "20s"
     ims: bool = True  # an IMS-compatible listener (its local CA lives in the state directory)
-    port: int = field(default_factory=free_port)
-    ims_port: int = field(default_factory=free_port)
+    port: int = field(default_factory=reserve_port)
+    ims_port: int = field(default_factory=reserve_port)
     key: str = field(default_factory=new_key)
     proc: BrokerProcess | None = None
     logs: list[str] = field(default_factory=list)
@@ -492,7 +492,7 @@ rotate_every = "30d"
 
 @pytest.mark.xdist_group("port-8765")
 def test_the_demo_cycles_while_curl_keeps_getting_tokens(tmp_path):
-    port = free_port()
+    port = reserve_port()
     out = open(tmp_path / "demo.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "demo", "--rotate-every", "5s", "--lifetime", "60",

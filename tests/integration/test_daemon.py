@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, BrokerProcess, IssuerThread, free_port, wait_for, write_config
+from helpers import HEADERS, BrokerProcess, IssuerThread, reserve_port, wait_for, write_config
 
 from broker.cli import main
 
@@ -366,7 +366,9 @@ def test_cli_token_and_list_ask_the_running_daemon(issuer, start_broker, capsys)
 
 
 def test_cli_reports_a_daemon_that_is_not_running(tmp_path, capsys):
-    config = write_config(tmp_path / "c.toml", f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n')
+    config = write_config(
+        tmp_path / "c.toml", f'[server]\nlisten = ["127.0.0.1:{reserve_port()}"]\n'
+    )
     assert main(["token", "--config", str(config)]) == 1
     assert "cannot reach the token broker at http://127.0.0.1:" in capsys.readouterr().err
 

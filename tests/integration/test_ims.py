@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port, wait_for
+from helpers import HEADERS, reserve_port, wait_for
 from standin import StandInApi
 from ust import Umapi
 
@@ -64,7 +64,7 @@ def start_ims(start_broker, tmp_path: Path, *, extra_server: str = "", **kw) -> 
 
     key = new_key()
     digest = hashlib.sha256(key.encode()).hexdigest()
-    port = free_port()
+    port = reserve_port()
     state = tmp_path / "state"
     env = {**os.environ, "XDG_STATE_HOME": str(state)}
     broker = start_broker(
@@ -302,7 +302,7 @@ def test_the_user_sync_tool_section_followed_as_written(issuer, tmp_path):
     home.mkdir()
     env = user_env(home)
     ust_dir = tmp_path / "user-sync"
-    port, ims_port = free_port(), free_port()
+    port, ims_port = reserve_port(), reserve_port()
     secret = new_secret()
     issuer.issuer.add_client(CLIENT_ID, secret)
     project = project_json(home / "project.json", secret)
@@ -464,8 +464,8 @@ def test_serve_refuses_a_planted_ca_without_the_loopback_constraints(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f"""
 [server]
-listen = ["127.0.0.1:{free_port()}"]
-ims_listen = ["127.0.0.1:{free_port()}"]
+listen = ["127.0.0.1:{reserve_port()}"]
+ims_listen = ["127.0.0.1:{reserve_port()}"]
 [credentials.main]
 provider = "adobe"
 client_id = "broker-client"

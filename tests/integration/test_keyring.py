@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, BrokerProcess, free_port, new_secret, wait_for, write_config
+from helpers import HEADERS, BrokerProcess, new_secret, reserve_port, wait_for, write_config
 
 from broker.cli import main
 
@@ -42,7 +42,7 @@ force_cooldown = "0s"
 
 
 def test_add_serve_rotate_under_load_remove(issuer, keyring_env, tmp_path, monkeypatch, capsys):
-    port = free_port()
+    port = reserve_port()
     cfg = broker_config(tmp_path, port)
     old = new_secret()
     issuer.issuer.add_client("cid", old)
@@ -395,7 +395,7 @@ def test_no_secret_service_on_the_bus(tmp_path):
 
 def daemon_failure(issuer, session, tmp_path: Path, name: str) -> str:
     """Serve one keyring credential ``name``; return its last_error once it has failed."""
-    port = free_port()
+    port = reserve_port()
     cfg = broker_config(
         tmp_path,
         port,
@@ -450,7 +450,7 @@ secretstorage.get_default_collection(conn).lock()
 def test_doctor_checklist(issuer, keyring_env, tmp_path, monkeypatch, capsys):
     secret = new_secret()
     issuer.issuer.add_client("doc", secret)
-    port = free_port()
+    port = reserve_port()
     secret_file = tmp_path / "partner.secret"
     secret_file.write_text(secret)
     secret_file.chmod(0o644)  # too open: doctor must say so

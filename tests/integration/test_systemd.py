@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port
+from helpers import HEADERS, reserve_port
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -149,14 +149,14 @@ def test_socket_activation_uses_the_passed_sockets(issuer, tmp_path):
     secret = tmp_path / "s"
     secret.write_text("sa-secret")
     issuer.issuer.add_client("c", "sa-secret")
-    unused = free_port()  # the config's own address: must stay unbound
+    unused = reserve_port()  # the config's own address: must stay unbound
     config = tmp_path / "c.toml"
     config.write_text(
         f'[server]\nlisten = ["127.0.0.1:{unused}"]\n'
         f'[credentials.sa]\nprovider = "oauth2"\nclient_id = "c"\n'
         f'token_url = "{issuer.url}/oauth2/token"\nsecret = "file:{secret}"\n'
     )
-    port = free_port()
+    port = reserve_port()
     sock_path = tmp_path / "sa.sock"
     log = open(tmp_path / "sa.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -192,7 +192,7 @@ def test_socket_activation_refuses_a_non_loopback_socket(tmp_path):
         '[credentials.a]\nprovider = "oauth2"\nclient_id = "a"\n'
         'token_url = "http://127.0.0.1:9/t"\nsecret = "env:HOME"\n'
     )
-    port = free_port()
+    port = reserve_port()
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"0.0.0.0:{port}",
          sys.executable, "-m", "broker", "serve", "--config", str(config)],
