@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from helpers import HEADERS, reserve_port
+from helpers import HEADERS, ServerThread, reserve_port
 from standin import StandInApi
 from ust import Umapi
 
@@ -201,16 +201,13 @@ class Site:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host, 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://{host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        server = ThreadingHTTPServer((host, 0), Handler)
+        server.daemon_threads = True
+        self.url = f"http://{host}:{server.server_address[1]}"
+        self._serving = ServerThread(server).start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._serving.stop()
 
 
 @pytest.fixture
