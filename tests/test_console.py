@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FakeScheduler
+from helpers import FakeScheduler, wait_for
 from issuer import TestIssuer
 
 from broker import config
@@ -500,11 +500,13 @@ async def test_a_delete_that_does_not_take_keeps_the_cycle_open(world, monkeypat
 
 async def test_a_credential_removed_while_its_cycle_runs_is_no_error(world):
     manager, cycler, sched = await world.daemon(rotate_every="1d")
-    world.issuer.delay = 0.05  # every Console call waits: the cycle is caught mid-way
+    world.issuer.hold = {"POST"}  # the cycle is caught mid-way: its new secret is asked for
     running = asyncio.create_task(cycler.rotate("adobe"))
-    await asyncio.sleep(0.01)
+    await asyncio.to_thread(wait_for, lambda: world.issuer.held == ["POST"])
     assert cycler.status["adobe"].running
     cycler.status.clear()  # what start() after a reload without it does, mid-cycle
+    world.issuer.hold.clear()
+    world.issuer.release()
     result = await running
     assert result.outcome == "success"
     await manager.close()
@@ -569,10 +571,18 @@ async def test_a_cycle_asked_for_during_the_survey_waits_for_it(world):
     """`rotate --auto` right after the daemon started meets the survey of step 1: it
     waits for it, it is not refused as busy (CI saw that race once)."""
     manager, cycler, sched = await world.daemon(rotate_every="1d")
-    world.issuer.delay = 0.05
+    world.issuer.hold = {f"TOKEN:{world.original.uuid}"}  # the survey's management token
     survey = asyncio.create_task(sched.run("cycle:adobe"))
-    await asyncio.sleep(0.01)  # the survey holds the state file's lock now
-    result = await cycler.rotate("adobe")
+    await asyncio.to_thread(wait_for, lambda: world.issuer.held)
+    # The survey holds the state file's lock now, until its token is released.
+    world.issuer.hold.clear()
+    rotating = asyncio.create_task(cycler.rotate("adobe"))
+    await asyncio.to_thread(
+        wait_for, lambda: cycler.status["adobe"].running or rotating.done(), what="the cycle"
+    )
+    assert not survey.done()  # the cycle asked for meets the survey still running
+    world.issuer.release()
+    result = await rotating
     await survey
     assert result.outcome == "success"
     world.check_done()
