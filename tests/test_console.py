@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FakeScheduler, wait_for
+from helpers import FakeClock, FakeScheduler, wait_for
 from issuer import TestIssuer
 
 from broker import config
@@ -34,17 +34,6 @@ CRED_ID = "88301"
 URL = "https://issuer.test"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class Crash(BaseException):
     """kill -9 at a step boundary: nothing after it runs, not even except/finally cleanups
     of the cycle (a BaseException passes `except CycleError` and `except Exception`)."""
@@ -54,7 +43,7 @@ class World:
     """The issuer, the secret file and the state directory of one credential."""
 
     def __init__(self, tmp_path: Path, **keys: object) -> None:
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.issuer = TestIssuer(clock=self.clock)
         self.original = self.issuer.add_client(CLIENT, "the-original-secret-value")
         self.issuer.add_console(CLIENT, ORG, CRED_ID)
