@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from helpers import BrokerProcess, IssuerThread, new_secret, wait_for, write_config
+from helpers import BrokerProcess, IssuerThread, config_file, new_secret, wait_for
 from standin import StandInApi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,26 +238,25 @@ def sandbox() -> Iterator[Sandbox]:
             (secrets_dir / f"{name}.secret").chmod(0o600)
         port = reserve_port()
         sock = tmp / "broker.sock"
-        config = write_config(
+        config = config_file(
             secrets_dir / "config.toml",
-            f"""[server]
-listen = ["127.0.0.1:{port}", "unix:{sock}"]
-default = "adobe"
-
-[credentials.adobe]
-provider = "adobe"
-client_id = "{CLIENT_ID}"
-org_id = "{ORG}"
-scopes = ["openid", "AdobeID", "user_management_sdk"]
-ims_url = "{issuer.url}"
-secret = "file:{secrets_dir}/adobe.secret"
-
-[credentials.partner]
-provider = "oauth2"
-client_id = "broker"
-token_url = "{issuer.url}/oauth2/token"
-secret = "file:{secrets_dir}/partner.secret"
-""",
+            {
+                "adobe": {
+                    "provider": "adobe",
+                    "client_id": CLIENT_ID,
+                    "org_id": ORG,
+                    "scopes": ["openid", "AdobeID", "user_management_sdk"],
+                    "ims_url": issuer.url,
+                    "secret": f"file:{secrets_dir}/adobe.secret",
+                },
+                "partner": {
+                    "provider": "oauth2",
+                    "client_id": "broker",
+                    "token_url": f"{issuer.url}/oauth2/token",
+                    "secret": f"file:{secrets_dir}/partner.secret",
+                },
+            },
+            server={"listen": [f"127.0.0.1:{port}", f"unix:{sock}"], "default": "adobe"},
         )
         env = user_env(home)
         broker = BrokerProcess(config, env={"XDG_STATE_HOME": env["XDG_STATE_HOME"]})

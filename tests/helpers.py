@@ -20,13 +20,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import tomlkit
 from issuer import TestIssuer, server_for
 
+from broker import config
 from broker.demo import loopback_socket
 
 HEADERS = {"X-Token-Broker": "1"}
@@ -138,6 +142,34 @@ class ServerThread:
         self._thread.join(5)
 
 
+class Repeated:
+    """``ask()`` again and again from a thread while the ``with`` block runs: a client
+    under load. ``served`` counts the answers; ``failures`` keeps what ``ask`` returned
+    when it was not None (what went wrong)."""
+
+    def __init__(self, ask: Callable[[], object]) -> None:
+        self.ask = ask
+        self.served = 0
+        self.failures: list[object] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            problem = self.ask()
+            self.served += 1
+            if problem is not None:
+                self.failures.append(problem)
+
+    def __enter__(self) -> Repeated:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _accepts(path: str) -> bool:
     with socket.socket(socket.AF_UNIX) as probe:
         try:
@@ -200,9 +232,57 @@ class BrokerProcess:
 
 
 def write_config(path: Path, body: str) -> Path:
+    """Write ``body`` as it is: for a test whose subject is the text (comments, bad TOML)."""
     path.write_text(body)
     path.chmod(0o600)
     return path
+
+
+def config_doc(
+    credentials: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    toml: str = "",
+    **sections: Any,
+) -> dict[str, Any]:
+    """A config as the file holds it, from keyword arguments: one way for every test.
+
+    ``credentials`` by name, any other section by its name (``server={...}``,
+    ``refresh={...}``, ``clients={...}``, ``outputs=[...]``; None leaves it out), then
+    ``toml``: TOML text merged over the rest, table by table, for tests that keep a
+    fragment as text.
+    """
+    doc: dict[str, Any] = {k: v for k, v in sections.items() if v is not None}
+    if credentials is not None:
+        doc["credentials"] = {name: dict(table) for name, table in credentials.items()}
+    return _merged(doc, tomllib.loads(toml)) if toml else doc
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def settings(
+    credentials: Mapping[str, Mapping[str, Any]] | None = None, *, toml: str = "", **sections: Any
+) -> config.Settings:
+    """:func:`config_doc` parsed, as the daemon would parse that file."""
+    return config.parse(config_doc(credentials, toml=toml, **sections))
+
+
+def config_file(
+    path: Path,
+    credentials: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    toml: str = "",
+    **sections: Any,
+) -> Path:
+    """:func:`config_doc` written to ``path`` as TOML, readable by its owner only."""
+    return write_config(path, tomlkit.dumps(config_doc(credentials, toml=toml, **sections)))
 
 
 def new_secret() -> str:

@@ -49,12 +49,13 @@ class StandInApi:
         self.seen: list[Seen] = []
         self.barrier: threading.Barrier | None = None  # holds every 401 until all have one
         self._lock = threading.Lock()
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        server.daemon_threads = True
-        self.port = server.server_address[1]
+        # Public: a test may wrap its socket in TLS before start().
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.endpoint = self.url + PREFIX
-        self._serving = ServerThread(server)
+        self._serving = ServerThread(self.server)
 
     def start(self) -> StandInApi:
         self._serving.start()

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FakeClock, FakeScheduler, wait_for
+from helpers import FakeClock, FakeScheduler, config_file, settings, wait_for
 from issuer import TestIssuer
 
-from broker import config
 from broker.console import MANAGEMENT_SCOPES, Cycle, Cycler, StateFile
 from broker.errors import ConfigError, CycleError
 from broker.logs import Redactor
@@ -51,19 +50,8 @@ class World:
         self.secret_file.write_text("the-original-secret-value\n")
         self.secret_file.chmod(0o600)
         self.state_dir = tmp_path / "state"
-        table = {
-            "provider": "adobe",
-            "client_id": CLIENT,
-            "scopes": ["openid", "AdobeID"],
-            "secret": f"file:{self.secret_file}",
-            "ims_url": URL,
-            "console_url": URL,
-            "credential_id": CRED_ID,
-            "console_org_id": ORG,
-            "rotate_verify": "20s",
-            **keys,
-        }
-        self.cred = config.parse({"credentials": {"adobe": table}}).credentials["adobe"]
+        table = {**_table(self), "rotate_verify": "20s", **keys}
+        self.cred = settings({"adobe": table}).credentials["adobe"]
         self.redactor = Redactor()
         self.switched: list[tuple[str, object]] = []
 
@@ -115,10 +103,10 @@ class World:
     ) -> tuple[Manager, Cycler, FakeScheduler]:
         """The daemon's manager and cycler for this credential, started, jobs in the test's
         hand (a FakeScheduler); ``keys`` are added to the credential's table."""
-        settings = config.parse({"credentials": {"adobe": {**_table(self), **keys}}})
+        parsed = settings({"adobe": {**_table(self), **keys}})
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.issuer))
         sched = FakeScheduler()
-        manager = Manager(settings, client=client, clock=self.clock, scheduler=sched,
+        manager = Manager(parsed, client=client, clock=self.clock, scheduler=sched,
                           rand=lambda: rand)  # fmt: skip
         cycler = Cycler(manager, self.state_dir, clock=self.clock, rand=lambda: rand,
                         sleep=self.clock.sleep)  # fmt: skip
@@ -526,11 +514,8 @@ def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
     from broker.errors import SecretError
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        '[credentials.adobe]\nprovider = "adobe"\nclient_id = "c"\n'
-        f'credential_id = "{CRED_ID}"\nconsole_org_id = "{ORG}"\n'
-    )
+    adobe = {"provider": "adobe", "client_id": "c", "credential_id": CRED_ID, "console_org_id": ORG}
+    cfg = config_file(tmp_path / "config.toml", {"adobe": adobe})
     state = StateFile(tmp_path / "xdg" / "token-broker", "adobe")
     from broker.console import CycleState
 
@@ -550,10 +535,10 @@ def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
 def test_the_management_token_travels_over_https_only(url, ok):
     table = {"provider": "adobe", "client_id": "c", "console_url": url}
     if ok:
-        config.parse({"credentials": {"a": table}})
+        settings({"a": table})
     else:
         with pytest.raises(ConfigError, match="console_url: expected an https:// URL"):
-            config.parse({"credentials": {"a": table}})
+            settings({"a": table})
 
 
 async def test_a_cycle_asked_for_during_the_survey_waits_for_it(world):

@@ -18,12 +18,12 @@ import asyncio
 import logging
 import random
 
+import helpers
 import httpx
 import pytest
 from helpers import HEADERS, FakeClock, FakeScheduler, Fault
 from issuer import TestIssuer
 
-from broker import config
 from broker.api import create_app
 from broker.manager import Manager
 
@@ -99,19 +99,9 @@ class World:
         self.gate = Gate(self.issuer)
         secret = tmp_path / "secret"
         secret.write_text("s3cret-value")
-        settings = config.parse(
-            {
-                "refresh": POLICY,
-                "credentials": {
-                    "main": {
-                        "provider": "oauth2",
-                        "client_id": "c",
-                        "token_url": "http://issuer.test/oauth2/token",
-                        "secret": f"file:{secret}",
-                    }
-                },
-            }
-        )
+        main = {"provider": "oauth2", "client_id": "c", "secret": f"file:{secret}",
+                "token_url": "http://issuer.test/oauth2/token"}  # fmt: skip
+        settings = helpers.settings({"main": main}, refresh=POLICY)
         self.scheduler = FakeScheduler()
         self.manager = Manager(
             settings,

@@ -6,31 +6,29 @@ from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from helpers import settings
 
-from broker import config
 from broker.errors import IssuerError
 from broker.providers import fetch_token, token_request
 from broker.providers.base import MAX_LIFETIME, parse_retry_after
 from broker.providers.oauth2 import basic_auth
 
 NOW = 1_800_000_000.0
-ADOBE, OAUTH2 = config.parse(
+ADOBE, OAUTH2 = settings(
     {
-        "credentials": {
-            "adobe": {
-                "provider": "adobe",
-                "client_id": "cid",
-                "scopes": ["openid", "AdobeID"],
-                "ims_url": "https://ims.test",
-            },
-            "p": {
-                "provider": "oauth2",
-                "client_id": "broker",
-                "scopes": ["api.read", "api.write"],
-                "token_url": "https://login.test/oauth2/token",
-                "params": {"audience": "https://api.test"},
-            },
-        }
+        "adobe": {
+            "provider": "adobe",
+            "client_id": "cid",
+            "scopes": ["openid", "AdobeID"],
+            "ims_url": "https://ims.test",
+        },
+        "p": {
+            "provider": "oauth2",
+            "client_id": "broker",
+            "scopes": ["api.read", "api.write"],
+            "token_url": "https://login.test/oauth2/token",
+            "params": {"audience": "https://api.test"},
+        },
     }
 ).credentials.values()
 

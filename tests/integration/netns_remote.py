@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import httpx
-from helpers import make_ca_and_leaf, reserve_port, write_config
+from helpers import config_file, make_ca_and_leaf, reserve_port
 
 from broker.access import key_digest, new_key
 
@@ -75,9 +75,7 @@ def test_a_remote_peer_without_a_key_learns_no_name_and_no_path(start_broker, is
 
 
 def test_without_allow_remote_a_remote_listen_is_refused(tmp_path):
-    cfg = write_config(
-        tmp_path / "c.toml", f'[server]\nlisten = ["{REMOTE}:{reserve_port(REMOTE)}"]\n'
-    )
+    cfg = config_file(tmp_path / "c.toml", server={"listen": [f"{REMOTE}:{reserve_port(REMOTE)}"]})
     done = subprocess.run(
         [sys.executable, "-m", "broker", "serve", "--config", str(cfg)],
         capture_output=True,

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, BrokerProcess, IssuerThread, reserve_port, wait_for, write_config
+from helpers import (
+    HEADERS,
+    BrokerProcess,
+    IssuerThread,
+    config_file,
+    reserve_port,
+    wait_for,
+    write_config,
+)
 
 from broker.cli import main
 
@@ -332,20 +340,12 @@ def test_unix_socket_listener_mode_group_and_no_host_check(issuer, tmp_path):
     import grp
 
     group = grp.getgrgid(os.getgid() if os.getgid() != 0 else 1).gr_name
-    config = write_config(
+    config = config_file(
         tmp_path / "c.toml",
-        f"""
-[server]
-listen = ["unix:{sock}"]
-socket_mode = "0600"
-socket_group = "{group}"
-[credentials.u]
-provider = "oauth2"
-client_id = "c"
-token_url = "{issuer.url}/oauth2/token"
-secret = "file:{secret}"
-""",
-    )
+        {"u": {"provider": "oauth2", "client_id": "c", "secret": f"file:{secret}",
+               "token_url": f"{issuer.url}/oauth2/token"}},
+        server={"listen": [f"unix:{sock}"], "socket_mode": "0600", "socket_group": group},
+    )  # fmt: skip
     proc = BrokerProcess(config)
     try:
         proc.wait_healthy("http://localhost", uds=str(sock))
@@ -381,9 +381,8 @@ def test_cli_token_and_list_ask_the_running_daemon(issuer, start_broker, capsys)
 
 
 def test_cli_reports_a_daemon_that_is_not_running(tmp_path, capsys):
-    config = write_config(
-        tmp_path / "c.toml", f'[server]\nlisten = ["127.0.0.1:{reserve_port()}"]\n'
-    )
+    nobody = f"127.0.0.1:{reserve_port()}"  # reserved: nobody listens there
+    config = config_file(tmp_path / "c.toml", server={"listen": [nobody]})
     assert main(["token", "--config", str(config)]) == 1
     assert "cannot reach the token broker at http://127.0.0.1:" in capsys.readouterr().err
 
@@ -399,7 +398,7 @@ def serve_and_fail(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_non_loopback_listen_is_refused_at_start(tmp_path):
-    config = write_config(tmp_path / "c.toml", '[server]\nlisten = ["0.0.0.0:8765"]\n')
+    config = config_file(tmp_path / "c.toml", server={"listen": ["0.0.0.0:8765"]})
     r = serve_and_fail(config)
     assert r.returncode == 1
     assert "loopback is required" in r.stderr

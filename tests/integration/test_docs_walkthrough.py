@@ -35,7 +35,7 @@ from doctext import (
     user_env,
     users_config,
 )
-from helpers import HEADERS, new_secret, wait_for
+from helpers import HEADERS, config_file, new_secret, wait_for
 
 from broker.config import SYSTEM_CONFIG
 
@@ -250,7 +250,7 @@ def test_automated_cycling_steps(issuer, own_secret_service, home):
     env = {**user_env(home), **_keyring(own_secret_service)}
     port = reserve_port()
     config = users_config(home)
-    config.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    config_file(config, server={"listen": [f"127.0.0.1:{port}"]})
     lines = commands(block("cycling"))
     assert lines[0].startswith("token-broker import project.json")
     out = _walk(lines[0], env, home, issuer.url)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, reserve_port
+from helpers import HEADERS, config_file, reserve_port
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -150,11 +150,10 @@ def test_socket_activation_uses_the_passed_sockets(issuer, tmp_path):
     secret.write_text("sa-secret")
     issuer.issuer.add_client("c", "sa-secret")
     unused = reserve_port()  # the config's own address: must stay unbound
-    config = tmp_path / "c.toml"
-    config.write_text(
-        f'[server]\nlisten = ["127.0.0.1:{unused}"]\n'
-        f'[credentials.sa]\nprovider = "oauth2"\nclient_id = "c"\n'
-        f'token_url = "{issuer.url}/oauth2/token"\nsecret = "file:{secret}"\n'
+    sa = {"provider": "oauth2", "client_id": "c", "token_url": f"{issuer.url}/oauth2/token",
+          "secret": f"file:{secret}"}  # fmt: skip
+    config = config_file(
+        tmp_path / "c.toml", {"sa": sa}, server={"listen": [f"127.0.0.1:{unused}"]}
     )
     port = reserve_port()
     sock_path = tmp_path / "sa.sock"
@@ -187,11 +186,9 @@ def test_socket_activation_uses_the_passed_sockets(issuer, tmp_path):
 
 def test_socket_activation_refuses_a_non_loopback_socket(tmp_path):
     need("systemd-socket-activate")
-    config = tmp_path / "c.toml"
-    config.write_text(
-        '[credentials.a]\nprovider = "oauth2"\nclient_id = "a"\n'
-        'token_url = "http://127.0.0.1:9/t"\nsecret = "env:HOME"\n'
-    )
+    a = {"provider": "oauth2", "client_id": "a", "token_url": "http://127.0.0.1:9/t",
+         "secret": "env:HOME"}  # fmt: skip
+    config = config_file(tmp_path / "c.toml", {"a": a})
     port = reserve_port()
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"0.0.0.0:{port}",
