@@ -26,7 +26,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,7 @@ class DemoIssuer:
     ) -> None:
         """One call to the I/O Management API's client-secrets endpoints."""
         method = scope["method"]
+        body: Mapping[str, object] | bytes | None
         try:
             status, body = await self._console_answer(
                 method, lower_headers(scope), org, cred, secret_uuid
@@ -187,7 +188,7 @@ class DemoIssuer:
 
     async def _console_answer(
         self, method: str, headers: dict[str, str], org: str, cred: str, secret_uuid: str | None
-    ) -> tuple[int, dict[str, object] | bytes | None]:
+    ) -> tuple[int, Mapping[str, object] | bytes | None]:
         """(status, body) for a console call; refusals raise ConsoleError."""
         client_id = self._console_client(method, headers, org, cred)
         if method == "GET":
@@ -250,7 +251,7 @@ class DemoIssuer:
 async def reply(
     send: Any,
     status: int,
-    body: dict[str, object] | bytes,
+    body: Mapping[str, object] | bytes,
     *,
     content_type: bytes = b"application/json",
     extra: list[tuple[bytes, bytes]] | None = None,
@@ -294,7 +295,7 @@ def _entry(secret: DemoSecret) -> dict[str, object]:
 async def console_reply(
     send: Any,
     status: int,
-    body: dict[str, object] | bytes | None,
+    body: Mapping[str, object] | bytes | None,
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """A console answer: always an ``x-request-id``, JSON content type when there is a body."""
