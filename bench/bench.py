@@ -30,7 +30,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import IssuerThread, free_port  # noqa: E402
+from helpers import IssuerThread, reserve_port  # noqa: E402
 
 SERVER_CORE = "0"
 LOAD_CORE = "1"
@@ -196,7 +196,7 @@ def herd(port: int, path: str, n: int) -> list[bytes]:
 
 def throughput(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
     issuer = start_issuer()
-    bport, tport = free_port(), free_port()
+    bport, tport = reserve_port(), reserve_port()
     config = write_config(tmp, issuer, tport, ["adobe"], "bench-secret-1")
     baseline = start_baseline(bport)
     broker, _ = start_broker(config, tport)
@@ -244,7 +244,7 @@ def ims(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -
     import hashlib
 
     issuer = start_issuer()
-    plain_port, port, ims_port = free_port(), free_port(), free_port()
+    plain_port, port, ims_port = reserve_port(), reserve_port(), reserve_port()
     plain = write_config(tmp, issuer, plain_port, ["adobe"], "bench-secret-1")
     key = "tbk_" + "b" * 43
     config = tmp / "config-ims.toml"
@@ -344,7 +344,7 @@ def _pair(
     started = []
     key = "tbk_" + "b" * 43
     for python in (against, sys.executable):
-        port, ims_port = free_port(), free_port()
+        port, ims_port = reserve_port(), reserve_port()
         config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-ab")
         own = config.rename(tmp / f"config-{name}-{len(started)}.toml")
         if ims:
@@ -416,7 +416,7 @@ def callgrind(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, st
                      "-"))  # fmt: skip
         return
     issuer = start_issuer()
-    port = free_port()
+    port = reserve_port()
     config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-cg")
     out = tmp / "callgrind.out"
     proc = subprocess.Popen(
@@ -471,7 +471,7 @@ def keyring_rss(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, 
              "username", "adobe"],
             input=b"bench-secret-kr", env={**os.environ, **session.env}, check=True,
         )  # fmt: skip
-        port = free_port()
+        port = reserve_port()
         config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-kr", ref="keyring")
         broker, _ = start_broker(config, port, env=session.env)
         try:
@@ -490,7 +490,7 @@ def herds(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]])
     for n in (1, 1000):
         issuer = start_issuer()
         issuer.issuer.delay = 1.0  # cold: the eager fetch is still in flight
-        port = free_port()
+        port = reserve_port()
         config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-2")
         broker, _ = start_broker(config, port)
         try:
@@ -507,7 +507,7 @@ def herds(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]])
     # Over several refresh periods under load: one call per period.
     lifetime = 6.0
     issuer = start_issuer(lifetime=lifetime)
-    port = free_port()
+    port = reserve_port()
     config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-3")
     broker, _ = start_broker(config, port)
     try:
@@ -528,7 +528,7 @@ def startup(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]
     issuer = start_issuer()
     times = []
     for _ in range(5):
-        port = free_port()
+        port = reserve_port()
         config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-4")
         broker, took = start_broker(config, port)
         times.append(took)
@@ -540,7 +540,7 @@ def startup(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]
 
 def idle(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) -> None:
     issuer = start_issuer()
-    port = free_port()
+    port = reserve_port()
     config = write_config(tmp, issuer, port, [f"c{i}" for i in range(10)], "bench-secret-5")
     broker, _ = start_broker(config, port)
     try:
@@ -566,7 +566,7 @@ def many(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, str]]) 
     try:
         for count in (1, 1000):
             issuer = start_issuer()
-            port = free_port()
+            port = reserve_port()
             names = [f"cred{i:04d}" for i in range(count)]
             config = write_config(tmp, issuer, port, names, "bench-secret-6")
             broker, _ = start_broker(config, port)
@@ -624,7 +624,7 @@ def client_cache(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str,
                 self.calls += 1
 
     issuer = start_issuer()
-    aport, tport = free_port(), free_port()
+    aport, tport = reserve_port(), reserve_port()
     config = write_config(tmp, issuer, tport, ["adobe"], "bench-secret-7")
     api = start_baseline(aport)
     broker, _ = start_broker(config, tport)

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import (  # noqa: E402
-    free_port,
+    reserve_port,
     rss_mb,
     start_broker,
     start_issuer,
@@ -41,7 +41,7 @@ REFRESH = '\n[refresh]\nretry_initial = "0.5s"\nretry_max = "2s"\n'
 
 def soak(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str]]) -> None:
     issuer = start_issuer(lifetime=30.0)
-    port = free_port()
+    port = reserve_port()
     config = write_config(tmp, issuer, port, ["adobe"], "soak-secret")
     config.write_text(config.read_text() + REFRESH)
     broker, _ = start_broker(config, port)
@@ -97,7 +97,7 @@ def soak(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str]]) -> No
 def restart_after_kill(tmp: Path, rows: list[tuple[str, str]]) -> None:
     issuer = start_issuer()
     issuer.issuer.delay = 0.5  # one issuer round trip
-    port = free_port()
+    port = reserve_port()
     config = write_config(tmp, issuer, port, ["adobe"], "kill-secret")
     broker = subprocess.Popen([sys.executable, "-m", "broker", "serve", "--config", str(config)],
                               stderr=subprocess.DEVNULL)  # fmt: skip
@@ -121,7 +121,7 @@ def restart_after_kill(tmp: Path, rows: list[tuple[str, str]]) -> None:
 def sigterm_in_flight(tmp: Path, rows: list[tuple[str, str]]) -> None:
     issuer = start_issuer()
     issuer.issuer.delay = 0.5
-    port = free_port()
+    port = reserve_port()
     config = write_config(tmp, issuer, port, ["adobe"], "term-secret")
     broker, _ = start_broker(config, port)
     result: list[int] = []

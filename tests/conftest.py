@@ -9,9 +9,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import IssuerThread  # noqa: E402
+from helpers import IssuerThread, release_ports  # noqa: E402
 from openbao import DevServer, RaftServer, bao_binary  # noqa: E402
 from secret_service import SecretServiceSession, missing_programs  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _reserved_ports() -> Iterator[None]:
+    """The ports a test reserved (helpers.reserve_port) are its own until it ends."""
+    yield
+    release_ports()
 
 
 @pytest.fixture

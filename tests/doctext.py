@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from helpers import BrokerProcess, IssuerThread, new_secret, wait_for, write_config
+from helpers import BrokerProcess, IssuerThread, config_file, new_secret, wait_for
 from standin import StandInApi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def user_env(home: Path) -> dict[str, str]:
 
 @contextmanager
 def sandbox() -> Iterator[Sandbox]:
-    from helpers import free_port
+    from helpers import reserve_port
 
     issuer = IssuerThread().start()
     api = StandInApi(lambda: issuer.issuer.issued, CLIENT_ID, ORG).start()
@@ -236,28 +236,27 @@ def sandbox() -> Iterator[Sandbox]:
         for name, value in (("adobe", adobe), ("partner", partner)):
             (secrets_dir / f"{name}.secret").write_text(value + "\n")
             (secrets_dir / f"{name}.secret").chmod(0o600)
-        port = free_port()
+        port = reserve_port()
         sock = tmp / "broker.sock"
-        config = write_config(
+        config = config_file(
             secrets_dir / "config.toml",
-            f"""[server]
-listen = ["127.0.0.1:{port}", "unix:{sock}"]
-default = "adobe"
-
-[credentials.adobe]
-provider = "adobe"
-client_id = "{CLIENT_ID}"
-org_id = "{ORG}"
-scopes = ["openid", "AdobeID", "user_management_sdk"]
-ims_url = "{issuer.url}"
-secret = "file:{secrets_dir}/adobe.secret"
-
-[credentials.partner]
-provider = "oauth2"
-client_id = "broker"
-token_url = "{issuer.url}/oauth2/token"
-secret = "file:{secrets_dir}/partner.secret"
-""",
+            {
+                "adobe": {
+                    "provider": "adobe",
+                    "client_id": CLIENT_ID,
+                    "org_id": ORG,
+                    "scopes": ["openid", "AdobeID", "user_management_sdk"],
+                    "ims_url": issuer.url,
+                    "secret": f"file:{secrets_dir}/adobe.secret",
+                },
+                "partner": {
+                    "provider": "oauth2",
+                    "client_id": "broker",
+                    "token_url": f"{issuer.url}/oauth2/token",
+                    "secret": f"file:{secrets_dir}/partner.secret",
+                },
+            },
+            server={"listen": [f"127.0.0.1:{port}", f"unix:{sock}"], "default": "adobe"},
         )
         env = user_env(home)
         broker = BrokerProcess(config, env={"XDG_STATE_HOME": env["XDG_STATE_HOME"]})

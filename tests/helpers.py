@@ -1,7 +1,8 @@
 """Shared test machinery: a real issuer on loopback, the broker as a process, fakes.
 
-The issuer is :class:`broker.demo.DemoIssuer` served by uvicorn in a thread on
-a loopback port; tests switch its ``mode`` and read what it received. The
+The issuer is :class:`issuer.TestIssuer` (the demo's issuer with the tests' knobs)
+served by uvicorn in a thread on a loopback port; tests switch its ``mode`` and
+read what it received. The
 broker runs as ``python -m broker serve`` with its stderr captured to a file,
 which every test searches for the secret and for whole tokens.
 """
@@ -14,17 +15,23 @@ import os
 import secrets
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import tomlkit
+from issuer import TestIssuer, server_for
 
-from broker.demo import DemoIssuer, issuer_server, loopback_socket
+from broker import config
+from broker.demo import loopback_socket
 
 HEADERS = {"X-Token-Broker": "1"}
 
@@ -45,14 +52,38 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):  # type
         time.sleep(0.02)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: The sockets that hold the ports of reserve_port(), until release_ports().
+_reserved: list[socket.socket] = []
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that stays ours until the test ends, for a server to bind.
+
+    The port is held by a socket bound with SO_REUSEADDR that never listens. Linux hands
+    such a port to no one else: not to bind(("", 0)), not to connect()'s choice of a local
+    port. A server told the number binds it beside the holder (its own listening socket
+    sets SO_REUSEADDR, as the broker's, uvicorn's and systemd's do), and binds it again
+    after a restart. A port that was bound, closed and handed over as a number could be
+    taken in between by any other test or connection (the race of ``-n 4``). Connecting
+    to a reserved port that no server listens on is refused: a port known to be down.
+    The conftest releases every reservation when the test ends.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind((host, 0))
+    _reserved.append(holder)
+    return holder.getsockname()[1]
+
+
+def release_ports() -> None:
+    """Give back every port reserve_port() handed out (servers that bound one keep it)."""
+    while _reserved:
+        _reserved.pop().close()
 
 
 class IssuerThread:
-    """A DemoIssuer on 127.0.0.1:<port>, served from a background thread."""
+    """A TestIssuer on 127.0.0.1:<port>, served from a background thread."""
 
     def __init__(
         self,
@@ -62,12 +93,12 @@ class IssuerThread:
         certfile: str | None = None,
         keyfile: str | None = None,
     ) -> None:
-        self.issuer = DemoIssuer(lifetime=lifetime, token_bytes=token_bytes)
+        self.issuer = TestIssuer(lifetime=lifetime, token_bytes=token_bytes)
         self._sock = loopback_socket()
         self.port = self._sock.getsockname()[1]
         scheme = "https" if certfile else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self._server = issuer_server(self.issuer, certfile=certfile, keyfile=keyfile)
+        self._server = server_for(self.issuer, certfile=certfile, keyfile=keyfile)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -86,6 +117,57 @@ class IssuerThread:
         self._server.request_exit()
         self._thread.join(timeout=5)
         self._sock.close()
+
+
+class ServerThread:
+    """A socketserver (http.server's servers included) served from a daemon thread.
+
+    serve_forever() notices shutdown() only when its select() times out: every 0.5 s by
+    default, paid at every stop. Here it looks every 10 ms.
+    """
+
+    def __init__(self, server: socketserver.BaseServer) -> None:
+        self.server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+
+class Repeated:
+    """``ask()`` again and again from a thread while the ``with`` block runs: a client
+    under load. ``served`` counts the answers; ``failures`` keeps what ``ask`` returned
+    when it was not None (what went wrong)."""
+
+    def __init__(self, ask: Callable[[], object]) -> None:
+        self.ask = ask
+        self.served = 0
+        self.failures: list[object] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            problem = self.ask()
+            self.served += 1
+            if problem is not None:
+                self.failures.append(problem)
+
+    def __enter__(self) -> Repeated:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _accepts(path: str) -> bool:
@@ -150,9 +232,57 @@ class BrokerProcess:
 
 
 def write_config(path: Path, body: str) -> Path:
+    """Write ``body`` as it is: for a test whose subject is the text (comments, bad TOML)."""
     path.write_text(body)
     path.chmod(0o600)
     return path
+
+
+def config_doc(
+    credentials: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    toml: str = "",
+    **sections: Any,
+) -> dict[str, Any]:
+    """A config as the file holds it, from keyword arguments: one way for every test.
+
+    ``credentials`` by name, any other section by its name (``server={...}``,
+    ``refresh={...}``, ``clients={...}``, ``outputs=[...]``; None leaves it out), then
+    ``toml``: TOML text merged over the rest, table by table, for tests that keep a
+    fragment as text.
+    """
+    doc: dict[str, Any] = {k: v for k, v in sections.items() if v is not None}
+    if credentials is not None:
+        doc["credentials"] = {name: dict(table) for name, table in credentials.items()}
+    return _merged(doc, tomllib.loads(toml)) if toml else doc
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def settings(
+    credentials: Mapping[str, Mapping[str, Any]] | None = None, *, toml: str = "", **sections: Any
+) -> config.Settings:
+    """:func:`config_doc` parsed, as the daemon would parse that file."""
+    return config.parse(config_doc(credentials, toml=toml, **sections))
+
+
+def config_file(
+    path: Path,
+    credentials: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    toml: str = "",
+    **sections: Any,
+) -> Path:
+    """:func:`config_doc` written to ``path`` as TOML, readable by its owner only."""
+    return write_config(path, tomlkit.dumps(config_doc(credentials, toml=toml, **sections)))
 
 
 def new_secret() -> str:
@@ -164,7 +294,7 @@ def new_secret() -> str:
 class Fault:
     """One issuer fault of the fault tests (in-process matrix and process cases)."""
 
-    mode: str  # DemoIssuer mode, or "gate:refuse" / "gate:garbage" / "gate:reset"
+    mode: str  # TestIssuer mode, or "gate:refuse" / "gate:garbage" / "gate:reset"
     error: str  # last_error.error the broker reports
     permanent: bool = False
     retry_after: int | None = None  # seconds the issuer asks for
@@ -172,11 +302,17 @@ class Fault:
 
 
 class FakeClock:
+    """The one fake clock of the tests: ``now`` is what it says until a test moves it."""
+
     def __init__(self, now: float = 1_800_000_000.0) -> None:
         self.now = now
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        """A sleep that takes no time: the clock moves on by ``seconds`` at once."""
+        self.now += seconds
 
 
 class FakeScheduler:
@@ -217,7 +353,7 @@ class TcpGate:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port()
+        self.port = reserve_port()  # refuse() closes the listener; forward() binds it again
         self.url = f"http://127.0.0.1:{self.port}"
         self.mode = "forward"
         self.connections = 0

@@ -8,7 +8,7 @@ may sit there too. So the code runs on an interpreter that user can start
 (the suite's own, else the system's ``python3``), tried as that user, and
 imports a copy of the ``broker`` package placed where that user can read it;
 the copy needs nothing beyond the standard library for the modules these
-tests import (``broker.secrets``, ``broker.errors``).
+tests import (``broker.stores``, ``broker.errors``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import HEADERS, BrokerProcess, IssuerThread, free_port, wait_for, write_config
+from helpers import HEADERS, BrokerProcess, IssuerThread, config_file, reserve_port, wait_for
 
 #: What Grafana substitutes at query time, and what stands in for it here.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$credential": ".*"}
@@ -123,31 +123,25 @@ def broker_scrape(tmp_path: Path) -> Iterator[Scrape]:
         secret_file.chmod(0o600)
         issuer.issuer.add_client("adobe-client", "first-secret")
         issuer.issuer.add_console("adobe-client", "1000001", "cred-1")
-        port = free_port()
+        port = reserve_port()
         url = f"http://127.0.0.1:{port}"
-        config = write_config(
+        adobe = {
+            "provider": "adobe",
+            "client_id": "adobe-client",
+            "ims_url": issuer.url,
+            "console_url": issuer.url,
+            "console_org_id": "1000001",
+            "credential_id": "cred-1",
+            "rotate_every": "5s",
+            "rotate_verify": "20s",
+            "secret": f"file:{secret_file}",
+        }
+        config = config_file(
             tmp_path / "config.toml",
-            f"""[server]
-listen = ["127.0.0.1:{port}"]
-
-[refresh]
-force_cooldown = "0s"
-
-[credentials.adobe]
-provider = "adobe"
-client_id = "adobe-client"
-ims_url = "{issuer.url}"
-console_url = "{issuer.url}"
-console_org_id = "1000001"
-credential_id = "cred-1"
-rotate_every = "5s"
-rotate_verify = "20s"
-secret = "file:{secret_file}"
-
-[[outputs]]
-credential = "adobe"
-path = "{tmp_path}/adobe.token"
-""",
+            {"adobe": adobe},
+            server={"listen": [f"127.0.0.1:{port}"]},
+            refresh={"force_cooldown": "0s"},
+            outputs=[{"credential": "adobe", "path": f"{tmp_path}/adobe.token"}],
         )
         proc = BrokerProcess(config, env={"XDG_STATE_HOME": str(tmp_path / "state")})
         try:

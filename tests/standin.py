@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from helpers import ServerThread
+
 PREFIX = "/v2/usermanagement"
 
 
@@ -47,21 +49,20 @@ class StandInApi:
         self.seen: list[Seen] = []
         self.barrier: threading.Barrier | None = None  # holds every 401 until all have one
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
+        # Public: a test may wrap its socket in TLS before start().
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.endpoint = self.url + PREFIX
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._serving = ServerThread(self.server)
 
     def start(self) -> StandInApi:
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._serving.stop()
 
     def revoke(self, token: str) -> None:
         """From now on answer 401 to ``token``."""

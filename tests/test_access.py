@@ -3,6 +3,7 @@ from __future__ import annotations
 import hmac
 import tomllib
 
+import helpers
 import pytest
 
 from broker import access, config
@@ -27,7 +28,7 @@ allow_gids = [50]
 
 
 def settings(extra: str = ""):
-    return config.parse(tomllib.loads(CREDS + extra))
+    return helpers.settings(toml=CREDS + extra)
 
 
 def client(name: str, key: str, creds: str) -> str:
@@ -82,7 +83,7 @@ def test_no_clients_means_no_key_needed():
     rules = Access(settings())
     assert rules.authenticate(request()) is None
     assert not rules.open  # b is peer-restricted
-    assert Access(config.parse({})).open
+    assert Access(helpers.settings()).open
 
 
 def test_a_client_reads_only_its_credentials_and_cannot_probe_names():
@@ -141,9 +142,9 @@ def test_config_validates_clients_and_remote_listen():
     with pytest.raises(ConfigError, match=r"\[clients.ci\] credentials"):
         settings(f'[clients.ci]\nkey_sha256 = "{"0" * 64}"\ncredentials = []\n')
     with pytest.raises(ConfigError, match="loopback is required"):
-        config.parse({"server": {"listen": ["0.0.0.0:8765"]}})
+        helpers.settings(server={"listen": ["0.0.0.0:8765"]})
     with pytest.raises(ConfigError, match="allow_remote: needs at least one"):
-        config.parse({"server": {"listen": ["0.0.0.0:8765"], "allow_remote": True}})
+        helpers.settings(server={"listen": ["0.0.0.0:8765"], "allow_remote": True})
     doc = tomllib.loads(CREDS + client("ci", key, '["a"]'))
     doc["server"] = {"listen": ["10.1.2.3:8765"], "allow_remote": True}
     parsed = config.parse(doc)
@@ -152,7 +153,7 @@ def test_config_validates_clients_and_remote_listen():
     with pytest.raises(ConfigError, match="an IP address, not a host name"):
         config.parse(doc)
     with pytest.raises(ConfigError, match=r"allow_uids"):
-        config.parse(tomllib.loads(CREDS.replace("allow_uids = [1000]", 'allow_uids = ["me"]')))
+        helpers.settings(toml=CREDS.replace("allow_uids = [1000]", 'allow_uids = ["me"]'))
 
 
 def test_a_request_is_judged_again_under_reloaded_rules():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import helpers
 import httpx
 import pytest
 from helpers import HEADERS, FakeClock, FakeScheduler
 
-from broker import config
 from broker.api import create_app
 from broker.manager import Manager
 from broker.server import uvicorn_config
@@ -25,23 +25,21 @@ async def app(tmp_path):
         calls.append(request)
         return httpx.Response(200, json={"access_token": "tok-api", "expires_in": 3600})
 
-    settings = config.parse(
+    settings = helpers.settings(
         {
-            "credentials": {
-                "adobe": {
-                    "provider": "adobe",
-                    "client_id": "cid",
-                    "secret": f"file:{secret}",
-                    "ims_url": "https://ims.test",
-                },
-                "never": {
-                    "provider": "adobe",
-                    "client_id": "cid2",
-                    "secret": f"file:{tmp_path}/missing",
-                },
+            "adobe": {
+                "provider": "adobe",
+                "client_id": "cid",
+                "secret": f"file:{secret}",
+                "ims_url": "https://ims.test",
             },
-            "server": {"default": "adobe"},
-        }
+            "never": {
+                "provider": "adobe",
+                "client_id": "cid2",
+                "secret": f"file:{tmp_path}/missing",
+            },
+        },
+        server={"default": "adobe"},
     )
     client = httpx.AsyncClient(transport=httpx.MockTransport(issuer))
     manager = Manager(settings, client=client, clock=clock, scheduler=FakeScheduler())
@@ -149,15 +147,13 @@ async def test_a_remote_peer_without_a_key_learns_no_credential_name(tmp_path):
     secret = tmp_path / "s"
     secret.write_text(SECRET)
     key = new_key()
-    settings = config.parse(
+    settings = helpers.settings(
         {
-            "server": {"allow_remote": True},
-            "clients": {"ci": {"key_sha256": key_digest(key).hex(), "credentials": ["adobe"]}},
-            "credentials": {
-                "adobe": {"provider": "adobe", "client_id": "cid", "secret": f"file:{secret}"},
-                "never": {"provider": "adobe", "client_id": "c2", "secret": f"file:{secret}x"},
-            },
-        }
+            "adobe": {"provider": "adobe", "client_id": "cid", "secret": f"file:{secret}"},
+            "never": {"provider": "adobe", "client_id": "c2", "secret": f"file:{secret}x"},
+        },
+        server={"allow_remote": True},
+        clients={"ci": {"key_sha256": key_digest(key).hex(), "credentials": ["adobe"]}},
     )
     ok = httpx.Response(200, json={"access_token": "tok-api", "expires_in": 3600})
     client = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: ok))

@@ -8,6 +8,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from helpers import config_file
 
 from broker.cli import main
 from broker.cli.parser import build_parser
@@ -40,10 +41,10 @@ def test_serve_refuses_a_port_in_use(tmp_path, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cfg = tmp_path / "c.toml"
-        cfg.write_text(
-            f'[server]\nlisten = ["127.0.0.1:{port}"]\n[credentials.a]\nprovider = "oauth2"\n'
-            'client_id = "a"\ntoken_url = "http://127.0.0.1:9/t"\nsecret = "env:HOME"\n'
+        cred = {"provider": "oauth2", "client_id": "a", "token_url": "http://127.0.0.1:9/t",
+                "secret": "env:HOME"}  # fmt: skip
+        cfg = config_file(
+            tmp_path / "c.toml", {"a": cred}, server={"listen": [f"127.0.0.1:{port}"]}
         )
         assert main(["serve", "--config", str(cfg)]) == 1
     assert "address already in use" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from helpers import FakeClock
 
 from broker.client import (
     AsyncTokenBroker,
@@ -354,14 +355,6 @@ async def test_the_async_client_has_the_same_methods(route):
 # -- BrokerAuth: the header cache -------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def api_ok(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json={"auth": request.headers.get("authorization")})
 
@@ -379,7 +372,7 @@ def test_headers_are_kept_until_the_token_nears_its_end(route, expires_in, kept)
     fake = FakeBroker(expires_in=expires_in)
     seen = route(fake)
     auth = BrokerAuth("main")
-    auth._clock = clock = Clock()
+    auth._clock = clock = FakeClock(1000.0)
     with httpx.Client(transport=httpx.MockTransport(api_ok), auth=auth) as api:
         for _ in range(3):
             assert api.get("http://api.test/x").json()["auth"] == f"Bearer {TOKENS[0]}"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from helpers import make_ca_and_leaf
+from helpers import FakeClock, make_ca_and_leaf
 from uvicorn.server import ServerState
 
 from broker import connections
@@ -54,12 +54,12 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_one():
 
 
 def test_the_throttle_lets_one_line_through_a_minute_and_counts_the_rest():
-    now = [0.0]
-    throttle = connections.Throttle(lambda: now[0])
+    clock = FakeClock(0.0)
+    throttle = connections.Throttle(clock)
     assert throttle("a") == 0
     assert throttle("a") is None and throttle("a") is None
     assert throttle("b") == 0  # another key has its own minute
-    now[0] = connections.LOG_INTERVAL
+    clock.now = connections.LOG_INTERVAL
     assert throttle("a") == 2
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FakeScheduler
+from helpers import FakeClock, FakeScheduler, config_file, settings, wait_for
+from issuer import TestIssuer
 
-from broker import config
 from broker.cycling import Cycle, Cycler, StateFile
-from broker.demo import DemoIssuer
 from broker.errors import ConfigError, CycleError
 from broker.logs import Redactor
 from broker.manager import Manager
@@ -34,17 +33,6 @@ CRED_ID = "88301"
 URL = "https://issuer.test"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class Crash(BaseException):
     """kill -9 at a step boundary: nothing after it runs, not even except/finally cleanups
     of the cycle (a BaseException passes `except CycleError` and `except Exception`)."""
@@ -54,27 +42,16 @@ class World:
     """The issuer, the secret file and the state directory of one credential."""
 
     def __init__(self, tmp_path: Path, **keys: object) -> None:
-        self.clock = Clock()
-        self.issuer = DemoIssuer(clock=self.clock)
+        self.clock = FakeClock()
+        self.issuer = TestIssuer(clock=self.clock)
         self.original = self.issuer.add_client(CLIENT, "the-original-secret-value")
         self.issuer.add_console(CLIENT, ORG, CRED_ID)
         self.secret_file = tmp_path / "adobe.secret"
         self.secret_file.write_text("the-original-secret-value\n")
         self.secret_file.chmod(0o600)
         self.state_dir = tmp_path / "state"
-        table = {
-            "provider": "adobe",
-            "client_id": CLIENT,
-            "scopes": ["openid", "AdobeID"],
-            "secret": f"file:{self.secret_file}",
-            "ims_url": URL,
-            "console_url": URL,
-            "credential_id": CRED_ID,
-            "console_org_id": ORG,
-            "rotate_verify": "20s",
-            **keys,
-        }
-        self.cred = config.parse({"credentials": {"adobe": table}}).credentials["adobe"]
+        table = {**_table(self), "rotate_verify": "20s", **keys}
+        self.cred = settings({"adobe": table}).credentials["adobe"]
         self.redactor = Redactor()
         self.switched: list[tuple[str, object]] = []
 
@@ -126,10 +103,10 @@ class World:
     ) -> tuple[Manager, Cycler, FakeScheduler]:
         """The daemon's manager and cycler for this credential, started, jobs in the test's
         hand (a FakeScheduler); ``keys`` are added to the credential's table."""
-        settings = config.parse({"credentials": {"adobe": {**_table(self), **keys}}})
+        parsed = settings({"adobe": {**_table(self), **keys}})
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.issuer))
         sched = FakeScheduler()
-        manager = Manager(settings, client=client, clock=self.clock, scheduler=sched,
+        manager = Manager(parsed, client=client, clock=self.clock, scheduler=sched,
                           rand=lambda: rand)  # fmt: skip
         cycler = Cycler(
             holder=manager, issuers=manager.issuers, scheduler=sched,
@@ -504,11 +481,13 @@ async def test_a_delete_that_does_not_take_keeps_the_cycle_open(world, monkeypat
 
 async def test_a_credential_removed_while_its_cycle_runs_is_no_error(world):
     manager, cycler, sched = await world.daemon(rotate_every="1d")
-    world.issuer.delay = 0.05  # every Console call waits: the cycle is caught mid-way
+    world.issuer.hold = {"POST"}  # the cycle is caught mid-way: its new secret is asked for
     running = asyncio.create_task(cycler.rotate("adobe"))
-    await asyncio.sleep(0.01)
+    await asyncio.to_thread(wait_for, lambda: world.issuer.held == ["POST"])
     assert cycler.status["adobe"].running
     cycler.status.clear()  # what start() after a reload without it does, mid-cycle
+    world.issuer.hold.clear()
+    world.issuer.release()
     result = await running
     assert result.outcome == "success"
     await manager.close()
@@ -542,11 +521,8 @@ def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
     from broker.errors import SecretError
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        '[credentials.adobe]\nprovider = "adobe"\nclient_id = "c"\n'
-        f'credential_id = "{CRED_ID}"\nconsole_org_id = "{ORG}"\n'
-    )
+    adobe = {"provider": "adobe", "client_id": "c", "credential_id": CRED_ID, "console_org_id": ORG}
+    cfg = config_file(tmp_path / "config.toml", {"adobe": adobe})
     state = StateFile(tmp_path / "xdg" / "token-broker", "adobe")
     asyncio.run(state.save(CycleState(credential_id=CRED_ID, step="added", old="a", new="b")))
     for step in (operations.rotate_abort, operations.rotate_finish):
@@ -566,20 +542,28 @@ def test_a_rotation_by_hand_waits_for_a_cycle_to_finish(tmp_path, monkeypatch):
 def test_the_management_token_travels_over_https_only(url, ok):
     table = {"provider": "adobe", "client_id": "c", "console_url": url}
     if ok:
-        config.parse({"credentials": {"a": table}})
+        settings({"a": table})
     else:
         with pytest.raises(ConfigError, match="console_url: expected an https:// URL"):
-            config.parse({"credentials": {"a": table}})
+            settings({"a": table})
 
 
 async def test_a_cycle_asked_for_during_the_survey_waits_for_it(world):
     """`rotate --auto` right after the daemon started meets the survey of step 1: it
     waits for it, it is not refused as busy (CI saw that race once)."""
     manager, cycler, sched = await world.daemon(rotate_every="1d")
-    world.issuer.delay = 0.05
+    world.issuer.hold = {f"TOKEN:{world.original.uuid}"}  # the survey's management token
     survey = asyncio.create_task(sched.run("cycle:adobe"))
-    await asyncio.sleep(0.01)  # the survey holds the state file's lock now
-    result = await cycler.rotate("adobe")
+    await asyncio.to_thread(wait_for, lambda: world.issuer.held)
+    # The survey holds the state file's lock now, until its token is released.
+    world.issuer.hold.clear()
+    rotating = asyncio.create_task(cycler.rotate("adobe"))
+    await asyncio.to_thread(
+        wait_for, lambda: cycler.status["adobe"].running or rotating.done(), what="the cycle"
+    )
+    assert not survey.done()  # the cycle asked for meets the survey still running
+    world.issuer.release()
+    result = await rotating
     await survey
     assert result.outcome == "success"
     world.check_done()

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from helpers import FakeClock, wait_for
+from issuer import TestIssuer
 
-from broker.demo import DemoIssuer, Minted
+from broker.demo import Minted
 
 NOW = 1_800_000_000.0
 NOW_MS = "1800000000000"
@@ -30,15 +31,15 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def issuer(clock: FakeClock) -> DemoIssuer:
-    issuer = DemoIssuer(lifetime=3600.0, clock=clock)
+def issuer(clock: FakeClock) -> TestIssuer:
+    issuer = TestIssuer(lifetime=3600.0, clock=clock)
     issuer.add_client(CID, SECRET)
     issuer.add_console(CID, ORG, CRED)
     return issuer
 
 
 @pytest.fixture
-async def client(issuer: DemoIssuer) -> AsyncIterator[httpx.AsyncClient]:
+async def client(issuer: TestIssuer) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=issuer)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="https://issuer.test") as c:
         yield c

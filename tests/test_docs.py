@@ -359,14 +359,14 @@ def test_the_quick_start_demo_and_the_lines_to_try(tmp_path):
 
     import httpx
     from doctext import user_env
-    from helpers import free_port, wait_for
+    from helpers import reserve_port, wait_for
 
     first = block("quick-start").splitlines()[0]
     assert first.split(" && ")[1] == "token-broker demo"
     home = tmp_path / "home"
     home.mkdir()
     env = user_env(home)
-    port = free_port()
+    port = reserve_port()
     env["TOKEN_BROKER_URL"] = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "demo.out", "wb")  # noqa: SIM115 - closed below
     demo = subprocess.Popen(

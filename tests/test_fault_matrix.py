@@ -18,13 +18,13 @@ import asyncio
 import logging
 import random
 
+import helpers
 import httpx
 import pytest
 from helpers import HEADERS, FakeClock, FakeScheduler, Fault
+from issuer import TestIssuer
 
-from broker import config
 from broker.api import create_app
-from broker.demo import DemoIssuer
 from broker.manager import Manager
 
 LIFETIME = 4.0  # seconds; scheduled refresh at ~2.7 s, servable until 4 - 0.4 s
@@ -68,7 +68,7 @@ FAULTS = {
 class Gate(httpx.AsyncBaseTransport):
     """In front of the issuer's ASGI app: forwards, or fails as a network would."""
 
-    def __init__(self, issuer: DemoIssuer) -> None:
+    def __init__(self, issuer: TestIssuer) -> None:
         self.inner = httpx.ASGITransport(app=issuer)  # type: ignore[arg-type]
         self.mode = "forward"
         self.connections = 0
@@ -93,25 +93,15 @@ class World:
 
     def __init__(self, tmp_path, fault: Fault) -> None:  # type: ignore[no-untyped-def]
         self.clock = FakeClock()
-        self.issuer = DemoIssuer(lifetime=LIFETIME, clock=self.clock)
+        self.issuer = TestIssuer(lifetime=LIFETIME, clock=self.clock)
         self.issuer.add_client("c", "s3cret-value")
         self.issuer.retry_after = fault.retry_after or 2
         self.gate = Gate(self.issuer)
         secret = tmp_path / "secret"
         secret.write_text("s3cret-value")
-        settings = config.parse(
-            {
-                "refresh": POLICY,
-                "credentials": {
-                    "main": {
-                        "provider": "oauth2",
-                        "client_id": "c",
-                        "token_url": "http://issuer.test/oauth2/token",
-                        "secret": f"file:{secret}",
-                    }
-                },
-            }
-        )
+        main = {"provider": "oauth2", "client_id": "c", "secret": f"file:{secret}",
+                "token_url": "http://issuer.test/oauth2/token"}  # fmt: skip
+        settings = helpers.settings({"main": main}, refresh=POLICY)
         self.scheduler = FakeScheduler()
         self.manager = Manager(
             settings,

@@ -11,6 +11,7 @@ import stat
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 from helpers import FakeClock, wait_for
 
@@ -25,20 +26,8 @@ TOKEN = Token("tok-abcdef0123456789", "bearer", issued_at=NOW - 60, expires_at=N
 
 
 def settings(tmp_path: Path, *outputs: dict, headers: dict | None = None) -> config.Settings:  # type: ignore[type-arg]
-    return config.parse(
-        {
-            "credentials": {
-                "adobe": {
-                    "provider": "adobe",
-                    "client_id": "cid",
-                    "org_id": "ORG@AdobeOrg",
-                    "secret": "env:X",
-                    "headers": headers or {},
-                }
-            },
-            "outputs": list(outputs),
-        }
-    )
+    adobe = {"provider": "adobe", "client_id": "cid", "org_id": "ORG@AdobeOrg", "secret": "env:X"}
+    return helpers.settings({"adobe": {**adobe, "headers": headers or {}}}, outputs=list(outputs))
 
 
 def error_of(tmp_path: Path, output: dict) -> str:  # type: ignore[type-arg]
@@ -98,13 +87,9 @@ def test_each_format(tmp_path):
     cred = s.credentials["adobe"]
 
     def out(fmt: str) -> str:
-        o = config.parse(
-            {
-                "credentials": {
-                    "adobe": {"provider": "adobe", "client_id": "c", "secret": "env:X"}
-                },
-                "outputs": [{"credential": "adobe", "path": str(tmp_path / fmt), "format": fmt}],
-            }
+        o = helpers.settings(
+            {"adobe": {"provider": "adobe", "client_id": "c", "secret": "env:X"}},
+            outputs=[{"credential": "adobe", "path": str(tmp_path / fmt), "format": fmt}],
         ).outputs[0]
         return render(o, cred, TOKEN, NOW).decode()
 

@@ -6,31 +6,29 @@ from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from helpers import settings
 
-from broker import config
 from broker.errors import IssuerError
 from broker.providers import request_token
 from broker.providers.base import MAX_LIFETIME, parse_retry_after
 from broker.providers.oauth2 import basic_auth
 
 NOW = 1_800_000_000.0
-ADOBE, OAUTH2 = config.parse(
+ADOBE, OAUTH2 = settings(
     {
-        "credentials": {
-            "adobe": {
-                "provider": "adobe",
-                "client_id": "cid",
-                "scopes": ["openid", "AdobeID"],
-                "ims_url": "https://ims.test",
-            },
-            "p": {
-                "provider": "oauth2",
-                "client_id": "broker",
-                "scopes": ["api.read", "api.write"],
-                "token_url": "https://login.test/oauth2/token",
-                "params": {"audience": "https://api.test"},
-            },
-        }
+        "adobe": {
+            "provider": "adobe",
+            "client_id": "cid",
+            "scopes": ["openid", "AdobeID"],
+            "ims_url": "https://ims.test",
+        },
+        "p": {
+            "provider": "oauth2",
+            "client_id": "broker",
+            "scopes": ["api.read", "api.write"],
+            "token_url": "https://login.test/oauth2/token",
+            "params": {"audience": "https://api.test"},
+        },
     }
 ).credentials.values()
 
@@ -318,9 +316,9 @@ async def test_tokens_in_rfc_6750s_alphabet_are_accepted(token):
 
 
 async def test_a_refused_connection_is_named():
-    from helpers import free_port
+    from helpers import reserve_port
 
-    cred = ADOBE.model_copy(update={"ims_url": f"http://127.0.0.1:{free_port()}"})
+    cred = ADOBE.model_copy(update={"ims_url": f"http://127.0.0.1:{reserve_port()}"})
     async with httpx.AsyncClient() as client:
         with pytest.raises(IssuerError) as info:
             await request_token(client, cred.token_request("sec"), now=NOW, timeout=10)

@@ -2,19 +2,17 @@ from __future__ import annotations
 
 import socket
 
+import helpers
 import pytest
 
-from broker import config, server
+from broker import server
 from broker.errors import ConfigError
 
 
 def test_tcp_listeners_disable_nagle(tmp_path):
     # Without TCP_NODELAY, keep-alive answers written in two pieces wait ~40 ms for an ACK.
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    number = port.getsockname()[1]
-    port.close()
-    settings = config.parse({"server": {"listen": [f"127.0.0.1:{number}"]}})
+    number = helpers.reserve_port()
+    settings = helpers.settings(server={"listen": [f"127.0.0.1:{number}"]})
     (sock,) = server.open_listeners(settings.server)
     try:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
@@ -25,7 +23,7 @@ def test_tcp_listeners_disable_nagle(tmp_path):
 
 def test_unix_listener_refuses_a_live_socket_and_a_regular_file(tmp_path):
     path = tmp_path / "b.sock"
-    settings = config.parse({"server": {"listen": [f"unix:{path}"], "socket_mode": "0640"}})
+    settings = helpers.settings(server={"listen": [f"unix:{path}"], "socket_mode": "0640"})
     (first,) = server.open_listeners(settings.server)
     try:
         assert (path.stat().st_mode & 0o777) == 0o640
@@ -44,8 +42,8 @@ def test_unix_listener_refuses_a_live_socket_and_a_regular_file(tmp_path):
 
 
 def test_unknown_socket_group_names_the_key(tmp_path):
-    settings = config.parse(
-        {"server": {"listen": [f"unix:{tmp_path}/s.sock"], "socket_group": "no-such-group-x"}}
+    settings = helpers.settings(
+        server={"listen": [f"unix:{tmp_path}/s.sock"], "socket_group": "no-such-group-x"}
     )
     with pytest.raises(ConfigError, match=r"\[server\] socket_group: no group named"):
         server.open_listeners(settings.server)

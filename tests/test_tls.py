@@ -18,7 +18,6 @@ import ssl
 import stat
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from helpers import ServerThread
 
 from broker import tls
 from broker.checks import Check
@@ -221,17 +221,14 @@ class HttpsServer:
     """An HTTPS server on loopback presenting whatever ``ctx`` holds; answers 200 "ok"."""
 
     def __init__(self, ctx: ssl.SSLContext, host: str = "127.0.0.1") -> None:
-        self.httpd = (_Server6 if ":" in host else _Server)((host, 0), _Handler)
-        self.httpd.ctx = ctx
-        self.port = self.httpd.server_address[1]
+        httpd = (_Server6 if ":" in host else _Server)((host, 0), _Handler)
+        httpd.ctx = ctx
+        self.port = httpd.server_address[1]
         self.url = f"https://127.0.0.1:{self.port}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self._serving = ServerThread(httpd).start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self._serving.stop()
 
 
 @pytest.fixture

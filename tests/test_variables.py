@@ -18,13 +18,13 @@ import shutil
 import socketserver
 import subprocess
 import tempfile
-import threading
 import unicodedata
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from helpers import ServerThread
 
 from broker.variables import PREFIX, EnvFileError, TokenExport, env_file, variables
 
@@ -192,17 +192,16 @@ def docker_cli_reads(path: Path) -> dict[str, str]:
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True
 
-        with Server(str(sock), handler) as server:
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            try:
-                done = subprocess.run(
-                    [docker, "-H", f"unix://{sock}", "create", "--env-file", str(path),
-                     "example.invalid/none"],
-                    capture_output=True, text=True, timeout=60,
-                    env={"PATH": "/usr/bin:/bin", "HOME": top, "DOCKER_CONFIG": top},
-                )  # fmt: skip
-            finally:
-                server.shutdown()
+        serving = ServerThread(Server(str(sock), handler)).start()
+        try:
+            done = subprocess.run(
+                [docker, "-H", f"unix://{sock}", "create", "--env-file", str(path),
+                 "example.invalid/none"],
+                capture_output=True, text=True, timeout=60,
+                env={"PATH": "/usr/bin:/bin", "HOME": top, "DOCKER_CONFIG": top},
+            )  # fmt: skip
+        finally:
+            serving.stop()
     assert done.returncode == 0 and len(created) == 1, done.stderr
     return dict(item.split("=", 1) for item in created[0])
 

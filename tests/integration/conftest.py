@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import BrokerProcess, IssuerThread, free_port, new_secret, write_config
+from helpers import BrokerProcess, IssuerThread, config_file, new_secret, reserve_port
 
 
 @dataclass
@@ -54,32 +54,25 @@ def start_broker(issuer: IssuerThread, tmp_path: Path) -> Iterator[StartBroker]:
         target = other_issuer or issuer
         if register:
             target.issuer.add_client("broker-client", secret)
-        port = free_port()
+        port = reserve_port()
         url = issuer_url or target.url
+        main = {
+            "provider": provider,
+            "client_id": "broker-client",
+            "scopes": list(scopes),
+            "secret": f"file:{secret_file}",
+        }
         if provider == "adobe":
-            where = f'ims_url = "{url}"\norg_id = "ABC@AdobeOrg"'
+            main |= {"ims_url": url, "org_id": "ABC@AdobeOrg"}
         else:
-            where = f'token_url = "{url}/oauth2/token"'
-        config = write_config(
+            main["token_url"] = f"{url}/oauth2/token"
+        # The TOML fragments go where they stood in the file: in their section.
+        config = config_file(
             tmp_path / f"config-{len(started)}.toml",
-            f"""
-[server]
-listen = {json.dumps([f"127.0.0.1:{port}", *listen])}
-{server}
-
-[refresh]
-{refresh}
-
-[credentials.main]
-provider = "{provider}"
-client_id = "broker-client"
-scopes = {json.dumps(list(scopes))}
-secret = "file:{secret_file}"
-{where}
-{credential}
-
-{extra}
-""",
+            {"main": main | tomllib.loads(credential)},
+            server={"listen": [f"127.0.0.1:{port}", *listen]} | tomllib.loads(server),
+            refresh=tomllib.loads(refresh),
+            toml=extra,
         )
         proc = BrokerProcess(config, env=env, args=args)
         running = Running(proc, f"http://127.0.0.1:{port}", port, secret)

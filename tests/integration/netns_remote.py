@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import httpx
-from helpers import free_port, make_ca_and_leaf, write_config
+from helpers import config_file, make_ca_and_leaf, reserve_port
 
 from broker.access import key_digest, new_key
 
@@ -24,7 +24,7 @@ H = {"X-Token-Broker": "1"}
 
 def test_a_remote_peer_is_served_only_with_a_client_key(start_broker, issuer):
     key = new_key()
-    port = free_port()
+    port = reserve_port(REMOTE)
     broker = start_broker(
         listen=(f"{REMOTE}:{port}",),
         server="allow_remote = true",
@@ -49,7 +49,7 @@ def test_a_remote_peer_without_a_key_learns_no_name_and_no_path(start_broker, is
     a remote peer without a key. Probes keep their status code; /metrics needs a key, as a
     Prometheus scrape config presents it (authorization: credentials_file)."""
     key = new_key()
-    port = free_port()
+    port = reserve_port(REMOTE)
     output = tmp_path / "secret-project.token"
     broker = start_broker(
         listen=(f"{REMOTE}:{port}",),
@@ -75,7 +75,7 @@ def test_a_remote_peer_without_a_key_learns_no_name_and_no_path(start_broker, is
 
 
 def test_without_allow_remote_a_remote_listen_is_refused(tmp_path):
-    cfg = write_config(tmp_path / "c.toml", f'[server]\nlisten = ["{REMOTE}:{free_port()}"]\n')
+    cfg = config_file(tmp_path / "c.toml", server={"listen": [f"{REMOTE}:{reserve_port(REMOTE)}"]})
     done = subprocess.run(
         [sys.executable, "-m", "broker", "serve", "--config", str(cfg)],
         capture_output=True,
@@ -131,7 +131,7 @@ def test_cluster_mode_serves_the_main_api_over_tls_to_another_namespace(
     try:
         for command in setup:
             subprocess.run(command.split(), check=True, timeout=30)
-        port = free_port()
+        port = reserve_port(SERVER_IP)
         broker = start_broker(
             server=(
                 f'allow_remote = true\ntls_listen = ["{SERVER_IP}:{port}"]\n'

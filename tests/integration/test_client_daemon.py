@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from helpers import HEADERS, free_port
+from helpers import HEADERS, ServerThread, reserve_port
 from standin import StandInApi
 from ust import Umapi
 
@@ -201,16 +201,13 @@ class Site:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host, 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://{host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        server = ThreadingHTTPServer((host, 0), Handler)
+        server.daemon_threads = True
+        self.url = f"http://{host}:{server.server_address[1]}"
+        self._serving = ServerThread(server).start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._serving.stop()
 
 
 @pytest.fixture
@@ -299,7 +296,7 @@ def no_secret(exc: BaseException, *secrets: str) -> None:
 
 
 def test_broker_down_is_unavailable_naming_the_url():
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{reserve_port()}"
     with pytest.raises(BrokerUnavailable) as info, TokenBroker(url) as client:
         client.token()
     assert url in str(info.value) and info.value.retry_after is None

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import HEADERS, free_port, wait_for
+from helpers import HEADERS, reserve_port, wait_for
 
 from broker.access import new_key
 
@@ -66,7 +66,7 @@ def test_a_flood_of_idle_connections_to_the_ims_port_leaves_the_main_listener_se
     counted and logged; the connections that never sent a ClientHello are closed after
     header_timeout (the loop's default was 60 s)."""
     key = new_key()
-    port = free_port()
+    port = reserve_port()
     state = tmp_path / "state"
     broker = limited(
         start_broker, tmp_path,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port
+from helpers import HEADERS, config_file, reserve_port
 
 from broker import config
 from broker.cli import main
@@ -63,12 +63,11 @@ def test_read_only_root_no_capabilities_and_prompt_sigterm(issuer):
         secret.write_text("ro-secret\n")
         secret.chmod(0o400)
         issuer.issuer.add_client("ro", "ro-secret")
-        port = free_port()
-        cfg = work / "config.toml"
-        cfg.write_text(
-            f'[server]\nlisten = ["127.0.0.1:{port}"]\n[credentials.ro]\nprovider = "oauth2"\n'
-            f'client_id = "ro"\ntoken_url = "{issuer.url}/oauth2/token"\n'
-            f'secret = "file:{secret}"\n'
+        port = reserve_port()
+        ro = {"provider": "oauth2", "client_id": "ro", "token_url": f"{issuer.url}/oauth2/token",
+              "secret": f"file:{secret}"}  # fmt: skip
+        cfg = config_file(
+            work / "config.toml", {"ro": ro}, server={"listen": [f"127.0.0.1:{port}"]}
         )
         script = (
             "mount -o remount,bind,ro / && exec setpriv --bounding-set=-all --inh-caps=-all "
@@ -114,6 +113,5 @@ def test_health_command(start_broker, tmp_path):
     b = start_broker()
     assert main(["health", "--config", str(b.proc.config)]) == 0
     assert main(["health", "--ready", "--config", str(b.proc.config)]) == 0
-    cfg = tmp_path / "nothing.toml"
-    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n')
+    cfg = config_file(tmp_path / "nothing.toml", server={"listen": [f"127.0.0.1:{reserve_port()}"]})
     assert main(["health", "--config", str(cfg)]) == 1

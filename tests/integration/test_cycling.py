@@ -27,7 +27,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, BrokerProcess, IssuerThread, free_port, new_secret, wait_for
+from helpers import (
+    HEADERS,
+    BrokerProcess,
+    IssuerThread,
+    config_file,
+    new_secret,
+    reserve_port,
+    wait_for,
+)
 from standin import StandInApi
 
 from broker.access import new_key
@@ -50,8 +58,8 @@ class Broker:
     every: str = "3s"  # "": no rotate_every
     verify: str = "20s"
     ims: bool = True  # an IMS-compatible listener (its local CA lives in the state directory)
-    port: int = field(default_factory=free_port)
-    ims_port: int = field(default_factory=free_port)
+    port: int = field(default_factory=reserve_port)
+    ims_port: int = field(default_factory=reserve_port)
     key: str = field(default_factory=new_key)
     proc: BrokerProcess | None = None
     logs: list[str] = field(default_factory=list)
@@ -60,35 +68,30 @@ class Broker:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**self.env, "XDG_STATE_HOME": str(self.tmp / "state")}
         digest = hashlib.sha256(self.key.encode()).hexdigest()
-        ims = f'ims_listen = ["127.0.0.1:{self.ims_port}"]' if self.ims else ""
-        every = f'rotate_every = "{self.every}"' if self.every else ""
-        self.config = self.tmp / "config.toml"
-        self.config.write_text(f"""
-[server]
-listen = ["127.0.0.1:{self.port}"]
-{ims}
-
-[refresh]
-force_cooldown = "0s"
-
-[credentials.main]
-provider = "adobe"
-client_id = "{CLIENT}"
-org_id = "{ORG}"
-scopes = ["openid", "AdobeID"]
-secret = "{self.secret_ref}"
-ims_url = "{self.issuer.url}"
-console_url = "{self.issuer.url}"
-credential_id = "{CRED_ID}"
-console_org_id = "{CONSOLE_ORG}"
-{every}
-rotate_verify = "{self.verify}"
-
-[clients.app]
-key_sha256 = "{digest}"
-credentials = ["*"]  # an administrator's key: it may also ask for a cycle
-""")
-        self.config.chmod(0o600)
+        server: dict[str, object] = {"listen": [f"127.0.0.1:{self.port}"]}
+        if self.ims:
+            server["ims_listen"] = [f"127.0.0.1:{self.ims_port}"]
+        main = {
+            "provider": "adobe",
+            "client_id": CLIENT,
+            "org_id": ORG,
+            "scopes": ["openid", "AdobeID"],
+            "secret": self.secret_ref,
+            "ims_url": self.issuer.url,
+            "console_url": self.issuer.url,
+            "credential_id": CRED_ID,
+            "console_org_id": CONSOLE_ORG,
+            **({"rotate_every": self.every} if self.every else {}),
+            "rotate_verify": self.verify,
+        }
+        self.config = config_file(
+            self.tmp / "config.toml",
+            {"main": main},
+            server=server,
+            refresh={"force_cooldown": "0s"},
+            # An administrator's key: it may also ask for a cycle.
+            clients={"app": {"key_sha256": digest, "credentials": ["*"]}},
+        )
 
     def start(self) -> Broker:
         _running.append(self)
@@ -473,16 +476,9 @@ def test_rotate_auto_asks_the_daemon_or_runs_here(cycling_issuer, tmp_path):
     [("systemd:adobe", "systemd credential"), ("env:ADOBE_SECRET", "environment variable")],
 )
 def test_rotate_every_with_a_secret_it_cannot_write_is_refused(tmp_path, ref, says):
-    config = tmp_path / "config.toml"
-    config.write_text(f"""
-[credentials.main]
-provider = "adobe"
-client_id = "x"
-secret = "{ref}"
-credential_id = "1"
-console_org_id = "2"
-rotate_every = "30d"
-""")
+    main = {"provider": "adobe", "client_id": "x", "secret": ref, "credential_id": "1",
+            "console_org_id": "2", "rotate_every": "30d"}  # fmt: skip
+    config = config_file(tmp_path / "config.toml", {"main": main})
     done = subprocess.run([sys.executable, "-m", "broker", "serve", "--config", str(config)],
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode != 0
@@ -492,7 +488,7 @@ rotate_every = "30d"
 
 @pytest.mark.xdist_group("port-8765")
 def test_the_demo_cycles_while_curl_keeps_getting_tokens(tmp_path):
-    port = free_port()
+    port = reserve_port()
     out = open(tmp_path / "demo.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "demo", "--rotate-every", "5s", "--lifetime", "60",

@@ -35,7 +35,7 @@ from doctext import (
     user_env,
     users_config,
 )
-from helpers import HEADERS, new_secret, wait_for
+from helpers import HEADERS, config_file, new_secret, wait_for
 
 from broker.config import SYSTEM_CONFIG
 
@@ -241,16 +241,16 @@ def test_automated_cycling_steps(issuer, own_secret_service, home):
     rotate_every, reload, one cycle now, list. The daemon runs beside (it does, on such a
     host); its config names a free port, and console_url the test's issuer, which plays
     the I/O Management API as well as IMS."""
-    from helpers import BrokerProcess, free_port
+    from helpers import BrokerProcess, reserve_port
 
     secret = new_secret()
     issuer.issuer.add_client(CLIENT_ID, secret)
     issuer.issuer.add_console(CLIENT_ID, "98765", "4566206088345")
     project_json(home / "project.json", secret, cycling=True)
     env = {**user_env(home), **_keyring(own_secret_service)}
-    port = free_port()
+    port = reserve_port()
     config = users_config(home)
-    config.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    config_file(config, server={"listen": [f"127.0.0.1:{port}"]})
     lines = commands(block("cycling"))
     assert lines[0].startswith("token-broker import project.json")
     out = _walk(lines[0], env, home, issuer.url)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port
+from helpers import HEADERS, reserve_port
 
 from broker.access import key_digest, new_key
 
@@ -204,7 +204,7 @@ def test_the_client_key_is_not_passed_on_unless_asked(start_broker, issuer, tmp_
 def test_errors_before_the_command_runs_do_not_run_it(start_broker, issuer, tmp_path):
     marker = tmp_path / "ran"
     touch = ["--", "touch", str(marker)]
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"http://127.0.0.1:{reserve_port()}"
     r = run_exec(touch, exec_env(tmp_path, down))
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"token-broker: cannot reach the token broker at {down} (")

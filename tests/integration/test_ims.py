@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port, wait_for
+from helpers import HEADERS, Repeated, config_file, reserve_port, wait_for
 from standin import StandInApi
 from ust import Umapi
 
@@ -64,7 +64,7 @@ def start_ims(start_broker, tmp_path: Path, *, extra_server: str = "", **kw) -> 
 
     key = new_key()
     digest = hashlib.sha256(key.encode()).hexdigest()
-    port = free_port()
+    port = reserve_port()
     state = tmp_path / "state"
     env = {**os.environ, "XDG_STATE_HOME": str(state)}
     broker = start_broker(
@@ -233,30 +233,17 @@ def test_the_leaf_is_renewed_without_a_restart_and_serving_goes_on(start_broker,
     ims = start_ims(start_broker, tmp_path, extra_server='tls_leaf_lifetime = "9s"')
     cafile = ims.ca()
     first = serial_of(ims.port, cafile)
-    failures: list[str] = []
-    served = 0
-    stop = threading.Event()
 
-    def load() -> None:
-        nonlocal served
-        with ims.client() as c:
-            while not stop.is_set():
-                r = c.post("/ims/token/v3", data=ims.form())
-                served += 1
-                if r.status_code != 200:
-                    failures.append(r.text)
+    def ask(client: httpx.Client) -> str | None:
+        r = client.post("/ims/token/v3", data=ims.form())
+        return None if r.status_code == 200 else r.text
 
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    with ims.client() as c, Repeated(lambda: ask(c)) as load:
         second = wait_for(
             lambda: (s := serial_of(ims.port, cafile)) != first and s, timeout=20,
             what="a new leaf (renewed at 2/3 of 9 s)",
         )  # fmt: skip
-    finally:
-        stop.set()
-        worker.join()
-    assert second != first and failures == [] and served > 10
+    assert second != first and load.failures == [] and load.served > 10
     assert "new leaf certificate" in ims.broker.proc.output()  # type: ignore[attr-defined]
 
 
@@ -273,7 +260,7 @@ def _tls_stand_in(issuer, directory: Path):  # type: ignore[no-untyped-def]
     stand_in = StandInApi(lambda: issuer.issuer.issued, CLIENT_ID, ORG)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(leaf, key)
-    stand_in._server.socket = context.wrap_socket(stand_in._server.socket, server_side=True)
+    stand_in.server.socket = context.wrap_socket(stand_in.server.socket, server_side=True)
     return stand_in.start(), corporate
 
 
@@ -302,14 +289,13 @@ def test_the_user_sync_tool_section_followed_as_written(issuer, tmp_path):
     home.mkdir()
     env = user_env(home)
     ust_dir = tmp_path / "user-sync"
-    port, ims_port = free_port(), free_port()
+    port, ims_port = reserve_port(), reserve_port()
     secret = new_secret()
     issuer.issuer.add_client(CLIENT_ID, secret)
     project = project_json(home / "project.json", secret)
     cfg = home / ".config" / "token-broker" / "config.toml"
     cfg.parent.mkdir(parents=True)
-    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
-    cfg.chmod(0o600)
+    config_file(cfg, server={"listen": [f"127.0.0.1:{port}"]})
 
     def sh(text: str, **extra: str) -> subprocess.CompletedProcess[str]:
         text = text.replace("/etc/user-sync", str(ust_dir)).replace("8443", str(ims_port))
@@ -461,19 +447,15 @@ def test_serve_refuses_a_planted_ca_without_the_loopback_constraints(tmp_path):
     (state / "ca.key").chmod(0o600)
     (state / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     digest = hashlib.sha256(new_key().encode()).hexdigest()
-    config = tmp_path / "config.toml"
-    config.write_text(f"""
-[server]
-listen = ["127.0.0.1:{free_port()}"]
-ims_listen = ["127.0.0.1:{free_port()}"]
-[credentials.main]
-provider = "adobe"
-client_id = "broker-client"
-secret = "env:TB_SECRET"
-[clients.ust]
-key_sha256 = "{digest}"
-credentials = ["main"]
-""")
+    config = config_file(
+        tmp_path / "config.toml",
+        {"main": {"provider": "adobe", "client_id": "broker-client", "secret": "env:TB_SECRET"}},
+        server={
+            "listen": [f"127.0.0.1:{reserve_port()}"],
+            "ims_listen": [f"127.0.0.1:{reserve_port()}"],
+        },
+        clients={"ust": {"key_sha256": digest, "credentials": ["main"]}},
+    )
     done = subprocess.run(
         [sys.executable, "-m", "broker", "serve", "--config", str(config)],
         env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TB_SECRET": "x" * 20},

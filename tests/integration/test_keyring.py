@@ -12,13 +12,20 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, BrokerProcess, free_port, new_secret, wait_for, write_config
+from helpers import (
+    HEADERS,
+    BrokerProcess,
+    Repeated,
+    new_secret,
+    reserve_port,
+    wait_for,
+    write_config,
+)
 
 from broker.cli import main
 
@@ -42,7 +49,7 @@ force_cooldown = "0s"
 
 
 def test_add_serve_rotate_under_load_remove(issuer, keyring_env, tmp_path, monkeypatch, capsys):
-    port = free_port()
+    port = reserve_port()
     cfg = broker_config(tmp_path, port)
     old = new_secret()
     issuer.issuer.add_client("cid", old)
@@ -68,22 +75,12 @@ def test_add_serve_rotate_under_load_remove(issuer, keyring_env, tmp_path, monke
         assert first.status_code == 200 and first.text in issuer.issuer.issued
 
         # A client asks for the token continuously while the secret rotates.
-        failures: list[int] = []
-        served = 0
-        stop = threading.Event()
+        def ask(client: httpx.Client) -> int | None:
+            r = client.get("/token/kr")
+            return None if r.status_code == 200 else r.status_code
 
-        def load() -> None:
-            nonlocal served
-            with httpx.Client(base_url=url, headers=HEADERS) as client:
-                while not stop.is_set():
-                    r = client.get("/token/kr")
-                    served += 1
-                    if r.status_code != 200:
-                        failures.append(r.status_code)
-
-        worker = threading.Thread(target=load)
-        worker.start()
-        try:
+        client = httpx.Client(base_url=url, headers=HEADERS)
+        with client, Repeated(lambda: ask(client)) as load:
             new = new_secret()
             issuer.issuer.add_client("cid", new)
             assert run_cli(monkeypatch, ["rotate", "kr", "--secret-stdin", *args], new) == 0
@@ -105,12 +102,9 @@ def test_add_serve_rotate_under_load_remove(issuer, keyring_env, tmp_path, monke
             assert keyring_env.lookup("token-broker", "kr#next") is None
             forced = httpx.post(url + "/v1/credentials/kr/refresh", headers=HEADERS)
             assert forced.status_code == 200, forced.text
-            after = served
-            wait_for(lambda: served > after + 20)  # the load keeps being served after it
-        finally:
-            stop.set()
-            worker.join()
-        assert failures == [] and served > 50
+            after = load.served
+            wait_for(lambda: load.served > after + 20)  # the load keeps being served after it
+        assert load.failures == [] and load.served > 50
 
         # remove: config entry and keyring items gone. It was the last credential, and a
         # daemon with nothing to serve refuses that config (an empty file is more often a
@@ -395,7 +389,7 @@ def test_no_secret_service_on_the_bus(tmp_path):
 
 def daemon_failure(issuer, session, tmp_path: Path, name: str) -> str:
     """Serve one keyring credential ``name``; return its last_error once it has failed."""
-    port = free_port()
+    port = reserve_port()
     cfg = broker_config(
         tmp_path,
         port,
@@ -450,7 +444,7 @@ secretstorage.get_default_collection(conn).lock()
 def test_doctor_checklist(issuer, keyring_env, tmp_path, monkeypatch, capsys):
     secret = new_secret()
     issuer.issuer.add_client("doc", secret)
-    port = free_port()
+    port = reserve_port()
     secret_file = tmp_path / "partner.secret"
     secret_file.write_text(secret)
     secret_file.chmod(0o644)  # too open: doctor must say so

@@ -24,7 +24,15 @@ from pathlib import Path
 import httpx
 import pytest
 from doctext import as_uid_1000
-from helpers import HEADERS, BrokerProcess, free_port, new_secret, wait_for, write_config
+from helpers import (
+    HEADERS,
+    BrokerProcess,
+    config_file,
+    new_secret,
+    reserve_port,
+    wait_for,
+    write_config,
+)
 
 from broker.access import key_digest, new_key
 from broker.cli import main
@@ -183,8 +191,8 @@ def test_root_writes_the_system_config_readable_by_the_service(tmp_path, monkeyp
 
 
 def test_a_second_credential_keeps_the_first_as_default(issuer, tmp_path, monkeypatch, capsys):
-    port = free_port()
-    cfg = write_config(tmp_path / "config.toml", f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    port = reserve_port()
+    cfg = config_file(tmp_path / "config.toml", server={"listen": [f"127.0.0.1:{port}"]})
     issuer.issuer.add_client("first-client", "FIRST-SECRET")
     issuer.issuer.add_client("second-client", "SECOND-SECRET")
     first = tmp_path / "first.json"

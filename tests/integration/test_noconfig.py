@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port, write_config
+from helpers import HEADERS, config_file, reserve_port
 
 from broker.cli import main
 
@@ -53,10 +53,10 @@ def test_environment_url_and_its_precedence(no_config, start_broker, tmp_path, c
     assert main(["list"]) == 0
     assert "main" in capsys.readouterr().out
     # --url beats the environment; the environment beats a config file.
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{reserve_port()}"
     assert main(["list", "--url", dead]) == 1
     assert f"cannot reach the token broker at {dead}" in capsys.readouterr().err
-    config = write_config(tmp_path / "c.toml", f'[server]\nlisten = ["{dead[7:]}"]\n')
+    config = config_file(tmp_path / "c.toml", server={"listen": [dead[7:]]})
     assert main(["token", "--config", str(config)]) == 0
     monkeypatch.delenv("TOKEN_BROKER_URL")
     assert main(["token", "--config", str(config)]) == 1

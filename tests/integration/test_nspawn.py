@@ -34,10 +34,10 @@ ISSUER = f"""[Unit]
 Description=demo issuer for the test
 Before=token-broker.service
 [Service]
-ExecStart=/opt/token-broker/bin/python -c "import asyncio; from broker.demo import \\
-DemoIssuer, issuer_server, loopback_socket; i = DemoIssuer(lifetime=3600); \\
-i.add_client('nspawn', '{SECRET}'); \\
-asyncio.run(issuer_server(i).serve(sockets=[loopback_socket(9000)]))"
+ExecStart=/opt/token-broker/bin/python -c "import asyncio, socket; from broker.demo import \\
+DemoIssuer, issuer_server; i = DemoIssuer(lifetime=3600); \\
+i.add_client('nspawn', '{SECRET}'); sock = socket.create_server(('127.0.0.1', 9000)); \\
+asyncio.run(issuer_server(i).serve(sockets=[sock]))"
 [Install]
 WantedBy=multi-user.target
 """

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import httpx
-from helpers import HEADERS, wait_for
+from helpers import HEADERS, ServerThread, wait_for
 
 
 def outputs_toml(tmp_path: Path, *tables: str) -> str:
@@ -195,15 +195,12 @@ class ChosenTokenIssuer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{server.server_address[1]}"
+        self._serving = ServerThread(server).start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._serving.stop()
 
 
 def test_a_token_that_a_shell_would_run_is_refused_and_never_written(

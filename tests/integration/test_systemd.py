@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HEADERS, free_port
+from helpers import HEADERS, config_file, reserve_port
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -149,14 +149,13 @@ def test_socket_activation_uses_the_passed_sockets(issuer, tmp_path):
     secret = tmp_path / "s"
     secret.write_text("sa-secret")
     issuer.issuer.add_client("c", "sa-secret")
-    unused = free_port()  # the config's own address: must stay unbound
-    config = tmp_path / "c.toml"
-    config.write_text(
-        f'[server]\nlisten = ["127.0.0.1:{unused}"]\n'
-        f'[credentials.sa]\nprovider = "oauth2"\nclient_id = "c"\n'
-        f'token_url = "{issuer.url}/oauth2/token"\nsecret = "file:{secret}"\n'
+    unused = reserve_port()  # the config's own address: must stay unbound
+    sa = {"provider": "oauth2", "client_id": "c", "token_url": f"{issuer.url}/oauth2/token",
+          "secret": f"file:{secret}"}  # fmt: skip
+    config = config_file(
+        tmp_path / "c.toml", {"sa": sa}, server={"listen": [f"127.0.0.1:{unused}"]}
     )
-    port = free_port()
+    port = reserve_port()
     sock_path = tmp_path / "sa.sock"
     log = open(tmp_path / "sa.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -187,12 +186,10 @@ def test_socket_activation_uses_the_passed_sockets(issuer, tmp_path):
 
 def test_socket_activation_refuses_a_non_loopback_socket(tmp_path):
     need("systemd-socket-activate")
-    config = tmp_path / "c.toml"
-    config.write_text(
-        '[credentials.a]\nprovider = "oauth2"\nclient_id = "a"\n'
-        'token_url = "http://127.0.0.1:9/t"\nsecret = "env:HOME"\n'
-    )
-    port = free_port()
+    a = {"provider": "oauth2", "client_id": "a", "token_url": "http://127.0.0.1:9/t",
+         "secret": "env:HOME"}  # fmt: skip
+    config = config_file(tmp_path / "c.toml", {"a": a})
+    port = reserve_port()
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"0.0.0.0:{port}",
          sys.executable, "-m", "broker", "serve", "--config", str(config)],
