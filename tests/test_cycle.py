@@ -116,7 +116,7 @@ class World:
         )  # fmt: skip
         await manager.start()
         await manager.first_round()
-        await cycler.use(settings.credentials)
+        await cycler.use(parsed.credentials)
         return manager, cycler, sched
 
     def check_done(self) -> None:
