@@ -6,7 +6,7 @@ endpoint (``POST /ims/token/v3``) and a generic client-credentials endpoint
 random tokens.
 
 It also serves the client-secrets endpoints of Adobe's I/O Management API
-(DESIGN.md §11): list, add and delete a credential's secrets under
+(docs/credentials.md, automated secret cycling): list, add and delete a credential's secrets under
 ``/console/organizations/{org}/credentials/{credential}/secrets``, with the
 bearer-token, API-key, scope and binding checks the real API makes, so that
 ``token-broker demo --rotate-every`` cycles a secret as it would at Adobe.
@@ -60,7 +60,7 @@ class DemoSecret:
 
 
 @dataclass(frozen=True)
-class Minted:
+class MintRecord:
     """What the issuer knows of a token it issued: who minted it, with which secret."""
 
     client_id: str
@@ -89,7 +89,7 @@ class DemoIssuer:
         self.lifetime = lifetime
         self.clock = clock  # for expiry bookkeeping and secret timestamps
         self._secrets: dict[str, list[DemoSecret]] = {}
-        self.minted: dict[str, Minted] = {}  # token -> who minted it
+        self.minted: dict[str, MintRecord] = {}  # token -> who minted it
         self.consoles: dict[tuple[str, str], str] = {}  # (org_id, credential_id) -> client_id
 
     def add_client(self, client_id: str, secret: str) -> DemoSecret:
@@ -156,7 +156,7 @@ class DemoIssuer:
         used.last_used_at = int(now * 1000)
         token = ("demo-" + secrets.token_urlsafe(self.token_bytes))[: self.token_bytes]
         scopes = frozenset(_SCOPE_SEPARATORS.split(form.get("scope", ""))) - {""}
-        self.minted[token] = Minted(client_id, used.uuid, scopes, now + self.lifetime)
+        self.minted[token] = MintRecord(client_id, used.uuid, scopes, now + self.lifetime)
         return {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime}
 
     def _authorised(
@@ -199,7 +199,9 @@ class DemoIssuer:
         return await self._console_delete(client_id, secret_uuid or "")
 
     def _console_client(self, method: str, headers: dict[str, str], org: str, cred: str) -> str:
-        """The client whose secrets the call may see, after checks a–d of DESIGN.md §11."""
+        """The client whose secrets the call may see, after the checks the real API makes:
+        a token it minted and still valid, its client ID as x-api-key, the scopes, and the
+        binding of the Console org and credential ids to that client."""
         minted = self.minted.get(bearer_token(headers))
         if minted is None or self.clock() >= minted.expires_at:
             raise ConsoleError(401, "401013", "Oauth token is not valid")
@@ -337,7 +339,7 @@ async def run(
     """Start the demo issuer and the broker in one process; serve until interrupted.
 
     With ``rotate_every`` the credential is an Adobe one whose secret the broker
-    cycles through the issuer's I/O Management API (DESIGN §11) that often.
+    cycles through the issuer's I/O Management API that often.
     """
     from broker import config, daemon, server
 

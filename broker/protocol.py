@@ -65,6 +65,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from broker.access import PEER, Peer
+from broker.errors import Refused
 from broker.guards import valid_host
 
 if TYPE_CHECKING:
@@ -103,13 +104,9 @@ def peer_of(sock: Any) -> Peer | None:
     return Peer(pid, uid, frozenset(gids))
 
 
-class Refusal(Exception):
-    """Raised from a parser callback to stop parsing and answer ``status`` then close."""
-
-    def __init__(self, status: int, reason: bytes) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
+def _refused(status: int, reason: bytes) -> Refused:
+    """A refusal of the parser's: raised from a callback to stop parsing, answered, closed."""
+    return Refused(status, reason.decode("ascii"), "framing")
 
 
 class _Discard(list[tuple[bytes, bytes]]):
@@ -141,8 +138,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._chunk = 0  # length of the chunk being parsed
         self._span = 0  # bytes of the chunks the current header section touched: a bound
         self._open_bytes = 0  # whole chunks received inside one still-open header section
-        self._refusal: Refusal | None = None
-        self._pending: Refusal | None = None  # to answer once earlier responses are out
+        self._refusal: Refused | None = None
+        self._pending: Refused | None = None  # to answer once earlier responses are out
         self._deadline: asyncio.TimerHandle | None = None
         self._withdrawn = False  # the request being answered was withdrawn (see _withdraw)
         self._arm()  # a connection must start a request in time
@@ -173,9 +170,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             pass  # no websocket routes (ws="none"): the request went to the app as plain HTTP
         except httptools.HttpParserError as exc:
-            refusal = self._refusal or Refusal(400, _parse_reason(exc))
+            refusal = self._refusal or _refused(400, _parse_reason(exc))
             self._withdraw()
-            self._refuse(refusal.status, refusal.reason)
+            self._refuse(refusal.http_status, str(refusal).encode())
             return
         if self._phase == _IDLE:
             if seq == self._seq and phase == _IDLE and self._deadline is None:
@@ -241,7 +238,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _stop(self, status: int, reason: bytes) -> None:
         """Abort parsing from a callback; :meth:`data_received` answers and closes."""
-        self._refusal = Refusal(status, reason)
+        self._refusal = _refused(status, reason)
         raise self._refusal
 
     def _authority_is_host(self) -> None:
@@ -297,7 +294,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and not self._withdrawn:
-            self._pending = Refusal(status, reason)
+            self._pending = _refused(status, reason)
             self.flow.pause_reading()  # the parser has stopped: read nothing more
             return
         self._write(status, reason)
@@ -305,7 +302,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         if self._pending is not None and not self.pipeline:
             self.server_state.total_requests += 1
-            self._write(self._pending.status, self._pending.reason)
+            self._write(self._pending.http_status, str(self._pending).encode())
             return
         super().on_response_complete()
 

@@ -23,7 +23,7 @@ from broker.demo import (
     ConsoleError,
     DemoIssuer,
     DemoSecret,
-    Minted,
+    MintRecord,
     bearer_token,
     console_reply,
     issuer_server,
@@ -304,7 +304,7 @@ class TestIssuer(DemoIssuer):
         self, scope: dict[str, Any], send: Any, org: str, cred: str, secret_uuid: str | None
     ) -> None:
         headers = lower_headers(scope)
-        minted: Minted | None = self.minted.get(bearer_token(headers))
+        minted: MintRecord | None = self.minted.get(bearer_token(headers))
         by = minted.secret_uuid if minted else None
         self.console_calls.append(
             ConsoleCall(scope["method"], scope["path"], headers, by, self.clock())

@@ -13,7 +13,7 @@ import pytest
 from helpers import FakeClock, wait_for
 from issuer import TestIssuer
 
-from broker.demo import Minted
+from broker.demo import MintRecord
 
 NOW = 1_800_000_000.0
 NOW_MS = "1800000000000"
@@ -83,7 +83,7 @@ async def test_token_records_client_secret_scopes_and_expiry(client, issuer, clo
     (first,) = issuer.secrets_of(CID)
     scopes = frozenset(MANAGE.split(","))
     assert len(scopes) == 8
-    assert issuer.minted[token] == Minted(CID, first.uuid, scopes, NOW + 5 + 3600)
+    assert issuer.minted[token] == MintRecord(CID, first.uuid, scopes, NOW + 5 + 3600)
     assert issuer.issued[token] == NOW + 5 + 3600
     assert first.last_used_at == 1_800_000_005_000
     assert first.created_at == 1_800_000_000_000 and first.works_from == NOW

@@ -108,6 +108,7 @@ def rotate_auto(args: argparse.Namespace) -> int:
     it never refreshes with a secret being deleted; run here when no daemon answers."""
     from broker import config
     from broker.client import BrokerClientError, BrokerUnavailable
+    from broker.providers.adobe import AdobeSettings
 
     settings = config.load(args.config)
     cred = settings.credentials.get(args.name)
@@ -117,7 +118,8 @@ def rotate_auto(args: argparse.Namespace) -> int:
         result = _cycle_here(cred, settings)
         where = "no daemon answered: the cycle ran in this process"
     else:
-        wait = getattr(cred, "rotate_verify", 300.0) + 6 * cred.policy.timeout + 30
+        verify = cred.rotate_verify if isinstance(cred, AdobeSettings) else 0.0
+        wait = verify + 6 * cred.policy.timeout + 30
         with asking(args, from_config=True, admin=True, timeout=wait) as broker:
             try:
                 result = broker.rotate(args.name)
