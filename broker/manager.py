@@ -360,10 +360,18 @@ class Manager:
         try:
             fresh = await credential.settings.secret.read(name, self._stores)
         except SecretError as exc:
-            log.warning("cycle %s: %s; keeping the secret already in use", name, exc)
+            log.warning("credential %s: %s; keeping the secret already in use", name, exc)
             return
-        if fresh != credential.secrets:
-            self._use_secrets(credential, fresh)
+        if fresh == credential.secrets:
+            return
+        self._use_secrets(credential, fresh)
+        credential.generation += 1  # an attempt in flight with the old secret is repeated
+        if credential.failed and credential.inflight is None:
+            # Refused with the secret it had (a fleet's broker cut off from Vault while the
+            # others cycled): a new secret is what it waited for. Try it now.
+            credential.failed = False
+            credential.blocked_until = 0.0
+            self._begin(credential)
 
     def ready(self) -> bool:
         now = self._clock()

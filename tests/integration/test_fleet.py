@@ -1,0 +1,453 @@
+"""One secret for a fleet: several broker processes, one credential, its secret in a real
+OpenBao, cycled through the test issuer's I/O Management API.
+
+Each broker is ``token-broker serve`` with ``secret = "vault:secret/tb/main"`` and a
+``[vault]`` login of its own (AppRole with the cycler's or the reader's minimal policy,
+or a token from a file). Under continuous load: one cycle per period across the
+fleet, never two at once, never more than two secrets at Adobe, no failed token
+request, a broker without ``rotate_every`` following every version. Then the broker
+holding the cycle's lease killed at each step the issuer can hold, every broker killed
+at once, Vault stopped in the middle of a cycle, one broker cut off from Vault: the
+fleet finishes or undoes the cycle and Adobe ends with one secret, the one Vault holds.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import (
+    HEADERS,
+    BrokerProcess,
+    IssuerThread,
+    TcpGate,
+    config_file,
+    new_secret,
+    reserve_port,
+    wait_for,
+)
+from openbao import OpenBao
+
+CLIENT = "broker-client"
+CONSOLE_ORG = "4711"
+CRED_ID = "88301"
+MOUNT, PATH = "secret", "tb/main"
+POLL = "1s"
+
+#: The minimal policies of docs/vault.md, for this secret.
+READER = f"""
+path "{MOUNT}/data/{PATH}" {{ capabilities = ["read"] }}
+path "{MOUNT}/metadata/{PATH}" {{ capabilities = ["read"] }}
+path "{MOUNT}/data/{PATH}/brokers/*" {{ capabilities = ["create", "update"] }}
+"""
+CYCLER = f"""
+path "{MOUNT}/data/{PATH}" {{ capabilities = ["read", "create", "update"] }}
+path "{MOUNT}/metadata/{PATH}" {{ capabilities = ["read"] }}
+path "{MOUNT}/data/{PATH}/cycle" {{ capabilities = ["read", "create", "update"] }}
+path "{MOUNT}/data/{PATH}/brokers/*" {{ capabilities = ["read", "create", "update", "delete"] }}
+path "{MOUNT}/metadata/{PATH}/brokers/" {{ capabilities = ["list"] }}
+path "{MOUNT}/metadata/{PATH}/brokers/*" {{ capabilities = ["delete"] }}
+"""
+
+
+@dataclass
+class Member:
+    """One broker of the fleet: its config, its process, its login's secrets."""
+
+    name: str
+    tmp: Path
+    issuer: IssuerThread
+    vault_url: str
+    login: dict[str, object]  # the [vault] keys of its login
+    every: str = ""  # rotate_every ("": it only follows)
+    grace: str = "30s"
+    port: int = field(default_factory=reserve_port)
+    proc: BrokerProcess | None = None
+    logs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"XDG_STATE_HOME": str(self.tmp / f"state-{self.name}")}
+        main: dict[str, object] = {
+            "provider": "adobe", "client_id": CLIENT, "org_id": "ABC@AdobeOrg",
+            "scopes": ["openid", "AdobeID"], "secret": f"vault:{MOUNT}/{PATH}",
+            "ims_url": self.issuer.url, "console_url": self.issuer.url,
+            "credential_id": CRED_ID, "console_org_id": CONSOLE_ORG,
+            "rotate_verify": "20s", "rotate_grace": self.grace,
+        }  # fmt: skip
+        if self.every:
+            main["rotate_every"] = self.every
+        self.config = config_file(
+            self.tmp / f"{self.name}.toml",
+            {"main": main},
+            server={"listen": [f"127.0.0.1:{self.port}"]},
+            refresh={"force_cooldown": "0s"},
+            toml=_vault_table(self.vault_url, self.login),
+        )
+
+    def start(self) -> Member:
+        self.proc = BrokerProcess(self.config, env=self.env)
+        self.proc.wait_healthy(self.url)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.proc.kill()  # SIGKILL: nothing of the broker's runs after it
+        self.proc.proc.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.logs.append(self.proc.output())
+            self.proc = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.proc.pid
+
+    def status(self) -> dict[str, object]:
+        return httpx.get(self.url + "/v1/credentials/main", headers=HEADERS, timeout=10).json()  # type: ignore[no-any-return]
+
+    def rotations(self, outcome: str = "success") -> int:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        pattern = (
+            rf'token_broker_secret_rotations_total{{credential="main",outcome="{outcome}"}} (\d+)'
+        )
+        found = re.search(pattern, text)
+        return int(found.group(1)) if found else 0
+
+    def output(self) -> str:
+        return "\n".join([*self.logs, self.proc.output() if self.proc else ""])
+
+
+def _vault_table(url: str, login: dict[str, object]) -> str:
+    lines = ["[vault]", f'address = "{url}"', f'poll = "{POLL}"', 'timeout = "5s"']
+    lines += [f'{k} = "{v}"' for k, v in login.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Fleet:
+    """The issuer, Vault, and the brokers; what Adobe and Vault hold at any moment."""
+
+    def __init__(self, issuer: IssuerThread, vault: OpenBao, tmp: Path) -> None:
+        self.issuer, self.vault, self.tmp = issuer, vault, tmp
+        self.members: list[Member] = []
+        self.secret = new_secret()
+        issuer.issuer.add_client(CLIENT, self.secret)
+        issuer.issuer.add_console(CLIENT, CONSOLE_ORG, CRED_ID)
+        vault.kv_write(MOUNT, PATH, {"client_secret": self.secret})
+        vault.put_policy("cycler", CYCLER)
+        vault.put_policy("reader", READER)
+        self.logins: list[str] = []  # every secret_id and token the brokers log in with
+        self.seen: dict[str, str] = {}  # uuid -> value of every secret Adobe ever held
+        self.most = 0  # the most secrets Adobe held at once, as sampled
+
+    def approle(self, policy: str) -> dict[str, object]:
+        role_id, secret_id = self.vault.approle(f"{policy}-{len(self.logins)}", [policy])
+        path = self.tmp / f"secret-id-{len(self.logins)}"
+        path.write_text(secret_id + "\n")
+        path.chmod(0o600)
+        self.logins.append(secret_id)
+        return {"auth": "approle", "role_id": role_id, "secret_id": f"file:{path}"}
+
+    def token(self, policy: str) -> dict[str, object]:
+        token = self.vault.create_token([policy, "default"])
+        path = self.tmp / f"token-{len(self.logins)}"
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        self.logins.append(token)
+        return {"auth": "token", "token": f"file:{path}"}
+
+    def member(self, name: str, login: dict[str, object], **kw: object) -> Member:
+        m = Member(name, self.tmp, self.issuer, self.vault.url, login, **kw)  # type: ignore[arg-type]
+        self.members.append(m)
+        return m
+
+    def at_adobe(self) -> dict[str, str]:
+        found = {s.uuid: s.value for s in self.issuer.issuer.secrets_of(CLIENT)}
+        self.seen.update(found)
+        self.most = max(self.most, len(found))
+        return found
+
+    def in_vault(self) -> dict[str, object]:
+        found = self.vault.kv_read(MOUNT, PATH)
+        assert found is not None
+        return found[0]
+
+    def lease(self) -> dict[str, object]:
+        found = self.vault.kv_read(MOUNT, f"{PATH}/cycle")
+        return found[0] if found else {}
+
+    def settled(self) -> bool:
+        """A cycle finished or undone: no step, Adobe holds exactly the secret Vault holds."""
+        state = self.lease().get("state") or {}
+        doc = self.in_vault()
+        return (
+            isinstance(state, dict)
+            and state.get("step") is None
+            and set(self.at_adobe().values()) == {doc.get("client_secret")}
+            and set(doc) == {"client_secret"}
+        )
+
+    def holder(self) -> Member:
+        pid = self.lease().get("pid")
+        return next(m for m in self.members if m.proc is not None and m.pid == pid)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def check_nothing_leaked(self) -> None:
+        text = "\n".join(m.output() for m in self.members)
+        sent = {r.form.get("client_secret", "") for r in self.issuer.issuer.received} - {""}
+        for value in sent | set(self.seen.values()) | set(self.logins):
+            assert value not in text, "a secret or a Vault login appeared in a broker's output"
+        for token in self.issuer.issuer.issued:
+            assert token not in text, "a token appeared in a broker's output"
+        assert self.vault.root_token not in text
+
+
+class Sampler:
+    """What Adobe holds, sampled every 20 ms while a test runs (the most at once)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.fleet.at_adobe()
+            time.sleep(0.02)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class Load:
+    """Every broker's ``GET /token`` asked continuously; every failure kept."""
+
+    def __init__(self, fleet: Fleet, members: list[Member]) -> None:
+        self.fleet, self.members = fleet, members
+        self.failures: list[str] = []
+        self.counts: dict[str, int] = {m.name: 0 for m in members}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(m,), daemon=True)
+                         for m in members]  # fmt: skip
+
+    def _run(self, member: Member) -> None:
+        with httpx.Client(base_url=member.url, headers=HEADERS, timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.get("/token")
+                    if r.status_code != 200 or r.text not in self.fleet.issuer.issuer.issued:
+                        self.failures.append(f"{member.name}: HTTP {r.status_code} {r.text[:80]}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(f"{member.name}: {type(exc).__name__}")
+                self.counts[member.name] += 1
+                time.sleep(0.02)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+@pytest.fixture
+def fleet(issuer: IssuerThread, openbao: OpenBao, tmp_path: Path) -> Iterator[Fleet]:
+    found = Fleet(issuer, openbao, tmp_path)
+    try:
+        yield found
+    finally:
+        issuer.issuer.hold = set()
+        issuer.issuer.release()
+        found.stop()
+        found.check_nothing_leaked()
+
+
+def cycles(members: list[Member]) -> int:
+    return sum(m.rotations() for m in members if m.proc is not None)
+
+
+def console(fleet: Fleet, method: str) -> list[object]:
+    return [c for c in fleet.issuer.issuer.console_calls if c.method == method]
+
+
+def test_a_fleet_cycles_once_per_period_and_no_token_request_fails(fleet: Fleet):
+    """Two brokers may cycle (every 5 s), a third only follows: under load on all three,
+    one cycle per period, never two at once, at most two secrets at Adobe, no failed
+    request, and the old secret deleted only when every broker uses the new one."""
+    fleet.issuer.issuer.lifetime = 4  # every broker refreshes every few seconds meanwhile
+    a = fleet.member("a", fleet.approle("cycler"), every="5s").start()
+    b = fleet.member("b", fleet.token("cycler"), every="5s").start()
+    c = fleet.member("c", fleet.approle("reader")).start()
+    started = time.monotonic()
+    with Sampler(fleet), Load(fleet, [a, b, c]) as load:
+        wait_for(lambda: cycles([a, b]) >= 3, timeout=90, what="three cycles")
+        elapsed = time.monotonic() - started
+        wait_for(fleet.settled, timeout=30, what="the last cycle settled")
+        # The follower uses the version Vault holds now.
+        version = fleet.vault.kv_read(MOUNT, PATH)[1]  # type: ignore[index]
+        wait_for(lambda: (c.status()["vault"] or {}).get("version") == version,  # type: ignore[union-attr]
+                 timeout=10, what="the follower on the newest version")  # fmt: skip
+    done = cycles([a, b])
+    assert load.failures == [], load.failures[:5]
+    assert all(n > 50 for n in load.counts.values()), load.counts
+    # One cycle per period (5 s after the secret in use was created, + <5% jitter), across
+    # the fleet: two brokers that may cycle do not make it two per period.
+    assert done <= elapsed / 5 + 1, (done, elapsed)
+    # Never two at once: no cycle failed (a second one at once would meet Adobe's limit of
+    # two secrets), every POST of a new secret was one cycle's (a next one may have begun).
+    assert [m.rotations(o) for m in (a, b) for o in ("error", "conflict")] == [0, 0, 0, 0]
+    posts, deletes = len(console(fleet, "POST")), len(console(fleet, "DELETE"))
+    assert done <= deletes <= posts <= deletes + 1 and posts <= done + 1, (done, posts, deletes)
+    assert fleet.most <= 2
+    # The old secret was deleted only once every broker had moved on: no broker ever
+    # presented a secret after its DELETE (it would have met invalid_client).
+    deleted_at = {
+        c.path.rsplit("/", 1)[1]: c.at
+        for c in fleet.issuer.issuer.console_calls  # type: ignore[attr-defined]
+        if c.method == "DELETE"  # type: ignore[attr-defined]
+    }
+    for uuid, when in deleted_at.items():
+        value = fleet.seen[uuid]
+        late = [r for r in fleet.issuer.issuer.received
+                if r.form.get("client_secret") == value and r.at > when]  # fmt: skip
+        assert late == [], f"a broker presented secret {uuid} after its DELETE"
+    assert c.rotations() == 0  # the follower never cycled
+    assert (c.status()["vault"] or {}).get("ok") is True  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("event", ["POST", "POST_APPLIED", "DELETE"])
+def test_the_cycling_broker_killed_at_a_step_another_finishes_or_undoes_it(fleet, event):
+    """POST: killed before Adobe made a secret; POST_APPLIED: Adobe made one whose value
+    never arrived; DELETE: killed in step 5, the new secret in use. The other broker takes
+    the lease when it lapses and finishes or undoes the cycle."""
+    a = fleet.member("a", fleet.approle("cycler"), every="4s").start()
+    b = fleet.member("b", fleet.approle("cycler"), every="4s").start()
+    fleet.issuer.issuer.hold = {event}
+    wait_for(lambda: event in fleet.issuer.issuer.held, timeout=60, what=f"{event} held")
+    holder = fleet.holder()
+    holder.kill()
+    other = b if holder is a else a
+    fleet.issuer.issuer.hold = set()
+    fleet.issuer.issuer.release()
+    with Sampler(fleet), Load(fleet, [other]) as load:
+        wait_for(lambda: other.rotations() >= 1 or fleet.settled(), timeout=60,
+                 what="the other broker finished or undid the cycle")  # fmt: skip
+        wait_for(fleet.settled, timeout=60, what="one secret at Adobe, the one in Vault")
+    assert load.failures == [], load.failures[:5]
+    assert fleet.most <= 2
+    r = httpx.get(other.url + "/token", headers=HEADERS, timeout=10)
+    assert r.status_code == 200 and r.text in fleet.issuer.issuer.issued
+
+
+def test_every_broker_killed_at_once_then_restarted_with_empty_state(fleet: Fleet):
+    members = [fleet.member(n, fleet.approle("cycler"), every="4s") for n in "abc"]
+    for m in members:
+        m.start()
+    fleet.issuer.issuer.hold = {"POST_APPLIED"}
+    wait_for(lambda: "POST_APPLIED" in fleet.issuer.issuer.held, timeout=60, what="POST held")
+    for m in members:
+        m.kill()
+    fleet.issuer.issuer.hold = set()
+    fleet.issuer.issuer.release()
+    assert len(fleet.at_adobe()) == 2  # the lost POST's secret is there, its value lost
+    for m in members:
+        m.env = {"XDG_STATE_HOME": str(fleet.tmp / f"fresh-{m.name}")}  # nothing kept locally
+        m.start()
+    with Sampler(fleet):
+        wait_for(fleet.settled, timeout=90, what="one secret at Adobe, the one in Vault")
+    assert fleet.most <= 2
+    for m in members:
+        r = httpx.get(m.url + "/token", headers=HEADERS, timeout=10)
+        assert r.status_code == 200 and r.text in fleet.issuer.issuer.issued
+
+
+def test_vault_stopped_during_a_cycle_every_broker_serves_and_nothing_is_deleted(
+    issuer: IssuerThread, openbao_raft: OpenBao, tmp_path: Path
+):
+    openbao_raft.enable_kv2(MOUNT)
+    fleet = Fleet(issuer, openbao_raft, tmp_path)
+    try:
+        a = fleet.member("a", fleet.approle("cycler"), every="4s").start()
+        b = fleet.member("b", fleet.approle("reader")).start()
+        issuer.issuer.hold = {"POST"}
+        wait_for(lambda: "POST" in issuer.issuer.held, timeout=60, what="POST held")
+        deletes = len(console(fleet, "DELETE"))
+        openbao_raft.stop(signal.SIGKILL)
+        issuer.issuer.hold = set()
+        issuer.issuer.release()  # the POST makes a secret; its value cannot be stored
+        with Sampler(fleet), Load(fleet, [a, b]) as load:
+            wait_for(lambda: not (a.status()["vault"] or {}).get("ok", True),  # type: ignore[union-attr]
+                     timeout=30, what="the broker to see Vault gone")  # fmt: skip
+            time.sleep(6)  # longer than the lease: nothing may happen at Adobe meanwhile
+            assert len(console(fleet, "DELETE")) == deletes
+            for m in (a, b):
+                r = httpx.post(m.url + "/v1/credentials/main/refresh", headers=HEADERS,
+                               timeout=30)  # fmt: skip
+                assert r.status_code == 200, r.text  # refreshes with the secret in hand
+            openbao_raft.start()  # the same data, unsealed
+            wait_for(fleet.settled, timeout=90, what="the cycle completed after Vault")
+            wait_for(lambda: a.rotations() >= 1, timeout=90, what="a cycle after Vault came back")
+            wait_for(fleet.settled, timeout=90, what="settled again")
+        assert load.failures == [], load.failures[:5]
+        assert fleet.most <= 2
+    finally:
+        issuer.issuer.hold = set()
+        issuer.issuer.release()
+        fleet.stop()
+        fleet.check_nothing_leaked()
+
+
+def test_a_broker_cut_off_from_vault_is_waited_for_then_recovers(fleet: Fleet):
+    """The cycling broker waits for a broker alive at the switch up to rotate_grace and
+    names it; once the old secret is gone that broker recovers as soon as it reads Vault."""
+    gate = TcpGate(int(fleet.vault.url.rsplit(":", 1)[1]))
+    try:
+        a = fleet.member("a", fleet.approle("cycler"), every="1h", grace="6s").start()
+        c = Member("c", fleet.tmp, fleet.issuer, f"http://127.0.0.1:{gate.port}",
+                   fleet.approle("reader"))  # fmt: skip
+        fleet.members.append(c)
+        c.start()
+        wait_for(lambda: fleet.vault.kv_list(MOUNT, f"{PATH}/brokers") and len(
+            fleet.vault.kv_list(MOUNT, f"{PATH}/brokers")) == 2, timeout=20,
+            what="both brokers reporting")  # fmt: skip
+        gate.refuse()  # c can no longer reach Vault
+        started = time.monotonic()
+        r = httpx.post(a.url + "/v1/credentials/main/rotate", headers=HEADERS, timeout=90)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started >= 5  # it waited for c, up to the grace
+        assert re.search(r"these brokers still use an older version: \w+ \(.* pid "
+                         rf"{c.pid}\) at version 1", a.output())  # fmt: skip
+        # c still serves its token; a refresh meets invalid_client and cannot read Vault.
+        assert httpx.get(c.url + "/token", headers=HEADERS, timeout=10).status_code == 200
+        refused = httpx.post(c.url + "/v1/credentials/main/refresh", headers=HEADERS, timeout=30)
+        assert refused.status_code == 502 and "invalid_client" in refused.text
+        assert (c.status()["vault"] or {}).get("ok") is False  # type: ignore[union-attr]
+        assert c.status()["state"] == "failed"
+        gate.forward()  # by itself, as soon as it reads Vault: the new secret, a new token
+        wait_for(lambda: c.status()["state"] == "fresh", timeout=20, what="c recovered")
+        assert (c.status()["vault"] or {}).get("ok") is True  # type: ignore[union-attr]
+        wait_for(fleet.settled, timeout=30, what="one secret, the one in Vault")
+    finally:
+        gate.stop()
