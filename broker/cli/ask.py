@@ -38,8 +38,10 @@ def list_credentials(args: argparse.Namespace) -> int:
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     """One line per credential, in columns; the last column (the error) is not padded."""
     cycling = any(row.get("secret_cycling") for row in rows)
+    vault = any(row.get("vault") for row in rows)
     head = ["NAME", "PROVIDER", "STATE", "EXPIRES_AT"]
-    table = [(*head, *(("SECRET_AGE", "NEXT_CYCLE") if cycling else ()), "LAST_ERROR")]
+    extra = [*(("SECRET_AGE", "NEXT_CYCLE") if cycling else ()), *(("VAULT",) if vault else ())]
+    table = [(*head, *extra, "LAST_ERROR")]
     for row in rows:
         # A fresh credential has recovered: its last error is history, and beside "fresh" it
         # reads as a current fault (the status JSON keeps it, with its time).
@@ -52,6 +54,12 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             cells += [_age(age) if age is not None else "-", cyc.get("next_cycle_at") or "-"]
             if cyc.get("last_error") and not err:  # a failed cycle, reported like a refresh
                 last = f"cycle {cyc['last_error']['outcome']}: {cyc['last_error']['detail']}"
+        if vault:
+            found = row.get("vault") or {}
+            ok = found.get("ok")
+            cells.append("-" if not found else f"v{found.get('version')}" if ok else "failing")
+            if found and not ok:  # why the secret cannot be re-read, beside what it caused
+                last = str(found.get("error")) if last == "-" else f"{last}; {found.get('error')}"
         table.append((*cells, last))
     columns = len(table[0]) - 1
     widths = [max(len(str(r[i])) for r in table) for i in range(columns)]

@@ -13,8 +13,12 @@ fleet finishes or undoes the cycle and Adobe ends with one secret, the one Vault
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -445,9 +449,84 @@ def test_a_broker_cut_off_from_vault_is_waited_for_then_recovers(fleet: Fleet):
         assert refused.status_code == 502 and "invalid_client" in refused.text
         assert (c.status()["vault"] or {}).get("ok") is False  # type: ignore[union-attr]
         assert c.status()["state"] == "failed"
+        code, listed = run_cli("list", "--url", c.url)
+        assert code == 0 and "VAULT" in listed and "failing" in listed, listed
+        assert f"vault http://127.0.0.1:{gate.port}" in listed  # the failure, named
         gate.forward()  # by itself, as soon as it reads Vault: the new secret, a new token
         wait_for(lambda: c.status()["state"] == "fresh", timeout=20, what="c recovered")
         assert (c.status()["vault"] or {}).get("ok") is True  # type: ignore[union-attr]
         wait_for(fleet.settled, timeout=30, what="one secret, the one in Vault")
     finally:
         gate.stop()
+
+
+# -- the commands, with a [vault] table ------------------------------------------------------
+
+
+def run_cli(*argv: str, stdin: str = "", env: dict[str, str] | None = None) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", *argv], input=stdin, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=90,
+    )  # fmt: skip
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_import_and_add_write_the_secret_to_vault_when_the_login_may(fleet: Fleet):
+    """`import --secret vault:…` and `add --secret vault:…` put the secret into Vault with
+    check-and-set; a login whose policy may only read is refused, saying so."""
+    fleet.vault.put_policy("importer", f'path "{MOUNT}/data/tb/*" '
+                           '{ capabilities = ["read", "create", "update"] }')  # fmt: skip
+    importer, reader = fleet.approle("importer"), fleet.approle("reader")
+    cfg = fleet.tmp / "cli.toml"
+    cfg.write_text(_vault_table(fleet.vault.url, importer))
+    project = {"project": {"name": "fleet", "org": {"id": "4711", "ims_org_id": "A@AdobeOrg"},
+               "workspace": {"details": {"credentials": [{
+                   "id": "99", "name": "x", "integration_type": "oauth_server_to_server",
+                   "oauth_server_to_server": {"client_id": "imported", "client_secrets": [
+                       "IMPORTED-SECRET-VALUE"], "scopes": ["openid"]}}]}}}}  # fmt: skip
+    (fleet.tmp / "project.json").write_text(json.dumps(project))
+    code, out = run_cli("import", str(fleet.tmp / "project.json"), "--config", str(cfg),
+                        "--name", "imported", "--secret", f"vault:{MOUNT}/tb/imported",
+                        "--no-verify", "--keep")  # fmt: skip
+    assert code == 0, out
+    assert fleet.vault.kv_read(MOUNT, "tb/imported")[0] == {  # type: ignore[index]
+        "client_secret": "IMPORTED-SECRET-VALUE"
+    }
+    assert 'secret = "vault:secret/tb/imported"' in cfg.read_text()
+    code, out = run_cli("add", "added", "--client-id", "c2", "--config", str(cfg), "--secret",
+                        f"vault:{MOUNT}/{PATH}#other", "--secret-stdin", "--no-verify",
+                        stdin="ADDED-SECRET-VALUE\n")  # fmt: skip
+    assert code == 0, out
+    # The document's other field (the fleet's secret) is kept; check-and-set on its version.
+    assert fleet.in_vault() == {"client_secret": fleet.secret, "other": "ADDED-SECRET-VALUE"}
+    # A reader's login may not write: refused, the config left as it was.
+    cfg.write_text(_vault_table(fleet.vault.url, reader))
+    code, out = run_cli("add", "refused", "--client-id", "c3", "--config", str(cfg), "--secret",
+                        f"vault:{MOUNT}/tb/refused", "--secret-stdin", "--no-verify",
+                        stdin="REFUSED-SECRET-VALUE\n")  # fmt: skip
+    assert code == 1 and "HTTP 403" in out and "permission denied" in out, out
+    assert "refused" not in cfg.read_text() and fleet.vault.kv_read(MOUNT, "tb/refused") is None
+    for secret in ("IMPORTED-SECRET-VALUE", "ADDED-SECRET-VALUE", "REFUSED-SECRET-VALUE"):
+        assert secret not in out
+
+
+def test_doctor_checks_the_login_the_policy_and_the_field(fleet: Fleet):
+    cycler = fleet.member("cycler", fleet.approle("cycler"), every="30d")
+    code, out = run_cli("doctor", "--offline", "--config", str(cycler.config))
+    assert code == 0, out
+    assert f"ok  Vault {fleet.vault.url}: logged in (approle)" in out
+    assert "ok  Vault policy of 'main' lets this broker cycle it" in out
+    assert (
+        "ok  secret of 'main' resolvable (Vault secret secret/tb/main field 'client_secret')" in out
+    )
+    # A reader's policy where rotate_every asks for a cycler's: named, with what is missing.
+    reader = fleet.member("reader", fleet.approle("reader"), every="30d")
+    code, out = run_cli("doctor", "--offline", "--config", str(reader.config))
+    assert code == 1
+    assert "FAIL  Vault policy of 'main' does not let this broker cycle it: needs " in out
+    assert f"create, update on {MOUNT}/data/{PATH};" in out
+    # A field that is not there.
+    fleet.vault.kv_write(MOUNT, PATH, {"something_else": "x"})
+    code, out = run_cli("doctor", "--offline", "--config", str(cycler.config))
+    assert code == 1 and "has no such field (version 2 has: something_else)" in out, out
+    assert fleet.secret not in out and all(s not in out for s in fleet.logins)
