@@ -4,6 +4,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -80,17 +81,19 @@ def _bao() -> str:
 @pytest.fixture
 def openbao() -> Iterator[DevServer]:
     """A ``bao server -dev`` of this test alone (~0.3 s): KV v2 at ``secret/``, root token."""
-    server = DevServer(_bao())
-    try:
-        yield server.start()
-    finally:
-        server.close()
+    yield from _serving(DevServer(_bao()))
 
 
 @pytest.fixture
 def openbao_raft() -> Iterator[RaftServer]:
     """A one-node raft OpenBao of this test alone (~1.5 s), to stop, seal and restart."""
-    server = RaftServer(_bao())
+    yield from _serving(RaftServer(_bao()))
+
+
+S = TypeVar("S", DevServer, RaftServer)
+
+
+def _serving(server: S) -> Iterator[S]:
     try:
         yield server.start()
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
+import re
 import secrets
 import signal
 import socket
@@ -143,31 +144,47 @@ class ServerThread:
 
 
 class Repeated:
-    """``ask()`` again and again from a thread while the ``with`` block runs: a client
-    under load. ``served`` counts the answers; ``failures`` keeps what ``ask`` returned
-    when it was not None (what went wrong)."""
+    """Each ask called again and again, each on a thread of its own, while the ``with``
+    block runs: clients under load. ``counts`` has each ask's answers by name (``served``
+    their sum); ``failures`` keeps what an ask returned when it was not None (what went
+    wrong) or the HTTP error it raised, after the ask's name when it has one."""
 
-    def __init__(self, ask: Callable[[], object]) -> None:
-        self.ask = ask
-        self.served = 0
+    def __init__(
+        self, ask: Callable[[], object] | None = None, /, pause: float = 0.0,
+        **named: Callable[[], object],
+    ) -> None:  # fmt: skip
+        self.asks = {"": ask, **named} if ask is not None else named
+        self.pause = pause
+        self.counts = dict.fromkeys(self.asks, 0)
         self.failures: list[object] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True)
+                         for name in self.asks]  # fmt: skip
 
-    def _run(self) -> None:
+    @property
+    def served(self) -> int:
+        return sum(self.counts.values())
+
+    def _run(self, name: str) -> None:
         while not self._stop.is_set():
-            problem = self.ask()
-            self.served += 1
+            try:
+                problem = self.asks[name]()
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            self.counts[name] += 1
             if problem is not None:
-                self.failures.append(problem)
+                self.failures.append(f"{name}: {problem}" if name else problem)
+            self._stop.wait(self.pause)
 
     def __enter__(self) -> Repeated:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join(timeout=30)
 
 
 def _accepts(path: str) -> bool:
@@ -283,6 +300,20 @@ def config_file(
 ) -> Path:
     """:func:`config_doc` written to ``path`` as TOML, readable by its owner only."""
     return write_config(path, tomlkit.dumps(config_doc(credentials, toml=toml, **sections)))
+
+
+def metric(url: str, series: str) -> int:
+    """The value of one series of the broker's /metrics at ``url`` (0 when absent)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(series)} (\d+)$", text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def rotations(url: str, outcome: str = "success") -> int:
+    """How many of credential main's secret cycles ended with ``outcome``."""
+    return metric(
+        url, f'token_broker_secret_rotations_total{{credential="main",outcome="{outcome}"}}'
+    )
 
 
 def new_secret() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,6 +56,19 @@ def _render(kubectl: str, overlay: str) -> str:
 def render(overlay: str) -> str:
     """The overlay's objects as kustomize renders them (one YAML stream)."""
     return _render(tool("kubectl"), overlay)
+
+
+def rendered_by(line: str) -> str:
+    """The overlay a documented ``kubectl apply -k DIR`` or ``kubectl kustomize DIR`` line
+    names, after checking it renders (``apply`` needs a cluster; what it would apply is
+    what ``kustomize`` of the same directory, relative to the repository, renders)."""
+    words = shlex.split(line, comments=True)
+    assert words[0] == "kubectl" and words[1] in ("apply", "kustomize"), line
+    overlay = words[words.index("-k") + 1] if words[1] == "apply" else words[2]
+    done = subprocess.run([tool("kubectl"), "kustomize", overlay], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "kind: " in done.stdout, done.stderr
+    return overlay
 
 
 def objects(overlay: str) -> list[dict[str, Any]]:

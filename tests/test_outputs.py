@@ -339,9 +339,14 @@ async def test_a_command_that_overstays_is_ended_with_its_whole_process_group(tm
         await ended(outputs, group_file)
 
 
-async def test_stopping_ends_running_commands_with_their_groups_at_once(tmp_path, caplog):
-    s, group_file = lingering(tmp_path)
-    outputs = Outputs(s.outputs, recorder=Recorder(), clock=FakeClock(NOW), command_grace=0.5)
+@pytest.mark.parametrize(
+    "command, grace",
+    [(None, 0.5), ("sh -c 'trap \"\" TERM; sleep 300; :'", 0.2)],
+    ids=["ends-at-once", "sigkill-after-the-grace-when-sigterm-is-ignored"],
+)
+async def test_stopping_ends_running_commands_with_their_groups(tmp_path, caplog, command, grace):
+    s, group_file = lingering(tmp_path, command)
+    outputs = Outputs(s.outputs, recorder=Recorder(), clock=FakeClock(NOW), command_grace=grace)
     try:
         outputs.refreshed(cred_of(s))  # type: ignore[arg-type]
         group = await started_group(group_file)
@@ -349,17 +354,5 @@ async def test_stopping_ends_running_commands_with_their_groups_at_once(tmp_path
         await asyncio.wait_for(outputs.close(), 10)
         await asyncio.to_thread(wait_for, lambda: not group_members(group), what="the group")
         assert "ended with its process group: the broker stopped" in caplog.text
-    finally:
-        await ended(outputs, group_file)
-
-
-async def test_a_child_that_ignores_sigterm_gets_sigkill_after_the_grace(tmp_path):
-    s, group_file = lingering(tmp_path, "sh -c 'trap \"\" TERM; sleep 300; :'")
-    outputs = Outputs(s.outputs, recorder=Recorder(), clock=FakeClock(NOW), command_grace=0.2)
-    try:
-        outputs.refreshed(cred_of(s))  # type: ignore[arg-type]
-        group = await started_group(group_file)
-        await asyncio.wait_for(outputs.close(), 10)
-        await asyncio.to_thread(wait_for, lambda: not group_members(group), what="the group")
     finally:
         await ended(outputs, group_file)

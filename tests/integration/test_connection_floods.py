@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import HEADERS, reserve_port, wait_for
+from helpers import HEADERS, metric, reserve_port, wait_for
 
 from broker.access import new_key
 
@@ -36,13 +36,6 @@ def limited(start_broker, tmp_path: Path, **kw):  # type: ignore[no-untyped-def]
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": path, **kw.pop("env", {})}
     return start_broker(env=env, **kw)
-
-
-def metric(url: str, series: str) -> int:
-    """The value of one series of /metrics (0 when absent)."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(series)} (\d+)$", text, re.M)
-    return int(found.group(1)) if found else 0
 
 
 def closed(sock: socket.socket, timeout: float) -> bool:

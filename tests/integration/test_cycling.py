@@ -12,6 +12,7 @@ with and without a daemon; the demo's ``--rotate-every``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,6 @@ import re
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,9 +31,11 @@ from helpers import (
     HEADERS,
     BrokerProcess,
     IssuerThread,
+    Repeated,
     config_file,
     new_secret,
     reserve_port,
+    rotations,
     wait_for,
 )
 from standin import StandInApi
@@ -116,12 +118,7 @@ class Broker:
         return httpx.get(self.url + path, headers=auth, timeout=10)
 
     def rotations(self, outcome: str = "success") -> int:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        pattern = (
-            rf'token_broker_secret_rotations_total{{credential="main",outcome="{outcome}"}} (\d+)'
-        )
-        found = re.search(pattern, text)
-        return int(found.group(1)) if found else 0
+        return rotations(self.url, outcome)
 
     def state(self) -> dict[str, object]:
         path = self.tmp / "state" / "token-broker" / "cycling" / "main.json"
@@ -175,86 +172,52 @@ def api(issuer: IssuerThread) -> Iterator[StandInApi]:
     stand_in.stop()
 
 
-class Load:
+@contextlib.contextmanager
+def under_load(broker: Broker, issuer: IssuerThread, api: StandInApi) -> Iterator[Repeated]:
     """Three kinds of consumers asking continuously, each counting what failed."""
+    issued = issuer.issuer.issued
+    key = broker.key
+    form = {"grant_type": "client_credentials", "client_id": CLIENT, "client_secret": key,
+            "scope": "openid,AdobeID"}  # fmt: skip
+    ca = ssl.create_default_context(cafile=broker.ca_bundle())
+    tb = TokenBroker(broker.url, key=key)
+    with (
+        httpx.Client(base_url=broker.url, timeout=10,
+                     headers={**HEADERS, "Authorization": f"Bearer {key}"}) as plain,
+        httpx.Client(base_url=f"https://127.0.0.1:{broker.ims_port}", verify=ca,
+                     timeout=10) as ims,
+        tb,
+        httpx.Client(auth=BrokerAuth("main", broker=tb), timeout=10) as authed,
+    ):  # fmt: skip
 
-    def __init__(self, broker: Broker, issuer: IssuerThread, api: StandInApi) -> None:
-        self.broker, self.issuer, self.api = broker, issuer, api
-        self.failures: list[str] = []
-        self.counts = {"token": 0, "ims": 0, "broker_auth": 0}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=f, daemon=True)
-                         for f in (self._token, self._ims, self._broker_auth)]  # fmt: skip
+        def token() -> str | None:
+            r = plain.get("/token")
+            return None if r.status_code == 200 and r.text in issued else _quoted(r)
 
-    def __enter__(self) -> Load:
-        self._ca = ssl.create_default_context(cafile=self.broker.ca_bundle())
-        for t in self._threads:
-            t.start()
-        return self
+        def ims_token() -> str | None:
+            r = ims.post("/ims/token/v3", data=form)
+            ok = r.status_code == 200 and r.json()["access_token"] in issued
+            return None if ok else _quoted(r)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
+        def broker_auth() -> str | None:
+            r = authed.get(f"{api.endpoint}/users/{ORG}/0")
+            return None if r.status_code == 200 else f"HTTP {r.status_code}"
 
-    def _loop(self, kind: str, once) -> None:  # type: ignore[no-untyped-def]
-        while not self._stop.is_set():
-            try:
-                problem = once()
-            except httpx.HTTPError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            if problem:
-                self.failures.append(f"{kind}: {problem}")
-            self.counts[kind] += 1
-            time.sleep(0.01)
+        with Repeated(pause=0.01, token=token, ims=ims_token, broker_auth=broker_auth) as run:
+            yield run
 
-    def _token(self) -> None:
-        headers = {**HEADERS, "Authorization": f"Bearer {self.broker.key}"}
-        with httpx.Client(base_url=self.broker.url, headers=headers, timeout=10) as client:
 
-            def once() -> str | None:
-                r = client.get("/token")
-                if r.status_code != 200 or r.text not in self.issuer.issuer.issued:
-                    return f"HTTP {r.status_code} {r.text[:100]}"
-                return None
-
-            self._loop("token", once)
-
-    def _ims(self) -> None:
-        url = f"https://127.0.0.1:{self.broker.ims_port}"
-        form = {"grant_type": "client_credentials", "client_id": CLIENT,
-                "client_secret": self.broker.key, "scope": "openid,AdobeID"}  # fmt: skip
-        with httpx.Client(base_url=url, verify=self._ca, timeout=10) as client:
-
-            def once() -> str | None:
-                r = client.post("/ims/token/v3", data=form)
-                if (
-                    r.status_code != 200
-                    or r.json()["access_token"] not in self.issuer.issuer.issued
-                ):
-                    return f"HTTP {r.status_code} {r.text[:100]}"
-                return None
-
-            self._loop("ims", once)
-
-    def _broker_auth(self) -> None:
-        tb = TokenBroker(self.broker.url, key=self.broker.key)
-        with tb, httpx.Client(auth=BrokerAuth("main", broker=tb), timeout=10) as client:
-
-            def once() -> str | None:
-                r = client.get(f"{self.api.endpoint}/users/{ORG}/0")
-                return None if r.status_code == 200 else f"HTTP {r.status_code}"
-
-            self._loop("broker_auth", once)
+def _quoted(r: httpx.Response) -> str:
+    return f"HTTP {r.status_code} {r.text[:100]}"
 
 
 def run_under_load(broker: Broker, issuer: IssuerThread, api: StandInApi, cycles: int) -> None:
     first = set(at_adobe(issuer))
-    with Load(broker, issuer, api) as load:
+    with under_load(broker, issuer, api) as running:
         wait_for(lambda: broker.rotations() >= cycles, timeout=90, what=f"{cycles} cycles")
         time.sleep(0.5)  # and some load after the last one
-    assert load.failures == [], load.failures[:5]
-    assert all(n > 20 for n in load.counts.values()), load.counts
+    assert running.failures == [], running.failures[:5]
+    assert all(n > 20 for n in running.counts.values()), running.counts
     assert set(at_adobe(issuer)).isdisjoint(first)  # the original secret is gone
     assert len(at_adobe(issuer)) in (1, 2)  # a next cycle may be between POST and DELETE
 

@@ -13,6 +13,7 @@ fleet finishes or undoes the cycle and Adobe ends with one secret, the one Vault
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +32,12 @@ from helpers import (
     HEADERS,
     BrokerProcess,
     IssuerThread,
+    Repeated,
     TcpGate,
     config_file,
     new_secret,
     reserve_port,
+    rotations,
     wait_for,
 )
 from openbao import OpenBao
@@ -122,12 +125,7 @@ class Member:
         return httpx.get(self.url + "/v1/credentials/main", headers=HEADERS, timeout=10).json()  # type: ignore[no-any-return]
 
     def rotations(self, outcome: str = "success") -> int:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        pattern = (
-            rf'token_broker_secret_rotations_total{{credential="main",outcome="{outcome}"}} (\d+)'
-        )
-        found = re.search(pattern, text)
-        return int(found.group(1)) if found else 0
+        return rotations(self.url, outcome)
 
     def output(self) -> str:
         return "\n".join([*self.logs, self.proc.output() if self.proc else ""])
@@ -242,38 +240,26 @@ class Sampler:
         self._thread.join(timeout=10)
 
 
-class Load:
-    """Every broker's ``GET /token`` asked continuously; every failure kept."""
+@contextlib.contextmanager
+def under_load(fleet: Fleet, members: list[Member]) -> Iterator[Repeated]:
+    """Every broker's ``GET /token`` asked continuously; every failure kept by name."""
+    issued = fleet.issuer.issuer.issued
+    with contextlib.ExitStack() as stack:
 
-    def __init__(self, fleet: Fleet, members: list[Member]) -> None:
-        self.fleet, self.members = fleet, members
-        self.failures: list[str] = []
-        self.counts: dict[str, int] = {m.name: 0 for m in members}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(m,), daemon=True)
-                         for m in members]  # fmt: skip
+        def asker(member: Member) -> Callable[[], str | None]:
+            client = stack.enter_context(httpx.Client(base_url=member.url, headers=HEADERS,
+                                                      timeout=10))  # fmt: skip
 
-    def _run(self, member: Member) -> None:
-        with httpx.Client(base_url=member.url, headers=HEADERS, timeout=10) as client:
-            while not self._stop.is_set():
-                try:
-                    r = client.get("/token")
-                    if r.status_code != 200 or r.text not in self.fleet.issuer.issuer.issued:
-                        self.failures.append(f"{member.name}: HTTP {r.status_code} {r.text[:80]}")
-                except httpx.HTTPError as exc:
-                    self.failures.append(f"{member.name}: {type(exc).__name__}")
-                self.counts[member.name] += 1
-                time.sleep(0.02)
+            def ask() -> str | None:
+                r = client.get("/token")
+                ok = r.status_code == 200 and r.text in issued
+                return None if ok else f"HTTP {r.status_code} {r.text[:80]}"
 
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
+            return ask
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
+        asks = {m.name: asker(m) for m in members}
+        with Repeated(pause=0.02, **asks) as running:
+            yield running
 
 
 @pytest.fixture
@@ -305,7 +291,7 @@ def test_a_fleet_cycles_once_per_period_and_no_token_request_fails(fleet: Fleet)
     b = fleet.member("b", fleet.token("cycler"), every="5s").start()
     c = fleet.member("c", fleet.approle("reader")).start()
     started = time.monotonic()
-    with Sampler(fleet), Load(fleet, [a, b, c]) as load:
+    with Sampler(fleet), under_load(fleet, [a, b, c]) as load:
         wait_for(lambda: cycles([a, b]) >= 3, timeout=90, what="three cycles")
         elapsed = time.monotonic() - started
         wait_for(fleet.settled, timeout=30, what="the last cycle settled")
@@ -355,7 +341,7 @@ def test_the_cycling_broker_killed_at_a_step_another_finishes_or_undoes_it(fleet
     other = b if holder is a else a
     fleet.issuer.issuer.hold = set()
     fleet.issuer.issuer.release()
-    with Sampler(fleet), Load(fleet, [other]) as load:
+    with Sampler(fleet), under_load(fleet, [other]) as load:
         wait_for(lambda: other.rotations() >= 1 or fleet.settled(), timeout=60,
                  what="the other broker finished or undid the cycle")  # fmt: skip
         wait_for(fleet.settled, timeout=60, what="one secret at Adobe, the one in Vault")
@@ -401,7 +387,7 @@ def test_vault_stopped_during_a_cycle_every_broker_serves_and_nothing_is_deleted
         openbao_raft.stop(signal.SIGKILL)
         issuer.issuer.hold = set()
         issuer.issuer.release()  # the POST makes a secret; its value cannot be stored
-        with Sampler(fleet), Load(fleet, [a, b]) as load:
+        with Sampler(fleet), under_load(fleet, [a, b]) as load:
             wait_for(lambda: not (a.status()["vault"] or {}).get("ok", True),  # type: ignore[union-attr]
                      timeout=30, what="the broker to see Vault gone")  # fmt: skip
             time.sleep(6)  # longer than the lease: nothing may happen at Adobe meanwhile
