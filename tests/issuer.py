@@ -159,6 +159,7 @@ class TestIssuer(DemoIssuer):
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.made: dict[str, str] = {}  # uuid -> value of every secret ever made, deleted too
         super().__init__(lifetime, clock=clock)
         self.token_bytes = token_bytes
         self.mode = "ok"
@@ -220,7 +221,9 @@ class TestIssuer(DemoIssuer):
     # -- secrets that work later, or never ---------------------------------------------
 
     def _new_secret(self, value: str, now: float) -> TestSecret:
-        return TestSecret(str(uuid.uuid4()), value, int(now * 1000), works_from=now)
+        made = TestSecret(str(uuid.uuid4()), value, int(now * 1000), works_from=now)
+        self.made[made.uuid] = value
+        return made
 
     def _accepts(self, secret: DemoSecret, now: float) -> bool:
         assert isinstance(secret, TestSecret)

@@ -150,7 +150,6 @@ class Fleet:
         vault.put_policy("cycler", CYCLER)
         vault.put_policy("reader", READER)
         self.logins: list[str] = []  # every secret_id and token the brokers log in with
-        self.seen: dict[str, str] = {}  # uuid -> value of every secret Adobe ever held
         self.most = 0  # the most secrets Adobe held at once, as sampled
 
     def approle(self, policy: str) -> dict[str, object]:
@@ -176,7 +175,6 @@ class Fleet:
 
     def at_adobe(self) -> dict[str, str]:
         found = {s.uuid: s.value for s in self.issuer.issuer.secrets_of(CLIENT)}
-        self.seen.update(found)
         self.most = max(self.most, len(found))
         return found
 
@@ -211,7 +209,7 @@ class Fleet:
     def check_nothing_leaked(self) -> None:
         text = "\n".join(m.output() for m in self.members)
         sent = {r.form.get("client_secret", "") for r in self.issuer.issuer.received} - {""}
-        for value in sent | set(self.seen.values()) | set(self.logins):
+        for value in sent | set(self.issuer.issuer.made.values()) | set(self.logins):
             assert value not in text, "a secret or a Vault login appeared in a broker's output"
         for token in self.issuer.issuer.issued:
             assert token not in text, "a token appeared in a broker's output"
@@ -278,6 +276,12 @@ def cycles(members: list[Member]) -> int:
     return sum(m.rotations() for m in members if m.proc is not None)
 
 
+def figures(**values: object) -> None:
+    """Print what a run measured (``pytest -s``): the figures of docs/reliability.md."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+    print(f"\nfigures {test}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
 def console(fleet: Fleet, method: str) -> list[object]:
     return [c for c in fleet.issuer.issuer.console_calls if c.method == method]
 
@@ -319,12 +323,15 @@ def test_a_fleet_cycles_once_per_period_and_no_token_request_fails(fleet: Fleet)
         if c.method == "DELETE"  # type: ignore[attr-defined]
     }
     for uuid, when in deleted_at.items():
-        value = fleet.seen[uuid]
+        value = fleet.issuer.issuer.made[uuid]
         late = [r for r in fleet.issuer.issuer.received
                 if r.form.get("client_secret") == value and r.at > when]  # fmt: skip
         assert late == [], f"a broker presented secret {uuid} after its DELETE"
     assert c.rotations() == 0  # the follower never cycled
     assert (c.status()["vault"] or {}).get("ok") is True  # type: ignore[union-attr]
+    figures(cycles=done, seconds=round(elapsed, 1), posts=posts, deletes=deletes,
+            most_at_adobe=fleet.most, requests=dict(load.counts),
+            failed=len(load.failures))  # fmt: skip
 
 
 @pytest.mark.parametrize("event", ["POST", "POST_APPLIED", "DELETE"])
@@ -338,6 +345,7 @@ def test_the_cycling_broker_killed_at_a_step_another_finishes_or_undoes_it(fleet
     wait_for(lambda: event in fleet.issuer.issuer.held, timeout=60, what=f"{event} held")
     holder = fleet.holder()
     holder.kill()
+    killed = time.monotonic()
     other = b if holder is a else a
     fleet.issuer.issuer.hold = set()
     fleet.issuer.issuer.release()
@@ -345,10 +353,13 @@ def test_the_cycling_broker_killed_at_a_step_another_finishes_or_undoes_it(fleet
         wait_for(lambda: other.rotations() >= 1 or fleet.settled(), timeout=60,
                  what="the other broker finished or undid the cycle")  # fmt: skip
         wait_for(fleet.settled, timeout=60, what="one secret at Adobe, the one in Vault")
+        settled = time.monotonic() - killed
     assert load.failures == [], load.failures[:5]
     assert fleet.most <= 2
     r = httpx.get(other.url + "/token", headers=HEADERS, timeout=10)
     assert r.status_code == 200 and r.text in fleet.issuer.issuer.issued
+    figures(settled_after_kill_s=round(settled, 1), most_at_adobe=fleet.most,
+            requests=load.served, failed=len(load.failures))  # fmt: skip
 
 
 def test_every_broker_killed_at_once_then_restarted_with_empty_state(fleet: Fleet):
@@ -365,12 +376,15 @@ def test_every_broker_killed_at_once_then_restarted_with_empty_state(fleet: Flee
     for m in members:
         m.env = {"XDG_STATE_HOME": str(fleet.tmp / f"fresh-{m.name}")}  # nothing kept locally
         m.start()
+    restarted = time.monotonic()
     with Sampler(fleet):
         wait_for(fleet.settled, timeout=90, what="one secret at Adobe, the one in Vault")
+    settled = time.monotonic() - restarted
     assert fleet.most <= 2
     for m in members:
         r = httpx.get(m.url + "/token", headers=HEADERS, timeout=10)
         assert r.status_code == 200 and r.text in fleet.issuer.issuer.issued
+    figures(settled_after_restart_s=round(settled, 1), most_at_adobe=fleet.most)
 
 
 def test_vault_stopped_during_a_cycle_every_broker_serves_and_nothing_is_deleted(
@@ -385,6 +399,7 @@ def test_vault_stopped_during_a_cycle_every_broker_serves_and_nothing_is_deleted
         wait_for(lambda: "POST" in issuer.issuer.held, timeout=60, what="POST held")
         deletes = len(console(fleet, "DELETE"))
         openbao_raft.stop(signal.SIGKILL)
+        stopped = time.monotonic()
         issuer.issuer.hold = set()
         issuer.issuer.release()  # the POST makes a secret; its value cannot be stored
         with Sampler(fleet), under_load(fleet, [a, b]) as load:
@@ -396,12 +411,19 @@ def test_vault_stopped_during_a_cycle_every_broker_serves_and_nothing_is_deleted
                 r = httpx.post(m.url + "/v1/credentials/main/refresh", headers=HEADERS,
                                timeout=30)  # fmt: skip
                 assert r.status_code == 200, r.text  # refreshes with the secret in hand
+            away = time.monotonic() - stopped
+            deleted_while_away = len(console(fleet, "DELETE")) - deletes
             openbao_raft.start()  # the same data, unsealed
+            back = time.monotonic()
             wait_for(fleet.settled, timeout=90, what="the cycle completed after Vault")
             wait_for(lambda: a.rotations() >= 1, timeout=90, what="a cycle after Vault came back")
             wait_for(fleet.settled, timeout=90, what="settled again")
+            completed = time.monotonic() - back
         assert load.failures == [], load.failures[:5]
         assert fleet.most <= 2
+        figures(vault_away_s=round(away, 1), deleted_while_away=deleted_while_away,
+                completed_after_return_s=round(completed, 1), most_at_adobe=fleet.most,
+                requests=dict(load.counts), failed=len(load.failures))  # fmt: skip
     finally:
         issuer.issuer.hold = set()
         issuer.issuer.release()
@@ -426,7 +448,8 @@ def test_a_broker_cut_off_from_vault_is_waited_for_then_recovers(fleet: Fleet):
         started = time.monotonic()
         r = httpx.post(a.url + "/v1/credentials/main/rotate", headers=HEADERS, timeout=90)
         assert r.status_code == 200, r.text
-        assert time.monotonic() - started >= 5  # it waited for c, up to the grace
+        waited = time.monotonic() - started
+        assert waited >= 5  # it waited for c, up to the grace
         assert re.search(r"these brokers still use an older version: \w+ \(.* pid "
                          rf"{c.pid}\) at version 1", a.output())  # fmt: skip
         # c still serves its token; a refresh meets invalid_client and cannot read Vault.
@@ -439,7 +462,13 @@ def test_a_broker_cut_off_from_vault_is_waited_for_then_recovers(fleet: Fleet):
         assert code == 0 and "VAULT" in listed and "failing" in listed, listed
         assert f"vault http://127.0.0.1:{gate.port}" in listed  # the failure, named
         gate.forward()  # by itself, as soon as it reads Vault: the new secret, a new token
+        reachable = time.monotonic()
         wait_for(lambda: c.status()["state"] == "fresh", timeout=20, what="c recovered")
+        figures(
+            rotate_waited_s=round(waited, 1),
+            grace_s=6,
+            recovered_after_vault_reachable_s=round(time.monotonic() - reachable, 1),
+        )
         assert (c.status()["vault"] or {}).get("ok") is True  # type: ignore[union-attr]
         wait_for(fleet.settled, timeout=30, what="one secret, the one in Vault")
     finally:
