@@ -144,9 +144,19 @@ def test_every_marked_block_is_run_by_a_test():
 
 def test_every_block_has_a_language():
     for b in ALL:
-        assert b.lang in {"sh", "python", "toml", "yaml", "json", "promql", "ini", "text"}, (
+        assert b.lang in {"sh", "python", "toml", "yaml", "json", "promql", "ini", "text", "hcl"}, (
             f"{b.where}: give the block a language"
         )
+
+
+def test_every_hcl_block_has_a_test_of_its_own():
+    """An HCL block is a Vault policy or a Vault Agent config: nothing here can check one by
+    its language alone, so each is marked test: and loaded into a real OpenBao by its test
+    (tests/test_vault_docs.py)."""
+    hcl = [b for b in ALL if b.lang == "hcl"]
+    assert hcl, "docs/vault.md has its policies in HCL"
+    for b in hcl:
+        assert b.kind == "test", f"{b.where}: mark the HCL block test: and load it in a test"
 
 
 @pytest.mark.parametrize("b", [b for b in ALL if b.kind == "skip"], ids=ids)
@@ -238,9 +248,15 @@ def test_python_blocks_run_in_a_sandbox(b):
     assert done.returncode == 0, f"{b.where}:\n{done.stdout}\n{done.stderr}"
 
 
+#: The [vault] table a fragment gets when it names a vault: secret and no [vault] of its own.
+HOST_VAULT = {"address": "https://vault.example.com:8200", "auth": "token",
+              "token": "file:/run/vault-agent/token"}  # fmt: skip
+
+
 def _adapted(data: dict, tmp_path: Path) -> dict:
     """What the host of a fragment would have: the credential `adobe` and a client when a
-    fragment names them, and a file output's directory and group."""
+    fragment names them, a file output's directory and group, Vault's CA file (one of the
+    test's: the loader opens it), and a [vault] table when a fragment's secret is in Vault."""
     import grp
     import os
 
@@ -266,6 +282,14 @@ def _adapted(data: dict, tmp_path: Path) -> dict:
         outputs.append(output)
     if outputs:
         merged["outputs"] = outputs
+    if "vault" in data:
+        merged["vault"] = dict(data["vault"])
+        if "ca_file" in merged["vault"]:
+            from helpers import make_ca_and_leaf
+
+            merged["vault"]["ca_file"] = str(make_ca_and_leaf(tmp_path, "vault")[0])
+    elif any(str(c.get("secret", "")).startswith("vault:") for c in merged["credentials"].values()):
+        merged["vault"] = HOST_VAULT
     return merged
 
 
@@ -275,6 +299,8 @@ def test_config_blocks_load(b, tmp_path):
     settings = config.parse(_adapted(data, tmp_path), source=b.where)
     for name in data.get("credentials", {}):
         assert name in settings.credentials
+    if "vault" in data:
+        assert settings.vault is not None and settings.vault.address == data["vault"]["address"]
 
 
 @pytest.mark.parametrize("b", _by("json"), ids=ids)
