@@ -111,6 +111,7 @@ class Daemon:
         self.https = Https(settings, self.app, self.manager, connection_limit) if https else None
         self._reloading = asyncio.Lock()
         self._listen = settings.server.listen  # what the sockets were bound to
+        self._vault_table = settings.vault  # what the running Vault login was made from
         self._tasks: dict[str, asyncio.Task[None]] = {}  # by what they do: "vault", "follow:NAME"
         self._following: dict[str, SecretRef] = {}
 
@@ -167,6 +168,10 @@ class Daemon:
         if settings.server.listen != self._listen:
             result["restart_needed"] = [str(listen) for listen in settings.server.listen]
             log.warning("reload: listen addresses change only at a restart")
+        if settings.vault != self._vault_table:
+            result.setdefault("restart_needed", []).append("[vault]")
+            log.warning("reload: the [vault] table changes only at a restart; the running "
+                        "Vault login stays as it is")  # fmt: skip
         return result
 
     async def reload(self, settings: Settings) -> dict[str, list[str]]:

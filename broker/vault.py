@@ -237,7 +237,7 @@ class Vault:
                 await asyncio.sleep(self._renew_in())
                 await self._renew()
             except VaultError as exc:
-                log.warning("vault %s: %s; trying again in %.0fs", self.address, exc, delay)
+                log.warning("%s; trying again in %.0fs", exc, delay)  # exc names the address
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
             else:

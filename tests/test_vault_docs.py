@@ -521,6 +521,40 @@ def commands_of(body: str) -> list[str]:
     return [line for line in body.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def test_a_broker_started_without_vault_reads_it_at_the_next_poll(  # type: ignore[no-untyped-def]
+    openbao, issuer, vault_gate, tmp_path
+):
+    """Vault away at start (poll 1 s): the credential is failed and the log says no secret
+    was read yet; once Vault answers, the next poll reads the secret and a token is
+    fetched, with no reload."""
+    openbao.put_policy("token-broker-reader", block("vault-reader-policy"))
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(openbao.create_token(["token-broker-reader"]))
+    token_file.chmod(0o600)
+    secret = new_secret()
+    issuer.issuer.add_client(CLIENT_ID, secret)
+    openbao.kv_write(MOUNT, PATH, {"client_secret": secret}, cas=0)
+    port = reserve_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = _broker_config(tmp_path / "config.toml", vault_gate, token_file, issuer, port, "1s")
+    vault_gate.refuse()
+    broker = BrokerProcess(cfg, env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    try:
+        broker.wait_healthy(url)
+        wait_for(lambda: _status(url)["state"] == "failed", what="failed")
+        wait_for(lambda: "no secret read yet; reading again every 1s" in broker.output(),
+                 what="the follower's warning")  # fmt: skip
+        assert "the secret in hand stays in use" not in broker.output()  # there is none
+        vault_gate.forward()
+        wait_for(lambda: _status(url)["state"] == "fresh", timeout=15, what="a token, no reload")
+        assert httpx.get(url + "/token", headers=HEADERS).status_code == 200
+    finally:
+        broker.stop()
+    output = broker.output()
+    assert secret not in output
+    assert f"vault {vault_gate.url}: vault {vault_gate.url}" not in output  # said once
+
+
 def test_a_broker_started_without_vault_and_one_refused_by_the_issuer(  # type: ignore[no-untyped-def]
     openbao, issuer, vault_gate, tmp_path
 ):
@@ -562,7 +596,9 @@ def test_a_broker_started_without_vault_and_one_refused_by_the_issuer(  # type: 
         # [vault] is read at start: a reload with another address keeps the running one.
         text = cfg.read_text()
         cfg.write_text(text.replace(vault_gate.url, "http://127.0.0.1:9"))
-        assert cli("reload").returncode == 0
+        reloaded = cli("reload")
+        assert reloaded.returncode == 0 and "restart_needed: [vault]" in reloaded.stdout
+        assert "the [vault] table changes only at a restart" in broker.output()
         assert _status(url)["vault"]["address"] == vault_gate.url
         cfg.write_text(text)
 

@@ -163,7 +163,10 @@ class VaultRef(SecretRef):
                 await self.report(name, session)
             except VaultError as exc:
                 if not failing:
-                    log.warning("credential %s: %s; the secret in hand stays in use", name, exc,
+                    held = "the secret in hand stays in use"
+                    if name not in session.versions:
+                        held = f"no secret read yet; reading again every {session.poll:g}s"
+                    log.warning("credential %s: %s; %s", name, exc, held,
                                 extra={"event": "vault_failed", "credential": name})  # fmt: skip
                 failing = True
             else:
