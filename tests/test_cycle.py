@@ -21,7 +21,8 @@ import pytest
 from helpers import FakeClock, FakeScheduler, config_file, settings, wait_for
 from issuer import TestIssuer
 
-from broker.cycling import Cycle, Cycler, StateFile
+from broker.cycling import Cycle, Cycler, CycleState, StateFile
+from broker.cycling.cycler import States
 from broker.errors import ConfigError, CycleError
 from broker.logs import Redactor
 from broker.manager import Manager
@@ -99,10 +100,11 @@ class World:
         assert any(v in values for v in self.stored()), "no stored secret works at Adobe"
 
     async def daemon(
-        self, rand: float = 0.0, **keys: object
+        self, rand: float = 0.0, states: States | None = None, **keys: object
     ) -> tuple[Manager, Cycler, FakeScheduler]:
         """The daemon's manager and cycler for this credential, started, jobs in the test's
-        hand (a FakeScheduler); ``keys`` are added to the credential's table."""
+        hand (a FakeScheduler); ``keys`` are added to the credential's table; the cycle's
+        state in ``states`` (default: a file in the state directory)."""
         parsed = settings({"adobe": {**_table(self), **keys}})
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.issuer))
         sched = FakeScheduler()
@@ -110,7 +112,7 @@ class World:
                           rand=lambda: rand)  # fmt: skip
         cycler = Cycler(
             holder=manager, issuers=manager.issuers, scheduler=sched,
-            states=lambda name, cred: StateFile(self.state_dir, name), clock=self.clock,
+            states=states or (lambda name, cred: StateFile(self.state_dir, name)), clock=self.clock,
             recorder=manager.recorder, redactor=manager.redactor, rand=lambda: rand,
             sleep=self.clock.sleep,
         )  # fmt: skip
@@ -500,6 +502,32 @@ async def test_an_interrupted_cycle_resumes_without_rotate_every(world):
     await sched.run("cycle:adobe")
     world.check_done()
     assert "cycle:adobe" not in sched.jobs  # and no further cycle without rotate_every
+    await manager.close()
+
+
+async def test_in_a_fleet_a_broker_without_rotate_every_leaves_cycles_to_the_others(world):
+    """With a state the fleet shares (Vault's), a broker without rotate_every neither
+    resumes a cycle nor reads the lease: a reader's policy may not read it."""
+    with pytest.raises(Crash):
+        await world.cycle(crash_at="switched").run()
+    loads: list[str] = []
+
+    class Shared(StateFile):
+        shared = True
+
+        async def load(self, credential_id: str) -> CycleState:
+            loads.append(credential_id)
+            return await super().load(credential_id)
+
+    states: States = lambda name, cred: Shared(world.state_dir, name)  # noqa: E731
+    manager, cycler, sched = await world.daemon(states=states)
+    assert loads == [] and "cycle:adobe" not in sched.jobs and cycler.status == {}
+    assert world.state()["step"] == "switched"  # left to a broker with rotate_every
+    await manager.close()
+    manager, cycler, sched = await world.daemon(states=states, rotate_every="30d")
+    assert loads and "cycle:adobe" in sched.jobs  # one that cycles resumes it
+    await sched.run("cycle:adobe")
+    world.check_done()
     await manager.close()
 
 

@@ -130,7 +130,7 @@ class Cycler:
         not stay half done."""
         self._credentials = credentials
         now = self._clock()
-        wanted = {n for n, c in credentials.items() if _cycling(c)}
+        wanted = {n for n, c in credentials.items() if _cycling(c) and self._takes_part(n)}
         for name in list(self.status):
             if name not in wanted:
                 del self.status[name]
@@ -369,6 +369,13 @@ class Cycler:
             "x_request_id": exc.request_id,
             "at": rfc3339(self._clock()),
         }
+
+    def _takes_part(self, name: str) -> bool:
+        """Whether this daemon runs ``name``'s cycles. In a fleet (a state the brokers
+        share) only the brokers with ``rotate_every`` do, resuming one another's; the
+        others only follow the secret, and need not even be allowed to read the lease."""
+        cred = self._settings(name)
+        return cred.rotate_every is not None or not self._states(name, cred).shared
 
     def _settings(self, name: str) -> AdobeSettings:
         cred = self._credentials.get(name)
