@@ -364,13 +364,17 @@ class Settings:
     vault: VaultSettings | None = None
 
     def file_modes(self) -> list[FileMode]:
-        """The config file and every secret file it names, with what is wrong with each
-        (a secret file others may read; a config file others may change: they could
-        point ``token_url`` at their own server and receive the secret)."""
+        """The config file and every secret file it names (Vault's login too), with what is
+        wrong with each (a secret file others may read; a config file others may change:
+        they could point ``token_url`` at their own server and receive the secret)."""
         found = [file_mode(self.path, "config file", secret=False)] if self.path else []
         for name, cred in self.credentials.items():
             if (target := cred.secret.file()) is not None:
                 found.append(file_mode(target, f"secret file of {name!r}", secret=True))
+        for key in ("token", "secret_id", "jwt"):  # Vault's login, a secret as well
+            ref = getattr(self.vault, key, None)
+            if ref is not None and (target := ref.file()) is not None:
+                found.append(file_mode(target, f"[vault] {key} file", secret=True))
         return [f for f in found if f is not None]
 
     def default_name(self) -> str | None:

@@ -94,7 +94,7 @@ _READER = {"data": {"read"}, "metadata": {"read"}, "report": {"create", "update"
 _CYCLER = {
     "data": {"read", "create", "update"},
     "cycle": {"read", "create", "update"},
-    "report": {"read", "create", "update", "delete"},
+    "report": {"read", "create", "update"},
     "reports": {"list"},
     "report-metadata": {"delete"},
 }

@@ -345,3 +345,52 @@ def test_https_listeners_are_validated(tmp_path):
     assert "credentials 'a' and 'b' share the client_id 'x'" in error_of(tmp_path, text)
     remote = "[server]\nallow_remote = true\ntls_listen = ['10.0.0.1:8443']\n" + cred + client
     assert "a non-loopback HTTPS listener needs tls_cert and tls_key" in error_of(tmp_path, remote)
+
+
+VAULTED = "[credentials.a]\nprovider = 'adobe'\nclient_id = 'x'\nsecret = 'vault:kv/a'\n"
+
+
+@pytest.mark.parametrize(
+    "table, expected",
+    [
+        ("address = 'http://vault.example.com:8200'\nauth = 'token'\ntoken = 'env:T'",
+         "[vault] address: expected an https:// address (http only on loopback)"),
+        ("address = 'https://v/x'\nauth = 'token'\ntoken = 'env:T'",
+         "[vault] address: expected https://HOST[:PORT]"),
+        ("address = 'https://v'\nauth = 'approle'\nrole_id = 'r'",
+         '[vault] secret_id: auth = "approle" needs role_id and secret_id'),
+        ("address = 'https://v'\nauth = 'token'\ntoken = 'vault:kv/t'",
+         "[vault] token: Vault's own login cannot come from Vault"),
+        ("address = 'https://v'\nauth = 'token'\ntoken = 'file:relative'",
+         '[vault] token: expected "keyring"'),
+        ("address = 'https://v'\nauth = 'ldap'\ntoken = 'env:T'", "[vault] auth: expected"),
+        ("address = 'https://v'\nauth = 'token'\ntoken = 'env:T'\npoll = '0s'",
+         "[vault] poll:"),
+        ("address = 'https://v'\nauth = 'token'\ntoken = 'env:T'\npassword = 'p'",
+         "[vault] password: unknown key"),
+    ],
+)  # fmt: skip
+def test_a_vault_table_names_the_key_that_is_wrong(tmp_path, table, expected):
+    assert expected in error_of(tmp_path, f"[vault]\n{table}\n{VAULTED}")
+
+
+def test_a_vault_table_loads_and_plain_http_is_for_loopback_only(tmp_path):
+    for address in ("http://127.0.0.1:8200", "http://[::1]:8200", "http://localhost:8200",
+                    "https://vault.example.com:8200/"):  # fmt: skip
+        text = f"[vault]\naddress = '{address}'\nauth = 'token'\ntoken = 'env:T'\n{VAULTED}"
+        s = config.load(write(tmp_path, text))
+        assert s.vault is not None and s.vault.address == address.rstrip("/")
+        assert (s.vault.poll, s.vault.timeout) == (30.0, 10.0)
+
+
+def test_a_readable_vault_login_file_is_named_like_a_secret_file(tmp_path):
+    login = tmp_path / "secret-id"
+    login.write_text("id")
+    login.chmod(0o644)
+    text = (f"[vault]\naddress = 'https://v'\nauth = 'approle'\nrole_id = 'r'\n"
+            f"secret_id = 'file:{login}'\n{VAULTED}")  # fmt: skip
+    problems = [f.problem for f in config.load(write(tmp_path, text)).file_modes() if f.problem]
+    assert problems == [
+        f"[vault] secret_id file {login} has mode 0644: group or others can read the secret; "
+        f"run `chmod 600 {login}` (Kubernetes: defaultMode: 0400)"
+    ]

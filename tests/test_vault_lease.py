@@ -60,7 +60,17 @@ async def test_a_new_credentials_secret_is_written_once_and_kept_apart(openbao: 
     assert stored.count == 2 and openbao.url in stored.where
     data, version = openbao.kv_read("secret", "tb/adobe")  # type: ignore[misc]
     assert data == {"client_secret": "first", "client_secret_pending": "second"} and version == 1
-    await ref().store_new("adobe", ["first"], ctx=ctx)  # the same secret: fine
+    # The same secret again, by a login that may only read: nothing to write, so no refusal.
+    openbao.put_policy("ro", 'path "secret/data/tb/*" { capabilities = ["read"] }')
+    reader = openbao.create_token(["ro"])
+
+    async def read_only() -> str:
+        return reader
+
+    ro = VaultSession(Vault(openbao.url, Login("token", read_only)), 1.0)
+    again = await ref().store_new("adobe", ["first"], ctx=Context(vault=ro))
+    assert "already" in again.where and openbao.kv_read("secret", "tb/adobe")[1] == 1  # type: ignore[index]
+    await ro.vault.aclose()
     with pytest.raises(SecretError, match="holds another secret; pass --force"):
         await ref().store_new("adobe", ["another"], ctx=ctx)
     openbao.kv_write("secret", "tb/adobe", {**data, "note": "kept"})

@@ -115,8 +115,12 @@ class VaultRef(SecretRef):
         if len(values) > 1:
             data[self.field + PENDING] = values[1]
         doc = await session.vault.read(self.mount, self.path)
+        where = f"{self.describe()} in {session.vault.address}"
         if doc is None:
             await session.vault.write(self.mount, self.path, data, cas=0)
+        elif all(doc.data.get(key) == value for key, value in data.items()):
+            # Nothing to write: a login that may only read can import what is already there.
+            return Stored(f"{where} (already there: nothing written)", len(values), [])
         elif doc.data.get(self.field) in (None, values[0]) or force:
             await session.vault.write(self.mount, self.path, {**doc.data, **data}, cas=doc.version)
         else:
@@ -124,7 +128,6 @@ class VaultRef(SecretRef):
                 f"credential {name!r}: {self.describe()} exists and holds another secret; "
                 "pass --force to replace it, or name another path"
             )
-        where = f"{self.describe()} in {session.vault.address}"
         return Stored(where, len(values), [])
 
     async def _document(self, session: VaultSession, name: str) -> Document:

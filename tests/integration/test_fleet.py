@@ -58,7 +58,7 @@ CYCLER = f"""
 path "{MOUNT}/data/{PATH}" {{ capabilities = ["read", "create", "update"] }}
 path "{MOUNT}/metadata/{PATH}" {{ capabilities = ["read"] }}
 path "{MOUNT}/data/{PATH}/cycle" {{ capabilities = ["read", "create", "update"] }}
-path "{MOUNT}/data/{PATH}/brokers/*" {{ capabilities = ["read", "create", "update", "delete"] }}
+path "{MOUNT}/data/{PATH}/brokers/*" {{ capabilities = ["read", "create", "update"] }}
 path "{MOUNT}/metadata/{PATH}/brokers/" {{ capabilities = ["list"] }}
 path "{MOUNT}/metadata/{PATH}/brokers/*" {{ capabilities = ["delete"] }}
 """

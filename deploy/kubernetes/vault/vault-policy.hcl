@@ -24,7 +24,7 @@ path "secret/data/token-broker/adobe/cycle" {
 }
 # Each broker's report of the version it uses; the cycling broker reads them all...
 path "secret/data/token-broker/adobe/brokers/*" {
-  capabilities = ["read", "create", "update", "delete"]
+  capabilities = ["read", "create", "update"]
 }
 path "secret/metadata/token-broker/adobe/brokers/" {
   capabilities = ["list"]
