@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import helpers
 import httpx
 import pytest
@@ -12,6 +14,7 @@ from broker.manager import Manager
 from broker.server import uvicorn_config
 
 SECRET = "api-test-secret-value"
+HTTP_API_DOC = Path(__file__).resolve().parents[1] / "docs" / "http-api.md"
 
 
 @pytest.fixture
@@ -187,3 +190,14 @@ async def test_a_remote_peer_without_a_key_learns_no_credential_name(tmp_path):
         assert 'credential="never"' in (await local.get("/metrics")).text
         assert (await local.get("/readyz")).json()["credentials"]["never"] == "failed"
     await manager.close()
+
+
+async def test_every_status_field_is_named_in_the_http_api_docs(app):
+    doc = HTTP_API_DOC.read_text()  # noqa: ASYNC240 (a small file, read once)
+    row = next(
+        line for line in doc.splitlines() if line.startswith("| `GET /v1/credentials/{name}`")
+    )
+    status = (await app.get("/v1/credentials/adobe", headers=HEADERS)).json()
+    assert len(status) >= 11
+    for key in status:
+        assert f"`{key}`" in row, key

@@ -64,3 +64,34 @@ def test_a_query_of_a_metric_the_broker_lacks_fails(scrape, tmp_path):
     """The check can fail: a misspelt metric returns nothing, and promtool says so."""
     with pytest.raises(AssertionError, match="token_broker_token_expire_in_seconds"):
         evaluate(scrape, ["min by (credential) (token_broker_token_expire_in_seconds)"], tmp_path)
+
+
+def test_every_family_the_broker_can_expose_is_documented_with_its_type():
+    """docs/observability.md's tables name every family /metrics can hold, with its type:
+    render() with every feature's series present (outputs, cycling, listeners, Vault)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from broker.metrics import Gauges, Recorder, RequestCounters, render
+
+    recorder, counters = Recorder(), RequestCounters()
+    recorder.refreshed("adobe", "success")
+    recorder.issuer_latency("adobe", 0.1)
+    recorder.output("/run/t", "write", "ok")
+    recorder.output("/run/t", "command", "ok")
+    recorder.rotated("adobe", "success")
+    counters.tokens[("adobe", "ok")] += 1
+    counters.connections["127.0.0.1:8765"] = {1}
+    counters.connection_limits["127.0.0.1:8765"] = 100
+    counters.refused_connections["127.0.0.1:8765"] += 1
+    counters.idle_closed["127.0.0.1:8765"] += 1
+    counters.handshake_failures[("127.0.0.1:8443", "timeout")] += 1
+    gauges = [Gauges("adobe", "fresh", 100.0, 1.0, secret_age=5.0, secret_version=3)]
+    vault = SimpleNamespace(ok=False, errors=Counter({"denied": 1}))
+    text = render(recorder, counters, gauges, vault)
+    exposed = set(re.findall(r"^# TYPE (token_broker_\w+) (\w+)$", text, re.M))
+    doc = (DASHBOARD.parents[2] / "docs" / "observability.md").read_text()
+    documented = set(re.findall(r"^\| `(token_broker_\w+)` \| (\w+) \|", doc, re.M))
+    assert len(exposed) >= 20
+    assert exposed <= documented, sorted(exposed - documented)
+    assert {name for name, _ in documented} <= {name for name, _ in exposed}

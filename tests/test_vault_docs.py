@@ -421,6 +421,23 @@ def _broker_config(path: Path, gate: TcpGate, token_file: Path, issuer: IssuerTh
     )  # fmt: skip
 
 
+def _reader_broker(openbao: DevServer, issuer: IssuerThread, gate: TcpGate, tmp_path: Path,
+                   secret: str, poll: str, **adobe: str) -> tuple[Path, str, str]:  # fmt: skip
+    """A token of the docs' reader policy in a file, ``secret`` in Vault and known to the
+    issuer, and the config of one broker reading it through ``gate``: (config, its URL,
+    the Vault token)."""
+    openbao.put_policy("token-broker-reader", block("vault-reader-policy"))
+    token = openbao.create_token(["token-broker-reader"])
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(token + "\n")  # as `bao token create … > file` leaves it
+    token_file.chmod(0o600)
+    issuer.issuer.add_client(CLIENT_ID, secret)
+    openbao.kv_write(MOUNT, PATH, {"client_secret": secret}, cas=0)
+    port = reserve_port()
+    cfg = _broker_config(tmp_path / "config.toml", gate, token_file, issuer, port, poll, **adobe)
+    return cfg, f"http://127.0.0.1:{port}", token
+
+
 def _status(url: str) -> dict:  # type: ignore[type-arg]
     answer = httpx.get(url + "/v1/credentials/adobe", headers=HEADERS)
     assert answer.status_code == 200, answer.text
@@ -434,18 +451,9 @@ def test_a_broker_follows_vault_and_names_its_absence(openbao, issuer, vault_gat
     log says so and a new version is followed and reported. With the Console ids in its
     config but no rotate_every, the reader leaves the cycle's state alone.
     Neither the secret nor the Vault token appears anywhere."""
-    openbao.put_policy("token-broker-reader", block("vault-reader-policy"))
-    token = openbao.create_token(["token-broker-reader"])
-    token_file = tmp_path / "vault-token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
     secret, newer = new_secret(), new_secret()
-    issuer.issuer.add_client(CLIENT_ID, secret)
-    openbao.kv_write(MOUNT, PATH, {"client_secret": secret}, cas=0)
-    port = reserve_port()
-    url = f"http://127.0.0.1:{port}"
-    cfg = _broker_config(tmp_path / "config.toml", vault_gate, token_file, issuer, port, "1s",
-                         credential_id="4566206088345", console_org_id="98765")  # fmt: skip
+    console = {"credential_id": "4566206088345", "console_org_id": "98765"}
+    cfg, url, token = _reader_broker(openbao, issuer, vault_gate, tmp_path, secret, "1s", **console)
     broker = BrokerProcess(cfg, env={"XDG_STATE_HOME": str(tmp_path / "state")})
     shown = json.loads(block("vault-status"))["vault"]
     seen: list[str] = []
@@ -527,16 +535,8 @@ def test_a_broker_started_without_vault_reads_it_at_the_next_poll(  # type: igno
     """Vault away at start (poll 1 s): the credential is failed and the log says no secret
     was read yet; once Vault answers, the next poll reads the secret and a token is
     fetched, with no reload."""
-    openbao.put_policy("token-broker-reader", block("vault-reader-policy"))
-    token_file = tmp_path / "vault-token"
-    token_file.write_text(openbao.create_token(["token-broker-reader"]))
-    token_file.chmod(0o600)
     secret = new_secret()
-    issuer.issuer.add_client(CLIENT_ID, secret)
-    openbao.kv_write(MOUNT, PATH, {"client_secret": secret}, cas=0)
-    port = reserve_port()
-    url = f"http://127.0.0.1:{port}"
-    cfg = _broker_config(tmp_path / "config.toml", vault_gate, token_file, issuer, port, "1s")
+    cfg, url, _ = _reader_broker(openbao, issuer, vault_gate, tmp_path, secret, "1s")
     vault_gate.refuse()
     broker = BrokerProcess(cfg, env={"XDG_STATE_HOME": str(tmp_path / "state")})
     try:
@@ -562,16 +562,8 @@ def test_a_broker_started_without_vault_and_one_refused_by_the_issuer(  # type: 
     `list` shows it; `token-broker reload` once Vault answers brings it back. A change to
     [vault] waits for a restart. With poll 60 s (no follow in between), `invalid_client`
     reads Vault at once and the same token request succeeds with the new version."""
-    openbao.put_policy("token-broker-reader", block("vault-reader-policy"))
-    token_file = tmp_path / "vault-token"
-    token_file.write_text(openbao.create_token(["token-broker-reader"]))
-    token_file.chmod(0o600)
     secret, newer = new_secret(), new_secret()
-    issuer.issuer.add_client(CLIENT_ID, secret)
-    openbao.kv_write(MOUNT, PATH, {"client_secret": secret}, cas=0)
-    port = reserve_port()
-    url = f"http://127.0.0.1:{port}"
-    cfg = _broker_config(tmp_path / "config.toml", vault_gate, token_file, issuer, port, "60s")
+    cfg, url, _ = _reader_broker(openbao, issuer, vault_gate, tmp_path, secret, "60s")
     vault_gate.refuse()
     broker = BrokerProcess(cfg, env={"XDG_STATE_HOME": str(tmp_path / "state")})
     env = {**os.environ, "TOKEN_BROKER_URL": url}
