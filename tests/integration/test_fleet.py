@@ -497,7 +497,9 @@ def test_import_and_add_write_the_secret_to_vault_when_the_login_may(fleet: Flee
                            '{ capabilities = ["read", "create", "update"] }')  # fmt: skip
     importer, reader = fleet.approle("importer"), fleet.approle("reader")
     cfg = fleet.tmp / "cli.toml"
-    cfg.write_text(_vault_table(fleet.vault.url, importer))
+    # A daemon address nobody serves: the CLI asks no other test's daemon (8765) to reload.
+    nobody = f'[server]\nlisten = ["127.0.0.1:{reserve_port()}"]\n'
+    cfg.write_text(nobody + _vault_table(fleet.vault.url, importer))
     project = {"project": {"name": "fleet", "org": {"id": "4711", "ims_org_id": "A@AdobeOrg"},
                "workspace": {"details": {"credentials": [{
                    "id": "99", "name": "x", "integration_type": "oauth_server_to_server",
@@ -519,7 +521,7 @@ def test_import_and_add_write_the_secret_to_vault_when_the_login_may(fleet: Flee
     # The document's other field (the fleet's secret) is kept; check-and-set on its version.
     assert fleet.in_vault() == {"client_secret": fleet.secret, "other": "ADDED-SECRET-VALUE"}
     # A reader's login may not write: refused, the config left as it was.
-    cfg.write_text(_vault_table(fleet.vault.url, reader))
+    cfg.write_text(nobody + _vault_table(fleet.vault.url, reader))
     code, out = run_cli("add", "refused", "--client-id", "c3", "--config", str(cfg), "--secret",
                         f"vault:{MOUNT}/tb/refused", "--secret-stdin", "--no-verify",
                         stdin="REFUSED-SECRET-VALUE\n")  # fmt: skip
