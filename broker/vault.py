@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import ssl
 import time
 from collections import Counter
@@ -441,15 +442,18 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+_RFC3339 = re.compile(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
 def _time(value: object) -> float:
-    """Vault's RFC 3339 time (0-9 fraction digits, ``Z``) as epoch seconds; 0.0 if unreadable."""
-    if not isinstance(value, str) or not value:
+    """Vault's RFC 3339 time (0-9 fraction digits, ``Z`` or an offset) as epoch seconds; 0.0
+    if unreadable. The zone is kept: a time read as local would be off across DST."""
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
         return 0.0
-    text = value.replace("Z", "+00:00")
-    head, dot, rest = text.partition(".")
-    if dot:  # Python reads at most 6 fraction digits; Vault writes up to 9
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits) :]}"
+    head, fraction, zone = match.groups()
+    # Python reads at most 6 fraction digits; Vault writes up to 9.
+    text = f"{head}.{(fraction or '0')[:6]}{'+00:00' if zone == 'Z' else zone}"
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
