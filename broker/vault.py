@@ -168,6 +168,12 @@ class Vault:
             raise self._shape("GET", f"{mount}/data/{path}", "no data or metadata")
         return Document(data, _int(meta.get("version")), _time(meta.get("created_time")))
 
+    async def cas_base(self, mount: str, path: str) -> int:
+        """The version a check-and-set write over ``mount/path`` names: the newest, deleted
+        (``bao kv delete``) or not; 0 when there is none."""
+        answer = await self._call("GET", f"{mount}/data/{path}", missing=True)
+        return _int(_dig(answer or {}, "data", "metadata", "version"))
+
     async def metadata(self, mount: str, path: str) -> Metadata | None:
         """``current_version`` and ``updated_time`` of ``mount/path``, or None if absent."""
         answer = await self._call("GET", f"{mount}/metadata/{path}", missing=True)
@@ -372,7 +378,9 @@ class Vault:
             answer.status == 404 and missing and not (body or {}).get("errors")
         ):  # a 404 without errors is "no such secret"; a missing mount or namespace says so
             self.health.ok, self.health.failures = True, 0
-            return body if answer.status != 404 else None
+            if answer.status == 404 and not _dig(body or {}, "data", "metadata"):
+                return None  # a deleted newest version is a 404 that carries its metadata
+            return body
         errors = body.get("errors") if isinstance(body, dict) else None
         text = (
             "; ".join(e for e in errors if isinstance(e, str)) if isinstance(errors, list) else ""
