@@ -261,7 +261,11 @@ class Vault:
                 await self._login()
             return
         try:
-            answer = await self._send("POST", "auth/token/renew-self", {}, await self._ensure())
+            # A refusal is routine (past the max TTL, not renewable): the login that
+            # follows decides whether Vault failed, so it is not counted as a failure.
+            answer = await self._send(
+                "POST", "auth/token/renew-self", {}, await self._ensure(), quiet=True
+            )
         except VaultError as exc:
             if exc.reason == "unreachable":
                 raise
@@ -355,6 +359,7 @@ class Vault:
         token: str | None,
         *,
         missing: bool = False,
+        quiet: bool = False,
     ) -> dict[str, Any] | None:
         headers = {"X-Vault-Request": "true"}
         if token is not None:
@@ -374,6 +379,8 @@ class Vault:
         except BrokerError as exc:  # an answer too long to read
             raise self._error(what, str(exc), "error") from None
         body = _json(answer.body)
+        if answer.status == 200 and body is None:  # a proxy's page, say: not Vault's answer
+            raise self._error(what, "unexpected answer (not a JSON object)", "error")
         if answer.status in (200, 204) or (
             answer.status == 404 and missing and not (body or {}).get("errors")
         ):  # a 404 without errors is "no such secret"; a missing mount or namespace says so
@@ -388,12 +395,14 @@ class Vault:
         text = " ".join(text.replace("1 error occurred:", "").split())[:_ERROR_MAX]
         reason = _reason(answer.status, text)
         detail = f"HTTP {answer.status}" + (f": {text}" if text else "")
-        raise self._error(what, detail, reason, answer.status)
+        raise self._error(what, detail, reason, answer.status, record=not quiet)
 
-    def _error(self, what: str, detail: str, reason: str, status: int | None = None) -> VaultError:
+    def _error(
+        self, what: str, detail: str, reason: str, status: int | None = None, record: bool = True
+    ) -> VaultError:
         kind = CasConflict if reason == "conflict" else VaultError
         error = kind(f"vault {self.address}: {what}: {detail}", reason=reason, status=status)
-        if reason != "conflict":  # a lost check-and-set race is an answer, not a failure
+        if reason != "conflict" and record:  # a lost check-and-set race is not a failure
             self.health.ok = False
             self.health.error, self.health.reason = str(error), reason
             self.health.at = self._wall()

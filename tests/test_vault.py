@@ -233,3 +233,22 @@ def test_vaults_times_keep_their_zone_whatever_the_local_one(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+async def test_a_refused_renewal_followed_by_a_login_is_no_failure(openbao: DevServer):
+    """A renewal refused (here: the token revoked; past its max TTL alike) and a login that
+    works: routine, not counted in the metrics' failures nor shown in the status."""
+    openbao.put_policy("tb", POLICY)
+    role_id, secret_id = openbao.approle("broker", ["tb"])
+    tokens: list[str] = []
+    vault = Vault(
+        openbao.url, Login("approle", _fixed(secret_id), role=role_id), on_token=tokens.append
+    )
+    try:
+        await vault.write("secret", "tb/renewed", {"v": 1}, cas=0)
+        openbao.call("POST", "auth/token/revoke", json={"token": tokens[-1]})
+        await vault._renew()
+        assert len(set(tokens)) == 2  # logged in again
+        assert vault.health.ok and not vault.health.errors, vault.health
+    finally:
+        await vault.aclose()
