@@ -285,6 +285,10 @@ class OutputSettings(Model):
         return data
 
 
+#: HOST[:PORT] of a URL: a name or address, or an IPv6 address in brackets; no user.
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._~-]+)(:\d{1,5})?")
+
+
 class VaultSettings(Model):
     """The ``[vault]`` table: the one Vault (or OpenBao) cluster every ``vault:`` secret is
     in, and how this broker logs in (docs/vault.md)."""
@@ -331,9 +335,19 @@ class VaultSettings(Model):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        parts = urlsplit(value)
+        if "@" in value:  # not quoted: it may hold a password
+            raise ValueError("expected https://HOST[:PORT] with no user or password in it")
+        expected = f"expected https://HOST[:PORT], got {value!r}"
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises for a port out of range)
+        except ValueError:
+            raise ValueError(expected) from None
         if parts.scheme not in ("https", "http") or not parts.hostname or parts.path.strip("/"):
-            raise ValueError(f"expected https://HOST[:PORT], got {value!r}")
+            raise ValueError(expected)
+        odd = any(c.isspace() or not c.isprintable() for c in value)  # urlsplit drops some
+        if odd or not _HOST_PORT.fullmatch(parts.netloc) or "?" in value or "#" in value:
+            raise ValueError(f"{expected} (no path, query, fragment or spaces)")
         host = parts.hostname
         if parts.scheme == "http" and host != "localhost" and not is_loopback(host):
             # The Vault token and the client secret would cross the network in clear.

@@ -13,6 +13,8 @@ import gc
 import json
 import socket
 import ssl
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -57,10 +59,16 @@ async def send_bounded(
     response = await client.send(outgoing, stream=True)
     body = bytearray()
     try:
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_ANSWER_BYTES:
-                break
+        if response.is_stream_consumed:  # an answer made in memory, body and all (a mock's)
+            body += response.content
+        else:
+            inflate = _inflater(response)
+            # Raw bytes, inflated here within the cap: httpx would inflate each network
+            # read whole (64 KiB of deflated spaces are 64 MiB) before the cap is looked at.
+            async for chunk in response.aiter_raw():
+                body += inflate(chunk, MAX_ANSWER_BYTES + 1 - len(body)) if inflate else chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    break
     finally:
         await response.aclose()
     if len(body) > MAX_ANSWER_BYTES:
@@ -68,7 +76,7 @@ async def send_bounded(
         # in reference cycles of the closed connection until the collector runs, which in
         # a quiet daemon may be much later: collect now, on this rare path, so memory
         # stays flat however often an issuer does this.
-        del body, chunk
+        del body
         gc.collect()
         raise IssuerError(
             "invalid_response",
@@ -78,6 +86,27 @@ async def send_bounded(
             debug_id=response.headers.get("x-debug-id"),
         )
     return HttpReply(response.status_code, response.headers, bytes(body))
+
+
+def _inflater(response: httpx.Response) -> Callable[[bytes, int], bytes] | None:
+    """What reads the body of ``response``'s ``Content-Encoding``, at most N bytes at a
+    time; None for none. A server may compress though asked not to: gzip and deflate are
+    read; any other encoding is an answer this client cannot read."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise IssuerError(
+            "invalid_response",
+            f"HTTP {response.status_code} answer encoded as {encoding!r}, which was not asked "
+            "for (Accept-Encoding: identity)",
+            status=response.status_code,
+            debug_id=response.headers.get("x-debug-id"),
+        )
+    # gzip: a gzip header; deflate: a zlib header (RFC 9110), which MAX_WBITS + 32 also
+    # detects. Raw deflate without a header, which some servers send, is not read.
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)
+    return lambda chunk, most: inflater.decompress(inflater.unconsumed_tail + chunk, most)
 
 
 def transport_failure(exc: httpx.HTTPError, url: str, peer: str = "the issuer") -> tuple[str, str]:

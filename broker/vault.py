@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import ssl
 import time
 from collections import Counter
@@ -167,6 +168,12 @@ class Vault:
             raise self._shape("GET", f"{mount}/data/{path}", "no data or metadata")
         return Document(data, _int(meta.get("version")), _time(meta.get("created_time")))
 
+    async def cas_base(self, mount: str, path: str) -> int:
+        """The version a check-and-set write over ``mount/path`` names: the newest, deleted
+        (``bao kv delete``) or not; 0 when there is none."""
+        answer = await self._call("GET", f"{mount}/data/{path}", missing=True)
+        return _int(_dig(answer or {}, "data", "metadata", "version"))
+
     async def metadata(self, mount: str, path: str) -> Metadata | None:
         """``current_version`` and ``updated_time`` of ``mount/path``, or None if absent."""
         answer = await self._call("GET", f"{mount}/metadata/{path}", missing=True)
@@ -254,7 +261,11 @@ class Vault:
                 await self._login()
             return
         try:
-            answer = await self._send("POST", "auth/token/renew-self", {}, await self._ensure())
+            # A refusal is routine (past the max TTL, not renewable): the login that
+            # follows decides whether Vault failed, so it is not counted as a failure.
+            answer = await self._send(
+                "POST", "auth/token/renew-self", {}, await self._ensure(), quiet=True
+            )
         except VaultError as exc:
             if exc.reason == "unreachable":
                 raise
@@ -348,6 +359,7 @@ class Vault:
         token: str | None,
         *,
         missing: bool = False,
+        quiet: bool = False,
     ) -> dict[str, Any] | None:
         headers = {"X-Vault-Request": "true"}
         if token is not None:
@@ -367,11 +379,15 @@ class Vault:
         except BrokerError as exc:  # an answer too long to read
             raise self._error(what, str(exc), "error") from None
         body = _json(answer.body)
+        if answer.status == 200 and body is None:  # a proxy's page, say: not Vault's answer
+            raise self._error(what, "unexpected answer (not a JSON object)", "error")
         if answer.status in (200, 204) or (
             answer.status == 404 and missing and not (body or {}).get("errors")
         ):  # a 404 without errors is "no such secret"; a missing mount or namespace says so
             self.health.ok, self.health.failures = True, 0
-            return body if answer.status != 404 else None
+            if answer.status == 404 and not _dig(body or {}, "data", "metadata"):
+                return None  # a deleted newest version is a 404 that carries its metadata
+            return body
         errors = body.get("errors") if isinstance(body, dict) else None
         text = (
             "; ".join(e for e in errors if isinstance(e, str)) if isinstance(errors, list) else ""
@@ -379,12 +395,14 @@ class Vault:
         text = " ".join(text.replace("1 error occurred:", "").split())[:_ERROR_MAX]
         reason = _reason(answer.status, text)
         detail = f"HTTP {answer.status}" + (f": {text}" if text else "")
-        raise self._error(what, detail, reason, answer.status)
+        raise self._error(what, detail, reason, answer.status, record=not quiet)
 
-    def _error(self, what: str, detail: str, reason: str, status: int | None = None) -> VaultError:
+    def _error(
+        self, what: str, detail: str, reason: str, status: int | None = None, record: bool = True
+    ) -> VaultError:
         kind = CasConflict if reason == "conflict" else VaultError
         error = kind(f"vault {self.address}: {what}: {detail}", reason=reason, status=status)
-        if reason != "conflict":  # a lost check-and-set race is an answer, not a failure
+        if reason != "conflict" and record:  # a lost check-and-set race is not a failure
             self.health.ok = False
             self.health.error, self.health.reason = str(error), reason
             self.health.at = self._wall()
@@ -441,15 +459,18 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+_RFC3339 = re.compile(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
 def _time(value: object) -> float:
-    """Vault's RFC 3339 time (0-9 fraction digits, ``Z``) as epoch seconds; 0.0 if unreadable."""
-    if not isinstance(value, str) or not value:
+    """Vault's RFC 3339 time (0-9 fraction digits, ``Z`` or an offset) as epoch seconds; 0.0
+    if unreadable. The zone is kept: a time read as local would be off across DST."""
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
         return 0.0
-    text = value.replace("Z", "+00:00")
-    head, dot, rest = text.partition(".")
-    if dot:  # Python reads at most 6 fraction digits; Vault writes up to 9
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits) :]}"
+    head, fraction, zone = match.groups()
+    # Python reads at most 6 fraction digits; Vault writes up to 9.
+    text = f"{head}.{(fraction or '0')[:6]}{'+00:00' if zone == 'Z' else zone}"
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:

@@ -752,3 +752,21 @@ async def test_a_cycle_that_was_undone_counts_for_the_cooldown(world):
     with pytest.raises(RotateCooldown):
         await cycler.rotate("adobe")
     await manager.close()
+
+
+async def test_a_switch_undone_while_the_brokers_were_awaited_deletes_the_new_not_the_old(
+    world, monkeypatch
+):
+    """Between the switch and the DELETE, the wait for every broker may last rotate_grace;
+    an operator who switches the store back meanwhile (a rollback) must not lose the old
+    secret: the store is read again after the wait, and the new secret is the one that goes."""
+
+    async def rolled_back(self: StateFile) -> None:
+        world.secret_file.write_text("the-original-secret-value\n")
+
+    monkeypatch.setattr(StateFile, "adopted", rolled_back)
+    with pytest.raises(CycleError) as info:
+        await world.cycle().run()
+    assert info.value.outcome == "discarded" and "undone by hand" in str(info.value)
+    assert world.at_adobe == {world.original.uuid: "the-original-secret-value"}
+    world.check_done()

@@ -248,23 +248,47 @@ async def test_an_answer_that_never_ends_is_cut_at_the_cap():
     assert sent <= MAX_ANSWER_BYTES + 65536  # stopped reading right there
 
 
-async def test_a_gzip_bomb_is_cut_at_the_cap():
-    import gzip
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compression_bomb_is_cut_at_the_cap_without_inflating_it(encoding):
+    """A server may compress though asked not to. A network read is up to 64 KiB, and
+    64 KiB of deflated spaces are ~64 MiB: the cap must hold while inflating, not after
+    each read has been inflated whole (peak memory, by tracemalloc, stays a few MiB)."""
+    import tracemalloc
+    import zlib
 
     seen: list[httpx.Request] = []
-    bomb = gzip.compress(b"{" + b" " * (64 * 1024 * 1024))
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    bomb = packer.compress(b"{" + b" " * (256 * 1024 * 1024)) + packer.flush()
 
     async def chunks():
-        for i in range(0, len(bomb), 4096):
-            yield bomb[i : i + 4096]
+        for i in range(0, len(bomb), 64 * 1024):
+            yield bomb[i : i + 64 * 1024]
 
     def handler(request):
         seen.append(request)
-        return httpx.Response(200, content=chunks(), headers={"content-encoding": "gzip"})
+        return httpx.Response(200, content=chunks(), headers={"content-encoding": encoding})
 
-    with pytest.raises(IssuerError, match="longer than 1024 KiB"):
-        await fetch(handler)
+    tracemalloc.start()
+    try:
+        with pytest.raises(IssuerError, match="longer than 1024 KiB"):
+            await fetch(handler)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"
     assert seen[0].headers["accept-encoding"] == "identity"  # we never asked for it
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, gzip", "x-unknown"])
+async def test_an_answer_in_an_encoding_not_read_here_is_an_invalid_response(encoding):
+    async def body():  # a stream: a mock given bytes would decode them itself
+        yield b"..."
+
+    def handler(request):
+        return httpx.Response(200, content=body(), headers={"content-encoding": encoding})
+
+    with pytest.raises(IssuerError, match=f"encoded as {encoding!r}"):
+        await fetch(handler)
 
 
 OUTSIDE = "outside RFC 6750's token alphabet"

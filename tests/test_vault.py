@@ -205,3 +205,50 @@ async def _until_ok(call, tries: int = 50) -> None:  # type: ignore[no-untyped-d
         except VaultError:
             await asyncio.sleep(0.1)
     await call()
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "seconds"),
+    [
+        ("2026-10-25T02:59:59.512345678Z", "2026-10-25T03:00:01.123456789Z", 1.611111),
+        ("2026-10-25T02:59:59Z", "2026-10-25T03:00:00.5Z", 1.5),  # with and without fraction
+        ("2026-10-25T02:59:59+00:00", "2026-10-25T04:00:00.25+01:00", 1.25),
+    ],
+)
+def test_vaults_times_keep_their_zone_whatever_the_local_one(
+    monkeypatch: pytest.MonkeyPatch, earlier: str, later: str, seconds: float
+) -> None:
+    """Lease and report ages compare Vault's stamps: read as local time they would be an
+    hour off across a DST change (Berlin's autumn change is at 01:00 UTC on that day)."""
+    import time
+
+    from broker.vault import _time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        assert _time(later) - _time(earlier) == pytest.approx(seconds, abs=1e-6)
+        assert _time("2026-10-25T01:00:00Z") == 1792890000.0
+        assert _time("2026-10-25T01:00:00") == 0.0  # no zone: unreadable, not local
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+async def test_a_refused_renewal_followed_by_a_login_is_no_failure(openbao: DevServer):
+    """A renewal refused (here: the token revoked; past its max TTL alike) and a login that
+    works: routine, not counted in the metrics' failures nor shown in the status."""
+    openbao.put_policy("tb", POLICY)
+    role_id, secret_id = openbao.approle("broker", ["tb"])
+    tokens: list[str] = []
+    vault = Vault(
+        openbao.url, Login("approle", _fixed(secret_id), role=role_id), on_token=tokens.append
+    )
+    try:
+        await vault.write("secret", "tb/renewed", {"v": 1}, cas=0)
+        openbao.call("POST", "auth/token/revoke", json={"token": tokens[-1]})
+        await vault._renew()
+        assert len(set(tokens)) == 2  # logged in again
+        assert vault.health.ok and not vault.health.errors, vault.health
+    finally:
+        await vault.aclose()

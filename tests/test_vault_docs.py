@@ -726,3 +726,21 @@ async def test_the_vault_token_goes_to_vault_and_nowhere_else(monkeypatch):  # t
     with pytest.raises(ConfigError, match=r"\[vault\] address: expected an https:// address"):
         config.parse({"vault": table})
     config.parse({"vault": {**table, "address": "http://127.0.0.1:8200"}})
+
+
+async def test_an_answer_that_is_not_vaults_is_a_failure_not_an_absent_secret():  # type: ignore[no-untyped-def]
+    """A proxy's page with 200 (or any body that is not a JSON object) is not "no such
+    secret": a report read so would be skipped instead of judged, a secret called absent."""
+    page = _recorder(200, {"Content-Type": "text/html"}, b"<html>Sign in to the proxy</html>")
+
+    async def token() -> str:
+        return "hvs.the-vault-token"
+
+    client = Vault(_url(page), Login("token", token))
+    try:
+        with pytest.raises(VaultError, match="not a JSON object"):
+            await client.read("secret", "a")
+        assert not client.health.ok and client.health.errors["error"] >= 1
+    finally:
+        await client.aclose()
+        page.stop()

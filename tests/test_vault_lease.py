@@ -7,6 +7,8 @@ The brokers' processes, cycles under load and kills are in tests/integration/tes
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 
 import pytest
@@ -244,3 +246,81 @@ async def test_after_vault_failed_the_holder_waits_three_polls_of_fresh_reports(
     # Nothing lagged, yet it judged only after 3 polls of reports read after the failure.
     assert time.monotonic() - failed[0] >= 3.0
     await holder.vault.aclose()
+
+
+async def test_a_mount_that_requires_check_and_set_takes_reports_and_the_lease(openbao):
+    """`cas_required` on the mount: every write of the fleet's is a check-and-set one (the
+    reports were not: every heartbeat failed, and no cycle could take the lease)."""
+    openbao.enable_kv2("strict", cas_required=True)
+    strict = stores.parse("vault:strict/tb/adobe#client_secret", "adobe")
+    assert isinstance(strict, VaultRef)
+    openbao.kv_write("strict", "tb/adobe", {"client_secret": "old"}, cas=0)
+    s = session(openbao)
+    for _ in range(2):
+        await strict.report("adobe", s)
+    state = VaultState("adobe", strict, s)
+    async with state.locked():
+        await state.save(CycleState(credential_id="c1", step="adding", before=["u1"]))
+    assert openbao.kv_read("strict", f"tb/adobe/brokers/{s.broker}")[1] == 3  # type: ignore[index]
+    # A report removed meanwhile (as a holder removes one of a broker gone): written anew.
+    openbao.call("DELETE", f"strict/metadata/tb/adobe/brokers/{s.broker}")
+    await strict.report("adobe", s)
+    assert openbao.kv_read("strict", f"tb/adobe/brokers/{s.broker}")[1] == 1  # type: ignore[index]
+    await s.vault.aclose()
+
+
+async def test_a_lease_or_secret_deleted_by_hand_is_written_anew(openbao):
+    """`bao kv delete` of the cycle document leaves its metadata: the next lease is written
+    with check-and-set on the version the metadata counts, not 0 (busy forever, before)."""
+    s = session(openbao)
+    state = VaultState("adobe", ref(), s)
+    async with state.locked():
+        await state.save(CycleState(credential_id="c1"))
+    openbao.call("DELETE", "secret/data/tb/adobe/cycle")  # soft delete: the newest version
+    async with state.locked():
+        assert (await state.load("c1")).step is None
+    # The same for a secret deleted so: `import --secret vault:…` writes it anew.
+    openbao.kv_write("secret", "tb/adobe", {"client_secret": "gone"})
+    openbao.call("DELETE", "secret/data/tb/adobe")
+    await ref().store_new("adobe", ["anew"], ctx=Context(vault=s))
+    assert openbao.kv_read("secret", "tb/adobe") == ({"client_secret": "anew"}, 2)
+    await s.vault.aclose()
+
+
+async def test_brokers_with_different_polls_judge_by_the_longer(openbao):
+    """A holder that renews every 3 s and a contender that polls every 0.5 s: the
+    contender waits 3 x 3 s, not 3 x 0.5 s (it took a live lease before); a report of a
+    broker that polls every 3 s counts as alive as long."""
+    slow, quick = session(openbao, poll=3.0), session(openbao, poll=0.5)
+    holder = VaultState("adobe", ref(), slow)
+    await holder._acquire()  # held, not renewed: its last write is now
+    await asyncio.sleep(2.0)  # > 3 x 0.5 s, < 3 x 3 s
+    with pytest.raises(CycleError) as busy:
+        async with VaultState("adobe", ref(), quick).locked():
+            pass
+    assert busy.value.outcome == "busy"
+    openbao.kv_write("secret", "tb/adobe", {"client_secret": "old"})
+    await ref().read("adobe", Context(vault=slow))
+    await ref().report("adobe", slow)  # the slow broker uses version 1
+    await asyncio.sleep(2.0)
+    openbao.kv_write("secret", "tb/adobe", {"client_secret": "new"})  # the switch
+    contender = VaultState("adobe", ref(), quick, grace=60.0)
+    await ref().read("adobe", Context(vault=quick))  # the contender uses version 2
+    assert await contender._lagging(
+        (await ref().report("adobe", quick)).written, 2, time.time()
+    ) == [f"{slow.broker} ({socket.gethostname()[:64]} pid {os.getpid()}) at version 1"]
+    for s in (slow, quick):
+        await s.vault.aclose()
+
+
+async def test_a_key_under_brokers_that_no_broker_writes_is_not_judged(openbao):
+    """Anyone who may report may write any key under brokers/: one Vault will not read back
+    (`%2E%2E`), or any other name, is skipped, not a Vault failure that holds the cycle."""
+    openbao.kv_write("secret", "tb/adobe", {"client_secret": "new"})
+    s = session(openbao)
+    for key in ("%252E%252E", "not-a-broker"):
+        openbao.call("POST", f"secret/data/tb/adobe/brokers/{key}", json={"data": {"version": 0}})
+    state = VaultState("adobe", ref(), s, grace=60.0)
+    async with state.locked():
+        await asyncio.wait_for(state.adopted(), 10)
+    await s.vault.aclose()

@@ -204,21 +204,16 @@ class Cycle:
         return await self._from_switched(state)
 
     async def _from_switched(self, state: CycleState) -> CycleResult:
-        stored = await self._current()
-        if digest(stored) != state.new_digest:
-            if digest(stored) == state.old_digest:  # switched back by hand
-                return await self._discard(state, "the switch was undone by hand")
-            raise CycleError(
-                "error",
-                f"credential {self.cred.name!r}: the stored secret is neither the old nor the "
-                f"new one of the cycle in progress (step switched, old {state.old}, new "
-                f"{state.new}); nothing was deleted: check the secrets in the Developer Console",
-            )
+        if (undone := await self._switched_back(state)) is not None:
+            return undone
         # Every broker that reads this store uses the new secret before the old one goes.
         await self._state.adopted()
+        # That wait may last rotate_grace: a switch undone meanwhile keeps the old secret.
+        if (undone := await self._switched_back(state)) is not None:
+            return undone
         # Step 5 with a token of the new secret: should the old one be refused already,
         # its deletion still goes through; and it proves the new one for management too.
-        token = await self._management_token(stored)
+        token = await self._management_token(await self._current())
         old, new = state.old, state.new
         listed = {s.uuid: s for s in await self.console.list(token)}
         if new not in listed:
@@ -252,6 +247,21 @@ class Cycle:
         log.info("cycle %s done: secret %s replaced by %s", self.cred.name, old, new,
                  extra={"event": "cycle_done", "credential": self.cred.name})  # fmt: skip
         return CycleResult("success", old, new, f"secret {old} replaced by {new}")
+
+    async def _switched_back(self, state: CycleState) -> CycleResult | None:
+        """None while the store holds the new secret; the discarded cycle's result once it
+        was switched back by hand; CycleError for a secret that is neither."""
+        stored = digest(await self._current())
+        if stored == state.new_digest:
+            return None
+        if stored == state.old_digest:
+            return await self._discard(state, "the switch was undone by hand")
+        raise CycleError(
+            "error",
+            f"credential {self.cred.name!r}: the stored secret is neither the old nor the "
+            f"new one of the cycle in progress (step switched, old {state.old}, new "
+            f"{state.new}); nothing was deleted: check the secrets in the Developer Console",
+        )
 
     async def _discard(self, state: CycleState, why: str) -> CycleResult:
         """Delete the new secret at Adobe with a token of the stored (old) one; keep the old."""

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,8 +36,14 @@ from broker.vault import CasConflict, Document, VaultError
 
 log = logging.getLogger("broker.cycle")
 
-#: A lease, and a report, count as alive this many polls after their last write.
+#: A lease, and a report, count as alive this many polls after their last write: the
+#: writer's ``poll`` as it recorded it, or the reader's if longer (brokers of a fleet may
+#: be set differently), at most :data:`LONGEST_POLL`.
 ALIVE_POLLS = 3
+LONGEST_POLL = 3600.0
+#: The name of a broker's report: its random id (:class:`~broker.stores.VaultSession`).
+#: Any other key under ``brokers/`` is not a broker's, and is not judged.
+BROKER_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class VaultState:
@@ -139,7 +146,7 @@ class VaultState:
         if doc is not None:
             holder = doc.data.get("holder")
             age = now - doc.written
-            if holder not in (None, self.session.broker) and age < ALIVE_POLLS * self.poll:
+            if holder not in (None, self.session.broker) and age < self._alive(doc.data):
                 raise CycleError(
                     "busy",
                     f"credential {self.name!r}: broker {holder} ({_who(doc.data)}) holds the "
@@ -147,7 +154,9 @@ class VaultState:
                 )
         found = None if doc is None else doc.data.get("state")
         self._state = found if isinstance(found, dict) else None
-        self._version = doc.version if doc is not None else 0
+        # None: never written, or its newest version deleted (`bao kv delete`): the next
+        # write's check-and-set is on the version the metadata counts.
+        self._version = doc.version if doc is not None else await self._base_version()
         self._holding, self._lost = True, False
         try:
             await self._write()
@@ -164,7 +173,7 @@ class VaultState:
         state = self._state
         raw = state.model_dump() if isinstance(state, CycleState) else state
         data = {"holder": self.session.broker, "host": socket.gethostname(),
-                "pid": os.getpid(), "state": raw}  # fmt: skip
+                "pid": os.getpid(), "poll": self.poll, "state": raw}  # fmt: skip
         async with self._writing:
             try:
                 written = await self._vault.write(
@@ -180,6 +189,19 @@ class VaultState:
                 raise CycleError("error", f"cannot write the cycle's state: {exc}") from None
             self._version = written.version
             self._confirmed = self._monotonic()
+
+    def _alive(self, data: dict[str, Any]) -> float:
+        """How long after its write a lease or report counts as alive (see ALIVE_POLLS)."""
+        theirs = data.get("poll")
+        if not isinstance(theirs, int | float) or isinstance(theirs, bool) or theirs != theirs:
+            theirs = 0.0
+        return ALIVE_POLLS * min(max(self.poll, theirs), LONGEST_POLL)
+
+    async def _base_version(self) -> int:
+        try:
+            return int(await self._vault.cas_base(self.ref.mount, self._path))
+        except VaultError as exc:
+            raise CycleError("error", f"cannot take the cycle lease: {exc}") from None
 
     async def _heartbeat(self) -> None:
         while True:
@@ -271,6 +293,8 @@ class VaultState:
         vault, mount = self._vault, self.ref.mount
         lagging = []
         for key in await vault.keys(mount, f"{self.ref.path}/brokers"):
+            if not BROKER_ID.fullmatch(key):
+                continue  # not a broker's report (anyone who may report can write one)
             path = f"{self.ref.path}/brokers/{key}"
             report = await vault.read(mount, path)
             if report is None:
@@ -279,7 +303,7 @@ class VaultState:
                 await vault.destroy(mount, path)
                 continue
             version = report.data.get("version")
-            alive = report.written >= switched - ALIVE_POLLS * self.poll
+            alive = report.written >= switched - self._alive(report.data)
             if alive and (not isinstance(version, int) or version < target):
                 lagging.append(f"{key} ({_who(report.data)}) at version {version}")
         return lagging

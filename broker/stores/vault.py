@@ -54,6 +54,7 @@ class VaultSession:
     poll: float
     broker: str = field(default_factory=lambda: secrets.token_hex(8))
     versions: dict[str, int] = field(default_factory=dict)  # credential -> version held
+    reported: dict[str, int] = field(default_factory=dict)  # report path -> version written
 
 
 @register
@@ -116,8 +117,9 @@ class VaultRef(SecretRef):
             data[self.field + PENDING] = values[1]
         doc = await session.vault.read(self.mount, self.path)
         where = f"{self.describe()} in {session.vault.address}"
-        if doc is None:
-            await session.vault.write(self.mount, self.path, data, cas=0)
+        if doc is None:  # absent, or its newest version deleted
+            cas = await session.vault.cas_base(self.mount, self.path)
+            await session.vault.write(self.mount, self.path, data, cas=cas)
         elif all(doc.data.get(key) == value for key, value in data.items()):
             # Nothing to write: a login that may only read can import what is already there.
             return Stored(f"{where} (already there: nothing written)", len(values), [])
@@ -182,13 +184,30 @@ class VaultRef(SecretRef):
     async def report(self, name: str, session: VaultSession) -> Document:
         """Write this broker's report: the version it uses, who it is (a heartbeat too:
         its write time, Vault's clock, says the broker is alive)."""
+        from broker.vault import CasConflict
+
         report = {
             "version": session.versions.get(name, 0),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "poll": session.poll,  # how long its silence means nothing yet (the fleet's)
         }
-        return await session.vault.write(
-            self.mount, self.report_path(session.broker), report, cas=None
+        path = self.report_path(session.broker)
+        # Check-and-set like every write here (a mount may require it): on the version
+        # this broker wrote last; 0 (absent) the first time, or after another broker
+        # removed it as one of a broker long gone.
+        last = session.reported.get(path, 0)
+        for cas in dict.fromkeys((last, 0)):
+            try:
+                written = await session.vault.write(self.mount, path, report, cas=cas)
+            except CasConflict:
+                continue
+            session.reported[path] = written.version
+            return written
+        raise CasConflict(
+            f"vault {session.vault.address}: another writer keeps changing this broker's "
+            f"report {self.mount}/{path}",
+            reason="conflict",
         )
 
 
