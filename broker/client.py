@@ -115,6 +115,7 @@ class _Base:
         self._key = key or None
         self.timeout = timeout
         self._sent_headers = dict(headers or {})
+        self._lock = threading.Lock()  # TokenBroker's pool
 
     @property
     def url(self) -> str:
@@ -150,10 +151,12 @@ class _Base:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _timeout(self, call: _Call) -> float:
-        return max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
+    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
+        timeout = max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
+        url = self._endpoint.base + call.path
+        return client.build_request(call.method, url, headers=self._headers(), timeout=timeout)
 
-    def _unavailable(self, exc: httpx.HTTPError, sent: dict[str, str]) -> BrokerUnavailable:
+    def _unavailable(self, exc: httpx.HTTPError, sent: Mapping[str, str]) -> BrokerUnavailable:
         """The error for a request that got no usable answer, quoting nothing it received."""
         name = type(exc).__name__
         if isinstance(exc, httpx.TimeoutException):
@@ -180,21 +183,19 @@ class _Base:
             return await _drive_async(self, client, flow)
 
 
+_SEND_FAILED = (httpx.TransportError, httpx.DecodingError)
+
+
 def _drive_sync(base: _Base, client: httpx.Client, flow: Flow[T]) -> T:
     try:
         call = next(flow)
         while True:
-            headers = base._headers()
+            request = base._request(client, call)
             failure: BrokerUnavailable | None = None
             try:
-                response = client.request(
-                    call.method,
-                    base._endpoint.base + call.path,
-                    headers=headers,
-                    timeout=base._timeout(call),
-                )
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                failure = base._unavailable(exc, headers)
+                response = client.send(request)
+            except _SEND_FAILED as exc:
+                failure = base._unavailable(exc, request.headers)
             if failure is not None:
                 raise failure  # here, so httpx's error (with its text) is not its context
             call = flow.send(response)
@@ -206,17 +207,12 @@ async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) ->
     try:
         call = next(flow)
         while True:
-            headers = base._headers()
+            request = base._request(client, call)
             failure: BrokerUnavailable | None = None
             try:
-                response = await client.request(
-                    call.method,
-                    base._endpoint.base + call.path,
-                    headers=headers,
-                    timeout=base._timeout(call),
-                )
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                failure = base._unavailable(exc, headers)
+                response = await client.send(request)
+            except _SEND_FAILED as exc:
+                failure = base._unavailable(exc, request.headers)
             if failure is not None:
                 raise failure  # here, so httpx's error (with its text) is not its context
             call = flow.send(response)
@@ -240,17 +236,7 @@ class TokenBroker(_Base):
     ``name=None`` in every method means the broker's default credential.
     """
 
-    def __init__(
-        self,
-        url: str | Endpoint | None = None,
-        *,
-        key: str | None = None,
-        timeout: float = 5.0,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(url, key=key, timeout=timeout, headers=headers)
-        self._client: httpx.Client | None = None
-        self._lock = threading.Lock()
+    _client: httpx.Client | None = None
 
     def __enter__(self) -> TokenBroker:
         return self
@@ -334,16 +320,7 @@ class AsyncTokenBroker(_Base):
     with ``await aclose()`` or ``async with AsyncTokenBroker() as broker``.
     """
 
-    def __init__(
-        self,
-        url: str | Endpoint | None = None,
-        *,
-        key: str | None = None,
-        timeout: float = 5.0,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(url, key=key, timeout=timeout, headers=headers)
-        self._client: httpx.AsyncClient | None = None
+    _client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> AsyncTokenBroker:
         return self
