@@ -18,18 +18,9 @@ imports nothing either)::
      └── BrokerRefused     401 / 403 / 404: no or a wrong client key, not allowed, unknown name
 
 No message, repr or exception text carries a token or a client key, whatever
-answers on the broker's address (a squatter on the port while the daemon is
-down echoes what it is sent): messages are built from the URL, the status and
-the broker's own ``error``/``detail`` fields; a ``detail`` that holds a piece
-of the client key the request carried is not quoted at all, anything shaped
-like a credential in it is replaced, and ``error`` is quoted only if it is a
-plain code. Bodies that are not the broker's JSON, headers, reason phrases
-and the text of malformed answers are never quoted.
-
-Every call is a small "flow" (a generator that yields the broker requests it
-needs and receives their responses, in :mod:`broker._client_calls`), run by a
-sync or an async driver here, so :class:`TokenBroker`, :class:`AsyncTokenBroker`
-and both halves of :class:`BrokerAuth` share one implementation of the protocol.
+answers on the broker's address (docs/security.md, 18.2): how an answer is quoted
+is :func:`broker._client_calls._quotable`'s, and every call is a flow of that
+module, run by a sync or an async driver here.
 """
 
 from __future__ import annotations
