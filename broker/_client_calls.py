@@ -83,16 +83,8 @@ class BrokerUnavailable(BrokerClientError):
     ``retry_after`` is the broker's ``Retry-After`` in seconds, when it sent one.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        detail: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, status=status, code=code, detail=detail)
+    def __init__(self, message: str, *, retry_after: float | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
         self.retry_after = retry_after
 
 

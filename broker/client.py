@@ -18,18 +18,9 @@ imports nothing either)::
      └── BrokerRefused     401 / 403 / 404: no or a wrong client key, not allowed, unknown name
 
 No message, repr or exception text carries a token or a client key, whatever
-answers on the broker's address (a squatter on the port while the daemon is
-down echoes what it is sent): messages are built from the URL, the status and
-the broker's own ``error``/``detail`` fields; a ``detail`` that holds a piece
-of the client key the request carried is not quoted at all, anything shaped
-like a credential in it is replaced, and ``error`` is quoted only if it is a
-plain code. Bodies that are not the broker's JSON, headers, reason phrases
-and the text of malformed answers are never quoted.
-
-Every call is a small "flow" (a generator that yields the broker requests it
-needs and receives their responses, in :mod:`broker._client_calls`), run by a
-sync or an async driver here, so :class:`TokenBroker`, :class:`AsyncTokenBroker`
-and both halves of :class:`BrokerAuth` share one implementation of the protocol.
+answers on the broker's address (docs/security.md, 18.2): how an answer is quoted
+is :func:`broker._client_calls._quotable`'s, and every call is a flow of that
+module, run by a sync or an async driver here.
 """
 
 from __future__ import annotations
@@ -115,6 +106,7 @@ class _Base:
         self._key = key or None
         self.timeout = timeout
         self._sent_headers = dict(headers or {})
+        self._lock = threading.Lock()  # TokenBroker's pool
 
     @property
     def url(self) -> str:
@@ -150,10 +142,12 @@ class _Base:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _timeout(self, call: _Call) -> float:
-        return max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
+    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
+        timeout = max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
+        url = self._endpoint.base + call.path
+        return client.build_request(call.method, url, headers=self._headers(), timeout=timeout)
 
-    def _unavailable(self, exc: httpx.HTTPError, sent: dict[str, str]) -> BrokerUnavailable:
+    def _unavailable(self, exc: httpx.HTTPError, sent: Mapping[str, str]) -> BrokerUnavailable:
         """The error for a request that got no usable answer, quoting nothing it received."""
         name = type(exc).__name__
         if isinstance(exc, httpx.TimeoutException):
@@ -180,21 +174,19 @@ class _Base:
             return await _drive_async(self, client, flow)
 
 
+_SEND_FAILED = (httpx.TransportError, httpx.DecodingError)
+
+
 def _drive_sync(base: _Base, client: httpx.Client, flow: Flow[T]) -> T:
     try:
         call = next(flow)
         while True:
-            headers = base._headers()
+            request = base._request(client, call)
             failure: BrokerUnavailable | None = None
             try:
-                response = client.request(
-                    call.method,
-                    base._endpoint.base + call.path,
-                    headers=headers,
-                    timeout=base._timeout(call),
-                )
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                failure = base._unavailable(exc, headers)
+                response = client.send(request)
+            except _SEND_FAILED as exc:
+                failure = base._unavailable(exc, request.headers)
             if failure is not None:
                 raise failure  # here, so httpx's error (with its text) is not its context
             call = flow.send(response)
@@ -206,17 +198,12 @@ async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) ->
     try:
         call = next(flow)
         while True:
-            headers = base._headers()
+            request = base._request(client, call)
             failure: BrokerUnavailable | None = None
             try:
-                response = await client.request(
-                    call.method,
-                    base._endpoint.base + call.path,
-                    headers=headers,
-                    timeout=base._timeout(call),
-                )
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                failure = base._unavailable(exc, headers)
+                response = await client.send(request)
+            except _SEND_FAILED as exc:
+                failure = base._unavailable(exc, request.headers)
             if failure is not None:
                 raise failure  # here, so httpx's error (with its text) is not its context
             call = flow.send(response)
@@ -240,17 +227,7 @@ class TokenBroker(_Base):
     ``name=None`` in every method means the broker's default credential.
     """
 
-    def __init__(
-        self,
-        url: str | Endpoint | None = None,
-        *,
-        key: str | None = None,
-        timeout: float = 5.0,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(url, key=key, timeout=timeout, headers=headers)
-        self._client: httpx.Client | None = None
-        self._lock = threading.Lock()
+    _client: httpx.Client | None = None
 
     def __enter__(self) -> TokenBroker:
         return self
@@ -334,16 +311,7 @@ class AsyncTokenBroker(_Base):
     with ``await aclose()`` or ``async with AsyncTokenBroker() as broker``.
     """
 
-    def __init__(
-        self,
-        url: str | Endpoint | None = None,
-        *,
-        key: str | None = None,
-        timeout: float = 5.0,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(url, key=key, timeout=timeout, headers=headers)
-        self._client: httpx.AsyncClient | None = None
+    _client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> AsyncTokenBroker:
         return self

@@ -48,7 +48,6 @@ from broker.stores import FileMode, SecretRef, file_mode
 from broker.variables import EnvFileError, check_env_file
 
 M = TypeVar("M", bound=BaseModel)
-DEFAULT_LISTEN = "127.0.0.1:8765"
 
 
 # -- listen addresses --------------------------------------------------------------------
@@ -140,24 +139,18 @@ class ServerSettings(Model):
     #: How long a leaf of the local CA lives; it is renewed at 2/3 of that, in place.
     tls_leaf_lifetime: Duration = Field(7 * 86400.0, ge=5)
 
-    @field_validator("listen", mode="before")
+    @field_validator("listen", "ims_listen", "tls_listen", mode="before")
     @classmethod
     def _listen(cls, value: object, info: ValidationInfo) -> object:
+        https = info.field_name != "listen"
+        shapes = '"HOST:PORT"' if https else '"HOST:PORT" or "unix:/path"'
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError('expected a list of "HOST:PORT" or "unix:/path" strings')
+            raise ValueError(f"expected a list of {shapes} strings")
         remote = bool(info.data.get("allow_remote"))
-        return tuple(parse_listen(item, allow_remote=remote) for item in value)
-
-    @field_validator("ims_listen", "tls_listen", mode="before")
-    @classmethod
-    def _https_listen(cls, value: object, info: ValidationInfo) -> object:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError('expected a list of "HOST:PORT" strings')
-        remote = bool(info.data.get("allow_remote"))
-        found = [parse_listen(item, allow_remote=remote) for item in value]
-        if any(isinstance(f, UnixListen) for f in found):
+        found = tuple(parse_listen(item, allow_remote=remote) for item in value)
+        if https and any(isinstance(f, UnixListen) for f in found):
             raise ValueError("HTTPS listens on TCP (HOST:PORT), not on a unix socket")
-        return tuple(found)
+        return found
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:

@@ -31,13 +31,14 @@ from broker.logs import Redactor
 from broker.manager import Credential, Manager
 from broker.metrics import Recorder, RequestCounters
 from broker.outputs import Outputs
-from broker.providers import IssuerClients, issuer_client
+from broker.providers import IssuerClients
 from broker.providers.adobe import AdobeSettings
 from broker.scheduler import APScheduler
 from broker.server import Server, bind, uvicorn_config
 from broker.stores import Context, SecretRef, VaultRef
 from broker.stores.vault import session_for
 from broker.tokens import Clock, rfc3339
+from broker.upstream import client as issuer_client
 
 log = logging.getLogger("broker.daemon")
 

@@ -196,7 +196,8 @@ def _keyring_check(needed: bool) -> Check:
 
 async def verify_async(cred: CredentialSettings, secret: str) -> Token:
     """Ask the issuer for one token with ``secret``; IssuerError if it refuses."""
-    from broker.providers import issuer_client, request_token
+    from broker.providers import request_token
+    from broker.upstream import client as issuer_client
 
     async with issuer_client(cred.policy.timeout, cred.ca_file) as client:
         issued = await request_token(

@@ -26,6 +26,27 @@ from broker.errors import IssuerError, causes
 MAX_ANSWER_BYTES = 1024 * 1024
 
 
+def client(
+    timeout: float, ca_file: str | None = None, *, trust_env: bool = True
+) -> httpx.AsyncClient:
+    """An HTTP client for one kind of upstream call (the issuers; Vault).
+
+    Redirects are never followed (a token request, or the Vault token, is not re-sent
+    elsewhere: a Vault standby's 307 must not carry it to another address). The server's
+    certificate is checked against the usual trust store (certifi's, or
+    ``$SSL_CERT_FILE`` / ``$SSL_CERT_DIR``), or only against ``ca_file`` when one is
+    named: a private CA is trusted for that service and nothing else. Vault's client
+    passes ``trust_env=False``: no HTTP(S)_PROXY, no .netrc; its token goes to Vault
+    and nowhere else.
+    """
+    verify: ssl.SSLContext | bool = True
+    if ca_file is not None:
+        verify = ssl.create_default_context(cafile=ca_file)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout), follow_redirects=False, verify=verify, trust_env=trust_env
+    )
+
+
 @dataclass(frozen=True)
 class HttpReply:
     """An issuer's answer, read whole (and bounded)."""

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import math
 import re
-import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -30,6 +29,7 @@ from typing import Any, Literal
 
 import httpx
 
+from broker import upstream
 from broker.errors import BrokerError, SecretError
 from broker.upstream import send_bounded, transport_failure
 
@@ -140,7 +140,7 @@ class Vault:
         self.namespace = namespace
         self.timeout = timeout
         self.health = Health()
-        self._client = client or _client(ca_file, timeout)
+        self._client = client or upstream.client(timeout, ca_file, trust_env=False)
         self._clock = clock
         self._wall = wall
         self._on_token = on_token
@@ -412,17 +412,6 @@ class Vault:
 
     def _shape(self, method: str, path: str, why: str) -> VaultError:
         return self._error(f"{method} {path}", f"unexpected answer ({why})", "error")
-
-
-def _client(ca_file: str | None, timeout: float) -> httpx.AsyncClient:
-    verify: ssl.SSLContext | bool = True
-    if ca_file is not None:
-        verify = ssl.create_default_context(cafile=ca_file)
-    # trust_env=False: no HTTP(S)_PROXY, no .netrc: the Vault token goes to Vault and nowhere
-    # else. follow_redirects=False: a standby's 307 must not carry it to another address.
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout), verify=verify, follow_redirects=False, trust_env=False
-    )
 
 
 def _reason(status: int, text: str) -> str:

@@ -7,14 +7,13 @@ Each group of commands has a module of its own, imported only when one of its
 commands runs (``--help`` and ``serve`` load nothing they do not use):
 
     parser.py      the command line: every command, its options and its help
-    daemon.py      serve, demo
     ask.py         token, list, reload, health, exec, rotate --auto: ask the running daemon
     running.py     finding the running daemon, asking it through broker.client, and what
                    its refusals mean (the one sentence a command prints, exit status 1)
     setup.py       add, import, remove, rotate, client: change the config and the secrets
     operations.py  the checks and writes behind add, import, remove, rotate (through the
                    secret stores of broker.stores)
-    local.py       doctor, tls: this host only
+    local.py       serve, demo, doctor, tls: this host only
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ if TYPE_CHECKING:
 
 #: Command -> the module (of this package) and function that run it.
 _COMMANDS = {
-    "serve": ("daemon", "serve"),
-    "demo": ("daemon", "demo"),
+    "serve": ("local", "serve"),
+    "demo": ("local", "demo"),
     "token": ("ask", "token"),
     "list": ("ask", "list_credentials"),
     "reload": ("ask", "reload"),

@@ -167,10 +167,10 @@ def _cycle_here(cred: Any, settings: Any) -> dict[str, Any]:
     from broker import logs
     from broker.cycling import Cycle, state_store
     from broker.files import state_dir
-    from broker.providers import issuer_client
     from broker.providers.adobe import AdobeSettings
     from broker.stores import Context
     from broker.stores.vault import session_for
+    from broker.upstream import client as issuer_client
 
     if not isinstance(cred, AdobeSettings) or not cred.cycling:
         raise ConfigError(

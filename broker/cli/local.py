@@ -1,5 +1,10 @@
-"""The commands about this host alone: ``doctor`` (the checks are in
-:mod:`broker.doctor`) and ``tls`` (the local CA; the work is in :mod:`broker.tls`).
+"""The commands about this host alone: ``serve`` and ``demo`` (the daemon in the
+foreground), ``doctor`` (the checks are in :mod:`broker.doctor`) and ``tls`` (the
+local CA; the work is in :mod:`broker.tls`).
+
+What ``serve`` imports before the daemon answers is its start-up time: the broker's
+modules are imported inside the commands (only `broker.errors`, which imports nothing,
+at module level).
 """
 
 from __future__ import annotations
@@ -70,3 +75,63 @@ def tls_command(args: argparse.Namespace) -> int:
     )
     print(bundle.path)  # alone on stdout, like `tls ca`
     return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from broker import config, daemon, logs, server, systemd
+    from broker.cli import hangup_pending
+
+    settings = config.load(args.config, serving=True)
+    redactor = logs.Redactor()
+    logs.setup(redactor, args.log_format)
+    server.harden()
+    # Socket activation: systemd (or systemd-socket-activate) bound them for us.
+    sockets = systemd.listen_sockets(allow_remote=settings.server.allow_remote)
+    own: list[tuple[str, int, int]] = []
+    if not sockets:
+        sockets = server.open_listeners(settings.server)
+        own = server.socket_files(settings.server)
+    try:
+        server.run(
+            daemon.serve(settings, sockets, redactor=redactor, hangup_pending=hangup_pending)
+        )
+    finally:
+        server.remove_socket_files(own)  # never the ones systemd passed
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from broker import logs, server
+    from broker.demo import run as run_demo
+
+    if args.config is not None:
+        print(
+            "token-broker: demo takes no --config: it runs an issuer and a credential of its "
+            f"own and reads no config; to serve {args.config}, run `token-broker serve "
+            f"--config {args.config}`",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        lifetime = _duration("--lifetime", args.lifetime, 2)
+        rotate_every = None
+        if args.rotate_every is not None:
+            rotate_every = _duration("--rotate-every", args.rotate_every, 5)
+    except ValueError as exc:
+        print(f"token-broker: {exc}", file=sys.stderr)
+        return 2
+    redactor = logs.Redactor()
+    logs.setup(redactor, args.log_format)
+    return server.run(run_demo(args.listen, lifetime, redactor, rotate_every))
+
+
+def _duration(option: str, text: str, least: float) -> float:
+    from broker.schema import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
+    if seconds < least:
+        raise ValueError(f"{option} must be at least {least:g} seconds")
+    return seconds

@@ -9,33 +9,18 @@ line here (docs/architecture.md, "Providers").
 
 from __future__ import annotations
 
-import ssl
-
 import httpx
 
 from broker.providers.adobe import AdobeSettings
 from broker.providers.base import IssuedToken, TokenRequest, request_token
 from broker.providers.oauth2 import OAuth2Settings
 from broker.schema import CredentialSettings
+from broker.upstream import client as upstream_client
 
 PROVIDERS: dict[str, type[CredentialSettings]] = {
     "adobe": AdobeSettings,
     "oauth2": OAuth2Settings,
 }
-
-
-def issuer_client(timeout: float, ca_file: str | None = None) -> httpx.AsyncClient:
-    """The HTTP client token requests go through.
-
-    Redirects are never followed (a token request is not re-sent elsewhere). The
-    issuer's certificate is checked against the usual trust store (certifi's, or
-    ``$SSL_CERT_FILE`` / ``$SSL_CERT_DIR``), or only against ``ca_file`` when a
-    credential names one: a private CA is trusted for that issuer and nothing else.
-    """
-    verify: ssl.SSLContext | bool = True
-    if ca_file is not None:
-        verify = ssl.create_default_context(cafile=ca_file)
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, verify=verify)
 
 
 class IssuerClients:
@@ -51,7 +36,7 @@ class IssuerClients:
             return self._shared
         client = self._by_ca.get(cred.ca_file)
         if client is None:
-            client = self._by_ca[cred.ca_file] = issuer_client(cred.policy.timeout, cred.ca_file)
+            client = self._by_ca[cred.ca_file] = upstream_client(cred.policy.timeout, cred.ca_file)
         return client
 
     async def aclose(self) -> None:
@@ -67,6 +52,5 @@ __all__ = [
     "IssuerClients",
     "OAuth2Settings",
     "TokenRequest",
-    "issuer_client",
     "request_token",
 ]

@@ -84,9 +84,12 @@ class SecretRef(ABC):
     text: str  # as written in the config
 
     @classmethod
-    @abstractmethod
     def from_text(cls, text: str, rest: str | None, credential: str) -> SecretRef | None:
-        """The reference whose part after the colon is ``rest``; None if malformed."""
+        """The reference whose part after the colon is ``rest``; None if malformed.
+
+        By default ``rest``, not blank, is the kind's one field (``env:VAR``).
+        """
+        return cls(text, rest) if rest and rest.strip() else None  # type: ignore[call-arg]
 
     def __str__(self) -> str:
         return self.text

@@ -16,10 +16,6 @@ class EnvRef(SecretRef):
     shapes = ("env:VAR",)
     variable: str = ""
 
-    @classmethod
-    def from_text(cls, text: str, rest: str | None, credential: str) -> EnvRef | None:
-        return cls(text, rest) if rest and rest.strip() else None
-
     def describe(self) -> str:
         return f"environment variable {self.variable}"
 

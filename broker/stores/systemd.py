@@ -18,10 +18,6 @@ class SystemdRef(SecretRef):
     shapes = ("systemd:NAME",)
     name: str = ""
 
-    @classmethod
-    def from_text(cls, text: str, rest: str | None, credential: str) -> SystemdRef | None:
-        return cls(text, rest) if rest and rest.strip() else None
-
     def describe(self) -> str:
         return f"systemd credential {self.name!r}"
 

@@ -5,14 +5,8 @@ unless TLS is configured, and nothing here imports ``cryptography`` at module
 level: a broker without ``ims_listen`` must not pay for it (8-11 MiB of RSS
 once keys are made, cryptography 38 to 50).
 
-The package, by concern (each name below is importable from ``broker.tls``):
-
-- :mod:`~broker.tls.certs`: certificates and keys built, read and judged, no state;
-- :mod:`~broker.tls.localca`: the local CA's files in the state directory, opened
-  safely; the CA, the leaf it issues, the trust bundle and its publication;
-- :mod:`~broker.tls.context`: the listeners' SSLContext and :class:`ServerCertificate`,
-  which keeps it current (a leaf of the local CA, or the user's ``tls_cert``);
-- :mod:`~broker.tls.checkup`: what ``token-broker doctor`` says of them.
+Its modules are drawn in docs/architecture.md ("The modules"); their public names
+are importable from ``broker.tls``.
 
 The local CA lives in the state directory (:func:`broker.files.state_dir`)::
 
