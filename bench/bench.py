@@ -491,10 +491,18 @@ def has_valgrind() -> bool:
     return bool(shutil.which("valgrind") and shutil.which("callgrind_control"))
 
 
-def instructions(tmp: Path, issuer: IssuerThread, python: str = sys.executable) -> float:
-    """Instructions per request of ``python``'s broker over CALLGRIND_COUNT warm requests."""
+def instructions(
+    tmp: Path,
+    issuer: IssuerThread,
+    python: str = sys.executable,
+    ref: str = "",
+    extra: str = "",
+    secret: str = "bench-secret-cg",
+) -> float:
+    """Instructions per request of ``python``'s broker over CALLGRIND_COUNT warm requests
+    (and whatever else it does meanwhile, such as polling Vault)."""
     port = reserve_port()
-    config = write_config(tmp, issuer, port, ["adobe"], "bench-secret-cg")
+    config = write_config(tmp, issuer, port, ["adobe"], secret, ref, extra)
     out = Path(tempfile.mkdtemp(dir=tmp)) / "callgrind.out"  # its own directory: dumps of one run
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
@@ -542,10 +550,11 @@ def vault_cost(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, s
     """A broker whose secret is in Vault beside the same broker with a ``file:`` secret
     (no ``[vault]`` table), each figure as ``file / vault``: start-up to ``/healthz`` and to
     the first token (5 starts each, alternating), GET /token in interleaved pairs, RSS
-    after that load; and the requests the broker makes to Vault, read from the audit log of
-    an OpenBao dev server: from process start to its first token, and per ``poll`` while
-    under load, a poll being one read of the secret's metadata (docs/vault.md). The broker
-    logs in with a token of the reader policy of docs/vault.md.
+    after that load, callgrind's instructions per request; and the requests the broker
+    makes to Vault, read from the audit log of an OpenBao dev server: from process start to
+    its first token, and per ``poll`` while under load, a poll being one read of the
+    secret's metadata (docs/vault.md). The broker logs in with a token of the reader
+    policy of docs/vault.md.
     """
     binary = bao_binary() or shutil.which("bao", path=str(ROOT / ".venv" / "bin"))
     if not binary:
@@ -589,6 +598,12 @@ def vault_cost(args: argparse.Namespace, tmp: Path, rows: list[tuple[str, str, s
         polled = server.requests(mark)
         side_by_side(rows, "Vault: broker RSS after load", [rss_mb(p.pid) for p in started],
                      "{:.1f} MB", names=("file", "vault"))  # fmt: skip
+        if has_valgrind():
+            counts = [instructions(tmp, issuer, sys.executable, ref, extra, secret) / 1000
+                      for ref, extra in sides.values()]  # fmt: skip
+            side_by_side(rows, f"Vault: instructions per warm GET /token (callgrind, "
+                         f"{CALLGRIND_COUNT:,}, polls included)", counts, "{:.1f}k",
+                         names=("file", "vault"))  # fmt: skip
     finally:
         for proc in started:
             stop(proc)
