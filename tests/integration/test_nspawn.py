@@ -112,6 +112,12 @@ systemctl show token-broker.service -p ActiveState,SubState,Type,StatusText,NRes
 Result,TriggeredBy,WatchdogUSec > $out/service
 systemctl show token-broker.socket -p ActiveState > $out/socket
 systemctl reload token-broker.service; echo "reload=$?" >> $out/service
+# ExecReload= (kill -HUP) returns at once: the daemon's RELOADING=1 ... READY=1 may
+# follow the reload job's end. Wait (up to 10 s) for it to be running again.
+for i in $(seq 50); do
+    [ "$(systemctl show -p SubState --value token-broker.service)" = running ] && break
+    sleep 0.2
+done
 systemctl show token-broker.service -p ActiveState,SubState >> $out/service
 stat -c '%a %U %G' /run/token-broker/broker.sock > $out/unix 2>&1
 stat -c '%a %G' /run/token-broker/adobe.token > $out/output 2>&1
