@@ -279,6 +279,26 @@ async def test_a_compression_bomb_is_cut_at_the_cap_without_inflating_it(encodin
     assert seen[0].headers["accept-encoding"] == "identity"  # we never asked for it
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_answer_within_the_cap_is_read(encoding):
+    """Compressed though not asked for, a normal answer still works (read raw, inflated)."""
+    import json
+    import zlib
+
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    answer = {"access_token": "tok-z", "token_type": "bearer", "expires_in": 3600}
+    packed = packer.compress(json.dumps(answer).encode()) + packer.flush()
+
+    async def chunks():  # a stream, in small reads, as off the network
+        for i in range(0, len(packed), 7):
+            yield packed[i : i + 7]
+
+    def handler(request):
+        return httpx.Response(200, content=chunks(), headers={"content-encoding": encoding})
+
+    assert (await fetch(handler)).token.access_token == "tok-z"
+
+
 @pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, gzip", "x-unknown"])
 async def test_an_answer_in_an_encoding_not_read_here_is_an_invalid_response(encoding):
     async def body():  # a stream: a mock given bytes would decode them itself
