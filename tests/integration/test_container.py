@@ -97,7 +97,10 @@ def test_read_only_root_no_capabilities_and_prompt_sigterm(issuer):
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=5) == 0
-            assert time.monotonic() - started < 1.0
+            # Prompt: the daemon waits at most 0.8 s for requests in flight; the bound
+            # (as in test_daemon's SIGTERM test) leaves room for a loaded machine and
+            # still catches a hang until a container runtime's kill (10 s).
+            assert time.monotonic() - started < 3
         finally:
             if proc.poll() is None:
                 proc.kill()
