@@ -324,3 +324,14 @@ async def test_a_key_under_brokers_that_no_broker_writes_is_not_judged(openbao):
     async with state.locked():
         await asyncio.wait_for(state.adopted(), 10)
     await s.vault.aclose()
+
+
+async def test_reports_written_at_once_by_one_broker_do_not_conflict(openbao):
+    """The follower's heartbeat and a cycle's own report (taking the lease, judging the
+    brokers) may write this broker's report at the same moment: one after the other, each
+    check-and-set on the version the other wrote (a cycle failed with a conflict before)."""
+    s = session(openbao)
+    for _ in range(3):
+        await asyncio.gather(*(ref().report("adobe", s) for _ in range(4)))
+    assert openbao.kv_read("secret", f"tb/adobe/brokers/{s.broker}")[1] == 12  # type: ignore[index]
+    await s.vault.aclose()

@@ -55,6 +55,8 @@ class VaultSession:
     broker: str = field(default_factory=lambda: secrets.token_hex(8))
     versions: dict[str, int] = field(default_factory=dict)  # credential -> version held
     reported: dict[str, int] = field(default_factory=dict)  # report path -> version written
+    #: This broker's report writes, one at a time (the follower's and a cycle's may meet).
+    reporting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @register
@@ -196,14 +198,15 @@ class VaultRef(SecretRef):
         # Check-and-set like every write here (a mount may require it): on the version
         # this broker wrote last; 0 (absent) the first time, or after another broker
         # removed it as one of a broker long gone.
-        last = session.reported.get(path, 0)
-        for cas in dict.fromkeys((last, 0)):
-            try:
-                written = await session.vault.write(self.mount, path, report, cas=cas)
-            except CasConflict:
-                continue
-            session.reported[path] = written.version
-            return written
+        async with session.reporting:
+            last = session.reported.get(path, 0)
+            for cas in dict.fromkeys((last, 0)):
+                try:
+                    written = await session.vault.write(self.mount, path, report, cas=cas)
+                except CasConflict:
+                    continue
+                session.reported[path] = written.version
+                return written
         raise CasConflict(
             f"vault {session.vault.address}: another writer keeps changing this broker's "
             f"report {self.mount}/{path}",
