@@ -140,14 +140,14 @@ async def _vault_checks(settings: config.Settings, vault: VaultSession) -> list[
 
 def _kv_paths(ref: VaultRef) -> dict[str, str]:
     """The API paths (KV v2) of a secret, its lease and one report, by their role."""
-    base, mount = ref.path, ref.mount
+    mount, report = ref.mount, ref.report_path("doctor")
     return {
-        "data": f"{mount}/data/{base}",
-        "metadata": f"{mount}/metadata/{base}",
-        "cycle": f"{mount}/data/{base}/cycle",
-        "report": f"{mount}/data/{base}/brokers/doctor",
-        "reports": f"{mount}/metadata/{base}/brokers/",
-        "report-metadata": f"{mount}/metadata/{base}/brokers/doctor",
+        "data": f"{mount}/data/{ref.path}",
+        "metadata": f"{mount}/metadata/{ref.path}",
+        "cycle": f"{mount}/data/{ref.cycle_path}",
+        "report": f"{mount}/data/{report}",
+        "reports": f"{mount}/metadata/{ref.reports_path}/",
+        "report-metadata": f"{mount}/metadata/{report}",
     }
 
 

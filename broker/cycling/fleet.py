@@ -68,8 +68,8 @@ class VaultState:
         self.poll = session.poll
         self.retry_busy = session.poll  # look again once the holder has written again
         self.grace = grace if grace is not None else 10 * session.poll
-        self.where = f"{ref.mount}/{ref.path}/cycle in {session.vault.address}"
-        self._path = f"{ref.path}/cycle"
+        self._path = ref.cycle_path
+        self.where = f"{ref.mount}/{self._path} in {session.vault.address}"
         self._monotonic = monotonic
         self._sleep = sleep
         self._version = 0  # of the lease document this broker wrote last
@@ -170,10 +170,8 @@ class VaultState:
         """Rewrite the lease with the state, check-and-set on our last version."""
         if not self._holding or self._lost:
             raise CycleError("error", f"credential {self.name!r}: the cycle lease is not held")
-        state = self._state
-        raw = state.model_dump() if isinstance(state, CycleState) else state
         data = {"holder": self.session.broker, "host": socket.gethostname(),
-                "pid": os.getpid(), "poll": self.poll, "state": raw}  # fmt: skip
+                "pid": os.getpid(), "poll": self.poll, "state": self._raw_state()}  # fmt: skip
         async with self._writing:
             try:
                 written = await self._vault.write(
@@ -189,6 +187,11 @@ class VaultState:
                 raise CycleError("error", f"cannot write the cycle's state: {exc}") from None
             self._version = written.version
             self._confirmed = self._monotonic()
+
+    def _raw_state(self) -> dict[str, Any] | None:
+        """The state as the lease document carries it (as found, if not loaded since)."""
+        state = self._state
+        return state.model_dump() if isinstance(state, CycleState) else state
 
     def _alive(self, data: dict[str, Any]) -> float:
         """How long after its write a lease or report counts as alive (see ALIVE_POLLS)."""
@@ -217,9 +220,7 @@ class VaultState:
         if not self._holding or self._lost:
             self._holding = False
             return
-        state = self._state
-        raw = state.model_dump() if isinstance(state, CycleState) else state
-        data = {"holder": None, "state": raw}
+        data = {"holder": None, "state": self._raw_state()}
         try:
             async with self._writing:
                 await self._vault.write(self.ref.mount, self._path, data, cas=self._version)
@@ -292,10 +293,10 @@ class VaultState:
         removed (brokers that are gone; one that fell silent later is named first)."""
         vault, mount = self._vault, self.ref.mount
         lagging = []
-        for key in await vault.keys(mount, f"{self.ref.path}/brokers"):
+        for key in await vault.keys(mount, self.ref.reports_path):
             if not BROKER_ID.fullmatch(key):
                 continue  # not a broker's report (anyone who may report can write one)
-            path = f"{self.ref.path}/brokers/{key}"
+            path = self.ref.report_path(key)
             report = await vault.read(mount, path)
             if report is None:
                 continue

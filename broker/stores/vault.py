@@ -146,8 +146,18 @@ class VaultRef(SecretRef):
 
     # -- every broker: follow new versions, report the one in use ------------------------
 
+    # The documents beside the secret (docs/vault.md): the cycle's lease and state, and
+    # one report per broker; their layout is named here alone.
+    @property
+    def cycle_path(self) -> str:
+        return f"{self.path}/cycle"
+
+    @property
+    def reports_path(self) -> str:
+        return f"{self.path}/brokers"
+
     def report_path(self, broker: str) -> str:
-        return f"{self.path}/brokers/{broker}"
+        return f"{self.reports_path}/{broker}"
 
     async def follow(
         self, name: str, session: VaultSession, reread: Callable[[str], Awaitable[None]]
@@ -264,15 +274,13 @@ class VaultWriter(SecretWriter):
 
     def __init__(self, ref: VaultRef, name: str, session: VaultSession) -> None:
         super().__init__(ref, name)
+        self._session = session
         self._vault = session.vault
         self._pending = ref.field + PENDING
         self._previous = ref.field + PREVIOUS
 
     async def _doc(self) -> Document:
-        doc = await self._vault.read(self.ref.mount, self.ref.path)
-        if doc is None:
-            raise SecretError(f"credential {self.name!r}: {self.ref.describe()} does not exist")
-        return doc
+        return await self.ref._document(self._session, self.name)
 
     async def _field(self, key: str) -> str | None:
         return _value((await self._doc()).data.get(key))
