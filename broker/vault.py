@@ -157,22 +157,23 @@ class Vault:
 
     async def read(self, mount: str, path: str) -> Document | None:
         """The newest version of ``mount/path``, or None if there is none (or it was deleted)."""
+        return (await self.read_for_write(mount, path))[0]
+
+    async def read_for_write(self, mount: str, path: str) -> tuple[Document | None, int]:
+        """:meth:`read`, and the version a check-and-set write over ``mount/path`` names: the
+        newest, deleted (``bao kv delete``: a 404 that carries its metadata) or not; 0 when
+        there is none."""
         answer = await self._call("GET", f"{mount}/data/{path}", missing=True)
         if answer is None:
-            return None
+            return None, 0
         data = _dig(answer, "data", "data")
         meta = _dig(answer, "data", "metadata")
         if data is None:  # a soft-deleted newest version: as good as none
-            return None
+            return None, _int(_dig(meta, "version"))
         if not isinstance(data, dict) or not isinstance(meta, dict):
             raise self._shape("GET", f"{mount}/data/{path}", "no data or metadata")
-        return Document(data, _int(meta.get("version")), _time(meta.get("created_time")))
-
-    async def cas_base(self, mount: str, path: str) -> int:
-        """The version a check-and-set write over ``mount/path`` names: the newest, deleted
-        (``bao kv delete``) or not; 0 when there is none."""
-        answer = await self._call("GET", f"{mount}/data/{path}", missing=True)
-        return _int(_dig(answer or {}, "data", "metadata", "version"))
+        version = _int(meta.get("version"))
+        return Document(data, version, _time(meta.get("created_time"))), version
 
     async def metadata(self, mount: str, path: str) -> Metadata | None:
         """``current_version`` and ``updated_time`` of ``mount/path``, or None if absent."""

@@ -140,7 +140,7 @@ class VaultState:
     async def _acquire(self) -> None:
         try:
             now = (await self.ref.report(self.name, self.session)).written
-            doc = await self._vault.read(self.ref.mount, self._path)
+            doc, base = await self._vault.read_for_write(self.ref.mount, self._path)
         except VaultError as exc:
             raise CycleError("error", f"cannot take the cycle lease: {exc}") from None
         if doc is not None:
@@ -154,9 +154,8 @@ class VaultState:
                 )
         found = None if doc is None else doc.data.get("state")
         self._state = found if isinstance(found, dict) else None
-        # None: never written, or its newest version deleted (`bao kv delete`): the next
-        # write's check-and-set is on the version the metadata counts.
-        self._version = doc.version if doc is not None else await self._base_version()
+        # Check-and-set on the newest version, even one deleted (`bao kv delete`).
+        self._version = base
         self._holding, self._lost = True, False
         try:
             await self._write()
@@ -199,12 +198,6 @@ class VaultState:
         if not isinstance(theirs, int | float) or isinstance(theirs, bool) or theirs != theirs:
             theirs = 0.0
         return ALIVE_POLLS * min(max(self.poll, theirs), LONGEST_POLL)
-
-    async def _base_version(self) -> int:
-        try:
-            return int(await self._vault.cas_base(self.ref.mount, self._path))
-        except VaultError as exc:
-            raise CycleError("error", f"cannot take the cycle lease: {exc}") from None
 
     async def _heartbeat(self) -> None:
         while True:

@@ -117,11 +117,10 @@ class VaultRef(SecretRef):
         data = {self.field: values[0]}
         if len(values) > 1:
             data[self.field + PENDING] = values[1]
-        doc = await session.vault.read(self.mount, self.path)
+        doc, base = await session.vault.read_for_write(self.mount, self.path)
         where = f"{self.describe()} in {session.vault.address}"
         if doc is None:  # absent, or its newest version deleted
-            cas = await session.vault.cas_base(self.mount, self.path)
-            await session.vault.write(self.mount, self.path, data, cas=cas)
+            await session.vault.write(self.mount, self.path, data, cas=base)
         elif all(doc.data.get(key) == value for key, value in data.items()):
             # Nothing to write: a login that may only read can import what is already there.
             return Stored(f"{where} (already there: nothing written)", len(values), [])
