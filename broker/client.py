@@ -510,10 +510,7 @@ class BrokerAuth(httpx.Auth):
     def _loop_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         with self._loop_locks_guard:
-            lock = self._loop_locks.get(loop)
-            if lock is None:
-                lock = self._loop_locks[loop] = asyncio.Lock()
-        return lock
+            return self._loop_locks.setdefault(loop, asyncio.Lock())
 
     async def _acurrent(self) -> dict[str, str]:
         if (hit := self._hit()) is not None:
@@ -545,53 +542,44 @@ class BrokerAuth(httpx.Auth):
     # -- requests -----------------------------------------------------------------------
 
     def __call__(self, request: Any) -> Any:
-        """requests' auth interface: add the headers, and a hook for the 401 retry."""
+        """requests' auth interface: add the headers, and a hook that sends a request that
+        got a 401 again, once, with fresh headers (as requests' own digest auth does:
+        through the same adapter, the 401 kept in ``history``).
+
+        requests runs the hook for every hop of a redirect too, and strips the token from a
+        hop to another host (CVE-2018-18074): a 401 from an origin other than the one the
+        headers were added for is returned as it is, with nothing added.
+        """
         used = self._current()
         request.headers.update(used)
         origin = _origin(request.url)
 
         def on_response(response: Any, **send_kwargs: Any) -> Any:
-            return self._requests_401(response, used, origin, on_response, send_kwargs)
+            sent = response.request
+            adapter = getattr(response, "connection", None)
+            if response.status_code != 401 or adapter is None:
+                return response
+            if origin is None or _origin(sent.url) != origin:
+                return response
+            if sent.body is not None and not isinstance(sent.body, bytes | str):
+                return response  # a file or a generator: it cannot be sent a second time
+            fresh = self._after_401(used)
+            response.content  # noqa: B018 - read it, so the connection goes back to the pool
+            response.close()
+            again = sent.copy()
+            again.headers.update(fresh)
+            # copy() shares the hook lists: the second answer must not come back here.
+            again.hooks = {
+                event: [h for h in hooks if h is not on_response]
+                for event, hooks in sent.hooks.items()
+            }
+            retried = adapter.send(again, **send_kwargs)
+            retried.history.append(response)
+            retried.request = again
+            return retried
 
         request.register_hook("response", on_response)
         return request
-
-    def _requests_401(
-        self,
-        response: Any,
-        used: dict[str, str],
-        origin: _Origin | None,
-        hook: Callable[..., Any],
-        send_kwargs: dict[str, Any],
-    ) -> Any:
-        """Send a request that got a 401 again, once, with fresh headers (as requests'
-        own digest auth does: through the same adapter, the 401 kept in ``history``).
-
-        requests runs this hook for every hop of a redirect too, and strips the token
-        from a hop to another host (CVE-2018-18074): a 401 from an origin other than
-        the one the headers were added for is returned as it is, with nothing added.
-        """
-        sent = response.request
-        adapter = getattr(response, "connection", None)
-        if response.status_code != 401 or adapter is None:
-            return response
-        if origin is None or _origin(sent.url) != origin:
-            return response
-        if sent.body is not None and not isinstance(sent.body, bytes | str):
-            return response  # a file or a generator: it cannot be sent a second time
-        fresh = self._after_401(used)
-        response.content  # noqa: B018 - read it, so the connection goes back to the pool
-        response.close()
-        again = sent.copy()
-        again.headers.update(fresh)
-        # copy() shares the hook lists: the second answer must not come back here.
-        again.hooks = {
-            event: [h for h in hooks if h is not hook] for event, hooks in sent.hooks.items()
-        }
-        retried = adapter.send(again, **send_kwargs)
-        retried.history.append(response)
-        retried.request = again
-        return retried
 
 
 def _send_again(request: httpx.Request, response: httpx.Response) -> bool:
