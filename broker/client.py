@@ -182,14 +182,14 @@ def _drive_sync(base: _Base, client: httpx.Client, flow: Flow[T]) -> T:
         call = next(flow)
         while True:
             request = base._request(client, call)
-            failure: BrokerUnavailable | None = None
             try:
                 response = client.send(request)
             except _SEND_FAILED as exc:
                 failure = base._unavailable(exc, request.headers)
-            if failure is not None:
-                raise failure  # here, so httpx's error (with its text) is not its context
-            call = flow.send(response)
+            else:
+                call = flow.send(response)
+                continue
+            raise failure  # here, so httpx's error (with its text) is not its context
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
@@ -199,14 +199,14 @@ async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) ->
         call = next(flow)
         while True:
             request = base._request(client, call)
-            failure: BrokerUnavailable | None = None
             try:
                 response = await client.send(request)
             except _SEND_FAILED as exc:
                 failure = base._unavailable(exc, request.headers)
-            if failure is not None:
-                raise failure  # here, so httpx's error (with its text) is not its context
-            call = flow.send(response)
+            else:
+                call = flow.send(response)
+                continue
+            raise failure  # here, so httpx's error (with its text) is not its context
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
@@ -359,6 +359,9 @@ class AsyncTokenBroker(_Base):
 # -- BrokerAuth -----------------------------------------------------------------------
 
 
+_Found = tuple[dict[str, str], float | None]  # headers, and the seconds their token has left
+
+
 @dataclass(frozen=True)
 class _Cached:
     headers: dict[str, str] = field(repr=False)
@@ -444,7 +447,7 @@ class BrokerAuth(httpx.Auth):
 
     # -- the cache, shared by both halves ---------------------------------------------
 
-    def _store(self, found: tuple[dict[str, str], float | None]) -> dict[str, str]:
+    def _store(self, found: _Found) -> dict[str, str]:
         headers, left = found
         keep = keep_for(left) if self._cache else 0.0
         self._cached = _Cached(headers, self._clock() + keep)
@@ -454,19 +457,17 @@ class BrokerAuth(httpx.Auth):
         cached = self._cached  # one read: another thread may replace it meanwhile
         return cached.headers if cached is not None and self._clock() < cached.until else None
 
-    def _after_401_plan(self, refused: dict[str, str]) -> tuple[bool, dict[str, str] | None]:
-        """(refresh at the broker?, headers to use without asking) after a 401 for ``refused``.
+    def _plan(self, refused: dict[str, str] | None) -> dict[str, str] | Flow[_Found]:
+        """The headers to use as they are, or the flow that asks the broker for them; with
+        the single-flight lock held. ``refused``: the headers the API answered 401 to."""
+        cached = self._cached  # one read: another thread may replace it meanwhile
+        if refused is not None and (cached is None or cached.headers == refused):
+            return self._renew_flow(refused)  # nobody has replaced what was refused
+        if cached is not None and self._clock() < cached.until:
+            return cached.headers
+        return _headers_flow(self.name, self._broker.url)
 
-        Called with the single-flight lock held.
-        """
-        cached = self._cached
-        if cached is None or cached.headers == refused:
-            return True, None  # nobody has replaced what was refused: refresh
-        return False, cached.headers if self._clock() < cached.until else None
-
-    def _renew_flow(
-        self, refused: dict[str, str], refresh: bool
-    ) -> Flow[tuple[dict[str, str], float | None]]:
+    def _renew_flow(self, refused: dict[str, str]) -> Flow[_Found]:
         """The headers to send again with, after the API refused ``refused`` with a 401.
 
         The broker's current headers, if they differ from the refused ones (it moved
@@ -474,27 +475,19 @@ class BrokerAuth(httpx.Auth):
         """
         url = self._broker.url
         found = yield from _headers_flow(self.name, url)
-        if not refresh or found[0] != refused:
+        if found[0] != refused:
             return found
         yield from _refresh_flow(self.name, url)  # a 429 means another just refreshed: fine
         return (yield from _headers_flow(self.name, url))
 
     # -- sync (threads) ----------------------------------------------------------------
 
-    def _current(self) -> dict[str, str]:
-        if (hit := self._hit()) is not None:
+    def _current(self, refused: dict[str, str] | None = None) -> dict[str, str]:
+        if refused is None and (hit := self._hit()) is not None:
             return hit
         with self._lock:  # a cold start of 50 threads is one request too
-            if (hit := self._hit()) is not None:
-                return hit
-            return self._store(self._broker._run(_headers_flow(self.name, self._broker.url)))
-
-    def _after_401(self, refused: dict[str, str]) -> dict[str, str]:
-        with self._lock:
-            refresh, ready = self._after_401_plan(refused)
-            if ready is not None:
-                return ready
-            return self._store(self._broker._run(self._renew_flow(refused, refresh)))
+            plan = self._plan(refused)
+            return plan if isinstance(plan, dict) else self._store(self._broker._run(plan))
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
         used = self._current()
@@ -502,7 +495,7 @@ class BrokerAuth(httpx.Auth):
         response = yield request
         if not _send_again(request, response):
             return
-        request.headers.update(self._after_401(used))
+        request.headers.update(self._current(used))
         yield request
 
     # -- async (tasks of any event loop) ----------------------------------------------
@@ -512,21 +505,14 @@ class BrokerAuth(httpx.Auth):
         with self._loop_locks_guard:
             return self._loop_locks.setdefault(loop, asyncio.Lock())
 
-    async def _acurrent(self) -> dict[str, str]:
-        if (hit := self._hit()) is not None:
+    async def _acurrent(self, refused: dict[str, str] | None = None) -> dict[str, str]:
+        if refused is None and (hit := self._hit()) is not None:
             return hit
         async with self._loop_lock():
-            if (hit := self._hit()) is not None:
-                return hit
-            found = await self._broker._arun_once(_headers_flow(self.name, self._broker.url))
-            return self._store(found)
-
-    async def _aafter_401(self, refused: dict[str, str]) -> dict[str, str]:
-        async with self._loop_lock():
-            refresh, ready = self._after_401_plan(refused)
-            if ready is not None:
-                return ready
-            return self._store(await self._broker._arun_once(self._renew_flow(refused, refresh)))
+            plan = self._plan(refused)
+            if isinstance(plan, dict):
+                return plan
+            return self._store(await self._broker._arun_once(plan))
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -536,7 +522,7 @@ class BrokerAuth(httpx.Auth):
         response = yield request
         if not _send_again(request, response):
             return
-        request.headers.update(await self._aafter_401(used))
+        request.headers.update(await self._acurrent(used))
         yield request
 
     # -- requests -----------------------------------------------------------------------
@@ -563,7 +549,7 @@ class BrokerAuth(httpx.Auth):
                 return response
             if sent.body is not None and not isinstance(sent.body, bytes | str):
                 return response  # a file or a generator: it cannot be sent a second time
-            fresh = self._after_401(used)
+            fresh = self._current(used)
             response.content  # noqa: B018 - read it, so the connection goes back to the pool
             response.close()
             again = sent.copy()
