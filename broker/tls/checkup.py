@@ -25,13 +25,8 @@ def doctor(files: TlsFiles, hosts: Iterable[str] = (), *, now: float | None = No
     """Check the local CA and the leaf; ``hosts`` are the HTTPS listen hosts."""
     now = time.time() if now is None else now
     if not os.path.lexists(files.ca_cert):
-        return [
-            Check(
-                None,
-                f"no local CA in {files.directory} yet: `token-broker tls init` creates one "
-                "(the daemon does it at start when ims_listen is set)",
-            )
-        ]
+        why = f"no local CA in {files.directory} yet: `token-broker tls init` creates one"
+        return [Check(None, why + " (the daemon does it at start when ims_listen is set)")]
     checks = [_key_file_check(files.ca_key, "local CA key")]
     try:
         _, ca_cert = load_ca(files)

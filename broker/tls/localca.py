@@ -220,10 +220,7 @@ def write_bundle(files: TlsFiles, system: Path | None = None) -> Bundle:
         + certs.pem_block(ca, files.ca_cert)
         + b"\n"
     )
-    changed = _differs(files.bundle, content)
-    if changed:
-        atomic_write(files.bundle, content, 0o644)
-    return Bundle(files.bundle, system, source, changed)
+    return Bundle(files.bundle, system, source, _write_public(files.bundle, content))
 
 
 def publish(files: TlsFiles, directory: Path) -> None:
@@ -232,10 +229,7 @@ def publish(files: TlsFiles, directory: Path) -> None:
     bundle = write_bundle(files)
     checked_dir(directory)  # tools trust what is found here: only we may change it
     for source, name in ((files.ca_cert, "ca.crt"), (bundle.path, "ca-bundle.crt")):
-        target = directory / name
-        content = read_own(source, "file")
-        if _differs(target, content):
-            atomic_write(target, content, 0o644)
+        _write_public(directory / name, read_own(source, "file"))
 
 
 def published_ca(path: Path, fix: str | None = None) -> Path:
@@ -283,16 +277,19 @@ def read_own(path: Path, what: str, hint: str = "") -> bytes:
         raise certs.read_error(exc, path, what, hint) from None
 
 
-def _differs(path: Path, content: bytes) -> bool:
-    """Whether the file of ours at ``path`` is missing or holds other than ``content``."""
+def _write_public(path: Path, content: bytes) -> bool:
+    """Write the file of ours at ``path`` (0644) unless it holds ``content``; whether it did."""
     try:
-        return read_private(path) != content
+        changed = read_private(path) != content
     except FileNotFoundError:
-        return True
+        changed = True
     except UnsafePath as exc:  # a symlink, or another user's file: replace nothing, say so
         raise TlsError(str(exc)) from None
     except OSError as exc:
         raise TlsError(f"cannot read {path}: {certs.why(exc)}") from None
+    if changed:
+        atomic_write(path, content, 0o644)
+    return changed
 
 
 @contextmanager
