@@ -379,17 +379,15 @@ class Vault:
         if answer.status == 200 and body is None:  # a proxy's page, say: not Vault's answer
             raise self._error(what, "unexpected answer (not a JSON object)", "error")
         if answer.status in (200, 204) or (
-            answer.status == 404 and missing and not (body or {}).get("errors")
+            answer.status == 404 and missing and not _dig(body, "errors")
         ):  # a 404 without errors is "no such secret"; a missing mount or namespace says so
             self.health.ok, self.health.failures = True, 0
-            if answer.status == 404 and not _dig(body or {}, "data", "metadata"):
+            if answer.status == 404 and not _dig(body, "data", "metadata"):
                 return None  # a deleted newest version is a 404 that carries its metadata
             return body
-        errors = body.get("errors") if isinstance(body, dict) else None
-        text = (
-            "; ".join(e for e in errors if isinstance(e, str)) if isinstance(errors, list) else ""
-        )
-        text = " ".join(text.replace("1 error occurred:", "").split())[:_ERROR_MAX]
+        errors = _dig(body, "errors")
+        errors = [e for e in errors if isinstance(e, str)] if isinstance(errors, list) else []
+        text = " ".join("; ".join(errors).replace("1 error occurred:", "").split())[:_ERROR_MAX]
         reason = _reason(answer.status, text)
         detail = f"HTTP {answer.status}" + (f": {text}" if text else "")
         raise self._error(what, detail, reason, answer.status, record=not quiet)
