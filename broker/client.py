@@ -136,16 +136,13 @@ class _Base:
                 f"{exc.strerror or type(exc).__name__}"
             ) from None
 
-    def _headers(self) -> dict[str, str]:
+    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
         headers = {"X-Token-Broker": "1", **self._sent_headers}
         if key := self._client_key():
             headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
         timeout = max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
         url = self._endpoint.base + call.path
-        return client.build_request(call.method, url, headers=self._headers(), timeout=timeout)
+        return client.build_request(call.method, url, headers=headers, timeout=timeout)
 
     def _unavailable(self, exc: httpx.HTTPError, sent: Mapping[str, str]) -> BrokerUnavailable:
         """The error for a request that got no usable answer, quoting nothing it received."""
@@ -417,17 +414,14 @@ class BrokerAuth(httpx.Auth):
         self, name: str | None = None, *, broker: TokenBroker | AsyncTokenBroker | None = None
     ) -> None:
         self.name = name
-        if broker is None:
-            self._broker, self._owned = TokenBroker(), True
-        elif isinstance(broker, AsyncTokenBroker):
+        self._owned = not isinstance(broker, TokenBroker)  # made here, so close() closes it
+        if isinstance(broker, AsyncTokenBroker):
             # The sync half needs a sync client; the async half opens its own per loop.
-            self._broker = TokenBroker(
+            broker = TokenBroker(
                 broker._endpoint, key=broker._key, timeout=broker.timeout,
                 headers=broker._sent_headers,
             )  # fmt: skip
-            self._owned = True
-        else:
-            self._broker, self._owned = broker, False
+        self._broker = TokenBroker() if broker is None else broker
         self._cached: _Cached | None = None
         self._cache = True  # bench/bench.py turns this off to measure the round trip
         self._clock: Callable[[], float] = time.monotonic  # tests drive it
