@@ -112,9 +112,7 @@ class Endpoint:
             url, where = os.environ.get(URL_ENV) or DEFAULT_URL, f"${URL_ENV}"
         url = url.strip()
         if url.startswith("unix:"):
-            path = url[5:]
-            if path.startswith("//"):  # unix:///run/x.sock, as some tools write it
-                path = path[2:]
+            path = url[5:].removeprefix("//")  # unix:///run/x.sock, as some tools write it
             if not path.startswith("/"):
                 raise BrokerClientError(f"{where} {url!r}: a unix socket needs an absolute path")
             return cls(f"unix:{path}", "http://localhost", path)
