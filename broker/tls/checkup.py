@@ -34,8 +34,7 @@ def doctor(files: TlsFiles, hosts: Iterable[str] = (), *, now: float | None = No
         return [*checks, Check(False, str(exc))]
     checks.append(_ca_check(ca_cert, files.ca_cert, now))
     if not os.path.lexists(files.leaf):
-        checks.append(Check(None, f"no leaf certificate {files.leaf}: the daemon issues it"))
-        return checks
+        return [*checks, Check(None, f"no leaf certificate {files.leaf}: the daemon issues it")]
     checks.append(_key_file_check(files.leaf, "leaf key file"))
     try:
         leaf = certs.parse_cert(read_own(files.leaf, "the leaf"), files.leaf)
