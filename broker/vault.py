@@ -223,9 +223,8 @@ class Vault:
         for path in paths:
             caps = _dig(answer, "data", path)
             caps = _dig(answer, path) if caps is None else caps
-            found[path] = (
-                tuple(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else ()
-            )
+            caps = caps if isinstance(caps, list) else []
+            found[path] = tuple(c for c in caps if isinstance(c, str))
         return found
 
     # -- the login -------------------------------------------------------------------
