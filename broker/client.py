@@ -120,12 +120,9 @@ class _Base:
 
         Read at every request, so a key file can be rotated under a running program.
         """
-        if self._key:
-            return self._key
-        if key := os.environ.get(KEY_ENV):
+        if key := self._key or os.environ.get(KEY_ENV):
             return key
-        path = os.environ.get(KEY_FILE_ENV)
-        if not path:
+        if not (path := os.environ.get(KEY_FILE_ENV)):
             return None
         try:
             with open(path, encoding="utf-8") as f:
