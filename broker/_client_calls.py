@@ -112,9 +112,7 @@ class Endpoint:
             url, where = os.environ.get(URL_ENV) or DEFAULT_URL, f"${URL_ENV}"
         url = url.strip()
         if url.startswith("unix:"):
-            path = url[5:]
-            if path.startswith("//"):  # unix:///run/x.sock, as some tools write it
-                path = path[2:]
+            path = url[5:].removeprefix("//")  # unix:///run/x.sock, as some tools write it
             if not path.startswith("/"):
                 raise BrokerClientError(f"{where} {url!r}: a unix socket needs an absolute path")
             return cls(f"unix:{path}", "http://localhost", path)
@@ -197,7 +195,7 @@ def _check(response: httpx.Response, url: str) -> httpx.Response:
     if status in (401, 403, 404):
         raise BrokerRefused(text, **fields)
     if status == 503:
-        raise BrokerUnavailable(text, **fields, retry_after=_retry_after(response))
+        raise BrokerUnavailable(text, **fields, retry_after=_seconds(response, "retry-after"))
     raise BrokerClientError(text, **fields)
 
 
@@ -245,17 +243,14 @@ def _redact(match: re.Match[str]) -> str:
     found = match.group()
     if found[:4].lower() == "tbk_" or " " in found or "\t" in found:
         return REDACTED  # a client key, or an Authorization value
-    mixed = (
-        any(c.isupper() for c in found)
-        and any(c.islower() for c in found)
-        and any(c.isdigit() for c in found)
-    )
+    mixed = all(any(map(kind, found)) for kind in (str.isupper, str.islower, str.isdigit))
     return REDACTED if mixed else found
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _seconds(response: httpx.Response, header: str) -> float | None:
+    """A header's seconds; None unless finite and >= 0 ("inf" would keep headers forever)."""
     try:
-        value = float(response.headers.get("retry-after", ""))
+        value = float(response.headers.get(header, ""))
     except ValueError:
         return None
     return value if math.isfinite(value) and value >= 0 else None
@@ -305,9 +300,7 @@ def _default_flow(url: str) -> Flow[dict[str, Any]]:
 
 
 def _name_flow(name: str | None, url: str) -> Flow[str]:
-    if name is not None:
-        return name
-    return str((yield from _default_flow(url))["name"])
+    return name if name is not None else str((yield from _default_flow(url))["name"])
 
 
 def _token_flow(name: str | None, url: str) -> Flow[str]:
@@ -322,13 +315,7 @@ def _headers_flow(name: str | None, url: str) -> Flow[tuple[dict[str, str], floa
     headers = _json(response, url)
     if not isinstance(headers, dict):
         raise BrokerClientError(f"the token broker at {url} answered headers that are not a map")
-    try:
-        left: float | None = float(response.headers[EXPIRES_IN_HEADER])
-    except (KeyError, ValueError):
-        left = None
-    if left is not None and not math.isfinite(left):
-        left = None  # "inf" would keep the headers forever
-    return {str(k): str(v) for k, v in headers.items()}, left
+    return {str(k): str(v) for k, v in headers.items()}, _seconds(response, EXPIRES_IN_HEADER)
 
 
 def _status_flow(name: str | None, url: str) -> Flow[dict[str, Any]]:
@@ -347,10 +334,8 @@ def _token_info_flow(name: str, url: str) -> Flow[dict[str, Any]]:
 def _refresh_flow(name: str | None, url: str) -> Flow[None]:
     name = yield from _name_flow(name, url)
     response = yield _Call("POST", _path(name) + "/refresh", long=True)
-    if response.status_code == 429:
-        return None  # refresh_cooldown: somebody refreshed moments ago; that token is current
-    _check(response, url)
-    return None
+    if response.status_code != 429:  # refresh_cooldown: just refreshed; that token is current
+        _check(response, url)
 
 
 def _reload_flow(url: str) -> Flow[dict[str, list[str]]]:

@@ -120,12 +120,9 @@ class _Base:
 
         Read at every request, so a key file can be rotated under a running program.
         """
-        if self._key:
-            return self._key
-        if key := os.environ.get(KEY_ENV):
+        if key := self._key or os.environ.get(KEY_ENV):
             return key
-        path = os.environ.get(KEY_FILE_ENV)
-        if not path:
+        if not (path := os.environ.get(KEY_FILE_ENV)):
             return None
         try:
             with open(path, encoding="utf-8") as f:
@@ -136,16 +133,13 @@ class _Base:
                 f"{exc.strerror or type(exc).__name__}"
             ) from None
 
-    def _headers(self) -> dict[str, str]:
+    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
         headers = {"X-Token-Broker": "1", **self._sent_headers}
         if key := self._client_key():
             headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
         timeout = max(self.timeout, REFRESH_TIMEOUT) if call.long else self.timeout
         url = self._endpoint.base + call.path
-        return client.build_request(call.method, url, headers=self._headers(), timeout=timeout)
+        return client.build_request(call.method, url, headers=headers, timeout=timeout)
 
     def _unavailable(self, exc: httpx.HTTPError, sent: Mapping[str, str]) -> BrokerUnavailable:
         """The error for a request that got no usable answer, quoting nothing it received."""
@@ -182,14 +176,14 @@ def _drive_sync(base: _Base, client: httpx.Client, flow: Flow[T]) -> T:
         call = next(flow)
         while True:
             request = base._request(client, call)
-            failure: BrokerUnavailable | None = None
             try:
                 response = client.send(request)
             except _SEND_FAILED as exc:
                 failure = base._unavailable(exc, request.headers)
-            if failure is not None:
-                raise failure  # here, so httpx's error (with its text) is not its context
-            call = flow.send(response)
+            else:
+                call = flow.send(response)
+                continue
+            raise failure  # here, so httpx's error (with its text) is not its context
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
@@ -199,14 +193,14 @@ async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) ->
         call = next(flow)
         while True:
             request = base._request(client, call)
-            failure: BrokerUnavailable | None = None
             try:
                 response = await client.send(request)
             except _SEND_FAILED as exc:
                 failure = base._unavailable(exc, request.headers)
-            if failure is not None:
-                raise failure  # here, so httpx's error (with its text) is not its context
-            call = flow.send(response)
+            else:
+                call = flow.send(response)
+                continue
+            raise failure  # here, so httpx's error (with its text) is not its context
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
@@ -359,6 +353,9 @@ class AsyncTokenBroker(_Base):
 # -- BrokerAuth -----------------------------------------------------------------------
 
 
+_Found = tuple[dict[str, str], float | None]  # headers, and the seconds their token has left
+
+
 @dataclass(frozen=True)
 class _Cached:
     headers: dict[str, str] = field(repr=False)
@@ -414,17 +411,14 @@ class BrokerAuth(httpx.Auth):
         self, name: str | None = None, *, broker: TokenBroker | AsyncTokenBroker | None = None
     ) -> None:
         self.name = name
-        if broker is None:
-            self._broker, self._owned = TokenBroker(), True
-        elif isinstance(broker, AsyncTokenBroker):
+        self._owned = not isinstance(broker, TokenBroker)  # made here, so close() closes it
+        if isinstance(broker, AsyncTokenBroker):
             # The sync half needs a sync client; the async half opens its own per loop.
-            self._broker = TokenBroker(
+            broker = TokenBroker(
                 broker._endpoint, key=broker._key, timeout=broker.timeout,
                 headers=broker._sent_headers,
             )  # fmt: skip
-            self._owned = True
-        else:
-            self._broker, self._owned = broker, False
+        self._broker = TokenBroker() if broker is None else broker
         self._cached: _Cached | None = None
         self._cache = True  # bench/bench.py turns this off to measure the round trip
         self._clock: Callable[[], float] = time.monotonic  # tests drive it
@@ -444,7 +438,7 @@ class BrokerAuth(httpx.Auth):
 
     # -- the cache, shared by both halves ---------------------------------------------
 
-    def _store(self, found: tuple[dict[str, str], float | None]) -> dict[str, str]:
+    def _store(self, found: _Found) -> dict[str, str]:
         headers, left = found
         keep = keep_for(left) if self._cache else 0.0
         self._cached = _Cached(headers, self._clock() + keep)
@@ -454,19 +448,17 @@ class BrokerAuth(httpx.Auth):
         cached = self._cached  # one read: another thread may replace it meanwhile
         return cached.headers if cached is not None and self._clock() < cached.until else None
 
-    def _after_401_plan(self, refused: dict[str, str]) -> tuple[bool, dict[str, str] | None]:
-        """(refresh at the broker?, headers to use without asking) after a 401 for ``refused``.
+    def _plan(self, refused: dict[str, str] | None) -> dict[str, str] | Flow[_Found]:
+        """The headers to use as they are, or the flow that asks the broker for them; with
+        the single-flight lock held. ``refused``: the headers the API answered 401 to."""
+        cached = self._cached  # one read: another thread may replace it meanwhile
+        if refused is not None and (cached is None or cached.headers == refused):
+            return self._renew_flow(refused)  # nobody has replaced what was refused
+        if cached is not None and self._clock() < cached.until:
+            return cached.headers
+        return _headers_flow(self.name, self._broker.url)
 
-        Called with the single-flight lock held.
-        """
-        cached = self._cached
-        if cached is None or cached.headers == refused:
-            return True, None  # nobody has replaced what was refused: refresh
-        return False, cached.headers if self._clock() < cached.until else None
-
-    def _renew_flow(
-        self, refused: dict[str, str], refresh: bool
-    ) -> Flow[tuple[dict[str, str], float | None]]:
+    def _renew_flow(self, refused: dict[str, str]) -> Flow[_Found]:
         """The headers to send again with, after the API refused ``refused`` with a 401.
 
         The broker's current headers, if they differ from the refused ones (it moved
@@ -474,27 +466,19 @@ class BrokerAuth(httpx.Auth):
         """
         url = self._broker.url
         found = yield from _headers_flow(self.name, url)
-        if not refresh or found[0] != refused:
+        if found[0] != refused:
             return found
         yield from _refresh_flow(self.name, url)  # a 429 means another just refreshed: fine
         return (yield from _headers_flow(self.name, url))
 
     # -- sync (threads) ----------------------------------------------------------------
 
-    def _current(self) -> dict[str, str]:
-        if (hit := self._hit()) is not None:
+    def _current(self, refused: dict[str, str] | None = None) -> dict[str, str]:
+        if refused is None and (hit := self._hit()) is not None:
             return hit
         with self._lock:  # a cold start of 50 threads is one request too
-            if (hit := self._hit()) is not None:
-                return hit
-            return self._store(self._broker._run(_headers_flow(self.name, self._broker.url)))
-
-    def _after_401(self, refused: dict[str, str]) -> dict[str, str]:
-        with self._lock:
-            refresh, ready = self._after_401_plan(refused)
-            if ready is not None:
-                return ready
-            return self._store(self._broker._run(self._renew_flow(refused, refresh)))
+            plan = self._plan(refused)
+            return plan if isinstance(plan, dict) else self._store(self._broker._run(plan))
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
         used = self._current()
@@ -502,7 +486,7 @@ class BrokerAuth(httpx.Auth):
         response = yield request
         if not _send_again(request, response):
             return
-        request.headers.update(self._after_401(used))
+        request.headers.update(self._current(used))
         yield request
 
     # -- async (tasks of any event loop) ----------------------------------------------
@@ -510,26 +494,16 @@ class BrokerAuth(httpx.Auth):
     def _loop_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         with self._loop_locks_guard:
-            lock = self._loop_locks.get(loop)
-            if lock is None:
-                lock = self._loop_locks[loop] = asyncio.Lock()
-        return lock
+            return self._loop_locks.setdefault(loop, asyncio.Lock())
 
-    async def _acurrent(self) -> dict[str, str]:
-        if (hit := self._hit()) is not None:
+    async def _acurrent(self, refused: dict[str, str] | None = None) -> dict[str, str]:
+        if refused is None and (hit := self._hit()) is not None:
             return hit
         async with self._loop_lock():
-            if (hit := self._hit()) is not None:
-                return hit
-            found = await self._broker._arun_once(_headers_flow(self.name, self._broker.url))
-            return self._store(found)
-
-    async def _aafter_401(self, refused: dict[str, str]) -> dict[str, str]:
-        async with self._loop_lock():
-            refresh, ready = self._after_401_plan(refused)
-            if ready is not None:
-                return ready
-            return self._store(await self._broker._arun_once(self._renew_flow(refused, refresh)))
+            plan = self._plan(refused)
+            if isinstance(plan, dict):
+                return plan
+            return self._store(await self._broker._arun_once(plan))
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -539,59 +513,50 @@ class BrokerAuth(httpx.Auth):
         response = yield request
         if not _send_again(request, response):
             return
-        request.headers.update(await self._aafter_401(used))
+        request.headers.update(await self._acurrent(used))
         yield request
 
     # -- requests -----------------------------------------------------------------------
 
     def __call__(self, request: Any) -> Any:
-        """requests' auth interface: add the headers, and a hook for the 401 retry."""
+        """requests' auth interface: add the headers, and a hook that sends a request that
+        got a 401 again, once, with fresh headers (as requests' own digest auth does:
+        through the same adapter, the 401 kept in ``history``).
+
+        requests runs the hook for every hop of a redirect too, and strips the token from a
+        hop to another host (CVE-2018-18074): a 401 from an origin other than the one the
+        headers were added for is returned as it is, with nothing added.
+        """
         used = self._current()
         request.headers.update(used)
         origin = _origin(request.url)
 
         def on_response(response: Any, **send_kwargs: Any) -> Any:
-            return self._requests_401(response, used, origin, on_response, send_kwargs)
+            sent = response.request
+            adapter = getattr(response, "connection", None)
+            if response.status_code != 401 or adapter is None:
+                return response
+            if origin is None or _origin(sent.url) != origin:
+                return response
+            if sent.body is not None and not isinstance(sent.body, bytes | str):
+                return response  # a file or a generator: it cannot be sent a second time
+            fresh = self._current(used)
+            response.content  # noqa: B018 - read it, so the connection goes back to the pool
+            response.close()
+            again = sent.copy()
+            again.headers.update(fresh)
+            # copy() shares the hook lists: the second answer must not come back here.
+            again.hooks = {
+                event: [h for h in hooks if h is not on_response]
+                for event, hooks in sent.hooks.items()
+            }
+            retried = adapter.send(again, **send_kwargs)
+            retried.history.append(response)
+            retried.request = again
+            return retried
 
         request.register_hook("response", on_response)
         return request
-
-    def _requests_401(
-        self,
-        response: Any,
-        used: dict[str, str],
-        origin: _Origin | None,
-        hook: Callable[..., Any],
-        send_kwargs: dict[str, Any],
-    ) -> Any:
-        """Send a request that got a 401 again, once, with fresh headers (as requests'
-        own digest auth does: through the same adapter, the 401 kept in ``history``).
-
-        requests runs this hook for every hop of a redirect too, and strips the token
-        from a hop to another host (CVE-2018-18074): a 401 from an origin other than
-        the one the headers were added for is returned as it is, with nothing added.
-        """
-        sent = response.request
-        adapter = getattr(response, "connection", None)
-        if response.status_code != 401 or adapter is None:
-            return response
-        if origin is None or _origin(sent.url) != origin:
-            return response
-        if sent.body is not None and not isinstance(sent.body, bytes | str):
-            return response  # a file or a generator: it cannot be sent a second time
-        fresh = self._after_401(used)
-        response.content  # noqa: B018 - read it, so the connection goes back to the pool
-        response.close()
-        again = sent.copy()
-        again.headers.update(fresh)
-        # copy() shares the hook lists: the second answer must not come back here.
-        again.hooks = {
-            event: [h for h in hooks if h is not hook] for event, hooks in sent.hooks.items()
-        }
-        retried = adapter.send(again, **send_kwargs)
-        retried.history.append(response)
-        retried.request = again
-        return retried
 
 
 def _send_again(request: httpx.Request, response: httpx.Response) -> bool:

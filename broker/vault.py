@@ -17,6 +17,7 @@ address, the operation and path, and Vault's own ``errors`` text.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -196,7 +197,7 @@ class Vault:
         if cas is not None:
             body["options"] = {"cas": cas}
         answer = await self._call("POST", f"{mount}/data/{path}", json=body)
-        meta = _dig(answer or {}, "data")
+        meta = _dig(answer, "data")
         if not isinstance(meta, dict):
             raise self._shape("POST", f"{mount}/data/{path}", "no version in the answer")
         return Document(data, _int(meta.get("version")), _time(meta.get("created_time")))
@@ -204,8 +205,8 @@ class Vault:
     async def keys(self, mount: str, prefix: str) -> list[str]:
         """The keys under ``mount/prefix/`` (folders end in ``/``); [] when there are none."""
         answer = await self._call("LIST", f"{mount}/metadata/{prefix.rstrip('/')}/", missing=True)
-        keys = _dig(answer or {}, "data", "keys")
-        if answer is None or keys is None:
+        keys = _dig(answer, "data", "keys")
+        if keys is None:  # no such prefix (a 404), or nothing under it
             return []
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise self._shape("LIST", f"{mount}/metadata/{prefix}", "keys that are not strings")
@@ -220,12 +221,10 @@ class Vault:
         answer = await self._call("POST", "sys/capabilities-self", json={"paths": paths})
         found: dict[str, tuple[str, ...]] = {}
         for path in paths:
-            caps = _dig(answer or {}, "data", path)
-            if caps is None:
-                caps = _dig(answer or {}, path)
-            found[path] = tuple(c for c in caps if isinstance(c, str)) if isinstance(
-                caps, list
-            ) else ()  # fmt: skip
+            caps = _dig(answer, "data", path)
+            caps = _dig(answer, path) if caps is None else caps
+            caps = caps if isinstance(caps, list) else []
+            found[path] = tuple(c for c in caps if isinstance(c, str))
         return found
 
     # -- the login -------------------------------------------------------------------
@@ -257,24 +256,22 @@ class Vault:
         return max(1.0, self._ttl * RENEW_AT - (self._ttl - (self._expires - self._clock())))
 
     async def _renew(self) -> None:
-        if self.login.method == "token" or not self._renewable:
-            async with self._login_lock:
-                await self._login()
-            return
-        try:
-            # A refusal is routine (past the max TTL, not renewable): the login that
-            # follows decides whether Vault failed, so it is not counted as a failure.
-            answer = await self._send(
-                "POST", "auth/token/renew-self", {}, await self._ensure(), quiet=True
-            )
-        except VaultError as exc:
-            if exc.reason == "unreachable":
-                raise
-            log.info("vault %s: renewal refused (%s); logging in again", self.address, exc)
-            async with self._login_lock:
-                await self._login()
-            return
-        self._hold(answer, renewed=True)
+        if self.login.method != "token" and self._renewable:
+            try:
+                # A refusal is routine (past the max TTL, not renewable): the login that
+                # follows decides whether Vault failed, so it is not counted as a failure.
+                answer = await self._send(
+                    "POST", "auth/token/renew-self", {}, await self._ensure(), quiet=True
+                )
+            except VaultError as exc:
+                if exc.reason == "unreachable":
+                    raise
+                log.info("vault %s: renewal refused (%s); logging in again", self.address, exc)
+            else:
+                self._hold(answer, renewed=True)
+                return
+        async with self._login_lock:
+            await self._login()
 
     async def _ensure(self) -> str:
         """A token believed valid now: the one held, or a fresh login."""
@@ -297,10 +294,7 @@ class Vault:
             self._token = credential
             self._on_token(credential)
             answer = await self._send("GET", "auth/token/lookup-self", None, credential)
-            data = _dig(answer or {}, "data") or {}
-            self._renewable = bool(data.get("renewable")) if isinstance(data, dict) else False
-            ttl = data.get("ttl") if isinstance(data, dict) else None
-            self._set_ttl(float(ttl) if isinstance(ttl, int | float) else 0.0)
+            self._set_lifetime(_dig(answer, "data"), "ttl")
             return credential
         body = (
             {"role_id": self.login.role, "secret_id": credential}
@@ -311,16 +305,13 @@ class Vault:
         return self._hold(answer, renewed=False)
 
     def _hold(self, answer: dict[str, Any] | None, *, renewed: bool) -> str:
-        auth = _dig(answer or {}, "auth")
+        auth = _dig(answer, "auth")
         token = auth.get("client_token") if isinstance(auth, dict) else None
         if not isinstance(token, str) or not token:
             raise self._shape("POST", "auth", "no client_token in the answer")
         self._on_token(token)
         self._token = token
-        assert isinstance(auth, dict)  # a token was found in it
-        self._renewable = bool(auth.get("renewable"))
-        lease = auth.get("lease_duration")
-        self._set_ttl(float(lease) if isinstance(lease, int | float) else 0.0)
+        self._set_lifetime(auth, "lease_duration")
         log.info(
             "vault %s: %s, token valid for %ds",
             self.address,
@@ -330,9 +321,13 @@ class Vault:
         )
         return token
 
-    def _set_ttl(self, ttl: float) -> None:
-        self._ttl = ttl
-        self._expires = self._clock() + ttl if ttl > 0 else math.inf
+    def _set_lifetime(self, info: Any, ttl_key: str) -> None:
+        """Renewable and TTL of the token held, from a login's ``auth`` or a lookup's ``data``."""
+        info = info if isinstance(info, dict) else {}
+        self._renewable = bool(info.get("renewable"))
+        ttl = info.get(ttl_key)
+        self._ttl = float(ttl) if isinstance(ttl, int | float) else 0.0
+        self._expires = self._clock() + self._ttl if self._ttl > 0 else math.inf
 
     # -- one call --------------------------------------------------------------------
 
@@ -383,17 +378,15 @@ class Vault:
         if answer.status == 200 and body is None:  # a proxy's page, say: not Vault's answer
             raise self._error(what, "unexpected answer (not a JSON object)", "error")
         if answer.status in (200, 204) or (
-            answer.status == 404 and missing and not (body or {}).get("errors")
+            answer.status == 404 and missing and not _dig(body, "errors")
         ):  # a 404 without errors is "no such secret"; a missing mount or namespace says so
             self.health.ok, self.health.failures = True, 0
-            if answer.status == 404 and not _dig(body or {}, "data", "metadata"):
+            if answer.status == 404 and not _dig(body, "data", "metadata"):
                 return None  # a deleted newest version is a 404 that carries its metadata
             return body
-        errors = body.get("errors") if isinstance(body, dict) else None
-        text = (
-            "; ".join(e for e in errors if isinstance(e, str)) if isinstance(errors, list) else ""
-        )
-        text = " ".join(text.replace("1 error occurred:", "").split())[:_ERROR_MAX]
+        errors = _dig(body, "errors")
+        errors = [e for e in errors if isinstance(e, str)] if isinstance(errors, list) else []
+        text = " ".join("; ".join(errors).replace("1 error occurred:", "").split())[:_ERROR_MAX]
         reason = _reason(answer.status, text)
         detail = f"HTTP {answer.status}" + (f": {text}" if text else "")
         raise self._error(what, detail, reason, answer.status, record=not quiet)
@@ -428,8 +421,6 @@ def _reason(status: int, text: str) -> str:
 
 
 def _json(body: bytes) -> dict[str, Any] | None:
-    import json
-
     try:
         value = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):

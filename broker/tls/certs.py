@@ -96,10 +96,7 @@ def leaf_hosts(hosts: Iterable[str]) -> list[str]:
     Raises TlsError for a host outside loopback: the local CA's name constraints
     make such a leaf worthless, so say so now rather than at the client.
     """
-    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
-        ipaddress.ip_address("127.0.0.1"),
-        ipaddress.ip_address("::1"),
-    ]
+    found = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
     for host in hosts:
         host = host.strip("[]")
         if host.lower() == LOOPBACK_NAME:

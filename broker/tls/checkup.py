@@ -25,13 +25,8 @@ def doctor(files: TlsFiles, hosts: Iterable[str] = (), *, now: float | None = No
     """Check the local CA and the leaf; ``hosts`` are the HTTPS listen hosts."""
     now = time.time() if now is None else now
     if not os.path.lexists(files.ca_cert):
-        return [
-            Check(
-                None,
-                f"no local CA in {files.directory} yet: `token-broker tls init` creates one "
-                "(the daemon does it at start when ims_listen is set)",
-            )
-        ]
+        why = f"no local CA in {files.directory} yet: `token-broker tls init` creates one"
+        return [Check(None, why + " (the daemon does it at start when ims_listen is set)")]
     checks = [_key_file_check(files.ca_key, "local CA key")]
     try:
         _, ca_cert = load_ca(files)
@@ -39,8 +34,7 @@ def doctor(files: TlsFiles, hosts: Iterable[str] = (), *, now: float | None = No
         return [*checks, Check(False, str(exc))]
     checks.append(_ca_check(ca_cert, files.ca_cert, now))
     if not os.path.lexists(files.leaf):
-        checks.append(Check(None, f"no leaf certificate {files.leaf}: the daemon issues it"))
-        return checks
+        return [*checks, Check(None, f"no leaf certificate {files.leaf}: the daemon issues it")]
     checks.append(_key_file_check(files.leaf, "leaf key file"))
     try:
         leaf = certs.parse_cert(read_own(files.leaf, "the leaf"), files.leaf)

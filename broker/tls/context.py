@@ -146,8 +146,7 @@ class ServerCertificate:
         reload_cert_chain(self.context, *self._chain())
 
     def publish(self, directory: Path) -> None:
-        """Copy the CA certificate and the CA bundle (public) where other users can read
-        them: the system unit's state directory is private to the service."""
+        """:func:`broker.tls.localca.publish`, for a leaf of the local CA."""
         if self.local_ca:
             publish(self.files, directory)
 

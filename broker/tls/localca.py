@@ -13,7 +13,7 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -80,7 +80,10 @@ def init_ca(
     the files. ``ca.crt`` is written last, so its presence means the CA is
     complete; a key without a certificate (a crash) is replaced.
     """
-    _private_dir(files.directory)
+    try:
+        make_private_dir(files.directory)  # 0700; refused if another user could change it
+    except UnsafePath as exc:
+        raise TlsError(str(exc)) from None
     with _locked(files):
         if os.path.lexists(files.ca_cert):
             _, cert = load_ca(files)
@@ -160,27 +163,19 @@ def ensure_leaf(
     """
     hosts = list(hosts)
     now = time.time() if now is None else now
-    current = _reusable_leaf(files, hosts, now, lifetime)
-    return current or issue_leaf(files, hosts, now=now, lifetime=lifetime)
-
-
-def _reusable_leaf(
-    files: TlsFiles, hosts: list[str], now: float, lifetime: float
-) -> certs.CertInfo | None:
-    try:
+    with suppress(TlsError):  # no leaf, or none to use: issue one
         leaf = certs.parse_cert(read_own(files.leaf, "the leaf"), files.leaf)
         _, ca_cert = load_ca(files)
         info = certs.cert_info(leaf, files.leaf)
-        good = (
+        if (
             certs.signed_by(leaf, ca_cert)
             and not stat.S_IMODE(files.leaf.stat().st_mode) & 0o077
             and not info.missing(certs.leaf_hosts(hosts))
             and info.renew_at(now) > now
             and info.not_after - info.not_before <= lifetime * 1.1 + 1  # + the backdate
-        )
-    except TlsError:
-        return None
-    return info if good else None
+        ):
+            return info
+    return issue_leaf(files, hosts, now=now, lifetime=lifetime)
 
 
 # -- the trust bundle and publication ---------------------------------------------------
@@ -225,10 +220,7 @@ def write_bundle(files: TlsFiles, system: Path | None = None) -> Bundle:
         + certs.pem_block(ca, files.ca_cert)
         + b"\n"
     )
-    changed = _differs(files.bundle, content)
-    if changed:
-        atomic_write(files.bundle, content, 0o644)
-    return Bundle(files.bundle, system, source, changed)
+    return Bundle(files.bundle, system, source, _write_public(files.bundle, content))
 
 
 def publish(files: TlsFiles, directory: Path) -> None:
@@ -237,10 +229,7 @@ def publish(files: TlsFiles, directory: Path) -> None:
     bundle = write_bundle(files)
     checked_dir(directory)  # tools trust what is found here: only we may change it
     for source, name in ((files.ca_cert, "ca.crt"), (bundle.path, "ca-bundle.crt")):
-        target = directory / name
-        content = read_own(source, "file")
-        if _differs(target, content):
-            atomic_write(target, content, 0o644)
+        _write_public(directory / name, read_own(source, "file"))
 
 
 def published_ca(path: Path, fix: str | None = None) -> Path:
@@ -267,15 +256,6 @@ def published_ca(path: Path, fix: str | None = None) -> Path:
 # -- the state directory's files --------------------------------------------------------
 
 
-def _private_dir(directory: Path) -> None:
-    """Create (0700) or accept the state directory: TlsError when another user could
-    change it."""
-    try:
-        make_private_dir(directory)
-    except UnsafePath as exc:
-        raise TlsError(str(exc)) from None
-
-
 def checked_dir(directory: Path) -> None:
     """The state directory exists and only this user can change it (TlsError otherwise)."""
     try:
@@ -297,16 +277,19 @@ def read_own(path: Path, what: str, hint: str = "") -> bytes:
         raise certs.read_error(exc, path, what, hint) from None
 
 
-def _differs(path: Path, content: bytes) -> bool:
-    """Whether the file of ours at ``path`` is missing or holds other than ``content``."""
+def _write_public(path: Path, content: bytes) -> bool:
+    """Write the file of ours at ``path`` (0644) unless it holds ``content``; whether it did."""
     try:
-        return read_private(path) != content
+        changed = read_private(path) != content
     except FileNotFoundError:
-        return True
+        changed = True
     except UnsafePath as exc:  # a symlink, or another user's file: replace nothing, say so
         raise TlsError(str(exc)) from None
     except OSError as exc:
         raise TlsError(f"cannot read {path}: {certs.why(exc)}") from None
+    if changed:
+        atomic_write(path, content, 0o644)
+    return changed
 
 
 @contextmanager
