@@ -33,11 +33,47 @@ def next_file(path: Path) -> Path:
     return path.with_name(path.name + NEXT_FILE_SUFFIX)
 
 
+class FileWriter(SecretWriter):
+    """The file and ``PATH.next``, replaced atomically with the file's mode and owner."""
+
+    ref: FileRef
+
+    async def _get(self, upcoming: bool) -> str | None:
+        path = next_file(self.ref.path) if upcoming else self.ref.path
+        try:
+            return read_file(path, self.name, f"file {path}")
+        except SecretError:
+            if path.exists():
+                raise
+            return None
+
+    async def _put(self, secret: str, upcoming: bool) -> None:
+        target = next_file(self.ref.path) if upcoming else self.ref.path
+        try:
+            st = self.ref.path.stat()  # the current file's mode and owner are kept
+            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        except FileNotFoundError:
+            mode, uid, gid = 0o600, -1, -1
+        try:
+            atomic_write(target, (secret + "\n").encode(), mode, uid=uid, gid=gid)
+        except OSError as exc:
+            raise SecretError(
+                f"credential {self.name!r}: cannot write {target}: {exc.strerror or exc}"
+            ) from None
+
+    async def drop_upcoming(self) -> None:
+        upcoming = next_file(self.ref.path)
+        if upcoming.exists():
+            upcoming.unlink()
+            fsync_dir(upcoming.parent)
+
+
 @register
 @dataclass(frozen=True)
 class FileRef(SecretRef):
     kind = "file"
     writable = True
+    writer_class = FileWriter
     shapes = ("file:/absolute/path",)
     path: Path = Path("/")
 
@@ -75,12 +111,6 @@ class FileRef(SecretRef):
                 f'{os.getuid()}); make it writable (chmod 600) or use secret = "keyring"'
             )
         return None
-
-    def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
-        problem = self.unwritable()
-        if problem is not None:
-            raise SecretError(f"credential {name!r}: secret cycling cannot use {self}: {problem}")
-        return FileWriter(self, name)
 
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
@@ -141,52 +171,3 @@ def _replaceable(path: Path, name: str, value: str, force: bool) -> bytes | None
         f"credential {name!r}: {path} exists and holds something else; pass --force to "
         "replace it, or name another file"
     )
-
-
-class FileWriter(SecretWriter):
-    """The file and ``PATH.next``, replaced atomically with the file's mode and owner."""
-
-    ref: FileRef
-
-    def _read(self, path: Path) -> str | None:
-        try:
-            return read_file(path, self.name, f"file {path}")
-        except SecretError:
-            if path.exists():
-                raise
-            return None
-
-    async def current(self) -> str | None:
-        return self._read(self.ref.path)
-
-    async def upcoming(self) -> str | None:
-        return self._read(next_file(self.ref.path))
-
-    async def put_upcoming(self, secret: str) -> None:
-        self._write(next_file(self.ref.path), secret)
-
-    async def drop_upcoming(self) -> None:
-        upcoming = next_file(self.ref.path)
-        if upcoming.exists():
-            upcoming.unlink()
-            fsync_dir(upcoming.parent)
-
-    async def promote(self) -> None:
-        upcoming = await self.upcoming()
-        if upcoming is None:
-            return
-        self._write(self.ref.path, upcoming)  # the new secret is in both files for a moment
-        await self.drop_upcoming()
-
-    def _write(self, target: Path, secret: str) -> None:
-        try:
-            st = self.ref.path.stat()  # the current file's mode and owner are kept
-            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-        except FileNotFoundError:
-            mode, uid, gid = 0o600, -1, -1
-        try:
-            atomic_write(target, (secret + "\n").encode(), mode, uid=uid, gid=gid)
-        except OSError as exc:
-            raise SecretError(
-                f"credential {self.name!r}: cannot write {target}: {exc.strerror or exc}"
-            ) from None

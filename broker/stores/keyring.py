@@ -32,6 +32,27 @@ _CHILD_ENV_PREFIXES = ("DBUS_", "XDG_", "PYTHON", "KEYRING_", "LC_", "GNOME_KEYR
 _CHILD_ENV_NAMES = {"HOME", "PATH", "LANG", "USER", "LOGNAME", "VIRTUAL_ENV", "TMPDIR"}
 
 
+class KeyringWriter(SecretWriter):
+    """Items ``USER`` and ``USER#next``, written by the keyring child process."""
+
+    ref: KeyringRef
+
+    async def _op(self, op: str, upcoming: bool, **extra: str) -> dict[str, Any]:
+        user = self.ref.user + (NEXT_SUFFIX if upcoming else "")
+        request = {"op": op, "service": self.ref.service, "username": user, **extra}
+        return await child(request, self.name)
+
+    async def _get(self, upcoming: bool) -> str | None:
+        value = (await self._op("get", upcoming)).get("secret")
+        return value if isinstance(value, str) else None
+
+    async def _put(self, secret: str, upcoming: bool) -> None:
+        await self._op("set", upcoming, secret=secret)
+
+    async def drop_upcoming(self) -> None:
+        await self._op("delete", upcoming=True)
+
+
 @register
 @dataclass(frozen=True)
 class KeyringRef(SecretRef):
@@ -40,6 +61,7 @@ class KeyringRef(SecretRef):
 
     kind = "keyring"
     writable = True
+    writer_class = KeyringWriter
     owned = True
     shapes = ("keyring", "keyring:SERVICE/USERNAME")
     bare = True
@@ -59,12 +81,6 @@ class KeyringRef(SecretRef):
     async def read(self, name: str, ctx: Context = NO_CONTEXT) -> tuple[str, ...]:
         answer = await child({"op": "read", "service": self.service, "username": self.user}, name)
         return tuple(answer["secrets"])
-
-    def unwritable(self) -> str | None:
-        return None
-
-    def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
-        return KeyringWriter(self, name)
 
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
@@ -112,41 +128,6 @@ class KeyringRef(SecretRef):
             for item in (self.user, self.user + NEXT_SUFFIX)
             if delete(self.service, item, name)
         ]
-
-
-class KeyringWriter(SecretWriter):
-    """Items ``USER`` and ``USER#next``, written by the keyring child process."""
-
-    ref: KeyringRef
-
-    async def _op(self, op: str, user: str, **extra: str) -> dict[str, Any]:
-        request = {"op": op, "service": self.ref.service, "username": user, **extra}
-        return await child(request, self.name)
-
-    async def current(self) -> str | None:
-        return _secret(await self._op("get", self.ref.user))
-
-    async def upcoming(self) -> str | None:
-        return _secret(await self._op("get", self.ref.user + NEXT_SUFFIX))
-
-    async def put_upcoming(self, secret: str) -> None:
-        await self._op("set", self.ref.user + NEXT_SUFFIX, secret=secret)
-
-    async def drop_upcoming(self) -> None:
-        await self._op("delete", self.ref.user + NEXT_SUFFIX)
-
-    async def promote(self) -> None:
-        upcoming = await self.upcoming()
-        if upcoming is None:
-            return
-        # Both items hold the new secret between these two steps: never a moment without it.
-        await self._op("set", self.ref.user, secret=upcoming)
-        await self.drop_upcoming()
-
-
-def _secret(answer: dict[str, Any]) -> str | None:
-    value = answer.get("secret")
-    return value if isinstance(value, str) else None
 
 
 # -- the child process ------------------------------------------------------------------
@@ -202,13 +183,11 @@ async def child(request: dict[str, str], name: str) -> dict[str, Any]:
 
 def read(service: str, user: str, name: str) -> tuple[str, ...]:
     """The item and, during a rotation, its ``#next`` sibling (the new one first)."""
-    found = backend(name)
-    current = _call(found, name, "get_password", service, user)
-    upcoming = _call(found, name, "get_password", service, user + NEXT_SUFFIX)
+    current, upcoming = get(service, user, name), get(service, user + NEXT_SUFFIX, name)
     if current is None and upcoming is None:
         raise SecretError(
             f"credential {name!r}: no keyring item service={service!r} username={user!r} "
-            f"in {_backend_name(found)}; store it with `token-broker add {name} ...`"
+            f"in {_backend_name(backend(name))}; store it with `token-broker add {name} ...`"
         )
     return tuple(s for s in (upcoming, current) if s is not None)
 
@@ -219,10 +198,9 @@ def store(service: str, user: str, secret: str, name: str) -> None:
 
 def delete(service: str, user: str, name: str) -> bool:
     """Delete an item; False if it was not there."""
-    found = backend(name)
-    if _call(found, name, "get_password", service, user) is None:
+    if get(service, user, name) is None:
         return False
-    _call(found, name, "delete_password", service, user)
+    _call(backend(name), name, "delete_password", service, user)
     return True
 
 
@@ -320,16 +298,11 @@ def _failure_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseEx
     """(a locked collection, no Secret Service): the types that say so, as installed."""
     from keyring.errors import KeyringLocked
 
-    locked: list[type[BaseException]] = [KeyringLocked]
-    unavailable: list[type[BaseException]] = []
     try:  # the Secret Service backend's libraries (Linux only)
         from secretstorage.exceptions import LockedException, SecretServiceNotAvailableException
     except ImportError:
-        pass
-    else:
-        locked.append(LockedException)
-        unavailable.append(SecretServiceNotAvailableException)
-    return tuple(locked), tuple(unavailable)
+        return (KeyringLocked,), ()
+    return (KeyringLocked, LockedException), (SecretServiceNotAvailableException,)
 
 
 def _dbus_error(exc: BaseException) -> str | None:

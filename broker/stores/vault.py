@@ -59,12 +59,77 @@ class VaultSession:
     reporting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class VaultWriter(SecretWriter):
+    """``FIELD``, ``FIELD_pending`` and ``FIELD_previous`` of the document, each change a
+    new version written with check-and-set on the version read."""
+
+    ref: VaultRef
+
+    def __init__(self, ref: VaultRef, name: str, ctx: Context = NO_CONTEXT) -> None:
+        super().__init__(ref, name)
+        self._session = _session(ctx, name)
+        self._vault = self._session.vault
+        self._pending = ref.field + PENDING
+        self._previous = ref.field + PREVIOUS
+
+    async def _doc(self) -> Document:
+        return await self.ref._document(self._session, self.name)
+
+    async def _get(self, upcoming: bool) -> str | None:
+        return _value((await self._doc()).data.get(self._pending if upcoming else self.ref.field))
+
+    async def _put(self, secret: str, upcoming: bool) -> None:
+        key = self._pending if upcoming else self.ref.field
+        await self._change(lambda data: {**data, key: secret})
+
+    async def drop_upcoming(self) -> None:
+        await self._change(lambda data: _without(data, self._pending))
+
+    async def promote(self) -> None:
+        """In one version: the old secret kept as ``_previous`` until :meth:`finish`."""
+
+        def promoted(data: dict[str, Any]) -> dict[str, Any] | None:
+            pending = data.get(self._pending)
+            if not isinstance(pending, str) or not pending:
+                return None  # promoted before (a step repeated after a crash)
+            changed = _without(data, self._pending)
+            changed[self._previous] = data.get(self.ref.field)
+            changed[self.ref.field] = pending
+            return changed
+
+        await self._change(promoted)
+
+    async def finish(self) -> None:
+        await self._change(lambda data: _without(data, self._previous))
+
+    async def _change(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        """Read, change, write with check-and-set on the version read; again if another
+        writer came between (a person's `bao kv patch`); nothing when nothing changes."""
+        from broker.vault import CasConflict
+
+        for _ in range(_CAS_TRIES):
+            doc = await self._doc()
+            data = change(dict(doc.data))
+            if data is None or data == doc.data:
+                return
+            try:
+                await self._vault.write(self.ref.mount, self.ref.path, data, cas=doc.version)
+            except CasConflict:
+                continue
+            return
+        raise SecretError(
+            f"credential {self.name!r}: {self.ref.describe()} changed under every one of "
+            f"{_CAS_TRIES} writes; is another program writing it?"
+        )
+
+
 @register
 @dataclass(frozen=True)
 class VaultRef(SecretRef):
     kind = "vault"
     shapes = ("vault:MOUNT/PATH#FIELD",)
-    writable = True
+    writable = True  # whether this login may, Vault's policy decides: `token-broker doctor` asks
+    writer_class = VaultWriter
     needs_vault = True
     mount: str = ""
     path: str = ""
@@ -92,21 +157,14 @@ class VaultRef(SecretRef):
         session = _session(ctx, name)
         doc = await self._document(session, name)
         values = [_value(doc.data.get(self.field + s)) for s in ("", PENDING, PREVIOUS)]
-        found = tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
-        if not isinstance(values[0], str) or not values[0]:
+        if values[0] is None:
             fields = ", ".join(sorted(doc.data)) or "none"
             raise SecretError(
                 f"credential {name!r}: {self.describe()} has no such field (version "
                 f"{doc.version} has: {fields})"
             )
         session.versions[name] = doc.version
-        return found
-
-    def unwritable(self) -> None:
-        return None  # Vault's policy decides: `token-broker doctor` asks it
-
-    def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
-        return VaultWriter(self, name, _session(ctx, name))
+        return tuple(dict.fromkeys(v for v in values if v))
 
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
@@ -263,73 +321,6 @@ def _session(ctx: Context, name: str) -> VaultSession:
     if not isinstance(session, VaultSession):
         raise SecretError(f"credential {name!r}: a vault: secret needs the [vault] table")
     return session
-
-
-class VaultWriter(SecretWriter):
-    """``FIELD``, ``FIELD_pending`` and ``FIELD_previous`` of the document, each change a
-    new version written with check-and-set on the version read."""
-
-    ref: VaultRef
-
-    def __init__(self, ref: VaultRef, name: str, session: VaultSession) -> None:
-        super().__init__(ref, name)
-        self._session = session
-        self._vault = session.vault
-        self._pending = ref.field + PENDING
-        self._previous = ref.field + PREVIOUS
-
-    async def _doc(self) -> Document:
-        return await self.ref._document(self._session, self.name)
-
-    async def _field(self, key: str) -> str | None:
-        return _value((await self._doc()).data.get(key))
-
-    async def current(self) -> str | None:
-        return await self._field(self.ref.field)
-
-    async def upcoming(self) -> str | None:
-        return await self._field(self._pending)
-
-    async def put_upcoming(self, secret: str) -> None:
-        await self._change(lambda data: {**data, self._pending: secret})
-
-    async def drop_upcoming(self) -> None:
-        await self._change(lambda data: _without(data, self._pending))
-
-    async def promote(self) -> None:
-        def promoted(data: dict[str, Any]) -> dict[str, Any] | None:
-            pending = data.get(self._pending)
-            if not isinstance(pending, str) or not pending:
-                return None  # promoted before (a step repeated after a crash)
-            changed = _without(data, self._pending)
-            changed[self._previous] = data.get(self.ref.field)
-            changed[self.ref.field] = pending
-            return changed
-
-        await self._change(promoted)
-
-    async def finish(self) -> None:
-        await self._change(lambda data: _without(data, self._previous))
-
-    async def _change(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
-        """Read, change, write with check-and-set on the version read; again if another
-        writer came between (a person's `bao kv patch`); nothing when nothing changes."""
-        from broker.vault import CasConflict
-
-        for _ in range(_CAS_TRIES):
-            doc = await self._doc()
-            data = change(dict(doc.data))
-            if data is None or data == doc.data:
-                return
-            try:
-                await self._vault.write(self.ref.mount, self.ref.path, data, cas=doc.version)
-            except CasConflict:
-                continue
-            return
-        raise SecretError(
-            f"credential {self.name!r}: {self.ref.describe()} changed under every one of "
-            f"{_CAS_TRIES} writes; is another program writing it?"
-        )
 
 
 def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
