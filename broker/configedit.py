@@ -47,30 +47,18 @@ class ConfigDocument:
         return dict(self.doc.get("credentials", {}))
 
     def add_credential(self, name: str, table: dict[str, Any]) -> None:
-        if not NAME_RE.match(name):
-            raise ConfigError(
-                f"invalid credential name {name!r}: use only letters, digits, '.', '_' and '-'"
-            )
         if name in self.credentials():
             raise ConfigError(f"{self.path}: a credential named {name!r} exists already")
-        if "credentials" not in self.doc:
-            self.doc["credentials"] = tomlkit.table(is_super_table=True)
-        entry = tomlkit.table()
-        for key, value in table.items():
-            if value is not None:
-                entry[key] = value
-        self.doc["credentials"][name] = entry
-        self.validate()
+        self._put("credentials", name, {k: v for k, v in table.items() if v is not None})
 
     def remove_credential(self, name: str) -> bool:
         """Remove ``[credentials.NAME]``; return True if it was the ``[server] default``."""
         if name not in self.credentials():
             raise ConfigError(f"{self.path}: no credential named {name!r}")
         del self.doc["credentials"][name]
-        server = self.doc.get("server")
-        was_default = server is not None and server.get("default") == name
-        if server is not None and was_default:
-            del server["default"]
+        was_default = self.default() == name
+        if was_default:
+            del self.doc["server"]["default"]
         self.validate()
         return was_default
 
@@ -79,19 +67,21 @@ class ConfigDocument:
 
     def set_client(self, name: str, key_sha256: str, credentials: list[str]) -> bool:
         """Add ``[clients.NAME]`` or replace its key; return True if it existed."""
+        existed = name in self.clients()
+        self._put("clients", name, {"key_sha256": key_sha256, "credentials": credentials})
+        return existed
+
+    def _put(self, section: str, name: str, values: dict[str, Any]) -> None:
+        """Write ``[SECTION.NAME]`` (a credential, a client) with ``values``."""
+        what = section.removesuffix("s")
         if not NAME_RE.match(name):
             raise ConfigError(
-                f"invalid client name {name!r}: use only letters, digits, '.', '_' and '-'"
+                f"invalid {what} name {name!r}: use only letters, digits, '.', '_' and '-'"
             )
-        if "clients" not in self.doc:
-            self.doc["clients"] = tomlkit.table(is_super_table=True)
-        existed = name in self.clients()
         entry = tomlkit.table()
-        entry["key_sha256"] = key_sha256
-        entry["credentials"] = credentials
-        self.doc["clients"][name] = entry
+        entry.update(values)
+        self.doc.setdefault(section, tomlkit.table(is_super_table=True))[name] = entry
         self.validate()
-        return existed
 
     def remove_client(self, name: str) -> None:
         if name not in self.clients():
