@@ -22,11 +22,10 @@ def notify(*lines: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    message = "\n".join(lines).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(message)
+            sock.sendall("\n".join(lines).encode())
     except OSError:
         return False  # the manager went away; nothing we can do about it here
     return True

@@ -111,15 +111,12 @@ class SecretRef(ABC):
             raise SecretError(f"credential {name!r}: secret cycling cannot use {self}: {problem}")
         return self.writer_class(self, name, ctx)
 
+    @abstractmethod
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
     ) -> Stored:
         """Write a new credential's secret(s) here (``add``, ``import``): one, or two when a
         Console project lists two (the second where a rotation keeps the new one)."""
-        raise SecretError(
-            f"credential {name!r}: token-broker cannot write a {self.kind}: secret; store it "
-            "there yourself, or use keyring, file:PATH or systemd:NAME"
-        )
 
     def file(self) -> Path | None:
         """The file this reference reads, if any (its mode is checked at start and reload)."""

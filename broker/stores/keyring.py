@@ -282,7 +282,8 @@ def _cause(exc: Exception) -> str:
     for inner in causes(exc):
         if isinstance(inner, locked):
             return f"the collection is locked ({text}); unlock it (e.g. log in to the desktop)"
-        if isinstance(inner, unavailable) or _dbus_error(inner) == _SERVICE_UNKNOWN:
+        # A jeepney error reply (DBusErrorResponse) has the D-Bus error's name.
+        if isinstance(inner, unavailable) or getattr(inner, "name", None) == _SERVICE_UNKNOWN:
             return f"no Secret Service provider on the session bus ({text})"
         if isinstance(inner, FileNotFoundError | ConnectionRefusedError) or (
             isinstance(inner, KeyError) and "DBUS_SESSION_BUS_ADDRESS" in inner.args
@@ -303,12 +304,3 @@ def _failure_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseEx
     except ImportError:
         return (KeyringLocked,), ()
     return (KeyringLocked, LockedException), (SecretServiceNotAvailableException,)
-
-
-def _dbus_error(exc: BaseException) -> str | None:
-    """The D-Bus error name of a jeepney error reply, if ``exc`` is one."""
-    try:
-        from jeepney.wrappers import DBusErrorResponse
-    except ImportError:
-        return None
-    return exc.name if isinstance(exc, DBusErrorResponse) else None

@@ -172,9 +172,8 @@ class VaultRef(SecretRef):
         """Write the document (check-and-set: only if absent, or the version read); one
         that holds another secret is replaced only with ``force``."""
         session = _session(ctx, name)
-        data = {self.field: values[0]}
-        if len(values) > 1:
-            data[self.field + PENDING] = values[1]
+        # The secret, and a second one (a rotation's new one) in FIELD_pending.
+        data = dict(zip((self.field, self.field + PENDING), values, strict=False))
         doc, base = await session.vault.read_for_write(self.mount, self.path)
         where = f"{self.describe()} in {session.vault.address}"
         if doc is None:  # absent, or its newest version deleted
@@ -317,10 +316,9 @@ def _value(found: object) -> str | None:
 
 
 def _session(ctx: Context, name: str) -> VaultSession:
-    session = ctx.vault
-    if not isinstance(session, VaultSession):
+    if ctx.vault is None:
         raise SecretError(f"credential {name!r}: a vault: secret needs the [vault] table")
-    return session
+    return ctx.vault
 
 
 def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
