@@ -234,22 +234,15 @@ def diagnose_no_backend() -> str:
     if not address and not (runtime and os.path.exists(os.path.join(runtime, "bus"))):
         return "no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS is not set)"
     try:
-        from jeepney import DBusAddress, new_method_call
+        from jeepney.bus_messages import message_bus
         from jeepney.io.blocking import open_dbus_connection
     except ImportError:
         return "the Secret Service libraries (secretstorage, jeepney) are not installed"
     try:
         with open_dbus_connection(bus="SESSION") as conn:
-            bus = DBusAddress(
-                "/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
-                interface="org.freedesktop.DBus",
-            )  # fmt: skip
-            owned = conn.send_and_get_reply(
-                new_method_call(bus, "NameHasOwner", "s", ("org.freedesktop.secrets",)), timeout=5
-            ).body[0]
-            names = conn.send_and_get_reply(
-                new_method_call(bus, "ListActivatableNames"), timeout=5
-            ).body[0]
+            has_owner = message_bus.NameHasOwner("org.freedesktop.secrets")
+            owned = conn.send_and_get_reply(has_owner, timeout=5).body[0]
+            names = conn.send_and_get_reply(message_bus.ListActivatableNames(), timeout=5).body[0]
     except Exception as exc:  # connection refused, bad address, timeout
         return f"cannot connect to the D-Bus session bus ({type(exc).__name__}: {exc})"
     if not owned and "org.freedesktop.secrets" not in names:
