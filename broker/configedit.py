@@ -92,15 +92,12 @@ class ConfigDocument:
         self.validate()
 
     def default(self) -> str | None:
-        server = self.doc.get("server")
-        value = server.get("default") if server is not None else None
+        value = self.doc.get("server", {}).get("default")
         return value if isinstance(value, str) else None
 
     def set_default(self, name: str) -> None:
         """Write ``[server] default = NAME`` (the credential ``GET /token`` serves)."""
-        if "server" not in self.doc:
-            self.doc["server"] = tomlkit.table()
-        self.doc["server"]["default"] = name
+        self.doc.setdefault("server", tomlkit.table())["default"] = name
         self.validate()
 
     def write(self) -> None:
@@ -123,18 +120,14 @@ class ConfigDocument:
                 os.chmod(self.path.parent, 0o755 if system else 0o700)  # whatever the umask
             atomic_write(self.path, tomlkit.dumps(self.doc).encode(), mode, uid=uid, gid=gid)
         except OSError as exc:
-            raise ConfigError(self._unwritable(exc)) from None
+            text = f"{self.path}: cannot write the config file ({exc.strerror or exc})"
+            if system and os.geteuid() != 0:
+                raise ConfigError(
+                    f"{text}: it is the system's config; run the command as root to change it, "
+                    f"or pass --config {config.user_config_path()} to keep a config of your own"
+                ) from None
+            raise ConfigError(f"{text}; pass --config PATH to write another file") from None
         self.exists = True
-
-    def _unwritable(self, exc: OSError) -> str:
-        reason = exc.strerror or str(exc)
-        text = f"{self.path}: cannot write the config file ({reason})"
-        if self.path == config.SYSTEM_CONFIG and os.geteuid() != 0:
-            return (
-                f"{text}: it is the system's config; run the command as root to change it, "
-                f"or pass --config {config.user_config_path()} to keep a config of your own"
-            )
-        return f"{text}; pass --config PATH to write another file"
 
 
 def _kept(st: os.stat_result) -> tuple[int, int, int]:

@@ -210,9 +210,7 @@ def read_file(path: Path, name: str, what: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not UTF-8 text"
         raise SecretError(f"credential {name!r}: cannot read {what}: {reason}") from None
-    secret = data[:-1] if data.endswith("\n") else data
-    if secret.endswith("\r"):
-        secret = secret[:-1]
+    secret = data.removesuffix("\n").removesuffix("\r")
     if not secret:
         raise SecretError(f"credential {name!r}: {what} is empty")
     return secret
