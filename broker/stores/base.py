@@ -80,10 +80,8 @@ class SecretRef(ABC):
 
     @classmethod
     def from_text(cls, text: str, rest: str | None, credential: str) -> SecretRef | None:
-        """The reference whose part after the colon is ``rest``; None if malformed.
-
-        By default ``rest``, not blank, is the kind's one field (``env:VAR``).
-        """
+        """The reference whose part after the colon is ``rest`` (by default, not blank,
+        the kind's one field: ``env:VAR``); None if malformed."""
         return cls(text, rest) if rest and rest.strip() else None  # type: ignore[call-arg]
 
     def __str__(self) -> str:

@@ -25,12 +25,10 @@ from broker.stores.base import (
     register,
 )
 
-NEXT_FILE_SUFFIX = ".next"
-
 
 def next_file(path: Path) -> Path:
     """Where a new ``file:`` secret waits during a cycle (as ``NAME#next`` in the keyring)."""
-    return path.with_name(path.name + NEXT_FILE_SUFFIX)
+    return path.with_name(path.name + ".next")
 
 
 class FileWriter(SecretWriter):
@@ -116,9 +114,7 @@ class FileRef(SecretRef):
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
     ) -> Stored:
         """0600, its directory made 0700 if missing; ``PATH.next`` for a second secret.
-
-        Never over a file that holds something else, unless ``force``.
-        """
+        Never over a file that holds something else, unless ``force``."""
         paths = [self.path, next_file(self.path)][: len(values)]
         previous = {p: _replaceable(p, name, v, force) for p, v in zip(paths, values, strict=True)}
         try:
@@ -132,8 +128,7 @@ class FileRef(SecretRef):
 
         async def undo() -> None:
             for path in written:
-                old = previous[path]
-                if old is None:
+                if (old := previous[path]) is None:
                     path.unlink(missing_ok=True)
                 else:
                     atomic_write(path, old, 0o600)

@@ -142,10 +142,8 @@ def child_environment() -> dict[str, str]:
 
 
 async def child(request: dict[str, str], name: str) -> dict[str, Any]:
-    """Run one keyring operation (see :mod:`broker.stores.keyring_child`) in a child process.
-
-    The request, a secret to store included, travels only through the child's stdin.
-    """
+    """Run one keyring operation (see :mod:`broker.stores.keyring_child`) in a child process;
+    the request, a secret to store included, travels only through the child's stdin."""
     data = json.dumps({**request, "name": name}).encode()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
