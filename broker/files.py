@@ -112,10 +112,8 @@ def _judge(
 
 def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
     """``os.open`` for a file in a directory :func:`check_dir` trusts: never through a
-    symlink, never a FIFO or device, and refused when another user owns it or may write it.
-
-    FileNotFoundError when it does not exist (and ``flags`` has no O_CREAT).
-    """
+    symlink, never a FIFO or device, and refused when another user owns it or may write it;
+    FileNotFoundError when it does not exist (and ``flags`` has no O_CREAT)."""
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a planted FIFO must not block us
     try:
         fd = os.open(path, flags, mode)
