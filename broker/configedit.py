@@ -131,12 +131,10 @@ class ConfigDocument:
 
 
 def _kept(st: os.stat_result) -> tuple[int, int, int]:
-    """(mode, uid, gid) for the new file that replaces the one ``st`` describes.
-
-    Root keeps both owner and group (``sudo token-broker add`` must not hand a user's
-    config to root); another user keeps the group if it is one of theirs, and owns the
-    new file itself (-1: as created), since only root may give a file away.
-    """
+    """(mode, uid, gid) for the new file that replaces the one ``st`` describes: root
+    keeps both owner and group (``sudo token-broker add`` must not hand a user's config
+    to root); another user keeps the group if it is one of theirs, and owns the new file
+    itself (-1: as created), since only root may give a file away."""
     if os.geteuid() == 0:
         return st.st_mode & 0o777, st.st_uid, st.st_gid
     mine = st.st_gid == os.getegid() or st.st_gid in os.getgroups()

@@ -9,10 +9,7 @@ is either the old file or the new one, never a torn write, and has its mode
 What the daemon keeps for itself (the state directory, its ``cycling/``, the
 runtime directory where the CA is published) decides what it deletes at
 Adobe and which CA tools trust, so it is trusted only as OpenSSH's
-StrictModes trusts ``~/.ssh``: :func:`check_dir` refuses a directory another
-user owns or may write (or one below such a directory), and
-:func:`open_private` / :func:`read_private` open files there without
-following a symlink and refuse one another user owns or may write. Each
+StrictModes trusts ``~/.ssh`` (:func:`check_dir`, :func:`open_private`); each
 refusal is one sentence that names the path and the fix.
 """
 

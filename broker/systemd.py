@@ -44,12 +44,9 @@ def watchdog_interval() -> float | None:
 
 
 def listen_sockets(*, allow_remote: bool = False) -> list[socket.socket]:
-    """The sockets passed by socket activation, or [] when there are none.
-
-    Each must be a listening stream socket on loopback or a unix socket (any
-    address with the config's ``allow_remote``): the guards (docs/security.md) hold
-    for passed sockets exactly as for our own.
-    """
+    """The sockets passed by socket activation ([] when none), each a listening stream
+    socket on loopback or a unix socket (any address with the config's ``allow_remote``):
+    the guards (docs/security.md) hold for passed sockets exactly as for our own."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
     try:

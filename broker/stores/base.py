@@ -148,12 +148,11 @@ async def _nothing() -> None:
 class SecretWriter(ABC):
     """A store that can hold a new secret beside the current one (secret cycling, ``rotate``).
 
-    The current secret and, during a cycle or a rotation, the upcoming one beside
-    it, each in its own place (an item, a file, a field): a kind reads
-    (:meth:`_get`) and writes (:meth:`_put`) one place. :meth:`promote` makes the
-    upcoming the current one (a store that can keep the old one as the previous
-    until :meth:`finish` does so). Every method is idempotent, so a cycle resumed
-    after a crash may repeat any of them.
+    The current secret and, during a cycle or a rotation, the upcoming one, each in
+    a place of its own (an item, a file, a field) that a kind reads (:meth:`_get`) and
+    writes (:meth:`_put`); a store that can keep the old one as the previous until
+    :meth:`finish` does so. Every method is idempotent, so a cycle resumed after a
+    crash may repeat any of them.
     """
 
     def __init__(self, ref: SecretRef, name: str, ctx: Context = NO_CONTEXT) -> None:

@@ -96,8 +96,7 @@ class KeyringRef(SecretRef):
                 "system service)"
             ) from None
         for item, value in zip(items, values, strict=True):
-            present = get(self.service, item, name)
-            if present is not None and present != value and not force:
+            if get(self.service, item, name) not in (None, value) and not force:
                 raise SecretError(
                     f"credential {name!r}: the keyring already holds service={self.service!r} "
                     f"username={item!r}; remove it first (`token-broker remove {name}` or "
