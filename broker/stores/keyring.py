@@ -154,8 +154,7 @@ async def child(request: dict[str, str], name: str) -> dict[str, Any]:
         env=child_environment(),
     )
     try:
-        async with asyncio.timeout(TIMEOUT):
-            out, err = await proc.communicate(data)
+        out, err = await asyncio.wait_for(proc.communicate(data), TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()

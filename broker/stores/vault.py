@@ -72,11 +72,9 @@ class VaultWriter(SecretWriter):
         self._pending = ref.field + PENDING
         self._previous = ref.field + PREVIOUS
 
-    async def _doc(self) -> Document:
-        return await self.ref._document(self._session, self.name)
-
     async def _get(self, upcoming: bool) -> str | None:
-        return _value((await self._doc()).data.get(self._pending if upcoming else self.ref.field))
+        doc = await self.ref._document(self._session, self.name)
+        return _value(doc.data.get(self._pending if upcoming else self.ref.field))
 
     async def _put(self, secret: str, upcoming: bool) -> None:
         key = self._pending if upcoming else self.ref.field
@@ -108,7 +106,7 @@ class VaultWriter(SecretWriter):
         from broker.vault import CasConflict
 
         for _ in range(_CAS_TRIES):
-            doc = await self._doc()
+            doc = await self.ref._document(self._session, self.name)
             data = change(dict(doc.data))
             if data is None or data == doc.data:
                 return
