@@ -2,9 +2,8 @@
 
 Used only by the CLI commands that change the config (``add``, ``import``,
 ``remove``, ``client``). Every change is validated as a whole config before anything is
-written, and the write is atomic (:func:`broker.files.atomic_write`: temporary
-file, fsync, rename, directory fsync), so a failure leaves the old file exactly
-as it was.
+written, and the write is atomic (:func:`broker.files.atomic_write`), so a failure
+leaves the old file exactly as it was.
 """
 
 from __future__ import annotations
@@ -101,9 +100,7 @@ class ConfigDocument:
         self.validate()
 
     def write(self) -> None:
-        """Atomically replace the file (:func:`broker.files.atomic_write`): an old file keeps
-        its mode, and its owner and group wherever this user may give them.
-
+        """Atomically replace the file, an old one with the mode and owners :func:`_kept` says.
         A new file is private (0600, in a 0700 directory made if missing), except the
         system's ``/etc/token-broker/config.toml``: the system service runs as a user of
         its own (``DynamicUser=``) that must read it, and the file holds no secret, so

@@ -85,8 +85,6 @@ class FileRef(SecretRef):
     async def read(self, name: str, ctx: Context = NO_CONTEXT) -> tuple[str, ...]:
         current = read_file(self.path, name, self.describe())
         if (upcoming := next_file(self.path)).exists():
-            # A cycle or a rotation stored a new secret beside this one: preferred, the old
-            # one the fallback.
             return (read_file(upcoming, name, f"file {upcoming}"), current)
         return (current,)
 

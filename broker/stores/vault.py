@@ -84,8 +84,6 @@ class VaultWriter(SecretWriter):
         await self._change(lambda data: _without(data, self._pending))
 
     async def promote(self) -> None:
-        """In one version: the old secret kept as ``_previous`` until :meth:`finish`."""
-
         def promoted(data: dict[str, Any]) -> dict[str, Any] | None:
             pending = data.get(self._pending)
             if not isinstance(pending, str) or not pending:
