@@ -46,8 +46,7 @@ def state_dir(env: Mapping[str, str] | None = None, *, euid: int | None = None) 
         return Path(xdg) / "token-broker"
     if (os.geteuid() if euid is None else euid) == 0:
         return Path("/var/lib/token-broker")
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".local" / "state" / "token-broker"
+    return Path(env.get("HOME") or Path.home()) / ".local" / "state" / "token-broker"
 
 
 def make_private_dir(directory: Path) -> None:
@@ -134,8 +133,7 @@ def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
 
 def read_private(path: Path, limit: int = MAX_PRIVATE_FILE) -> bytes:
     """The content of a file :func:`open_private` accepts (at most ``limit`` bytes)."""
-    fd = open_private(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(open_private(path, os.O_RDONLY), "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise UnsafePath(f"{path} is larger than {limit // 1024} KiB: remove it")

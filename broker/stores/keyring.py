@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+from asyncio.subprocess import PIPE
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,14 +145,9 @@ async def child(request: dict[str, str], name: str) -> dict[str, Any]:
     """Run one keyring operation (see :mod:`broker.stores.keyring_child`) in a child process;
     the request, a secret to store included, travels only through the child's stdin."""
     data = json.dumps({**request, "name": name}).encode()
+    argv = (sys.executable, "-m", "broker.stores.keyring_child")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker.stores.keyring_child",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_environment(),
+        *argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, env=child_environment()
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(data), TIMEOUT)
