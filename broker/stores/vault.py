@@ -214,13 +214,11 @@ class VaultRef(SecretRef):
     async def follow(
         self, name: str, session: VaultSession, reread: Callable[[str], Awaitable[None]]
     ) -> None:
-        """Every ``poll``: read the secret again when its version changed (``reread``: the
-        holder of ``name``'s secrets reads the store), and report the version in use.
-
-        A task of the daemon's, for as long as the credential is configured. Vault
-        unreachable or refusing: the secret in hand stays in use; the failure is in the
-        client's health (status, metrics) and in the log (once until Vault answers).
-        """
+        """Every ``poll`` while the credential is configured (a task of the daemon's): read
+        the secret again when its version changed (``reread``: the holder of ``name``'s
+        secrets reads the store), and report the version in use. Vault unreachable or
+        refusing: the secret in hand stays in use; the failure is in the client's health
+        (status, metrics) and in the log (once until Vault answers)."""
         from broker.vault import VaultError
 
         failing = False
@@ -261,8 +259,7 @@ class VaultRef(SecretRef):
         # this broker wrote last; 0 (absent) the first time, or after another broker
         # removed it as one of a broker long gone.
         async with session.reporting:
-            last = session.reported.get(path, 0)
-            for cas in dict.fromkeys((last, 0)):
+            for cas in dict.fromkeys((session.reported.get(path, 0), 0)):
                 try:
                     written = await session.vault.write(self.mount, path, report, cas=cas)
                 except CasConflict:
