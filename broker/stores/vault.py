@@ -133,9 +133,7 @@ class VaultRef(SecretRef):
 
     @classmethod
     def from_text(cls, text: str, rest: str | None, credential: str) -> VaultRef | None:
-        if not rest:
-            return None
-        where, _, name = rest.partition("#")
+        where, _, name = (rest or "").partition("#")
         mount, _, path = where.partition("/")
         segments = [mount, *path.split("/")]
         if not path or not all(_SEGMENT.match(s) and s not in (".", "..") for s in segments):
