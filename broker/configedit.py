@@ -2,9 +2,8 @@
 
 Used only by the CLI commands that change the config (``add``, ``import``,
 ``remove``, ``client``). Every change is validated as a whole config before anything is
-written, and the write is atomic (:func:`broker.files.atomic_write`: temporary
-file, fsync, rename, directory fsync), so a failure leaves the old file exactly
-as it was.
+written, and the write is atomic (:func:`broker.files.atomic_write`), so a failure
+leaves the old file exactly as it was.
 """
 
 from __future__ import annotations
@@ -47,30 +46,18 @@ class ConfigDocument:
         return dict(self.doc.get("credentials", {}))
 
     def add_credential(self, name: str, table: dict[str, Any]) -> None:
-        if not NAME_RE.match(name):
-            raise ConfigError(
-                f"invalid credential name {name!r}: use only letters, digits, '.', '_' and '-'"
-            )
         if name in self.credentials():
             raise ConfigError(f"{self.path}: a credential named {name!r} exists already")
-        if "credentials" not in self.doc:
-            self.doc["credentials"] = tomlkit.table(is_super_table=True)
-        entry = tomlkit.table()
-        for key, value in table.items():
-            if value is not None:
-                entry[key] = value
-        self.doc["credentials"][name] = entry
-        self.validate()
+        self._put("credentials", name, {k: v for k, v in table.items() if v is not None})
 
     def remove_credential(self, name: str) -> bool:
         """Remove ``[credentials.NAME]``; return True if it was the ``[server] default``."""
         if name not in self.credentials():
             raise ConfigError(f"{self.path}: no credential named {name!r}")
         del self.doc["credentials"][name]
-        server = self.doc.get("server")
-        was_default = server is not None and server.get("default") == name
-        if server is not None and was_default:
-            del server["default"]
+        was_default = self.default() == name
+        if was_default:
+            del self.doc["server"]["default"]
         self.validate()
         return was_default
 
@@ -79,19 +66,21 @@ class ConfigDocument:
 
     def set_client(self, name: str, key_sha256: str, credentials: list[str]) -> bool:
         """Add ``[clients.NAME]`` or replace its key; return True if it existed."""
+        existed = name in self.clients()
+        self._put("clients", name, {"key_sha256": key_sha256, "credentials": credentials})
+        return existed
+
+    def _put(self, section: str, name: str, values: dict[str, Any]) -> None:
+        """Write ``[SECTION.NAME]`` (a credential, a client) with ``values``."""
+        what = section.removesuffix("s")
         if not NAME_RE.match(name):
             raise ConfigError(
-                f"invalid client name {name!r}: use only letters, digits, '.', '_' and '-'"
+                f"invalid {what} name {name!r}: use only letters, digits, '.', '_' and '-'"
             )
-        if "clients" not in self.doc:
-            self.doc["clients"] = tomlkit.table(is_super_table=True)
-        existed = name in self.clients()
         entry = tomlkit.table()
-        entry["key_sha256"] = key_sha256
-        entry["credentials"] = credentials
-        self.doc["clients"][name] = entry
+        entry.update(values)
+        self.doc.setdefault(section, tomlkit.table(is_super_table=True))[name] = entry
         self.validate()
-        return existed
 
     def remove_client(self, name: str) -> None:
         if name not in self.clients():
@@ -102,21 +91,16 @@ class ConfigDocument:
         self.validate()
 
     def default(self) -> str | None:
-        server = self.doc.get("server")
-        value = server.get("default") if server is not None else None
+        value = self.doc.get("server", {}).get("default")
         return value if isinstance(value, str) else None
 
     def set_default(self, name: str) -> None:
         """Write ``[server] default = NAME`` (the credential ``GET /token`` serves)."""
-        if "server" not in self.doc:
-            self.doc["server"] = tomlkit.table()
-        self.doc["server"]["default"] = name
+        self.doc.setdefault("server", tomlkit.table())["default"] = name
         self.validate()
 
     def write(self) -> None:
-        """Atomically replace the file (:func:`broker.files.atomic_write`): an old file keeps
-        its mode, and its owner and group wherever this user may give them.
-
+        """Atomically replace the file, an old one with the mode and owners :func:`_kept` says.
         A new file is private (0600, in a 0700 directory made if missing), except the
         system's ``/etc/token-broker/config.toml``: the system service runs as a user of
         its own (``DynamicUser=``) that must read it, and the file holds no secret, so
@@ -133,27 +117,21 @@ class ConfigDocument:
                 os.chmod(self.path.parent, 0o755 if system else 0o700)  # whatever the umask
             atomic_write(self.path, tomlkit.dumps(self.doc).encode(), mode, uid=uid, gid=gid)
         except OSError as exc:
-            raise ConfigError(self._unwritable(exc)) from None
+            text = f"{self.path}: cannot write the config file ({exc.strerror or exc})"
+            if system and os.geteuid() != 0:
+                raise ConfigError(
+                    f"{text}: it is the system's config; run the command as root to change it, "
+                    f"or pass --config {config.user_config_path()} to keep a config of your own"
+                ) from None
+            raise ConfigError(f"{text}; pass --config PATH to write another file") from None
         self.exists = True
-
-    def _unwritable(self, exc: OSError) -> str:
-        reason = exc.strerror or str(exc)
-        text = f"{self.path}: cannot write the config file ({reason})"
-        if self.path == config.SYSTEM_CONFIG and os.geteuid() != 0:
-            return (
-                f"{text}: it is the system's config; run the command as root to change it, "
-                f"or pass --config {config.user_config_path()} to keep a config of your own"
-            )
-        return f"{text}; pass --config PATH to write another file"
 
 
 def _kept(st: os.stat_result) -> tuple[int, int, int]:
-    """(mode, uid, gid) for the new file that replaces the one ``st`` describes.
-
-    Root keeps both owner and group (``sudo token-broker add`` must not hand a user's
-    config to root); another user keeps the group if it is one of theirs, and owns the
-    new file itself (-1: as created), since only root may give a file away.
-    """
+    """(mode, uid, gid) for the new file that replaces the one ``st`` describes: root
+    keeps both owner and group (``sudo token-broker add`` must not hand a user's config
+    to root); another user keeps the group if it is one of theirs, and owns the new file
+    itself (-1: as created), since only root may give a file away."""
     if os.geteuid() == 0:
         return st.st_mode & 0o777, st.st_uid, st.st_gid
     mine = st.st_gid == os.getegid() or st.st_gid in os.getgroups()

@@ -9,10 +9,7 @@ is either the old file or the new one, never a torn write, and has its mode
 What the daemon keeps for itself (the state directory, its ``cycling/``, the
 runtime directory where the CA is published) decides what it deletes at
 Adobe and which CA tools trust, so it is trusted only as OpenSSH's
-StrictModes trusts ``~/.ssh``: :func:`check_dir` refuses a directory another
-user owns or may write (or one below such a directory), and
-:func:`open_private` / :func:`read_private` open files there without
-following a symlink and refuse one another user owns or may write. Each
+StrictModes trusts ``~/.ssh`` (:func:`check_dir`, :func:`open_private`); each
 refusal is one sentence that names the path and the fix.
 """
 
@@ -49,8 +46,7 @@ def state_dir(env: Mapping[str, str] | None = None, *, euid: int | None = None) 
         return Path(xdg) / "token-broker"
     if (os.geteuid() if euid is None else euid) == 0:
         return Path("/var/lib/token-broker")
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".local" / "state" / "token-broker"
+    return Path(env.get("HOME") or Path.home()) / ".local" / "state" / "token-broker"
 
 
 def make_private_dir(directory: Path) -> None:
@@ -112,10 +108,8 @@ def _judge(
 
 def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
     """``os.open`` for a file in a directory :func:`check_dir` trusts: never through a
-    symlink, never a FIFO or device, and refused when another user owns it or may write it.
-
-    FileNotFoundError when it does not exist (and ``flags`` has no O_CREAT).
-    """
+    symlink, never a FIFO or device, and refused when another user owns it or may write it;
+    FileNotFoundError when it does not exist (and ``flags`` has no O_CREAT)."""
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a planted FIFO must not block us
     try:
         fd = os.open(path, flags, mode)
@@ -139,8 +133,7 @@ def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
 
 def read_private(path: Path, limit: int = MAX_PRIVATE_FILE) -> bytes:
     """The content of a file :func:`open_private` accepts (at most ``limit`` bytes)."""
-    fd = open_private(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(open_private(path, os.O_RDONLY), "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise UnsafePath(f"{path} is larger than {limit // 1024} KiB: remove it")

@@ -22,11 +22,10 @@ def notify(*lines: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    message = "\n".join(lines).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(message)
+            sock.sendall("\n".join(lines).encode())
     except OSError:
         return False  # the manager went away; nothing we can do about it here
     return True
@@ -45,12 +44,9 @@ def watchdog_interval() -> float | None:
 
 
 def listen_sockets(*, allow_remote: bool = False) -> list[socket.socket]:
-    """The sockets passed by socket activation, or [] when there are none.
-
-    Each must be a listening stream socket on loopback or a unix socket (any
-    address with the config's ``allow_remote``): the guards (docs/security.md) hold
-    for passed sockets exactly as for our own.
-    """
+    """The sockets passed by socket activation ([] when none), each a listening stream
+    socket on loopback or a unix socket (any address with the config's ``allow_remote``):
+    the guards (docs/security.md) hold for passed sockets exactly as for our own."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
     try:

@@ -1,9 +1,4 @@
-"""Secret stores: one class per kind of ``secret = …`` reference (docs/architecture.md).
-
-``keyring`` / ``keyring:SERVICE/USERNAME``, ``file:/path``, ``systemd:NAME``,
-``env:VAR`` and ``vault:MOUNT/PATH#FIELD``; :func:`parse` picks the kind once,
-when the config is loaded.
-"""
+"""Secret stores: one class per kind of ``secret = …`` reference (docs/architecture.md)."""
 
 from __future__ import annotations
 

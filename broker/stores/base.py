@@ -2,12 +2,8 @@
 
 A reference (``secret = "file:/run/secrets/adobe"``) is parsed once, when the
 config is loaded, into an instance of its kind's class; after that nothing
-compares kind strings. Each kind says where its secret is (:meth:`describe`),
-reads it (:meth:`read`), writes a new credential's secret (:meth:`store_new`,
-for ``add`` and ``import``) and, where the store can hold a second secret beside
-the first, hands out a :class:`SecretWriter` (secret cycling, ``rotate``).
-Adding a kind is one module and one :func:`register` (docs/architecture.md,
-"Secret stores").
+compares kind strings. Adding a kind is one module and one :func:`register`
+(docs/architecture.md, "Secret stores").
 """
 
 from __future__ import annotations
@@ -42,13 +38,10 @@ def parse(text: str, credential: str) -> SecretRef:
         ref = found.from_text(text, rest if sep else None, credential)
         if ref is not None:
             return ref
-    shapes = [f'"{shape}"' for k in sorted(_KINDS.values(), key=_rank) for shape in k.shapes]
+    kinds = sorted(_KINDS.values(), key=lambda k: (not k.bare, k.kind))  # the default first
+    shapes = [f'"{shape}"' for k in kinds for shape in k.shapes]
     listed = ", ".join(shapes[:-1]) + f" or {shapes[-1]}"
     raise ValueError(f"expected {listed}, got {text!r}")
-
-
-def _rank(kind: type[SecretRef]) -> tuple[bool, str]:
-    return (not kind.bare, kind.kind)  # the default kind first
 
 
 @dataclass(frozen=True)
@@ -72,8 +65,10 @@ class SecretRef(ABC):
     #: Whether the bare word (``keyring``, without a colon) is a reference of this kind.
     bare: ClassVar[bool] = False
     #: Whether a new secret can ever be written here (whether this process may, now, is
-    #: :meth:`unwritable`'s answer): a cycled credential needs such a store.
+    #: :meth:`unwritable`'s answer): a cycled credential needs such a store. Its
+    #: ``writer_class`` does the writing.
     writable: ClassVar[bool] = False
+    writer_class: ClassVar[type[SecretWriter]]
     #: Whether reading it needs the ``[vault]`` table's client (:class:`Context`).
     needs_vault: ClassVar[bool] = False
     #: Whether the broker owns what it stores there (``remove`` deletes it): only the
@@ -85,10 +80,8 @@ class SecretRef(ABC):
 
     @classmethod
     def from_text(cls, text: str, rest: str | None, credential: str) -> SecretRef | None:
-        """The reference whose part after the colon is ``rest``; None if malformed.
-
-        By default ``rest``, not blank, is the kind's one field (``env:VAR``).
-        """
+        """The reference whose part after the colon is ``rest`` (by default, not blank,
+        the kind's one field: ``env:VAR``); None if malformed."""
         return cls(text, rest) if rest and rest.strip() else None  # type: ignore[call-arg]
 
     def __str__(self) -> str:
@@ -105,23 +98,23 @@ class SecretRef(ABC):
 
     def unwritable(self) -> str | None:
         """Why a new secret cannot be written here (cycling, ``rotate``); None if it can."""
+        if self.writable:
+            return None
         return f"token-broker cannot write a secret to {self.describe()}"
 
     def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
         """Where a cycle or a rotation writes ``name``'s new secret; SecretError if nowhere."""
-        raise SecretError(
-            f"credential {name!r}: secret cycling cannot use {self}: {self.unwritable()}"
-        )
+        problem = self.unwritable()
+        if problem is not None:
+            raise SecretError(f"credential {name!r}: secret cycling cannot use {self}: {problem}")
+        return self.writer_class(self, name, ctx)
 
+    @abstractmethod
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
     ) -> Stored:
         """Write a new credential's secret(s) here (``add``, ``import``): one, or two when a
         Console project lists two (the second where a rotation keeps the new one)."""
-        raise SecretError(
-            f"credential {name!r}: token-broker cannot write a {self.kind}: secret; store it "
-            "there yourself, or use keyring, file:PATH or systemd:NAME"
-        )
 
     def file(self) -> Path | None:
         """The file this reference reads, if any (its mode is checked at start and reload)."""
@@ -155,31 +148,43 @@ async def _nothing() -> None:
 class SecretWriter(ABC):
     """A store that can hold a new secret beside the current one (secret cycling, ``rotate``).
 
-    The current secret and, during a cycle or a rotation, the upcoming one beside
-    it; :meth:`promote` makes the upcoming the current one (a store that can keep
-    the old one as the previous until :meth:`finish` does so). Every method is
-    idempotent, so a cycle resumed after a crash may repeat any of them.
+    The current secret and, during a cycle or a rotation, the upcoming one, each in
+    a place of its own (an item, a file, a field) that a kind reads (:meth:`_get`) and
+    writes (:meth:`_put`); a store that can keep the old one as the previous until
+    :meth:`finish` does so. Every method is idempotent, so a cycle resumed after a
+    crash may repeat any of them.
     """
 
-    def __init__(self, ref: SecretRef, name: str) -> None:
+    def __init__(self, ref: SecretRef, name: str, ctx: Context = NO_CONTEXT) -> None:
         self.ref = ref
         self.name = name
 
     @abstractmethod
-    async def current(self) -> str | None: ...
+    async def _get(self, upcoming: bool) -> str | None:
+        """The secret in the upcoming place, or the current one; None if none is there."""
 
     @abstractmethod
-    async def upcoming(self) -> str | None: ...
-
-    @abstractmethod
-    async def put_upcoming(self, secret: str) -> None: ...
+    async def _put(self, secret: str, upcoming: bool) -> None: ...
 
     @abstractmethod
     async def drop_upcoming(self) -> None: ...
 
-    @abstractmethod
+    async def current(self) -> str | None:
+        return await self._get(upcoming=False)
+
+    async def upcoming(self) -> str | None:
+        return await self._get(upcoming=True)
+
+    async def put_upcoming(self, secret: str) -> None:
+        await self._put(secret, upcoming=True)
+
     async def promote(self) -> None:
         """Make the upcoming secret the current one; nothing if there is none (done before)."""
+        upcoming = await self.upcoming()
+        if upcoming is not None:
+            # Both places hold the new secret between these two steps: never a moment without.
+            await self._put(upcoming, upcoming=False)
+            await self.drop_upcoming()
 
     async def finish(self) -> None:
         """Forget the previous secret (the old one is deleted at the issuer now)."""
@@ -202,9 +207,7 @@ def read_file(path: Path, name: str, what: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not UTF-8 text"
         raise SecretError(f"credential {name!r}: cannot read {what}: {reason}") from None
-    secret = data[:-1] if data.endswith("\n") else data
-    if secret.endswith("\r"):
-        secret = secret[:-1]
+    secret = data.removesuffix("\n").removesuffix("\r")
     if not secret:
         raise SecretError(f"credential {name!r}: {what} is empty")
     return secret

@@ -25,12 +25,45 @@ from broker.stores.base import (
     register,
 )
 
-NEXT_FILE_SUFFIX = ".next"
-
 
 def next_file(path: Path) -> Path:
     """Where a new ``file:`` secret waits during a cycle (as ``NAME#next`` in the keyring)."""
-    return path.with_name(path.name + NEXT_FILE_SUFFIX)
+    return path.with_name(path.name + ".next")
+
+
+class FileWriter(SecretWriter):
+    """The file and ``PATH.next``, replaced atomically with the file's mode and owner."""
+
+    ref: FileRef
+
+    async def _get(self, upcoming: bool) -> str | None:
+        path = next_file(self.ref.path) if upcoming else self.ref.path
+        try:
+            return read_file(path, self.name, f"file {path}")
+        except SecretError:
+            if path.exists():
+                raise
+            return None
+
+    async def _put(self, secret: str, upcoming: bool) -> None:
+        target = next_file(self.ref.path) if upcoming else self.ref.path
+        try:
+            st = self.ref.path.stat()  # the current file's mode and owner are kept
+            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        except FileNotFoundError:
+            mode, uid, gid = 0o600, -1, -1
+        try:
+            atomic_write(target, (secret + "\n").encode(), mode, uid=uid, gid=gid)
+        except OSError as exc:
+            raise SecretError(
+                f"credential {self.name!r}: cannot write {target}: {exc.strerror or exc}"
+            ) from None
+
+    async def drop_upcoming(self) -> None:
+        upcoming = next_file(self.ref.path)
+        if upcoming.exists():
+            upcoming.unlink()
+            fsync_dir(upcoming.parent)
 
 
 @register
@@ -38,6 +71,7 @@ def next_file(path: Path) -> Path:
 class FileRef(SecretRef):
     kind = "file"
     writable = True
+    writer_class = FileWriter
     shapes = ("file:/absolute/path",)
     path: Path = Path("/")
 
@@ -51,8 +85,6 @@ class FileRef(SecretRef):
     async def read(self, name: str, ctx: Context = NO_CONTEXT) -> tuple[str, ...]:
         current = read_file(self.path, name, self.describe())
         if (upcoming := next_file(self.path)).exists():
-            # A cycle or a rotation stored a new secret beside this one: preferred, the old
-            # one the fallback.
             return (read_file(upcoming, name, f"file {upcoming}"), current)
         return (current,)
 
@@ -76,19 +108,11 @@ class FileRef(SecretRef):
             )
         return None
 
-    def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
-        problem = self.unwritable()
-        if problem is not None:
-            raise SecretError(f"credential {name!r}: secret cycling cannot use {self}: {problem}")
-        return FileWriter(self, name)
-
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
     ) -> Stored:
         """0600, its directory made 0700 if missing; ``PATH.next`` for a second secret.
-
-        Never over a file that holds something else, unless ``force``.
-        """
+        Never over a file that holds something else, unless ``force``."""
         paths = [self.path, next_file(self.path)][: len(values)]
         previous = {p: _replaceable(p, name, v, force) for p, v in zip(paths, values, strict=True)}
         try:
@@ -102,8 +126,7 @@ class FileRef(SecretRef):
 
         async def undo() -> None:
             for path in written:
-                old = previous[path]
-                if old is None:
+                if (old := previous[path]) is None:
                     path.unlink(missing_ok=True)
                 else:
                     atomic_write(path, old, 0o600)
@@ -141,52 +164,3 @@ def _replaceable(path: Path, name: str, value: str, force: bool) -> bytes | None
         f"credential {name!r}: {path} exists and holds something else; pass --force to "
         "replace it, or name another file"
     )
-
-
-class FileWriter(SecretWriter):
-    """The file and ``PATH.next``, replaced atomically with the file's mode and owner."""
-
-    ref: FileRef
-
-    def _read(self, path: Path) -> str | None:
-        try:
-            return read_file(path, self.name, f"file {path}")
-        except SecretError:
-            if path.exists():
-                raise
-            return None
-
-    async def current(self) -> str | None:
-        return self._read(self.ref.path)
-
-    async def upcoming(self) -> str | None:
-        return self._read(next_file(self.ref.path))
-
-    async def put_upcoming(self, secret: str) -> None:
-        self._write(next_file(self.ref.path), secret)
-
-    async def drop_upcoming(self) -> None:
-        upcoming = next_file(self.ref.path)
-        if upcoming.exists():
-            upcoming.unlink()
-            fsync_dir(upcoming.parent)
-
-    async def promote(self) -> None:
-        upcoming = await self.upcoming()
-        if upcoming is None:
-            return
-        self._write(self.ref.path, upcoming)  # the new secret is in both files for a moment
-        await self.drop_upcoming()
-
-    def _write(self, target: Path, secret: str) -> None:
-        try:
-            st = self.ref.path.stat()  # the current file's mode and owner are kept
-            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-        except FileNotFoundError:
-            mode, uid, gid = 0o600, -1, -1
-        try:
-            atomic_write(target, (secret + "\n").encode(), mode, uid=uid, gid=gid)
-        except OSError as exc:
-            raise SecretError(
-                f"credential {self.name!r}: cannot write {target}: {exc.strerror or exc}"
-            ) from None

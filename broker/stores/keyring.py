@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+from asyncio.subprocess import PIPE
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,27 @@ _CHILD_ENV_PREFIXES = ("DBUS_", "XDG_", "PYTHON", "KEYRING_", "LC_", "GNOME_KEYR
 _CHILD_ENV_NAMES = {"HOME", "PATH", "LANG", "USER", "LOGNAME", "VIRTUAL_ENV", "TMPDIR"}
 
 
+class KeyringWriter(SecretWriter):
+    """Items ``USER`` and ``USER#next``, written by the keyring child process."""
+
+    ref: KeyringRef
+
+    async def _op(self, op: str, upcoming: bool, **extra: str) -> dict[str, Any]:
+        user = self.ref.user + (NEXT_SUFFIX if upcoming else "")
+        request = {"op": op, "service": self.ref.service, "username": user, **extra}
+        return await child(request, self.name)
+
+    async def _get(self, upcoming: bool) -> str | None:
+        value = (await self._op("get", upcoming)).get("secret")
+        return value if isinstance(value, str) else None
+
+    async def _put(self, secret: str, upcoming: bool) -> None:
+        await self._op("set", upcoming, secret=secret)
+
+    async def drop_upcoming(self) -> None:
+        await self._op("delete", upcoming=True)
+
+
 @register
 @dataclass(frozen=True)
 class KeyringRef(SecretRef):
@@ -40,6 +62,7 @@ class KeyringRef(SecretRef):
 
     kind = "keyring"
     writable = True
+    writer_class = KeyringWriter
     owned = True
     shapes = ("keyring", "keyring:SERVICE/USERNAME")
     bare = True
@@ -60,12 +83,6 @@ class KeyringRef(SecretRef):
         answer = await child({"op": "read", "service": self.service, "username": self.user}, name)
         return tuple(answer["secrets"])
 
-    def unwritable(self) -> str | None:
-        return None
-
-    def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
-        return KeyringWriter(self, name)
-
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
     ) -> Stored:
@@ -80,8 +97,7 @@ class KeyringRef(SecretRef):
                 "system service)"
             ) from None
         for item, value in zip(items, values, strict=True):
-            present = get(self.service, item, name)
-            if present is not None and present != value and not force:
+            if get(self.service, item, name) not in (None, value) and not force:
                 raise SecretError(
                     f"credential {name!r}: the keyring already holds service={self.service!r} "
                     f"username={item!r}; remove it first (`token-broker remove {name}` or "
@@ -114,41 +130,6 @@ class KeyringRef(SecretRef):
         ]
 
 
-class KeyringWriter(SecretWriter):
-    """Items ``USER`` and ``USER#next``, written by the keyring child process."""
-
-    ref: KeyringRef
-
-    async def _op(self, op: str, user: str, **extra: str) -> dict[str, Any]:
-        request = {"op": op, "service": self.ref.service, "username": user, **extra}
-        return await child(request, self.name)
-
-    async def current(self) -> str | None:
-        return _secret(await self._op("get", self.ref.user))
-
-    async def upcoming(self) -> str | None:
-        return _secret(await self._op("get", self.ref.user + NEXT_SUFFIX))
-
-    async def put_upcoming(self, secret: str) -> None:
-        await self._op("set", self.ref.user + NEXT_SUFFIX, secret=secret)
-
-    async def drop_upcoming(self) -> None:
-        await self._op("delete", self.ref.user + NEXT_SUFFIX)
-
-    async def promote(self) -> None:
-        upcoming = await self.upcoming()
-        if upcoming is None:
-            return
-        # Both items hold the new secret between these two steps: never a moment without it.
-        await self._op("set", self.ref.user, secret=upcoming)
-        await self.drop_upcoming()
-
-
-def _secret(answer: dict[str, Any]) -> str | None:
-    value = answer.get("secret")
-    return value if isinstance(value, str) else None
-
-
 # -- the child process ------------------------------------------------------------------
 
 
@@ -161,23 +142,15 @@ def child_environment() -> dict[str, str]:
 
 
 async def child(request: dict[str, str], name: str) -> dict[str, Any]:
-    """Run one keyring operation (see :mod:`broker.stores.keyring_child`) in a child process.
-
-    The request, a secret to store included, travels only through the child's stdin.
-    """
+    """Run one keyring operation (see :mod:`broker.stores.keyring_child`) in a child process;
+    the request, a secret to store included, travels only through the child's stdin."""
     data = json.dumps({**request, "name": name}).encode()
+    argv = (sys.executable, "-m", "broker.stores.keyring_child")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker.stores.keyring_child",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_environment(),
+        *argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, env=child_environment()
     )
     try:
-        async with asyncio.timeout(TIMEOUT):
-            out, err = await proc.communicate(data)
+        out, err = await asyncio.wait_for(proc.communicate(data), TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -202,13 +175,11 @@ async def child(request: dict[str, str], name: str) -> dict[str, Any]:
 
 def read(service: str, user: str, name: str) -> tuple[str, ...]:
     """The item and, during a rotation, its ``#next`` sibling (the new one first)."""
-    found = backend(name)
-    current = _call(found, name, "get_password", service, user)
-    upcoming = _call(found, name, "get_password", service, user + NEXT_SUFFIX)
+    current, upcoming = get(service, user, name), get(service, user + NEXT_SUFFIX, name)
     if current is None and upcoming is None:
         raise SecretError(
             f"credential {name!r}: no keyring item service={service!r} username={user!r} "
-            f"in {_backend_name(found)}; store it with `token-broker add {name} ...`"
+            f"in {_backend_name(backend(name))}; store it with `token-broker add {name} ...`"
         )
     return tuple(s for s in (upcoming, current) if s is not None)
 
@@ -219,10 +190,9 @@ def store(service: str, user: str, secret: str, name: str) -> None:
 
 def delete(service: str, user: str, name: str) -> bool:
     """Delete an item; False if it was not there."""
-    found = backend(name)
-    if _call(found, name, "get_password", service, user) is None:
+    if get(service, user, name) is None:
         return False
-    _call(found, name, "delete_password", service, user)
+    _call(backend(name), name, "delete_password", service, user)
     return True
 
 
@@ -256,22 +226,15 @@ def diagnose_no_backend() -> str:
     if not address and not (runtime and os.path.exists(os.path.join(runtime, "bus"))):
         return "no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS is not set)"
     try:
-        from jeepney import DBusAddress, new_method_call
+        from jeepney.bus_messages import message_bus
         from jeepney.io.blocking import open_dbus_connection
     except ImportError:
         return "the Secret Service libraries (secretstorage, jeepney) are not installed"
     try:
         with open_dbus_connection(bus="SESSION") as conn:
-            bus = DBusAddress(
-                "/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
-                interface="org.freedesktop.DBus",
-            )  # fmt: skip
-            owned = conn.send_and_get_reply(
-                new_method_call(bus, "NameHasOwner", "s", ("org.freedesktop.secrets",)), timeout=5
-            ).body[0]
-            names = conn.send_and_get_reply(
-                new_method_call(bus, "ListActivatableNames"), timeout=5
-            ).body[0]
+            has_owner = message_bus.NameHasOwner("org.freedesktop.secrets")
+            owned = conn.send_and_get_reply(has_owner, timeout=5).body[0]
+            names = conn.send_and_get_reply(message_bus.ListActivatableNames(), timeout=5).body[0]
     except Exception as exc:  # connection refused, bad address, timeout
         return f"cannot connect to the D-Bus session bus ({type(exc).__name__}: {exc})"
     if not owned and "org.freedesktop.secrets" not in names:
@@ -304,7 +267,8 @@ def _cause(exc: Exception) -> str:
     for inner in causes(exc):
         if isinstance(inner, locked):
             return f"the collection is locked ({text}); unlock it (e.g. log in to the desktop)"
-        if isinstance(inner, unavailable) or _dbus_error(inner) == _SERVICE_UNKNOWN:
+        # A jeepney error reply (DBusErrorResponse) has the D-Bus error's name.
+        if isinstance(inner, unavailable) or getattr(inner, "name", None) == _SERVICE_UNKNOWN:
             return f"no Secret Service provider on the session bus ({text})"
         if isinstance(inner, FileNotFoundError | ConnectionRefusedError) or (
             isinstance(inner, KeyError) and "DBUS_SESSION_BUS_ADDRESS" in inner.args
@@ -320,22 +284,8 @@ def _failure_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseEx
     """(a locked collection, no Secret Service): the types that say so, as installed."""
     from keyring.errors import KeyringLocked
 
-    locked: list[type[BaseException]] = [KeyringLocked]
-    unavailable: list[type[BaseException]] = []
     try:  # the Secret Service backend's libraries (Linux only)
         from secretstorage.exceptions import LockedException, SecretServiceNotAvailableException
     except ImportError:
-        pass
-    else:
-        locked.append(LockedException)
-        unavailable.append(SecretServiceNotAvailableException)
-    return tuple(locked), tuple(unavailable)
-
-
-def _dbus_error(exc: BaseException) -> str | None:
-    """The D-Bus error name of a jeepney error reply, if ``exc`` is one."""
-    try:
-        from jeepney.wrappers import DBusErrorResponse
-    except ImportError:
-        return None
-    return exc.name if isinstance(exc, DBusErrorResponse) else None
+        return (KeyringLocked,), ()
+    return (KeyringLocked, LockedException), (SecretServiceNotAvailableException,)

@@ -33,15 +33,13 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     return {"error": f"keyring child: unknown operation {op!r}"}
 
 
-def main() -> int:
-    request = json.load(sys.stdin)
+def main() -> None:
     try:
-        answer = handle(request)
+        answer = handle(json.load(sys.stdin))
     except SecretError as exc:
         answer = {"error": str(exc)}
     json.dump(answer, sys.stdout)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -59,12 +59,73 @@ class VaultSession:
     reporting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class VaultWriter(SecretWriter):
+    """``FIELD``, ``FIELD_pending`` and ``FIELD_previous`` of the document, each change a
+    new version written with check-and-set on the version read."""
+
+    ref: VaultRef
+
+    def __init__(self, ref: VaultRef, name: str, ctx: Context = NO_CONTEXT) -> None:
+        super().__init__(ref, name)
+        self._session = _session(ctx, name)
+        self._vault = self._session.vault
+        self._pending = ref.field + PENDING
+        self._previous = ref.field + PREVIOUS
+
+    async def _get(self, upcoming: bool) -> str | None:
+        doc = await self.ref._document(self._session, self.name)
+        return _value(doc.data.get(self._pending if upcoming else self.ref.field))
+
+    async def _put(self, secret: str, upcoming: bool) -> None:
+        key = self._pending if upcoming else self.ref.field
+        await self._change(lambda data: {**data, key: secret})
+
+    async def drop_upcoming(self) -> None:
+        await self._change(lambda data: _without(data, self._pending))
+
+    async def promote(self) -> None:
+        def promoted(data: dict[str, Any]) -> dict[str, Any] | None:
+            pending = data.get(self._pending)
+            if not isinstance(pending, str) or not pending:
+                return None  # promoted before (a step repeated after a crash)
+            changed = _without(data, self._pending)
+            changed[self._previous] = data.get(self.ref.field)
+            changed[self.ref.field] = pending
+            return changed
+
+        await self._change(promoted)
+
+    async def finish(self) -> None:
+        await self._change(lambda data: _without(data, self._previous))
+
+    async def _change(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        """Read, change, write with check-and-set on the version read; again if another
+        writer came between (a person's `bao kv patch`); nothing when nothing changes."""
+        from broker.vault import CasConflict
+
+        for _ in range(_CAS_TRIES):
+            doc = await self.ref._document(self._session, self.name)
+            data = change(dict(doc.data))
+            if data is None or data == doc.data:
+                return
+            try:
+                await self._vault.write(self.ref.mount, self.ref.path, data, cas=doc.version)
+            except CasConflict:
+                continue
+            return
+        raise SecretError(
+            f"credential {self.name!r}: {self.ref.describe()} changed under every one of "
+            f"{_CAS_TRIES} writes; is another program writing it?"
+        )
+
+
 @register
 @dataclass(frozen=True)
 class VaultRef(SecretRef):
     kind = "vault"
     shapes = ("vault:MOUNT/PATH#FIELD",)
-    writable = True
+    writable = True  # whether this login may, Vault's policy decides: `token-broker doctor` asks
+    writer_class = VaultWriter
     needs_vault = True
     mount: str = ""
     path: str = ""
@@ -72,9 +133,7 @@ class VaultRef(SecretRef):
 
     @classmethod
     def from_text(cls, text: str, rest: str | None, credential: str) -> VaultRef | None:
-        if not rest:
-            return None
-        where, _, name = rest.partition("#")
+        where, _, name = (rest or "").partition("#")
         mount, _, path = where.partition("/")
         segments = [mount, *path.split("/")]
         if not path or not all(_SEGMENT.match(s) and s not in (".", "..") for s in segments):
@@ -92,21 +151,14 @@ class VaultRef(SecretRef):
         session = _session(ctx, name)
         doc = await self._document(session, name)
         values = [_value(doc.data.get(self.field + s)) for s in ("", PENDING, PREVIOUS)]
-        found = tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
-        if not isinstance(values[0], str) or not values[0]:
+        if values[0] is None:
             fields = ", ".join(sorted(doc.data)) or "none"
             raise SecretError(
                 f"credential {name!r}: {self.describe()} has no such field (version "
                 f"{doc.version} has: {fields})"
             )
         session.versions[name] = doc.version
-        return found
-
-    def unwritable(self) -> None:
-        return None  # Vault's policy decides: `token-broker doctor` asks it
-
-    def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
-        return VaultWriter(self, name, _session(ctx, name))
+        return tuple(dict.fromkeys(v for v in values if v))
 
     async def store_new(
         self, name: str, values: list[str], *, force: bool = False, ctx: Context = NO_CONTEXT
@@ -114,9 +166,8 @@ class VaultRef(SecretRef):
         """Write the document (check-and-set: only if absent, or the version read); one
         that holds another secret is replaced only with ``force``."""
         session = _session(ctx, name)
-        data = {self.field: values[0]}
-        if len(values) > 1:
-            data[self.field + PENDING] = values[1]
+        # The secret, and a second one (a rotation's new one) in FIELD_pending.
+        data = dict(zip((self.field, self.field + PENDING), values, strict=False))
         doc, base = await session.vault.read_for_write(self.mount, self.path)
         where = f"{self.describe()} in {session.vault.address}"
         if doc is None:  # absent, or its newest version deleted
@@ -161,13 +212,11 @@ class VaultRef(SecretRef):
     async def follow(
         self, name: str, session: VaultSession, reread: Callable[[str], Awaitable[None]]
     ) -> None:
-        """Every ``poll``: read the secret again when its version changed (``reread``: the
-        holder of ``name``'s secrets reads the store), and report the version in use.
-
-        A task of the daemon's, for as long as the credential is configured. Vault
-        unreachable or refusing: the secret in hand stays in use; the failure is in the
-        client's health (status, metrics) and in the log (once until Vault answers).
-        """
+        """Every ``poll`` while the credential is configured (a task of the daemon's): read
+        the secret again when its version changed (``reread``: the holder of ``name``'s
+        secrets reads the store), and report the version in use. Vault unreachable or
+        refusing: the secret in hand stays in use; the failure is in the client's health
+        (status, metrics) and in the log (once until Vault answers)."""
         from broker.vault import VaultError
 
         failing = False
@@ -208,8 +257,7 @@ class VaultRef(SecretRef):
         # this broker wrote last; 0 (absent) the first time, or after another broker
         # removed it as one of a broker long gone.
         async with session.reporting:
-            last = session.reported.get(path, 0)
-            for cas in dict.fromkeys((last, 0)):
+            for cas in dict.fromkeys((session.reported.get(path, 0), 0)):
                 try:
                     written = await session.vault.write(self.mount, path, report, cas=cas)
                 except CasConflict:
@@ -259,77 +307,9 @@ def _value(found: object) -> str | None:
 
 
 def _session(ctx: Context, name: str) -> VaultSession:
-    session = ctx.vault
-    if not isinstance(session, VaultSession):
+    if ctx.vault is None:
         raise SecretError(f"credential {name!r}: a vault: secret needs the [vault] table")
-    return session
-
-
-class VaultWriter(SecretWriter):
-    """``FIELD``, ``FIELD_pending`` and ``FIELD_previous`` of the document, each change a
-    new version written with check-and-set on the version read."""
-
-    ref: VaultRef
-
-    def __init__(self, ref: VaultRef, name: str, session: VaultSession) -> None:
-        super().__init__(ref, name)
-        self._session = session
-        self._vault = session.vault
-        self._pending = ref.field + PENDING
-        self._previous = ref.field + PREVIOUS
-
-    async def _doc(self) -> Document:
-        return await self.ref._document(self._session, self.name)
-
-    async def _field(self, key: str) -> str | None:
-        return _value((await self._doc()).data.get(key))
-
-    async def current(self) -> str | None:
-        return await self._field(self.ref.field)
-
-    async def upcoming(self) -> str | None:
-        return await self._field(self._pending)
-
-    async def put_upcoming(self, secret: str) -> None:
-        await self._change(lambda data: {**data, self._pending: secret})
-
-    async def drop_upcoming(self) -> None:
-        await self._change(lambda data: _without(data, self._pending))
-
-    async def promote(self) -> None:
-        def promoted(data: dict[str, Any]) -> dict[str, Any] | None:
-            pending = data.get(self._pending)
-            if not isinstance(pending, str) or not pending:
-                return None  # promoted before (a step repeated after a crash)
-            changed = _without(data, self._pending)
-            changed[self._previous] = data.get(self.ref.field)
-            changed[self.ref.field] = pending
-            return changed
-
-        await self._change(promoted)
-
-    async def finish(self) -> None:
-        await self._change(lambda data: _without(data, self._previous))
-
-    async def _change(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
-        """Read, change, write with check-and-set on the version read; again if another
-        writer came between (a person's `bao kv patch`); nothing when nothing changes."""
-        from broker.vault import CasConflict
-
-        for _ in range(_CAS_TRIES):
-            doc = await self._doc()
-            data = change(dict(doc.data))
-            if data is None or data == doc.data:
-                return
-            try:
-                await self._vault.write(self.ref.mount, self.ref.path, data, cas=doc.version)
-            except CasConflict:
-                continue
-            return
-        raise SecretError(
-            f"credential {self.name!r}: {self.ref.describe()} changed under every one of "
-            f"{_CAS_TRIES} writes; is another program writing it?"
-        )
+    return ctx.vault
 
 
 def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
