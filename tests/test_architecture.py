@@ -108,3 +108,30 @@ def test_the_module_table_names_every_module_and_no_other():
     plain = {w.removeprefix("broker/") for w in named if w.endswith(".py")}
     missing = [w for w in plain if not any(f == w or f.endswith("/" + w) for f in files)]
     assert missing == [] and all((BROKER / p).is_dir() for p in packages)
+
+
+def test_every_package_broker_imports_is_declared():
+    """An import of a package only another dependency pulls in works until that one drops
+    it: each third-party import (at any depth, even inside a function) is declared."""
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = (re.match(r"[A-Za-z0-9._-]+", d) for d in project["dependencies"])
+    declared = {m[0].lower().replace("_", "-") for m in names if m}
+    owners = packages_distributions()
+    imported: set[str] = set()
+    for path in BROKER.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"broker"}
+    undeclared = {
+        name: owners.get(name)
+        for name in third_party
+        if not {d.lower().replace("_", "-") for d in owners.get(name, [name])} & declared
+    }
+    assert undeclared == {}
