@@ -134,6 +134,13 @@ def render(
         for (cred, outcome), n in sorted(counts.items()):
             lines.append(f'{name}{{credential="{cred}",outcome="{outcome}"}} {n}')
 
+    def per_credential(name: str, help_text: str, field: str) -> None:
+        """A gauge of each credential's ``field`` (of :class:`Gauges`), where it has one."""
+        family(name, "gauge", help_text)
+        for g in gauges:
+            if (value := getattr(g, field)) is not None:
+                lines.append(f'{name}{{credential="{g.name}"}} {value:.0f}')
+
     by_outcome("token_broker_token_requests_total", "Token requests by outcome.", counters.tokens)
     family(
         "token_broker_unknown_credential_requests_total",
@@ -155,25 +162,10 @@ def render(
         if (histogram := recorder.latency.get(g.name)) is not None:
             series = "token_broker_issuer_request_duration_seconds"
             lines.extend(histogram.lines(series, f'credential="{g.name}"'))
-    family(
-        "token_broker_token_expires_in_seconds", "gauge", "Seconds until the cached token expires."
-    )
-    for g in gauges:
-        if g.expires_in is not None:
-            lines.append(
-                f'token_broker_token_expires_in_seconds{{credential="{g.name}"}} {g.expires_in:.0f}'
-            )
-    family(
-        "token_broker_last_refresh_timestamp_seconds",
-        "gauge",
-        "Unix time of the last successful refresh.",
-    )
-    for g in gauges:
-        if g.refreshed_at is not None:
-            lines.append(
-                f'token_broker_last_refresh_timestamp_seconds{{credential="{g.name}"}} '
-                f"{g.refreshed_at:.0f}"
-            )
+    per_credential("token_broker_token_expires_in_seconds",
+                   "Seconds until the cached token expires.", "expires_in")  # fmt: skip
+    per_credential("token_broker_last_refresh_timestamp_seconds",
+                   "Unix time of the last successful refresh.", "refreshed_at")  # fmt: skip
     for kind, what in (("write", "File output writes"), ("command", "File output commands")):
         series = f"token_broker_output_{kind}s_total"
         family(series, "counter", f"{what} by outcome.")
@@ -182,16 +174,9 @@ def render(
                 lines.append(f'{series}{{path="{_label(path)}",outcome="{outcome}"}} {n}')
     by_outcome("token_broker_secret_rotations_total", "Secret cycles by outcome.",
                recorder.rotations)  # fmt: skip
-    family(
-        "token_broker_secret_age_seconds",
-        "gauge",
-        "Seconds since the client secret in use was created (credentials that cycle).",
-    )
-    for g in gauges:
-        if g.secret_age is not None:
-            lines.append(
-                f'token_broker_secret_age_seconds{{credential="{g.name}"}} {g.secret_age:.0f}'
-            )
+    per_credential("token_broker_secret_age_seconds",
+                   "Seconds since the client secret in use was created (credentials that cycle).",
+                   "secret_age")  # fmt: skip
     family("token_broker_credential_state", "gauge", "1 for the current state of a credential.")
     for g in gauges:
         for state in STATES:
@@ -200,26 +185,14 @@ def render(
                 f'token_broker_credential_state{{credential="{g.name}",state="{state}"}} {value}'
             )
     if vault is not None:
-        _vault(vault, gauges, family, lines)
+        family("token_broker_vault_up", "gauge", "1 when the last call to Vault was answered.")
+        lines.append(f"token_broker_vault_up {1 if vault.ok else 0}")
+        family("token_broker_vault_failures_total", "counter", "Failed calls to Vault, by reason.")
+        for reason, n in sorted(vault.errors.items()):
+            lines.append(f'token_broker_vault_failures_total{{reason="{reason}"}} {n}')
+        per_credential("token_broker_secret_version", "The version of a Vault secret in use.",
+                       "secret_version")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _vault(
-    vault: VaultHealth,
-    gauges: list[Gauges],
-    family: Callable[[str, str, str], None],
-    lines: list[str],
-) -> None:
-    """Vault's families: whether its last call answered, failures by reason, versions."""
-    family("token_broker_vault_up", "gauge", "1 when the last call to Vault was answered.")
-    lines.append(f"token_broker_vault_up {1 if vault.ok else 0}")
-    family("token_broker_vault_failures_total", "counter", "Failed calls to Vault, by reason.")
-    for reason, n in sorted(vault.errors.items()):
-        lines.append(f'token_broker_vault_failures_total{{reason="{reason}"}} {n}')
-    family("token_broker_secret_version", "gauge", "The version of a Vault secret in use.")
-    for g in gauges:
-        if g.secret_version is not None:
-            lines.append(f'token_broker_secret_version{{credential="{g.name}"}} {g.secret_version}')
 
 
 def _connections(
