@@ -67,10 +67,6 @@ def duplicate(name: bytes) -> Refused:
     return Refused(400, f"duplicate {shown} header", "duplicate")
 
 
-def header_rejection(header: str) -> Refused:
-    return Refused(403, f"the {header} header is required", "header")
-
-
 def refusal(
     scope: Mapping[str, Any],
     header: bytes | None,
@@ -135,7 +131,8 @@ def refusal(
         if host is not None or version == "1.1":
             return host_rejection(host, version)
     if header is not None and (presented is None or not presented.strip()):
-        return header_rejection("-".join(w.capitalize() for w in header.decode().split("-")))
+        shown = "-".join(w.capitalize() for w in header.decode().split("-"))
+        return Refused(403, f"the {shown} header is required", "header")
     return None
 
 

@@ -214,7 +214,7 @@ def uvicorn_config(
     from broker.protocol import protocol_class
 
     header_timeout = (server or ServerSettings()).header_timeout
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,  # type: ignore[arg-type]
         http=protocol_class(header_timeout, max_body),  # peer, header deadline and size
         proxy_headers=False,  # never rewrite the peer from X-Forwarded-For (security model)
@@ -226,7 +226,6 @@ def uvicorn_config(
         ws="none",  # no websocket routes: skip importing a websocket implementation (~MBs)
         timeout_graceful_shutdown=1,
     )
-    return config
 
 
 class Server(uvicorn.Server):
