@@ -14,7 +14,7 @@ the manager.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Iterable, Sized
 from typing import NamedTuple, Protocol
 
 STATES = ("pending", "fresh", "refreshing", "stale", "expired", "failed")
@@ -71,10 +71,7 @@ class Recorder:
         self.refreshes[(credential, outcome)] += 1
 
     def issuer_latency(self, credential: str, seconds: float) -> None:
-        histogram = self.latency.get(credential)
-        if histogram is None:
-            histogram = self.latency[credential] = Histogram()
-        histogram.observe(seconds)
+        self.latency.setdefault(credential, Histogram()).observe(seconds)
 
     def forget(self, credential: str) -> None:
         """A credential removed by a reload: its latency series goes (counters stay)."""
@@ -141,6 +138,12 @@ def render(
             if (value := getattr(g, field)) is not None:
                 lines.append(f'{name}{{credential="{g.name}"}} {value:.0f}')
 
+    def per_listener(
+        name: str, kind: str, help_text: str, values: Iterable[tuple[str, int]]
+    ) -> None:
+        family(name, kind, help_text)
+        lines.extend(f'{name}{{listener="{_label(n)}"}} {v}' for n, v in values)
+
     by_outcome("token_broker_token_requests_total", "Token requests by outcome.", counters.tokens)
     family(
         "token_broker_unknown_credential_requests_total",
@@ -151,7 +154,24 @@ def render(
     family("token_broker_rejected_requests_total", "counter", "Requests refused by a guard.")
     for reason, n in sorted(counters.rejected.items()):
         lines.append(f'token_broker_rejected_requests_total{{reason="{reason}"}} {n}')
-    _connections(counters, family, lines)
+    # The listeners': open connections and cap, refusals, idle ones closed, TLS handshakes.
+    per_listener("token_broker_open_connections", "gauge", "Connections open on a listener.",
+                 ((n, len(live)) for n, live in sorted(counters.connections.items())))  # fmt: skip
+    per_listener("token_broker_connection_limit", "gauge",
+                 "The most connections a listener holds (from the open-file limit).",
+                 sorted(counters.connection_limits.items()))  # fmt: skip
+    listeners = sorted(counters.connection_limits)  # every listener, from 0 on
+    per_listener("token_broker_refused_connections_total", "counter",
+                 "Connections refused because the listener held its limit, none idle.",
+                 ((n, counters.refused_connections[n]) for n in listeners))  # fmt: skip
+    per_listener("token_broker_idle_connections_closed_total", "counter",
+                 "Idle keep-alive connections closed to make room at the limit.",
+                 ((n, counters.idle_closed[n]) for n in listeners))  # fmt: skip
+    family("token_broker_tls_handshake_failures_total", "counter",
+           "TLS handshakes that failed, by reason.")  # fmt: skip
+    for (name, reason), n in sorted(counters.handshake_failures.items()):
+        lines.append(f'token_broker_tls_handshake_failures_total{{listener="{_label(name)}",'
+                     f'reason="{reason}"}} {n}')  # fmt: skip
     by_outcome("token_broker_refreshes_total", "Refresh attempts by outcome.", recorder.refreshes)
     family(
         "token_broker_issuer_request_duration_seconds",
@@ -193,37 +213,6 @@ def render(
         per_credential("token_broker_secret_version", "The version of a Vault secret in use.",
                        "secret_version")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _connections(
-    counters: RequestCounters, family: Callable[[str, str, str], None], lines: list[str]
-) -> None:
-    """The listeners' families: open connections and cap, refusals, TLS handshake failures."""
-    family("token_broker_open_connections", "gauge", "Connections open on a listener.")
-    for name, live in sorted(counters.connections.items()):
-        lines.append(f'token_broker_open_connections{{listener="{_label(name)}"}} {len(live)}')
-    family("token_broker_connection_limit", "gauge",
-           "The most connections a listener holds (from the open-file limit).")  # fmt: skip
-    for name, limit in sorted(counters.connection_limits.items()):
-        lines.append(f'token_broker_connection_limit{{listener="{_label(name)}"}} {limit}')
-    family("token_broker_refused_connections_total", "counter",
-           "Connections refused because the listener held its limit, none idle.")  # fmt: skip
-    listeners = sorted(counters.connection_limits)  # every listener, from 0 on
-    for name in listeners:
-        n = counters.refused_connections[name]
-        lines.append(f'token_broker_refused_connections_total{{listener="{_label(name)}"}} {n}')
-    family("token_broker_idle_connections_closed_total", "counter",
-           "Idle keep-alive connections closed to make room at the limit.")  # fmt: skip
-    for name in listeners:
-        series = "token_broker_idle_connections_closed_total"
-        lines.append(f'{series}{{listener="{_label(name)}"}} {counters.idle_closed[name]}')
-    family("token_broker_tls_handshake_failures_total", "counter",
-           "TLS handshakes that failed, by reason.")  # fmt: skip
-    for (name, reason), n in sorted(counters.handshake_failures.items()):
-        lines.append(
-            f'token_broker_tls_handshake_failures_total{{listener="{_label(name)}",'
-            f'reason="{reason}"}} {n}'
-        )
 
 
 def _label(value: str) -> str:
