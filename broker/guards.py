@@ -63,8 +63,7 @@ def host_rejection(host: bytes | None, version: str) -> Refused:
 
 
 def duplicate(name: bytes) -> Refused:
-    shown = name.decode("latin-1")
-    return Refused(400, f"duplicate {shown} header", "duplicate")
+    return Refused(400, f"duplicate {name.decode('latin-1')} header", "duplicate")
 
 
 def refusal(

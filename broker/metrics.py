@@ -40,14 +40,13 @@ class Histogram:
                 self.counts[i] += 1
 
     def lines(self, name: str, labels: str) -> list[str]:
-        out = [
-            f'{name}_bucket{{{labels},le="{bound:g}"}} {n}'
-            for bound, n in zip(BUCKETS, self.counts, strict=True)
+        buckets = zip(BUCKETS, self.counts, strict=True)
+        return [
+            *(f'{name}_bucket{{{labels},le="{bound:g}"}} {n}' for bound, n in buckets),
+            f'{name}_bucket{{{labels},le="+Inf"}} {self.count}',
+            f"{name}_sum{{{labels}}} {self.sum:.6f}",
+            f"{name}_count{{{labels}}} {self.count}",
         ]
-        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
-        out.append(f"{name}_sum{{{labels}}} {self.sum:.6f}")
-        out.append(f"{name}_count{{{labels}}} {self.count}")
-        return out
 
 
 class Recorder:
@@ -145,11 +144,8 @@ def render(
         lines.extend(f'{name}{{listener="{_label(n)}"}} {v}' for n, v in values)
 
     by_outcome("token_broker_token_requests_total", "Token requests by outcome.", counters.tokens)
-    family(
-        "token_broker_unknown_credential_requests_total",
-        "counter",
-        "Token requests for a credential that is not configured.",
-    )
+    family("token_broker_unknown_credential_requests_total", "counter",
+           "Token requests for a credential that is not configured.")  # fmt: skip
     lines.append(f"token_broker_unknown_credential_requests_total {counters.unknown}")
     family("token_broker_rejected_requests_total", "counter", "Requests refused by a guard.")
     for reason, n in sorted(counters.rejected.items()):
@@ -173,14 +169,11 @@ def render(
         lines.append(f'token_broker_tls_handshake_failures_total{{listener="{_label(name)}",'
                      f'reason="{reason}"}} {n}')  # fmt: skip
     by_outcome("token_broker_refreshes_total", "Refresh attempts by outcome.", recorder.refreshes)
-    family(
-        "token_broker_issuer_request_duration_seconds",
-        "histogram",
-        "Time from sending a token request to the issuer's complete answer (or failure).",
-    )
+    series = "token_broker_issuer_request_duration_seconds"
+    help_text = "Time from sending a token request to the issuer's complete answer (or failure)."
+    family(series, "histogram", help_text)
     for g in gauges:
         if (histogram := recorder.latency.get(g.name)) is not None:
-            series = "token_broker_issuer_request_duration_seconds"
             lines.extend(histogram.lines(series, f'credential="{g.name}"'))
     per_credential("token_broker_token_expires_in_seconds",
                    "Seconds until the cached token expires.", "expires_in")  # fmt: skip

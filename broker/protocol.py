@@ -263,7 +263,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if target.port is not None:
             host += b":%d" % target.port
         replaced = [(n, host if n == b"host" else v) for n, v in self.headers]
-        if len(replaced) == len(self.headers) and not any(n == b"host" for n, _ in replaced):
+        if not given:
             replaced.append((b"host", host))
         self.headers[:] = replaced  # the same list object is the scope's header list
 
