@@ -335,8 +335,7 @@ def create_app(
     @api.get("/v1/credentials/{name}/token")
     async def credential_token(request: Request, name: str) -> Response:
         token = await manager.token(allowed(request, name))
-        body = token.as_json(clock())
-        return JSONResponse(body, headers={"Cache-Control": NO_STORE})
+        return JSONResponse(token.as_json(clock()), headers={"Cache-Control": NO_STORE})
 
     @api.get("/v1/credentials/{name}/headers")
     async def credential_headers(request: Request, name: str) -> Response:
