@@ -143,11 +143,7 @@ class Access:
         with ``admin`` (the act, e.g. "cycle secrets") the administrator rule. The
         refusal, or None."""
         try:
-            client = self.authenticate(scope)
-            ext = scope.get("extensions")
-            if ext is None:
-                ext = scope["extensions"] = {}
-            ext[CLIENT] = client
+            scope.setdefault("extensions", {})[CLIENT] = self.authenticate(scope)
             for name in names:
                 self.authorize(scope, name)
             if admin:

@@ -48,11 +48,10 @@ _NO_NAMES: frozenset[bytes] = frozenset()
 class BrokerApp:
     """Outer ASGI layer: guards for every route, and the token hot path.
 
-    The access rules are built once per (re)loaded settings, in :meth:`use`, which
-    the daemon calls at every reload; the FastAPI routes read them from
-    :meth:`rules`. An answer is made under the rules in force when it is sent: a
-    request that waited (on a refresh, a cycle) while a reload removed its key, or
-    its right to that credential, gets the refusal instead of what it asked for.
+    The access rules (``rules``) are built once per (re)loaded settings, in :meth:`use`,
+    which the daemon calls at every reload. An answer is made under the rules in force
+    when it is sent: a request that waited (on a refresh, a cycle) while a reload removed
+    its key, or its right to that credential, gets the refusal instead of what it asked for.
     """
 
     def __init__(
@@ -65,19 +64,16 @@ class BrokerApp:
         self.counters = counters
         self.use(settings)
 
-    def rules(self) -> access.Access:
-        """The access rules of the settings in force."""
-        return self._access
-
     def use(self, settings: Settings) -> None:
         """Take the settings of a (re)load: their access rules and guard switches."""
         self._settings = settings
-        self._header = _header_name(settings)
+        header = settings.server.require_header
+        self._header = header.lower().encode() if header else None
         self._remote = settings.server.allow_remote
-        self._access = access.Access(settings)
+        self.rules = access.Access(settings)
         # Plain booleans for the hot path: with no client keys and no peer rules, skip both.
-        self._keys = bool(self._access.clients)
-        self._open = self._access.open
+        self._keys = bool(self.rules.clients)
+        self._open = self.rules.open
         self._access_log = settings.server.access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,7 +93,7 @@ class BrokerApp:
             return
         if guarded and self._keys:
             try:
-                client = self._access.authenticate(scope)
+                client = self.rules.authenticate(scope)
             except Refused as exc:
                 if not access.keyless_admin(scope, exc):
                     await self._denied(send, exc)
@@ -119,7 +115,7 @@ class BrokerApp:
         name = manager.default if path == "/token" else path[7:]
         if not self._open:
             try:
-                self._access.authorize(scope, name)
+                self.rules.authorize(scope, name)
             except Refused as exc:
                 await self._denied(send, exc)
                 return
@@ -137,7 +133,7 @@ class BrokerApp:
                 return
             # It waited for a refresh: a reload meanwhile may have removed its key.
             if self._settings is not settings and name is not None:
-                denied = self.rules().reauthorize(scope, (name,))
+                denied = self.rules.reauthorize(scope, (name,))
                 if denied is not None:
                     await self._denied(send, denied)
                     return
@@ -157,7 +153,7 @@ class BrokerApp:
                 return  # the route's own answer is dropped: the refusal was sent
             if message["type"] == "http.response.start" and self._settings is not settings:
                 ext = scope.get("extensions") or {}
-                denied = self.rules().reauthorize(
+                denied = self.rules.reauthorize(
                     scope, ext.get(access.NAMES, ()), admin=ext.get(access.ADMIN, "")
                 )
                 if denied is not None:
@@ -175,7 +171,7 @@ class BrokerApp:
         is refused (401). With a valid key the routes answer in full; a wrong one is 401."""
         if path == "/metrics" or any(n == b"authorization" for n, _ in scope["headers"]):
             try:
-                client = self._access.authenticate(scope)
+                client = self.rules.authenticate(scope)
             except Refused as exc:
                 await self._denied(send, exc)
                 return True
@@ -217,23 +213,13 @@ def _logged(scope: Scope, send: Send) -> Send:
             peer = ext.get(access.PEER)
             client = ext.get(access.CLIENT)
             where = f"uid={peer.uid}" if peer else (scope.get("client") or ("unix",))[0]
-            access_log.info(
-                "%s %s %d peer=%s client=%s %.1fms",
-                scope["method"],
-                scope["path"][:200],
-                message["status"],
-                where,
-                client.name if client else "-",
-                (time.perf_counter() - started) * 1000,
-            )
+            ms = (time.perf_counter() - started) * 1000
+            access_log.info("%s %s %d peer=%s client=%s %.1fms", scope["method"],
+                            scope["path"][:200], message["status"], where,
+                            client.name if client else "-", ms)  # fmt: skip
         await send(message)
 
     return logged_send
-
-
-def _header_name(settings: Settings) -> bytes | None:
-    name = settings.server.require_header
-    return name.lower().encode() if name else None
 
 
 def status_json(
@@ -321,13 +307,13 @@ def create_app(
     def allowed(request: Request, name: str) -> str:
         """``name`` once the request may read it (raises Refused otherwise); recorded,
         so that the answer is judged again should a reload change the rules meanwhile."""
-        app.rules().authorize(request.scope, name)
+        app.rules.authorize(request.scope, name)
         request.scope.setdefault("extensions", {}).setdefault(access.NAMES, []).append(name)
         return name
 
     def administrator(request: Request, act: str) -> None:
         """Raise Refused unless an administrator asks (with client keys: "*")."""
-        app.rules().authorize_reload(request.scope, act)
+        app.rules.authorize_reload(request.scope, act)
         request.scope.setdefault("extensions", {})[access.ADMIN] = act
 
     def status(credential: Credential) -> dict[str, object]:
@@ -335,7 +321,7 @@ def create_app(
 
     @api.get("/v1/credentials")
     async def list_credentials(request: Request) -> list[dict[str, object]]:
-        rules = app.rules()
+        rules = app.rules
         return [
             status(c)
             for name, c in manager.credentials.items()
@@ -349,8 +335,7 @@ def create_app(
     @api.get("/v1/credentials/{name}/token")
     async def credential_token(request: Request, name: str) -> Response:
         token = await manager.token(allowed(request, name))
-        body = token.as_json(clock())
-        return JSONResponse(body, headers={"Cache-Control": NO_STORE})
+        return JSONResponse(token.as_json(clock()), headers={"Cache-Control": NO_STORE})
 
     @api.get("/v1/credentials/{name}/headers")
     async def credential_headers(request: Request, name: str) -> Response:

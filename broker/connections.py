@@ -28,6 +28,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import resource
 import ssl
@@ -259,13 +260,7 @@ class Listener:
     def _make_room(self) -> bool:
         """Close idle keep-alive connections, oldest first: an eighth of the cap at once,
         so that a flood pays for one scan per many connections; True if any was."""
-        batch = max(1, self.limit // 8)
-        idle = []
-        for proto in self.live:
-            if proto.idle():
-                idle.append(proto)
-                if len(idle) == batch:
-                    break
+        idle = list(itertools.islice((p for p in self.live if p.idle()), max(1, self.limit // 8)))
         for proto in idle:
             self.live.pop(proto, None)
             proto.transport.abort()  # nothing is owed on an idle connection

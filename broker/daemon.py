@@ -12,6 +12,7 @@ SIGTERM, with systemd's notifications, SIGHUP reloads and the watchdog.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -24,15 +25,14 @@ from typing import Any
 from broker import config, connections, systemd
 from broker.api import BrokerApp, create_app
 from broker.config import Settings
-from broker.cycling import Cycler, StateStore, state_store
-from broker.errors import BrokerError, ConfigError
+from broker.cycling import Cycler, state_store
+from broker.errors import BrokerError, ConfigError, TlsError
 from broker.files import state_dir
 from broker.logs import Redactor
 from broker.manager import Credential, Manager
 from broker.metrics import Recorder, RequestCounters
 from broker.outputs import Outputs
 from broker.providers import IssuerClients
-from broker.providers.adobe import AdobeSettings
 from broker.scheduler import APScheduler
 from broker.server import Server, bind, uvicorn_config
 from broker.stores import Context, SecretRef, VaultRef
@@ -86,15 +86,11 @@ class Daemon:
         )
         self.outputs = Outputs(settings.outputs, recorder=self.recorder, clock=clock)
         directory = state_directory or state_dir()
-
-        def states(name: str, cred: AdobeSettings) -> StateStore:
-            return state_store(name, cred, directory=directory, vault=self.vault)
-
         self.cycler = Cycler(
             holder=self.manager,
             issuers=self.issuers,
             scheduler=self.scheduler,
-            states=states,
+            states=functools.partial(state_store, directory=directory, vault=self.vault),
             clock=clock,
             recorder=self.recorder,
             redactor=redactor,
@@ -136,6 +132,8 @@ class Daemon:
     def _follow_vault(self) -> None:
         """Every credential whose secret is in Vault follows its versions and reports the
         one in use (a task each); one no longer configured (or moved) stops."""
+        if self.vault is None:
+            return  # none was ever started
         wanted = {
             f"follow:{name}": cred.secret
             for name, cred in self.settings.credentials.items()
@@ -145,7 +143,7 @@ class Daemon:
             if key not in wanted or self._following.get(key) != wanted[key]:
                 self._tasks.pop(key).cancel()
         for key, ref in wanted.items():
-            if key not in self._tasks and isinstance(ref, VaultRef) and self.vault is not None:
+            if key not in self._tasks:
                 self._following[key] = ref
                 name = key.removeprefix("follow:")
                 self._spawn(key, ref.follow(name, self.vault, self.manager.reread_secrets))
@@ -195,9 +193,6 @@ class Daemon:
             finally:
                 systemd.notify("READY=1", f"STATUS={self.manager.summary()}")
             return plan
-
-    def stop_waiting(self) -> None:
-        self.manager.stop_waiting()
 
     async def close(self) -> None:
         """Stop the scheduler, the refreshes in flight, the outputs' writes; close clients."""
@@ -269,8 +264,6 @@ class Https:
         )
 
     async def _renewals(self) -> None:
-        from broker.errors import TlsError
-
         while (when := self.cert.renew_at()) is not None:
             await asyncio.sleep(max(0.0, when - time.time()))
             try:
@@ -284,8 +277,6 @@ class Https:
 
     def reloaded(self, settings: Settings) -> None:
         """Read tls_cert/tls_key again (cert-manager renewed them), or re-issue for new hosts."""
-        from broker.errors import TlsError
-
         server = settings.server
         try:
             self.cert.reload(server.tls_cert, server.tls_key, self._hosts(settings))
@@ -329,7 +320,6 @@ async def serve(
     )
     server = Server(uvicorn_config(daemon.app, settings.server), counters=daemon.counters,
                     limit=limit)  # fmt: skip
-    https = daemon.https
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _request_exit, server, daemon, sig)
@@ -360,8 +350,8 @@ async def serve(
     interval = systemd.watchdog_interval()
     if interval:
         spawn(_watchdog(interval))
-    if https is not None:
-        spawn(https.serve())
+    if daemon.https is not None:
+        spawn(daemon.https.serve())
     try:
         await server.serve(sockets=sockets)
     finally:
@@ -414,4 +404,4 @@ def _request_exit(server: Server, daemon: Daemon, sig: signal.Signals) -> None:
     server.request_exit()
     if daemon.https is not None:
         daemon.https.request_exit()
-    asyncio.get_running_loop().call_later(STOP_WAITING_AFTER, daemon.stop_waiting)
+    asyncio.get_running_loop().call_later(STOP_WAITING_AFTER, daemon.manager.stop_waiting)

@@ -202,9 +202,13 @@ class CycleError(BrokerError):
 
 
 class _RetryAfter(BrokerError):
-    """An error whose answer says when to ask again (``retry_after`` seconds)."""
+    """An error about credential ``name`` whose answer says when to ask again
+    (``retry_after`` seconds)."""
 
-    retry_after: float
+    def __init__(self, name: str, detail: str, *, retry_after: float) -> None:
+        self.name = name
+        self.retry_after = retry_after
+        super().__init__(detail)
 
     def http_headers(self) -> dict[str, str]:
         return {"Retry-After": str(math.ceil(self.retry_after))}
@@ -223,10 +227,8 @@ class TokenUnavailable(_RetryAfter):
         retry_after: float,
         last_error: dict[str, object] | None = None,
     ) -> None:
-        self.name = name
-        self.retry_after = retry_after
         self.last_error = last_error  # ErrorInfo.as_json() of the last failed attempt
-        super().__init__(detail)
+        super().__init__(name, detail, retry_after=retry_after)
 
     def http_body(self) -> dict[str, object]:
         return {**super().http_body(), "last_error": self.last_error}
@@ -238,11 +240,8 @@ class RefreshCooldown(_RetryAfter):
     http_status, error_code = 429, "refresh_cooldown"
 
     def __init__(self, name: str, *, retry_after: float) -> None:
-        self.name = name
-        self.retry_after = retry_after
-        super().__init__(
-            f"credential {name!r} was refreshed moments ago; try again in {retry_after:.0f}s"
-        )
+        detail = f"credential {name!r} was refreshed moments ago; try again in {retry_after:.0f}s"
+        super().__init__(name, detail, retry_after=retry_after)
 
 
 class RotateCooldown(_RetryAfter):
@@ -250,11 +249,6 @@ class RotateCooldown(_RetryAfter):
     secret at Adobe); ``retry_after``: seconds until one may be asked for again."""
 
     http_status, error_code = 429, "rotate_cooldown"
-
-    def __init__(self, name: str, detail: str, *, retry_after: float) -> None:
-        self.name = name
-        self.retry_after = retry_after
-        super().__init__(detail)
 
 
 class Refused(BrokerError):

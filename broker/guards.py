@@ -63,12 +63,7 @@ def host_rejection(host: bytes | None, version: str) -> Refused:
 
 
 def duplicate(name: bytes) -> Refused:
-    shown = name.decode("latin-1")
-    return Refused(400, f"duplicate {shown} header", "duplicate")
-
-
-def header_rejection(header: str) -> Refused:
-    return Refused(403, f"the {header} header is required", "header")
+    return Refused(400, f"duplicate {name.decode('latin-1')} header", "duplicate")
 
 
 def refusal(
@@ -135,7 +130,8 @@ def refusal(
         if host is not None or version == "1.1":
             return host_rejection(host, version)
     if header is not None and (presented is None or not presented.strip()):
-        return header_rejection("-".join(w.capitalize() for w in header.decode().split("-")))
+        shown = "-".join(w.capitalize() for w in header.decode().split("-"))
+        return Refused(403, f"the {shown} header is required", "header")
     return None
 
 

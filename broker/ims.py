@@ -94,51 +94,38 @@ class ImsApp:
 
     async def _token(self, scope: Scope, receive: Receive) -> dict[str, object]:
         if scope["path"] not in PATHS:
-            raise ImsError(
-                404, "not_found", "only POST /ims/token/v2 and /v3 are served here", "ims_path"
-            )
+            raise ImsError(404, "not_found", "only POST /ims/token/v2 and /v3 are served here",
+                           "ims_path")  # fmt: skip
         if scope["method"] != "POST":
             raise ImsError(405, "invalid_request", "use POST", "ims_form")
         form = await _form(scope, receive)
         if form.get("grant_type") != "client_credentials":
-            raise ImsError(
-                400,
-                "unsupported_grant_type",
-                "only grant_type=client_credentials is served",
-                "ims_grant",
-            )
-        name, settings = self._authorized(form)
+            raise ImsError(400, "unsupported_grant_type",
+                           "only grant_type=client_credentials is served", "ims_grant")  # fmt: skip
+        settings = self._settings  # the ones _authorized judged by (no await between)
+        name = self._authorized(form)
         cred = self.manager.credentials[name].settings
         asked = [s.strip() for s in form.get("scope", "").replace(" ", ",").split(",")]
         missing = [s for s in asked if s and s not in cred.scopes]
         if missing:
-            raise ImsError(
-                400,
-                "invalid_scope",
-                f"scope not granted to this credential: {', '.join(missing)}",
-                "ims_scope",
-            )
+            raise ImsError(400, "invalid_scope",
+                           f"scope not granted to this credential: {', '.join(missing)}",
+                           "ims_scope")  # fmt: skip
         token = self.manager.cached(name)
         if token is None:
             try:
                 token = await self.manager.token(name)
             except TokenUnavailable as exc:
                 self.counters.tokens[(name, "unavailable")] += 1
-                raise ImsError(
-                    503,
-                    "temporarily_unavailable",
-                    str(exc),
-                    "unavailable",
-                    retry_after=math.ceil(exc.retry_after),
-                ) from None
+                raise ImsError(503, "temporarily_unavailable", str(exc), "unavailable",
+                               retry_after=math.ceil(exc.retry_after)) from None  # fmt: skip
             except BrokerError as exc:  # an unknown name cannot happen: picked above
                 raise ImsError(
                     503, "temporarily_unavailable", str(exc), "unavailable", retry_after=1
                 ) from None
             if self._settings is not settings:  # reloaded while the token was awaited
-                if self._authorized(form)[0] != name:  # its client_id names another now
-                    raise ImsError(401, "invalid_client", "invalid client_id or client_secret",
-                                   "bad_key")  # fmt: skip
+                if self._authorized(form) != name:  # its client_id names another now
+                    raise _bad_client()
         self.counters.tokens[(name, "ok")] += 1
         return {
             "access_token": token.access_token,
@@ -146,29 +133,29 @@ class ImsApp:
             "expires_in": max(0, math.floor(token.expires_at - self.clock())),
         }
 
-    def _authorized(self, form: dict[str, str]) -> tuple[str, Settings]:
+    def _authorized(self, form: dict[str, str]) -> str:
         """Raise ImsError unless the form's key may read the credential its client_id
         names, under the settings in force now (the form arrives after the head: a reload
-        may have come between); return that name and those settings."""
+        may have come between); return that name."""
         name = self._by_client_id.get(form.get("client_id", ""))
         key = form.get("client_secret", "").encode()
         client = self._rules.client_of(key) if key else None
         # One answer for an unknown client_id, a wrong key and a key of another client: no
         # probing for names or keys. The Adobe secret is not a client key: refused alike.
         if name is None or client is None or not _may_read(client, name):
-            raise ImsError(401, "invalid_client", "invalid client_id or client_secret", "bad_key")
+            raise _bad_client()
         if self.manager.credentials[name].settings.peer_restricted:
-            raise ImsError(
-                401,
-                "invalid_client",
-                f"{name!r} is served only on the broker's unix socket",
-                "peer",
-            )
-        return name, self._settings
+            detail = f"{name!r} is served only on the broker's unix socket"
+            raise ImsError(401, "invalid_client", detail, "peer")
+        return name
 
 
 def _may_read(client: Any, name: str) -> bool:
     return client.credentials is None or name in client.credentials
+
+
+def _bad_client() -> ImsError:
+    return ImsError(401, "invalid_client", "invalid client_id or client_secret", "bad_key")
 
 
 async def _form(scope: Scope, receive: Receive) -> dict[str, str]:
@@ -178,9 +165,8 @@ async def _form(scope: Scope, receive: Receive) -> dict[str, str]:
         if header == b"content-type":
             content_type = value.split(b";")[0].strip().lower()
     if content_type != FORM:
-        raise ImsError(
-            400, "invalid_request", "expected an application/x-www-form-urlencoded body", "ims_form"
-        )
+        detail = "expected an application/x-www-form-urlencoded body"
+        raise ImsError(400, "invalid_request", detail, "ims_form")
     body = b""
     while True:  # bounded: the protocol refuses a body over its max_body before it is read
         message = await receive()

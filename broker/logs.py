@@ -64,8 +64,7 @@ class Redactor:
 
 
 def _shape(match: re.Match[str]) -> str:
-    prefix = match.group(1) or match.group(2) or ""
-    return prefix + REDACTED
+    return (match.group(1) or match.group(2) or "") + REDACTED
 
 
 class TextFormatter(logging.Formatter):
@@ -120,6 +119,5 @@ def setup(redact: Redactor, fmt: str = "text", level: int = logging.INFO) -> Non
     root.handlers[:] = [handler]
     root.setLevel(level)
     # uvicorn's per-request and lifecycle chatter is not ours to print at INFO.
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    for chatty in ("uvicorn.error", "httpx", "apscheduler"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)

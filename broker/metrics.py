@@ -14,7 +14,7 @@ the manager.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Iterable, Sized
 from typing import NamedTuple, Protocol
 
 STATES = ("pending", "fresh", "refreshing", "stale", "expired", "failed")
@@ -40,14 +40,13 @@ class Histogram:
                 self.counts[i] += 1
 
     def lines(self, name: str, labels: str) -> list[str]:
-        out = [
-            f'{name}_bucket{{{labels},le="{bound:g}"}} {n}'
-            for bound, n in zip(BUCKETS, self.counts, strict=True)
+        buckets = zip(BUCKETS, self.counts, strict=True)
+        return [
+            *(f'{name}_bucket{{{labels},le="{bound:g}"}} {n}' for bound, n in buckets),
+            f'{name}_bucket{{{labels},le="+Inf"}} {self.count}',
+            f"{name}_sum{{{labels}}} {self.sum:.6f}",
+            f"{name}_count{{{labels}}} {self.count}",
         ]
-        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
-        out.append(f"{name}_sum{{{labels}}} {self.sum:.6f}")
-        out.append(f"{name}_count{{{labels}}} {self.count}")
-        return out
 
 
 class Recorder:
@@ -71,10 +70,7 @@ class Recorder:
         self.refreshes[(credential, outcome)] += 1
 
     def issuer_latency(self, credential: str, seconds: float) -> None:
-        histogram = self.latency.get(credential)
-        if histogram is None:
-            histogram = self.latency[credential] = Histogram()
-        histogram.observe(seconds)
+        self.latency.setdefault(credential, Histogram()).observe(seconds)
 
     def forget(self, credential: str) -> None:
         """A credential removed by a reload: its latency series goes (counters stay)."""
@@ -134,46 +130,55 @@ def render(
         for (cred, outcome), n in sorted(counts.items()):
             lines.append(f'{name}{{credential="{cred}",outcome="{outcome}"}} {n}')
 
+    def per_credential(name: str, help_text: str, field: str) -> None:
+        """A gauge of each credential's ``field`` (of :class:`Gauges`), where it has one."""
+        family(name, "gauge", help_text)
+        for g in gauges:
+            if (value := getattr(g, field)) is not None:
+                lines.append(f'{name}{{credential="{g.name}"}} {value:.0f}')
+
+    def per_listener(
+        name: str, kind: str, help_text: str, values: Iterable[tuple[str, int]]
+    ) -> None:
+        family(name, kind, help_text)
+        lines.extend(f'{name}{{listener="{_label(n)}"}} {v}' for n, v in values)
+
     by_outcome("token_broker_token_requests_total", "Token requests by outcome.", counters.tokens)
-    family(
-        "token_broker_unknown_credential_requests_total",
-        "counter",
-        "Token requests for a credential that is not configured.",
-    )
+    family("token_broker_unknown_credential_requests_total", "counter",
+           "Token requests for a credential that is not configured.")  # fmt: skip
     lines.append(f"token_broker_unknown_credential_requests_total {counters.unknown}")
     family("token_broker_rejected_requests_total", "counter", "Requests refused by a guard.")
     for reason, n in sorted(counters.rejected.items()):
         lines.append(f'token_broker_rejected_requests_total{{reason="{reason}"}} {n}')
-    _connections(counters, family, lines)
+    # The listeners': open connections and cap, refusals, idle ones closed, TLS handshakes.
+    per_listener("token_broker_open_connections", "gauge", "Connections open on a listener.",
+                 ((n, len(live)) for n, live in sorted(counters.connections.items())))  # fmt: skip
+    per_listener("token_broker_connection_limit", "gauge",
+                 "The most connections a listener holds (from the open-file limit).",
+                 sorted(counters.connection_limits.items()))  # fmt: skip
+    listeners = sorted(counters.connection_limits)  # every listener, from 0 on
+    per_listener("token_broker_refused_connections_total", "counter",
+                 "Connections refused because the listener held its limit, none idle.",
+                 ((n, counters.refused_connections[n]) for n in listeners))  # fmt: skip
+    per_listener("token_broker_idle_connections_closed_total", "counter",
+                 "Idle keep-alive connections closed to make room at the limit.",
+                 ((n, counters.idle_closed[n]) for n in listeners))  # fmt: skip
+    family("token_broker_tls_handshake_failures_total", "counter",
+           "TLS handshakes that failed, by reason.")  # fmt: skip
+    for (name, reason), n in sorted(counters.handshake_failures.items()):
+        lines.append(f'token_broker_tls_handshake_failures_total{{listener="{_label(name)}",'
+                     f'reason="{reason}"}} {n}')  # fmt: skip
     by_outcome("token_broker_refreshes_total", "Refresh attempts by outcome.", recorder.refreshes)
-    family(
-        "token_broker_issuer_request_duration_seconds",
-        "histogram",
-        "Time from sending a token request to the issuer's complete answer (or failure).",
-    )
+    series = "token_broker_issuer_request_duration_seconds"
+    help_text = "Time from sending a token request to the issuer's complete answer (or failure)."
+    family(series, "histogram", help_text)
     for g in gauges:
         if (histogram := recorder.latency.get(g.name)) is not None:
-            series = "token_broker_issuer_request_duration_seconds"
             lines.extend(histogram.lines(series, f'credential="{g.name}"'))
-    family(
-        "token_broker_token_expires_in_seconds", "gauge", "Seconds until the cached token expires."
-    )
-    for g in gauges:
-        if g.expires_in is not None:
-            lines.append(
-                f'token_broker_token_expires_in_seconds{{credential="{g.name}"}} {g.expires_in:.0f}'
-            )
-    family(
-        "token_broker_last_refresh_timestamp_seconds",
-        "gauge",
-        "Unix time of the last successful refresh.",
-    )
-    for g in gauges:
-        if g.refreshed_at is not None:
-            lines.append(
-                f'token_broker_last_refresh_timestamp_seconds{{credential="{g.name}"}} '
-                f"{g.refreshed_at:.0f}"
-            )
+    per_credential("token_broker_token_expires_in_seconds",
+                   "Seconds until the cached token expires.", "expires_in")  # fmt: skip
+    per_credential("token_broker_last_refresh_timestamp_seconds",
+                   "Unix time of the last successful refresh.", "refreshed_at")  # fmt: skip
     for kind, what in (("write", "File output writes"), ("command", "File output commands")):
         series = f"token_broker_output_{kind}s_total"
         family(series, "counter", f"{what} by outcome.")
@@ -182,16 +187,9 @@ def render(
                 lines.append(f'{series}{{path="{_label(path)}",outcome="{outcome}"}} {n}')
     by_outcome("token_broker_secret_rotations_total", "Secret cycles by outcome.",
                recorder.rotations)  # fmt: skip
-    family(
-        "token_broker_secret_age_seconds",
-        "gauge",
-        "Seconds since the client secret in use was created (credentials that cycle).",
-    )
-    for g in gauges:
-        if g.secret_age is not None:
-            lines.append(
-                f'token_broker_secret_age_seconds{{credential="{g.name}"}} {g.secret_age:.0f}'
-            )
+    per_credential("token_broker_secret_age_seconds",
+                   "Seconds since the client secret in use was created (credentials that cycle).",
+                   "secret_age")  # fmt: skip
     family("token_broker_credential_state", "gauge", "1 for the current state of a credential.")
     for g in gauges:
         for state in STATES:
@@ -200,57 +198,14 @@ def render(
                 f'token_broker_credential_state{{credential="{g.name}",state="{state}"}} {value}'
             )
     if vault is not None:
-        _vault(vault, gauges, family, lines)
+        family("token_broker_vault_up", "gauge", "1 when the last call to Vault was answered.")
+        lines.append(f"token_broker_vault_up {1 if vault.ok else 0}")
+        family("token_broker_vault_failures_total", "counter", "Failed calls to Vault, by reason.")
+        for reason, n in sorted(vault.errors.items()):
+            lines.append(f'token_broker_vault_failures_total{{reason="{reason}"}} {n}')
+        per_credential("token_broker_secret_version", "The version of a Vault secret in use.",
+                       "secret_version")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _vault(
-    vault: VaultHealth,
-    gauges: list[Gauges],
-    family: Callable[[str, str, str], None],
-    lines: list[str],
-) -> None:
-    """Vault's families: whether its last call answered, failures by reason, versions."""
-    family("token_broker_vault_up", "gauge", "1 when the last call to Vault was answered.")
-    lines.append(f"token_broker_vault_up {1 if vault.ok else 0}")
-    family("token_broker_vault_failures_total", "counter", "Failed calls to Vault, by reason.")
-    for reason, n in sorted(vault.errors.items()):
-        lines.append(f'token_broker_vault_failures_total{{reason="{reason}"}} {n}')
-    family("token_broker_secret_version", "gauge", "The version of a Vault secret in use.")
-    for g in gauges:
-        if g.secret_version is not None:
-            lines.append(f'token_broker_secret_version{{credential="{g.name}"}} {g.secret_version}')
-
-
-def _connections(
-    counters: RequestCounters, family: Callable[[str, str, str], None], lines: list[str]
-) -> None:
-    """The listeners' families: open connections and cap, refusals, TLS handshake failures."""
-    family("token_broker_open_connections", "gauge", "Connections open on a listener.")
-    for name, live in sorted(counters.connections.items()):
-        lines.append(f'token_broker_open_connections{{listener="{_label(name)}"}} {len(live)}')
-    family("token_broker_connection_limit", "gauge",
-           "The most connections a listener holds (from the open-file limit).")  # fmt: skip
-    for name, limit in sorted(counters.connection_limits.items()):
-        lines.append(f'token_broker_connection_limit{{listener="{_label(name)}"}} {limit}')
-    family("token_broker_refused_connections_total", "counter",
-           "Connections refused because the listener held its limit, none idle.")  # fmt: skip
-    listeners = sorted(counters.connection_limits)  # every listener, from 0 on
-    for name in listeners:
-        n = counters.refused_connections[name]
-        lines.append(f'token_broker_refused_connections_total{{listener="{_label(name)}"}} {n}')
-    family("token_broker_idle_connections_closed_total", "counter",
-           "Idle keep-alive connections closed to make room at the limit.")  # fmt: skip
-    for name in listeners:
-        series = "token_broker_idle_connections_closed_total"
-        lines.append(f'{series}{{listener="{_label(name)}"}} {counters.idle_closed[name]}')
-    family("token_broker_tls_handshake_failures_total", "counter",
-           "TLS handshakes that failed, by reason.")  # fmt: skip
-    for (name, reason), n in sorted(counters.handshake_failures.items()):
-        lines.append(
-            f'token_broker_tls_handshake_failures_total{{listener="{_label(name)}",'
-            f'reason="{reason}"}} {n}'
-        )
 
 
 def _label(value: str) -> str:

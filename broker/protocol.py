@@ -263,7 +263,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if target.port is not None:
             host += b":%d" % target.port
         replaced = [(n, host if n == b"host" else v) for n, v in self.headers]
-        if len(replaced) == len(self.headers) and not any(n == b"host" for n, _ in replaced):
+        if not given:
             replaced.append((b"host", host))
         self.headers[:] = replaced  # the same list object is the scope's header list
 
@@ -376,9 +376,5 @@ def protocol_class(header_timeout: float, max_body: int = 0) -> type[GuardedHttp
 
     ``max_body`` > 0: a listener that reads a form of at most that many bytes.
     """
-    if not max_body:
-        return type(
-            "GuardedHttpProtocol", (GuardedHttpProtocol,), {"header_timeout": header_timeout}
-        )
-    attrs = {"header_timeout": header_timeout, "max_body": max_body}
-    return type("FormProtocol", (FormProtocol,), attrs)
+    base = FormProtocol if max_body else GuardedHttpProtocol
+    return type(base.__name__, (base,), {"header_timeout": header_timeout, "max_body": max_body})

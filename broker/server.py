@@ -56,7 +56,6 @@ def harden() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("cannot mark the process not dumpable: %s", os.strerror(ctypes.get_errno()))
-    # Every connection holds a descriptor: the listeners' caps are shares of this limit.
     connections.raise_fd_limit()
 
 
@@ -70,14 +69,9 @@ def open_listeners(server: ServerSettings) -> list[socket.socket]:
 
 def bind(listens: Iterable[Listen], server: ServerSettings) -> list[socket.socket]:
     """Bind ``listens`` (all or none); raise ConfigError naming the one that failed."""
-    sockets: list[socket.socket] = []
-    try:
-        for listen in listens:
-            sockets.append(_bind(listen, server))
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
+    with contextlib.ExitStack() as bound:  # closes those bound so far, should one fail
+        sockets = [bound.enter_context(_bind(listen, server)) for listen in listens]
+        bound.pop_all()
     return sockets
 
 
@@ -102,27 +96,23 @@ def _bind(listen: Listen, server: ServerSettings) -> socket.socket:
 
 
 def _bind_unix(path: str, server: ServerSettings) -> socket.socket:
+    group = server.socket_group
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        raise ConfigError(f"[server] socket_group: no group named {group!r}") from None
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Bind owner-only, then widen to socket_mode: no window where others may connect.
         with _umask(0o177):
             sock.bind(path)
-        if server.socket_group:
-            try:
-                gid = grp.getgrnam(server.socket_group).gr_gid
-            except KeyError:
-                raise ConfigError(
-                    f"[server] socket_group: no group named {server.socket_group!r}"
-                ) from None
+        if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, server.socket_mode)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on unix:{path}: {_why(exc)}") from None
-    except ConfigError:
-        sock.close()
-        raise
     sock.listen(1024)
     return sock
 
@@ -214,7 +204,7 @@ def uvicorn_config(
     from broker.protocol import protocol_class
 
     header_timeout = (server or ServerSettings()).header_timeout
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,  # type: ignore[arg-type]
         http=protocol_class(header_timeout, max_body),  # peer, header deadline and size
         proxy_headers=False,  # never rewrite the peer from X-Forwarded-For (security model)
@@ -226,7 +216,6 @@ def uvicorn_config(
         ws="none",  # no websocket routes: skip importing a websocket implementation (~MBs)
         timeout_graceful_shutdown=1,
     )
-    return config
 
 
 class Server(uvicorn.Server):
