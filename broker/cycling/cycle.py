@@ -153,7 +153,7 @@ class Cycle:
         listed = await self.console.list(token)
         self._identify(state, listed)
         # Step 2: recorded before the POST, so that a crash after it finds what it made.
-        state.step, state.old, state.new, state.new_digest = "adding", state.current, None, None
+        state.old, state.new, state.new_digest = state.current, None, None
         state.old_digest = digest(current)
         state.before = [s.uuid for s in listed]
         state.started_at = self._clock()
@@ -171,7 +171,7 @@ class Cycle:
         self._checkpoint("posted")  # the value exists only in this process's memory now
         await self._store.put_upcoming(value)
         self._checkpoint("stored")
-        state.step, state.new, state.new_digest = "added", remote.uuid, digest(value)
+        state.new, state.new_digest = remote.uuid, digest(value)
         await self._save(state, "added")
         log.info("cycle %s: new secret %s stored beside the current one", self.cred.name,
                  remote.uuid, extra={"event": "cycle_added"})  # fmt: skip
@@ -185,7 +185,7 @@ class Cycle:
         issued, why = await self._verify(value)
         if issued is None:
             return await self._discard(state, why)
-        await self._save(state, "verified", step="verified")
+        await self._save(state, "verified")
         return await self._from_verified(state, issued)
 
     async def _from_verified(self, state: CycleState, issued: IssuedToken | None) -> CycleResult:
@@ -196,7 +196,7 @@ class Cycle:
             return await self._discard(state, "the new secret is no longer stored")
         self._checkpoint("promoted")
         state.current = state.new
-        await self._save(state, "switched", step="switched")
+        await self._save(state, "switched")
         new_secret = await self._current()
         await self._on_switch(new_secret, issued)
         log.info("cycle %s: switched to secret %s", self.cred.name, state.new,
@@ -275,11 +275,10 @@ class Cycle:
                 f"credential {self.cred.name!r}: the new secret {state.new} is the stored one; "
                 "not deleting it: check the Developer Console and the state file",
             )
-        await self._save(state, "discarding", step="discarding")
+        await self._save(state, "discarding")
         token = await self._management_token(current)
-        if state.new is not None:
-            await self._fenced()
-            await self.console.delete(token, state.new)  # False: gone already
+        await self._fenced()
+        await self.console.delete(token, state.new)  # False: gone already
         self._checkpoint("discard-deleted")
         upcoming = await self._store.upcoming()
         if upcoming is not None and digest(upcoming) == state.new_digest:
@@ -307,7 +306,7 @@ class Cycle:
         token = token or await self._management_token(current)
         listed = await self.console.list(token)
         made = [s for s in listed if s.uuid not in state.before]
-        started = (state.started_at or 0.0) - RECOVERY_SKEW
+        started = state.started_at - RECOVERY_SKEW
         if len(made) > 1 or any(s.created_at is not None and s.created_at < started
                                 for s in made):  # fmt: skip
             raise self._conflict(listed, "a secret appeared that the broker did not make")
@@ -318,7 +317,7 @@ class Cycle:
         orphan = made[0]
         upcoming = await self._store.upcoming()
         if upcoming is not None:  # stored before the crash: carry on with it
-            state.step, state.new, state.new_digest = "added", orphan.uuid, digest(upcoming)
+            state.new, state.new_digest = orphan.uuid, digest(upcoming)
             await self._save(state, "added")
             return
         # The value is lost: nobody can use this secret. Delete it; nothing else changed.
@@ -381,10 +380,8 @@ class Cycle:
             raise self._conflict(listed, "the broker cannot tell which one it holds")
         # No believable created_at: count the age from now, never cycle for want of it.
         known = state.current_created_at if state.current == mine.uuid else None
-        state.current, state.current_created_at = (
-            mine.uuid,
-            mine.created_at or known or (self._clock()),
-        )
+        state.current = mine.uuid
+        state.current_created_at = mine.created_at or known or self._clock()
         others = [s for s in listed if s.uuid != mine.uuid]
         if others and strict:
             raise self._conflict(listed, f"{others[0].uuid} is not the broker's")
@@ -450,8 +447,8 @@ class Cycle:
             )
         return secret
 
-    async def _save(self, state: CycleState, point: str, *, step: Step | None = None) -> None:
-        if step is not None:
-            state.step = step
+    async def _save(self, state: CycleState, step: Step) -> None:
+        """Record ``step``; the checkpoint of the same name follows once it is durable."""
+        state.step = step
         await self._state.save(state)
-        self._checkpoint(point)
+        self._checkpoint(step)
