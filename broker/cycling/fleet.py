@@ -29,10 +29,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker.cycling.state import CycleState
+from broker.cycling.state import CycleState, claimed
 from broker.errors import CycleError
 from broker.stores.vault import VaultRef, VaultSession
-from broker.vault import CasConflict, Document, VaultError
+from broker.vault import CasConflict, VaultError
 
 log = logging.getLogger("broker.cycle")
 
@@ -81,26 +81,14 @@ class VaultState:
         self._lost = False
         self._writing = asyncio.Lock()  # the heartbeat and the cycle's saves, one at a time
 
-    @property
-    def _vault(self) -> Any:
-        return self.session.vault
-
     async def load(self, credential_id: str) -> CycleState:
         try:
-            doc = await self._vault.read(self.ref.mount, self._path)
+            doc = await self.session.vault.read(self.ref.mount, self._path)
         except VaultError as exc:
             raise CycleError("error", f"cannot read the cycle's state: {exc}") from None
-        state = self._parse(doc, credential_id)
-        if self._holding:
-            self._state = state
-        return state
-
-    def _parse(self, doc: Document | None, credential_id: str) -> CycleState:
-        fresh = CycleState(credential_id=credential_id)
-        if doc is None or doc.data.get("state") is None:
-            return fresh
+        found = None if doc is None else doc.data.get("state")
         try:
-            state = CycleState.model_validate(doc.data["state"])
+            state = None if found is None else CycleState.model_validate(found)
         except ValidationError as exc:
             raise CycleError(
                 "error",
@@ -108,14 +96,9 @@ class VaultState:
                 "problem(s)); check the credential's secrets in the Developer Console, then "
                 f"delete it (bao kv metadata delete {self.ref.mount}/{self._path})",
             ) from None
-        if state.credential_id != credential_id:
-            if state.step is not None:
-                raise CycleError(
-                    "error",
-                    f"{self.where} holds an unfinished cycle of credential_id "
-                    f"{state.credential_id!r}, not {credential_id!r}",
-                )
-            return fresh
+        state = claimed(state, credential_id, self.where)
+        if self._holding:
+            self._state = state
         return state
 
     async def save(self, state: CycleState) -> None:
@@ -140,7 +123,7 @@ class VaultState:
     async def _acquire(self) -> None:
         try:
             now = (await self.ref.report(self.name, self.session)).written
-            doc, base = await self._vault.read_for_write(self.ref.mount, self._path)
+            doc, base = await self.session.vault.read_for_write(self.ref.mount, self._path)
         except VaultError as exc:
             raise CycleError("error", f"cannot take the cycle lease: {exc}") from None
         if doc is not None:
@@ -173,7 +156,7 @@ class VaultState:
                 "pid": os.getpid(), "poll": self.poll, "state": self._raw_state()}  # fmt: skip
         async with self._writing:
             try:
-                written = await self._vault.write(
+                written = await self.session.vault.write(
                     self.ref.mount, self._path, data, cas=self._version
                 )
             except CasConflict:
@@ -216,7 +199,7 @@ class VaultState:
         data = {"holder": None, "state": self._raw_state()}
         try:
             async with self._writing:
-                await self._vault.write(self.ref.mount, self._path, data, cas=self._version)
+                await self.session.vault.write(self.ref.mount, self._path, data, cas=self._version)
         except VaultError as exc:  # it expires by itself
             log.warning("cycle %s: could not release the cycle lease: %s", self.name, exc)
         self._holding = False
@@ -246,7 +229,7 @@ class VaultState:
         Reports older than ``rotate_grace`` are removed (brokers that are gone).
         CycleError if the lease is lost meanwhile.
         """
-        vault, mount = self._vault, self.ref.mount
+        vault, mount = self.session.vault, self.ref.mount
         fresh_since: float | None = None  # Vault's time from which reports were read
         after_failure = False  # then only 3 x poll of fresh reports may be judged
         while True:
@@ -284,7 +267,7 @@ class VaultState:
         """The brokers alive at the switch (``switched``) that report an older version
         than ``target``, in words; reports older than ``rotate_grace`` at the switch are
         removed (brokers that are gone; one that fell silent later is named first)."""
-        vault, mount = self._vault, self.ref.mount
+        vault, mount = self.session.vault, self.ref.mount
         lagging = []
         for key in await vault.keys(mount, self.ref.reports_path):
             if not BROKER_ID.fullmatch(key):
