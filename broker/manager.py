@@ -181,7 +181,11 @@ class Manager:
         plan = config.changes(self.settings, settings)
         old = self.credentials
         for name in plan.removed:
-            self._stop(old[name])
+            # A refresh in flight finishes on the detached credential; _schedule ignores it then.
+            self.scheduler.cancel(name)
+            self.recorder.forget(name)
+            self.redactor.drop(f"secret:{name}")
+            self.redactor.drop(f"token:{name}")
         credentials: dict[str, Credential] = {}
         for name, cred in settings.credentials.items():
             if name in plan.added:
@@ -230,14 +234,6 @@ class Manager:
                 self._begin(credential)
         elif secret_changed:
             log.info("reload %s: secret changed; the cached token stays in use", cred.name)
-
-    def _stop(self, credential: Credential) -> None:
-        # A refresh in flight finishes on the detached credential; _schedule ignores it then.
-        name = credential.settings.name
-        self.scheduler.cancel(name)
-        self.recorder.forget(name)
-        self.redactor.drop(f"secret:{name}")
-        self.redactor.drop(f"token:{name}")
 
     def get(self, name: str | None) -> Credential:
         """The credential called ``name`` (None: the default); UnknownCredential if none."""
@@ -493,11 +489,10 @@ class Manager:
         if not exc.retryable:
             self._permanent(credential, exc.info(now))
             return
+        policy = credential.settings.policy
         credential.failures += 1
         credential.last_error = exc.info(now)
-        delay = retry_delay(
-            credential.failures, credential.settings.policy, exc.retry_after, self._rand
-        )
+        delay = retry_delay(credential.failures, policy, exc.retry_after, self._rand)
         credential.blocked_until = now + delay
         credential.issuer_retry_until = now + exc.retry_after if exc.retry_after else 0.0
         self._schedule(credential, now + delay)
@@ -508,7 +503,7 @@ class Manager:
             credential.failures,
             exc.summary(),
             "serving the cached token"
-            if servable(credential.token, now, credential.settings.policy)
+            if servable(credential.token, now, policy)
             else "no servable token",
             delay,
             extra=_error_fields("refresh_failed", credential, exc.info(now)),

@@ -362,9 +362,8 @@ class Cycle:
         return CycleError(
             "error",
             f"credential {self.cred.name!r}: the cycling state {self._state.where} records a "
-            f"cycle at step {state.step!r} but {why}, so nothing was deleted or changed: "
-            "check the credential's secrets in the Developer Console, "
-            f"then remove {self._state.where}",
+            f"cycle at step {state.step!r} but {why}, so nothing was deleted or changed: check "
+            f"the credential's secrets in the Developer Console, then remove {self._state.where}",
         )
 
     def _identify(self, state: CycleState, listed: list[RemoteSecret], strict: bool = True) -> None:

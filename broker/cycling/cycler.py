@@ -198,10 +198,9 @@ class Cycler:
             return
         raise RotateCooldown(
             name,
-            f"credential {name!r}: the last secret cycle ran at {rfc3339(last)}; another may "
-            f"be asked for from {rfc3339(last + ROTATE_COOLDOWN)} (one per "
-            f"{ROTATE_COOLDOWN / 60:g} minutes on request: each cycle creates and deletes a "
-            "secret at Adobe)",
+            f"credential {name!r}: the last secret cycle ran at {rfc3339(last)}; another may be "
+            f"asked for from {rfc3339(last + ROTATE_COOLDOWN)} (one per {ROTATE_COOLDOWN / 60:g} "
+            "minutes on request: each cycle creates and deletes a secret at Adobe)",
             retry_after=last + ROTATE_COOLDOWN - now,
         )
 
@@ -293,8 +292,7 @@ class Cycler:
                 when = self._due(status, cred, self._clock())
                 if when is None:
                     return
-                known = status.state is not None and status.state.current_created_at is not None
-                if known and when > self._clock():
+                if status.state.current_created_at is not None and when > self._clock():
                     self._schedule(name, when)
                     return
             await self._rotate(name)

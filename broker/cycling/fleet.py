@@ -9,9 +9,8 @@ time Vault stamps on a write: a contender's "now" is the time of its own report,
 written just before). Before each change at Adobe the holder makes sure it still
 holds the lease and bounds the change's time by what the lease surely has
 left, so a holder cut off from Vault changes nothing there once another may
-have taken over. Between a cycle's steps 4 and 5 :meth:`VaultState.adopted`
-waits until every broker that reported recently uses the new version, or
-``rotate_grace`` has passed (naming those that did not).
+have taken over. Between a cycle's steps 4 and 5 it waits for the other brokers
+(:meth:`VaultState.adopted`).
 """
 
 from __future__ import annotations
