@@ -107,11 +107,20 @@ class Cycle:
             try:
                 if state.step is None and if_due is not None and not if_due(state):
                     return CycleResult("not_due", state.current, None, "no cycle is due")
-                if state.step is None:
+                if state.step is not None:
+                    log.warning("cycle %s: resuming a cycle interrupted at %r", self.cred.name,
+                                state.step, extra={"event": "cycle_resume"})  # fmt: skip
+                if state.step == "adding":
+                    await self._recover_adding(state)
+                if state.step is None:  # none, or one undone (nothing had changed): cycle afresh
                     return await self._cycle(state)
-                log.warning("cycle %s: resuming a cycle interrupted at %r", self.cred.name,
-                            state.step, extra={"event": "cycle_resume"})  # fmt: skip
-                return await self._resume(state)
+                if state.step == "added":
+                    return await self._from_added(state)
+                if state.step == "verified":
+                    return await self._from_verified(state, None)
+                if state.step == "switched":
+                    return await self._from_switched(state)
+                return await self._discard(state, "an interrupted discard was finished")
             except (SecretError, IssuerError) as exc:
                 raise CycleError("error", str(exc)) from None
             except (CycleError, asyncio.CancelledError):
@@ -328,19 +337,6 @@ class Cycle:
         log.warning("cycle %s: deleted secret %s, whose value the POST's answer never "
                     "delivered", self.cred.name, orphan.uuid,
                     extra={"event": "cycle_orphan_deleted"})  # fmt: skip
-
-    async def _resume(self, state: CycleState) -> CycleResult:
-        if state.step == "adding":
-            await self._recover_adding(state)
-            if state.step is None:  # undone (nothing had changed): this run cycles afresh
-                return await self._cycle(state)
-        if state.step == "added":
-            return await self._from_added(state)
-        if state.step == "verified":
-            return await self._from_verified(state, None)
-        if state.step == "switched":
-            return await self._from_switched(state)
-        return await self._discard(state, "an interrupted discard was finished")
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -161,12 +161,10 @@ class Cycler:
             else:
                 self._schedule(name, when)
 
-    async def rotate(self, name: str) -> CycleResult:
+    async def rotate(self, name: str, *, asked: bool = True) -> CycleResult:
         """Run one cycle of ``name`` now, as asked (POST .../rotate), or finish an interrupted
-        one; RotateCooldown within :data:`ROTATE_COOLDOWN` of the last cycle."""
-        return await self._rotate(name, asked=True)
-
-    async def _rotate(self, name: str, *, asked: bool = False) -> CycleResult:
+        one; RotateCooldown within :data:`ROTATE_COOLDOWN` of the last cycle. Not ``asked``
+        (the schedule's): no cooldown, and a cycle starts only if one is due."""
         cred = self._settings(name)
         if not cred.cycling:
             raise CycleError(
@@ -295,7 +293,7 @@ class Cycler:
                 if status.state.current_created_at is not None and when > self._clock():
                     self._schedule(name, when)
                     return
-            await self._rotate(name)
+            await self.rotate(name, asked=False)
         except CycleError as exc:
             if exc.outcome == "busy":
                 log.info("cycle %s: %s; looking again later", name, exc,

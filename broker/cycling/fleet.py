@@ -246,20 +246,18 @@ class VaultState:
                 log.warning("cycle %s: waiting for Vault to judge the brokers: %s",
                             self.name, exc)  # fmt: skip
                 fresh_since, after_failure = None, True
-                await self.fence()  # Vault away long enough: the lease is gone, stop
-                await self._sleep(self.poll)
-                continue
-            judged = not after_failure or now - fresh_since >= ALIVE_POLLS * self.poll
-            if not lagging and judged:
-                return
-            if now - meta.updated >= self.grace:
-                log.warning(
-                    "cycle %s: after rotate_grace (%gs) these brokers still use an older "
-                    "version: %s; the old secret is deleted anyway", self.name, self.grace,
-                    "; ".join(lagging) or "none", extra={"event": "cycle_laggards"},
-                )  # fmt: skip
-                return
-            await self.fence()
+            else:
+                judged = not after_failure or now - fresh_since >= ALIVE_POLLS * self.poll
+                if not lagging and judged:
+                    return
+                if now - meta.updated >= self.grace:
+                    log.warning(
+                        "cycle %s: after rotate_grace (%gs) these brokers still use an older "
+                        "version: %s; the old secret is deleted anyway", self.name, self.grace,
+                        "; ".join(lagging) or "none", extra={"event": "cycle_laggards"},
+                    )  # fmt: skip
+                    return
+            await self.fence()  # Vault away long enough: the lease is gone, stop
             await self._sleep(self.poll)
 
     async def _lagging(self, now: float, target: int, switched: float) -> list[str]:
