@@ -257,9 +257,7 @@ class Manager:
         token = self.cached(name)
         if token is not None:
             return token
-        return await self._token_slow(self.get(name))
-
-    async def _token_slow(self, credential: Credential) -> Token:
+        credential = self.get(name)
         now = self._clock()
         if (
             credential.inflight is None

@@ -206,8 +206,7 @@ class Cycle:
         self._checkpoint("promoted")
         state.current = state.new
         await self._save(state, "switched")
-        new_secret = await self._current()
-        await self._on_switch(new_secret, issued)
+        await self._on_switch(await self._current(), issued)
         log.info("cycle %s: switched to secret %s", self.cred.name, state.new,
                  extra={"event": "cycle_switched"})  # fmt: skip
         return await self._from_switched(state)
@@ -393,25 +392,22 @@ class Cycle:
     async def _verify(self, value: str) -> tuple[IssuedToken | None, str]:
         """Step 3: a token with the new secret, tried with backoff for ``rotate_verify``."""
         deadline = self._clock() + self.cred.rotate_verify
-        delay, last = 1.0, "no attempt"
+        delay = 1.0
         while True:
             try:
-                issued = await self._token(self.cred, value)
+                return await self._token(self.cred, value), ""
             except IssuerError as exc:
                 last = exc.summary()
                 log.info("cycle %s: the new secret does not work yet: %s", self.cred.name,
                          last, extra={"event": "cycle_verify_retry"})  # fmt: skip
-            else:
-                return issued, ""
             if self._clock() + delay > deadline:
                 return None, f"last answer: {last}"
             await self._sleep(delay)
             delay = min(delay * 2, VERIFY_MAX_DELAY)
 
     async def _management_token(self, secret: str) -> str:
-        management = self.cred.for_management()
         try:
-            issued = await self._token(management, secret)
+            issued = await self._token(self.cred.for_management(), secret)
         except IssuerError as exc:
             hint = f"; {HOLD_HINT}" if exc.error in ("invalid_scope", "unauthorized_client") else ""
             raise CycleError(

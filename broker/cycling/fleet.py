@@ -171,8 +171,7 @@ class VaultState:
 
     def _raw_state(self) -> dict[str, Any] | None:
         """The state as the lease document carries it (as found, if not loaded since)."""
-        state = self._state
-        return state.model_dump() if isinstance(state, CycleState) else state
+        return self._state.model_dump() if isinstance(self._state, CycleState) else self._state
 
     def _alive(self, data: dict[str, Any]) -> float:
         """How long after its write a lease or report counts as alive (see ALIVE_POLLS)."""
