@@ -63,10 +63,6 @@ class CycleResult:
 OnSwitch = Callable[[str, IssuedToken | None], Awaitable[None]]
 
 
-async def _nothing(_: str, __: IssuedToken | None) -> None:
-    return None
-
-
 class Cycle:
     """One cycle of one credential, resumable from its state file at any step."""
 
@@ -80,7 +76,7 @@ class Cycle:
         clock: Clock,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         redactor: Redactor | None = None,
-        on_switch: OnSwitch = _nothing,
+        on_switch: OnSwitch | None = None,
         checkpoint: Callable[[str], None] = lambda point: None,
     ) -> None:
         self.cred = cred
@@ -206,7 +202,9 @@ class Cycle:
         self._checkpoint("promoted")
         state.current = state.new
         await self._save(state, "switched")
-        await self._on_switch(await self._current(), issued)
+        secret = await self._current()
+        if self._on_switch is not None:
+            await self._on_switch(secret, issued)
         log.info("cycle %s: switched to secret %s", self.cred.name, state.new,
                  extra={"event": "cycle_switched"})  # fmt: skip
         return await self._from_switched(state)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard
 
-from broker.cycling.cycle import Cycle, CycleResult, OnSwitch, _nothing
+from broker.cycling.cycle import Cycle, CycleResult, OnSwitch
 from broker.cycling.state import CycleState, StateStore
 from broker.errors import BrokerError, CycleError, RotateCooldown
 from broker.logs import Redactor
@@ -212,9 +213,7 @@ class Cycler:
     async def _run(self, name: str, cred: AdobeSettings, *, asked: bool) -> CycleResult:
         state_file = self._states(name, cred)
 
-        async def on_switch(secret: str, issued: IssuedToken | None) -> None:
-            await self._holder.use_secret(name, secret, issued)
-
+        on_switch = functools.partial(self._holder.use_secret, name)
         if_due = None if asked else (lambda state: self._is_due(state, cred))
         try:
             result = await self._cycle(name, cred, state_file, on_switch).run(if_due=if_due)
@@ -241,14 +240,14 @@ class Cycler:
         return created is None or self._clock() >= created + cred.rotate_every
 
     def _cycle(
-        self, name: str, cred: AdobeSettings, state_file: StateStore, on_switch: OnSwitch = _nothing
+        self, name: str, cred: AdobeSettings, state: StateStore, on_switch: OnSwitch | None = None
     ) -> Cycle:
         """A cycle of ``name`` on the daemon's HTTP client, redaction net and clock."""
         return Cycle(
             cred,
             client=self._issuers.for_(cred),
             store=cred.secret.writer(name, self._stores),
-            state=state_file,
+            state=state,
             clock=self._clock,
             sleep=self._sleep,
             redactor=self._redactor,
