@@ -271,9 +271,6 @@ class Manager:
         now = self._clock()
         if now < credential.serve_until:
             return credential.token  # type: ignore[return-value]
-        raise self._unavailable(credential, now)
-
-    def _unavailable(self, credential: Credential, now: float) -> TokenUnavailable:
         name = credential.settings.name
         retry_after = max(1.0, credential.blocked_until - now)
         if credential.failed:
@@ -282,7 +279,7 @@ class Manager:
         reason = f"; last error: {last.summary()}" if last else ""
         detail = f"no servable token for credential {name!r} ({credential.state(now)}){reason}"
         shown = last.as_json() if last else None
-        return TokenUnavailable(name, detail, retry_after=retry_after, last_error=shown)
+        raise TokenUnavailable(name, detail, retry_after=retry_after, last_error=shown)
 
     async def force_refresh(self, name: str) -> Credential:
         """Refresh now (e.g. after an API answered 401); return the credential when done.
