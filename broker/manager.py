@@ -3,13 +3,10 @@
 The scheduler is an optimisation: :meth:`Manager.token` checks expiry on
 every call, so a missed job can never serve an expired token. Time comes from
 an injected clock and jobs go through a small :class:`~broker.scheduler.Scheduler`
-interface, so the whole lifecycle runs under a fake clock in tests. What the
-manager needs from the outside is handed in at construction (by the daemon,
-:mod:`broker.daemon`): the HTTP clients, the clock, the scheduler, the metrics
-:class:`~broker.metrics.Recorder`, the log :class:`~broker.logs.Redactor`, the
-secret stores' context and who to tell about each new token. What to do on a
-reload is decided by :func:`broker.config.changes`, a pure function; what the
-status JSON looks like is the API's business.
+interface, so the whole lifecycle runs under a fake clock in tests; all else it
+needs from outside is handed in by the daemon (:mod:`broker.daemon`). What to do
+on a reload is decided by :func:`broker.config.changes`, a pure function; what
+the status JSON looks like is the API's business.
 """
 
 from __future__ import annotations
@@ -142,26 +139,20 @@ class Manager:
         return f"{len(self.credentials)} credential(s): {parts or 'none'}"
 
     def stop_waiting(self) -> None:
-        """Answer every request still waiting on a refresh with TokenUnavailable.
-
-        The server calls this on SIGTERM, before uvicorn's own shutdown deadline
-        would cancel those requests (a bare 500 and a traceback in the log).
-        """
+        """Answer every request still waiting on a refresh with TokenUnavailable: the server
+        calls this on SIGTERM, before uvicorn's own shutdown deadline would cancel those
+        requests (a bare 500 and a traceback in the log)."""
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
     async def _outcome(self, credential: Credential) -> BrokerError | None:
-        """Wait for ``credential``'s attempt in flight and return its error, if any.
-
-        Raises TokenUnavailable when the broker starts shutting down first.
-        """
+        """Wait for ``credential``'s attempt in flight and return its error, if any;
+        TokenUnavailable when the broker starts shutting down first."""
         task = credential.inflight
         assert task is not None
-        if self._stopped is not None:
-            # asyncio.wait never cancels what it waits for: the refresh runs on for others.
-            await asyncio.wait((task, self._stopped), return_when=asyncio.FIRST_COMPLETED)
-        else:
-            await asyncio.wait((task,))
+        stopped = () if self._stopped is None else (self._stopped,)
+        # asyncio.wait never cancels what it waits for: the refresh runs on for others.
+        await asyncio.wait((task, *stopped), return_when=asyncio.FIRST_COMPLETED)
         if not task.done() or task.cancelled():
             name = credential.settings.name
             raise TokenUnavailable(
@@ -182,16 +173,19 @@ class Manager:
     async def reload(self, settings: Settings) -> dict[str, list[str]]:
         """Apply a new, already validated configuration without dropping any token.
 
-        Added credentials start, removed ones stop, changed ones refresh now
-        (serving their current token meanwhile). For every credential the
-        secrets are read again, so a rotated secret takes effect; a secret that
-        cannot be read keeps the previous one in use. A ``failed`` credential is
-        retried. The caller (the daemon) runs one reload at a time.
+        Added credentials start, removed ones stop, changed ones refresh now (serving
+        their current token meanwhile). Every credential's secrets are read again, so a
+        rotated secret takes effect; one that cannot be read keeps the previous in use.
+        A ``failed`` credential is retried. The daemon runs one reload at a time.
         """
         plan = config.changes(self.settings, settings)
         old = self.credentials
         for name in plan.removed:
-            self._stop(old[name])
+            # A refresh in flight finishes on the detached credential; _schedule ignores it then.
+            self.scheduler.cancel(name)
+            self.recorder.forget(name)
+            self.redactor.drop(f"secret:{name}")
+            self.redactor.drop(f"token:{name}")
         credentials: dict[str, Credential] = {}
         for name, cred in settings.credentials.items():
             if name in plan.added:
@@ -241,14 +235,6 @@ class Manager:
         elif secret_changed:
             log.info("reload %s: secret changed; the cached token stays in use", cred.name)
 
-    def _stop(self, credential: Credential) -> None:
-        # A refresh in flight finishes on the detached credential; _schedule ignores it then.
-        name = credential.settings.name
-        self.scheduler.cancel(name)
-        self.recorder.forget(name)
-        self.redactor.drop(f"secret:{name}")
-        self.redactor.drop(f"token:{name}")
-
     def get(self, name: str | None) -> Credential:
         """The credential called ``name`` (None: the default); UnknownCredential if none."""
         credential = self.credentials.get(name) if name is not None else None
@@ -257,27 +243,21 @@ class Manager:
         return credential
 
     def cached(self, name: str | None) -> Token | None:
-        """The cached token of ``name`` if it is servable now, else None (never waits).
-
-        The hot path calls this first, so a warm request costs one dict lookup,
-        one clock read and one comparison, and no coroutine.
-        """
+        """The cached token of ``name`` if it is servable now, else None (never waits): the
+        hot path calls this first, so a warm request costs one dict lookup, one clock read
+        and one comparison, and no coroutine."""
         credential = self.credentials.get(name)  # type: ignore[arg-type]  # None is simply absent
         if credential is not None and self._clock() < credential.serve_until:
             return credential.token
         return None
 
     async def token(self, name: str | None) -> Token:
-        """A servable token for ``name`` (None: the default credential).
-
-        Raises UnknownCredential, or TokenUnavailable when none can be had now.
-        """
+        """A servable token for ``name`` (None: the default credential); UnknownCredential,
+        or TokenUnavailable when none can be had now."""
         token = self.cached(name)
         if token is not None:
             return token
-        return await self._token_slow(self.get(name))
-
-    async def _token_slow(self, credential: Credential) -> Token:
+        credential = self.get(name)
         now = self._clock()
         if (
             credential.inflight is None
@@ -291,9 +271,6 @@ class Manager:
         now = self._clock()
         if now < credential.serve_until:
             return credential.token  # type: ignore[return-value]
-        raise self._unavailable(credential, now)
-
-    def _unavailable(self, credential: Credential, now: float) -> TokenUnavailable:
         name = credential.settings.name
         retry_after = max(1.0, credential.blocked_until - now)
         if credential.failed:
@@ -302,25 +279,17 @@ class Manager:
         reason = f"; last error: {last.summary()}" if last else ""
         detail = f"no servable token for credential {name!r} ({credential.state(now)}){reason}"
         shown = last.as_json() if last else None
-        return TokenUnavailable(name, detail, retry_after=retry_after, last_error=shown)
+        raise TokenUnavailable(name, detail, retry_after=retry_after, last_error=shown)
 
     async def force_refresh(self, name: str) -> Credential:
         """Refresh now (e.g. after an API answered 401); return the credential when done.
-
-        Raises RefreshCooldown if asked again within ``force_cooldown`` or while
-        the issuer's Retry-After runs, and the IssuerError/SecretError of a failed
-        attempt.
-        """
+        RefreshCooldown if asked again within ``force_cooldown`` or while the issuer's
+        Retry-After runs; the IssuerError/SecretError of a failed attempt."""
         credential = self.get(name)
         now = self._clock()
         if credential.inflight is None:
-            wait = (
-                max(
-                    credential.last_forced + credential.settings.policy.force_cooldown,
-                    credential.issuer_retry_until,
-                )
-                - now
-            )
+            cooled = credential.last_forced + credential.settings.policy.force_cooldown
+            wait = max(cooled, credential.issuer_retry_until) - now
             if wait > 0:
                 raise RefreshCooldown(name, retry_after=math.ceil(wait))
             credential.last_forced = now
@@ -378,7 +347,6 @@ class Manager:
         return all(now < e.serve_until for e in self.credentials.values())
 
     # -- refresh machinery ------------------------------------------------------------
-
     def _begin(self, credential: Credential) -> None:
         """Start the single in-flight attempt for ``credential``."""
         credential.inflight = asyncio.get_running_loop().create_task(
@@ -516,11 +484,10 @@ class Manager:
         if not exc.retryable:
             self._permanent(credential, exc.info(now))
             return
+        policy = credential.settings.policy
         credential.failures += 1
         credential.last_error = exc.info(now)
-        delay = retry_delay(
-            credential.failures, credential.settings.policy, exc.retry_after, self._rand
-        )
+        delay = retry_delay(credential.failures, policy, exc.retry_after, self._rand)
         credential.blocked_until = now + delay
         credential.issuer_retry_until = now + exc.retry_after if exc.retry_after else 0.0
         self._schedule(credential, now + delay)
@@ -531,7 +498,7 @@ class Manager:
             credential.failures,
             exc.summary(),
             "serving the cached token"
-            if servable(credential.token, now, credential.settings.policy)
+            if servable(credential.token, now, policy)
             else "no servable token",
             delay,
             extra=_error_fields("refresh_failed", credential, exc.info(now)),

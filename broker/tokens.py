@@ -1,7 +1,5 @@
-"""Token value object and the refresh policy, as pure functions of ``now``.
-
-Nothing here imports FastAPI, httpx or the scheduler: the lifecycle is
-decided by these functions and tested with an injected clock.
+"""Token value object and the refresh policy, as pure functions of ``now``: nothing here
+imports FastAPI, httpx or the scheduler, so the lifecycle is tested with an injected clock.
 """
 
 from __future__ import annotations
@@ -65,11 +63,8 @@ def fingerprint(value: str) -> str:
 
 
 def min_remaining(token: Token, policy: RefreshPolicy) -> float:
-    """Seconds of validity below which a token is no longer served.
-
-    Capped at 10% of the lifetime so short-lived tokens stay servable for most
-    of their life.
-    """
+    """Seconds of validity below which a token is no longer served: at most 10% of the
+    lifetime, so short-lived tokens stay servable for most of their life."""
     return min(policy.min_remaining, 0.1 * token.lifetime)
 
 
@@ -85,11 +80,8 @@ def servable(token: Token | None, now: float, policy: RefreshPolicy) -> bool:
 def refresh_at(
     token: Token, policy: RefreshPolicy, rand: Callable[[], float] = random.random
 ) -> float:
-    """When the scheduled refresh of ``token`` should run.
-
-    ``issued_at + at × lifetime ± jitter × lifetime``, never later than the
-    moment the token stops being servable.
-    """
+    """When the scheduled refresh of ``token`` should run: ``issued_at + at × lifetime ±
+    jitter × lifetime``, never later than the moment the token stops being servable."""
     offset = policy.at + policy.jitter * (2 * rand() - 1)
     when = token.issued_at + offset * token.lifetime
     return min(max(when, token.issued_at), serve_until(token, policy))
@@ -103,16 +95,13 @@ def retry_delay(
 ) -> float:
     """Delay before the next attempt after ``failures`` consecutive failures (>= 1).
 
-    Exponential from ``retry_initial``, capped at ``retry_max``, drawn in
-    [d/2, d) so that many brokers do not retry in step. An issuer's
-    ``Retry-After`` is a floor: we never come back earlier than it asked.
+    Exponential from ``retry_initial``, capped at ``retry_max``, drawn in [d/2, d) so
+    that many brokers do not retry in step. An issuer's ``Retry-After`` is a floor: we
+    never come back earlier than it asked.
     """
     exponent = min(max(failures, 1) - 1, 62)  # bound the power, not only the result
     d = min(policy.retry_initial * (2.0**exponent), policy.retry_max)
-    delay = d / 2 + rand() * d / 2
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
+    return max(d / 2 + rand() * d / 2, retry_after or 0.0)
 
 
 def rfc3339(epoch: float | None) -> str | None:

@@ -1,10 +1,10 @@
 """Calls to the services upstream of the broker (token issuers, the I/O Management API,
 Vault): one request, its answer read whole but bounded, its failure named.
 
-A hostile or broken service cannot fill the daemon's memory (an answer is read
-up to :data:`MAX_ANSWER_BYTES`) nor hide why it failed (:func:`transport_failure`
-names a certificate that failed verification, a name that does not resolve, a
-refused or reset connection, a timeout and its phase).
+A hostile or broken service cannot fill the daemon's memory (an answer is read up to
+:data:`MAX_ANSWER_BYTES`) nor hide why it failed (:func:`transport_failure` names a
+certificate that failed verification, a name that does not resolve, a refused or reset
+connection, a timeout and its phase).
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ def client(
     passes ``trust_env=False``: no HTTP(S)_PROXY, no .netrc; its token goes to Vault
     and nowhere else.
     """
-    verify: ssl.SSLContext | bool = True
-    if ca_file is not None:
-        verify = ssl.create_default_context(cafile=ca_file)
+    verify = True if ca_file is None else ssl.create_default_context(cafile=ca_file)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout), follow_redirects=False, verify=verify, trust_env=trust_env
     )
@@ -65,10 +63,8 @@ async def send_bounded(
     data: dict[str, str] | None = None,
     json: object = None,
 ) -> HttpReply:
-    """Send one request and read the answer, at most :data:`MAX_ANSWER_BYTES` of it.
-
-    Raises httpx.HTTPError when no answer arrives, IssuerError when it is too long.
-    """
+    """Send one request and read the answer, at most :data:`MAX_ANSWER_BYTES` of it;
+    httpx.HTTPError when no answer arrives, IssuerError when it is too long."""
     headers = {
         "Accept": "application/json",
         # An answer is a few KB: nothing to gain from compression, and a compressed body
@@ -131,12 +127,8 @@ def _inflater(response: httpx.Response) -> Callable[[bytes, int], bytes] | None:
 
 
 def transport_failure(exc: httpx.HTTPError, url: str, peer: str = "the issuer") -> tuple[str, str]:
-    """(error code, sentence) naming why no answer arrived.
-
-    The code stays ``timeout`` or ``connection_error`` (what scripts match on); the
-    sentence names the cause a user acts on: a certificate that failed verification
-    and why, a name that does not resolve, a refused or reset connection.
-    """
+    """(error code, sentence) naming why no answer arrived: the code stays ``timeout`` or
+    ``connection_error`` (what scripts match on), the sentence names the cause a user acts on."""
     where = origin(url)
     if isinstance(exc, httpx.TimeoutException):
         phase = {

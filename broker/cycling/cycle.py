@@ -63,10 +63,6 @@ class CycleResult:
 OnSwitch = Callable[[str, IssuedToken | None], Awaitable[None]]
 
 
-async def _nothing(_: str, __: IssuedToken | None) -> None:
-    return None
-
-
 class Cycle:
     """One cycle of one credential, resumable from its state file at any step."""
 
@@ -80,7 +76,7 @@ class Cycle:
         clock: Clock,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         redactor: Redactor | None = None,
-        on_switch: OnSwitch = _nothing,
+        on_switch: OnSwitch | None = None,
         checkpoint: Callable[[str], None] = lambda point: None,
     ) -> None:
         self.cred = cred
@@ -107,11 +103,20 @@ class Cycle:
             try:
                 if state.step is None and if_due is not None and not if_due(state):
                     return CycleResult("not_due", state.current, None, "no cycle is due")
-                if state.step is None:
+                if state.step is not None:
+                    log.warning("cycle %s: resuming a cycle interrupted at %r", self.cred.name,
+                                state.step, extra={"event": "cycle_resume"})  # fmt: skip
+                if state.step == "adding":
+                    await self._recover_adding(state)
+                if state.step is None:  # none, or one undone (nothing had changed): cycle afresh
                     return await self._cycle(state)
-                log.warning("cycle %s: resuming a cycle interrupted at %r", self.cred.name,
-                            state.step, extra={"event": "cycle_resume"})  # fmt: skip
-                return await self._resume(state)
+                if state.step == "added":
+                    return await self._from_added(state)
+                if state.step == "verified":
+                    return await self._from_verified(state, None)
+                if state.step == "switched":
+                    return await self._from_switched(state)
+                return await self._discard(state, "an interrupted discard was finished")
             except (SecretError, IssuerError) as exc:
                 raise CycleError("error", str(exc)) from None
             except (CycleError, asyncio.CancelledError):
@@ -153,7 +158,7 @@ class Cycle:
         listed = await self.console.list(token)
         self._identify(state, listed)
         # Step 2: recorded before the POST, so that a crash after it finds what it made.
-        state.step, state.old, state.new, state.new_digest = "adding", state.current, None, None
+        state.old, state.new, state.new_digest = state.current, None, None
         state.old_digest = digest(current)
         state.before = [s.uuid for s in listed]
         state.started_at = self._clock()
@@ -171,7 +176,7 @@ class Cycle:
         self._checkpoint("posted")  # the value exists only in this process's memory now
         await self._store.put_upcoming(value)
         self._checkpoint("stored")
-        state.step, state.new, state.new_digest = "added", remote.uuid, digest(value)
+        state.new, state.new_digest = remote.uuid, digest(value)
         await self._save(state, "added")
         log.info("cycle %s: new secret %s stored beside the current one", self.cred.name,
                  remote.uuid, extra={"event": "cycle_added"})  # fmt: skip
@@ -185,7 +190,7 @@ class Cycle:
         issued, why = await self._verify(value)
         if issued is None:
             return await self._discard(state, why)
-        await self._save(state, "verified", step="verified")
+        await self._save(state, "verified")
         return await self._from_verified(state, issued)
 
     async def _from_verified(self, state: CycleState, issued: IssuedToken | None) -> CycleResult:
@@ -196,9 +201,10 @@ class Cycle:
             return await self._discard(state, "the new secret is no longer stored")
         self._checkpoint("promoted")
         state.current = state.new
-        await self._save(state, "switched", step="switched")
-        new_secret = await self._current()
-        await self._on_switch(new_secret, issued)
+        await self._save(state, "switched")
+        secret = await self._current()
+        if self._on_switch is not None:
+            await self._on_switch(secret, issued)
         log.info("cycle %s: switched to secret %s", self.cred.name, state.new,
                  extra={"event": "cycle_switched"})  # fmt: skip
         return await self._from_switched(state)
@@ -275,11 +281,10 @@ class Cycle:
                 f"credential {self.cred.name!r}: the new secret {state.new} is the stored one; "
                 "not deleting it: check the Developer Console and the state file",
             )
-        await self._save(state, "discarding", step="discarding")
+        await self._save(state, "discarding")
         token = await self._management_token(current)
-        if state.new is not None:
-            await self._fenced()
-            await self.console.delete(token, state.new)  # False: gone already
+        await self._fenced()
+        await self.console.delete(token, state.new)  # False: gone already
         self._checkpoint("discard-deleted")
         upcoming = await self._store.upcoming()
         if upcoming is not None and digest(upcoming) == state.new_digest:
@@ -307,7 +312,7 @@ class Cycle:
         token = token or await self._management_token(current)
         listed = await self.console.list(token)
         made = [s for s in listed if s.uuid not in state.before]
-        started = (state.started_at or 0.0) - RECOVERY_SKEW
+        started = state.started_at - RECOVERY_SKEW
         if len(made) > 1 or any(s.created_at is not None and s.created_at < started
                                 for s in made):  # fmt: skip
             raise self._conflict(listed, "a secret appeared that the broker did not make")
@@ -318,7 +323,7 @@ class Cycle:
         orphan = made[0]
         upcoming = await self._store.upcoming()
         if upcoming is not None:  # stored before the crash: carry on with it
-            state.step, state.new, state.new_digest = "added", orphan.uuid, digest(upcoming)
+            state.new, state.new_digest = orphan.uuid, digest(upcoming)
             await self._save(state, "added")
             return
         # The value is lost: nobody can use this secret. Delete it; nothing else changed.
@@ -329,19 +334,6 @@ class Cycle:
         log.warning("cycle %s: deleted secret %s, whose value the POST's answer never "
                     "delivered", self.cred.name, orphan.uuid,
                     extra={"event": "cycle_orphan_deleted"})  # fmt: skip
-
-    async def _resume(self, state: CycleState) -> CycleResult:
-        if state.step == "adding":
-            await self._recover_adding(state)
-            if state.step is None:  # undone (nothing had changed): this run cycles afresh
-                return await self._cycle(state)
-        if state.step == "added":
-            return await self._from_added(state)
-        if state.step == "verified":
-            return await self._from_verified(state, None)
-        if state.step == "switched":
-            return await self._from_switched(state)
-        return await self._discard(state, "an interrupted discard was finished")
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -363,9 +355,8 @@ class Cycle:
         return CycleError(
             "error",
             f"credential {self.cred.name!r}: the cycling state {self._state.where} records a "
-            f"cycle at step {state.step!r} but {why}, so nothing was deleted or changed: "
-            "check the credential's secrets in the Developer Console, "
-            f"then remove {self._state.where}",
+            f"cycle at step {state.step!r} but {why}, so nothing was deleted or changed: check "
+            f"the credential's secrets in the Developer Console, then remove {self._state.where}",
         )
 
     def _identify(self, state: CycleState, listed: list[RemoteSecret], strict: bool = True) -> None:
@@ -381,10 +372,8 @@ class Cycle:
             raise self._conflict(listed, "the broker cannot tell which one it holds")
         # No believable created_at: count the age from now, never cycle for want of it.
         known = state.current_created_at if state.current == mine.uuid else None
-        state.current, state.current_created_at = (
-            mine.uuid,
-            mine.created_at or known or (self._clock()),
-        )
+        state.current = mine.uuid
+        state.current_created_at = mine.created_at or known or self._clock()
         others = [s for s in listed if s.uuid != mine.uuid]
         if others and strict:
             raise self._conflict(listed, f"{others[0].uuid} is not the broker's")
@@ -401,25 +390,22 @@ class Cycle:
     async def _verify(self, value: str) -> tuple[IssuedToken | None, str]:
         """Step 3: a token with the new secret, tried with backoff for ``rotate_verify``."""
         deadline = self._clock() + self.cred.rotate_verify
-        delay, last = 1.0, "no attempt"
+        delay = 1.0
         while True:
             try:
-                issued = await self._token(self.cred, value)
+                return await self._token(self.cred, value), ""
             except IssuerError as exc:
                 last = exc.summary()
                 log.info("cycle %s: the new secret does not work yet: %s", self.cred.name,
                          last, extra={"event": "cycle_verify_retry"})  # fmt: skip
-            else:
-                return issued, ""
             if self._clock() + delay > deadline:
                 return None, f"last answer: {last}"
             await self._sleep(delay)
             delay = min(delay * 2, VERIFY_MAX_DELAY)
 
     async def _management_token(self, secret: str) -> str:
-        management = self.cred.for_management()
         try:
-            issued = await self._token(management, secret)
+            issued = await self._token(self.cred.for_management(), secret)
         except IssuerError as exc:
             hint = f"; {HOLD_HINT}" if exc.error in ("invalid_scope", "unauthorized_client") else ""
             raise CycleError(
@@ -450,8 +436,8 @@ class Cycle:
             )
         return secret
 
-    async def _save(self, state: CycleState, point: str, *, step: Step | None = None) -> None:
-        if step is not None:
-            state.step = step
+    async def _save(self, state: CycleState, step: Step) -> None:
+        """Record ``step``; the checkpoint of the same name follows once it is durable."""
+        state.step = step
         await self._state.save(state)
-        self._checkpoint(point)
+        self._checkpoint(step)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
-from broker.cycling.cycle import Cycle, CycleResult, OnSwitch, _nothing
+from broker.cycling.cycle import Cycle, CycleResult, OnSwitch
 from broker.cycling.state import CycleState, StateStore
 from broker.errors import BrokerError, CycleError, RotateCooldown
 from broker.logs import Redactor
@@ -70,13 +71,14 @@ class CycleStatus:
     running: bool = False
 
     def as_json(self, cred: AdobeSettings, now: float) -> dict[str, object]:
-        created = self.state.current_created_at if self.state else None
+        state = self.state or CycleState(credential_id="")  # not read yet: nothing known
+        created = state.current_created_at
         return {
             "rotate_every": cred.rotate_every,
-            "secret_uuid": self.state.current if self.state else None,
+            "secret_uuid": state.current,
             "secret_age_seconds": round(now - created) if created else None,
-            "step": self.state.step if self.state else None,
-            "last_cycle_at": rfc3339(self.state.last_cycle_at if self.state else None),
+            "step": state.step,
+            "last_cycle_at": rfc3339(state.last_cycle_at),
             "next_cycle_at": rfc3339(self.next_at),
             "running": self.running,
             "failures": self.failures,
@@ -85,13 +87,7 @@ class CycleStatus:
 
 
 class Cycler:
-    """Runs the cycles of every credential that has the Console ids, inside the daemon.
-
-    With ``rotate_every`` a credential is cycled when its secret is that old
-    (as Adobe's ``created_at`` says; a little jitter spreads many brokers) and
-    an interrupted cycle resumes soon after start; ``token-broker rotate --auto``
-    asks for a cycle now (:meth:`rotate`). One cycle per credential at a time.
-    """
+    """Runs the cycles of every credential that has the Console ids, one at a time each."""
 
     def __init__(
         self,
@@ -120,21 +116,28 @@ class Cycler:
         self._rand = rand
         self._sleep = sleep
         self._first_delay = first_delay  # after start: let the first token round go first
+        # One step 1 or more at a time per credential inside the daemon (the state file's
+        # flock, per open file, would refuse the daemon's own second attempt as busy).
         self._locks: dict[str, asyncio.Lock] = {}
         self._credentials: Mapping[str, CredentialSettings] = {}
 
     async def use(self, credentials: Mapping[str, CredentialSettings]) -> None:
         """Take the credentials of the config in force (at start and after each reload) and
-        schedule every one that cycles: a credential with ``rotate_every`` at the age of
-        its secret; an interrupted cycle soon, with or without ``rotate_every``: it must
-        not stay half done."""
+        schedule every one that cycles (:meth:`_due`).
+
+        In a fleet (a state the brokers share) only the brokers with ``rotate_every`` run
+        cycles, resuming one another's; the others only follow the secret, and need not
+        even be allowed to read the lease."""
         self._credentials = credentials
         now = self._clock()
-        wanted = {n for n, c in credentials.items() if _cycling(c) and self._takes_part(n)}
-        for name in list(self.status):
-            if name not in wanted:
-                del self.status[name]
-                self._scheduler.cancel(_job(name))
+        wanted = {
+            n
+            for n, c in credentials.items()
+            if _cycling(c) and (c.rotate_every is not None or not self._states(n, c).shared)
+        }
+        for name in set(self.status) - wanted:
+            del self.status[name]
+            self._scheduler.cancel(_job(name))
         for name in wanted:
             status = self.status.setdefault(name, CycleStatus())
             cred = self._settings(name)
@@ -159,14 +162,12 @@ class Cycler:
             else:
                 self._schedule(name, when)
 
-    async def rotate(self, name: str) -> CycleResult:
+    async def rotate(self, name: str, *, asked: bool = True) -> CycleResult:
         """Run one cycle of ``name`` now, as asked (POST .../rotate), or finish an interrupted
-        one; RotateCooldown within :data:`ROTATE_COOLDOWN` of the last cycle."""
-        return await self._rotate(name, asked=True)
-
-    async def _rotate(self, name: str, *, asked: bool = False) -> CycleResult:
+        one; RotateCooldown within :data:`ROTATE_COOLDOWN` of the last cycle. Not ``asked``
+        (the schedule's): no cooldown, and a cycle starts only if one is due."""
         cred = self._settings(name)
-        if not _cycling(cred):
+        if not cred.cycling:
             raise CycleError(
                 "error",
                 f"credential {name!r} has no credential_id and console_org_id: secret cycling "
@@ -179,7 +180,7 @@ class Cycler:
         try:
             if asked:
                 self._cooldown(name, await self._states(name, cred).load(cred.credential_id or ""))
-            async with self._lock(name):  # a survey in progress finishes first
+            async with self._locks.setdefault(name, asyncio.Lock()):  # a survey finishes first
                 return await self._run(name, cred, asked=asked)
         finally:
             status.running = False
@@ -196,17 +197,11 @@ class Cycler:
             return
         raise RotateCooldown(
             name,
-            f"credential {name!r}: the last secret cycle ran at {rfc3339(last)}; another may "
-            f"be asked for from {rfc3339(last + ROTATE_COOLDOWN)} (one per "
-            f"{ROTATE_COOLDOWN / 60:g} minutes on request: each cycle creates and deletes a "
-            "secret at Adobe)",
+            f"credential {name!r}: the last secret cycle ran at {rfc3339(last)}; another may be "
+            f"asked for from {rfc3339(last + ROTATE_COOLDOWN)} (one per {ROTATE_COOLDOWN / 60:g} "
+            "minutes on request: each cycle creates and deletes a secret at Adobe)",
             retry_after=last + ROTATE_COOLDOWN - now,
         )
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        """One step-1-or-more at a time per credential inside the daemon (the state file's
-        flock, per open file, would refuse the daemon's own second attempt as busy)."""
-        return self._locks.setdefault(name, asyncio.Lock())
 
     def secret_ages(self, now: float) -> dict[str, float]:
         return {
@@ -218,9 +213,7 @@ class Cycler:
     async def _run(self, name: str, cred: AdobeSettings, *, asked: bool) -> CycleResult:
         state_file = self._states(name, cred)
 
-        async def on_switch(secret: str, issued: IssuedToken | None) -> None:
-            await self._holder.use_secret(name, secret, issued)
-
+        on_switch = functools.partial(self._holder.use_secret, name)
         if_due = None if asked else (lambda state: self._is_due(state, cred))
         try:
             result = await self._cycle(name, cred, state_file, on_switch).run(if_due=if_due)
@@ -247,14 +240,14 @@ class Cycler:
         return created is None or self._clock() >= created + cred.rotate_every
 
     def _cycle(
-        self, name: str, cred: AdobeSettings, state_file: StateStore, on_switch: OnSwitch = _nothing
+        self, name: str, cred: AdobeSettings, state: StateStore, on_switch: OnSwitch | None = None
     ) -> Cycle:
         """A cycle of ``name`` on the daemon's HTTP client, redaction net and clock."""
         return Cycle(
             cred,
             client=self._issuers.for_(cred),
             store=cred.secret.writer(name, self._stores),
-            state=state_file,
+            state=state,
             clock=self._clock,
             sleep=self._sleep,
             redactor=self._redactor,
@@ -284,10 +277,10 @@ class Cycler:
 
     async def _scheduled(self, job: str) -> None:
         name = job.removeprefix("cycle:")
-        if name not in self.status or self.status[name].running:
+        status = self.status.get(name)
+        if status is None or status.running:
             return
         cred = self._settings(name)
-        status = self.status[name]
         try:
             if status.state is None:  # it could not be read before (Vault away, say)
                 status.state = await self._states(name, cred).load(cred.credential_id or "")
@@ -296,11 +289,10 @@ class Cycler:
                 when = self._due(status, cred, self._clock())
                 if when is None:
                     return
-                known = status.state is not None and status.state.current_created_at is not None
-                if known and when > self._clock():
+                if status.state.current_created_at is not None and when > self._clock():
                     self._schedule(name, when)
                     return
-            await self._rotate(name)
+            await self.rotate(name, asked=False)
         except CycleError as exc:
             if exc.outcome == "busy":
                 log.info("cycle %s: %s; looking again later", name, exc,
@@ -320,7 +312,7 @@ class Cycler:
     async def _survey(self, name: str, cred: AdobeSettings) -> None:
         state_file = self._states(name, cred)
         try:
-            async with self._lock(name):
+            async with self._locks.setdefault(name, asyncio.Lock()):
                 survey = await self._cycle(name, cred, state_file).survey()
         except BrokerError as exc:
             err = exc if isinstance(exc, CycleError) else CycleError("error", str(exc))
@@ -370,13 +362,6 @@ class Cycler:
             "at": rfc3339(self._clock()),
         }
 
-    def _takes_part(self, name: str) -> bool:
-        """Whether this daemon runs ``name``'s cycles. In a fleet (a state the brokers
-        share) only the brokers with ``rotate_every`` do, resuming one another's; the
-        others only follow the secret, and need not even be allowed to read the lease."""
-        cred = self._settings(name)
-        return cred.rotate_every is not None or not self._states(name, cred).shared
-
     def _settings(self, name: str) -> AdobeSettings:
         cred = self._credentials.get(name)
         if cred is None:
@@ -387,7 +372,7 @@ class Cycler:
         return cred
 
 
-def _cycling(cred: CredentialSettings) -> bool:
+def _cycling(cred: CredentialSettings) -> TypeGuard[AdobeSettings]:
     return isinstance(cred, AdobeSettings) and cred.cycling
 
 

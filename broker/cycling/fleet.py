@@ -9,9 +9,8 @@ time Vault stamps on a write: a contender's "now" is the time of its own report,
 written just before). Before each change at Adobe the holder makes sure it still
 holds the lease and bounds the change's time by what the lease surely has
 left, so a holder cut off from Vault changes nothing there once another may
-have taken over. Between a cycle's steps 4 and 5 :meth:`VaultState.adopted`
-waits until every broker that reported recently uses the new version, or
-``rotate_grace`` has passed (naming those that did not).
+have taken over. Between a cycle's steps 4 and 5 it waits for the other brokers
+(:meth:`VaultState.adopted`).
 """
 
 from __future__ import annotations
@@ -29,10 +28,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker.cycling.state import CycleState
+from broker.cycling.state import CycleState, claimed
 from broker.errors import CycleError
 from broker.stores.vault import VaultRef, VaultSession
-from broker.vault import CasConflict, Document, VaultError
+from broker.vault import CasConflict, VaultError
 
 log = logging.getLogger("broker.cycle")
 
@@ -81,26 +80,14 @@ class VaultState:
         self._lost = False
         self._writing = asyncio.Lock()  # the heartbeat and the cycle's saves, one at a time
 
-    @property
-    def _vault(self) -> Any:
-        return self.session.vault
-
     async def load(self, credential_id: str) -> CycleState:
         try:
-            doc = await self._vault.read(self.ref.mount, self._path)
+            doc = await self.session.vault.read(self.ref.mount, self._path)
         except VaultError as exc:
             raise CycleError("error", f"cannot read the cycle's state: {exc}") from None
-        state = self._parse(doc, credential_id)
-        if self._holding:
-            self._state = state
-        return state
-
-    def _parse(self, doc: Document | None, credential_id: str) -> CycleState:
-        fresh = CycleState(credential_id=credential_id)
-        if doc is None or doc.data.get("state") is None:
-            return fresh
+        found = None if doc is None else doc.data.get("state")
         try:
-            state = CycleState.model_validate(doc.data["state"])
+            state = None if found is None else CycleState.model_validate(found)
         except ValidationError as exc:
             raise CycleError(
                 "error",
@@ -108,14 +95,9 @@ class VaultState:
                 "problem(s)); check the credential's secrets in the Developer Console, then "
                 f"delete it (bao kv metadata delete {self.ref.mount}/{self._path})",
             ) from None
-        if state.credential_id != credential_id:
-            if state.step is not None:
-                raise CycleError(
-                    "error",
-                    f"{self.where} holds an unfinished cycle of credential_id "
-                    f"{state.credential_id!r}, not {credential_id!r}",
-                )
-            return fresh
+        state = claimed(state, credential_id, self.where)
+        if self._holding:
+            self._state = state
         return state
 
     async def save(self, state: CycleState) -> None:
@@ -140,7 +122,7 @@ class VaultState:
     async def _acquire(self) -> None:
         try:
             now = (await self.ref.report(self.name, self.session)).written
-            doc, base = await self._vault.read_for_write(self.ref.mount, self._path)
+            doc, base = await self.session.vault.read_for_write(self.ref.mount, self._path)
         except VaultError as exc:
             raise CycleError("error", f"cannot take the cycle lease: {exc}") from None
         if doc is not None:
@@ -173,7 +155,7 @@ class VaultState:
                 "pid": os.getpid(), "poll": self.poll, "state": self._raw_state()}  # fmt: skip
         async with self._writing:
             try:
-                written = await self._vault.write(
+                written = await self.session.vault.write(
                     self.ref.mount, self._path, data, cas=self._version
                 )
             except CasConflict:
@@ -189,8 +171,7 @@ class VaultState:
 
     def _raw_state(self) -> dict[str, Any] | None:
         """The state as the lease document carries it (as found, if not loaded since)."""
-        state = self._state
-        return state.model_dump() if isinstance(state, CycleState) else state
+        return self._state.model_dump() if isinstance(self._state, CycleState) else self._state
 
     def _alive(self, data: dict[str, Any]) -> float:
         """How long after its write a lease or report counts as alive (see ALIVE_POLLS)."""
@@ -216,7 +197,7 @@ class VaultState:
         data = {"holder": None, "state": self._raw_state()}
         try:
             async with self._writing:
-                await self._vault.write(self.ref.mount, self._path, data, cas=self._version)
+                await self.session.vault.write(self.ref.mount, self._path, data, cas=self._version)
         except VaultError as exc:  # it expires by itself
             log.warning("cycle %s: could not release the cycle lease: %s", self.name, exc)
         self._holding = False
@@ -246,7 +227,7 @@ class VaultState:
         Reports older than ``rotate_grace`` are removed (brokers that are gone).
         CycleError if the lease is lost meanwhile.
         """
-        vault, mount = self._vault, self.ref.mount
+        vault, mount = self.session.vault, self.ref.mount
         fresh_since: float | None = None  # Vault's time from which reports were read
         after_failure = False  # then only 3 x poll of fresh reports may be judged
         while True:
@@ -264,27 +245,25 @@ class VaultState:
                 log.warning("cycle %s: waiting for Vault to judge the brokers: %s",
                             self.name, exc)  # fmt: skip
                 fresh_since, after_failure = None, True
-                await self.fence()  # Vault away long enough: the lease is gone, stop
-                await self._sleep(self.poll)
-                continue
-            judged = not after_failure or now - fresh_since >= ALIVE_POLLS * self.poll
-            if not lagging and judged:
-                return
-            if now - meta.updated >= self.grace:
-                log.warning(
-                    "cycle %s: after rotate_grace (%gs) these brokers still use an older "
-                    "version: %s; the old secret is deleted anyway", self.name, self.grace,
-                    "; ".join(lagging) or "none", extra={"event": "cycle_laggards"},
-                )  # fmt: skip
-                return
-            await self.fence()
+            else:
+                judged = not after_failure or now - fresh_since >= ALIVE_POLLS * self.poll
+                if not lagging and judged:
+                    return
+                if now - meta.updated >= self.grace:
+                    log.warning(
+                        "cycle %s: after rotate_grace (%gs) these brokers still use an older "
+                        "version: %s; the old secret is deleted anyway", self.name, self.grace,
+                        "; ".join(lagging) or "none", extra={"event": "cycle_laggards"},
+                    )  # fmt: skip
+                    return
+            await self.fence()  # Vault away long enough: the lease is gone, stop
             await self._sleep(self.poll)
 
     async def _lagging(self, now: float, target: int, switched: float) -> list[str]:
         """The brokers alive at the switch (``switched``) that report an older version
         than ``target``, in words; reports older than ``rotate_grace`` at the switch are
         removed (brokers that are gone; one that fell silent later is named first)."""
-        vault, mount = self._vault, self.ref.mount
+        vault, mount = self.session.vault, self.ref.mount
         lagging = []
         for key in await vault.keys(mount, self.ref.reports_path):
             if not BROKER_ID.fullmatch(key):

@@ -64,6 +64,20 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def claimed(state: CycleState | None, credential_id: str, where: str, hint: str = "") -> CycleState:
+    """``state`` as ``credential_id``'s: a fresh one for none, or for another credential's
+    finished cycle (the config names another credential); CycleError for its unfinished one."""
+    if state is None or (state.credential_id != credential_id and state.step is None):
+        return CycleState(credential_id=credential_id)
+    if state.credential_id != credential_id:
+        raise CycleError(
+            "error",
+            f"{where} holds an unfinished cycle of credential_id {state.credential_id!r}, "
+            f"not {credential_id!r}{hint}",
+        )
+    return state
+
+
 class StateStore(Protocol):
     """Where one credential's cycle state lives, and the lock that makes one cycle run at
     a time (across processes: the daemon, ``rotate --auto``, other brokers)."""
@@ -118,7 +132,7 @@ class StateFile:
             check_dir(self.directory)
             state = CycleState.model_validate(json.loads(read_private(self.path, 65536)))
         except FileNotFoundError:
-            return CycleState(credential_id=credential_id)
+            state = None
         except UnsafePath as exc:
             raise self._unsafe(exc) from None
         except (OSError, ValueError, TypeError, ValidationError) as exc:
@@ -127,17 +141,11 @@ class StateFile:
                 f"the cycling state {self.path} cannot be read ({type(exc).__name__}); check "
                 "the credential's secrets in the Developer Console, then remove the file",
             ) from None
-        if state.credential_id == credential_id:
-            return state
-        if state.step is not None:
-            raise CycleError(
-                "error",
-                f"{self.path} holds an unfinished cycle of credential_id "
-                f"{state.credential_id!r}, not {credential_id!r}: put the old credential_id "
-                "back until it finishes, or check both in the Developer Console and remove "
-                "the file",
-            )
-        return CycleState(credential_id=credential_id)  # the config names another credential
+        hint = (
+            ": put the old credential_id back until it finishes, or check both in the "
+            "Developer Console and remove the file"
+        )
+        return claimed(state, credential_id, self.where, hint)
 
     async def save(self, state: CycleState) -> None:
         self._directories()
