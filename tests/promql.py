@@ -154,9 +154,12 @@ def broker_scrape(tmp_path: Path) -> Iterator[Scrape]:
             failed = httpx.post(url + "/v1/credentials/adobe/refresh", headers=HEADERS)
             assert failed.status_code == 502, failed.text
             issuer.issuer.mode = "ok"
+            # A cycle that ran while the issuer answered 500 counts a rotation but knows no
+            # secret's age yet: wait for both families (a scrape without the age was seen).
+            families = ("token_broker_secret_rotations_total{", "token_broker_secret_age_seconds{")
             wait_for(
-                lambda: "token_broker_secret_rotations_total{" in httpx.get(url + "/metrics").text,
-                timeout=60, what="a secret cycle",
+                lambda: all(f in httpx.get(url + "/metrics").text for f in families),
+                timeout=60, what="a secret cycle and the secret's age",
             )  # fmt: skip
             yield Scrape.parse(httpx.get(url + "/metrics").text)
         finally:
