@@ -13,6 +13,7 @@ of strings``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -92,26 +93,18 @@ def parse_listen(item: str, *, allow_remote: bool = False) -> Listen:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if host == "localhost":
         host = "127.0.0.1"
-    literal = _is_ip(host)
-    if not literal and allow_remote:
-        raise ValueError(f"{where}: expected an IP address, not a host name")
-    if not allow_remote and not (literal and is_loopback(host)):
+    if allow_remote:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{where}: expected an IP address, not a host name") from None
+    elif not is_loopback(host):  # False for a host name as well
         raise ValueError(
             f"{where}: loopback is required: token-broker listens only on a loopback "
             "address (127.0.0.1, [::1], localhost) or a unix socket "
             "(or set [server] allow_remote = true, which needs [clients.NAME] keys)"
         )
     return TcpListen(host, int(port_text))
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # -- the models ----------------------------------------------------------------------------
@@ -168,8 +161,7 @@ class ServerSettings(Model):
                 "signs loopback names only (its name constraints)",
             )
         bound = [str(x) for x in (*self.listen, *https)]
-        if len(set(bound)) != len(bound):
-            twice = next(b for b in bound if bound.count(b) > 1)
+        if twice := next((b for b in bound if bound.count(b) > 1), None):
             raise KeyProblem("listen", f"{twice} is named twice (listen, ims_listen, tls_listen)")
         return self
 
@@ -234,14 +226,11 @@ class OutputSettings(Model):
     @model_validator(mode="before")
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
+        data = named(data, info, "index")
         if not isinstance(data, dict):
             return data
-        if "index" in data:
-            raise KeyProblem("index", "unknown key")
-        context = info.context or {}
-        data = {**data, "index": context["index"]}
         name = data.get("credential")
-        known = context.get("credentials", ())
+        known = (info.context or {}).get("credentials", ())
         if isinstance(name, str) and name not in known:
             raise KeyProblem(
                 "credential",
@@ -386,11 +375,9 @@ class Settings:
 
     def default_name(self) -> str | None:
         """The credential served by ``GET /token``."""
-        if self.server.default is not None:
-            return self.server.default
-        if len(self.credentials) == 1:
+        if self.server.default is None and len(self.credentials) == 1:
             return next(iter(self.credentials))
-        return None
+        return self.server.default
 
 
 @dataclass(frozen=True)
@@ -442,7 +429,7 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(explicit)
     if env := os.environ.get("TOKEN_BROKER_CONFIG"):
         return Path(env)
-    return next((p for p in _candidates() if p.exists()), SYSTEM_CONFIG)
+    return next((p for p in (user_config_path(), SYSTEM_CONFIG) if p.exists()), SYSTEM_CONFIG)
 
 
 def write_path(explicit: str | os.PathLike[str] | None = None, *, euid: int | None = None) -> Path:
@@ -467,10 +454,6 @@ def user_config_path() -> Path:
     return base / "token-broker" / "config.toml"
 
 
-def _candidates() -> list[Path]:
-    return [user_config_path(), SYSTEM_CONFIG]
-
-
 def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -> Settings:
     """Read, parse and validate the config file; raise ConfigError naming file and key.
 
@@ -491,8 +474,11 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
     settings = parse(data, source=str(resolved), path=resolved)
-    if serving:
-        _check_cycled_secrets(settings, resolved)
+    # A rotate_every needs a secret this process may write: checked for the daemon only, so
+    # that a user's `token-broker list` need not be able to write root's secret file.
+    for name, cred in settings.credentials.items() if serving else ():
+        if cred.cycles_secret and (problem := cred.secret.unwritable()) is not None:
+            raise ConfigError(f"{resolved}: [credentials.{name}] rotate_every: {problem}")
     if serving and not settings.credentials:
         # An empty file is more often a truncated write or an editor's empty save than
         # a wish to serve nothing: refusing it keeps a reload from dropping every token.
@@ -504,27 +490,14 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     return settings
 
 
-def _check_cycled_secrets(settings: Settings, source: Path) -> None:
-    """A credential with ``rotate_every`` needs a secret this process may write.
-
-    Checked when the daemon loads its config, not by every command that reads the
-    file: a user's `token-broker list` need not be able to write root's secret file.
-    """
-    for name, cred in settings.credentials.items():
-        if cred.cycles_secret:
-            problem = cred.secret.unwritable()
-            if problem is not None:
-                raise ConfigError(f"{source}: [credentials.{name}] rotate_every: {problem}")
-
-
 def _not_found(resolved: Path, explicit: object) -> str:
     if explicit or os.environ.get("TOKEN_BROKER_CONFIG"):
         where = "--config" if explicit else "$TOKEN_BROKER_CONFIG"
         return f"{resolved}: config file not found (named by {where})"
-    looked = " and ".join(str(p) for p in _candidates())
     return (
-        f"config file not found: looked in {looked}; create one with `token-broker add` or "
-        "`token-broker import` (or pass --config PATH, or set TOKEN_BROKER_CONFIG)"
+        f"config file not found: looked in {user_config_path()} and {SYSTEM_CONFIG}; create one "
+        "with `token-broker add` or `token-broker import` (or pass --config PATH, or set "
+        "TOKEN_BROKER_CONFIG)"
     )
 
 
@@ -545,40 +518,26 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         name: _credential(name, table, defaults, source)
         for name, table in _tables(data, "credentials", source).items()
     }
+    known = {"credentials": credentials}
     clients = {
-        name: _validate(
-            ClientSettings,
-            table,
-            source,
-            f"[clients.{name}]",
-            {"name": name, "credentials": credentials},
-        )  # fmt: skip
+        name: _validate(ClientSettings, table, source, f"[clients.{name}]", {"name": name, **known})
         for name, table in _tables(data, "clients", source).items()
     }
     outputs = data.get("outputs", [])
     if not isinstance(outputs, list):
         raise ConfigError(f"{source}: outputs: expected [[outputs]] tables")
     parsed = tuple(
-        _validate(
-            OutputSettings,
-            table,
-            source,
-            f"[[outputs]] #{i}",
-            {"index": i, "credentials": credentials},
-        )  # fmt: skip
+        _validate(OutputSettings, table, source, f"[[outputs]] #{i}", {"index": i, **known})
         for i, table in enumerate(outputs, 1)
     )
     paths = [o.path for o in parsed]
-    if len(set(paths)) != len(paths):
-        twice = next(p for p in paths if paths.count(p) > 1)
+    if twice := next((p for p in paths if paths.count(p) > 1), None):
         raise ConfigError(f"{source}: [[outputs]] path: {twice} is written by two outputs")
-    for out in parsed:
-        if out.format == "env":
-            cred = credentials[out.credential]
-            try:
-                check_env_file(cred.api_headers("t"))
-            except EnvFileError as exc:
-                raise ConfigError(f"{source}: [[outputs]] #{out.index} format env: {exc}") from None
+    for out in (o for o in parsed if o.format == "env"):
+        try:
+            check_env_file(credentials[out.credential].api_headers("t"))
+        except EnvFileError as exc:
+            raise ConfigError(f"{source}: [[outputs]] #{out.index} format env: {exc}") from None
     if server.ims_listen:
         _check_ims(credentials, clients, source)
     if server.allow_remote and not clients:
@@ -632,11 +591,10 @@ def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
     tables = data.get(kind, {})
     if not isinstance(tables, dict):
         raise ConfigError(f"{source}: {kind}: expected tables [{kind}.NAME]")
-    singular = kind[:-1]
     for name in tables:
         if not NAME_RE.match(name):
             raise ConfigError(
-                f"{source}: [{kind}.{name}]: {singular} names may use only letters, "
+                f"{source}: [{kind}.{name}]: {kind[:-1]} names may use only letters, "
                 "digits, '.', '_' and '-'"
             )
     return tables
@@ -646,12 +604,12 @@ def _credential(
     name: str, table: object, defaults: dict[str, Any], source: str
 ) -> CredentialSettings:
     where = f"[credentials.{name}]"
-    provider = table.get("provider") if isinstance(table, dict) else None
-    if isinstance(table, dict) and provider not in PROVIDERS:
+    # Not a table: any provider's model says "expected a table".
+    provider = table.get("provider") if isinstance(table, dict) else "adobe"
+    if provider not in PROVIDERS:
         known = " or ".join(f'"{p}"' for p in PROVIDERS)
         raise ConfigError(f"{source}: {where} provider: expected {known}, got {provider!r}")
-    model = PROVIDERS[provider] if isinstance(provider, str) else PROVIDERS["adobe"]
-    return _validate(model, table, source, where, {"name": name, "refresh": defaults})
+    return _validate(PROVIDERS[provider], table, source, where, {"name": name, "refresh": defaults})
 
 
 #: Fields the loader fills in (from the table's name or place), never written by a user.

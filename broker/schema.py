@@ -42,9 +42,7 @@ _DEFAULT_POLICY = RefreshPolicy()
 
 def parse_duration(value: object) -> float:
     """``"90s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"250ms"`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError('expected a duration such as "90s", "5m" or a number of seconds')
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
@@ -73,13 +71,14 @@ class Model(BaseModel):
     )
 
 
-def named(data: Any, info: ValidationInfo) -> Any:
-    """The table with the name it has in the file (``[credentials.NAME]``) added."""
+def named(data: Any, info: ValidationInfo, key: str = "name") -> Any:
+    """The table with the ``key`` the loader fills in: the name it has in the file
+    (``[credentials.NAME]``), or its place (an ``[[outputs]]`` index)."""
     if not isinstance(data, dict):
         return data
-    if "name" in data:
-        raise KeyProblem("name", "unknown key")
-    return {**data, "name": (info.context or {})["name"]}
+    if key in data:
+        raise KeyProblem(key, "unknown key")
+    return {**data, key: (info.context or {})[key]}
 
 
 class RefreshKeys(Model):
@@ -96,15 +95,7 @@ class RefreshKeys(Model):
     @cached_property
     def policy(self) -> RefreshPolicy:
         """These keys as the lifecycle's value object (broker.tokens imports no pydantic)."""
-        return RefreshPolicy(
-            at=self.at,
-            jitter=self.jitter,
-            min_remaining=self.min_remaining,
-            retry_initial=self.retry_initial,
-            retry_max=self.retry_max,
-            timeout=self.timeout,
-            force_cooldown=self.force_cooldown,
-        )
+        return RefreshPolicy(**{key: getattr(self, key) for key in RefreshKeys.model_fields})
 
 
 class CredentialSettings(RefreshKeys):
