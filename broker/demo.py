@@ -95,12 +95,11 @@ class DemoIssuer:
     def add_client(self, client_id: str, secret: str) -> DemoSecret:
         """Give ``client_id`` the secret ``secret``, accepted at once; return it."""
         own = self._secrets.setdefault(client_id, [])
-        for known in own:
-            if known.value == secret:
-                return known
-        added = self._new_secret(secret, self.clock())
-        own.append(added)
-        return added
+        found = next((known for known in own if known.value == secret), None)
+        if found is None:
+            found = self._new_secret(secret, self.clock())
+            own.append(found)
+        return found
 
     def add_console(self, client_id: str, org_id: str, credential_id: str) -> None:
         """Say that Developer Console org ``org_id`` and ``credential_id`` are ``client_id``'s."""
@@ -141,12 +140,16 @@ class DemoIssuer:
     async def _token(
         self, path: str, form: dict[str, str], headers: dict[str, str], send: Any, receive: Any
     ) -> None:
-        """One request to a token endpoint: a new token for a client whose secret works."""
-        found = self._authorised(form, headers)
-        if found is None:
+        """One request to a token endpoint: a new token for a client whose secret works
+        (one that IMS would accept now)."""
+        client_id, value = self._credentials(form, headers)
+        now = self.clock()
+        own = self._secrets.get(client_id or "", [])
+        used = next((s for s in own if s.value == value and self._accepts(s, now)), None)
+        if client_id is None or used is None:
             body = {"error": "invalid_client", "error_description": "invalid client parameter"}
             return await reply(send, 400, body)
-        await reply(send, 200, await self._mint(*found, form))
+        await reply(send, 200, await self._mint(client_id, used, form))
 
     async def _mint(
         self, client_id: str, used: DemoSecret, form: dict[str, str]
@@ -159,19 +162,6 @@ class DemoIssuer:
         self.minted[token] = MintRecord(client_id, used.uuid, scopes, now + self.lifetime)
         return {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime}
 
-    def _authorised(
-        self, form: dict[str, str], headers: dict[str, str]
-    ) -> tuple[str, DemoSecret] | None:
-        """The client and the secret that authenticate this request, if IMS would accept it."""
-        client_id, value = self._credentials(form, headers)
-        if client_id is None or value is None:
-            return None
-        now = self.clock()
-        for known in self._secrets.get(client_id, []):
-            if known.value == value and self._accepts(known, now):
-                return client_id, known
-        return None
-
     async def _console(
         self, scope: dict[str, Any], send: Any, org: str, cred: str, secret_uuid: str | None
     ) -> None:
@@ -179,24 +169,17 @@ class DemoIssuer:
         method = scope["method"]
         body: Mapping[str, object] | bytes | None
         try:
-            status, body = await self._console_answer(
-                method, lower_headers(scope), org, cred, secret_uuid
-            )
-        except ConsoleError as e:
+            client_id = self._console_client(method, lower_headers(scope), org, cred)
+            if method == "GET":
+                listed = [_entry(s) for s in self._secrets.get(client_id, [])]
+                status, body = 200, {"client_id": client_id, "client_secrets": listed}
+            elif method == "POST":
+                status, body = await self._console_post(client_id)
+            else:
+                status, body = await self._console_delete(client_id, secret_uuid or "")
+        except ConsoleError as e:  # a refusal, with the body the real API sends
             status, body = e.status, e.body
         await console_reply(send, status, body)
-
-    async def _console_answer(
-        self, method: str, headers: dict[str, str], org: str, cred: str, secret_uuid: str | None
-    ) -> tuple[int, Mapping[str, object] | bytes | None]:
-        """(status, body) for a console call; refusals raise ConsoleError."""
-        client_id = self._console_client(method, headers, org, cred)
-        if method == "GET":
-            secrets_ = self._secrets.get(client_id, [])
-            return 200, {"client_id": client_id, "client_secrets": [_entry(s) for s in secrets_]}
-        if method == "POST":
-            return await self._console_post(client_id)
-        return await self._console_delete(client_id, secret_uuid or "")
 
     def _console_client(self, method: str, headers: dict[str, str], org: str, cred: str) -> str:
         """The client whose secrets the call may see, after the checks the real API makes:
@@ -313,11 +296,7 @@ async def console_reply(
 
 def loopback_socket() -> socket.socket:
     """A listening socket on a free loopback port, bound once and handed to the server."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    return sock
+    return socket.create_server(("127.0.0.1", 0), backlog=128)  # SO_REUSEADDR set on POSIX
 
 
 def issuer_server(issuer: DemoIssuer) -> Server:
@@ -353,25 +332,20 @@ async def run(
         secret_file = Path(tmp) / "demo.secret"
         secret_file.touch(mode=0o600)
         secret_file.write_text(secret + "\n")
-        table: dict[str, object] = {
-            "provider": "oauth2",
-            "token_url": f"{base}/oauth2/token",
-            "client_id": "demo",
-            "secret": f"file:{secret_file}",
-        }
-        if rotate_every is not None:
+        table: dict[str, object] = {"client_id": "demo", "secret": f"file:{secret_file}"}
+        if rotate_every is None:
+            table.update(provider="oauth2", token_url=f"{base}/oauth2/token")
+        else:
             issuer.add_console("demo", DEMO_ORG, DEMO_CREDENTIAL)
-            table = {
-                "provider": "adobe",
-                "client_id": "demo",
-                "secret": f"file:{secret_file}",
-                "ims_url": base,
-                "console_url": base,
-                "console_org_id": DEMO_ORG,
-                "credential_id": DEMO_CREDENTIAL,
-                "rotate_every": rotate_every,
-                "rotate_verify": "20s",
-            }
+            table.update(
+                provider="adobe",
+                ims_url=base,
+                console_url=base,
+                console_org_id=DEMO_ORG,
+                credential_id=DEMO_CREDENTIAL,
+                rotate_every=rotate_every,
+                rotate_verify="20s",
+            )
         settings = config.parse(
             {"server": {"listen": [listen]}, "credentials": {"demo": table}}, source="demo"
         )
