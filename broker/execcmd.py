@@ -25,9 +25,7 @@ from broker.client import KEY_ENV, KEY_FILE_ENV, BrokerClientError, TokenBroker
 from broker.variables import FIELDS, TokenExport, variables
 
 DEFAULT_MIN_REMAINING = 600.0  # "10m"
-#: Headers that have variables of their own; any other header of the credential (its static
-#: ``headers`` table) becomes TOKEN_BROKER_HEADER_<NAME>.
-_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a variable name sh accepts
 #: Token and headers come from two requests; a refresh between them is retried this often.
 _ATTEMPTS = 3
 

@@ -23,6 +23,7 @@ written once the running write is done (only the newest).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import logging
@@ -131,8 +132,7 @@ class Outputs:
         """Let writes in flight finish; end running commands, each with its process group,
         and start no more."""
         self._closing = True
-        ending = [self._end(proc) for proc in list(self._running)]
-        await asyncio.gather(*ending, return_exceptions=True)
+        await asyncio.gather(*[self._end(proc) for proc in self._running], return_exceptions=True)
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def _write_if_servable(self, output: OutputSettings, credential: Credential) -> None:
@@ -175,18 +175,17 @@ class Outputs:
             extra={"event": "output_written", "credential": cred.name},
         )  # fmt: skip
         if output.command is not None:
-            await self._run(output, cred.name)
+            await self._run(output.path, output.command, cred.name)
 
-    async def _run(self, output: OutputSettings, name: str) -> None:
-        assert output.command is not None
+    async def _run(self, path: str, command: tuple[str, ...], name: str) -> None:
         if self._closing:
             return  # the daemon is stopping: the file is written, the command not started
         env = {k: os.environ[k] for k in _COMMAND_ENV if k in os.environ}
-        env.update(TOKEN_BROKER_OUTPUT=output.path, TOKEN_BROKER_CREDENTIAL=name)
-        outcome, detail = "ok", ""
+        env.update(TOKEN_BROKER_OUTPUT=path, TOKEN_BROKER_CREDENTIAL=name)
+        failure = ""  # what went wrong, if anything
         try:
             proc = await asyncio.create_subprocess_exec(
-                *output.command,
+                *command,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -196,7 +195,7 @@ class Outputs:
                 start_new_session=True,
             )
         except OSError as exc:
-            outcome, detail = "error", f"cannot run {output.command[0]}: {exc.strerror}"
+            failure = f"cannot run {command[0]}: {exc.strerror}"
         else:
             self._running.add(proc)
             try:
@@ -206,22 +205,20 @@ class Outputs:
                     _, err = await proc.communicate()
             except TimeoutError:
                 await self._end(proc)
-                outcome = "error"
-                detail = f"ended after {self._command_timeout:g}s, with its process group"
+                failure = f"ended after {self._command_timeout:g}s, with its process group"
             else:
                 if self._closing and proc.returncode is not None and proc.returncode < 0:
-                    outcome, detail = "error", "ended with its process group: the broker stopped"
+                    failure = "ended with its process group: the broker stopped"
                 elif proc.returncode != 0:
                     tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
-                    outcome = "error"
-                    detail = f"exit status {proc.returncode} {tail[0][:200]}".rstrip()
+                    failure = f"exit status {proc.returncode} {tail[0][:200]}".rstrip()
             finally:
                 self._running.discard(proc)
-        self._recorder.output(output.path, "command", outcome)
-        if outcome == "error":
+        self._recorder.output(path, "command", "error" if failure else "ok")
+        if failure:
             log.warning(
                 "output %s: command %s failed: %s; run again at the next refresh",
-                output.path, output.command[0], detail,
+                path, command[0], failure,
                 extra={"event": "output_command_failed", "credential": name},
             )  # fmt: skip
 
@@ -257,10 +254,9 @@ class Outputs:
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
-    try:
+    # The group may be gone (or hold only a process that changed its user).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone (or holds only a process that changed its user)
 
 
 def _group_alive(group: int) -> bool:
@@ -269,5 +265,5 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, as another user
     return True

@@ -48,15 +48,13 @@ class TokenExport:
 
     def value(self, name: str) -> str:
         """The value of a FIELD; raises LookupError if this credential has none."""
-        if name == "access_token":
-            return self.access_token
-        if name == "authorization":
-            return f"Bearer {self.access_token}"
-        if name == "expires_at":
-            return self.expires_at
-        found = (self._header(_API_KEY) or self.client_id) if name == "api_key" else (
-            self._header(_ORG_ID)
-        )  # fmt: skip
+        found = {
+            "access_token": self.access_token,
+            "authorization": f"Bearer {self.access_token}",
+            "expires_at": self.expires_at,
+            "api_key": self._header(_API_KEY) or self.client_id,
+            "org_id": self._header(_ORG_ID),
+        }[name]
         if found is None:
             raise LookupError(f"credential {self.name!r} has no {name}")
         return found
