@@ -199,8 +199,7 @@ class ClientSettings(Model):
                 data["credentials"] = None
             else:
                 known = (info.context or {}).get("credentials", ())
-                unknown = [n for n in names if n not in known]
-                if unknown:
+                if unknown := [n for n in names if n not in known]:
                     raise KeyProblem(
                         "credentials",
                         f"no credential named {unknown[0]!r} "
@@ -627,10 +626,7 @@ def _did_you_mean(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-}
+_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
 
 
 def _validate(

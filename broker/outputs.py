@@ -54,7 +54,6 @@ _COMMAND_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
 def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: float) -> bytes:
-    """The file's content in ``output.format`` for ``token``."""
     if output.format == "token":
         return token.access_token.encode() + b"\n"
     if output.format == "json":
@@ -141,8 +140,7 @@ class Outputs:
             return
         self._next[output.path] = (output, credential.settings, token)
         if output.path not in self._tasks:
-            task = asyncio.get_running_loop().create_task(self._drain(output.path))
-            self._tasks[output.path] = task
+            self._tasks[output.path] = asyncio.create_task(self._drain(output.path))
 
     async def _drain(self, path: str) -> None:
         try:

@@ -143,12 +143,7 @@ class CredentialSettings(RefreshKeys):
     def _headers(cls, value: object) -> object:
         if not isinstance(value, dict):
             return value
-        pairs = []
-        for name, text in value.items():
-            if not isinstance(text, str):
-                raise ValueError(f"{name!r}: expected a string value")
-            pairs.append(check_header(name, text))
-        return tuple(pairs)
+        return tuple(check_header(name, text) for name, text in value.items())
 
     @model_validator(mode="before")
     @classmethod
@@ -185,8 +180,10 @@ RESERVED_HEADERS = frozenset(
 _TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2
 
 
-def check_header(name: str, value: str) -> tuple[str, str]:
+def check_header(name: str, value: object) -> tuple[str, str]:
     """One static header, as RFC 9110 allows and the broker leaves to the table."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name!r}: expected a string value")
     if not _TOKEN_CHARS.match(name):
         raise ValueError(f"{name!r}: not a valid header name")
     if name.lower() in RESERVED_HEADERS:

@@ -132,9 +132,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, when.timestamp() - now) if when.tzinfo is not None else None
 
 
 def _seconds(value: object) -> float | None:
