@@ -114,13 +114,7 @@ class DemoIssuer:
         return True
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]  # lifespan.startup, then lifespan.shutdown
-                await send({"type": kind + ".complete"})
-                if kind == "lifespan.shutdown":
-                    return
-        body = b""
+        body = b""  # HTTP only: no lifespan (issuer_server), no websockets
         while True:
             message = await receive()
             body += message.get("body", b"")
@@ -305,7 +299,7 @@ def issuer_server(issuer: DemoIssuer) -> Server:
         issuer,
         log_config=None,
         access_log=False,
-        lifespan="on",
+        lifespan="off",  # nothing to start or stop
         ws="none",
         timeout_graceful_shutdown=1,
     )
@@ -372,12 +366,11 @@ def _banner(
     settings: Any, issuer_port: int, lifetime: float, rotate_every: float | None = None
 ) -> None:
     listen = settings.server.listen[0]
-    base = f"http://{listen}" if not str(listen).startswith("unix:") else "http://localhost"
     unix = f"--unix-socket {listen.path} " if str(listen).startswith("unix:") else ""
+    base = "http://localhost" if unix else f"http://{listen}"
     # The client and exec find 127.0.0.1:8765 by themselves; any other address is named.
     url = str(listen) if unix else base
-    own = url != "http://127.0.0.1:8765"
-    arg, flag = (f'"{url}"', f"--url {url} ") if own else ("", "")
+    arg, flag = (f'"{url}"', f"--url {url} ") if url != "http://127.0.0.1:8765" else ("", "")
     list_line = f"token-broker list {flag}".rstrip()
     cycling = (
         f"The client secret is cycled every {rotate_every:g}s through the issuer's I/O "
