@@ -27,7 +27,7 @@ PREFIX = "TOKEN_BROKER_"
 
 
 #: The API headers that become variables of their own (the rest: TOKEN_BROKER_HEADER_*).
-_API_KEY, _ORG_ID = "x-api-key", "x-gw-ims-org-id"
+_OWN = {"x-api-key": PREFIX + "API_KEY", "x-gw-ims-org-id": PREFIX + "ORG_ID"}
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class TokenExport:
             "access_token": self.access_token,
             "authorization": f"Bearer {self.access_token}",
             "expires_at": self.expires_at,
-            "api_key": self._header(_API_KEY) or self.client_id,
-            "org_id": self._header(_ORG_ID),
+            "api_key": self._header("x-api-key") or self.client_id,
+            "org_id": self._header("x-gw-ims-org-id"),
         }[name]
         if found is None:
             raise LookupError(f"credential {self.name!r} has no {name}")
@@ -66,13 +66,8 @@ def variables(export: TokenExport) -> dict[str, str]:
     other header but the token's as ``TOKEN_BROKER_HEADER_<NAME>``."""
     env = {PREFIX + "ACCESS_TOKEN": export.access_token, PREFIX + "EXPIRES_AT": export.expires_at}
     for header, value in export.headers.items():
-        lower = header.lower()
-        if lower == _API_KEY:
-            env[PREFIX + "API_KEY"] = value
-        elif lower == _ORG_ID:
-            env[PREFIX + "ORG_ID"] = value
-        elif lower != "authorization":
-            env[header_variable(header)] = value
+        if header.lower() != "authorization":
+            env[_OWN.get(header.lower()) or header_variable(header)] = value
     return env
 
 
