@@ -226,8 +226,6 @@ class OutputSettings(Model):
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
         data = named(data, info, "index")
-        if not isinstance(data, dict):
-            return data
         name = data.get("credential")
         known = (info.context or {}).get("credentials", ())
         if isinstance(name, str) and name not in known:
@@ -296,8 +294,6 @@ class VaultSettings(Model):
     @model_validator(mode="before")
     @classmethod
     def _refs(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
         data = dict(data)
         for key in ("token", "secret_id", "jwt"):
             text = data.get(key)

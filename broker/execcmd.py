@@ -106,10 +106,8 @@ def environment(
 
     Raises LookupError when ``asked`` wants a field the credential does not have.
     """
-    env = dict(base)
-    if not pass_key:
-        for var in (KEY_ENV, KEY_FILE_ENV):
-            env.pop(var, None)
+    hidden = () if pass_key else (KEY_ENV, KEY_FILE_ENV)
+    env = {var: value for var, value in base.items() if var not in hidden}
     env.update(variables(taken))
     for var, name in asked:
         try:

@@ -64,7 +64,8 @@ class KeyProblem(ValueError):
 
 
 class Model(BaseModel):
-    """A settings table: unknown keys refused, no type coercion, frozen."""
+    """A settings table: unknown keys refused, no type coercion, frozen. Its validators
+    see a dict: tables are built by config's _validate, which refuses anything else."""
 
     model_config = ConfigDict(
         extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True
@@ -74,8 +75,6 @@ class Model(BaseModel):
 def named(data: Any, info: ValidationInfo, key: str = "name") -> Any:
     """The table with the ``key`` the loader fills in: the name it has in the file
     (``[credentials.NAME]``), or its place (an ``[[outputs]]`` index)."""
-    if not isinstance(data, dict):
-        return data
     if key in data:
         raise KeyProblem(key, "unknown key")
     return {**data, key: (info.context or {})[key]}
