@@ -13,6 +13,7 @@ of strings``.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import re
@@ -250,8 +251,6 @@ class OutputSettings(Model):
             data["mode"] = int(mode, 8)
         group = data.get("group")
         if isinstance(group, str):
-            import grp
-
             try:
                 grp.getgrnam(group)
             except KeyError:
@@ -499,12 +498,11 @@ def _not_found(resolved: Path, explicit: object) -> str:
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
     tables = ["server", "refresh", "credentials", "clients", "outputs", "vault"]
-    unknown = sorted(set(data) - set(tables))
-    if unknown:
-        hint = _did_you_mean(unknown[0], tables)
+    if unknown := sorted(set(data) - set(tables)):
         raise ConfigError(
-            f"{source}: unknown table or key {unknown[0]!r}{hint} (expected [server], "
-            "[refresh], [credentials.NAME], [clients.NAME], [[outputs]] and [vault])"
+            f"{source}: unknown table or key {unknown[0]!r}{_did_you_mean(unknown[0], tables)} "
+            "(expected [server], [refresh], [credentials.NAME], [clients.NAME], [[outputs]] "
+            "and [vault])"
         )
     server = _validate(ServerSettings, data.get("server", {}), source, "[server]")
     refresh = _validate(RefreshKeys, data.get("refresh", {}), source, "[refresh]")

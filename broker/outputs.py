@@ -108,17 +108,15 @@ class Outputs:
         old = set(self._outputs)
         self._outputs = tuple(outputs)
         kept = {o.path for o in self._outputs}
-        for gone in old - set(self._outputs):
-            if gone.path not in kept:
-                self._next.pop(gone.path, None)
-                try:
-                    os.unlink(gone.path)
-                except OSError:
-                    continue
-                log.info("output %s removed from the config: file deleted", gone.path)
+        for gone in (o for o in old - set(self._outputs) if o.path not in kept):
+            self._next.pop(gone.path, None)
+            try:
+                os.unlink(gone.path)
+            except OSError:
+                continue
+            log.info("output %s removed from the config: file deleted", gone.path)
         for output in self._outputs:
-            credential = credentials.get(output.credential)
-            if output not in old and credential is not None:
+            if output not in old and (credential := credentials.get(output.credential)) is not None:
                 self._write_if_servable(output, credential)
 
     def refreshed(self, credential: Credential) -> None:
