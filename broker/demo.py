@@ -184,8 +184,7 @@ class DemoIssuer:
             raise ConsoleError(401, "401013", "Oauth token is not valid")
         if headers.get("x-api-key") != minted.client_id:
             raise ConsoleError(403, "403003", "Api Key is invalid")
-        missing = {"adobeio_api", _CONSOLE_SCOPES[method]} - minted.scopes
-        if missing:
+        if missing := {"adobeio_api", _CONSOLE_SCOPES[method]} - minted.scopes:
             needs = ", ".join(sorted(missing))
             raise ConsoleError(403, "403027", f"insufficient scope: the token lacks {needs}")
         if self.consoles.get((org, cred)) != minted.client_id:

@@ -148,8 +148,7 @@ class CredentialSettings(RefreshKeys):
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
         data = named(data, info)
-        context = info.context or {}
-        for key, value in context.get("refresh", {}).items():
+        for key, value in (info.context or {}).get("refresh", {}).items():
             data.setdefault(key, value)  # [refresh] fills what the table does not set
         for key in ("scopes", "allow_uids", "allow_gids"):
             if isinstance(data.get(key), list):
