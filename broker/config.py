@@ -196,17 +196,14 @@ class ClientSettings(Model):
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             if not names:
                 raise KeyProblem("credentials", 'expected at least one name, or ["*"]')
-            if "*" in names:
-                data["credentials"] = None
-            else:
-                known = (info.context or {}).get("credentials", ())
-                if unknown := [n for n in names if n not in known]:
-                    raise KeyProblem(
-                        "credentials",
-                        f"no credential named {unknown[0]!r} "
-                        f'(configured: {", ".join(sorted(known)) or "none"}; "*" means all)',
-                    )
-                data["credentials"] = frozenset(names)
+            known = (info.context or {}).get("credentials", ())
+            if "*" not in names and (unknown := [n for n in names if n not in known]):
+                raise KeyProblem(
+                    "credentials",
+                    f"no credential named {unknown[0]!r} "
+                    f'(configured: {", ".join(sorted(known)) or "none"}; "*" means all)',
+                )
+            data["credentials"] = None if "*" in names else frozenset(names)
         elif "credentials" not in data:
             raise KeyProblem("credentials", "required key is missing")
         return data
