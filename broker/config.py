@@ -639,9 +639,8 @@ def _validate(
         msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
         # TOML has arrays; that they become tuples and sets here is ours to know.
         msg = re.sub(r"valid (tuple|frozenset|set)\b", "valid list", msg)
-        if err["type"] == "value_error":  # our own sentence; a KeyProblem names its key
-            text = f"{where} {key}: {msg}" if key else f"{where} {msg}"
-        else:
-            got = "" if err["type"] in _MESSAGES else f" (got {type(err['input']).__name__})"
-            text = f"{where} {key}: {msg}{got}"
+        # No "(got TYPE)" after our own sentences (value_error; a KeyProblem names its key).
+        ours = err["type"] == "value_error" or err["type"] in _MESSAGES
+        got = "" if ours else f" (got {type(err['input']).__name__})"
+        text = f"{where} {key}: {msg}{got}" if key else f"{where} {msg}"
         raise ConfigError(f"{source}: {text}") from None
