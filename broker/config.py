@@ -503,11 +503,17 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         )
     server = _validate(ServerSettings, data.get("server", {}), source, "[server]")
     refresh = _validate(RefreshKeys, data.get("refresh", {}), source, "[refresh]")
-    defaults = refresh.model_dump(exclude_unset=True)
-    credentials = {
-        name: _credential(name, table, defaults, source)
-        for name, table in _tables(data, "credentials", source).items()
-    }
+    defaults = refresh.model_dump(exclude_unset=True)  # only what [refresh] sets
+    credentials: dict[str, CredentialSettings] = {}
+    for name, table in _tables(data, "credentials", source).items():
+        where = f"[credentials.{name}]"
+        # Not a table: any provider's model says "expected a table".
+        provider = table.get("provider") if isinstance(table, dict) else "adobe"
+        if provider not in PROVIDERS:
+            kinds = " or ".join(f'"{p}"' for p in PROVIDERS)
+            raise ConfigError(f"{source}: {where} provider: expected {kinds}, got {provider!r}")
+        context = {"name": name, "refresh": defaults}
+        credentials[name] = _validate(PROVIDERS[provider], table, source, where, context)
     known = {"credentials": credentials}
     clients = {
         name: _validate(ClientSettings, table, source, f"[clients.{name}]", {"name": name, **known})
@@ -588,18 +594,6 @@ def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
                 "digits, '.', '_' and '-'"
             )
     return tables
-
-
-def _credential(
-    name: str, table: object, defaults: dict[str, Any], source: str
-) -> CredentialSettings:
-    where = f"[credentials.{name}]"
-    # Not a table: any provider's model says "expected a table".
-    provider = table.get("provider") if isinstance(table, dict) else "adobe"
-    if provider not in PROVIDERS:
-        known = " or ".join(f'"{p}"' for p in PROVIDERS)
-        raise ConfigError(f"{source}: {where} provider: expected {known}, got {provider!r}")
-    return _validate(PROVIDERS[provider], table, source, where, {"name": name, "refresh": defaults})
 
 
 #: Fields the loader fills in (from the table's name or place), never written by a user.
