@@ -453,13 +453,11 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     """
     resolved = config_path(path)
     try:
-        raw = resolved.read_bytes()
+        data = tomllib.loads(resolved.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(_not_found(resolved, path)) from None
     except OSError as exc:
         raise ConfigError(f"{resolved}: cannot read config file: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{resolved}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
