@@ -58,19 +58,12 @@ def parse_env(items: Sequence[str]) -> list[tuple[str, str]]:
 
 def effective_min_remaining(asked: float, status: Mapping[str, Any]) -> float:
     """``asked``, but at most half the token's lifetime (a 120 s token: 60 s)."""
-    issued, expires = _epoch(status.get("refreshed_at")), _epoch(status.get("expires_at"))
-    if issued is None or expires is None or expires <= issued:
-        return asked
-    return min(asked, (expires - issued) / 2)
-
-
-def _epoch(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
     try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
+        issued = datetime.fromisoformat(status["refreshed_at"]).timestamp()
+        expires = datetime.fromisoformat(status["expires_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):  # no token yet: no times to go by
+        return asked
+    return min(asked, (expires - issued) / 2) if expires > issued else asked
 
 
 def take(broker: TokenBroker, name: str | None, min_remaining: float) -> TokenExport:
