@@ -455,7 +455,14 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     try:
         data = tomllib.loads(resolved.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise ConfigError(_not_found(resolved, path)) from None
+        if path or os.environ.get("TOKEN_BROKER_CONFIG"):
+            named_by = "--config" if path else "$TOKEN_BROKER_CONFIG"
+            raise ConfigError(f"{resolved}: config file not found (named by {named_by})") from None
+        raise ConfigError(
+            f"config file not found: looked in {user_config_path()} and {SYSTEM_CONFIG}; "
+            "create one with `token-broker add` or `token-broker import` (or pass --config "
+            "PATH, or set TOKEN_BROKER_CONFIG)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{resolved}: cannot read config file: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -477,17 +484,6 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
             "or stop the daemon"
         )
     return settings
-
-
-def _not_found(resolved: Path, explicit: object) -> str:
-    if explicit or os.environ.get("TOKEN_BROKER_CONFIG"):
-        where = "--config" if explicit else "$TOKEN_BROKER_CONFIG"
-        return f"{resolved}: config file not found (named by {where})"
-    return (
-        f"config file not found: looked in {user_config_path()} and {SYSTEM_CONFIG}; create one "
-        "with `token-broker add` or `token-broker import` (or pass --config PATH, or set "
-        "TOKEN_BROKER_CONFIG)"
-    )
 
 
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
