@@ -99,11 +99,7 @@ class RefreshKeys(Model):
 
 class CredentialSettings(RefreshKeys):
     """What every ``[credentials.NAME]`` table has; the refresh keys default to [refresh].
-
-    Each provider subclasses it with its own keys, and says how its issuer is
-    asked for a token (:meth:`token_request`) and what an API call needs
-    (:meth:`api_headers`).
-    """
+    Each provider subclasses it: its own keys, :meth:`token_request`, :meth:`api_headers`."""
 
     name: str
     provider: str
