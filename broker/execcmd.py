@@ -147,4 +147,3 @@ def run(
     except OSError as exc:
         print(f"token-broker: {command[0]}: {exc.strerror}", file=sys.stderr)
         return 126
-    return 1  # not reached: execvpe returns only by raising
