@@ -187,8 +187,7 @@ class ClientSettings(Model):
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
         data = named(data, info)
-        digest = data.get("key_sha256")
-        if isinstance(digest, str):
+        if isinstance(digest := data.get("key_sha256"), str):
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise KeyProblem("key_sha256", "expected 64 lower-case hex digits (a SHA-256)")
             data["key_sha256"] = bytes.fromhex(digest)
@@ -231,14 +230,12 @@ class OutputSettings(Model):
                 "credential",
                 f"no credential named {name!r} (configured: {', '.join(sorted(known)) or 'none'})",
             )
-        path = data.get("path")
-        if isinstance(path, str):
+        if isinstance(path := data.get("path"), str):
             if not os.path.isabs(path) or path.endswith("/"):
                 raise KeyProblem("path", f"expected an absolute file path, got {path!r}")
             if not os.path.isdir(os.path.dirname(path)):
                 raise KeyProblem("path", f"the directory {os.path.dirname(path)} does not exist")
-        mode = data.get("mode")
-        if isinstance(mode, str):
+        if isinstance(mode := data.get("mode"), str):
             if not re.fullmatch(r"0?[0-7]{3}", mode) or int(mode, 8) & 0o133:
                 raise KeyProblem(
                     "mode",
@@ -246,14 +243,12 @@ class OutputSettings(Model):
                     f"never executable or writable by others), got {mode!r}",
                 )
             data["mode"] = int(mode, 8)
-        group = data.get("group")
-        if isinstance(group, str):
+        if isinstance(group := data.get("group"), str):
             try:
                 grp.getgrnam(group)
             except KeyError:
                 raise KeyProblem("group", f"no group named {group!r} on this host") from None
-        command = data.get("command")
-        if isinstance(command, list):
+        if isinstance(command := data.get("command"), list):
             if not command or not all(isinstance(a, str) and a for a in command):
                 raise KeyProblem("command", "expected a non-empty list of strings (an argv)")
             data["command"] = tuple(command)
@@ -292,8 +287,7 @@ class VaultSettings(Model):
     def _refs(cls, data: Any) -> Any:
         data = dict(data)
         for key in ("token", "secret_id", "jwt"):
-            text = data.get(key)
-            if not isinstance(text, str):
+            if not isinstance(text := data.get(key), str):
                 continue
             if text.startswith("vault:"):
                 raise KeyProblem(key, "Vault's own login cannot come from Vault")

@@ -110,8 +110,7 @@ def env_file(env: Mapping[str, str]) -> str:
 
 
 def _env_value_problem(value: str) -> str | None:
-    bad = sorted(set(_ENV_VALUE.sub("", value)))
-    if bad:
+    if bad := sorted(set(_ENV_VALUE.sub("", value))):
         shown = ", ".join("a space" if c == " " else repr(c) for c in bad[:5])
         return f"holds {shown}"
     if value.startswith("~") or ":~" in value:
