@@ -149,8 +149,7 @@ class CredentialSettings(RefreshKeys):
         for key in ("scopes", "allow_uids", "allow_gids"):
             if isinstance(data.get(key), list):
                 data[key] = (tuple if key == "scopes" else frozenset)(data[key])
-        text = data.get("secret", "keyring")
-        if not isinstance(text, str):
+        if not isinstance(text := data.get("secret", "keyring"), str):
             raise KeyProblem("secret", "expected a string")
         try:
             data["secret"] = stores.parse(text, data["name"])

@@ -98,8 +98,7 @@ def parse_response(response: HttpReply, *, now: float) -> IssuedToken:
 
     if body is None:
         raise bad(f"HTTP 200 with a {_content_type(response)} body that is not a JSON object")
-    access_token = body.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
+    if not isinstance(access_token := body.get("access_token"), str) or not access_token:
         raise bad("HTTP 200 without an access_token")
     if len(access_token) > MAX_TOKEN_LENGTH:
         raise bad(f"access_token of {len(access_token)} characters; at most {MAX_TOKEN_LENGTH}")
