@@ -204,10 +204,9 @@ class DemoIssuer:
     async def _console_delete(self, client_id: str, secret_uuid: str) -> tuple[int, None]:
         """Delete one secret of ``client_id`` (a coroutine: tests hold it before it acts)."""
         own = self._secrets.get(client_id, [])
-        doomed = [s for s in own if s.uuid == secret_uuid]
-        if not doomed:
+        if (doomed := next((s for s in own if s.uuid == secret_uuid), None)) is None:
             raise ConsoleError(404, "404002", "secret not found")
-        own.remove(doomed[0])
+        own.remove(doomed)
         return 204, None
 
     @staticmethod

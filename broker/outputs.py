@@ -133,8 +133,7 @@ class Outputs:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def _write_if_servable(self, output: OutputSettings, credential: Credential) -> None:
-        token = credential.token
-        if token is None or self._clock() >= credential.serve_until:
+        if (token := credential.token) is None or self._clock() >= credential.serve_until:
             return
         self._next[output.path] = (output, credential.settings, token)
         if output.path not in self._tasks:
