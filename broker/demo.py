@@ -360,9 +360,7 @@ DEMO_ORG = "1000001"
 DEMO_CREDENTIAL = "demo-credential"
 
 
-def _banner(
-    settings: Any, issuer_port: int, lifetime: float, rotate_every: float | None = None
-) -> None:
+def _banner(settings: Any, issuer_port: int, lifetime: float, rotate_every: float | None) -> None:
     listen = settings.server.listen[0]
     unix = f"--unix-socket {listen.path} " if str(listen).startswith("unix:") else ""
     base = "http://localhost" if unix else f"http://{listen}"
