@@ -507,8 +507,7 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         name: _validate(ClientSettings, table, source, f"[clients.{name}]", {"name": name, **known})
         for name, table in _tables(data, "clients", source).items()
     }
-    outputs = data.get("outputs", [])
-    if not isinstance(outputs, list):
+    if not isinstance(outputs := data.get("outputs", []), list):
         raise ConfigError(f"{source}: outputs: expected [[outputs]] tables")
     parsed = tuple(
         _validate(OutputSettings, table, source, f"[[outputs]] #{i}", {"index": i, **known})
@@ -522,8 +521,20 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
             check_env_file(credentials[out.credential].api_headers("t"))
         except EnvFileError as exc:
             raise ConfigError(f"{source}: [[outputs]] #{out.index} format env: {exc}") from None
-    if server.ims_listen:
-        _check_ims(credentials, clients, source)
+    if server.ims_listen and not clients:
+        raise ConfigError(
+            f"{source}: [server] ims_listen: needs at least one [clients.NAME]: tools there "
+            "present a client key as their client_secret (see `token-broker client add`)"
+        )
+    seen: dict[str, str] = {}  # the IMS-compatible listener picks credentials by client_id
+    for name, cred in credentials.items() if server.ims_listen else ():
+        if cred.client_id in seen:
+            raise ConfigError(
+                f"{source}: [server] ims_listen: credentials {seen[cred.client_id]!r} and "
+                f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "
+                "must pick one credential"
+            )
+        seen[cred.client_id] = name
     if server.allow_remote and not clients:
         raise ConfigError(
             f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
@@ -551,29 +562,8 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
     )
 
 
-def _check_ims(
-    credentials: dict[str, CredentialSettings], clients: dict[str, ClientSettings], source: str
-) -> None:
-    """The IMS-compatible listener answers client keys, and picks credentials by client_id."""
-    if not clients:
-        raise ConfigError(
-            f"{source}: [server] ims_listen: needs at least one [clients.NAME]: tools there "
-            "present a client key as their client_secret (see `token-broker client add`)"
-        )
-    seen: dict[str, str] = {}
-    for name, cred in credentials.items():
-        if cred.client_id in seen:
-            raise ConfigError(
-                f"{source}: [server] ims_listen: credentials {seen[cred.client_id]!r} and "
-                f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "
-                "must pick one credential"
-            )
-        seen[cred.client_id] = name
-
-
 def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
-    tables = data.get(kind, {})
-    if not isinstance(tables, dict):
+    if not isinstance(tables := data.get(kind, {}), dict):
         raise ConfigError(f"{source}: {kind}: expected tables [{kind}.NAME]")
     for name in tables:
         if not NAME_RE.match(name):
