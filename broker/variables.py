@@ -122,5 +122,4 @@ def check_env_file(headers: Mapping[str, str]) -> None:
     """Raise EnvFileError if what the config fixes for a credential (the API headers but
     the token's: client_id, org_id, static headers) cannot go in its env file; checked
     once, when the config is read (a token is checked as it arrives: RFC 6750)."""
-    sample = TokenExport("", "t", "2000-01-01T00:00:00Z", 0.0, None, headers)
-    env_file(variables(sample))
+    env_file(variables(TokenExport("", "t", "2000-01-01T00:00:00Z", 0.0, None, headers)))
