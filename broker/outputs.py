@@ -1,9 +1,7 @@
 """File outputs (docs/using-tokens.md): the token written where tools that read files find it.
 
-Each ``[[outputs]]`` table names a credential, a path, a format (``token``,
-``json``, ``headers``, ``env``), a mode, an optional group and an optional
-command. The file is written once the credential has a servable token and
-again after every refresh, as consul-template writes: a temporary file in the
+The file of an ``[[outputs]]`` table is written once its credential has a servable
+token and again after every refresh, as consul-template writes: a temporary file in the
 same directory, created with no more permission than asked (``mode & 0600``),
 given its group and then exactly its mode before the first byte, written,
 fsync'ed, renamed over the path. A reader sees the old file or the new one,
@@ -74,8 +72,7 @@ def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: 
 
 def write_file(path: Path, content: bytes, mode: int, group: str | None) -> None:
     """Replace ``path`` atomically with ``content``, mode and group set before any byte."""
-    gid = grp.getgrnam(group).gr_gid if group is not None else -1
-    atomic_write(path, content, mode, gid=gid)
+    atomic_write(path, content, mode, gid=grp.getgrnam(group).gr_gid if group is not None else -1)
 
 
 class Outputs:
