@@ -126,8 +126,7 @@ class DemoIssuer:
             await self._console(scope, send, console["org"], console["cred"], console["uuid"])
             return
         if scope["method"] != "POST" or path not in ("/ims/token/v3", "/oauth2/token"):
-            await reply(send, 404, {"error": "not_found"})
-            return
+            return await reply(send, 404, {"error": "not_found"})
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         await self._token(path, form, lower_headers(scope), send, receive)
 
