@@ -92,8 +92,7 @@ def parse_listen(item: str, *, allow_remote: bool = False) -> Listen:
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f'{where}: expected "HOST:PORT" or "unix:/path"')
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if host == "localhost":
-        host = "127.0.0.1"
+    host = "127.0.0.1" if host == "localhost" else host
     if allow_remote:
         try:
             ipaddress.ip_address(host)

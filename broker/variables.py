@@ -111,8 +111,7 @@ def env_file(env: Mapping[str, str]) -> str:
 
 def _env_value_problem(value: str) -> str | None:
     if bad := sorted(set(_ENV_VALUE.sub("", value))):
-        shown = ", ".join("a space" if c == " " else repr(c) for c in bad[:5])
-        return f"holds {shown}"
+        return "holds " + ", ".join("a space" if c == " " else repr(c) for c in bad[:5])
     if value.startswith("~") or ":~" in value:
         return "holds a '~' where sh expands it to a home directory"
     return None
