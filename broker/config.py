@@ -13,6 +13,8 @@ of strings``.
 
 from __future__ import annotations
 
+import grp
+import ipaddress
 import os
 import re
 import tomllib
@@ -90,28 +92,19 @@ def parse_listen(item: str, *, allow_remote: bool = False) -> Listen:
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f'{where}: expected "HOST:PORT" or "unix:/path"')
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if host == "localhost":
-        host = "127.0.0.1"
-    literal = _is_ip(host)
-    if not literal and allow_remote:
-        raise ValueError(f"{where}: expected an IP address, not a host name")
-    if not allow_remote and not (literal and is_loopback(host)):
+    host = "127.0.0.1" if host == "localhost" else host
+    if allow_remote:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{where}: expected an IP address, not a host name") from None
+    elif not is_loopback(host):  # False for a host name as well
         raise ValueError(
             f"{where}: loopback is required: token-broker listens only on a loopback "
             "address (127.0.0.1, [::1], localhost) or a unix socket "
             "(or set [server] allow_remote = true, which needs [clients.NAME] keys)"
         )
     return TcpListen(host, int(port_text))
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # -- the models ----------------------------------------------------------------------------
@@ -168,8 +161,7 @@ class ServerSettings(Model):
                 "signs loopback names only (its name constraints)",
             )
         bound = [str(x) for x in (*self.listen, *https)]
-        if len(set(bound)) != len(bound):
-            twice = next(b for b in bound if bound.count(b) > 1)
+        if twice := next((b for b in bound if bound.count(b) > 1), None):
             raise KeyProblem("listen", f"{twice} is named twice (listen, ims_listen, tls_listen)")
         return self
 
@@ -194,8 +186,7 @@ class ClientSettings(Model):
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
         data = named(data, info)
-        digest = data.get("key_sha256")
-        if isinstance(digest, str):
+        if isinstance(digest := data.get("key_sha256"), str):
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise KeyProblem("key_sha256", "expected 64 lower-case hex digits (a SHA-256)")
             data["key_sha256"] = bytes.fromhex(digest)
@@ -203,18 +194,14 @@ class ClientSettings(Model):
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             if not names:
                 raise KeyProblem("credentials", 'expected at least one name, or ["*"]')
-            if "*" in names:
-                data["credentials"] = None
-            else:
-                known = (info.context or {}).get("credentials", ())
-                unknown = [n for n in names if n not in known]
-                if unknown:
-                    raise KeyProblem(
-                        "credentials",
-                        f"no credential named {unknown[0]!r} "
-                        f'(configured: {", ".join(sorted(known)) or "none"}; "*" means all)',
-                    )
-                data["credentials"] = frozenset(names)
+            known = (info.context or {}).get("credentials", ())
+            if "*" not in names and (unknown := [n for n in names if n not in known]):
+                raise KeyProblem(
+                    "credentials",
+                    f"no credential named {unknown[0]!r} "
+                    f'(configured: {", ".join(sorted(known)) or "none"}; "*" means all)',
+                )
+            data["credentials"] = None if "*" in names else frozenset(names)
         elif "credentials" not in data:
             raise KeyProblem("credentials", "required key is missing")
         return data
@@ -234,27 +221,20 @@ class OutputSettings(Model):
     @model_validator(mode="before")
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
-        if not isinstance(data, dict):
-            return data
-        if "index" in data:
-            raise KeyProblem("index", "unknown key")
-        context = info.context or {}
-        data = {**data, "index": context["index"]}
+        data = named(data, info, "index")
         name = data.get("credential")
-        known = context.get("credentials", ())
+        known = (info.context or {}).get("credentials", ())
         if isinstance(name, str) and name not in known:
             raise KeyProblem(
                 "credential",
                 f"no credential named {name!r} (configured: {', '.join(sorted(known)) or 'none'})",
             )
-        path = data.get("path")
-        if isinstance(path, str):
+        if isinstance(path := data.get("path"), str):
             if not os.path.isabs(path) or path.endswith("/"):
                 raise KeyProblem("path", f"expected an absolute file path, got {path!r}")
             if not os.path.isdir(os.path.dirname(path)):
                 raise KeyProblem("path", f"the directory {os.path.dirname(path)} does not exist")
-        mode = data.get("mode")
-        if isinstance(mode, str):
+        if isinstance(mode := data.get("mode"), str):
             if not re.fullmatch(r"0?[0-7]{3}", mode) or int(mode, 8) & 0o133:
                 raise KeyProblem(
                     "mode",
@@ -262,16 +242,12 @@ class OutputSettings(Model):
                     f"never executable or writable by others), got {mode!r}",
                 )
             data["mode"] = int(mode, 8)
-        group = data.get("group")
-        if isinstance(group, str):
-            import grp
-
+        if isinstance(group := data.get("group"), str):
             try:
                 grp.getgrnam(group)
             except KeyError:
                 raise KeyProblem("group", f"no group named {group!r} on this host") from None
-        command = data.get("command")
-        if isinstance(command, list):
+        if isinstance(command := data.get("command"), list):
             if not command or not all(isinstance(a, str) and a for a in command):
                 raise KeyProblem("command", "expected a non-empty list of strings (an argv)")
             data["command"] = tuple(command)
@@ -308,12 +284,9 @@ class VaultSettings(Model):
     @model_validator(mode="before")
     @classmethod
     def _refs(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
         data = dict(data)
         for key in ("token", "secret_id", "jwt"):
-            text = data.get(key)
-            if not isinstance(text, str):
+            if not isinstance(text := data.get(key), str):
                 continue
             if text.startswith("vault:"):
                 raise KeyProblem(key, "Vault's own login cannot come from Vault")
@@ -386,11 +359,9 @@ class Settings:
 
     def default_name(self) -> str | None:
         """The credential served by ``GET /token``."""
-        if self.server.default is not None:
-            return self.server.default
-        if len(self.credentials) == 1:
+        if self.server.default is None and len(self.credentials) == 1:
             return next(iter(self.credentials))
-        return None
+        return self.server.default
 
 
 @dataclass(frozen=True)
@@ -442,7 +413,7 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(explicit)
     if env := os.environ.get("TOKEN_BROKER_CONFIG"):
         return Path(env)
-    return next((p for p in _candidates() if p.exists()), SYSTEM_CONFIG)
+    return next((p for p in (user_config_path(), SYSTEM_CONFIG) if p.exists()), SYSTEM_CONFIG)
 
 
 def write_path(explicit: str | os.PathLike[str] | None = None, *, euid: int | None = None) -> Path:
@@ -467,10 +438,6 @@ def user_config_path() -> Path:
     return base / "token-broker" / "config.toml"
 
 
-def _candidates() -> list[Path]:
-    return [user_config_path(), SYSTEM_CONFIG]
-
-
 def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -> Settings:
     """Read, parse and validate the config file; raise ConfigError naming file and key.
 
@@ -479,20 +446,28 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     """
     resolved = config_path(path)
     try:
-        raw = resolved.read_bytes()
+        data = tomllib.loads(resolved.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise ConfigError(_not_found(resolved, path)) from None
+        if path or os.environ.get("TOKEN_BROKER_CONFIG"):
+            named_by = "--config" if path else "$TOKEN_BROKER_CONFIG"
+            raise ConfigError(f"{resolved}: config file not found (named by {named_by})") from None
+        raise ConfigError(
+            f"config file not found: looked in {user_config_path()} and {SYSTEM_CONFIG}; "
+            "create one with `token-broker add` or `token-broker import` (or pass --config "
+            "PATH, or set TOKEN_BROKER_CONFIG)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{resolved}: cannot read config file: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{resolved}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
     settings = parse(data, source=str(resolved), path=resolved)
-    if serving:
-        _check_cycled_secrets(settings, resolved)
+    # A rotate_every needs a secret this process may write: checked for the daemon only, so
+    # that a user's `token-broker list` need not be able to write root's secret file.
+    for name, cred in settings.credentials.items() if serving else ():
+        if cred.cycles_secret and (problem := cred.secret.unwritable()) is not None:
+            raise ConfigError(f"{resolved}: [credentials.{name}] rotate_every: {problem}")
     if serving and not settings.credentials:
         # An empty file is more often a truncated write or an editor's empty save than
         # a wish to serve nothing: refusing it keeps a reload from dropping every token.
@@ -504,83 +479,61 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     return settings
 
 
-def _check_cycled_secrets(settings: Settings, source: Path) -> None:
-    """A credential with ``rotate_every`` needs a secret this process may write.
-
-    Checked when the daemon loads its config, not by every command that reads the
-    file: a user's `token-broker list` need not be able to write root's secret file.
-    """
-    for name, cred in settings.credentials.items():
-        if cred.cycles_secret:
-            problem = cred.secret.unwritable()
-            if problem is not None:
-                raise ConfigError(f"{source}: [credentials.{name}] rotate_every: {problem}")
-
-
-def _not_found(resolved: Path, explicit: object) -> str:
-    if explicit or os.environ.get("TOKEN_BROKER_CONFIG"):
-        where = "--config" if explicit else "$TOKEN_BROKER_CONFIG"
-        return f"{resolved}: config file not found (named by {where})"
-    looked = " and ".join(str(p) for p in _candidates())
-    return (
-        f"config file not found: looked in {looked}; create one with `token-broker add` or "
-        "`token-broker import` (or pass --config PATH, or set TOKEN_BROKER_CONFIG)"
-    )
-
-
 def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
     tables = ["server", "refresh", "credentials", "clients", "outputs", "vault"]
-    unknown = sorted(set(data) - set(tables))
-    if unknown:
-        hint = _did_you_mean(unknown[0], tables)
+    if unknown := sorted(set(data) - set(tables)):
         raise ConfigError(
-            f"{source}: unknown table or key {unknown[0]!r}{hint} (expected [server], "
-            "[refresh], [credentials.NAME], [clients.NAME], [[outputs]] and [vault])"
+            f"{source}: unknown table or key {unknown[0]!r}{_did_you_mean(unknown[0], tables)} "
+            "(expected [server], [refresh], [credentials.NAME], [clients.NAME], [[outputs]] "
+            "and [vault])"
         )
     server = _validate(ServerSettings, data.get("server", {}), source, "[server]")
     refresh = _validate(RefreshKeys, data.get("refresh", {}), source, "[refresh]")
-    defaults = refresh.model_dump(exclude_unset=True)
-    credentials = {
-        name: _credential(name, table, defaults, source)
-        for name, table in _tables(data, "credentials", source).items()
-    }
+    defaults = refresh.model_dump(exclude_unset=True)  # only what [refresh] sets
+    credentials: dict[str, CredentialSettings] = {}
+    for name, table in _tables(data, "credentials", source).items():
+        where = f"[credentials.{name}]"
+        # Not a table: any provider's model says "expected a table".
+        provider = table.get("provider") if isinstance(table, dict) else "adobe"
+        if provider not in PROVIDERS:
+            kinds = " or ".join(f'"{p}"' for p in PROVIDERS)
+            raise ConfigError(f"{source}: {where} provider: expected {kinds}, got {provider!r}")
+        context = {"name": name, "refresh": defaults}
+        credentials[name] = _validate(PROVIDERS[provider], table, source, where, context)
+    known = {"credentials": credentials}
     clients = {
-        name: _validate(
-            ClientSettings,
-            table,
-            source,
-            f"[clients.{name}]",
-            {"name": name, "credentials": credentials},
-        )  # fmt: skip
+        name: _validate(ClientSettings, table, source, f"[clients.{name}]", {"name": name, **known})
         for name, table in _tables(data, "clients", source).items()
     }
-    outputs = data.get("outputs", [])
-    if not isinstance(outputs, list):
+    if not isinstance(outputs := data.get("outputs", []), list):
         raise ConfigError(f"{source}: outputs: expected [[outputs]] tables")
     parsed = tuple(
-        _validate(
-            OutputSettings,
-            table,
-            source,
-            f"[[outputs]] #{i}",
-            {"index": i, "credentials": credentials},
-        )  # fmt: skip
+        _validate(OutputSettings, table, source, f"[[outputs]] #{i}", {"index": i, **known})
         for i, table in enumerate(outputs, 1)
     )
     paths = [o.path for o in parsed]
-    if len(set(paths)) != len(paths):
-        twice = next(p for p in paths if paths.count(p) > 1)
+    if twice := next((p for p in paths if paths.count(p) > 1), None):
         raise ConfigError(f"{source}: [[outputs]] path: {twice} is written by two outputs")
-    for out in parsed:
-        if out.format == "env":
-            cred = credentials[out.credential]
-            try:
-                check_env_file(cred.api_headers("t"))
-            except EnvFileError as exc:
-                raise ConfigError(f"{source}: [[outputs]] #{out.index} format env: {exc}") from None
-    if server.ims_listen:
-        _check_ims(credentials, clients, source)
+    for out in (o for o in parsed if o.format == "env"):
+        try:
+            check_env_file(credentials[out.credential].api_headers("t"))
+        except EnvFileError as exc:
+            raise ConfigError(f"{source}: [[outputs]] #{out.index} format env: {exc}") from None
+    if server.ims_listen and not clients:
+        raise ConfigError(
+            f"{source}: [server] ims_listen: needs at least one [clients.NAME]: tools there "
+            "present a client key as their client_secret (see `token-broker client add`)"
+        )
+    seen: dict[str, str] = {}  # the IMS-compatible listener picks credentials by client_id
+    for name, cred in credentials.items() if server.ims_listen else ():
+        if cred.client_id in seen:
+            raise ConfigError(
+                f"{source}: [server] ims_listen: credentials {seen[cred.client_id]!r} and "
+                f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "
+                "must pick one credential"
+            )
+        seen[cred.client_id] = name
     if server.allow_remote and not clients:
         raise ConfigError(
             f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
@@ -608,50 +561,16 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
     )
 
 
-def _check_ims(
-    credentials: dict[str, CredentialSettings], clients: dict[str, ClientSettings], source: str
-) -> None:
-    """The IMS-compatible listener answers client keys, and picks credentials by client_id."""
-    if not clients:
-        raise ConfigError(
-            f"{source}: [server] ims_listen: needs at least one [clients.NAME]: tools there "
-            "present a client key as their client_secret (see `token-broker client add`)"
-        )
-    seen: dict[str, str] = {}
-    for name, cred in credentials.items():
-        if cred.client_id in seen:
-            raise ConfigError(
-                f"{source}: [server] ims_listen: credentials {seen[cred.client_id]!r} and "
-                f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "
-                "must pick one credential"
-            )
-        seen[cred.client_id] = name
-
-
 def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
-    tables = data.get(kind, {})
-    if not isinstance(tables, dict):
+    if not isinstance(tables := data.get(kind, {}), dict):
         raise ConfigError(f"{source}: {kind}: expected tables [{kind}.NAME]")
-    singular = kind[:-1]
     for name in tables:
         if not NAME_RE.match(name):
             raise ConfigError(
-                f"{source}: [{kind}.{name}]: {singular} names may use only letters, "
+                f"{source}: [{kind}.{name}]: {kind[:-1]} names may use only letters, "
                 "digits, '.', '_' and '-'"
             )
     return tables
-
-
-def _credential(
-    name: str, table: object, defaults: dict[str, Any], source: str
-) -> CredentialSettings:
-    where = f"[credentials.{name}]"
-    provider = table.get("provider") if isinstance(table, dict) else None
-    if isinstance(table, dict) and provider not in PROVIDERS:
-        known = " or ".join(f'"{p}"' for p in PROVIDERS)
-        raise ConfigError(f"{source}: {where} provider: expected {known}, got {provider!r}")
-    model = PROVIDERS[provider] if isinstance(provider, str) else PROVIDERS["adobe"]
-    return _validate(model, table, source, where, {"name": name, "refresh": defaults})
 
 
 #: Fields the loader fills in (from the table's name or place), never written by a user.
@@ -669,10 +588,7 @@ def _did_you_mean(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-}
+_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
 
 
 def _validate(
@@ -694,9 +610,8 @@ def _validate(
         msg = msg.replace("Input should be", "expected").replace("Value error, ", "")
         # TOML has arrays; that they become tuples and sets here is ours to know.
         msg = re.sub(r"valid (tuple|frozenset|set)\b", "valid list", msg)
-        if err["type"] == "value_error":  # our own sentence; a KeyProblem names its key
-            text = f"{where} {key}: {msg}" if key else f"{where} {msg}"
-        else:
-            got = "" if err["type"] in _MESSAGES else f" (got {type(err['input']).__name__})"
-            text = f"{where} {key}: {msg}{got}"
+        # No "(got TYPE)" after our own sentences (value_error; a KeyProblem names its key).
+        ours = err["type"] == "value_error" or err["type"] in _MESSAGES
+        got = "" if ours else f" (got {type(err['input']).__name__})"
+        text = f"{where} {key}: {msg}{got}" if key else f"{where} {msg}"
         raise ConfigError(f"{source}: {text}") from None

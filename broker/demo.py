@@ -95,12 +95,11 @@ class DemoIssuer:
     def add_client(self, client_id: str, secret: str) -> DemoSecret:
         """Give ``client_id`` the secret ``secret``, accepted at once; return it."""
         own = self._secrets.setdefault(client_id, [])
-        for known in own:
-            if known.value == secret:
-                return known
-        added = self._new_secret(secret, self.clock())
-        own.append(added)
-        return added
+        found = next((known for known in own if known.value == secret), None)
+        if found is None:
+            found = self._new_secret(secret, self.clock())
+            own.append(found)
+        return found
 
     def add_console(self, client_id: str, org_id: str, credential_id: str) -> None:
         """Say that Developer Console org ``org_id`` and ``credential_id`` are ``client_id``'s."""
@@ -115,13 +114,7 @@ class DemoIssuer:
         return True
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]  # lifespan.startup, then lifespan.shutdown
-                await send({"type": kind + ".complete"})
-                if kind == "lifespan.shutdown":
-                    return
-        body = b""
+        body = b""  # HTTP only: no lifespan (issuer_server), no websockets
         while True:
             message = await receive()
             body += message.get("body", b"")
@@ -133,20 +126,23 @@ class DemoIssuer:
             await self._console(scope, send, console["org"], console["cred"], console["uuid"])
             return
         if scope["method"] != "POST" or path not in ("/ims/token/v3", "/oauth2/token"):
-            await reply(send, 404, {"error": "not_found"})
-            return
+            return await reply(send, 404, {"error": "not_found"})
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         await self._token(path, form, lower_headers(scope), send, receive)
 
     async def _token(
         self, path: str, form: dict[str, str], headers: dict[str, str], send: Any, receive: Any
     ) -> None:
-        """One request to a token endpoint: a new token for a client whose secret works."""
-        found = self._authorised(form, headers)
-        if found is None:
+        """One request to a token endpoint: a new token for a client whose secret works
+        (one that IMS would accept now)."""
+        client_id, value = self._credentials(form, headers)
+        now = self.clock()
+        own = self._secrets.get(client_id or "", [])
+        used = next((s for s in own if s.value == value and self._accepts(s, now)), None)
+        if client_id is None or used is None:
             body = {"error": "invalid_client", "error_description": "invalid client parameter"}
             return await reply(send, 400, body)
-        await reply(send, 200, await self._mint(*found, form))
+        await reply(send, 200, await self._mint(client_id, used, form))
 
     async def _mint(
         self, client_id: str, used: DemoSecret, form: dict[str, str]
@@ -159,19 +155,6 @@ class DemoIssuer:
         self.minted[token] = MintRecord(client_id, used.uuid, scopes, now + self.lifetime)
         return {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime}
 
-    def _authorised(
-        self, form: dict[str, str], headers: dict[str, str]
-    ) -> tuple[str, DemoSecret] | None:
-        """The client and the secret that authenticate this request, if IMS would accept it."""
-        client_id, value = self._credentials(form, headers)
-        if client_id is None or value is None:
-            return None
-        now = self.clock()
-        for known in self._secrets.get(client_id, []):
-            if known.value == value and self._accepts(known, now):
-                return client_id, known
-        return None
-
     async def _console(
         self, scope: dict[str, Any], send: Any, org: str, cred: str, secret_uuid: str | None
     ) -> None:
@@ -179,24 +162,17 @@ class DemoIssuer:
         method = scope["method"]
         body: Mapping[str, object] | bytes | None
         try:
-            status, body = await self._console_answer(
-                method, lower_headers(scope), org, cred, secret_uuid
-            )
-        except ConsoleError as e:
+            client_id = self._console_client(method, lower_headers(scope), org, cred)
+            if method == "GET":
+                listed = [_entry(s) for s in self._secrets.get(client_id, [])]
+                status, body = 200, {"client_id": client_id, "client_secrets": listed}
+            elif method == "POST":
+                status, body = await self._console_post(client_id)
+            else:
+                status, body = await self._console_delete(client_id, secret_uuid or "")
+        except ConsoleError as e:  # a refusal, with the body the real API sends
             status, body = e.status, e.body
         await console_reply(send, status, body)
-
-    async def _console_answer(
-        self, method: str, headers: dict[str, str], org: str, cred: str, secret_uuid: str | None
-    ) -> tuple[int, Mapping[str, object] | bytes | None]:
-        """(status, body) for a console call; refusals raise ConsoleError."""
-        client_id = self._console_client(method, headers, org, cred)
-        if method == "GET":
-            secrets_ = self._secrets.get(client_id, [])
-            return 200, {"client_id": client_id, "client_secrets": [_entry(s) for s in secrets_]}
-        if method == "POST":
-            return await self._console_post(client_id)
-        return await self._console_delete(client_id, secret_uuid or "")
 
     def _console_client(self, method: str, headers: dict[str, str], org: str, cred: str) -> str:
         """The client whose secrets the call may see, after the checks the real API makes:
@@ -207,8 +183,7 @@ class DemoIssuer:
             raise ConsoleError(401, "401013", "Oauth token is not valid")
         if headers.get("x-api-key") != minted.client_id:
             raise ConsoleError(403, "403003", "Api Key is invalid")
-        missing = {"adobeio_api", _CONSOLE_SCOPES[method]} - minted.scopes
-        if missing:
+        if missing := {"adobeio_api", _CONSOLE_SCOPES[method]} - minted.scopes:
             needs = ", ".join(sorted(missing))
             raise ConsoleError(403, "403027", f"insufficient scope: the token lacks {needs}")
         if self.consoles.get((org, cred)) != minted.client_id:
@@ -228,10 +203,9 @@ class DemoIssuer:
     async def _console_delete(self, client_id: str, secret_uuid: str) -> tuple[int, None]:
         """Delete one secret of ``client_id`` (a coroutine: tests hold it before it acts)."""
         own = self._secrets.get(client_id, [])
-        doomed = [s for s in own if s.uuid == secret_uuid]
-        if not doomed:
+        if (doomed := next((s for s in own if s.uuid == secret_uuid), None)) is None:
             raise ConsoleError(404, "404002", "secret not found")
-        own.remove(doomed[0])
+        own.remove(doomed)
         return 204, None
 
     @staticmethod
@@ -313,11 +287,7 @@ async def console_reply(
 
 def loopback_socket() -> socket.socket:
     """A listening socket on a free loopback port, bound once and handed to the server."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    return sock
+    return socket.create_server(("127.0.0.1", 0), backlog=128)  # SO_REUSEADDR set on POSIX
 
 
 def issuer_server(issuer: DemoIssuer) -> Server:
@@ -326,7 +296,7 @@ def issuer_server(issuer: DemoIssuer) -> Server:
         issuer,
         log_config=None,
         access_log=False,
-        lifespan="on",
+        lifespan="off",  # nothing to start or stop
         ws="none",
         timeout_graceful_shutdown=1,
     )
@@ -353,25 +323,20 @@ async def run(
         secret_file = Path(tmp) / "demo.secret"
         secret_file.touch(mode=0o600)
         secret_file.write_text(secret + "\n")
-        table: dict[str, object] = {
-            "provider": "oauth2",
-            "token_url": f"{base}/oauth2/token",
-            "client_id": "demo",
-            "secret": f"file:{secret_file}",
-        }
-        if rotate_every is not None:
+        table: dict[str, object] = {"client_id": "demo", "secret": f"file:{secret_file}"}
+        if rotate_every is None:
+            table.update(provider="oauth2", token_url=f"{base}/oauth2/token")
+        else:
             issuer.add_console("demo", DEMO_ORG, DEMO_CREDENTIAL)
-            table = {
-                "provider": "adobe",
-                "client_id": "demo",
-                "secret": f"file:{secret_file}",
-                "ims_url": base,
-                "console_url": base,
-                "console_org_id": DEMO_ORG,
-                "credential_id": DEMO_CREDENTIAL,
-                "rotate_every": rotate_every,
-                "rotate_verify": "20s",
-            }
+            table.update(
+                provider="adobe",
+                ims_url=base,
+                console_url=base,
+                console_org_id=DEMO_ORG,
+                credential_id=DEMO_CREDENTIAL,
+                rotate_every=rotate_every,
+                rotate_verify="20s",
+            )
         settings = config.parse(
             {"server": {"listen": [listen]}, "credentials": {"demo": table}}, source="demo"
         )
@@ -394,16 +359,13 @@ DEMO_ORG = "1000001"
 DEMO_CREDENTIAL = "demo-credential"
 
 
-def _banner(
-    settings: Any, issuer_port: int, lifetime: float, rotate_every: float | None = None
-) -> None:
+def _banner(settings: Any, issuer_port: int, lifetime: float, rotate_every: float | None) -> None:
     listen = settings.server.listen[0]
-    base = f"http://{listen}" if not str(listen).startswith("unix:") else "http://localhost"
     unix = f"--unix-socket {listen.path} " if str(listen).startswith("unix:") else ""
+    base = "http://localhost" if unix else f"http://{listen}"
     # The client and exec find 127.0.0.1:8765 by themselves; any other address is named.
     url = str(listen) if unix else base
-    own = url != "http://127.0.0.1:8765"
-    arg, flag = (f'"{url}"', f"--url {url} ") if own else ("", "")
+    arg, flag = (f'"{url}"', f"--url {url} ") if url != "http://127.0.0.1:8765" else ("", "")
     list_line = f"token-broker list {flag}".rstrip()
     cycling = (
         f"The client secret is cycled every {rotate_every:g}s through the issuer's I/O "

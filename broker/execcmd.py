@@ -25,9 +25,7 @@ from broker.client import KEY_ENV, KEY_FILE_ENV, BrokerClientError, TokenBroker
 from broker.variables import FIELDS, TokenExport, variables
 
 DEFAULT_MIN_REMAINING = 600.0  # "10m"
-#: Headers that have variables of their own; any other header of the credential (its static
-#: ``headers`` table) becomes TOKEN_BROKER_HEADER_<NAME>.
-_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a variable name sh accepts
 #: Token and headers come from two requests; a refresh between them is retried this often.
 _ATTEMPTS = 3
 
@@ -60,19 +58,12 @@ def parse_env(items: Sequence[str]) -> list[tuple[str, str]]:
 
 def effective_min_remaining(asked: float, status: Mapping[str, Any]) -> float:
     """``asked``, but at most half the token's lifetime (a 120 s token: 60 s)."""
-    issued, expires = _epoch(status.get("refreshed_at")), _epoch(status.get("expires_at"))
-    if issued is None or expires is None or expires <= issued:
-        return asked
-    return min(asked, (expires - issued) / 2)
-
-
-def _epoch(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
     try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
+        issued = datetime.fromisoformat(status["refreshed_at"]).timestamp()
+        expires = datetime.fromisoformat(status["expires_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):  # no token yet: no times to go by
+        return asked
+    return min(asked, (expires - issued) / 2) if expires > issued else asked
 
 
 def take(broker: TokenBroker, name: str | None, min_remaining: float) -> TokenExport:
@@ -108,10 +99,8 @@ def environment(
 
     Raises LookupError when ``asked`` wants a field the credential does not have.
     """
-    env = dict(base)
-    if not pass_key:
-        for var in (KEY_ENV, KEY_FILE_ENV):
-            env.pop(var, None)
+    hidden = () if pass_key else (KEY_ENV, KEY_FILE_ENV)
+    env = {var: value for var, value in base.items() if var not in hidden}
     env.update(variables(taken))
     for var, name in asked:
         try:
@@ -158,4 +147,3 @@ def run(
     except OSError as exc:
         print(f"token-broker: {command[0]}: {exc.strerror}", file=sys.stderr)
         return 126
-    return 1  # not reached: execvpe returns only by raising

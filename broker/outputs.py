@@ -1,9 +1,7 @@
 """File outputs (docs/using-tokens.md): the token written where tools that read files find it.
 
-Each ``[[outputs]]`` table names a credential, a path, a format (``token``,
-``json``, ``headers``, ``env``), a mode, an optional group and an optional
-command. The file is written once the credential has a servable token and
-again after every refresh, as consul-template writes: a temporary file in the
+The file of an ``[[outputs]]`` table is written once its credential has a servable
+token and again after every refresh, as consul-template writes: a temporary file in the
 same directory, created with no more permission than asked (``mode & 0600``),
 given its group and then exactly its mode before the first byte, written,
 fsync'ed, renamed over the path. A reader sees the old file or the new one,
@@ -23,6 +21,7 @@ written once the running write is done (only the newest).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import logging
@@ -53,7 +52,6 @@ _COMMAND_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
 def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: float) -> bytes:
-    """The file's content in ``output.format`` for ``token``."""
     if output.format == "token":
         return token.access_token.encode() + b"\n"
     if output.format == "json":
@@ -74,8 +72,7 @@ def render(output: OutputSettings, cred: CredentialSettings, token: Token, now: 
 
 def write_file(path: Path, content: bytes, mode: int, group: str | None) -> None:
     """Replace ``path`` atomically with ``content``, mode and group set before any byte."""
-    gid = grp.getgrnam(group).gr_gid if group is not None else -1
-    atomic_write(path, content, mode, gid=gid)
+    atomic_write(path, content, mode, gid=grp.getgrnam(group).gr_gid if group is not None else -1)
 
 
 class Outputs:
@@ -108,17 +105,15 @@ class Outputs:
         old = set(self._outputs)
         self._outputs = tuple(outputs)
         kept = {o.path for o in self._outputs}
-        for gone in old - set(self._outputs):
-            if gone.path not in kept:
-                self._next.pop(gone.path, None)
-                try:
-                    os.unlink(gone.path)
-                except OSError:
-                    continue
-                log.info("output %s removed from the config: file deleted", gone.path)
+        for gone in (o for o in old - set(self._outputs) if o.path not in kept):
+            self._next.pop(gone.path, None)
+            try:
+                os.unlink(gone.path)
+            except OSError:
+                continue
+            log.info("output %s removed from the config: file deleted", gone.path)
         for output in self._outputs:
-            credential = credentials.get(output.credential)
-            if output not in old and credential is not None:
+            if output not in old and (credential := credentials.get(output.credential)) is not None:
                 self._write_if_servable(output, credential)
 
     def refreshed(self, credential: Credential) -> None:
@@ -131,18 +126,15 @@ class Outputs:
         """Let writes in flight finish; end running commands, each with its process group,
         and start no more."""
         self._closing = True
-        ending = [self._end(proc) for proc in list(self._running)]
-        await asyncio.gather(*ending, return_exceptions=True)
+        await asyncio.gather(*[self._end(proc) for proc in self._running], return_exceptions=True)
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def _write_if_servable(self, output: OutputSettings, credential: Credential) -> None:
-        token = credential.token
-        if token is None or self._clock() >= credential.serve_until:
+        if (token := credential.token) is None or self._clock() >= credential.serve_until:
             return
         self._next[output.path] = (output, credential.settings, token)
         if output.path not in self._tasks:
-            task = asyncio.get_running_loop().create_task(self._drain(output.path))
-            self._tasks[output.path] = task
+            self._tasks[output.path] = asyncio.create_task(self._drain(output.path))
 
     async def _drain(self, path: str) -> None:
         try:
@@ -175,18 +167,17 @@ class Outputs:
             extra={"event": "output_written", "credential": cred.name},
         )  # fmt: skip
         if output.command is not None:
-            await self._run(output, cred.name)
+            await self._run(output.path, output.command, cred.name)
 
-    async def _run(self, output: OutputSettings, name: str) -> None:
-        assert output.command is not None
+    async def _run(self, path: str, command: tuple[str, ...], name: str) -> None:
         if self._closing:
             return  # the daemon is stopping: the file is written, the command not started
         env = {k: os.environ[k] for k in _COMMAND_ENV if k in os.environ}
-        env.update(TOKEN_BROKER_OUTPUT=output.path, TOKEN_BROKER_CREDENTIAL=name)
-        outcome, detail = "ok", ""
+        env.update(TOKEN_BROKER_OUTPUT=path, TOKEN_BROKER_CREDENTIAL=name)
+        failure = ""  # what went wrong, if anything
         try:
             proc = await asyncio.create_subprocess_exec(
-                *output.command,
+                *command,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -196,7 +187,7 @@ class Outputs:
                 start_new_session=True,
             )
         except OSError as exc:
-            outcome, detail = "error", f"cannot run {output.command[0]}: {exc.strerror}"
+            failure = f"cannot run {command[0]}: {exc.strerror}"
         else:
             self._running.add(proc)
             try:
@@ -206,22 +197,20 @@ class Outputs:
                     _, err = await proc.communicate()
             except TimeoutError:
                 await self._end(proc)
-                outcome = "error"
-                detail = f"ended after {self._command_timeout:g}s, with its process group"
+                failure = f"ended after {self._command_timeout:g}s, with its process group"
             else:
                 if self._closing and proc.returncode is not None and proc.returncode < 0:
-                    outcome, detail = "error", "ended with its process group: the broker stopped"
+                    failure = "ended with its process group: the broker stopped"
                 elif proc.returncode != 0:
                     tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
-                    outcome = "error"
-                    detail = f"exit status {proc.returncode} {tail[0][:200]}".rstrip()
+                    failure = f"exit status {proc.returncode} {tail[0][:200]}".rstrip()
             finally:
                 self._running.discard(proc)
-        self._recorder.output(output.path, "command", outcome)
-        if outcome == "error":
+        self._recorder.output(path, "command", "error" if failure else "ok")
+        if failure:
             log.warning(
                 "output %s: command %s failed: %s; run again at the next refresh",
-                output.path, output.command[0], detail,
+                path, command[0], failure,
                 extra={"event": "output_command_failed", "credential": name},
             )  # fmt: skip
 
@@ -257,10 +246,9 @@ class Outputs:
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
-    try:
+    # The group may be gone (or hold only a process that changed its user).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone (or holds only a process that changed its user)
 
 
 def _group_alive(group: int) -> bool:
@@ -269,5 +257,5 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, as another user
     return True

@@ -42,9 +42,7 @@ _DEFAULT_POLICY = RefreshPolicy()
 
 def parse_duration(value: object) -> float:
     """``"90s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"250ms"`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError('expected a duration such as "90s", "5m" or a number of seconds')
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
@@ -66,20 +64,20 @@ class KeyProblem(ValueError):
 
 
 class Model(BaseModel):
-    """A settings table: unknown keys refused, no type coercion, frozen."""
+    """A settings table: unknown keys refused, no type coercion, frozen. Its validators
+    see a dict: tables are built by config's _validate, which refuses anything else."""
 
     model_config = ConfigDict(
         extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True
     )
 
 
-def named(data: Any, info: ValidationInfo) -> Any:
-    """The table with the name it has in the file (``[credentials.NAME]``) added."""
-    if not isinstance(data, dict):
-        return data
-    if "name" in data:
-        raise KeyProblem("name", "unknown key")
-    return {**data, "name": (info.context or {})["name"]}
+def named(data: Any, info: ValidationInfo, key: str = "name") -> Any:
+    """The table with the ``key`` the loader fills in: the name it has in the file
+    (``[credentials.NAME]``), or its place (an ``[[outputs]]`` index)."""
+    if key in data:
+        raise KeyProblem(key, "unknown key")
+    return {**data, key: (info.context or {})[key]}
 
 
 class RefreshKeys(Model):
@@ -96,24 +94,12 @@ class RefreshKeys(Model):
     @cached_property
     def policy(self) -> RefreshPolicy:
         """These keys as the lifecycle's value object (broker.tokens imports no pydantic)."""
-        return RefreshPolicy(
-            at=self.at,
-            jitter=self.jitter,
-            min_remaining=self.min_remaining,
-            retry_initial=self.retry_initial,
-            retry_max=self.retry_max,
-            timeout=self.timeout,
-            force_cooldown=self.force_cooldown,
-        )
+        return RefreshPolicy(**{key: getattr(self, key) for key in RefreshKeys.model_fields})
 
 
 class CredentialSettings(RefreshKeys):
     """What every ``[credentials.NAME]`` table has; the refresh keys default to [refresh].
-
-    Each provider subclasses it with its own keys, and says how its issuer is
-    asked for a token (:meth:`token_request`) and what an API call needs
-    (:meth:`api_headers`).
-    """
+    Each provider subclasses it: its own keys, :meth:`token_request`, :meth:`api_headers`."""
 
     name: str
     provider: str
@@ -152,25 +138,18 @@ class CredentialSettings(RefreshKeys):
     def _headers(cls, value: object) -> object:
         if not isinstance(value, dict):
             return value
-        pairs = []
-        for name, text in value.items():
-            if not isinstance(text, str):
-                raise ValueError(f"{name!r}: expected a string value")
-            pairs.append(check_header(name, text))
-        return tuple(pairs)
+        return tuple(check_header(name, text) for name, text in value.items())
 
     @model_validator(mode="before")
     @classmethod
     def _shape(cls, data: Any, info: ValidationInfo) -> Any:
         data = named(data, info)
-        context = info.context or {}
-        for key, value in context.get("refresh", {}).items():
+        for key, value in (info.context or {}).get("refresh", {}).items():
             data.setdefault(key, value)  # [refresh] fills what the table does not set
         for key in ("scopes", "allow_uids", "allow_gids"):
             if isinstance(data.get(key), list):
                 data[key] = (tuple if key == "scopes" else frozenset)(data[key])
-        text = data.get("secret", "keyring")
-        if not isinstance(text, str):
+        if not isinstance(text := data.get("secret", "keyring"), str):
             raise KeyProblem("secret", "expected a string")
         try:
             data["secret"] = stores.parse(text, data["name"])
@@ -194,8 +173,10 @@ RESERVED_HEADERS = frozenset(
 _TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2
 
 
-def check_header(name: str, value: str) -> tuple[str, str]:
+def check_header(name: str, value: object) -> tuple[str, str]:
     """One static header, as RFC 9110 allows and the broker leaves to the table."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name!r}: expected a string value")
     if not _TOKEN_CHARS.match(name):
         raise ValueError(f"{name!r}: not a valid header name")
     if name.lower() in RESERVED_HEADERS:

@@ -27,7 +27,7 @@ PREFIX = "TOKEN_BROKER_"
 
 
 #: The API headers that become variables of their own (the rest: TOKEN_BROKER_HEADER_*).
-_API_KEY, _ORG_ID = "x-api-key", "x-gw-ims-org-id"
+_OWN = {"x-api-key": PREFIX + "API_KEY", "x-gw-ims-org-id": PREFIX + "ORG_ID"}
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,13 @@ class TokenExport:
 
     def value(self, name: str) -> str:
         """The value of a FIELD; raises LookupError if this credential has none."""
-        if name == "access_token":
-            return self.access_token
-        if name == "authorization":
-            return f"Bearer {self.access_token}"
-        if name == "expires_at":
-            return self.expires_at
-        found = (self._header(_API_KEY) or self.client_id) if name == "api_key" else (
-            self._header(_ORG_ID)
-        )  # fmt: skip
+        found = {
+            "access_token": self.access_token,
+            "authorization": f"Bearer {self.access_token}",
+            "expires_at": self.expires_at,
+            "api_key": self._header("x-api-key") or self.client_id,
+            "org_id": self._header("x-gw-ims-org-id"),
+        }[name]
         if found is None:
             raise LookupError(f"credential {self.name!r} has no {name}")
         return found
@@ -68,13 +66,8 @@ def variables(export: TokenExport) -> dict[str, str]:
     other header but the token's as ``TOKEN_BROKER_HEADER_<NAME>``."""
     env = {PREFIX + "ACCESS_TOKEN": export.access_token, PREFIX + "EXPIRES_AT": export.expires_at}
     for header, value in export.headers.items():
-        lower = header.lower()
-        if lower == _API_KEY:
-            env[PREFIX + "API_KEY"] = value
-        elif lower == _ORG_ID:
-            env[PREFIX + "ORG_ID"] = value
-        elif lower != "authorization":
-            env[header_variable(header)] = value
+        if header.lower() != "authorization":
+            env[_OWN.get(header.lower()) or header_variable(header)] = value
     return env
 
 
@@ -117,10 +110,8 @@ def env_file(env: Mapping[str, str]) -> str:
 
 
 def _env_value_problem(value: str) -> str | None:
-    bad = sorted(set(_ENV_VALUE.sub("", value)))
-    if bad:
-        shown = ", ".join("a space" if c == " " else repr(c) for c in bad[:5])
-        return f"holds {shown}"
+    if bad := sorted(set(_ENV_VALUE.sub("", value))):
+        return "holds " + ", ".join("a space" if c == " " else repr(c) for c in bad[:5])
     if value.startswith("~") or ":~" in value:
         return "holds a '~' where sh expands it to a home directory"
     return None
@@ -130,5 +121,4 @@ def check_env_file(headers: Mapping[str, str]) -> None:
     """Raise EnvFileError if what the config fixes for a credential (the API headers but
     the token's: client_id, org_id, static headers) cannot go in its env file; checked
     once, when the config is read (a token is checked as it arrives: RFC 6750)."""
-    sample = TokenExport("", "t", "2000-01-01T00:00:00Z", 0.0, None, headers)
-    env_file(variables(sample))
+    env_file(variables(TokenExport("", "t", "2000-01-01T00:00:00Z", 0.0, None, headers)))

@@ -118,8 +118,7 @@ class AdobeSettings(CredentialSettings):
     def _cycling(self) -> AdobeSettings:
         if self.rotate_every is None:
             return self
-        missing = [k for k in ("credential_id", "console_org_id") if getattr(self, k) is None]
-        if missing:
+        if missing := [k for k in ("credential_id", "console_org_id") if getattr(self, k) is None]:
             raise KeyProblem(
                 "rotate_every",
                 f"secret cycling needs {' and '.join(missing)} (`token-broker import` records "

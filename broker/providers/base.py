@@ -64,25 +64,17 @@ async def request_token(
     """
     try:
         async with asyncio.timeout(timeout):
-            return await _exchange(client, request, now=now)
+            response = await send_bounded(
+                client, "POST", request.url, request.headers, data=request.form
+            )
     except TimeoutError:
         raise IssuerError("timeout", f"no complete answer within {timeout:g}s") from None
-
-
-async def _exchange(client: httpx.AsyncClient, request: TokenRequest, *, now: float) -> IssuedToken:
-    try:
-        response = await _post(client, request)
     except httpx.HTTPError as exc:
         raise IssuerError(*transport_failure(exc, request.url)) from None
     try:
         return parse_response(response, now=now)
     except IssuerError as exc:
         raise exc.scrubbed(request.secret) from None
-
-
-async def _post(client: httpx.AsyncClient, request: TokenRequest) -> HttpReply:
-    """POST the token request and read the answer (bounded)."""
-    return await send_bounded(client, "POST", request.url, request.headers, data=request.form)
 
 
 def parse_response(response: HttpReply, *, now: float) -> IssuedToken:
@@ -93,19 +85,12 @@ def parse_response(response: HttpReply, *, now: float) -> IssuedToken:
     if status != 200:
         retry_after = parse_retry_after(response.headers.get("retry-after"), now)
         if body is not None and isinstance(body.get("error"), str):
-            raise IssuerError(
-                text_field(body["error"], 100),
-                text_field(body.get("error_description")),
-                status=status,
-                debug_id=debug_id,
-                retry_after=retry_after,
-            )
+            error = text_field(body["error"], 100)
+            description = text_field(body.get("error_description"))
+        else:
+            error, description = "http_error", f"HTTP {status} with {_content_type(response)} body"
         raise IssuerError(
-            "http_error",
-            f"HTTP {status} with {_content_type(response)} body",
-            status=status,
-            debug_id=debug_id,
-            retry_after=retry_after,
+            error, description, status=status, debug_id=debug_id, retry_after=retry_after
         )
 
     def bad(description: str) -> IssuerError:
@@ -113,8 +98,7 @@ def parse_response(response: HttpReply, *, now: float) -> IssuedToken:
 
     if body is None:
         raise bad(f"HTTP 200 with a {_content_type(response)} body that is not a JSON object")
-    access_token = body.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
+    if not isinstance(access_token := body.get("access_token"), str) or not access_token:
         raise bad("HTTP 200 without an access_token")
     if len(access_token) > MAX_TOKEN_LENGTH:
         raise bad(f"access_token of {len(access_token)} characters; at most {MAX_TOKEN_LENGTH}")
@@ -147,23 +131,17 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, when.timestamp() - now) if when.tzinfo is not None else None
 
 
 def _seconds(value: object) -> float | None:
     # Some issuers send expires_in as a string ("3599"); bool is an int in Python.
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
+    try:
+        return float(value)  # a string's surrounding spaces are ignored
+    except ValueError:
+        return None
 
 
 def _content_type(response: HttpReply) -> str:

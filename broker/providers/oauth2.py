@@ -28,8 +28,7 @@ class OAuth2Settings(CredentialSettings):
         form.update(self.params)
         headers: dict[str, str] = {}
         if self.auth_method == "client_secret_post":
-            form["client_id"] = self.client_id
-            form["client_secret"] = secret
+            form.update(client_id=self.client_id, client_secret=secret)
         else:
             headers["Authorization"] = basic_auth(self.client_id, secret)
         return TokenRequest(url=self.token_url, form=form, headers=headers, secret=secret)
@@ -38,7 +37,7 @@ class OAuth2Settings(CredentialSettings):
     @classmethod
     def _pairs(cls, value: object) -> object:
         if isinstance(value, dict):
-            return tuple((k, v) for k, v in value.items())
+            return tuple(value.items())
         return value
 
 
