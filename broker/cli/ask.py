@@ -166,10 +166,9 @@ def _cycle_here(cred: Any, settings: Any) -> dict[str, Any]:
 
     from broker import logs
     from broker.cycling import Cycle, state_store
+    from broker.doctor import stores
     from broker.files import state_dir
     from broker.providers.adobe import AdobeSettings
-    from broker.stores import Context
-    from broker.stores.vault import session_for
     from broker.upstream import client as issuer_client
 
     if not isinstance(cred, AdobeSettings) or not cred.cycling:
@@ -181,18 +180,12 @@ def _cycle_here(cred: Any, settings: Any) -> dict[str, Any]:
     logs.setup(redactor)
 
     async def run() -> dict[str, Any]:
-        vault = None
-        if settings.vault is not None:
-            vault = session_for(settings.vault, lambda t: redactor.set("vault:token", (t,)))
-        try:
-            store = cred.secret.writer(cred.name, Context(vault=vault))
-            state = state_store(cred.name, cred, directory=state_dir(), vault=vault)
+        async with stores(settings, lambda t: redactor.set("vault:token", (t,))) as ctx:
+            store = cred.secret.writer(cred.name, ctx)
+            state = state_store(cred.name, cred, directory=state_dir(), vault=ctx.vault)
             async with issuer_client(cred.policy.timeout, cred.ca_file) as client:
                 cycle = Cycle(cred, client=client, store=store, redactor=redactor,
                               state=state, clock=time.time)  # fmt: skip
                 return (await cycle.run()).as_json()
-        finally:
-            if vault is not None:
-                await vault.vault.aclose()
 
     return asyncio.run(run())

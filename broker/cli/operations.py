@@ -12,15 +12,14 @@ uses the same two-secret protocol as secret cycling.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.configedit import ConfigDocument
 from broker.devconsole import ConsoleCredential
-from broker.doctor import verify, verify_async
+from broker.doctor import stores, verify, verify_async
 from broker.errors import ConfigError, CycleError, IssuerError, SecretError
 from broker.schema import CredentialSettings
 from broker.stores import Context, SecretWriter, Stored
@@ -28,23 +27,9 @@ from broker.stores import Context, SecretWriter, Stored
 T = TypeVar("T")
 
 
-@asynccontextmanager
-async def _stores(doc: ConfigDocument) -> AsyncIterator[Context]:
-    """What the stores of ``doc``'s config need: its Vault login, when it has one."""
-    from broker.stores.vault import session_for
-
-    settings = doc.validate()
-    vault = session_for(settings.vault) if settings.vault is not None else None
-    try:
-        yield Context(vault=vault)
-    finally:
-        if vault is not None:
-            await vault.vault.aclose()
-
-
 def _with_stores(doc: ConfigDocument, work: Callable[[Context], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with _stores(doc) as ctx:
+        async with stores(doc.validate()) as ctx:
             return await work(ctx)
 
     return asyncio.run(run())
@@ -160,7 +145,7 @@ async def _rotating(
     from broker.providers.adobe import AdobeSettings
 
     cred = credential_settings(doc, name)
-    async with _stores(doc) as ctx:
+    async with stores(doc.validate()) as ctx:
         try:
             writer = cred.secret.writer(name, ctx)
         except SecretError:
