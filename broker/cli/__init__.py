@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.errors import BrokerError
 
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def print_result(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+def print_result(args: argparse.Namespace, data: object, text: str) -> None:
     """A command's result on stdout: ``data`` as JSON with ``--json``, else ``text``."""
     import json
 

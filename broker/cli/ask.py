@@ -8,7 +8,6 @@ client), which turns the client's errors into the sentences ``main`` prints.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -27,11 +26,7 @@ def token(args: argparse.Namespace) -> int:
 def list_credentials(args: argparse.Namespace) -> int:
     with asking(args) as broker:
         rows = broker.credentials()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for line in _table(rows):
-        print(line)
+    print_result(args, rows, "\n".join(_table(rows)))
     return 0
 
 

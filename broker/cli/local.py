@@ -10,7 +10,6 @@ at module level).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,16 +17,14 @@ from broker.errors import BrokerError
 
 
 def doctor(args: argparse.Namespace) -> int:
+    from broker.cli import print_result
     from broker.doctor import run_checks
 
     checks = run_checks(args.config, offline=args.offline)
     failed = any(c.ok is False for c in checks)
-    if args.json:
-        rows = [{"verdict": c.verdict, "check": c.text} for c in checks]
-        print(json.dumps({"ok": not failed, "checks": rows}, indent=2))
-    else:
-        for c in checks:
-            print(f"{c.verdict:>4}  {c.text}")
+    rows = [{"verdict": c.verdict, "check": c.text} for c in checks]
+    print_result(args, {"ok": not failed, "checks": rows},
+                 "\n".join(f"{c.verdict:>4}  {c.text}" for c in checks))  # fmt: skip
     return 1 if failed else 0
 
 
