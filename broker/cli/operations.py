@@ -48,12 +48,10 @@ class Added:
     name: str
     config: Path
     verified: bool
-    secrets_stored: int
-    stored: Stored | None = None  # where the secret went, and what the user still has to do
-    #: ``[server] default`` as the config has it after this addition, when it names
-    #: another credential (the first kept serving ``GET /token``) or this one (--default).
+    stored: Stored  # where the secret went, and what the user still has to do
+    #: ``[server] default`` when this addition wrote it, naming another credential (the
+    #: first kept serving ``GET /token``) or this one (--default); None when it did not.
     default: str | None = None
-    default_written: bool = False  # this addition wrote ``[server] default``
 
 
 def add(
@@ -76,7 +74,11 @@ def add(
         raise SecretError(f"credential {name!r}: the secret is empty")
     before = list(doc.credentials())
     doc.add_credential(name, table)  # validates name, duplicates and the whole config
-    written = _keep_default(doc, name, before, make_default)
+    default = name if make_default else None
+    if not make_default and doc.default() is None and len(before) == 1:
+        default = before[0]  # GET /token served it: it still does
+    if default is not None:
+        doc.set_default(default)
     cred = credential_settings(doc, name)
     if check:
         try:
@@ -98,20 +100,7 @@ def add(
     except BaseException:
         asyncio.run(stored.undo())  # leave the secret store as it was
         raise
-    return Added(
-        name, doc.path, check, stored.count, stored, doc.default() if written else None, written
-    )
-
-
-def _keep_default(doc: ConfigDocument, name: str, before: list[str], make_default: bool) -> bool:
-    """Write ``[server] default`` where it is needed; True if it was written."""
-    if make_default:
-        doc.set_default(name)
-        return True
-    if doc.default() is None and len(before) == 1:
-        doc.set_default(before[0])  # GET /token served it: it still does
-        return True
-    return False
+    return Added(name, doc.path, check, stored, default)
 
 
 @dataclass
@@ -256,22 +245,11 @@ def import_console(
     done: list[Added] = []
     try:
         for i, (name, table, cred) in enumerate(tables):
-            first = make_default and i == 0
-            done.append(
-                add(
-                    fresh,
-                    name,
-                    table,
-                    cred.client_secrets,
-                    check=False,
-                    force=force,
-                    make_default=first,
-                )  # fmt: skip
-            )
+            done.append(add(fresh, name, table, cred.client_secrets, check=False, force=force,
+                            make_default=make_default and i == 0))  # fmt: skip
     except BaseException:
         for added in done:  # nothing half-imported
-            if added.stored is not None:
-                asyncio.run(added.stored.undo())
+            asyncio.run(added.stored.undo())
         _restore(doc.path, original)
         raise
     for added in done:

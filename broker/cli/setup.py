@@ -47,8 +47,8 @@ def add(args: argparse.Namespace) -> int:
                             force=args.force, make_default=args.default)  # fmt: skip
     reload = reload_after_edit(args)
     verified = "verified with the issuer, " if added.verified else ""
-    where = added.stored.where if added.stored else "the keyring"
-    done = "secret stored in" if added.secrets_stored else "secret to go to"
+    where = added.stored.where
+    done = "secret stored in" if added.stored.count else "secret to go to"
     lines = [f"added {added.name}: {verified}{done} {where}, {added.config} "
              f"{'created' if not doc.existed else 'updated'}; {reload.note}",
              *_secret_lines(added)]  # fmt: skip
@@ -57,8 +57,8 @@ def add(args: argparse.Namespace) -> int:
     print_result(
         args,
         {"added": added.name, "config": str(added.config), "verified": added.verified,
-         "secret": where, "todo": added.stored.todo if added.stored else [],
-         "default": added.default if added.default_written else None,
+         "secret": where, "todo": added.stored.todo,
+         "default": added.default,
          "daemon": reload.note, "daemon_reloaded": reload.ok},
         "\n".join(lines),
     )  # fmt: skip
@@ -89,14 +89,13 @@ def import_project(args: argparse.Namespace) -> int:
         force=args.force, make_default=args.default,
     )  # fmt: skip
     reload = reload_after_edit(args)
-    todo = any(a.stored and a.stored.todo for a in done)
+    todo = any(a.stored.todo for a in done)
     deleted = _offer_delete(args, path, needed=todo)
     cycling = {a.name: _cycling_note(c) for a, c in zip(done, found, strict=True)}
     lines = []
     for a, c in zip(done, found, strict=True):
-        where = a.stored.where if a.stored else "the keyring"
-        lines.append(f"imported {a.name} (from {c.name!r}; {a.secrets_stored} secret(s) to "
-                     f"{where}); {cycling[a.name][0]}")  # fmt: skip
+        lines.append(f"imported {a.name} (from {c.name!r}; {a.stored.count} secret(s) to "
+                     f"{a.stored.where}); {cycling[a.name][0]}")  # fmt: skip
         lines += _secret_lines(a)
         if default_note := _default_line(a):
             lines.append(default_note)
@@ -105,8 +104,8 @@ def import_project(args: argparse.Namespace) -> int:
         args,
         {"imported": [a.name for a in done], "skipped": refused, "file_deleted": deleted,
          "config": str(done[0].config), "daemon": reload.note, "daemon_reloaded": reload.ok,
-         "todo": {a.name: a.stored.todo for a in done if a.stored and a.stored.todo},
-         "default": next((a.default for a in done if a.default_written), None),
+         "todo": {a.name: a.stored.todo for a in done if a.stored.todo},
+         "default": next((a.default for a in done if a.default), None),
          "secret_cycling": {n: t for n, (_, t) in cycling.items()}},
         "\n".join(lines),
     )  # fmt: skip
@@ -330,10 +329,9 @@ def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> s
 
 def _secret_lines(added: Added) -> list[str]:
     """What the user still has to do for the secret (systemd: encrypt it for the service)."""
-    stored = added.stored
-    if stored is None or not stored.todo:
+    if not added.stored.todo:
         return []
-    encrypt, load = stored.todo
+    encrypt, load = added.stored.todo
     return [
         f"  {encrypt}    # as root; reads the client secret on stdin: paste it, then Ctrl-D",
         f"  and in the unit (systemctl edit token-broker): {load}",
@@ -342,7 +340,7 @@ def _secret_lines(added: Added) -> list[str]:
 
 def _default_line(added: Added) -> str | None:
     """A warning when ``[server] default`` was written for this addition."""
-    if not added.default_written:
+    if added.default is None:
         return None
     if added.default == added.name:
         return f"{added.name} is now the [server] default: GET /token serves it"
