@@ -132,8 +132,9 @@ def default_names(found: list[ConsoleCredential]) -> list[str]:
     credentials in one project the first gets the project's name and the next ones
     ``-2``, ``-3``...; without a project name the credential's label is used.
     """
-    names: list[str] = []
-    for i, cred in enumerate(found):
-        base = console_name(cred.project) if cred.project else console_name(cred.name)
-        names.append(base if i == 0 or not cred.project else f"{base}-{i + 1}")
-    return names
+    return [
+        f"{console_name(cred.project)}-{i + 1}"
+        if i and cred.project
+        else console_name(cred.project or cred.name)
+        for i, cred in enumerate(found)
+    ]
