@@ -79,10 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(run_command(args))
     except BrokerError as exc:
-        print(f"token-broker: {exc}", file=sys.stderr)
-        return 1
+        warn(str(exc))
+        return 2 if isinstance(exc, Usage) else 1
     except KeyboardInterrupt:
         return 1
+
+
+class Usage(BrokerError):
+    """A command line the parser accepts and the command cannot run (exit status 2)."""
+
+
+def warn(message: str) -> None:
+    """One of the command's sentences on stderr, after the program's name."""
+    print(f"token-broker: {message}", file=sys.stderr)
 
 
 def print_result(args: argparse.Namespace, data: object, text: str) -> None:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from broker.cli import print_result
+from broker.cli import Usage, print_result
 from broker.cli.running import Refused, asking, connect
 from broker.errors import ConfigError
 
@@ -94,8 +94,7 @@ def exec_command(args: argparse.Namespace) -> int:
         min_remaining = parse_duration(args.min_remaining)
         execcmd.parse_env(args.env)
     except ValueError as exc:  # UsageError included
-        print(f"token-broker: exec: {exc}", file=sys.stderr)
-        return 2
+        raise Usage(f"exec: {exc}") from None
     return execcmd.run(
         connect(args, timeout=5.0),  # the client's own default: a hung daemon fails fast
         args.name,

@@ -11,13 +11,13 @@ prints: no answer is parsed twice.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker.cli import warn
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class Reloaded:
     def exit_status(self) -> int:
         """0, or 1 (the problem printed) when the daemon refused to take the change."""
         if self.problem:
-            print(f"token-broker: {self.problem}", file=sys.stderr)
+            warn(self.problem)
         return 0 if self.ok else 1
 
 

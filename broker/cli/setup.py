@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker.cli import print_result
+from broker.cli import Usage, print_result, warn
 from broker.cli.running import reload_after_edit
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
     from broker.cli.operations import Added
@@ -72,15 +72,11 @@ def import_project(args: argparse.Namespace) -> int:
     path = Path(args.file)
     found, refused = read_console_json(path)
     for line in refused:
-        print(f"token-broker: skipped {line}", file=sys.stderr)
+        warn(f"skipped {line}")
     if not found:
-        print(f"token-broker: {path}: no OAuth Server-to-Server credential to import",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        raise ConfigError(f"{path}: no OAuth Server-to-Server credential to import")
     if args.name and len(found) > 1:
-        print("token-broker: --name needs a file with one OAuth Server-to-Server credential",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        raise Usage("--name needs a file with one OAuth Server-to-Server credential")
     names = [args.name] if args.name else default_names(found)
     refs = [_secret_ref(args, n, several=len(found) > 1) for n in names]
     doc = _document(args)
@@ -138,14 +134,14 @@ def _offer_delete(args: argparse.Namespace, path: Path, *, needed: bool = False)
     """
     warning = f"{path} holds the client secret in plain text"
     if needed:
-        print(f"token-broker: {warning}: kept for the systemd-creds line above; delete it "
-              "once the secret is encrypted", file=sys.stderr)  # fmt: skip
+        warn(f"{warning}: kept for the systemd-creds line above; delete it once the secret "
+             "is encrypted")  # fmt: skip
         return False
     if args.delete:
         answer = True
     elif args.keep or not sys.stdin.isatty():
         if not args.keep:
-            print(f"token-broker: {warning}: delete it (or pass --delete)", file=sys.stderr)
+            warn(f"{warning}: delete it (or pass --delete)")
         answer = False
     else:
         answer = input(f"{warning}. Delete it now? [y/N] ").strip().lower() in ("y", "yes")
