@@ -92,19 +92,9 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
                 f"{path}: credential {label!r}: oauth_server_to_server needs client_id, "
                 "a non-empty client_secrets list and a scopes list"
             )
-        found.append(
-            ConsoleCredential(
-                label,
-                client_id,
-                client_secrets,
-                scopes,
-                org_id,
-                _id_text(item.get("id"), digits=False),
-                console_org_id,
-                management,
-                project_name,
-            )  # fmt: skip
-        )
+        found.append(ConsoleCredential(label, client_id, client_secrets, scopes, org_id,
+                                       _id_text(item.get("id"), digits=False), console_org_id,
+                                       management, project_name))  # fmt: skip
     return found, refused
 
 

@@ -205,7 +205,8 @@ def _keyring_check(needed: bool) -> Check:
 
 
 async def verify_async(cred: CredentialSettings, secret: str) -> Token:
-    """Ask the issuer for one token with ``secret``; IssuerError if it refuses."""
+    """Ask the issuer for one token with ``secret``; IssuerError if it refuses (``add``,
+    ``import`` and ``rotate`` ask it before they store a secret)."""
     from broker.providers import request_token
     from broker.upstream import client as issuer_client
 
@@ -214,9 +215,3 @@ async def verify_async(cred: CredentialSettings, secret: str) -> Token:
             client, cred.token_request(secret), now=0.0, timeout=cred.policy.timeout
         )
     return issued.token
-
-
-def verify(cred: CredentialSettings, secret: str) -> Token:
-    """:func:`verify_async` for a command: ``add``, ``import`` and ``rotate`` run it before
-    they store a secret."""
-    return asyncio.run(verify_async(cred, secret))

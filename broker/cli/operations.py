@@ -19,20 +19,12 @@ from typing import Any, TypeVar
 
 from broker.configedit import ConfigDocument
 from broker.devconsole import ConsoleCredential
-from broker.doctor import stores, verify, verify_async
+from broker.doctor import stores, verify_async
 from broker.errors import ConfigError, CycleError, IssuerError, SecretError
 from broker.schema import CredentialSettings
-from broker.stores import Context, SecretWriter, Stored
+from broker.stores import SecretWriter, Stored
 
 T = TypeVar("T")
-
-
-def _with_stores(doc: ConfigDocument, work: Callable[[Context], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with stores(doc.validate()) as ctx:
-            return await work(ctx)
-
-    return asyncio.run(run())
 
 
 def credential_settings(doc: ConfigDocument, name: str) -> CredentialSettings:
@@ -80,21 +72,23 @@ def add(
     if default is not None:
         doc.set_default(default)
     cred = credential_settings(doc, name)
-    if check:
-        try:
-            verify(cred, new_secrets[0])
-        except IssuerError as exc:
-            raise IssuerError(
-                exc.error,
-                f"{exc.description} — the secret was not stored"
-                if exc.description
-                else "the secret was not stored",
-                status=exc.status,
-                debug_id=exc.debug_id,
-            ) from None
-    stored = _with_stores(
-        doc, lambda ctx: cred.secret.store_new(name, new_secrets[:2], force=force, ctx=ctx)
-    )
+
+    async def verify_and_store() -> Stored:
+        if check:
+            try:
+                await verify_async(cred, new_secrets[0])
+            except IssuerError as exc:
+                note = "the secret was not stored"
+                raise IssuerError(
+                    exc.error,
+                    f"{exc.description} — {note}" if exc.description else note,
+                    status=exc.status,
+                    debug_id=exc.debug_id,
+                ) from None
+        async with stores(doc.validate()) as ctx:
+            return await cred.secret.store_new(name, new_secrets[:2], force=force, ctx=ctx)
+
+    stored = asyncio.run(verify_and_store())
     try:
         doc.write()
     except BaseException:
@@ -238,7 +232,7 @@ def import_console(
         tables.append((name, table, cred))
     if check:
         for name, _, cred in tables:
-            verify(credential_settings(doc, name), cred.client_secrets[0])
+            asyncio.run(verify_async(credential_settings(doc, name), cred.client_secrets[0]))
     original = doc.path.read_bytes() if doc.path.exists() else None
     # Re-read the file: add() writes it once per credential from a clean document.
     fresh = ConfigDocument(doc.path)
