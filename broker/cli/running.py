@@ -51,35 +51,24 @@ def connect(
     """
     import os
 
+    from broker import config
     from broker.client import URL_ENV, TokenBroker
+    from broker.config import TcpListen, UnixListen
 
     url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
     headers: dict[str, str] = {}
-    if not url:
-        url, headers = _config_address(args, admin=admin)
-    return TokenBroker(url, key=client_key(args), timeout=timeout, headers=headers)
-
-
-def _config_address(
-    args: argparse.Namespace, *, admin: bool = False
-) -> tuple[str | None, dict[str, str]]:
-    """The config file's listen address to ask (None: no config file, the default)."""
-    import os
-
-    from broker import config
-    from broker.config import TcpListen, UnixListen
-
     explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
-    if not explicit and not config.config_path().exists():
-        return None, {}
-    settings = config.load(args.config)
-    listens = settings.server.listen
-    unix = [x for x in listens if isinstance(x, UnixListen)]
-    listen = unix[0] if admin and unix else listens[0]
-    url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
-    header = settings.server.require_header
-    # broker.client always sends X-Token-Broker: 1; a config may name another header.
-    return url, ({header: "1"} if header and header.lower() != "x-token-broker" else {})
+    if not url and (explicit or config.config_path().exists()):  # else: the default address
+        settings = config.load(args.config)
+        listens = settings.server.listen
+        unix = [x for x in listens if isinstance(x, UnixListen)]
+        listen = unix[0] if admin and unix else listens[0]
+        url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
+        header = settings.server.require_header
+        # broker.client always sends X-Token-Broker: 1; a config may name another header.
+        if header and header.lower() != "x-token-broker":
+            headers[header] = "1"
+    return TokenBroker(url, key=client_key(args), timeout=timeout, headers=headers)
 
 
 def client_key(args: argparse.Namespace) -> str | None:
@@ -191,26 +180,20 @@ def _daemon_pid(url: str) -> int | None:
 def _listener_pid(port: int) -> int | None:
     """The process listening on loopback TCP ``port``, from /proc (Linux)."""
     import os
+    from contextlib import suppress
 
-    inodes = set()
+    rows: list[list[str]] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    for entry in os.listdir("/proc") if inodes else ():
-        if not entry.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
-                    return int(entry)
-        except OSError:
-            continue
+        with suppress(OSError):
+            rows += [line.split() for line in Path(table).read_text().splitlines()[1:]]
+    # State 0A is LISTEN; the local address ends in ":PORT", in hex.
+    listening = [f for f in rows if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port]
+    inodes = {f"socket:[{f[9]}]" for f in listening}
+    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()) if inodes else ():
+        with suppress(OSError):  # gone, or not ours to read
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                return int(pid)
     return None
 
 
