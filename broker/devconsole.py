@@ -48,7 +48,7 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
         project = data["project"]
         creds = project["workspace"]["details"]["credentials"]
         org_id = project.get("org", {}).get("ims_org_id")
-        console_org = project.get("org", {}).get("id")
+        console_org_id = _id_text(project.get("org", {}).get("id"))
         if not isinstance(creds, list):
             raise TypeError
     except (KeyError, TypeError):
@@ -56,7 +56,6 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
             f"{path}: not an Adobe Developer Console project JSON "
             "(no project.workspace.details.credentials list)"
         ) from None
-    console_org_id = _id_text(console_org)
     project_name = next(
         (v for v in (project.get("name"), project.get("title")) if isinstance(v, str) and v),
         None,

@@ -51,21 +51,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from broker.cli.parser import build_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     command: list[str] | None = None
     if argv[:1] == ["exec"]:  # everything after "--" is the command, never our options
         from broker.execcmd import split_command
 
         argv, command = split_command(argv)
-    parser = build_parser()
-    if argv[:1] == ["exec"] and command is None:
-        args, extra = parser.parse_known_args(argv)
-        if extra or not command:
-            # `exec adobe ./script.sh`: the command was taken for our own arguments.
+        if command is None:  # `exec adobe ./script.sh`: the command taken for our arguments
+            args, extra = parser.parse_known_args(argv)
             name = f"{args.name} " if args.name else ""
-            given = " ".join(extra)
             parser.error(
                 f"exec: put the command after --: token-broker exec {name}-- "
-                f"{given or 'COMMAND [ARG...]'}"
+                f"{' '.join(extra) or 'COMMAND [ARG...]'}"
             )
     args = parser.parse_args(argv)
     if args.command == "exec":

@@ -34,9 +34,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     """One line per credential, in columns; the last column (the error) is not padded."""
     cycling = any(row.get("secret_cycling") for row in rows)
     vault = any(row.get("vault") for row in rows)
-    head = ["NAME", "PROVIDER", "STATE", "EXPIRES_AT"]
     extra = [*(("SECRET_AGE", "NEXT_CYCLE") if cycling else ()), *(("VAULT",) if vault else ())]
-    table = [(*head, *extra, "LAST_ERROR")]
+    table = [("NAME", "PROVIDER", "STATE", "EXPIRES_AT", *extra, "LAST_ERROR")]
     for row in rows:
         # A fresh credential has recovered: its last error is history, and beside "fresh" it
         # reads as a current fault (the status JSON keeps it, with its time).

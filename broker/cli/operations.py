@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from broker.configedit import ConfigDocument
 from broker.devconsole import ConsoleCredential
@@ -23,8 +23,6 @@ from broker.doctor import stores, verify_async
 from broker.errors import ConfigError, CycleError, IssuerError, SecretError
 from broker.schema import CredentialSettings
 from broker.stores import SecretWriter, Stored
-
-T = TypeVar("T")
 
 
 def credential_settings(doc: ConfigDocument, name: str) -> CredentialSettings:
@@ -118,8 +116,10 @@ def remove(doc: ConfigDocument, name: str) -> Removed:
 
 
 async def _rotating(
-    doc: ConfigDocument, name: str, step: Callable[[SecretWriter, CredentialSettings], Awaitable[T]]
-) -> T:
+    doc: ConfigDocument,
+    name: str,
+    step: Callable[[SecretWriter, CredentialSettings], Awaitable[None]],
+) -> None:
     """Run one step of a rotation by hand on ``name``'s store, holding the cycling lock:
     a rotation by hand and a cycle use the same second secret, so never both at once,
     and never over a cycle left half done."""

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.cli import Usage, print_result, warn
 from broker.cli.running import reload_after_edit
@@ -85,13 +85,11 @@ def import_project(args: argparse.Namespace) -> int:
         force=args.force, make_default=args.default,
     )  # fmt: skip
     reload = reload_after_edit(args)
-    todo = any(a.stored.todo for a in done)
-    deleted = _offer_delete(args, path, needed=todo)
-    cycling = {a.name: _cycling_note(c) for a, c in zip(done, found, strict=True)}
+    deleted = _offer_delete(args, path, needed=any(a.stored.todo for a in done))
     lines = []
     for a, c in zip(done, found, strict=True):
         lines.append(f"imported {a.name} (from {c.name!r}; {a.stored.count} secret(s) to "
-                     f"{a.stored.where}); {cycling[a.name][0]}")  # fmt: skip
+                     f"{a.stored.where}); {_cycling_note(c)}")  # fmt: skip
         lines += _secret_lines(a)
         if default_note := _default_line(a):
             lines.append(default_note)
@@ -102,28 +100,25 @@ def import_project(args: argparse.Namespace) -> int:
          "config": str(done[0].config), "daemon": reload.note, "daemon_reloaded": reload.ok,
          "todo": {a.name: a.stored.todo for a in done if a.stored.todo},
          "default": next((a.default for a in done if a.default), None),
-         "secret_cycling": {n: t for n, (_, t) in cycling.items()}},
+         "secret_cycling": {a.name: {"credential_id": c.credential_id,
+                                     "console_org_id": c.console_org_id,
+                                     "management_api": c.management_api}
+                            for a, c in zip(done, found, strict=True)}},
         "\n".join(lines),
     )  # fmt: skip
     return reload.exit_status()
 
 
-def _cycling_note(found: ConsoleCredential) -> tuple[str, dict[str, Any]]:
-    """Whether the imported credential can cycle its secret: a sentence, and the JSON facts."""
-    facts = {
-        "credential_id": found.credential_id,
-        "console_org_id": found.console_org_id,
-        "management_api": found.management_api,
-    }
+def _cycling_note(found: ConsoleCredential) -> str:
+    """Whether the imported credential can cycle its secret, in a sentence."""
     if not (found.credential_id and found.console_org_id):
-        return "secret cycling: the file has no credential id or Console org id", facts
+        return "secret cycling: the file has no credential id or Console org id"
     if not found.management_api:
         return (
             "secret cycling: the project does not list the I/O Management API "
-            "(AdobeIOManagementAPISDK); add it in the Developer Console, then set rotate_every",
-            facts,
+            "(AdobeIOManagementAPISDK); add it in the Developer Console, then set rotate_every"
         )
-    return 'secret cycling possible: set rotate_every (e.g. "30d") to turn it on', facts
+    return 'secret cycling possible: set rotate_every (e.g. "30d") to turn it on'
 
 
 def _offer_delete(args: argparse.Namespace, path: Path, *, needed: bool = False) -> bool:
@@ -201,14 +196,9 @@ def client(args: argparse.Namespace) -> int:
 
     doc = _document(args)
     if args.client_command == "list":
-        clients = {
-            name: list(table.get("credentials", [])) for name, table in doc.clients().items()
-        }
-        print_result(
-            args,
-            {"clients": clients},
-            "\n".join(f"{n}: {', '.join(c)}" for n, c in clients.items()) or "no clients",
-        )
+        clients = {n: list(table.get("credentials", [])) for n, table in doc.clients().items()}
+        text = "\n".join(f"{n}: {', '.join(c)}" for n, c in clients.items()) or "no clients"
+        print_result(args, {"clients": clients}, text)
         return 0
     if args.client_command == "remove":
         doc.remove_client(args.name)
