@@ -35,8 +35,10 @@ _WRITE_CONFIG = (
 )
 
 
-#: Options several commands share, by the word that names them in :func:`_sub`'s ``shared``.
+#: Arguments several commands share, by the word that names them in :func:`_sub`'s ``shared``.
 _SHARED: dict[str, dict[str, dict[str, Any]]] = {
+    "name": {"name": {}},
+    "name?": {"name": {"nargs": "?", "help": "credential (default: the default credential)"}},
     "config": {"--config": {"metavar": "PATH", "help": _READ_CONFIG}},
     "config_write": {"--config": {"metavar": "PATH", "help": _WRITE_CONFIG}},
     # Only on commands that talk to a running daemon: they send the key with each request.
@@ -172,12 +174,11 @@ def _daemon_commands(sub: Any) -> None:
         help='the demo tokens\' lifetime, e.g. "90s", "10m" (default 120s)',
     )
     demo.add_argument("--config", help=argparse.SUPPRESS)  # refused with a sentence
-    token = _sub(sub, "token", "config daemon key", "print a token from the daemon",
-                 "Ask the running daemon for a credential's access token and print it alone "
-                 "on stdout. Needs no config file: see --url.",
-                 "  token-broker token\n"
-                 "  TOKEN=$(token-broker token adobe)\n")  # fmt: skip
-    token.add_argument("name", nargs="?", help="credential (default: the default credential)")
+    _sub(sub, "token", "config daemon key name?", "print a token from the daemon",
+         "Ask the running daemon for a credential's access token and print it alone "
+         "on stdout. Needs no config file: see --url.",
+         "  token-broker token\n"
+         "  TOKEN=$(token-broker token adobe)\n")  # fmt: skip
     lst = _sub(sub, "list", "config daemon key", "show each credential's state",
                "Show each credential the daemon serves: provider, state, when its token "
                "expires, and the last error while the credential is not fresh (with cycling, "
@@ -189,7 +190,7 @@ def _daemon_commands(sub: Any) -> None:
 
 def _setup_commands(sub: Any) -> None:
     """add, import, remove, rotate: credentials in the config and their secrets."""
-    add = _sub(sub, "add", "config_write key json secret_in secret_out",
+    add = _sub(sub, "add", "config_write key json secret_in secret_out name",
                "add a credential by hand",
                "Add a credential: the secret is prompted for without echo (or read from stdin "
                "with --secret-stdin), verified with one token request, and stored where "
@@ -201,7 +202,6 @@ def _setup_commands(sub: Any) -> None:
                "  printf %s \"$SECRET\" | token-broker add partner --provider oauth2 \\\n"
                "      --client-id broker --token-url https://login.example.com/oauth2/token \\\n"
                "      --secret-stdin --secret file:partner.secret\n")  # fmt: skip
-    add.add_argument("name")
     add.add_argument("--client-id", required=True)
     add.add_argument("--provider", choices=["adobe", "oauth2"], default="adobe")
     add.add_argument("--org-id", help="Adobe IMS org, e.g. ABCDEF0123456789ABCDEF01@AdobeOrg")
@@ -229,12 +229,11 @@ def _setup_commands(sub: Any) -> None:
     keep = imp.add_mutually_exclusive_group()
     keep.add_argument("--delete", action="store_true", help="delete FILE afterwards, no prompt")
     keep.add_argument("--keep", action="store_true", help="keep FILE, no prompt")
-    rm = _sub(sub, "remove", "config_write key json", "remove a credential",
-              "Remove a credential from the config and its keyring items (a file or systemd "
-              "secret is left where it is, and named), then reload a running daemon.",
-              "  token-broker remove adobe\n")  # fmt: skip
-    rm.add_argument("name")
-    rot = _sub(sub, "rotate", "config_write key json secret_in",
+    _sub(sub, "remove", "config_write key json name", "remove a credential",
+         "Remove a credential from the config and its keyring items (a file or systemd "
+         "secret is left where it is, and named), then reload a running daemon.",
+         "  token-broker remove adobe\n")  # fmt: skip
+    rot = _sub(sub, "rotate", "config_write key json secret_in name",
                "rotate a secret without downtime",
                "Rotate a keyring secret in two steps while every tool keeps getting tokens: "
                "the new secret (made in the Developer Console) is verified and stored beside "
@@ -244,7 +243,6 @@ def _setup_commands(sub: Any) -> None:
                "  token-broker rotate adobe\n"
                "  token-broker rotate adobe --finish\n"
                "  token-broker rotate adobe --auto\n")  # fmt: skip
-    rot.add_argument("name")
     step = rot.add_mutually_exclusive_group()
     step.add_argument("--finish", action="store_true", help="drop the old secret")
     step.add_argument("--abort", action="store_true", help="drop the new secret")
@@ -274,7 +272,8 @@ def _asking_commands(sub: Any) -> None:
                   "credential has a servable token), else 1 with the reason on stderr.",
                   "  token-broker health --ready\n")  # fmt: skip
     health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
-    ex = _sub(sub, "exec", "config daemon key", "run a command with the token in its environment",
+    ex = _sub(sub, "exec", "config daemon key name?",
+              "run a command with the token in its environment",
               "Run COMMAND with a credential's token in its environment "
               "(TOKEN_BROKER_ACCESS_TOKEN, TOKEN_BROKER_EXPIRES_AT and, for Adobe, "
               "TOKEN_BROKER_API_KEY and TOKEN_BROKER_ORG_ID), as `aws-vault exec` does. The "
@@ -284,7 +283,6 @@ def _asking_commands(sub: Any) -> None:
               "  token-broker exec --env AUTH=authorization -- my-tool --verbose\n",
               usage="token-broker exec [NAME] [--env VAR=FIELD]... [--min-remaining DUR] "
               "[--pass-key] [--url URL] -- COMMAND [ARG...]")  # fmt: skip
-    ex.add_argument("name", nargs="?", help="credential (default: the default credential)")
     ex.add_argument(
         "--env",
         action="append",
@@ -320,23 +318,21 @@ def _client_commands(sub: Any) -> None:
                   "  token-broker client add ci --credentials adobe > ci.key\n"
                   "  token-broker client list\n")  # fmt: skip
     client_sub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
-    cadd = _sub(client_sub, "add", "config_write key json",
+    cadd = _sub(client_sub, "add", "config_write key json name",
                 "create a client key (printed once)",
                 "Create a client key allowed to read the named credentials and print it, "
                 "alone on stdout, once: the config keeps only its SHA-256. Adding the first "
                 "client makes every other reader need a key too.",
                 "  (umask 077; token-broker client add ci --credentials adobe > ci.key)\n"
                 "  token-broker client add ops --credentials '*'\n")  # fmt: skip
-    cadd.add_argument("name")
     cadd.add_argument(
         "--credentials", required=True, help='comma-separated credential names, or "*" for all'
     )
     cadd.add_argument("--replace", action="store_true", help="give an existing client a new key")
-    crm = _sub(client_sub, "remove", "config_write key json", "remove a client",
-               "Remove a client from the config: its key stops working once the daemon has "
-               "reloaded (this command asks it to).",
-               "  token-broker client remove ci\n")  # fmt: skip
-    crm.add_argument("name")
+    _sub(client_sub, "remove", "config_write key json name", "remove a client",
+         "Remove a client from the config: its key stops working once the daemon has "
+         "reloaded (this command asks it to).",
+         "  token-broker client remove ci\n")  # fmt: skip
     _sub(client_sub, "list", "config json", "show the clients",
          "Show each client and the credentials its key may read, from the config (the keys "
          "themselves are not kept anywhere: only their SHA-256).",
