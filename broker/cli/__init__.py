@@ -100,7 +100,8 @@ def print_result(args: argparse.Namespace, data: object, text: str) -> None:
 
 def run() -> None:
     """Console-script entry point (``token-broker`` and ``python -m broker``)."""
-    if _command(sys.argv[1:]) in ("serve", "demo"):
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command in ("serve", "demo"):
         _defer_hangups()
     sys.exit(main())
 
@@ -123,8 +124,3 @@ def _defer_hangups() -> None:
 def hangup_pending() -> bool:
     """Whether a SIGHUP arrived before the daemon could reload (see :func:`_defer_hangups`)."""
     return bool(_hangups)
-
-
-def _command(argv: Sequence[str]) -> str | None:
-    """The subcommand word: the first argument that is not an option."""
-    return next((arg for arg in argv if not arg.startswith("-")), None)

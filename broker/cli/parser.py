@@ -7,15 +7,11 @@ Only the text of the command line lives here; each command's work is in the modu
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
 
 class _Version(argparse.Action):
     """``--version``, read from the installed metadata only when asked (it costs ~20 ms)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         import broker
@@ -132,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "project.json` (an Adobe Developer Console download) and `token-broker serve`. "
         "`token-broker COMMAND --help` describes each command, with examples.",
     )
-    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _daemon_commands(sub)
     _setup_commands(sub)

@@ -51,9 +51,7 @@ def add(args: argparse.Namespace) -> int:
     done = "secret stored in" if added.stored.count else "secret to go to"
     lines = [f"added {added.name}: {verified}{done} {where}, {added.config} "
              f"{'created' if not doc.existed else 'updated'}; {reload.note}",
-             *_secret_lines(added)]  # fmt: skip
-    if line := _default_line(added):
-        lines.append(line)
+             *_notes(added)]  # fmt: skip
     print_result(
         args,
         {"added": added.name, "config": str(added.config), "verified": added.verified,
@@ -90,9 +88,7 @@ def import_project(args: argparse.Namespace) -> int:
     for a, c in zip(done, found, strict=True):
         lines.append(f"imported {a.name} (from {c.name!r}; {a.stored.count} secret(s) to "
                      f"{a.stored.where}); {_cycling_note(c)}")  # fmt: skip
-        lines += _secret_lines(a)
-        if default_note := _default_line(a):
-            lines.append(default_note)
+        lines += _notes(a)
     lines.append(f"{done[0].config} {'created' if not doc.existed else 'updated'}; {reload.note}")
     print_result(
         args,
@@ -313,25 +309,22 @@ def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> s
     return text
 
 
-def _secret_lines(added: Added) -> list[str]:
-    """What the user still has to do for the secret (systemd: encrypt it for the service)."""
-    if not added.stored.todo:
-        return []
-    encrypt, load = added.stored.todo
-    return [
-        f"  {encrypt}    # as root; reads the client secret on stdin: paste it, then Ctrl-D",
-        f"  and in the unit (systemctl edit token-broker): {load}",
-    ]
-
-
-def _default_line(added: Added) -> str | None:
-    """A warning when ``[server] default`` was written for this addition."""
-    if added.default is None:
-        return None
+def _notes(added: Added) -> list[str]:
+    """What the user still has to do for the secret (systemd: encrypt it for the service),
+    and a warning when this addition wrote ``[server] default``."""
+    lines = []
+    if added.stored.todo:
+        encrypt, load = added.stored.todo
+        lines += [
+            f"  {encrypt}    # as root; reads the client secret on stdin: paste it, then Ctrl-D",
+            f"  and in the unit (systemctl edit token-broker): {load}",
+        ]
     if added.default == added.name:
-        return f"{added.name} is now the [server] default: GET /token serves it"
-    return (
-        f'[server] default = "{added.default}" written: GET /token, `token-broker token` and '
-        f"TokenBroker().token() keep serving {added.default}; ask for the new one by name "
-        f"(/token/{added.name}), or pass --default to make it the default"
-    )
+        lines.append(f"{added.name} is now the [server] default: GET /token serves it")
+    elif added.default is not None:
+        lines.append(
+            f'[server] default = "{added.default}" written: GET /token, `token-broker token` and '
+            f"TokenBroker().token() keep serving {added.default}; ask for the new one by name "
+            f"(/token/{added.name}), or pass --default to make it the default"
+        )
+    return lines
