@@ -33,11 +33,8 @@ MANAGEMENT_SERVICE = "AdobeIOManagementAPISDK"
 
 
 def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
-    """Parse a Developer Console project/workspace JSON.
-
-    Returns the OAuth Server-to-Server credentials and a sentence for each
-    credential of another type that was refused.
-    """
+    """The OAuth Server-to-Server credentials of a Developer Console project/workspace
+    JSON, and a sentence for each credential of another type, refused."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -21,6 +21,7 @@ from broker.configedit import ConfigDocument
 from broker.devconsole import ConsoleCredential
 from broker.doctor import stores, verify_async
 from broker.errors import ConfigError, CycleError, IssuerError, SecretError
+from broker.files import atomic_write
 from broker.schema import CredentialSettings
 from broker.stores import SecretWriter, Stored
 
@@ -203,7 +204,7 @@ def import_console(
     *,
     check: bool = True,
     ims_url: str | None = None,
-    secret_refs: list[str | None] | None = None,
+    secret_refs: list[str | None],
     force: bool = False,
     make_default: bool = False,
 ) -> list[Added]:
@@ -214,9 +215,8 @@ def import_console(
     If storing one fails, the config file and the secrets written so far are put
     back as they were: nothing is half-imported.
     """
-    refs = secret_refs or [None] * len(found)
     tables = []
-    for cred, name, ref in zip(found, names, refs, strict=True):
+    for cred, name, ref in zip(found, names, secret_refs, strict=True):
         table: dict[str, Any] = {
             "provider": "adobe",
             "client_id": cred.client_id,
@@ -244,17 +244,11 @@ def import_console(
     except BaseException:
         for added in done:  # nothing half-imported
             asyncio.run(added.stored.undo())
-        _restore(doc.path, original)
+        if original is None:
+            doc.path.unlink(missing_ok=True)
+        else:
+            atomic_write(doc.path, original, doc.path.stat().st_mode & 0o777)
         raise
     for added in done:
         added.verified = check
     return done
-
-
-def _restore(path: Path, original: bytes | None) -> None:
-    from broker.files import atomic_write
-
-    if original is None:
-        path.unlink(missing_ok=True)
-    else:
-        atomic_write(path, original, path.stat().st_mode & 0o777)

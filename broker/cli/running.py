@@ -72,11 +72,8 @@ def connect(
 
 
 def client_key(args: argparse.Namespace) -> str | None:
-    """The client key from --key-file (never a command-line value).
-
-    Without it broker.client reads $TOKEN_BROKER_CLIENT_KEY, else the file
-    $TOKEN_BROKER_CLIENT_KEY_FILE names.
-    """
+    """The client key from --key-file (never a command-line value); without it broker.client
+    reads $TOKEN_BROKER_CLIENT_KEY, else the file $TOKEN_BROKER_CLIENT_KEY_FILE names."""
     path = getattr(args, "key_file", None)
     if not path:
         return None
@@ -99,11 +96,9 @@ def refusal(exc: BrokerClientError) -> str:
 
 
 def explain(exc: BrokerClientError, url: str, *, admin: bool = False) -> str:
-    """Why the daemon did not do what was asked, and what to do about it.
-
-    ``admin``: a reload or a cycle, which a 401 or 403 refuses for want of a key
-    whose credentials are "*": the ways to get past it, the signal included.
-    """
+    """Why the daemon did not do what was asked, and what to do about it. ``admin``: a
+    reload or a cycle, which a 401 or 403 refuses for want of a key whose credentials
+    are "*": the ways to get past it, the signal included."""
     if admin and exc.status in (401, 403):
         return f"{refusal(exc)}; {admin_advice(url)}"
     if exc.status == 401:

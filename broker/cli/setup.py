@@ -118,11 +118,9 @@ def _cycling_note(found: ConsoleCredential) -> str:
 
 
 def _offer_delete(args: argparse.Namespace, path: Path, *, needed: bool = False) -> bool:
-    """Delete the project JSON (it holds the secret in plain text) if the user wants.
-
-    ``needed``: a secret is still to be copied out of it (``systemd-creds encrypt``), so
-    it is kept whatever was asked, and the user is told to delete it afterwards.
-    """
+    """Delete the project JSON (it holds the secret in plain text) if the user wants;
+    unless ``needed``: a secret is still to be copied out of it (``systemd-creds encrypt``),
+    so it is kept whatever was asked, and the user is told to delete it afterwards."""
     warning = f"{path} holds the client secret in plain text"
     if needed:
         warn(f"{warning}: kept for the systemd-creds line above; delete it once the secret "
@@ -235,11 +233,9 @@ def client(args: argparse.Namespace) -> int:
 
 
 def _private_stdout() -> str | None:
-    """Make stdout's file 0600 when it is a file others may read (``> key.txt``).
-
+    """Make stdout's file 0600 when others may read it (``> key.txt``); its path, if so.
     The key goes to stdout so that a user can redirect it; a shell creates that file
-    with its umask, usually 0644. Returns the file's path when its mode was narrowed.
-    """
+    with its umask, usually 0644."""
     import os
     import stat
 
@@ -279,10 +275,8 @@ def _read_secret(args: argparse.Namespace, prompt: str) -> str:
 
 def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> str | None:
     """The ``secret = …`` of a new credential from --secret (None: the default, keyring).
-
-    ``file:~/x`` and a relative ``file:x`` are made absolute here, as a shell would
-    not; ``file:DIR/`` and a bare ``systemd`` name one place per credential.
-    """
+    ``file:~/x`` and a relative ``file:x`` are made absolute here, as a shell would not;
+    ``file:DIR/`` and a bare ``systemd`` name one place per credential."""
     import os
 
     text: str | None = getattr(args, "secret", None)
