@@ -34,60 +34,49 @@ _WRITE_CONFIG = (
 #: Arguments several commands share, by the word that names them in :func:`_sub`'s ``shared``.
 _SHARED: dict[str, dict[str, dict[str, Any]]] = {
     "name": {"name": {}},
-    "name?": {"name": {"nargs": "?", "help": "credential (default: the default credential)"}},
-    "config": {"--config": {"metavar": "PATH", "help": _READ_CONFIG}},
-    "config_write": {"--config": {"metavar": "PATH", "help": _WRITE_CONFIG}},
+    "name?": {"name": dict(nargs="?", help="credential (default: the default credential)")},
+    "config": {"--config": dict(metavar="PATH", help=_READ_CONFIG)},
+    "config_write": {"--config": dict(metavar="PATH", help=_WRITE_CONFIG)},
     # Only on commands that talk to a running daemon: they send the key with each request.
     "key": {
-        "--key-file": {
-            "metavar": "PATH",
-            "help": "a file holding the client key to show the daemon, once it has "
-            "[clients.NAME] keys (default: $TOKEN_BROKER_CLIENT_KEY, else the file "
-            "$TOKEN_BROKER_CLIENT_KEY_FILE names)",
-        }
+        "--key-file": dict(
+            metavar="PATH",
+            help="a file holding the client key to show the daemon, once it has [clients.NAME] "
+            "keys (default: $TOKEN_BROKER_CLIENT_KEY, else the file $TOKEN_BROKER_CLIENT_KEY_FILE "
+            "names)",
+        )
     },
     "daemon": {
-        "--url": {
-            "help": "the running daemon: http://HOST:PORT or unix:/path (default: "
-            "$TOKEN_BROKER_URL, else the config's first listen address, else "
-            "http://127.0.0.1:8765)"
-        }
+        "--url": dict(
+            help="the running daemon: http://HOST:PORT or unix:/path (default: $TOKEN_BROKER_URL, "
+            "else the config's first listen address, else http://127.0.0.1:8765)"
+        )
     },
     "logs": {
-        "--log-format": {
-            "choices": ["text", "json"],
-            "default": "text",
-            "help": "log lines on stderr",
-        }
+        "--log-format": dict(choices=["text", "json"], default="text", help="log lines on stderr")
     },
-    "json": {"--json": {"action": "store_true", "help": "machine-readable output"}},
+    "json": {"--json": dict(action="store_true", help="machine-readable output")},
     "secret_in": {
-        "--secret-stdin": {
-            "action": "store_true",
-            "help": "read the secret from stdin (no prompt)",
-        },
-        "--no-verify": {
-            "action": "store_true",
-            "help": "skip the test token request to the issuer",
-        },
+        "--secret-stdin": dict(action="store_true", help="read the secret from stdin (no prompt)"),
+        "--no-verify": dict(action="store_true", help="skip the test token request to the issuer"),
     },
     "secret_out": {
-        "--secret": {
-            "metavar": "REF",
-            "help": "where the secret goes, written into the config as `secret = REF`: keyring "
+        "--secret": dict(
+            metavar="REF",
+            help="where the secret goes, written into the config as `secret = REF`: keyring "
             "(default: the OS keyring), file:PATH (written 0600, its directory made 0700; "
             "for a server without a Secret Service), systemd:NAME (prints the systemd-creds "
             "line to run; for the system service)",
-        },
-        "--force": {
-            "action": "store_true",
-            "help": "replace a secret file or keyring item that holds another secret",
-        },
-        "--default": {
-            "action": "store_true",
-            "help": "make this the [server] default credential, served by GET /token (without "
-            "it, an existing single credential stays the default)",
-        },
+        ),
+        "--force": dict(
+            action="store_true",
+            help="replace a secret file or keyring item that holds another secret",
+        ),
+        "--default": dict(
+            action="store_true",
+            help="make this the [server] default credential, served by GET /token (without it, "
+            "an existing single credential stays the default)",
+        ),
     },
 }
 
