@@ -132,8 +132,7 @@ def asking(
 
 def admin_advice(url: str) -> str:
     """What to do when the daemon refused an administrator's request for want of a key."""
-    pid = _daemon_pid(url)
-    hup = f"`kill -HUP {pid}`" if pid else "`kill -HUP <pid of token-broker serve>`"
+    hup = f"`kill -HUP {_daemon_pid(url) or '<pid of token-broker serve>'}`"
     advice = (
         'ask it with a client key whose credentials are "*" (--key-file PATH or '
         "$TOKEN_BROKER_CLIENT_KEY_FILE), or reload it by signal: "

@@ -218,17 +218,16 @@ def client(args: argparse.Namespace) -> int:
                           "daemon": reload.note, "daemon_reloaded": reload.ok}))  # fmt: skip
     else:
         print(key)  # alone on stdout, so KEY=$(token-broker client add ...) works
-    notes = [f"client {args.name} may read {', '.join(names)}; this key is shown only now (the "
-             f"config keeps its SHA-256); {reload.note}"]  # fmt: skip
+    warn(f"client {args.name} may read {', '.join(names)}; this key is shown only now (the "
+         f"config keeps its SHA-256); {reload.note}")  # fmt: skip
     if tightened:
-        notes.append(f"{tightened} holds a key: made it mode 0600")
+        warn(f"{tightened} holds a key: made it mode 0600")
     if first:
-        notes.append(
+        warn(
             "this is the first client key: from now on every token and status request needs "
             "one (`curl /token` without Authorization: Bearer KEY is 401), so give each tool "
             "on this host its key, or a key file in $TOKEN_BROKER_CLIENT_KEY_FILE"
         )
-    print("token-broker: " + "\ntoken-broker: ".join(notes), file=sys.stderr)
     return reload.exit_status()
 
 
@@ -264,8 +263,7 @@ def _document(args: argparse.Namespace) -> ConfigDocument:
 
 def _read_secret(args: argparse.Namespace, prompt: str) -> str:
     if args.secret_stdin:
-        secret = sys.stdin.read()
-        return secret[:-1] if secret.endswith("\n") else secret
+        return sys.stdin.read().removesuffix("\n")
     import getpass
 
     if not sys.stdin.isatty():
