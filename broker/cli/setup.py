@@ -55,8 +55,7 @@ def add(args: argparse.Namespace) -> int:
     print_result(
         args,
         {"added": added.name, "config": str(added.config), "verified": added.verified,
-         "secret": where, "todo": added.stored.todo,
-         "default": added.default,
+         "secret": where, "todo": added.stored.todo, "default": added.default,
          "daemon": reload.note, "daemon_reloaded": reload.ok},
         "\n".join(lines),
     )  # fmt: skip
