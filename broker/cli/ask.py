@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from broker.cli import Usage, print_result
-from broker.cli.running import Refused, asking, connect
-from broker.errors import ConfigError
+from broker.cli.running import asking, connect
+from broker.errors import BrokerError, ConfigError
 
 
 def token(args: argparse.Namespace) -> int:
@@ -126,10 +126,10 @@ def rotate_auto(args: argparse.Namespace) -> int:
                 result = broker.rotate(args.name)
             except BrokerClientError as exc:
                 if exc.status is None and isinstance(exc, BrokerUnavailable):
-                    raise Refused(f"{exc}; the cycle may still be running: see `token-broker "
-                                  "list`") from None  # fmt: skip
+                    raise BrokerError(f"{exc}; the cycle may still be running: see "
+                                      "`token-broker list`") from None  # fmt: skip
                 if exc.status == 429:  # rotate_cooldown: the detail says when it may be asked
-                    raise Refused(f"{args.name} was not cycled: {exc.detail}") from None
+                    raise BrokerError(f"{args.name} was not cycled: {exc.detail}") from None
                 raise  # asking() explains it
         where = "by the running daemon"
     print_result(args, {**result, "where": where},

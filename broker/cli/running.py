@@ -106,11 +106,6 @@ def explain(exc: BrokerClientError, url: str, *, admin: bool = False) -> str:
     return refusal(exc)
 
 
-class Refused(BrokerError):
-    """The daemon did not do what a command asked: :func:`explain`'s sentence, which
-    ``main`` prints (exit status 1)."""
-
-
 @contextmanager
 def asking(
     args: argparse.Namespace,
@@ -120,14 +115,15 @@ def asking(
     timeout: float = TIMEOUT,
 ) -> Iterator[TokenBroker]:
     """:func:`connect`'s client for the block, closed after it; a client error raised in
-    the block becomes :class:`Refused` with :func:`explain`'s sentence."""
+    the block becomes a BrokerError with :func:`explain`'s sentence, which ``main`` prints
+    (exit status 1)."""
     from broker.client import BrokerClientError
 
     with connect(args, from_config=from_config, admin=admin, timeout=timeout) as broker:
         try:
             yield broker
         except BrokerClientError as exc:
-            raise Refused(explain(exc, broker.url, admin=admin)) from None
+            raise BrokerError(explain(exc, broker.url, admin=admin)) from None
 
 
 def admin_advice(url: str) -> str:
