@@ -51,23 +51,25 @@ def connect(
     """
     import os
 
-    from broker import config
     from broker.client import URL_ENV, TokenBroker
-    from broker.config import TcpListen, UnixListen
 
     url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
     headers: dict[str, str] = {}
-    explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
-    if not url and (explicit or config.config_path().exists()):  # else: the default address
-        settings = config.load(args.config)
-        listens = settings.server.listen
-        unix = [x for x in listens if isinstance(x, UnixListen)]
-        listen = unix[0] if admin and unix else listens[0]
-        url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
-        header = settings.server.require_header
-        # broker.client always sends X-Token-Broker: 1; a config may name another header.
-        if header and header.lower() != "x-token-broker":
-            headers[header] = "1"
+    if not url:  # the config is read (a costly import) only when it is where to look
+        from broker import config
+        from broker.config import TcpListen, UnixListen
+
+        explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
+        if explicit or config.config_path().exists():  # else: the default address
+            settings = config.load(args.config)
+            listens = settings.server.listen
+            unix = [x for x in listens if isinstance(x, UnixListen)]
+            listen = unix[0] if admin and unix else listens[0]
+            url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
+            header = settings.server.require_header
+            # broker.client always sends X-Token-Broker: 1; a config may name another header.
+            if header and header.lower() != "x-token-broker":
+                headers[header] = "1"
     return TokenBroker(url, key=client_key(args), timeout=timeout, headers=headers)
 
 
