@@ -8,7 +8,6 @@ client), which turns the client's errors into the sentences ``main`` prints.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from broker.cli import Usage, print_result
@@ -19,7 +18,7 @@ from broker.errors import BrokerError, ConfigError
 def token(args: argparse.Namespace) -> int:
     with asking(args) as broker:
         value = broker.token(args.name)
-    sys.stdout.write(value + "\n")
+    print(value)
     return 0
 
 
