@@ -33,11 +33,8 @@ MANAGEMENT_SERVICE = "AdobeIOManagementAPISDK"
 
 
 def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
-    """Parse a Developer Console project/workspace JSON.
-
-    Returns the OAuth Server-to-Server credentials and a sentence for each
-    credential of another type that was refused.
-    """
+    """The OAuth Server-to-Server credentials of a Developer Console project/workspace
+    JSON, and a sentence for each credential of another type, refused."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -48,7 +45,7 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
         project = data["project"]
         creds = project["workspace"]["details"]["credentials"]
         org_id = project.get("org", {}).get("ims_org_id")
-        console_org = project.get("org", {}).get("id")
+        console_org_id = _id_text(project.get("org", {}).get("id"))
         if not isinstance(creds, list):
             raise TypeError
     except (KeyError, TypeError):
@@ -56,7 +53,6 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
             f"{path}: not an Adobe Developer Console project JSON "
             "(no project.workspace.details.credentials list)"
         ) from None
-    console_org_id = _id_text(console_org)
     project_name = next(
         (v for v in (project.get("name"), project.get("title")) if isinstance(v, str) and v),
         None,
@@ -92,19 +88,9 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
                 f"{path}: credential {label!r}: oauth_server_to_server needs client_id, "
                 "a non-empty client_secrets list and a scopes list"
             )
-        found.append(
-            ConsoleCredential(
-                label,
-                client_id,
-                client_secrets,
-                scopes,
-                org_id,
-                _id_text(item.get("id"), digits=False),
-                console_org_id,
-                management,
-                project_name,
-            )  # fmt: skip
-        )
+        found.append(ConsoleCredential(label, client_id, client_secrets, scopes, org_id,
+                                       _id_text(item.get("id"), digits=False), console_org_id,
+                                       management, project_name))  # fmt: skip
     return found, refused
 
 
@@ -132,8 +118,9 @@ def default_names(found: list[ConsoleCredential]) -> list[str]:
     credentials in one project the first gets the project's name and the next ones
     ``-2``, ``-3``...; without a project name the credential's label is used.
     """
-    names: list[str] = []
-    for i, cred in enumerate(found):
-        base = console_name(cred.project) if cred.project else console_name(cred.name)
-        names.append(base if i == 0 or not cred.project else f"{base}-{i + 1}")
-    return names
+    return [
+        f"{console_name(cred.project)}-{i + 1}"
+        if i and cred.project
+        else console_name(cred.project or cred.name)
+        for i, cred in enumerate(found)
+    ]

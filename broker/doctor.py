@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from broker.checks import Check
@@ -36,11 +38,27 @@ def run_checks(explicit: str | None, *, offline: bool) -> list[Check]:
     return asyncio.run(_checks(settings, offline=offline))
 
 
+@asynccontextmanager
+async def stores(
+    settings: config.Settings, on_token: Callable[[str], None] = lambda token: None
+) -> AsyncIterator[Context]:
+    """What the secret stores of ``settings`` need, for doctor and the commands: its
+    Vault login when it has a ``[vault]`` table (``on_token``: see ``session_for``)."""
+    from broker.stores import Context
+    from broker.stores.vault import session_for
+
+    vault = session_for(settings.vault, on_token) if settings.vault is not None else None
+    try:
+        yield Context(vault=vault)
+    finally:
+        if vault is not None:
+            await vault.vault.aclose()
+
+
 async def _checks(settings: config.Settings, *, offline: bool) -> list[Check]:
     from broker import config
     from broker.net import is_loopback
-    from broker.stores import Context, KeyringRef
-    from broker.stores.vault import session_for
+    from broker.stores import KeyringRef
 
     checks = [Check(True, f"config {settings.path} found and valid")]
     checks += [
@@ -56,15 +74,11 @@ async def _checks(settings: config.Settings, *, offline: bool) -> list[Check]:
         else:
             checks.append(Check(True, f"listen {listen} is loopback-only"))
     checks += _tls_checks(settings)
-    vault = session_for(settings.vault) if settings.vault is not None else None
-    try:
-        if vault is not None:
-            checks += await _vault_checks(settings, vault)
+    async with stores(settings) as ctx:
+        if ctx.vault is not None:
+            checks += await _vault_checks(settings, ctx.vault)
         for name, cred in settings.credentials.items():
-            checks += await _credential_checks(name, cred, Context(vault=vault), offline)
-    finally:
-        if vault is not None:
-            await vault.vault.aclose()
+            checks += await _credential_checks(name, cred, ctx, offline)
     return checks
 
 
@@ -92,9 +106,10 @@ async def _credential_checks(
 #: the secret and the cycle's lease, list and remove the reports of brokers gone.
 _READER = {"data": {"read"}, "metadata": {"read"}, "report": {"create", "update"}}
 _CYCLER = {
+    **_READER,
     "data": {"read", "create", "update"},
-    "cycle": {"read", "create", "update"},
     "report": {"read", "create", "update"},
+    "cycle": {"read", "create", "update"},
     "reports": {"list"},
     "report-metadata": {"delete"},
 }
@@ -104,12 +119,11 @@ async def _vault_checks(settings: config.Settings, vault: VaultSession) -> list[
     """The login, and per ``vault:`` secret what the policy allows against what is needed."""
     from broker.stores import VaultRef
 
-    refs = [(n, c) for n, c in settings.credentials.items() if isinstance(c.secret, VaultRef)]
-    address = vault.vault.address
-    paths: dict[str, dict[str, str]] = {}
-    for name, cred in refs:
-        assert isinstance(cred.secret, VaultRef)
-        paths[name] = _kv_paths(cred.secret)
+    paths = {
+        name: _kv_paths(cred.secret)
+        for name, cred in settings.credentials.items()
+        if isinstance(cred.secret, VaultRef)
+    }
     try:
         allowed = await vault.vault.capabilities(
             sorted({p for by_role in paths.values() for p in by_role.values()})
@@ -117,18 +131,14 @@ async def _vault_checks(settings: config.Settings, vault: VaultSession) -> list[
     except SecretError as exc:
         return [Check(False, f"Vault: {exc}")]
     auth = settings.vault.auth if settings.vault is not None else "?"
-    checks = [Check(True, f"Vault {address}: logged in ({auth})")]
-    for name, cred in refs:
-        needed = dict(_READER)
-        if cred.cycles_secret:
-            for role, caps in _CYCLER.items():
-                needed[role] = needed.get(role, set()) | caps
+    checks = [Check(True, f"Vault {vault.vault.address}: logged in ({auth})")]
+    for name, path_of in paths.items():
+        cred = settings.credentials[name]
         missing = []
-        for role, caps in needed.items():
-            path = paths[name][role]
-            have = set(allowed.get(path, ()))
+        for role, caps in (_CYCLER if cred.cycles_secret else _READER).items():
+            have = set(allowed.get(path_of[role], ()))
             if "root" not in have and not caps <= have:
-                missing.append(f"{', '.join(sorted(caps - have))} on {path}")
+                missing.append(f"{', '.join(sorted(caps - have))} on {path_of[role]}")
         what = "cycle it" if cred.cycles_secret else "read it and report"
         if missing:
             checks.append(Check(False, f"Vault policy of {name!r} does not let this broker "
@@ -195,7 +205,8 @@ def _keyring_check(needed: bool) -> Check:
 
 
 async def verify_async(cred: CredentialSettings, secret: str) -> Token:
-    """Ask the issuer for one token with ``secret``; IssuerError if it refuses."""
+    """Ask the issuer for one token with ``secret``; IssuerError if it refuses (``add``,
+    ``import`` and ``rotate`` ask it before they store a secret)."""
     from broker.providers import request_token
     from broker.upstream import client as issuer_client
 
@@ -204,9 +215,3 @@ async def verify_async(cred: CredentialSettings, secret: str) -> Token:
             client, cred.token_request(secret), now=0.0, timeout=cred.policy.timeout
         )
     return issued.token
-
-
-def verify(cred: CredentialSettings, secret: str) -> Token:
-    """:func:`verify_async` for a command: ``add``, ``import`` and ``rotate`` run it before
-    they store a secret."""
-    return asyncio.run(verify_async(cred, secret))

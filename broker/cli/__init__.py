@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.errors import BrokerError
 
@@ -51,21 +51,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from broker.cli.parser import build_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     command: list[str] | None = None
     if argv[:1] == ["exec"]:  # everything after "--" is the command, never our options
         from broker.execcmd import split_command
 
         argv, command = split_command(argv)
-    parser = build_parser()
-    if argv[:1] == ["exec"] and command is None:
-        args, extra = parser.parse_known_args(argv)
-        if extra or not command:
-            # `exec adobe ./script.sh`: the command was taken for our own arguments.
+        if command is None:  # `exec adobe ./script.sh`: the command taken for our arguments
+            args, extra = parser.parse_known_args(argv)
             name = f"{args.name} " if args.name else ""
-            given = " ".join(extra)
             parser.error(
                 f"exec: put the command after --: token-broker exec {name}-- "
-                f"{given or 'COMMAND [ARG...]'}"
+                f"{' '.join(extra) or 'COMMAND [ARG...]'}"
             )
     args = parser.parse_args(argv)
     if args.command == "exec":
@@ -79,13 +76,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(run_command(args))
     except BrokerError as exc:
-        print(f"token-broker: {exc}", file=sys.stderr)
-        return 1
+        warn(str(exc))
+        return 2 if isinstance(exc, Usage) else 1
     except KeyboardInterrupt:
         return 1
 
 
-def print_result(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+class Usage(BrokerError):
+    """A command line the parser accepts and the command cannot run (exit status 2)."""
+
+
+def warn(message: str) -> None:
+    """One of the command's sentences on stderr, after the program's name."""
+    print(f"token-broker: {message}", file=sys.stderr)
+
+
+def print_result(args: argparse.Namespace, data: object, text: str) -> None:
     """A command's result on stdout: ``data`` as JSON with ``--json``, else ``text``."""
     import json
 
@@ -94,7 +100,8 @@ def print_result(args: argparse.Namespace, data: dict[str, Any], text: str) -> N
 
 def run() -> None:
     """Console-script entry point (``token-broker`` and ``python -m broker``)."""
-    if _command(sys.argv[1:]) in ("serve", "demo"):
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command in ("serve", "demo"):
         _defer_hangups()
     sys.exit(main())
 
@@ -117,8 +124,3 @@ def _defer_hangups() -> None:
 def hangup_pending() -> bool:
     """Whether a SIGHUP arrived before the daemon could reload (see :func:`_defer_hangups`)."""
     return bool(_hangups)
-
-
-def _command(argv: Sequence[str]) -> str | None:
-    """The subcommand word: the first argument that is not an option."""
-    return next((arg for arg in argv if not arg.startswith("-")), None)

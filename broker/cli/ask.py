@@ -8,30 +8,24 @@ client), which turns the client's errors into the sentences ``main`` prints.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
-from broker.cli import print_result
-from broker.cli.running import Refused, asking, connect
-from broker.errors import ConfigError
+from broker.cli import Usage, print_result
+from broker.cli.running import asking, connect
+from broker.errors import BrokerError, ConfigError
 
 
 def token(args: argparse.Namespace) -> int:
     with asking(args) as broker:
         value = broker.token(args.name)
-    sys.stdout.write(value + "\n")
+    print(value)
     return 0
 
 
 def list_credentials(args: argparse.Namespace) -> int:
     with asking(args) as broker:
         rows = broker.credentials()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for line in _table(rows):
-        print(line)
+    print_result(args, rows, "\n".join(_table(rows)))
     return 0
 
 
@@ -39,9 +33,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     """One line per credential, in columns; the last column (the error) is not padded."""
     cycling = any(row.get("secret_cycling") for row in rows)
     vault = any(row.get("vault") for row in rows)
-    head = ["NAME", "PROVIDER", "STATE", "EXPIRES_AT"]
     extra = [*(("SECRET_AGE", "NEXT_CYCLE") if cycling else ()), *(("VAULT",) if vault else ())]
-    table = [(*head, *extra, "LAST_ERROR")]
+    table = [("NAME", "PROVIDER", "STATE", "EXPIRES_AT", *extra, "LAST_ERROR")]
     for row in rows:
         # A fresh credential has recovered: its last error is history, and beside "fresh" it
         # reads as a current fault (the status JSON keeps it, with its time).
@@ -99,8 +92,7 @@ def exec_command(args: argparse.Namespace) -> int:
         min_remaining = parse_duration(args.min_remaining)
         execcmd.parse_env(args.env)
     except ValueError as exc:  # UsageError included
-        print(f"token-broker: exec: {exc}", file=sys.stderr)
-        return 2
+        raise Usage(f"exec: {exc}") from None
     return execcmd.run(
         connect(args, timeout=5.0),  # the client's own default: a hung daemon fails fast
         args.name,
@@ -133,10 +125,10 @@ def rotate_auto(args: argparse.Namespace) -> int:
                 result = broker.rotate(args.name)
             except BrokerClientError as exc:
                 if exc.status is None and isinstance(exc, BrokerUnavailable):
-                    raise Refused(f"{exc}; the cycle may still be running: see `token-broker "
-                                  "list`") from None  # fmt: skip
+                    raise BrokerError(f"{exc}; the cycle may still be running: see "
+                                      "`token-broker list`") from None  # fmt: skip
                 if exc.status == 429:  # rotate_cooldown: the detail says when it may be asked
-                    raise Refused(f"{args.name} was not cycled: {exc.detail}") from None
+                    raise BrokerError(f"{args.name} was not cycled: {exc.detail}") from None
                 raise  # asking() explains it
         where = "by the running daemon"
     print_result(args, {**result, "where": where},
@@ -166,10 +158,9 @@ def _cycle_here(cred: Any, settings: Any) -> dict[str, Any]:
 
     from broker import logs
     from broker.cycling import Cycle, state_store
+    from broker.doctor import stores
     from broker.files import state_dir
     from broker.providers.adobe import AdobeSettings
-    from broker.stores import Context
-    from broker.stores.vault import session_for
     from broker.upstream import client as issuer_client
 
     if not isinstance(cred, AdobeSettings) or not cred.cycling:
@@ -181,18 +172,12 @@ def _cycle_here(cred: Any, settings: Any) -> dict[str, Any]:
     logs.setup(redactor)
 
     async def run() -> dict[str, Any]:
-        vault = None
-        if settings.vault is not None:
-            vault = session_for(settings.vault, lambda t: redactor.set("vault:token", (t,)))
-        try:
-            store = cred.secret.writer(cred.name, Context(vault=vault))
-            state = state_store(cred.name, cred, directory=state_dir(), vault=vault)
+        async with stores(settings, lambda t: redactor.set("vault:token", (t,))) as ctx:
+            store = cred.secret.writer(cred.name, ctx)
+            state = state_store(cred.name, cred, directory=state_dir(), vault=ctx.vault)
             async with issuer_client(cred.policy.timeout, cred.ca_file) as client:
                 cycle = Cycle(cred, client=client, store=store, redactor=redactor,
                               state=state, clock=time.time)  # fmt: skip
                 return (await cycle.run()).as_json()
-        finally:
-            if vault is not None:
-                await vault.vault.aclose()
 
     return asyncio.run(run())

@@ -4,16 +4,15 @@ local CA; the work is in :mod:`broker.tls`).
 
 What ``serve`` imports before the daemon answers is its start-up time: the broker's
 modules are imported inside the commands (only `broker.errors`, which imports nothing,
-at module level).
+and this package at module level).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
+from broker.cli import Usage, print_result, warn
 from broker.errors import BrokerError
 
 
@@ -22,12 +21,9 @@ def doctor(args: argparse.Namespace) -> int:
 
     checks = run_checks(args.config, offline=args.offline)
     failed = any(c.ok is False for c in checks)
-    if args.json:
-        rows = [{"verdict": c.verdict, "check": c.text} for c in checks]
-        print(json.dumps({"ok": not failed, "checks": rows}, indent=2))
-    else:
-        for c in checks:
-            print(f"{c.verdict:>4}  {c.text}")
+    rows = [{"verdict": c.verdict, "check": c.text} for c in checks]
+    print_result(args, {"ok": not failed, "checks": rows},
+                 "\n".join(f"{c.verdict:>4}  {c.text}" for c in checks))  # fmt: skip
     return 1 if failed else 0
 
 
@@ -68,11 +64,7 @@ def tls_command(args: argparse.Namespace) -> int:
         return 0
     bundle = tls.write_bundle(files)
     done = f"wrote {bundle.path}" if bundle.changed else f"{bundle.path} is up to date"
-    print(
-        f"token-broker: {done}: {bundle.source} ({bundle.system}) + the token-broker CA "
-        f"({files.ca_cert})",
-        file=sys.stderr,
-    )
+    warn(f"{done}: {bundle.source} ({bundle.system}) + the token-broker CA ({files.ca_cert})")
     print(bundle.path)  # alone on stdout, like `tls ca`
     return 0
 
@@ -105,21 +97,14 @@ def demo(args: argparse.Namespace) -> int:
     from broker.demo import run as run_demo
 
     if args.config is not None:
-        print(
-            "token-broker: demo takes no --config: it runs an issuer and a credential of its "
-            f"own and reads no config; to serve {args.config}, run `token-broker serve "
-            f"--config {args.config}`",
-            file=sys.stderr,
+        raise Usage(
+            "demo takes no --config: it runs an issuer and a credential of its own and reads "
+            f"no config; to serve {args.config}, run `token-broker serve --config {args.config}`"
         )
-        return 2
-    try:
-        lifetime = _duration("--lifetime", args.lifetime, 2)
-        rotate_every = None
-        if args.rotate_every is not None:
-            rotate_every = _duration("--rotate-every", args.rotate_every, 5)
-    except ValueError as exc:
-        print(f"token-broker: {exc}", file=sys.stderr)
-        return 2
+    lifetime = _duration("--lifetime", args.lifetime, 2)
+    rotate_every = None
+    if args.rotate_every is not None:
+        rotate_every = _duration("--rotate-every", args.rotate_every, 5)
     redactor = logs.Redactor()
     logs.setup(redactor, args.log_format)
     return server.run(run_demo(args.listen, lifetime, redactor, rotate_every))
@@ -131,7 +116,7 @@ def _duration(option: str, text: str, least: float) -> float:
     try:
         seconds = parse_duration(text)
     except ValueError as exc:
-        raise ValueError(f"{option}: {exc}") from None
+        raise Usage(f"{option}: {exc}") from None
     if seconds < least:
-        raise ValueError(f"{option} must be at least {least:g} seconds")
+        raise Usage(f"{option} must be at least {least:g} seconds")
     return seconds

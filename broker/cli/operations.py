@@ -12,42 +12,18 @@ uses the same two-secret protocol as secret cycling.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from broker.configedit import ConfigDocument
 from broker.devconsole import ConsoleCredential
-from broker.doctor import verify, verify_async
+from broker.doctor import stores, verify_async
 from broker.errors import ConfigError, CycleError, IssuerError, SecretError
+from broker.files import atomic_write
 from broker.schema import CredentialSettings
-from broker.stores import Context, SecretWriter, Stored
-
-T = TypeVar("T")
-
-
-@asynccontextmanager
-async def _stores(doc: ConfigDocument) -> AsyncIterator[Context]:
-    """What the stores of ``doc``'s config need: its Vault login, when it has one."""
-    from broker.stores.vault import session_for
-
-    settings = doc.validate()
-    vault = session_for(settings.vault) if settings.vault is not None else None
-    try:
-        yield Context(vault=vault)
-    finally:
-        if vault is not None:
-            await vault.vault.aclose()
-
-
-def _with_stores(doc: ConfigDocument, work: Callable[[Context], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with _stores(doc) as ctx:
-            return await work(ctx)
-
-    return asyncio.run(run())
+from broker.stores import SecretWriter, Stored
 
 
 def credential_settings(doc: ConfigDocument, name: str) -> CredentialSettings:
@@ -63,12 +39,10 @@ class Added:
     name: str
     config: Path
     verified: bool
-    secrets_stored: int
-    stored: Stored | None = None  # where the secret went, and what the user still has to do
-    #: ``[server] default`` as the config has it after this addition, when it names
-    #: another credential (the first kept serving ``GET /token``) or this one (--default).
+    stored: Stored  # where the secret went, and what the user still has to do
+    #: ``[server] default`` when this addition wrote it, naming another credential (the
+    #: first kept serving ``GET /token``) or this one (--default); None when it did not.
     default: str | None = None
-    default_written: bool = False  # this addition wrote ``[server] default``
 
 
 def add(
@@ -91,42 +65,35 @@ def add(
         raise SecretError(f"credential {name!r}: the secret is empty")
     before = list(doc.credentials())
     doc.add_credential(name, table)  # validates name, duplicates and the whole config
-    written = _keep_default(doc, name, before, make_default)
+    default = name if make_default else None
+    if not make_default and doc.default() is None and len(before) == 1:
+        default = before[0]  # GET /token served it: it still does
+    if default is not None:
+        doc.set_default(default)
     cred = credential_settings(doc, name)
-    if check:
-        try:
-            verify(cred, new_secrets[0])
-        except IssuerError as exc:
-            raise IssuerError(
-                exc.error,
-                f"{exc.description} — the secret was not stored"
-                if exc.description
-                else "the secret was not stored",
-                status=exc.status,
-                debug_id=exc.debug_id,
-            ) from None
-    stored = _with_stores(
-        doc, lambda ctx: cred.secret.store_new(name, new_secrets[:2], force=force, ctx=ctx)
-    )
+
+    async def verify_and_store() -> Stored:
+        if check:
+            try:
+                await verify_async(cred, new_secrets[0])
+            except IssuerError as exc:
+                note = "the secret was not stored"
+                raise IssuerError(
+                    exc.error,
+                    f"{exc.description} — {note}" if exc.description else note,
+                    status=exc.status,
+                    debug_id=exc.debug_id,
+                ) from None
+        async with stores(doc.validate()) as ctx:
+            return await cred.secret.store_new(name, new_secrets[:2], force=force, ctx=ctx)
+
+    stored = asyncio.run(verify_and_store())
     try:
         doc.write()
     except BaseException:
         asyncio.run(stored.undo())  # leave the secret store as it was
         raise
-    return Added(
-        name, doc.path, check, stored.count, stored, doc.default() if written else None, written
-    )
-
-
-def _keep_default(doc: ConfigDocument, name: str, before: list[str], make_default: bool) -> bool:
-    """Write ``[server] default`` where it is needed; True if it was written."""
-    if make_default:
-        doc.set_default(name)
-        return True
-    if doc.default() is None and len(before) == 1:
-        doc.set_default(before[0])  # GET /token served it: it still does
-        return True
-    return False
+    return Added(name, doc.path, check, stored, default)
 
 
 @dataclass
@@ -150,8 +117,10 @@ def remove(doc: ConfigDocument, name: str) -> Removed:
 
 
 async def _rotating(
-    doc: ConfigDocument, name: str, step: Callable[[SecretWriter, CredentialSettings], Awaitable[T]]
-) -> T:
+    doc: ConfigDocument,
+    name: str,
+    step: Callable[[SecretWriter, CredentialSettings], Awaitable[None]],
+) -> None:
     """Run one step of a rotation by hand on ``name``'s store, holding the cycling lock:
     a rotation by hand and a cycle use the same second secret, so never both at once,
     and never over a cycle left half done."""
@@ -160,7 +129,7 @@ async def _rotating(
     from broker.providers.adobe import AdobeSettings
 
     cred = credential_settings(doc, name)
-    async with _stores(doc) as ctx:
+    async with stores(doc.validate()) as ctx:
         try:
             writer = cred.secret.writer(name, ctx)
         except SecretError:
@@ -235,7 +204,7 @@ def import_console(
     *,
     check: bool = True,
     ims_url: str | None = None,
-    secret_refs: list[str | None] | None = None,
+    secret_refs: list[str | None],
     force: bool = False,
     make_default: bool = False,
 ) -> list[Added]:
@@ -246,9 +215,8 @@ def import_console(
     If storing one fails, the config file and the secrets written so far are put
     back as they were: nothing is half-imported.
     """
-    refs = secret_refs or [None] * len(found)
     tables = []
-    for cred, name, ref in zip(found, names, refs, strict=True):
+    for cred, name, ref in zip(found, names, secret_refs, strict=True):
         table: dict[str, Any] = {
             "provider": "adobe",
             "client_id": cred.client_id,
@@ -264,40 +232,23 @@ def import_console(
         tables.append((name, table, cred))
     if check:
         for name, _, cred in tables:
-            verify(credential_settings(doc, name), cred.client_secrets[0])
+            asyncio.run(verify_async(credential_settings(doc, name), cred.client_secrets[0]))
     original = doc.path.read_bytes() if doc.path.exists() else None
     # Re-read the file: add() writes it once per credential from a clean document.
     fresh = ConfigDocument(doc.path)
     done: list[Added] = []
     try:
         for i, (name, table, cred) in enumerate(tables):
-            first = make_default and i == 0
-            done.append(
-                add(
-                    fresh,
-                    name,
-                    table,
-                    cred.client_secrets,
-                    check=False,
-                    force=force,
-                    make_default=first,
-                )  # fmt: skip
-            )
+            done.append(add(fresh, name, table, cred.client_secrets, check=False, force=force,
+                            make_default=make_default and i == 0))  # fmt: skip
     except BaseException:
         for added in done:  # nothing half-imported
-            if added.stored is not None:
-                asyncio.run(added.stored.undo())
-        _restore(doc.path, original)
+            asyncio.run(added.stored.undo())
+        if original is None:
+            doc.path.unlink(missing_ok=True)
+        else:
+            atomic_write(doc.path, original, doc.path.stat().st_mode & 0o777)
         raise
     for added in done:
         added.verified = check
     return done
-
-
-def _restore(path: Path, original: bytes | None) -> None:
-    from broker.files import atomic_write
-
-    if original is None:
-        path.unlink(missing_ok=True)
-    else:
-        atomic_write(path, original, path.stat().st_mode & 0o777)

@@ -7,15 +7,11 @@ Only the text of the command line lives here; each command's work is in the modu
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 
 class _Version(argparse.Action):
     """``--version``, read from the installed metadata only when asked (it costs ~20 ms)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         import broker
@@ -35,40 +31,81 @@ _WRITE_CONFIG = (
 )
 
 
+#: Arguments several commands share, by the word that names them in :func:`_sub`'s ``shared``.
+_SHARED: dict[str, dict[str, dict[str, Any]]] = {
+    "name": {"name": {}},
+    "name?": {"name": dict(nargs="?", help="credential (default: the default credential)")},
+    "config": {"--config": dict(metavar="PATH", help=_READ_CONFIG)},
+    "config_write": {"--config": dict(metavar="PATH", help=_WRITE_CONFIG)},
+    # Only on commands that talk to a running daemon: they send the key with each request.
+    "key": {
+        "--key-file": dict(
+            metavar="PATH",
+            help="a file holding the client key to show the daemon, once it has [clients.NAME] "
+            "keys (default: $TOKEN_BROKER_CLIENT_KEY, else the file $TOKEN_BROKER_CLIENT_KEY_FILE "
+            "names)",
+        )
+    },
+    "daemon": {
+        "--url": dict(
+            help="the running daemon: http://HOST:PORT or unix:/path (default: $TOKEN_BROKER_URL, "
+            "else the config's first listen address, else http://127.0.0.1:8765)"
+        )
+    },
+    "logs": {
+        "--log-format": dict(choices=["text", "json"], default="text", help="log lines on stderr")
+    },
+    "json": {"--json": dict(action="store_true", help="machine-readable output")},
+    "secret_in": {
+        "--secret-stdin": dict(action="store_true", help="read the secret from stdin (no prompt)"),
+        "--no-verify": dict(action="store_true", help="skip the test token request to the issuer"),
+    },
+    "secret_out": {
+        "--secret": dict(
+            metavar="REF",
+            help="where the secret goes, written into the config as `secret = REF`: keyring "
+            "(default: the OS keyring), file:PATH (written 0600, its directory made 0700; "
+            "for a server without a Secret Service), systemd:NAME (prints the systemd-creds "
+            "line to run; for the system service)",
+        ),
+        "--force": dict(
+            action="store_true",
+            help="replace a secret file or keyring item that holds another secret",
+        ),
+        "--default": dict(
+            action="store_true",
+            help="make this the [server] default credential, served by GET /token (without it, "
+            "an existing single credential stays the default)",
+        ),
+    },
+}
+
+
 def _sub(
     sub: Any,
     name: str,
-    parents: list[argparse.ArgumentParser],
+    shared: str,
     summary: str,
     description: str,
     examples: str,
     **kwargs: Any,
 ) -> argparse.ArgumentParser:
-    """A subcommand with a one-line summary, a paragraph of description and examples."""
+    """A subcommand with a one-line summary, a paragraph of description and examples, and
+    the options of :data:`_SHARED` that ``shared`` names (space-separated)."""
     import textwrap
 
-    return sub.add_parser(  # type: ignore[no-any-return]
+    parser: argparse.ArgumentParser = sub.add_parser(
         name,
-        parents=parents,
         help=summary,
         description=textwrap.fill(description, width=79),
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **kwargs,
     )
-
-
-class _Shared(NamedTuple):
-    """Options several commands share (argparse parents)."""
-
-    config: argparse.ArgumentParser  # --config, to read
-    config_write: argparse.ArgumentParser  # --config, to create or edit
-    key: argparse.ArgumentParser  # --key-file
-    daemon: argparse.ArgumentParser  # --url
-    logs: argparse.ArgumentParser  # --log-format
-    json: argparse.ArgumentParser  # --json
-    secret_in: argparse.ArgumentParser  # --secret-stdin, --no-verify
-    secret_out: argparse.ArgumentParser  # --secret, --force, --default
+    for word in shared.split():
+        for flag, options in _SHARED[word].items():
+            parser.add_argument(flag, **options)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,77 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
         "project.json` (an Adobe Developer Console download) and `token-broker serve`. "
         "`token-broker COMMAND --help` describes each command, with examples.",
     )
-    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = _shared()
-    _daemon_commands(sub, p)
-    _setup_commands(sub, p)
-    _asking_commands(sub, p)
-    _client_commands(sub, p)
-    _tls_commands(sub, p)
+    _daemon_commands(sub)
+    _setup_commands(sub)
+    _asking_commands(sub)
+    _client_commands(sub)
+    _tls_commands(sub)
     return parser
 
 
-def _shared() -> _Shared:
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", metavar="PATH", help=_READ_CONFIG)
-    config_write = argparse.ArgumentParser(add_help=False)
-    config_write.add_argument("--config", metavar="PATH", help=_WRITE_CONFIG)
-    # Only on commands that talk to a running daemon: they send the key with each request.
-    key = argparse.ArgumentParser(add_help=False)
-    key.add_argument(
-        "--key-file",
-        metavar="PATH",
-        help="a file holding the client key to show the daemon, once it has [clients.NAME] "
-        "keys (default: $TOKEN_BROKER_CLIENT_KEY, else the file $TOKEN_BROKER_CLIENT_KEY_FILE "
-        "names)",
-    )
-    daemon = argparse.ArgumentParser(add_help=False)
-    daemon.add_argument(
-        "--url",
-        help="the running daemon: http://HOST:PORT or unix:/path (default: $TOKEN_BROKER_URL, "
-        "else the config's first listen address, else http://127.0.0.1:8765)",
-    )
-    logs = argparse.ArgumentParser(add_help=False)
-    logs.add_argument(
-        "--log-format", choices=["text", "json"], default="text", help="log lines on stderr"
-    )
-    json_flag = argparse.ArgumentParser(add_help=False)
-    json_flag.add_argument("--json", action="store_true", help="machine-readable output")
-    secret_in = argparse.ArgumentParser(add_help=False)
-    secret_in.add_argument(
-        "--secret-stdin", action="store_true", help="read the secret from stdin (no prompt)"
-    )
-    secret_in.add_argument(
-        "--no-verify", action="store_true", help="skip the test token request to the issuer"
-    )
-    secret_out = argparse.ArgumentParser(add_help=False)
-    secret_out.add_argument(
-        "--secret",
-        metavar="REF",
-        help="where the secret goes, written into the config as `secret = REF`: keyring "
-        "(default: the OS keyring), file:PATH (written 0600, its directory made 0700; "
-        "for a server without a Secret Service), systemd:NAME (prints the systemd-creds "
-        "line to run; for the system service)",
-    )
-    secret_out.add_argument(
-        "--force",
-        action="store_true",
-        help="replace a secret file or keyring item that holds another secret",
-    )
-    secret_out.add_argument(
-        "--default",
-        action="store_true",
-        help="make this the [server] default credential, served by GET /token (without it, "
-        "an existing single credential stays the default)",
-    )
-    return _Shared(config, config_write, key, daemon, logs, json_flag, secret_in, secret_out)
-
-
-def _daemon_commands(sub: Any, p: _Shared) -> None:
+def _daemon_commands(sub: Any) -> None:
     """serve, demo, token, list: the daemon, and asking it."""
 
-    _sub(sub, "serve", [p.config, p.logs], "run the daemon in the foreground",
+    _sub(sub, "serve", "config logs", "run the daemon in the foreground",
          "Run the daemon in the foreground: it reads the config, fetches a token for every "
          "credential, refreshes each ahead of its expiry and serves them on the listen "
          "addresses. It logs to stderr. SIGHUP (or `token-broker reload`) re-reads the "
@@ -158,7 +138,7 @@ def _daemon_commands(sub: Any, p: _Shared) -> None:
          "  token-broker serve\n"
          "  token-broker serve --config /etc/token-broker/config.toml\n"
          "  token-broker serve --log-format json\n")  # fmt: skip
-    demo = _sub(sub, "demo", [p.logs], "zero-setup demo: embedded issuer + broker",
+    demo = _sub(sub, "demo", "logs", "zero-setup demo: embedded issuer + broker",
                 "Start an OAuth issuer of its own on a random loopback port and the broker on "
                 "127.0.0.1:8765 with one credential, `demo`, whose tokens live 120 s, so that "
                 "you can watch a refresh. It needs no config and writes none; it prints the "
@@ -179,13 +159,12 @@ def _daemon_commands(sub: Any, p: _Shared) -> None:
         help='the demo tokens\' lifetime, e.g. "90s", "10m" (default 120s)',
     )
     demo.add_argument("--config", help=argparse.SUPPRESS)  # refused with a sentence
-    token = _sub(sub, "token", [p.config, p.daemon, p.key], "print a token from the daemon",
-                 "Ask the running daemon for a credential's access token and print it alone "
-                 "on stdout. Needs no config file: see --url.",
-                 "  token-broker token\n"
-                 "  TOKEN=$(token-broker token adobe)\n")  # fmt: skip
-    token.add_argument("name", nargs="?", help="credential (default: the default credential)")
-    lst = _sub(sub, "list", [p.config, p.daemon, p.key], "show each credential's state",
+    _sub(sub, "token", "config daemon key name?", "print a token from the daemon",
+         "Ask the running daemon for a credential's access token and print it alone "
+         "on stdout. Needs no config file: see --url.",
+         "  token-broker token\n"
+         "  TOKEN=$(token-broker token adobe)\n")  # fmt: skip
+    lst = _sub(sub, "list", "config daemon key", "show each credential's state",
                "Show each credential the daemon serves: provider, state, when its token "
                "expires, and the last error while the credential is not fresh (with cycling, "
                "the secret's age and the next cycle).",
@@ -194,9 +173,9 @@ def _daemon_commands(sub: Any, p: _Shared) -> None:
     lst.add_argument("--json", action="store_true", help="print the status JSON")
 
 
-def _setup_commands(sub: Any, p: _Shared) -> None:
+def _setup_commands(sub: Any) -> None:
     """add, import, remove, rotate: credentials in the config and their secrets."""
-    add = _sub(sub, "add", [p.config_write, p.key, p.json, p.secret_in, p.secret_out],
+    add = _sub(sub, "add", "config_write key json secret_in secret_out name",
                "add a credential by hand",
                "Add a credential: the secret is prompted for without echo (or read from stdin "
                "with --secret-stdin), verified with one token request, and stored where "
@@ -208,7 +187,6 @@ def _setup_commands(sub: Any, p: _Shared) -> None:
                "  printf %s \"$SECRET\" | token-broker add partner --provider oauth2 \\\n"
                "      --client-id broker --token-url https://login.example.com/oauth2/token \\\n"
                "      --secret-stdin --secret file:partner.secret\n")  # fmt: skip
-    add.add_argument("name")
     add.add_argument("--client-id", required=True)
     add.add_argument("--provider", choices=["adobe", "oauth2"], default="adobe")
     add.add_argument("--org-id", help="Adobe IMS org, e.g. ABCDEF0123456789ABCDEF01@AdobeOrg")
@@ -216,7 +194,7 @@ def _setup_commands(sub: Any, p: _Shared) -> None:
     add.add_argument("--ims-url", help="Adobe IMS base URL (default: production)")
     add.add_argument("--token-url", help="token endpoint (oauth2)")
     add.add_argument("--auth-method", choices=["client_secret_basic", "client_secret_post"])
-    imp = _sub(sub, "import", [p.config_write, p.key, p.json, p.secret_out],
+    imp = _sub(sub, "import", "config_write key json secret_out",
                "import an Adobe Developer Console project JSON",
                "Add every OAuth Server-to-Server credential of a Developer Console project "
                "download (project overview, Download): client id, scopes, IMS org and the "
@@ -236,12 +214,11 @@ def _setup_commands(sub: Any, p: _Shared) -> None:
     keep = imp.add_mutually_exclusive_group()
     keep.add_argument("--delete", action="store_true", help="delete FILE afterwards, no prompt")
     keep.add_argument("--keep", action="store_true", help="keep FILE, no prompt")
-    rm = _sub(sub, "remove", [p.config_write, p.key, p.json], "remove a credential",
-              "Remove a credential from the config and its keyring items (a file or systemd "
-              "secret is left where it is, and named), then reload a running daemon.",
-              "  token-broker remove adobe\n")  # fmt: skip
-    rm.add_argument("name")
-    rot = _sub(sub, "rotate", [p.config_write, p.key, p.json, p.secret_in],
+    _sub(sub, "remove", "config_write key json name", "remove a credential",
+         "Remove a credential from the config and its keyring items (a file or systemd "
+         "secret is left where it is, and named), then reload a running daemon.",
+         "  token-broker remove adobe\n")  # fmt: skip
+    rot = _sub(sub, "rotate", "config_write key json secret_in name",
                "rotate a secret without downtime",
                "Rotate a keyring secret in two steps while every tool keeps getting tokens: "
                "the new secret (made in the Developer Console) is verified and stored beside "
@@ -251,7 +228,6 @@ def _setup_commands(sub: Any, p: _Shared) -> None:
                "  token-broker rotate adobe\n"
                "  token-broker rotate adobe --finish\n"
                "  token-broker rotate adobe --auto\n")  # fmt: skip
-    rot.add_argument("name")
     step = rot.add_mutually_exclusive_group()
     step.add_argument("--finish", action="store_true", help="drop the old secret")
     step.add_argument("--abort", action="store_true", help="drop the new secret")
@@ -263,10 +239,10 @@ def _setup_commands(sub: Any, p: _Shared) -> None:
     )
 
 
-def _asking_commands(sub: Any, p: _Shared) -> None:
+def _asking_commands(sub: Any) -> None:
     """reload, health, exec (they ask the daemon) and doctor."""
 
-    _sub(sub, "reload", [p.config, p.daemon, p.key, p.json],
+    _sub(sub, "reload", "config daemon key json",
          "make the daemon re-read config and secrets",
          "Ask the running daemon to re-read its config file and secrets, as SIGHUP does: "
          "added credentials start, removed ones stop, changed ones refresh, the others keep "
@@ -275,79 +251,14 @@ def _asking_commands(sub: Any, p: _Shared) -> None:
          "its unix socket.",
          "  token-broker reload\n"
          "  token-broker reload --key-file /etc/token-broker/admin.key\n")  # fmt: skip
-    health = _sub(sub, "health", [p.config, p.daemon, p.key],
+    health = _sub(sub, "health", "config daemon key",
                   "exit 0 if the daemon is healthy (container probes)",
                   "Exit 0 if the daemon answers /healthz (with --ready: /readyz, every "
                   "credential has a servable token), else 1 with the reason on stderr.",
                   "  token-broker health --ready\n")  # fmt: skip
     health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
-    _exec_parser(sub, [p.config, p.daemon, p.key])
-    doc = _sub(sub, "doctor", [p.config, p.json], "check the setup",
-               "Check the setup, one line per check: the config file, file modes, the "
-               "keyring, listen addresses, TLS files, every credential's secret and, unless "
-               "--offline, one token request per credential. Exit 1 when a check fails.",
-               "  token-broker doctor\n"
-               "  token-broker doctor --offline --json\n")  # fmt: skip
-    doc.add_argument("--offline", action="store_true", help="no token requests to issuers")
-
-
-def _client_commands(sub: Any, p: _Shared) -> None:
-    """client add, remove, list: the keys tools show the daemon."""
-    client = _sub(sub, "client", [], "client keys: who may read which token",
-                  "Client keys let each tool read only its own credentials. Once one exists, "
-                  "every token and status request needs `Authorization: Bearer KEY`.",
-                  "  token-broker client add ci --credentials adobe > ci.key\n"
-                  "  token-broker client list\n")  # fmt: skip
-    client_sub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
-    cadd = _sub(client_sub, "add", [p.config_write, p.key, p.json],
-                "create a client key (printed once)",
-                "Create a client key allowed to read the named credentials and print it, "
-                "alone on stdout, once: the config keeps only its SHA-256. Adding the first "
-                "client makes every other reader need a key too.",
-                "  (umask 077; token-broker client add ci --credentials adobe > ci.key)\n"
-                "  token-broker client add ops --credentials '*'\n")  # fmt: skip
-    cadd.add_argument("name")
-    cadd.add_argument(
-        "--credentials", required=True, help='comma-separated credential names, or "*" for all'
-    )
-    cadd.add_argument("--replace", action="store_true", help="give an existing client a new key")
-    crm = _sub(client_sub, "remove", [p.config_write, p.key, p.json], "remove a client",
-               "Remove a client from the config: its key stops working once the daemon has "
-               "reloaded (this command asks it to).",
-               "  token-broker client remove ci\n")  # fmt: skip
-    crm.add_argument("name")
-    _sub(client_sub, "list", [p.config, p.json], "show the clients",
-         "Show each client and the credentials its key may read, from the config (the keys "
-         "themselves are not kept anywhere: only their SHA-256).",
-         "  token-broker client list --json\n")  # fmt: skip
-
-
-def _tls_commands(sub: Any, p: _Shared) -> None:
-    """tls init, ca: the local CA of the HTTPS listeners (the work is in broker/tls.py)."""
-    tls = _sub(sub, "tls", [], "the local CA of the HTTPS (IMS) listener",
-               "The local CA that signs the certificate of the HTTPS listeners (ims_listen, "
-               "tls_listen): create it, and print the files clients must trust.",
-               "  token-broker tls init\n"
-               "  token-broker tls ca --bundle\n")  # fmt: skip
-    tls_sub = tls.add_subparsers(dest="tls_command", required=True, metavar="ACTION")
-    _sub(tls_sub, "init", [p.config], "create the local CA (once)",
-         "Create the local CA (an ECDSA key, mode 0600, and a certificate limited to "
-         "loopback names) in the state directory; an existing one is left alone.",
-         "  token-broker tls init\n")  # fmt: skip
-    tls_ca = _sub(tls_sub, "ca", [p.config], "print the CA certificate's path",
-                  "Print the path of the local CA's certificate alone on stdout (with "
-                  "--bundle: of a bundle of the system's CAs plus the broker's).",
-                  "  export REQUESTS_CA_BUNDLE=$(token-broker tls ca --bundle)\n")  # fmt: skip
-    tls_ca.add_argument(
-        "--bundle",
-        action="store_true",
-        help="print instead the path of a bundle of the system's CAs plus the broker's "
-        "(for REQUESTS_CA_BUNDLE, which replaces requests' trust store)",
-    )
-
-
-def _exec_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    ex = _sub(sub, "exec", parents, "run a command with the token in its environment",
+    ex = _sub(sub, "exec", "config daemon key name?",
+              "run a command with the token in its environment",
               "Run COMMAND with a credential's token in its environment "
               "(TOKEN_BROKER_ACCESS_TOKEN, TOKEN_BROKER_EXPIRES_AT and, for Adobe, "
               "TOKEN_BROKER_API_KEY and TOKEN_BROKER_ORG_ID), as `aws-vault exec` does. The "
@@ -357,7 +268,6 @@ def _exec_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
               "  token-broker exec --env AUTH=authorization -- my-tool --verbose\n",
               usage="token-broker exec [NAME] [--env VAR=FIELD]... [--min-remaining DUR] "
               "[--pass-key] [--url URL] -- COMMAND [ARG...]")  # fmt: skip
-    ex.add_argument("name", nargs="?", help="credential (default: the default credential)")
     ex.add_argument(
         "--env",
         action="append",
@@ -375,4 +285,64 @@ def _exec_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--pass-key",
         action="store_true",
         help="leave $TOKEN_BROKER_CLIENT_KEY(_FILE) in the command's environment",
+    )
+    doc = _sub(sub, "doctor", "config json", "check the setup",
+               "Check the setup, one line per check: the config file, file modes, the "
+               "keyring, listen addresses, TLS files, every credential's secret and, unless "
+               "--offline, one token request per credential. Exit 1 when a check fails.",
+               "  token-broker doctor\n"
+               "  token-broker doctor --offline --json\n")  # fmt: skip
+    doc.add_argument("--offline", action="store_true", help="no token requests to issuers")
+
+
+def _client_commands(sub: Any) -> None:
+    """client add, remove, list: the keys tools show the daemon."""
+    client = _sub(sub, "client", "", "client keys: who may read which token",
+                  "Client keys let each tool read only its own credentials. Once one exists, "
+                  "every token and status request needs `Authorization: Bearer KEY`.",
+                  "  token-broker client add ci --credentials adobe > ci.key\n"
+                  "  token-broker client list\n")  # fmt: skip
+    client_sub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    cadd = _sub(client_sub, "add", "config_write key json name",
+                "create a client key (printed once)",
+                "Create a client key allowed to read the named credentials and print it, "
+                "alone on stdout, once: the config keeps only its SHA-256. Adding the first "
+                "client makes every other reader need a key too.",
+                "  (umask 077; token-broker client add ci --credentials adobe > ci.key)\n"
+                "  token-broker client add ops --credentials '*'\n")  # fmt: skip
+    cadd.add_argument(
+        "--credentials", required=True, help='comma-separated credential names, or "*" for all'
+    )
+    cadd.add_argument("--replace", action="store_true", help="give an existing client a new key")
+    _sub(client_sub, "remove", "config_write key json name", "remove a client",
+         "Remove a client from the config: its key stops working once the daemon has "
+         "reloaded (this command asks it to).",
+         "  token-broker client remove ci\n")  # fmt: skip
+    _sub(client_sub, "list", "config json", "show the clients",
+         "Show each client and the credentials its key may read, from the config (the keys "
+         "themselves are not kept anywhere: only their SHA-256).",
+         "  token-broker client list --json\n")  # fmt: skip
+
+
+def _tls_commands(sub: Any) -> None:
+    """tls init, ca: the local CA of the HTTPS listeners (the work is in broker/tls.py)."""
+    tls = _sub(sub, "tls", "", "the local CA of the HTTPS (IMS) listener",
+               "The local CA that signs the certificate of the HTTPS listeners (ims_listen, "
+               "tls_listen): create it, and print the files clients must trust.",
+               "  token-broker tls init\n"
+               "  token-broker tls ca --bundle\n")  # fmt: skip
+    tls_sub = tls.add_subparsers(dest="tls_command", required=True, metavar="ACTION")
+    _sub(tls_sub, "init", "config", "create the local CA (once)",
+         "Create the local CA (an ECDSA key, mode 0600, and a certificate limited to "
+         "loopback names) in the state directory; an existing one is left alone.",
+         "  token-broker tls init\n")  # fmt: skip
+    tls_ca = _sub(tls_sub, "ca", "config", "print the CA certificate's path",
+                  "Print the path of the local CA's certificate alone on stdout (with "
+                  "--bundle: of a bundle of the system's CAs plus the broker's).",
+                  "  export REQUESTS_CA_BUNDLE=$(token-broker tls ca --bundle)\n")  # fmt: skip
+    tls_ca.add_argument(
+        "--bundle",
+        action="store_true",
+        help="print instead the path of a bundle of the system's CAs plus the broker's "
+        "(for REQUESTS_CA_BUNDLE, which replaces requests' trust store)",
     )

@@ -11,13 +11,13 @@ prints: no answer is parsed twice.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker.cli import warn
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -55,39 +55,27 @@ def connect(
 
     url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
     headers: dict[str, str] = {}
-    if not url:
-        url, headers = _config_address(args, admin=admin)
+    if not url:  # the config is read (a costly import) only when it is where to look
+        from broker import config
+        from broker.config import TcpListen, UnixListen
+
+        explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
+        if explicit or config.config_path().exists():  # else: the default address
+            settings = config.load(args.config)
+            listens = settings.server.listen
+            unix = [x for x in listens if isinstance(x, UnixListen)]
+            listen = unix[0] if admin and unix else listens[0]
+            url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
+            header = settings.server.require_header
+            # broker.client always sends X-Token-Broker: 1; a config may name another header.
+            if header and header.lower() != "x-token-broker":
+                headers[header] = "1"
     return TokenBroker(url, key=client_key(args), timeout=timeout, headers=headers)
 
 
-def _config_address(
-    args: argparse.Namespace, *, admin: bool = False
-) -> tuple[str | None, dict[str, str]]:
-    """The config file's listen address to ask (None: no config file, the default)."""
-    import os
-
-    from broker import config
-    from broker.config import TcpListen, UnixListen
-
-    explicit = args.config or os.environ.get("TOKEN_BROKER_CONFIG")
-    if not explicit and not config.config_path().exists():
-        return None, {}
-    settings = config.load(args.config)
-    listens = settings.server.listen
-    unix = [x for x in listens if isinstance(x, UnixListen)]
-    listen = unix[0] if admin and unix else listens[0]
-    url = f"http://{listen}" if isinstance(listen, TcpListen) else str(listen)
-    header = settings.server.require_header
-    # broker.client always sends X-Token-Broker: 1; a config may name another header.
-    return url, ({header: "1"} if header and header.lower() != "x-token-broker" else {})
-
-
 def client_key(args: argparse.Namespace) -> str | None:
-    """The client key from --key-file (never a command-line value).
-
-    Without it broker.client reads $TOKEN_BROKER_CLIENT_KEY, else the file
-    $TOKEN_BROKER_CLIENT_KEY_FILE names.
-    """
+    """The client key from --key-file (never a command-line value); without it broker.client
+    reads $TOKEN_BROKER_CLIENT_KEY, else the file $TOKEN_BROKER_CLIENT_KEY_FILE names."""
     path = getattr(args, "key_file", None)
     if not path:
         return None
@@ -110,21 +98,14 @@ def refusal(exc: BrokerClientError) -> str:
 
 
 def explain(exc: BrokerClientError, url: str, *, admin: bool = False) -> str:
-    """Why the daemon did not do what was asked, and what to do about it.
-
-    ``admin``: a reload or a cycle, which a 401 or 403 refuses for want of a key
-    whose credentials are "*": the ways to get past it, the signal included.
-    """
+    """Why the daemon did not do what was asked, and what to do about it. ``admin``: a
+    reload or a cycle, which a 401 or 403 refuses for want of a key whose credentials
+    are "*": the ways to get past it, the signal included."""
     if admin and exc.status in (401, 403):
         return f"{refusal(exc)}; {admin_advice(url)}"
     if exc.status == 401:
         return f"{refusal(exc)}; {KEY_HINT}"
     return refusal(exc)
-
-
-class Refused(BrokerError):
-    """The daemon did not do what a command asked: :func:`explain`'s sentence, which
-    ``main`` prints (exit status 1)."""
 
 
 @contextmanager
@@ -136,20 +117,20 @@ def asking(
     timeout: float = TIMEOUT,
 ) -> Iterator[TokenBroker]:
     """:func:`connect`'s client for the block, closed after it; a client error raised in
-    the block becomes :class:`Refused` with :func:`explain`'s sentence."""
+    the block becomes a BrokerError with :func:`explain`'s sentence, which ``main`` prints
+    (exit status 1)."""
     from broker.client import BrokerClientError
 
     with connect(args, from_config=from_config, admin=admin, timeout=timeout) as broker:
         try:
             yield broker
         except BrokerClientError as exc:
-            raise Refused(explain(exc, broker.url, admin=admin)) from None
+            raise BrokerError(explain(exc, broker.url, admin=admin)) from None
 
 
 def admin_advice(url: str) -> str:
     """What to do when the daemon refused an administrator's request for want of a key."""
-    pid = _daemon_pid(url)
-    hup = f"`kill -HUP {pid}`" if pid else "`kill -HUP <pid of token-broker serve>`"
+    hup = f"`kill -HUP {_daemon_pid(url) or '<pid of token-broker serve>'}`"
     advice = (
         'ask it with a client key whose credentials are "*" (--key-file PATH or '
         "$TOKEN_BROKER_CLIENT_KEY_FILE), or reload it by signal: "
@@ -191,26 +172,20 @@ def _daemon_pid(url: str) -> int | None:
 def _listener_pid(port: int) -> int | None:
     """The process listening on loopback TCP ``port``, from /proc (Linux)."""
     import os
+    from contextlib import suppress
 
-    inodes = set()
+    rows: list[list[str]] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    for entry in os.listdir("/proc") if inodes else ():
-        if not entry.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
-                    return int(entry)
-        except OSError:
-            continue
+        with suppress(OSError):
+            rows += [line.split() for line in Path(table).read_text().splitlines()[1:]]
+    # State 0A is LISTEN; the local address ends in ":PORT", in hex.
+    listening = [f for f in rows if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port]
+    inodes = {f"socket:[{f[9]}]" for f in listening}
+    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()) if inodes else ():
+        with suppress(OSError):  # gone, or not ours to read
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                return int(pid)
     return None
 
 
@@ -228,7 +203,7 @@ class Reloaded:
     def exit_status(self) -> int:
         """0, or 1 (the problem printed) when the daemon refused to take the change."""
         if self.problem:
-            print(f"token-broker: {self.problem}", file=sys.stderr)
+            warn(self.problem)
         return 0 if self.ok else 1
 
 

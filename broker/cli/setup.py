@@ -12,11 +12,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from broker.cli import print_result
+from broker.cli import Usage, print_result, warn
 from broker.cli.running import reload_after_edit
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
     from broker.cli.operations import Added
@@ -47,18 +47,15 @@ def add(args: argparse.Namespace) -> int:
                             force=args.force, make_default=args.default)  # fmt: skip
     reload = reload_after_edit(args)
     verified = "verified with the issuer, " if added.verified else ""
-    where = added.stored.where if added.stored else "the keyring"
-    done = "secret stored in" if added.secrets_stored else "secret to go to"
+    where = added.stored.where
+    done = "secret stored in" if added.stored.count else "secret to go to"
     lines = [f"added {added.name}: {verified}{done} {where}, {added.config} "
              f"{'created' if not doc.existed else 'updated'}; {reload.note}",
-             *_secret_lines(added)]  # fmt: skip
-    if line := _default_line(added):
-        lines.append(line)
+             *_notes(added)]  # fmt: skip
     print_result(
         args,
         {"added": added.name, "config": str(added.config), "verified": added.verified,
-         "secret": where, "todo": added.stored.todo if added.stored else [],
-         "default": added.default if added.default_written else None,
+         "secret": where, "todo": added.stored.todo, "default": added.default,
          "daemon": reload.note, "daemon_reloaded": reload.ok},
         "\n".join(lines),
     )  # fmt: skip
@@ -72,15 +69,11 @@ def import_project(args: argparse.Namespace) -> int:
     path = Path(args.file)
     found, refused = read_console_json(path)
     for line in refused:
-        print(f"token-broker: skipped {line}", file=sys.stderr)
+        warn(f"skipped {line}")
     if not found:
-        print(f"token-broker: {path}: no OAuth Server-to-Server credential to import",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        raise ConfigError(f"{path}: no OAuth Server-to-Server credential to import")
     if args.name and len(found) > 1:
-        print("token-broker: --name needs a file with one OAuth Server-to-Server credential",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        raise Usage("--name needs a file with one OAuth Server-to-Server credential")
     names = [args.name] if args.name else default_names(found)
     refs = [_secret_ref(args, n, several=len(found) > 1) for n in names]
     doc = _document(args)
@@ -89,64 +82,54 @@ def import_project(args: argparse.Namespace) -> int:
         force=args.force, make_default=args.default,
     )  # fmt: skip
     reload = reload_after_edit(args)
-    todo = any(a.stored and a.stored.todo for a in done)
-    deleted = _offer_delete(args, path, needed=todo)
-    cycling = {a.name: _cycling_note(c) for a, c in zip(done, found, strict=True)}
+    deleted = _offer_delete(args, path, needed=any(a.stored.todo for a in done))
     lines = []
     for a, c in zip(done, found, strict=True):
-        where = a.stored.where if a.stored else "the keyring"
-        lines.append(f"imported {a.name} (from {c.name!r}; {a.secrets_stored} secret(s) to "
-                     f"{where}); {cycling[a.name][0]}")  # fmt: skip
-        lines += _secret_lines(a)
-        if default_note := _default_line(a):
-            lines.append(default_note)
+        lines.append(f"imported {a.name} (from {c.name!r}; {a.stored.count} secret(s) to "
+                     f"{a.stored.where}); {_cycling_note(c)}")  # fmt: skip
+        lines += _notes(a)
     lines.append(f"{done[0].config} {'created' if not doc.existed else 'updated'}; {reload.note}")
     print_result(
         args,
         {"imported": [a.name for a in done], "skipped": refused, "file_deleted": deleted,
          "config": str(done[0].config), "daemon": reload.note, "daemon_reloaded": reload.ok,
-         "todo": {a.name: a.stored.todo for a in done if a.stored and a.stored.todo},
-         "default": next((a.default for a in done if a.default_written), None),
-         "secret_cycling": {n: t for n, (_, t) in cycling.items()}},
+         "todo": {a.name: a.stored.todo for a in done if a.stored.todo},
+         "default": next((a.default for a in done if a.default), None),
+         "secret_cycling": {a.name: {"credential_id": c.credential_id,
+                                     "console_org_id": c.console_org_id,
+                                     "management_api": c.management_api}
+                            for a, c in zip(done, found, strict=True)}},
         "\n".join(lines),
     )  # fmt: skip
     return reload.exit_status()
 
 
-def _cycling_note(found: ConsoleCredential) -> tuple[str, dict[str, Any]]:
-    """Whether the imported credential can cycle its secret: a sentence, and the JSON facts."""
-    facts = {
-        "credential_id": found.credential_id,
-        "console_org_id": found.console_org_id,
-        "management_api": found.management_api,
-    }
+def _cycling_note(found: ConsoleCredential) -> str:
+    """Whether the imported credential can cycle its secret, in a sentence."""
     if not (found.credential_id and found.console_org_id):
-        return "secret cycling: the file has no credential id or Console org id", facts
+        return "secret cycling: the file has no credential id or Console org id"
     if not found.management_api:
         return (
             "secret cycling: the project does not list the I/O Management API "
-            "(AdobeIOManagementAPISDK); add it in the Developer Console, then set rotate_every",
-            facts,
+            "(AdobeIOManagementAPISDK); add it in the Developer Console, then set rotate_every"
         )
-    return 'secret cycling possible: set rotate_every (e.g. "30d") to turn it on', facts
+    return 'secret cycling possible: set rotate_every (e.g. "30d") to turn it on'
 
 
 def _offer_delete(args: argparse.Namespace, path: Path, *, needed: bool = False) -> bool:
-    """Delete the project JSON (it holds the secret in plain text) if the user wants.
-
-    ``needed``: a secret is still to be copied out of it (``systemd-creds encrypt``), so
-    it is kept whatever was asked, and the user is told to delete it afterwards.
-    """
+    """Delete the project JSON (it holds the secret in plain text) if the user wants;
+    unless ``needed``: a secret is still to be copied out of it (``systemd-creds encrypt``),
+    so it is kept whatever was asked, and the user is told to delete it afterwards."""
     warning = f"{path} holds the client secret in plain text"
     if needed:
-        print(f"token-broker: {warning}: kept for the systemd-creds line above; delete it "
-              "once the secret is encrypted", file=sys.stderr)  # fmt: skip
+        warn(f"{warning}: kept for the systemd-creds line above; delete it once the secret "
+             "is encrypted")  # fmt: skip
         return False
     if args.delete:
         answer = True
     elif args.keep or not sys.stdin.isatty():
         if not args.keep:
-            print(f"token-broker: {warning}: delete it (or pass --delete)", file=sys.stderr)
+            warn(f"{warning}: delete it (or pass --delete)")
         answer = False
     else:
         answer = input(f"{warning}. Delete it now? [y/N] ").strip().lower() in ("y", "yes")
@@ -206,14 +189,9 @@ def client(args: argparse.Namespace) -> int:
 
     doc = _document(args)
     if args.client_command == "list":
-        clients = {
-            name: list(table.get("credentials", [])) for name, table in doc.clients().items()
-        }
-        print_result(
-            args,
-            {"clients": clients},
-            "\n".join(f"{n}: {', '.join(c)}" for n, c in clients.items()) or "no clients",
-        )
+        clients = {n: list(table.get("credentials", [])) for n, table in doc.clients().items()}
+        text = "\n".join(f"{n}: {', '.join(c)}" for n, c in clients.items()) or "no clients"
+        print_result(args, {"clients": clients}, text)
         return 0
     if args.client_command == "remove":
         doc.remove_client(args.name)
@@ -239,26 +217,23 @@ def client(args: argparse.Namespace) -> int:
                           "daemon": reload.note, "daemon_reloaded": reload.ok}))  # fmt: skip
     else:
         print(key)  # alone on stdout, so KEY=$(token-broker client add ...) works
-    notes = [f"client {args.name} may read {', '.join(names)}; this key is shown only now (the "
-             f"config keeps its SHA-256); {reload.note}"]  # fmt: skip
+    warn(f"client {args.name} may read {', '.join(names)}; this key is shown only now (the "
+         f"config keeps its SHA-256); {reload.note}")  # fmt: skip
     if tightened:
-        notes.append(f"{tightened} holds a key: made it mode 0600")
+        warn(f"{tightened} holds a key: made it mode 0600")
     if first:
-        notes.append(
+        warn(
             "this is the first client key: from now on every token and status request needs "
             "one (`curl /token` without Authorization: Bearer KEY is 401), so give each tool "
             "on this host its key, or a key file in $TOKEN_BROKER_CLIENT_KEY_FILE"
         )
-    print("token-broker: " + "\ntoken-broker: ".join(notes), file=sys.stderr)
     return reload.exit_status()
 
 
 def _private_stdout() -> str | None:
-    """Make stdout's file 0600 when it is a file others may read (``> key.txt``).
-
+    """Make stdout's file 0600 when others may read it (``> key.txt``); its path, if so.
     The key goes to stdout so that a user can redirect it; a shell creates that file
-    with its umask, usually 0644. Returns the file's path when its mode was narrowed.
-    """
+    with its umask, usually 0644."""
     import os
     import stat
 
@@ -287,8 +262,7 @@ def _document(args: argparse.Namespace) -> ConfigDocument:
 
 def _read_secret(args: argparse.Namespace, prompt: str) -> str:
     if args.secret_stdin:
-        secret = sys.stdin.read()
-        return secret[:-1] if secret.endswith("\n") else secret
+        return sys.stdin.read().removesuffix("\n")
     import getpass
 
     if not sys.stdin.isatty():
@@ -298,10 +272,8 @@ def _read_secret(args: argparse.Namespace, prompt: str) -> str:
 
 def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> str | None:
     """The ``secret = …`` of a new credential from --secret (None: the default, keyring).
-
-    ``file:~/x`` and a relative ``file:x`` are made absolute here, as a shell would
-    not; ``file:DIR/`` and a bare ``systemd`` name one place per credential.
-    """
+    ``file:~/x`` and a relative ``file:x`` are made absolute here, as a shell would not;
+    ``file:DIR/`` and a bare ``systemd`` name one place per credential."""
     import os
 
     text: str | None = getattr(args, "secret", None)
@@ -328,26 +300,22 @@ def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> s
     return text
 
 
-def _secret_lines(added: Added) -> list[str]:
-    """What the user still has to do for the secret (systemd: encrypt it for the service)."""
-    stored = added.stored
-    if stored is None or not stored.todo:
-        return []
-    encrypt, load = stored.todo
-    return [
-        f"  {encrypt}    # as root; reads the client secret on stdin: paste it, then Ctrl-D",
-        f"  and in the unit (systemctl edit token-broker): {load}",
-    ]
-
-
-def _default_line(added: Added) -> str | None:
-    """A warning when ``[server] default`` was written for this addition."""
-    if not added.default_written:
-        return None
+def _notes(added: Added) -> list[str]:
+    """What the user still has to do for the secret (systemd: encrypt it for the service),
+    and a warning when this addition wrote ``[server] default``."""
+    lines = []
+    if added.stored.todo:
+        encrypt, load = added.stored.todo
+        lines += [
+            f"  {encrypt}    # as root; reads the client secret on stdin: paste it, then Ctrl-D",
+            f"  and in the unit (systemctl edit token-broker): {load}",
+        ]
     if added.default == added.name:
-        return f"{added.name} is now the [server] default: GET /token serves it"
-    return (
-        f'[server] default = "{added.default}" written: GET /token, `token-broker token` and '
-        f"TokenBroker().token() keep serving {added.default}; ask for the new one by name "
-        f"(/token/{added.name}), or pass --default to make it the default"
-    )
+        lines.append(f"{added.name} is now the [server] default: GET /token serves it")
+    elif added.default is not None:
+        lines.append(
+            f'[server] default = "{added.default}" written: GET /token, `token-broker token` and '
+            f"TokenBroker().token() keep serving {added.default}; ask for the new one by name "
+            f"(/token/{added.name}), or pass --default to make it the default"
+        )
+    return lines
