@@ -151,6 +151,7 @@ def test_first_credential_as_a_normal_user_without_a_secret_service(issuer, home
 # -- docs/credentials.md -------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("port-8765")  # import asks the daemon on the default address
 def test_import_a_project_into_the_keyring_and_into_a_file(issuer, own_secret_service, home):
     users_config(home)  # as root: see test_first_credential_with_a_keyring
     secret = new_secret()

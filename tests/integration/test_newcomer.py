@@ -441,6 +441,7 @@ def test_list_shows_a_last_error_only_while_it_matters(start_broker, issuer, cap
     assert row[2] == "fresh" and row[-1] == "-", row
 
 
+@pytest.mark.xdist_group("port-8765")  # import asks the daemon on the default address
 def test_imported_credentials_are_named_after_the_project(tmp_path, monkeypatch, capsys):
     exported = tmp_path / "project.json"
     exported.write_text(json.dumps(project("My Project", "c1", "ONE", credentials=2)))
