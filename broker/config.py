@@ -326,8 +326,9 @@ class VaultSettings(Model):
         for key in needed:
             if getattr(self, key) is None:
                 raise KeyProblem(key, f'auth = "{self.auth}" needs {" and ".join(needed)}')
-        for key in {k for keys in self.NEEDS.values() for k in keys} - set(needed):
-            if getattr(self, key) is not None:
+        # In NEEDS' order, not a set's: the key an error names is the same in every run.
+        for key in dict.fromkeys(k for keys in self.NEEDS.values() for k in keys):
+            if key not in needed and getattr(self, key) is not None:
                 raise KeyProblem(key, f'not used with auth = "{self.auth}"')
         return self
 
@@ -496,7 +497,7 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         where = f"[credentials.{name}]"
         # Not a table: any provider's model says "expected a table".
         provider = table.get("provider") if isinstance(table, dict) else "adobe"
-        if provider not in PROVIDERS:
+        if not isinstance(provider, str) or provider not in PROVIDERS:
             kinds = " or ".join(f'"{p}"' for p in PROVIDERS)
             raise ConfigError(f"{source}: {where} provider: expected {kinds}, got {provider!r}")
         context = {"name": name, "refresh": defaults}

@@ -25,7 +25,7 @@ from broker.client import KEY_ENV, KEY_FILE_ENV, BrokerClientError, TokenBroker
 from broker.variables import FIELDS, TokenExport, variables
 
 DEFAULT_MIN_REMAINING = 600.0  # "10m"
-_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a variable name sh accepts
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # a variable name sh accepts
 #: Token and headers come from two requests; a refresh between them is retried this often.
 _ATTEMPTS = 3
 

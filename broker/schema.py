@@ -34,9 +34,9 @@ from broker.tokens import RefreshPolicy
 if TYPE_CHECKING:
     from broker.providers.base import TokenRequest
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
 _DEFAULT_POLICY = RefreshPolicy()
 
 
@@ -170,7 +170,7 @@ RESERVED_HEADERS = frozenset(
         "x-token-broker",
     }
 )  # fmt: skip
-_TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2
+_TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # RFC 9110 §5.6.2
 
 
 def check_header(name: str, value: object) -> tuple[str, str]:

@@ -445,7 +445,7 @@ def test_unbelievable_times_are_unknown_not_fatal(created):
     assert _remote(item).created_at is None
 
 
-@pytest.mark.parametrize("uuid", ["..", "a/b", "x#y", "a%2fb", "", "a" * 101, 7])
+@pytest.mark.parametrize("uuid", ["..", "a/b", "x#y", "a%2fb", "", "a" * 101, 7, "a-b\n"])
 def test_a_uuid_that_could_change_the_url_is_refused(world, uuid):
     from broker.cycling.console import _remote
 

@@ -38,7 +38,8 @@ def test_split_command_at_the_first_double_dash():
 
 def test_parse_env():
     assert parse_env(["A=access_token", "_B1=org_id"]) == [("A", "access_token"), ("_B1", "org_id")]
-    for bad in ("A", "1A=access_token", "A-B=access_token", "A=token", "A=", "=access_token"):
+    bad_ones = ("A", "1A=access_token", "A-B=access_token", "A=token", "A=", "=access_token")
+    for bad in (*bad_ones, "A\n=access_token"):
         with pytest.raises(UsageError):
             parse_env([bad])
 

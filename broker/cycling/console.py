@@ -28,7 +28,7 @@ log = logging.getLogger("broker.cycle")
 
 HOLD_HINT = "is the I/O Management API added to the credential's project in the Developer Console?"
 #: What a secret's uuid may look like: it goes into a URL path (no '/', '.', '#', '%').
-UUID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+UUID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}\Z")  # "$" would let "uuid\n" through
 #: Times outside these years are not believed (epoch seconds, 2000 to 2100).
 EARLIEST, LATEST = 946_684_800.0, 4_102_444_800.0
 
