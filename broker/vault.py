@@ -17,7 +17,6 @@ address, the operation and path, and Vault's own ``errors`` text.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -374,7 +373,7 @@ class Vault:
             raise self._error(what, why, "unreachable") from None
         except BrokerError as exc:  # an answer too long to read
             raise self._error(what, str(exc), "error") from None
-        body = _json(answer.body)
+        body = upstream.json_object(answer)
         if answer.status == 200 and body is None:  # a proxy's page, say: not Vault's answer
             raise self._error(what, "unexpected answer (not a JSON object)", "error")
         if answer.status in (200, 204) or (
@@ -418,14 +417,6 @@ def _reason(status: int, text: str) -> str:
     if 400 <= status < 500:
         return "invalid"
     return "error"
-
-
-def _json(body: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _dig(value: Any, *keys: str) -> Any:
