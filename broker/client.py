@@ -236,7 +236,7 @@ class TokenBroker(_Base):
         if client is not None:
             client.close()
 
-    def _pool(self) -> httpx.Client:
+    def _run(self, flow: Flow[T]) -> T:
         client = self._client
         if client is None:
             with self._lock:
@@ -247,10 +247,7 @@ class TokenBroker(_Base):
                         transport=self._endpoint.transport(), trust_env=False
                     )
                 client = self._client
-        return client
-
-    def _run(self, flow: Flow[T]) -> T:
-        return _drive_sync(self, self._pool(), flow)
+        return _drive_sync(self, client, flow)
 
     def token(self, name: str | None = None) -> str:
         """The access token of ``name``, nothing else."""

@@ -31,7 +31,6 @@ import httpx
 
 from broker import upstream
 from broker.errors import BrokerError, SecretError
-from broker.upstream import send_bounded, transport_failure
 
 log = logging.getLogger("broker.vault")
 
@@ -365,11 +364,11 @@ class Vault:
         what = f"{method} {path}"
         try:
             async with asyncio.timeout(self.timeout):
-                answer = await send_bounded(self._client, method, url, headers, json=json)
+                answer = await upstream.send_bounded(self._client, method, url, headers, json=json)
         except TimeoutError:
             raise self._error(what, f"no answer within {self.timeout:g}s", "unreachable") from None
         except httpx.HTTPError as exc:
-            why = transport_failure(exc, url, "Vault")[1]
+            why = upstream.transport_failure(exc, url, "Vault")[1]
             raise self._error(what, why, "unreachable") from None
         except BrokerError as exc:  # an answer too long to read
             raise self._error(what, str(exc), "error") from None
