@@ -12,6 +12,7 @@ SIGTERM, with systemd's notifications, SIGHUP reloads and the watchdog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -377,10 +378,8 @@ async def _watchdog(interval: float) -> None:
 
 async def _reload(daemon: Daemon) -> None:
     log.info("SIGHUP received: reloading")
-    try:
+    with contextlib.suppress(BrokerError):  # already logged; the running state stays
         await daemon.reload_file()
-    except BrokerError:
-        pass  # already logged; the running state stays
 
 
 def _connection_limit(settings: Settings, sockets: list[socket.socket]) -> int:
