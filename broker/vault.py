@@ -76,10 +76,6 @@ class Login:
     role: str = ""
     mount: str = ""
 
-    @property
-    def path(self) -> str:
-        return f"auth/{self.mount or self.method}/login"
-
 
 @dataclass(frozen=True)
 class Document:
@@ -299,7 +295,8 @@ class Vault:
             if self.login.method == "approle"
             else {"role": self.login.role, "jwt": credential}
         )
-        answer = await self._send("POST", self.login.path, body, None)
+        path = f"auth/{self.login.mount or self.login.method}/login"
+        answer = await self._send("POST", path, body, None)
         return self._hold(answer, renewed=False)
 
     def _hold(self, answer: dict[str, Any] | None, *, renewed: bool) -> str:
