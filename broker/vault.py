@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -427,19 +426,12 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-_RFC3339 = re.compile(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
-
-
 def _time(value: object) -> float:
-    """Vault's RFC 3339 time (0-9 fraction digits, ``Z`` or an offset) as epoch seconds; 0.0
-    if unreadable. The zone is kept: a time read as local would be off across DST."""
-    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        return 0.0
-    head, fraction, zone = match.groups()
-    # Python reads at most 6 fraction digits; Vault writes up to 9.
-    text = f"{head}.{(fraction or '0')[:6]}{'+00:00' if zone == 'Z' else zone}"
+    """Vault's RFC 3339 time (up to 9 fraction digits, of which Python keeps 6; ``Z`` or an
+    offset) as epoch seconds; 0.0 if unreadable, or without a zone: read as local, a time
+    would be off across DST."""
     try:
-        return datetime.fromisoformat(text).timestamp()
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         return 0.0
+    return when.timestamp() if when is not None and when.tzinfo is not None else 0.0
