@@ -25,7 +25,6 @@ from broker.cycling import Cycler
 from broker.errors import BrokerError, CycleError, Refused, UnknownCredential
 from broker.manager import Credential, Manager
 from broker.metrics import Gauges, RequestCounters, render
-from broker.net import is_loopback
 from broker.stores import VaultRef, VaultSession
 from broker.tokens import Clock, rfc3339
 
@@ -100,7 +99,7 @@ class BrokerApp:
                     return
                 client = None  # root or the daemon's user on the unix socket: see access.py
             scope.setdefault("extensions", {})[access.CLIENT] = client
-        elif not guarded and self._remote and _remote_peer(scope):
+        elif not guarded and self._remote and guards.remote_peer(scope):
             if await self._remote_probe(scope, path, send):
                 return
         if scope["method"] == "GET" and (path == "/token" or path.startswith("/token/")):
@@ -189,14 +188,6 @@ class BrokerApp:
     async def _denied(self, send: Send, exc: Refused) -> None:
         self.counters.rejected[exc.rule] += 1
         await respond_error(send, exc)
-
-
-def _remote_peer(scope: Scope) -> bool:
-    """A TCP peer outside loopback (only admitted with allow_remote)."""
-    server, client = scope.get("server"), scope.get("client")
-    if server is not None and server[1] is None:
-        return False  # a unix socket
-    return client is None or not is_loopback(client[0])
 
 
 def _logged(scope: Scope, send: Send) -> Send:

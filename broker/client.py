@@ -180,12 +180,11 @@ def _drive_sync(base: _Base, client: httpx.Client, flow: Flow[T]) -> T:
                 response = client.send(request)
             except _SEND_FAILED as exc:
                 failure = base._unavailable(exc, request.headers)
-            else:
-                call = flow.send(response)
-                continue
-            raise failure  # here, so httpx's error (with its text) is not its context
+                break
+            call = flow.send(response)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
+    raise failure  # here, so httpx's error (with its text) is not its context
 
 
 async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) -> T:
@@ -197,12 +196,11 @@ async def _drive_async(base: _Base, client: httpx.AsyncClient, flow: Flow[T]) ->
                 response = await client.send(request)
             except _SEND_FAILED as exc:
                 failure = base._unavailable(exc, request.headers)
-            else:
-                call = flow.send(response)
-                continue
-            raise failure  # here, so httpx's error (with its text) is not its context
+                break
+            call = flow.send(response)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
+    raise failure  # here, so httpx's error (with its text) is not its context
 
 
 class TokenBroker(_Base):
@@ -236,7 +234,7 @@ class TokenBroker(_Base):
         if client is not None:
             client.close()
 
-    def _pool(self) -> httpx.Client:
+    def _run(self, flow: Flow[T]) -> T:
         client = self._client
         if client is None:
             with self._lock:
@@ -247,10 +245,7 @@ class TokenBroker(_Base):
                         transport=self._endpoint.transport(), trust_env=False
                     )
                 client = self._client
-        return client
-
-    def _run(self, flow: Flow[T]) -> T:
-        return _drive_sync(self, self._pool(), flow)
+        return _drive_sync(self, client, flow)
 
     def token(self, name: str | None = None) -> str:
         """The access token of ``name``, nothing else."""

@@ -12,6 +12,7 @@ SIGTERM, with systemd's notifications, SIGHUP reloads and the watchdog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -29,7 +30,7 @@ from broker.cycling import Cycler, state_store
 from broker.errors import BrokerError, ConfigError, TlsError
 from broker.files import state_dir
 from broker.logs import Redactor
-from broker.manager import Credential, Manager
+from broker.manager import Manager
 from broker.metrics import Recorder, RequestCounters
 from broker.outputs import Outputs
 from broker.providers import IssuerClients
@@ -74,6 +75,7 @@ class Daemon:
             else None
         )
         self.stores = Context(vault=self.vault)
+        self.outputs = Outputs(settings.outputs, recorder=self.recorder, clock=clock)
         self.manager = Manager(
             settings,
             client=self.issuers,
@@ -82,9 +84,8 @@ class Daemon:
             recorder=self.recorder,
             redactor=redactor,
             stores=self.stores,
-            on_token=self._new_token,
+            on_token=self.outputs.refreshed,
         )
-        self.outputs = Outputs(settings.outputs, recorder=self.recorder, clock=clock)
         directory = state_directory or state_dir()
         self.cycler = Cycler(
             holder=self.manager,
@@ -111,10 +112,6 @@ class Daemon:
         self._vault_table = settings.vault  # what the running Vault login was made from
         self._tasks: dict[str, asyncio.Task[None]] = {}  # by what they do: "vault", "follow:NAME"
         self._following: dict[str, SecretRef] = {}
-
-    def _new_token(self, credential: Credential) -> None:
-        """A credential has a new token: the file outputs write it."""
-        self.outputs.refreshed(credential)
 
     async def start(self) -> None:
         """Start the scheduler, the first token round (not waited for) and the cycling."""
@@ -381,10 +378,8 @@ async def _watchdog(interval: float) -> None:
 
 async def _reload(daemon: Daemon) -> None:
     log.info("SIGHUP received: reloading")
-    try:
+    with contextlib.suppress(BrokerError):  # already logged; the running state stays
         await daemon.reload_file()
-    except BrokerError:
-        pass  # already logged; the running state stays
 
 
 def _connection_limit(settings: Settings, sockets: list[socket.socket]) -> int:

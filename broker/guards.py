@@ -89,10 +89,8 @@ def refusal(
         return _NO_VERSION if version == "0.9" else _VERSION
     server = scope.get("server")
     unix = server is not None and server[1] is None
-    if not unix and not remote:
-        client = scope.get("client")
-        if client is None or not is_loopback(client[0]):
-            return _PEER
+    if not remote and remote_peer(scope):
+        return _PEER
     # RFC 9112 §3.2: more than one Host is a 400. The same for every header a guard or an
     # access rule reads: with two copies, one could pass the check while the other counts.
     host: bytes | None = None
@@ -133,6 +131,14 @@ def refusal(
         shown = "-".join(w.capitalize() for w in header.decode().split("-"))
         return Refused(403, f"the {shown} header is required", "header")
     return None
+
+
+def remote_peer(scope: Mapping[str, Any]) -> bool:
+    """A TCP peer outside loopback (only admitted with allow_remote)."""
+    server, client = scope.get("server"), scope.get("client")
+    if server is not None and server[1] is None:
+        return False  # a unix socket
+    return client is None or not is_loopback(client[0])
 
 
 def host_allowed(

@@ -19,7 +19,6 @@ small form bounded by the protocol (:class:`broker.protocol.FormProtocol`).
 from __future__ import annotations
 
 import math
-from typing import Any
 from urllib.parse import parse_qsl
 
 from broker import access, guards
@@ -127,11 +126,9 @@ class ImsApp:
                 if self._authorized(form) != name:  # its client_id names another now
                     raise _bad_client()
         self.counters.tokens[(name, "ok")] += 1
-        return {
-            "access_token": token.access_token,
-            "token_type": "bearer",
-            "expires_in": max(0, math.floor(token.expires_at - self.clock())),
-        }
+        answer = token.as_json(self.clock())
+        del answer["expires_at"]  # not in IMS's answer
+        return answer
 
     def _authorized(self, form: dict[str, str]) -> str:
         """Raise ImsError unless the form's key may read the credential its client_id
@@ -142,16 +139,13 @@ class ImsApp:
         client = self._rules.client_of(key) if key else None
         # One answer for an unknown client_id, a wrong key and a key of another client: no
         # probing for names or keys. The Adobe secret is not a client key: refused alike.
-        if name is None or client is None or not _may_read(client, name):
+        readable = client is not None and (client.credentials is None or name in client.credentials)
+        if name is None or not readable:
             raise _bad_client()
         if self.manager.credentials[name].settings.peer_restricted:
             detail = f"{name!r} is served only on the broker's unix socket"
             raise ImsError(401, "invalid_client", detail, "peer")
         return name
-
-
-def _may_read(client: Any, name: str) -> bool:
-    return client.credentials is None or name in client.credentials
 
 
 def _bad_client() -> ImsError:

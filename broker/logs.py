@@ -60,11 +60,7 @@ class Redactor:
         # Longest first, so a secret that contains another is replaced whole.
         for value in sorted(found, key=len, reverse=True):
             text = text.replace(value, REDACTED)
-        return _SHAPES.sub(_shape, text)
-
-
-def _shape(match: re.Match[str]) -> str:
-    return (match.group(1) or match.group(2) or "") + REDACTED
+        return _SHAPES.sub(r"\1\2" + REDACTED, text)  # the group that matched, if any, stays
 
 
 class TextFormatter(logging.Formatter):

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sized
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from broker.vault import Health
 
 STATES = ("pending", "fresh", "refreshing", "stale", "expired", "failed")
 #: Issuer round trips in seconds: IMS answers in ~0.1-0.5 s; the default timeout is 10 s.
@@ -104,18 +107,11 @@ class Gauges(NamedTuple):
     secret_version: int | None = None  # the version of a Vault secret in use
 
 
-class VaultHealth(Protocol):
-    """How the daemon's Vault answers (:class:`broker.vault.Health`), as a scrape reads it."""
-
-    ok: bool
-    errors: Counter[str]
-
-
 def render(
     recorder: Recorder,
     counters: RequestCounters,
     gauges: Iterable[Gauges],
-    vault: VaultHealth | None = None,
+    vault: Health | None = None,
 ) -> str:
     gauges = list(gauges)
     lines: list[str] = []

@@ -56,6 +56,7 @@ class in-process so a change in uvicorn's internals fails loudly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import struct
@@ -95,11 +96,9 @@ def peer_of(sock: Any) -> Peer | None:
     except OSError:
         return None
     gids = {gid}
-    try:
+    # An older kernel, or more groups than fit: the primary group still counts.
+    with contextlib.suppress(OSError):
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _GROUPS_BUFFER)
-    except OSError:
-        pass  # an older kernel, or more groups than fit: the primary group still counts
-    else:
         gids.update(struct.unpack(f"{len(raw) // 4}I", raw))
     return Peer(pid, uid, frozenset(gids))
 

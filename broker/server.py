@@ -126,23 +126,19 @@ def socket_files(server: ServerSettings) -> list[tuple[str, int, int]]:
     found = []
     for listen in server.listen:
         if isinstance(listen, UnixListen):
-            try:
+            with contextlib.suppress(OSError):
                 st = os.lstat(listen.path)
-            except OSError:
-                continue
-            found.append((listen.path, st.st_dev, st.st_ino))
+                found.append((listen.path, st.st_dev, st.st_ino))
     return found
 
 
 def remove_socket_files(files: list[tuple[str, int, int]]) -> None:
     """Unlink the socket files this daemon created (not those systemd passed)."""
     for path, dev, ino in files:
-        try:
+        with contextlib.suppress(OSError):  # already gone, or not ours to remove
             st = os.lstat(path)
             if (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISSOCK(st.st_mode):
                 os.unlink(path)
-        except OSError:
-            pass  # already gone, or not ours to remove
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -95,14 +95,17 @@ async def send_bounded(
         # stays flat however often an issuer does this.
         del body
         gc.collect()
-        raise IssuerError(
-            "invalid_response",
-            f"HTTP {response.status_code} answer longer than "
-            f"{MAX_ANSWER_BYTES // 1024} KiB; stopped reading",
-            status=response.status_code,
-            debug_id=response.headers.get("x-debug-id"),
-        )
+        raise _invalid(response, f"longer than {MAX_ANSWER_BYTES // 1024} KiB; stopped reading")
     return HttpReply(response.status_code, response.headers, bytes(body))
+
+
+def _invalid(response: httpx.Response, what: str) -> IssuerError:
+    return IssuerError(
+        "invalid_response",
+        f"HTTP {response.status_code} answer {what}",
+        status=response.status_code,
+        debug_id=response.headers.get("x-debug-id"),
+    )
 
 
 def _inflater(response: httpx.Response) -> Callable[[bytes, int], bytes] | None:
@@ -113,12 +116,9 @@ def _inflater(response: httpx.Response) -> Callable[[bytes, int], bytes] | None:
     if encoding in ("", "identity"):
         return None
     if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise IssuerError(
-            "invalid_response",
-            f"HTTP {response.status_code} answer encoded as {encoding!r}, which was not asked "
-            "for (Accept-Encoding: identity)",
-            status=response.status_code,
-            debug_id=response.headers.get("x-debug-id"),
+        raise _invalid(
+            response,
+            f"encoded as {encoding!r}, which was not asked for (Accept-Encoding: identity)",
         )
     # gzip: a gzip header; deflate: a zlib header (RFC 9110), which MAX_WBITS + 32 also
     # detects. Raw deflate without a header, which some servers send, is not read.

@@ -17,10 +17,8 @@ address, the operation and path, and Vault's own ``errors`` text.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -32,7 +30,6 @@ import httpx
 
 from broker import upstream
 from broker.errors import BrokerError, SecretError
-from broker.upstream import send_bounded, transport_failure
 
 log = logging.getLogger("broker.vault")
 
@@ -77,10 +74,6 @@ class Login:
     read: Callable[[], Awaitable[str]] = field(repr=False)
     role: str = ""
     mount: str = ""
-
-    @property
-    def path(self) -> str:
-        return f"auth/{self.mount or self.method}/login"
 
 
 @dataclass(frozen=True)
@@ -301,7 +294,8 @@ class Vault:
             if self.login.method == "approle"
             else {"role": self.login.role, "jwt": credential}
         )
-        answer = await self._send("POST", self.login.path, body, None)
+        path = f"auth/{self.login.mount or self.login.method}/login"
+        answer = await self._send("POST", path, body, None)
         return self._hold(answer, renewed=False)
 
     def _hold(self, answer: dict[str, Any] | None, *, renewed: bool) -> str:
@@ -366,15 +360,15 @@ class Vault:
         what = f"{method} {path}"
         try:
             async with asyncio.timeout(self.timeout):
-                answer = await send_bounded(self._client, method, url, headers, json=json)
+                answer = await upstream.send_bounded(self._client, method, url, headers, json=json)
         except TimeoutError:
             raise self._error(what, f"no answer within {self.timeout:g}s", "unreachable") from None
         except httpx.HTTPError as exc:
-            why = transport_failure(exc, url, "Vault")[1]
+            why = upstream.transport_failure(exc, url, "Vault")[1]
             raise self._error(what, why, "unreachable") from None
         except BrokerError as exc:  # an answer too long to read
             raise self._error(what, str(exc), "error") from None
-        body = _json(answer.body)
+        body = upstream.json_object(answer)
         if answer.status == 200 and body is None:  # a proxy's page, say: not Vault's answer
             raise self._error(what, "unexpected answer (not a JSON object)", "error")
         if answer.status in (200, 204) or (
@@ -420,14 +414,6 @@ def _reason(status: int, text: str) -> str:
     return "error"
 
 
-def _json(body: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _dig(value: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(value, dict):
@@ -440,19 +426,12 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-_RFC3339 = re.compile(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
-
-
 def _time(value: object) -> float:
-    """Vault's RFC 3339 time (0-9 fraction digits, ``Z`` or an offset) as epoch seconds; 0.0
-    if unreadable. The zone is kept: a time read as local would be off across DST."""
-    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        return 0.0
-    head, fraction, zone = match.groups()
-    # Python reads at most 6 fraction digits; Vault writes up to 9.
-    text = f"{head}.{(fraction or '0')[:6]}{'+00:00' if zone == 'Z' else zone}"
+    """Vault's RFC 3339 time (up to 9 fraction digits, of which Python keeps 6; ``Z`` or an
+    offset) as epoch seconds; 0.0 if unreadable, or without a zone: read as local, a time
+    would be off across DST."""
     try:
-        return datetime.fromisoformat(text).timestamp()
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         return 0.0
+    return when.timestamp() if when is not None and when.tzinfo is not None else 0.0

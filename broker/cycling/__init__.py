@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.cycling.cycle import Cycle, CycleResult
-from broker.cycling.cycler import ROTATE_COOLDOWN, Cycler, CycleStatus, SecretHolder
-from broker.cycling.fleet import VaultState
-from broker.cycling.state import CycleState, StateFile, StateStore, digest
+from broker.cycling.cycle import Cycle as Cycle
+from broker.cycling.cycle import CycleResult as CycleResult
+from broker.cycling.cycler import ROTATE_COOLDOWN as ROTATE_COOLDOWN
+from broker.cycling.cycler import Cycler as Cycler
+from broker.cycling.cycler import CycleStatus as CycleStatus
+from broker.cycling.cycler import SecretHolder as SecretHolder
+from broker.cycling.fleet import VaultState as VaultState
+from broker.cycling.state import CycleState as CycleState
+from broker.cycling.state import StateFile as StateFile
+from broker.cycling.state import StateStore as StateStore
+from broker.cycling.state import digest as digest
 from broker.providers.adobe import AdobeSettings
 from broker.stores import VaultRef, VaultSession
 
@@ -26,19 +33,3 @@ def state_store(
     if isinstance(cred.secret, VaultRef) and vault is not None:
         return VaultState(name, cred.secret, vault, grace=cred.rotate_grace)
     return StateFile(directory, name)
-
-
-__all__ = [
-    "ROTATE_COOLDOWN",
-    "Cycle",
-    "CycleResult",
-    "CycleState",
-    "CycleStatus",
-    "Cycler",
-    "SecretHolder",
-    "StateFile",
-    "StateStore",
-    "VaultState",
-    "digest",
-    "state_store",
-]

@@ -44,37 +44,20 @@ Security decisions, each with its test in tests/test_tls.py:
 
 from __future__ import annotations
 
-from broker.tls.certs import BACKDATE, CertInfo, renew_at
-from broker.tls.checkup import doctor
-from broker.tls.context import ServerCertificate, load_cert_files, reload_cert_chain, server_context
-from broker.tls.localca import (
-    Bundle,
-    TlsFiles,
-    ensure_leaf,
-    init_ca,
-    issue_leaf,
-    published_ca,
-    start_over,
-    system_ca_bundle,
-    write_bundle,
-)
-
-__all__ = [
-    "BACKDATE",
-    "Bundle",
-    "CertInfo",
-    "ServerCertificate",
-    "TlsFiles",
-    "doctor",
-    "ensure_leaf",
-    "init_ca",
-    "issue_leaf",
-    "load_cert_files",
-    "published_ca",
-    "reload_cert_chain",
-    "renew_at",
-    "server_context",
-    "start_over",
-    "system_ca_bundle",
-    "write_bundle",
-]
+from broker.tls.certs import BACKDATE as BACKDATE
+from broker.tls.certs import CertInfo as CertInfo
+from broker.tls.certs import renew_at as renew_at
+from broker.tls.checkup import doctor as doctor
+from broker.tls.context import ServerCertificate as ServerCertificate
+from broker.tls.context import load_cert_files as load_cert_files
+from broker.tls.context import reload_cert_chain as reload_cert_chain
+from broker.tls.context import server_context as server_context
+from broker.tls.localca import Bundle as Bundle
+from broker.tls.localca import TlsFiles as TlsFiles
+from broker.tls.localca import ensure_leaf as ensure_leaf
+from broker.tls.localca import init_ca as init_ca
+from broker.tls.localca import issue_leaf as issue_leaf
+from broker.tls.localca import published_ca as published_ca
+from broker.tls.localca import start_over as start_over
+from broker.tls.localca import system_ca_bundle as system_ca_bundle
+from broker.tls.localca import write_bundle as write_bundle

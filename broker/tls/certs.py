@@ -129,15 +129,9 @@ def build_ca(key: EllipticCurvePrivateKey, now: float, hostname: str | None) -> 
     """The self-signed CA certificate of ``key``: loopback names only, no sub-CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
 
     host = (hostname or socket.gethostname() or "unknown host")[:40]  # CN is at most 64
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, f"token-broker local CA ({host})"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "token-broker"),
-        ]
-    )
+    name = _name(f"token-broker local CA ({host})")
     permitted: list[x509.GeneralName] = [
         x509.IPAddress(LOOPBACK_V4),
         x509.IPAddress(LOOPBACK_V6),
@@ -175,23 +169,16 @@ def build_leaf(
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     sans: list[x509.GeneralName] = [x509.DNSName(LOOPBACK_NAME)]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    # A CN that is itself a permitted name: OpenSSL checks a CN that looks
-                    # like a host name against the constraints when a leaf has no DNS SAN.
-                    x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK_NAME),
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "token-broker"),
-                ]
-            )
-        )
+        # A CN that is itself a permitted name: OpenSSL checks a CN that looks like a host
+        # name against the constraints when a leaf has no DNS SAN.
+        .subject_name(_name(LOOPBACK_NAME))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -207,6 +194,14 @@ def build_leaf(
         )
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def _name(common_name: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cn = x509.NameAttribute(NameOID.COMMON_NAME, common_name)
+    return x509.Name([cn, x509.NameAttribute(NameOID.ORGANIZATION_NAME, "token-broker")])
 
 
 def _key_usage(

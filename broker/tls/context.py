@@ -100,9 +100,8 @@ class ServerCertificate:
     read again on reload. Otherwise a leaf of the local CA for localhost,
     127.0.0.1, ::1 and the HTTPS listen addresses: the CA is created if there is
     none yet, and a leaf is issued at start and renewed at 2/3 of its life
-    (:meth:`renew_at`). Renewal and reload change the one SSLContext the
-    listeners use, in place: new handshakes see the new certificate, open
-    connections keep theirs.
+    (:meth:`renew_at`); both change the listeners' one SSLContext in place
+    (:func:`reload_cert_chain`).
     """
 
     def __init__(
