@@ -135,3 +135,20 @@ def test_every_package_broker_imports_is_declared():
         if not {d.lower().replace("_", "-") for d in owners.get(name, [name])} & declared
     }
     assert undeclared == {}
+
+
+def test_no_pattern_ends_with_a_dollar_that_lets_a_newline_through():
+    """Python's ``$`` also matches before a final newline: ``^[a-z]+$`` accepts "name\\n",
+    which then splits a log line or a URL. A validating pattern ends in ``\\Z``."""
+    found = []
+    for path in BROKER.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func) == "re.compile"
+                and isinstance(pattern := node.args[0], ast.Constant)
+                and isinstance(pattern.value, str)
+                and re.search(r"(?<!\\)\$$", pattern.value)
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []

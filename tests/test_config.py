@@ -239,7 +239,9 @@ def test_secret_references_are_parsed_once_into_their_parts(monkeypatch, tmp_pat
     assert parse("systemd:adobe", "a").file() == tmp_path / "adobe"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     assert parse("systemd:adobe", "a").file() is None
-    for bad in ("vault:x", "keyring:only", "keyring:/u", "file:relative", "env:", "systemd: "):
+    for bad in ("vault:x", "keyring:only", "keyring:/u", "file:relative", "env:", "systemd: ",
+                "vault:kv/a\n", "vault:kv/a#f\n", "env:X\n", "systemd:a\n", "keyring:s\n/u",
+                "file:/x\n"):  # fmt: skip
         with pytest.raises(ValueError, match="expected"):
             parse(bad, "a")
 

@@ -34,7 +34,9 @@ def parse(text: str, credential: str) -> SecretRef:
     """The reference ``text`` of ``credential``; ValueError with a sentence if malformed."""
     kind, sep, rest = text.partition(":")
     found = _KINDS.get(kind)
-    if found is not None and (sep or found.bare):
+    # A newline or other control character: a typo, never a name (and it would split
+    # the log lines and messages that quote the reference).
+    if found is not None and (sep or found.bare) and text.isprintable():
         ref = found.from_text(text, rest if sep else None, credential)
         if ref is not None:
             return ref

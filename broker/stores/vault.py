@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.vault")
 
 #: What a mount, a path and a field may look like: they go into URL paths.
-_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+\Z")
 DEFAULT_FIELD = "client_secret"
 PENDING, PREVIOUS = "_pending", "_previous"
 #: Tries of a read-modify-write whose check-and-set lost to another writer.
