@@ -396,20 +396,13 @@ def changes(old: Settings, new: Settings) -> Changes:
 # -- loading -----------------------------------------------------------------------------
 
 
-#: The search path, in words, for help texts and error messages.
-SEARCH_ORDER = (
-    "--config PATH, else $TOKEN_BROKER_CONFIG, else $XDG_CONFIG_HOME/token-broker/config.toml "
-    "(~/.config/...) if it exists, else /etc/token-broker/config.toml"
-)
 SYSTEM_CONFIG = Path("/etc/token-broker/config.toml")
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The config file a command reads: :data:`SEARCH_ORDER`.
-
-    The user's own file wins over the system's when it exists, so a user on a
-    host with a system broker can keep a config of their own.
-    """
+    """The config file a command reads: ``explicit``, else $TOKEN_BROKER_CONFIG, else the
+    user's own file if it exists (so that a user on a host with a system broker can keep
+    a config of their own), else the system's."""
     if explicit:
         return Path(explicit)
     if env := os.environ.get("TOKEN_BROKER_CONFIG"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,8 @@ def add(
 class Removed:
     name: str
     was_default: bool
-    keyring_items: list[str] = field(default_factory=list)
-    left: str | None = None  # a secret outside the broker's own stores, left in place
+    keyring_items: list[str]
+    left: str | None  # a secret outside the broker's own stores, left in place
 
 
 def remove(doc: ConfigDocument, name: str) -> Removed:
