@@ -125,11 +125,10 @@ def _offer_delete(args: argparse.Namespace, path: Path, *, needed: bool = False)
         warn(f"{warning}: kept for the systemd-creds line above; delete it once the secret "
              "is encrypted")  # fmt: skip
         return False
-    if args.delete:
-        answer = True
-    elif args.keep or not sys.stdin.isatty():
-        if not args.keep:
-            warn(f"{warning}: delete it (or pass --delete)")
+    if args.delete or args.keep:
+        answer = bool(args.delete)
+    elif not sys.stdin.isatty():
+        warn(f"{warning}: delete it (or pass --delete)")
         answer = False
     else:
         answer = input(f"{warning}. Delete it now? [y/N] ").strip().lower() in ("y", "yes")
