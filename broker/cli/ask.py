@@ -90,14 +90,14 @@ def exec_command(args: argparse.Namespace) -> int:
 
     try:
         min_remaining = parse_duration(args.min_remaining)
-        execcmd.parse_env(args.env)
+        asked = execcmd.parse_env(args.env)  # before any request
     except ValueError as exc:  # UsageError included
         raise Usage(f"exec: {exc}") from None
     return execcmd.run(
         connect(args, timeout=5.0),  # the client's own default: a hung daemon fails fast
         args.name,
         args.argv,
-        env_items=args.env,
+        asked=asked,
         min_remaining=min_remaining,
         pass_key=args.pass_key,
     )
