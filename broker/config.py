@@ -357,6 +357,12 @@ class Settings:
                 found.append(file_mode(target, f"[vault] {key} file", secret=True))
         return [f for f in found if f is not None]
 
+    def credential(self, name: str) -> CredentialSettings:
+        """The credential ``name`` a command names; ConfigError if there is none."""
+        if (found := self.credentials.get(name)) is None:
+            raise ConfigError(f"{self.path}: no credential named {name!r}")
+        return found
+
     def default_name(self) -> str | None:
         """The credential served by ``GET /token``."""
         if self.server.default is None and len(self.credentials) == 1:

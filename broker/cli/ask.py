@@ -111,9 +111,7 @@ def rotate_auto(args: argparse.Namespace) -> int:
     from broker.providers.adobe import AdobeSettings
 
     settings = config.load(args.config)
-    cred = settings.credentials.get(args.name)
-    if cred is None:
-        raise ConfigError(f"{settings.path}: no credential named {args.name!r}")
+    cred = settings.credential(args.name)
     if not _daemon_answers(args):
         result = _cycle_here(cred, settings)
         where = "no daemon answered: the cycle ran in this process"
