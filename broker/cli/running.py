@@ -222,10 +222,9 @@ def reload_after_edit(args: argparse.Namespace) -> Reloaded:
         except BrokerClientError as exc:
             if exc.status is None:  # no answer
                 return nobody
-            problem = f"the config is written, but the daemon refused to reload: {refusal(exc)}"
-            if exc.status in (401, 403):
-                problem += f"; {admin_advice(broker.url)}"
-            elif exc.status == 400:
+            why = explain(exc, broker.url, admin=True)
+            problem = f"the config is written, but the daemon refused to reload: {why}"
+            if exc.status == 400:
                 problem += "; it keeps serving its previous config until this is fixed"
             return Reloaded(False, "the running daemon did NOT reload (see the error)", problem)
     return Reloaded(True, "the running daemon reloaded")
