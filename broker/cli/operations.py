@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from broker.configedit import ConfigDocument
@@ -29,8 +28,6 @@ from broker.stores import SecretWriter, Stored
 @dataclass
 class Added:
     name: str
-    config: Path
-    verified: bool
     stored: Stored  # where the secret went, and what the user still has to do
     #: ``[server] default`` when this addition wrote it, naming another credential (the
     #: first kept serving ``GET /token``) or this one (--default); None when it did not.
@@ -86,12 +83,11 @@ def add(
     except BaseException:
         asyncio.run(stored.undo())  # leave the secret store as it was
         raise
-    return Added(name, doc.path, check, stored, default)
+    return Added(name, stored, default)
 
 
 @dataclass
 class Removed:
-    name: str
     was_default: bool
     keyring_items: list[str]
     left: str | None  # a secret outside the broker's own stores, left in place
@@ -106,7 +102,7 @@ def remove(doc: ConfigDocument, name: str) -> Removed:
     # say, do not delete.
     left = None if cred.secret.owned else cred.secret.describe()
     deleted = asyncio.run(cred.secret.remove(name)) if cred.secret.owned else []
-    return Removed(name, was_default, deleted, left)
+    return Removed(was_default, deleted, left)
 
 
 async def _rotating(
@@ -243,6 +239,4 @@ def import_console(
         else:
             atomic_write(doc.path, original, doc.path.stat().st_mode & 0o777)
         raise
-    for added in done:
-        added.verified = check
     return done

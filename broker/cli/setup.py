@@ -46,15 +46,15 @@ def add(args: argparse.Namespace) -> int:
     added = operations.add(doc, args.name, table, [secret], check=not args.no_verify,
                             force=args.force, make_default=args.default)  # fmt: skip
     reload = reload_after_edit(args)
-    verified = "verified with the issuer, " if added.verified else ""
+    verified = "verified with the issuer, " if not args.no_verify else ""
     where = added.stored.where
     done = "secret stored in" if added.stored.count else "secret to go to"
-    lines = [f"added {added.name}: {verified}{done} {where}, {added.config} "
+    lines = [f"added {added.name}: {verified}{done} {where}, {doc.path} "
              f"{'created' if not doc.existed else 'updated'}; {reload.note}",
              *_notes(added)]  # fmt: skip
     print_result(
         args,
-        {"added": added.name, "config": str(added.config), "verified": added.verified,
+        {"added": added.name, "config": str(doc.path), "verified": not args.no_verify,
          "secret": where, "todo": added.stored.todo, "default": added.default,
          "daemon": reload.note, "daemon_reloaded": reload.ok},
         "\n".join(lines),
@@ -88,11 +88,11 @@ def import_project(args: argparse.Namespace) -> int:
         lines.append(f"imported {a.name} (from {c.name!r}; {a.stored.count} secret(s) to "
                      f"{a.stored.where}); {_cycling_note(c)}")  # fmt: skip
         lines += _notes(a)
-    lines.append(f"{done[0].config} {'created' if not doc.existed else 'updated'}; {reload.note}")
+    lines.append(f"{doc.path} {'created' if not doc.existed else 'updated'}; {reload.note}")
     print_result(
         args,
         {"imported": [a.name for a in done], "skipped": refused, "file_deleted": deleted,
-         "config": str(done[0].config), "daemon": reload.note, "daemon_reloaded": reload.ok,
+         "config": str(doc.path), "daemon": reload.note, "daemon_reloaded": reload.ok,
          "todo": {a.name: a.stored.todo for a in done if a.stored.todo},
          "default": next((a.default for a in done if a.default), None),
          "secret_cycling": {a.name: {"credential_id": c.credential_id,
@@ -147,9 +147,9 @@ def remove(args: argparse.Namespace) -> int:
     left = f"; its secret, {removed.left}, is left in place" if removed.left else ""
     print_result(
         args,
-        {"removed": removed.name, "keyring_items": removed.keyring_items, "left": removed.left,
+        {"removed": args.name, "keyring_items": removed.keyring_items, "left": removed.left,
          "daemon": reload.note, "daemon_reloaded": reload.ok},
-        f"removed {removed.name}{extra}; keyring items deleted: {items}{left}; {reload.note}",
+        f"removed {args.name}{extra}; keyring items deleted: {items}{left}; {reload.note}",
     )  # fmt: skip
     return reload.exit_status()
 
