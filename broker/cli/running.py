@@ -80,8 +80,7 @@ def client_key(args: argparse.Namespace) -> str | None:
     if not path:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
 
