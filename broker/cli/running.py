@@ -11,6 +11,7 @@ prints: no answer is parsed twice.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,8 +50,6 @@ def connect(
     a cycle, asked over the config's unix socket when it has one, where the
     daemon knows the caller's uid and lets root and its own user in without a key.
     """
-    import os
-
     from broker.client import URL_ENV, TokenBroker
 
     url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
@@ -136,8 +135,6 @@ def admin_advice(url: str) -> str:
         f"`systemctl reload token-broker` for the system service, else {hup}"
     )
     if url.startswith("unix:"):
-        import os
-
         return (
             f"{advice} (over its unix socket only root and the daemon's own user need no key; "
             f"this is uid {os.getuid()})"
@@ -170,7 +167,6 @@ def _daemon_pid(url: str) -> int | None:
 
 def _listener_pid(port: int) -> int | None:
     """The process listening on loopback TCP ``port``, from /proc (Linux)."""
-    import os
     from contextlib import suppress
 
     rows: list[list[str]] = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,9 +235,6 @@ def _private_stdout() -> str | None:
     """Make stdout's file 0600 when others may read it (``> key.txt``); its path, if so.
     The key goes to stdout so that a user can redirect it; a shell creates that file
     with its umask, usually 0644."""
-    import os
-    import stat
-
     try:
         st = os.fstat(sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):
@@ -273,8 +272,6 @@ def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> s
     """The ``secret = …`` of a new credential from --secret (None: the default, keyring).
     ``file:~/x`` and a relative ``file:x`` are made absolute here, as a shell would not;
     ``file:DIR/`` and a bare ``systemd`` name one place per credential."""
-    import os
-
     text: str | None = getattr(args, "secret", None)
     if text is None or text == "keyring":
         return None
