@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -196,11 +197,7 @@ class ClientSettings(Model):
                 raise KeyProblem("credentials", 'expected at least one name, or ["*"]')
             known = (info.context or {}).get("credentials", ())
             if "*" not in names and (unknown := [n for n in names if n not in known]):
-                raise KeyProblem(
-                    "credentials",
-                    f"no credential named {unknown[0]!r} "
-                    f'(configured: {", ".join(sorted(known)) or "none"}; "*" means all)',
-                )
+                raise KeyProblem("credentials", _unknown(unknown[0], known, '; "*" means all'))
             data["credentials"] = None if "*" in names else frozenset(names)
         elif "credentials" not in data:
             raise KeyProblem("credentials", "required key is missing")
@@ -225,10 +222,7 @@ class OutputSettings(Model):
         name = data.get("credential")
         known = (info.context or {}).get("credentials", ())
         if isinstance(name, str) and name not in known:
-            raise KeyProblem(
-                "credential",
-                f"no credential named {name!r} (configured: {', '.join(sorted(known)) or 'none'})",
-            )
+            raise KeyProblem("credential", _unknown(name, known))
         if isinstance(path := data.get("path"), str):
             if not os.path.isabs(path) or path.endswith("/"):
                 raise KeyProblem("path", f"expected an absolute file path, got {path!r}")
@@ -252,6 +246,11 @@ class OutputSettings(Model):
                 raise KeyProblem("command", "expected a non-empty list of strings (an argv)")
             data["command"] = tuple(command)
         return data
+
+
+def _unknown(name: str, known: Iterable[str], note: str = "") -> str:
+    """The sentence for a credential name that is not configured, listing those that are."""
+    return f"no credential named {name!r} (configured: {', '.join(sorted(known)) or 'none'}{note})"
 
 
 #: HOST[:PORT] of a URL: a name or address, or an IPv6 address in brackets; no user.
@@ -358,6 +357,12 @@ class Settings:
                 found.append(file_mode(target, f"[vault] {key} file", secret=True))
         return [f for f in found if f is not None]
 
+    def credential(self, name: str) -> CredentialSettings:
+        """The credential ``name`` a command names; ConfigError if there is none."""
+        if (found := self.credentials.get(name)) is None:
+            raise ConfigError(f"{self.path}: no credential named {name!r}")
+        return found
+
     def default_name(self) -> str | None:
         """The credential served by ``GET /token``."""
         if self.server.default is None and len(self.credentials) == 1:
@@ -396,20 +401,13 @@ def changes(old: Settings, new: Settings) -> Changes:
 # -- loading -----------------------------------------------------------------------------
 
 
-#: The search path, in words, for help texts and error messages.
-SEARCH_ORDER = (
-    "--config PATH, else $TOKEN_BROKER_CONFIG, else $XDG_CONFIG_HOME/token-broker/config.toml "
-    "(~/.config/...) if it exists, else /etc/token-broker/config.toml"
-)
 SYSTEM_CONFIG = Path("/etc/token-broker/config.toml")
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The config file a command reads: :data:`SEARCH_ORDER`.
-
-    The user's own file wins over the system's when it exists, so a user on a
-    host with a system broker can keep a config of their own.
-    """
+    """The config file a command reads: ``explicit``, else $TOKEN_BROKER_CONFIG, else the
+    user's own file if it exists (so that a user on a host with a system broker can keep
+    a config of their own), else the system's."""
     if explicit:
         return Path(explicit)
     if env := os.environ.get("TOKEN_BROKER_CONFIG"):
@@ -541,10 +539,7 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
             "(remote peers are served only with a client key; see `token-broker client add`)"
         )
     if server.default is not None and server.default not in credentials:
-        raise ConfigError(
-            f"{source}: [server] default: no credential named {server.default!r} "
-            f"(configured: {', '.join(sorted(credentials)) or 'none'})"
-        )
+        raise ConfigError(f"{source}: [server] default: {_unknown(server.default, credentials)}")
     vault = _validate(VaultSettings, data["vault"], source, "[vault]") if "vault" in data else None
     for name, cred in credentials.items():
         if cred.secret.needs_vault and vault is None:

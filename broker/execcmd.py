@@ -24,7 +24,6 @@ from typing import Any
 from broker.client import KEY_ENV, KEY_FILE_ENV, BrokerClientError, TokenBroker
 from broker.variables import FIELDS, TokenExport, variables
 
-DEFAULT_MIN_REMAINING = 600.0  # "10m"
 _VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # a variable name sh accepts
 #: Token and headers come from two requests; a refresh between them is retried this often.
 _ATTEMPTS = 3
@@ -115,16 +114,15 @@ def run(
     name: str | None,
     command: Sequence[str],
     *,
-    env_items: Sequence[str] = (),
-    min_remaining: float = DEFAULT_MIN_REMAINING,
-    pass_key: bool = False,
+    asked: Sequence[tuple[str, str]],
+    min_remaining: float,
+    pass_key: bool,
 ) -> int:
     """Replace this process with ``command``; return only when that cannot happen.
 
     Returns 1 when the token cannot be had (nothing was run), 127 when the command
     does not exist and 126 when it cannot be executed, as a shell does.
     """
-    asked = parse_env(env_items)  # UsageError before any request
     try:
         taken = take(broker, name, min_remaining)
         env = environment(taken, asked, os.environ, pass_key=pass_key)

@@ -3,17 +3,9 @@
 Exit codes: 0 success, 1 failure, 2 usage. Errors go to stderr in one or two
 plain sentences, never with a traceback for an expected failure.
 
-Each group of commands has a module of its own, imported only when one of its
-commands runs (``--help`` and ``serve`` load nothing they do not use):
-
-    parser.py      the command line: every command, its options and its help
-    ask.py         token, list, reload, health, exec, rotate --auto: ask the running daemon
-    running.py     finding the running daemon, asking it through broker.client, and what
-                   its refusals mean (the one sentence a command prints, exit status 1)
-    setup.py       add, import, remove, rotate, client: change the config and the secrets
-    operations.py  the checks and writes behind add, import, remove, rotate (through the
-                   secret stores of broker.stores)
-    local.py       serve, demo, doctor, tls: this host only
+Each group of commands has a module of its own (:data:`_COMMANDS`; each module's
+docstring says what it holds), imported only when one of its commands runs
+(``--help`` and ``serve`` load nothing they do not use).
 """
 
 from __future__ import annotations

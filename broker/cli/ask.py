@@ -90,14 +90,14 @@ def exec_command(args: argparse.Namespace) -> int:
 
     try:
         min_remaining = parse_duration(args.min_remaining)
-        execcmd.parse_env(args.env)
+        asked = execcmd.parse_env(args.env)  # before any request
     except ValueError as exc:  # UsageError included
         raise Usage(f"exec: {exc}") from None
     return execcmd.run(
         connect(args, timeout=5.0),  # the client's own default: a hung daemon fails fast
         args.name,
         args.argv,
-        env_items=args.env,
+        asked=asked,
         min_remaining=min_remaining,
         pass_key=args.pass_key,
     )
@@ -111,9 +111,7 @@ def rotate_auto(args: argparse.Namespace) -> int:
     from broker.providers.adobe import AdobeSettings
 
     settings = config.load(args.config)
-    cred = settings.credentials.get(args.name)
-    if cred is None:
-        raise ConfigError(f"{settings.path}: no credential named {args.name!r}")
+    cred = settings.credential(args.name)
     if not _daemon_answers(args):
         result = _cycle_here(cred, settings)
         where = "no daemon answered: the cycle ran in this process"

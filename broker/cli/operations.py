@@ -13,32 +13,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from broker.configedit import ConfigDocument
 from broker.devconsole import ConsoleCredential
 from broker.doctor import stores, verify_async
-from broker.errors import ConfigError, CycleError, IssuerError, SecretError
+from broker.errors import CycleError, IssuerError, SecretError
 from broker.files import atomic_write
 from broker.schema import CredentialSettings
 from broker.stores import SecretWriter, Stored
 
 
-def credential_settings(doc: ConfigDocument, name: str) -> CredentialSettings:
-    settings = doc.validate()
-    try:
-        return settings.credentials[name]
-    except KeyError:
-        raise ConfigError(f"{doc.path}: no credential named {name!r}") from None
-
-
 @dataclass
 class Added:
     name: str
-    config: Path
-    verified: bool
     stored: Stored  # where the secret went, and what the user still has to do
     #: ``[server] default`` when this addition wrote it, naming another credential (the
     #: first kept serving ``GET /token``) or this one (--default); None when it did not.
@@ -70,7 +59,8 @@ def add(
         default = before[0]  # GET /token served it: it still does
     if default is not None:
         doc.set_default(default)
-    cred = credential_settings(doc, name)
+    settings = doc.validate()
+    cred = settings.credential(name)
 
     async def verify_and_store() -> Stored:
         if check:
@@ -84,7 +74,7 @@ def add(
                     status=exc.status,
                     debug_id=exc.debug_id,
                 ) from None
-        async with stores(doc.validate()) as ctx:
+        async with stores(settings) as ctx:
             return await cred.secret.store_new(name, new_secrets[:2], force=force, ctx=ctx)
 
     stored = asyncio.run(verify_and_store())
@@ -93,19 +83,18 @@ def add(
     except BaseException:
         asyncio.run(stored.undo())  # leave the secret store as it was
         raise
-    return Added(name, doc.path, check, stored, default)
+    return Added(name, stored, default)
 
 
 @dataclass
 class Removed:
-    name: str
     was_default: bool
-    keyring_items: list[str] = field(default_factory=list)
-    left: str | None = None  # a secret outside the broker's own stores, left in place
+    keyring_items: list[str]
+    left: str | None  # a secret outside the broker's own stores, left in place
 
 
 def remove(doc: ConfigDocument, name: str) -> Removed:
-    cred = credential_settings(doc, name)
+    cred = doc.validate().credential(name)
     cred.secret.check_removal(name)  # fail before touching the config if it cannot be done
     was_default = doc.remove_credential(name)
     doc.write()
@@ -113,7 +102,7 @@ def remove(doc: ConfigDocument, name: str) -> Removed:
     # say, do not delete.
     left = None if cred.secret.owned else cred.secret.describe()
     deleted = asyncio.run(cred.secret.remove(name)) if cred.secret.owned else []
-    return Removed(name, was_default, deleted, left)
+    return Removed(was_default, deleted, left)
 
 
 async def _rotating(
@@ -128,8 +117,9 @@ async def _rotating(
     from broker.files import state_dir
     from broker.providers.adobe import AdobeSettings
 
-    cred = credential_settings(doc, name)
-    async with stores(doc.validate()) as ctx:
+    settings = doc.validate()
+    cred = settings.credential(name)
+    async with stores(settings) as ctx:
         try:
             writer = cred.secret.writer(name, ctx)
         except SecretError:
@@ -232,7 +222,7 @@ def import_console(
         tables.append((name, table, cred))
     if check:
         for name, _, cred in tables:
-            asyncio.run(verify_async(credential_settings(doc, name), cred.client_secrets[0]))
+            asyncio.run(verify_async(doc.validate().credential(name), cred.client_secrets[0]))
     original = doc.path.read_bytes() if doc.path.exists() else None
     # Re-read the file: add() writes it once per credential from a clean document.
     fresh = ConfigDocument(doc.path)
@@ -249,6 +239,4 @@ def import_console(
         else:
             atomic_write(doc.path, original, doc.path.stat().st_mode & 0o777)
         raise
-    for added in done:
-        added.verified = check
     return done

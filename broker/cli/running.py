@@ -11,6 +11,7 @@ prints: no answer is parsed twice.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,8 +50,6 @@ def connect(
     a cycle, asked over the config's unix socket when it has one, where the
     daemon knows the caller's uid and lets root and its own user in without a key.
     """
-    import os
-
     from broker.client import URL_ENV, TokenBroker
 
     url = None if from_config else getattr(args, "url", None) or os.environ.get(URL_ENV)
@@ -80,8 +79,7 @@ def client_key(args: argparse.Namespace) -> str | None:
     if not path:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise BrokerError(f"--key-file {path}: {exc.strerror}") from None
 
@@ -137,8 +135,6 @@ def admin_advice(url: str) -> str:
         f"`systemctl reload token-broker` for the system service, else {hup}"
     )
     if url.startswith("unix:"):
-        import os
-
         return (
             f"{advice} (over its unix socket only root and the daemon's own user need no key; "
             f"this is uid {os.getuid()})"
@@ -171,7 +167,6 @@ def _daemon_pid(url: str) -> int | None:
 
 def _listener_pid(port: int) -> int | None:
     """The process listening on loopback TCP ``port``, from /proc (Linux)."""
-    import os
     from contextlib import suppress
 
     rows: list[list[str]] = []
@@ -222,10 +217,9 @@ def reload_after_edit(args: argparse.Namespace) -> Reloaded:
         except BrokerClientError as exc:
             if exc.status is None:  # no answer
                 return nobody
-            problem = f"the config is written, but the daemon refused to reload: {refusal(exc)}"
-            if exc.status in (401, 403):
-                problem += f"; {admin_advice(broker.url)}"
-            elif exc.status == 400:
+            why = explain(exc, broker.url, admin=True)
+            problem = f"the config is written, but the daemon refused to reload: {why}"
+            if exc.status == 400:
                 problem += "; it keeps serving its previous config until this is fixed"
             return Reloaded(False, "the running daemon did NOT reload (see the error)", problem)
     return Reloaded(True, "the running daemon reloaded")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,15 +48,15 @@ def add(args: argparse.Namespace) -> int:
     added = operations.add(doc, args.name, table, [secret], check=not args.no_verify,
                             force=args.force, make_default=args.default)  # fmt: skip
     reload = reload_after_edit(args)
-    verified = "verified with the issuer, " if added.verified else ""
+    verified = "verified with the issuer, " if not args.no_verify else ""
     where = added.stored.where
     done = "secret stored in" if added.stored.count else "secret to go to"
-    lines = [f"added {added.name}: {verified}{done} {where}, {added.config} "
+    lines = [f"added {added.name}: {verified}{done} {where}, {doc.path} "
              f"{'created' if not doc.existed else 'updated'}; {reload.note}",
              *_notes(added)]  # fmt: skip
     print_result(
         args,
-        {"added": added.name, "config": str(added.config), "verified": added.verified,
+        {"added": added.name, "config": str(doc.path), "verified": not args.no_verify,
          "secret": where, "todo": added.stored.todo, "default": added.default,
          "daemon": reload.note, "daemon_reloaded": reload.ok},
         "\n".join(lines),
@@ -88,11 +90,11 @@ def import_project(args: argparse.Namespace) -> int:
         lines.append(f"imported {a.name} (from {c.name!r}; {a.stored.count} secret(s) to "
                      f"{a.stored.where}); {_cycling_note(c)}")  # fmt: skip
         lines += _notes(a)
-    lines.append(f"{done[0].config} {'created' if not doc.existed else 'updated'}; {reload.note}")
+    lines.append(f"{doc.path} {'created' if not doc.existed else 'updated'}; {reload.note}")
     print_result(
         args,
         {"imported": [a.name for a in done], "skipped": refused, "file_deleted": deleted,
-         "config": str(done[0].config), "daemon": reload.note, "daemon_reloaded": reload.ok,
+         "config": str(doc.path), "daemon": reload.note, "daemon_reloaded": reload.ok,
          "todo": {a.name: a.stored.todo for a in done if a.stored.todo},
          "default": next((a.default for a in done if a.default), None),
          "secret_cycling": {a.name: {"credential_id": c.credential_id,
@@ -125,11 +127,10 @@ def _offer_delete(args: argparse.Namespace, path: Path, *, needed: bool = False)
         warn(f"{warning}: kept for the systemd-creds line above; delete it once the secret "
              "is encrypted")  # fmt: skip
         return False
-    if args.delete:
-        answer = True
-    elif args.keep or not sys.stdin.isatty():
-        if not args.keep:
-            warn(f"{warning}: delete it (or pass --delete)")
+    if args.delete or args.keep:
+        answer = bool(args.delete)
+    elif not sys.stdin.isatty():
+        warn(f"{warning}: delete it (or pass --delete)")
         answer = False
     else:
         answer = input(f"{warning}. Delete it now? [y/N] ").strip().lower() in ("y", "yes")
@@ -148,9 +149,9 @@ def remove(args: argparse.Namespace) -> int:
     left = f"; its secret, {removed.left}, is left in place" if removed.left else ""
     print_result(
         args,
-        {"removed": removed.name, "keyring_items": removed.keyring_items, "left": removed.left,
+        {"removed": args.name, "keyring_items": removed.keyring_items, "left": removed.left,
          "daemon": reload.note, "daemon_reloaded": reload.ok},
-        f"removed {removed.name}{extra}; keyring items deleted: {items}{left}; {reload.note}",
+        f"removed {args.name}{extra}; keyring items deleted: {items}{left}; {reload.note}",
     )  # fmt: skip
     return reload.exit_status()
 
@@ -234,9 +235,6 @@ def _private_stdout() -> str | None:
     """Make stdout's file 0600 when others may read it (``> key.txt``); its path, if so.
     The key goes to stdout so that a user can redirect it; a shell creates that file
     with its umask, usually 0644."""
-    import os
-    import stat
-
     try:
         st = os.fstat(sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):
@@ -274,8 +272,6 @@ def _secret_ref(args: argparse.Namespace, name: str, several: bool = False) -> s
     """The ``secret = …`` of a new credential from --secret (None: the default, keyring).
     ``file:~/x`` and a relative ``file:x`` are made absolute here, as a shell would not;
     ``file:DIR/`` and a bare ``systemd`` name one place per credential."""
-    import os
-
     text: str | None = getattr(args, "secret", None)
     if text is None or text == "keyring":
         return None

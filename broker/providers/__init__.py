@@ -34,10 +34,9 @@ class IssuerClients:
     def for_(self, cred: CredentialSettings) -> httpx.AsyncClient:
         if cred.ca_file is None:
             return self._shared
-        client = self._by_ca.get(cred.ca_file)
-        if client is None:
-            client = self._by_ca[cred.ca_file] = upstream_client(cred.policy.timeout, cred.ca_file)
-        return client
+        if cred.ca_file not in self._by_ca:
+            self._by_ca[cred.ca_file] = upstream_client(cred.policy.timeout, cred.ca_file)
+        return self._by_ca[cred.ca_file]
 
     async def aclose(self) -> None:
         await self._shared.aclose()
