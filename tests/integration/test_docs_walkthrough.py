@@ -198,6 +198,7 @@ def _in_a_terminal(script: str, env: dict[str, str], cwd: Path, answers: dict[st
     return text
 
 
+@pytest.mark.xdist_group("port-8765")  # add asks the daemon on the default address
 def test_add_by_hand_prompts_for_the_secret(issuer, own_secret_service, home):
     users_config(home)  # as root: see test_first_credential_with_a_keyring
     adobe, partner = new_secret(), new_secret()
@@ -219,6 +220,7 @@ def test_add_by_hand_prompts_for_the_secret(issuer, own_secret_service, home):
     assert 'default = "adobe"' in config  # the second credential kept the first as default
 
 
+@pytest.mark.xdist_group("port-8765")  # add asks the daemon on the default address
 def test_rotate_by_hand(issuer, own_secret_service, home):
     users_config(home)  # as root: see test_first_credential_with_a_keyring
     old, new = new_secret(), new_secret()
