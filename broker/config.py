@@ -526,13 +526,12 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         )
     seen: dict[str, str] = {}  # the IMS-compatible listener picks credentials by client_id
     for name, cred in credentials.items() if server.ims_listen else ():
-        if cred.client_id in seen:
+        if (first := seen.setdefault(cred.client_id, name)) != name:
             raise ConfigError(
-                f"{source}: [server] ims_listen: credentials {seen[cred.client_id]!r} and "
+                f"{source}: [server] ims_listen: credentials {first!r} and "
                 f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "
                 "must pick one credential"
             )
-        seen[cred.client_id] = name
     if server.allow_remote and not clients:
         raise ConfigError(
             f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
@@ -560,12 +559,11 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
 def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
     if not isinstance(tables := data.get(kind, {}), dict):
         raise ConfigError(f"{source}: {kind}: expected tables [{kind}.NAME]")
-    for name in tables:
-        if not NAME_RE.match(name):
-            raise ConfigError(
-                f"{source}: [{kind}.{name}]: {kind[:-1]} names may use only letters, "
-                "digits, '.', '_' and '-'"
-            )
+    if (bad := next((n for n in tables if not NAME_RE.match(n)), None)) is not None:
+        raise ConfigError(
+            f"{source}: [{kind}.{bad}]: {kind[:-1]} names may use only letters, "
+            "digits, '.', '_' and '-'"
+        )
     return tables
 
 
