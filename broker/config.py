@@ -151,8 +151,7 @@ class ServerSettings(Model):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise KeyProblem("tls_cert", "tls_cert and tls_key go together (or neither)")
         for key in ("tls_cert", "tls_key"):
-            value = getattr(self, key)
-            if value is not None and not os.path.isabs(value):
+            if (value := getattr(self, key)) is not None and not os.path.isabs(value):
                 raise KeyProblem(key, f"expected an absolute path, got {value!r}")
         https = (*self.ims_listen, *self.tls_listen)
         if self.tls_cert is None and any(not is_loopback(t.host) for t in https):
@@ -352,8 +351,7 @@ class Settings:
             if (target := cred.secret.file()) is not None:
                 found.append(file_mode(target, f"secret file of {name!r}", secret=True))
         for key in ("token", "secret_id", "jwt"):  # Vault's login, a secret as well
-            ref = getattr(self.vault, key, None)
-            if ref is not None and (target := ref.file()) is not None:
+            if (ref := getattr(self.vault, key, None)) is not None and (target := ref.file()):
                 found.append(file_mode(target, f"[vault] {key} file", secret=True))
         return [f for f in found if f is not None]
 

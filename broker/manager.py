@@ -374,7 +374,6 @@ class Manager:
                 self._begin(credential)
 
     async def _attempt_once(self, credential: Credential) -> BrokerError | None:
-        cred = credential.settings
         try:
             issued = await self._exchange(credential)
         except SecretError as exc:
@@ -384,7 +383,7 @@ class Manager:
             self._failure(credential, exc)
             return exc
         except Exception as exc:  # never let an upstream surprise kill the daemon
-            log.exception("refresh %s: unexpected error", cred.name)
+            log.exception("refresh %s: unexpected error", credential.settings.name)
             err = IssuerError("internal_error", f"{type(exc).__name__} while refreshing")
             self._failure(credential, err)
             return err
