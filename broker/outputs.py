@@ -144,11 +144,10 @@ class Outputs:
             del self._tasks[path]
 
     async def _write(self, output: OutputSettings, cred: CredentialSettings, token: Token) -> None:
+        target = Path(output.path)
         try:
             content = render(output, cred, token, self._clock())
-            await asyncio.to_thread(
-                self._writer, Path(output.path), content, output.mode, output.group
-            )
+            await asyncio.to_thread(self._writer, target, content, output.mode, output.group)
         except (OSError, KeyError, EnvFileError) as exc:
             self._recorder.output(output.path, "write", "error")
             if isinstance(exc, EnvFileError):
