@@ -151,8 +151,7 @@ class ServerSettings(Model):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise KeyProblem("tls_cert", "tls_cert and tls_key go together (or neither)")
         for key in ("tls_cert", "tls_key"):
-            value = getattr(self, key)
-            if value is not None and not os.path.isabs(value):
+            if (value := getattr(self, key)) is not None and not os.path.isabs(value):
                 raise KeyProblem(key, f"expected an absolute path, got {value!r}")
         https = (*self.ims_listen, *self.tls_listen)
         if self.tls_cert is None and any(not is_loopback(t.host) for t in https):
@@ -352,8 +351,7 @@ class Settings:
             if (target := cred.secret.file()) is not None:
                 found.append(file_mode(target, f"secret file of {name!r}", secret=True))
         for key in ("token", "secret_id", "jwt"):  # Vault's login, a secret as well
-            ref = getattr(self.vault, key, None)
-            if ref is not None and (target := ref.file()) is not None:
+            if (ref := getattr(self.vault, key, None)) is not None and (target := ref.file()):
                 found.append(file_mode(target, f"[vault] {key} file", secret=True))
         return [f for f in found if f is not None]
 
@@ -526,13 +524,12 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
         )
     seen: dict[str, str] = {}  # the IMS-compatible listener picks credentials by client_id
     for name, cred in credentials.items() if server.ims_listen else ():
-        if cred.client_id in seen:
+        if (first := seen.setdefault(cred.client_id, name)) != name:
             raise ConfigError(
-                f"{source}: [server] ims_listen: credentials {seen[cred.client_id]!r} and "
+                f"{source}: [server] ims_listen: credentials {first!r} and "
                 f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "
                 "must pick one credential"
             )
-        seen[cred.client_id] = name
     if server.allow_remote and not clients:
         raise ConfigError(
             f"{source}: [server] allow_remote: needs at least one [clients.NAME] "
@@ -560,12 +557,11 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
 def _tables(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
     if not isinstance(tables := data.get(kind, {}), dict):
         raise ConfigError(f"{source}: {kind}: expected tables [{kind}.NAME]")
-    for name in tables:
-        if not NAME_RE.match(name):
-            raise ConfigError(
-                f"{source}: [{kind}.{name}]: {kind[:-1]} names may use only letters, "
-                "digits, '.', '_' and '-'"
-            )
+    if (bad := next((n for n in tables if not NAME_RE.match(n)), None)) is not None:
+        raise ConfigError(
+            f"{source}: [{kind}.{bad}]: {kind[:-1]} names may use only letters, "
+            "digits, '.', '_' and '-'"
+        )
     return tables
 
 

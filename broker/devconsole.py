@@ -39,7 +39,7 @@ def read_console_json(path: Path) -> tuple[list[ConsoleCredential], list[str]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError included
         raise ConfigError(f"{path}: not JSON (expected the Developer Console export)") from None
     try:
         project = data["project"]
@@ -105,8 +105,7 @@ def _id_text(value: object, *, digits: bool = True) -> str | None:
 
 def console_name(label: str) -> str:
     """A credential name from a Console label: 'My Project (S2S)' -> 'my-project-s2s'."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.").lower()
-    return name or "adobe"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.").lower() or "adobe"
 
 
 def default_names(found: list[ConsoleCredential]) -> list[str]:

@@ -173,8 +173,7 @@ def _tls_checks(settings: config.Settings) -> list[Check]:
             info = tls.load_cert_files(server.tls_cert, server.tls_key)
         except BrokerError as exc:
             return [Check(False, f"TLS: {exc}")]
-        missing = info.missing(t.host for t in https)
-        if missing:
+        if missing := info.missing(t.host for t in https):
             return [Check(False, f"TLS: {server.tls_cert} does not name {', '.join(missing)}")]
         return [Check(True, f"TLS: {server.tls_cert} is valid and names the HTTPS listeners")]
     files = tls.TlsFiles.default()
@@ -210,7 +209,5 @@ async def verify_async(cred: CredentialSettings, secret: str) -> Token:
     from broker.upstream import client as issuer_client
 
     async with issuer_client(cred.policy.timeout, cred.ca_file) as client:
-        issued = await request_token(
-            client, cred.token_request(secret), now=0.0, timeout=cred.policy.timeout
-        )
-    return issued.token
+        request = cred.token_request(secret)
+        return (await request_token(client, request, now=0.0, timeout=cred.policy.timeout)).token

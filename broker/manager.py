@@ -179,7 +179,6 @@ class Manager:
         A ``failed`` credential is retried. The daemon runs one reload at a time.
         """
         plan = config.changes(self.settings, settings)
-        old = self.credentials
         for name in plan.removed:
             # A refresh in flight finishes on the detached credential; _schedule ignores it then.
             self.scheduler.cancel(name)
@@ -191,10 +190,9 @@ class Manager:
             if name in plan.added:
                 credentials[name] = Credential(cred)
                 continue
-            credentials[name] = credential = old[name]
-            changed = name in plan.changed
+            credentials[name] = credential = self.credentials[name]
             credential.settings = cred
-            if changed:
+            if changed := name in plan.changed:
                 credential.generation += 1  # an attempt in flight is followed by a fresh one
             await self._reread_secrets(credential, changed)
         self.settings = settings
@@ -237,8 +235,7 @@ class Manager:
 
     def get(self, name: str | None) -> Credential:
         """The credential called ``name`` (None: the default); UnknownCredential if none."""
-        credential = self.credentials.get(name) if name is not None else None
-        if credential is None:
+        if name is None or (credential := self.credentials.get(name)) is None:
             raise UnknownCredential(name)
         return credential
 
@@ -254,8 +251,7 @@ class Manager:
     async def token(self, name: str | None) -> Token:
         """A servable token for ``name`` (None: the default credential); UnknownCredential,
         or TokenUnavailable when none can be had now."""
-        token = self.cached(name)
-        if token is not None:
+        if (token := self.cached(name)) is not None:
             return token
         credential = self.get(name)
         now = self._clock()
@@ -304,8 +300,7 @@ class Manager:
         """A secret store now holds ``secret`` as ``name``'s (a cycle switched to it): use
         it from now on, serve ``issued`` (a token it minted) if given, and return once no
         refresh with the previous secret is in flight, so that the previous one may go."""
-        credential = self.credentials.get(name)
-        if credential is None:
+        if (credential := self.credentials.get(name)) is None:
             return
         # The previous secret stays as the fallback until it is deleted at the issuer (an IMS
         # node that has not heard of the new one yet answers invalid_client); then the store
@@ -323,8 +318,7 @@ class Manager:
     async def reread_secrets(self, name: str) -> None:
         """Hold exactly what the store has now (a cycle ended, a new version appeared); on
         an error keep what is held."""
-        credential = self.credentials.get(name)
-        if credential is None:
+        if (credential := self.credentials.get(name)) is None:
             return
         try:
             fresh = await credential.settings.secret.read(name, self._stores)
@@ -357,8 +351,9 @@ class Manager:
         # Start the refresh and return at once: if this job waited for it, an answer that
         # came after the new token's own refresh point would find this job still running,
         # and APScheduler would drop the next one ("maximum number of running instances").
-        credential = self.credentials.get(name)
-        if credential is None or credential.failed:  # removed by a reload, or waiting for a fix
+        if (
+            credential := self.credentials.get(name)
+        ) is None or credential.failed:  # removed by a reload, or waiting for a fix
             return
         if credential.inflight is None:
             self._begin(credential)
@@ -379,7 +374,6 @@ class Manager:
                 self._begin(credential)
 
     async def _attempt_once(self, credential: Credential) -> BrokerError | None:
-        cred = credential.settings
         try:
             issued = await self._exchange(credential)
         except SecretError as exc:
@@ -389,7 +383,7 @@ class Manager:
             self._failure(credential, exc)
             return exc
         except Exception as exc:  # never let an upstream surprise kill the daemon
-            log.exception("refresh %s: unexpected error", cred.name)
+            log.exception("refresh %s: unexpected error", credential.settings.name)
             err = IssuerError("internal_error", f"{type(exc).__name__} while refreshing")
             self._failure(credential, err)
             return err

@@ -136,9 +136,7 @@ class CredentialSettings(RefreshKeys):
     @field_validator("headers", mode="before")
     @classmethod
     def _headers(cls, value: object) -> object:
-        if not isinstance(value, dict):
-            return value
-        return tuple(check_header(name, text) for name, text in value.items())
+        return tuple(check_header(*h) for h in value.items()) if isinstance(value, dict) else value
 
     @model_validator(mode="before")
     @classmethod

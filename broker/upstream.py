@@ -169,7 +169,7 @@ def _short(exc: BaseException) -> str:
 def json_object(response: HttpReply) -> dict[str, object] | None:
     try:
         body = json.loads(response.body)
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError included
         return None
     return body if isinstance(body, dict) else None
 

@@ -94,25 +94,19 @@ def run() -> None:
     """Console-script entry point (``token-broker`` and ``python -m broker``)."""
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command in ("serve", "demo"):
-        _defer_hangups()
+        # Record SIGHUP from the first instant our code runs, instead of dying of it: the
+        # daemon installs its reload handler only once its event loop runs, a few hundred
+        # milliseconds later; ``systemctl reload`` right after ``start`` would otherwise
+        # kill it. A SIGHUP recorded here triggers one reload once it is ready.
+        import signal
+
+        signal.signal(signal.SIGHUP, lambda signum, frame: _hangups.append(signum))
     sys.exit(main())
 
 
 _hangups: list[int] = []
 
 
-def _defer_hangups() -> None:
-    """Record SIGHUP from the first instant our code runs, instead of dying of it.
-
-    The daemon installs its reload handler only once its event loop runs, a few
-    hundred milliseconds later; ``systemctl reload`` right after ``start`` would
-    otherwise kill it. A SIGHUP recorded here triggers one reload once it is ready.
-    """
-    import signal
-
-    signal.signal(signal.SIGHUP, lambda signum, frame: _hangups.append(signum))
-
-
 def hangup_pending() -> bool:
-    """Whether a SIGHUP arrived before the daemon could reload (see :func:`_defer_hangups`)."""
+    """Whether a SIGHUP arrived before the daemon could reload (see :func:`run`)."""
     return bool(_hangups)

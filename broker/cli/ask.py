@@ -17,8 +17,7 @@ from broker.errors import BrokerError, ConfigError
 
 def token(args: argparse.Namespace) -> int:
     with asking(args) as broker:
-        value = broker.token(args.name)
-    print(value)
+        print(broker.token(args.name))
     return 0
 
 

@@ -87,23 +87,18 @@ def client_key(args: argparse.Namespace) -> str | None:
 # -- what a refusal means ---------------------------------------------------------------
 
 
-def refusal(exc: BrokerClientError) -> str:
-    """The daemon's answer in one phrase, ``code: detail``; the client's own sentence
-    when no answer came (``cannot reach the token broker at URL (...)``)."""
-    if exc.status is None or exc.code is None or exc.detail is None:
-        return str(exc)
-    return f"{exc.code}: {exc.detail}"
-
-
 def explain(exc: BrokerClientError, url: str, *, admin: bool = False) -> str:
     """Why the daemon did not do what was asked, and what to do about it. ``admin``: a
     reload or a cycle, which a 401 or 403 refuses for want of a key whose credentials
     are "*": the ways to get past it, the signal included."""
+    said = f"{exc.code}: {exc.detail}"  # the daemon's answer in one phrase
+    if exc.status is None or exc.code is None or exc.detail is None:
+        said = str(exc)  # no answer: the client's own "cannot reach the token broker at URL"
     if admin and exc.status in (401, 403):
-        return f"{refusal(exc)}; {admin_advice(url)}"
+        return f"{said}; {admin_advice(url)}"
     if exc.status == 401:
-        return f"{refusal(exc)}; {KEY_HINT}"
-    return refusal(exc)
+        return f"{said}; {KEY_HINT}"
+    return said
 
 
 @contextmanager

@@ -36,9 +36,7 @@ class OAuth2Settings(CredentialSettings):
     @field_validator("params", mode="before")
     @classmethod
     def _pairs(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return tuple(value.items())
-        return value
+        return tuple(value.items()) if isinstance(value, dict) else value
 
 
 def basic_auth(client_id: str, secret: str) -> str:
