@@ -462,8 +462,8 @@ def load(path: str | os.PathLike[str] | None = None, *, serving: bool = False) -
     settings = parse(data, source=str(resolved), path=resolved)
     # A rotate_every needs a secret this process may write: checked for the daemon only, so
     # that a user's `token-broker list` need not be able to write root's secret file.
-    for name, cred in settings.credentials.items() if serving else ():
-        if cred.cycles_secret and (problem := cred.secret.unwritable()) is not None:
+    for name, cred in settings.credentials.items():
+        if serving and cred.cycles_secret and (problem := cred.secret.unwritable()) is not None:
             raise ConfigError(f"{resolved}: [credentials.{name}] rotate_every: {problem}")
     if serving and not settings.credentials:
         # An empty file is more often a truncated write or an editor's empty save than
@@ -523,8 +523,8 @@ def parse(data: dict[str, Any], *, source: str = "<config>", path: Path | None =
             "present a client key as their client_secret (see `token-broker client add`)"
         )
     seen: dict[str, str] = {}  # the IMS-compatible listener picks credentials by client_id
-    for name, cred in credentials.items() if server.ims_listen else ():
-        if (first := seen.setdefault(cred.client_id, name)) != name:
+    for name, cred in credentials.items():
+        if server.ims_listen and (first := seen.setdefault(cred.client_id, name)) != name:
             raise ConfigError(
                 f"{source}: [server] ims_listen: credentials {first!r} and "
                 f"{name!r} share the client_id {cred.client_id!r}; with ims_listen a client_id "

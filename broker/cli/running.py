@@ -171,7 +171,9 @@ def _listener_pid(port: int) -> int | None:
     # State 0A is LISTEN; the local address ends in ":PORT", in hex.
     listening = [f for f in rows if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port]
     inodes = {f"socket:[{f[9]}]" for f in listening}
-    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()) if inodes else ():
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         with suppress(OSError):  # gone, or not ours to read
             fds = os.listdir(f"/proc/{pid}/fd")
             if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
