@@ -496,9 +496,9 @@ class BrokerAuth(httpx.Auth):
             return hit
         async with self._loop_lock():
             plan = self._plan(refused)
-            if isinstance(plan, dict):
-                return plan
-            return self._store(await self._broker._arun_once(plan))
+            return (
+                plan if isinstance(plan, dict) else self._store(await self._broker._arun_once(plan))
+            )
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -574,11 +574,10 @@ def _send_again(request: httpx.Request, response: httpx.Response) -> bool:
     return True
 
 
-_Origin = tuple[str, str, int]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _origin(url: object) -> _Origin | None:
+def _origin(url: object) -> tuple[str, str, int] | None:
     """(scheme, host, port) of ``url``, the port made explicit; None if it has none.
 
     A token is bound to the origin it was first added for: it is sent again only there.

@@ -150,8 +150,7 @@ class Daemon:
 
         A config with errors raises ConfigError and changes nothing.
         """
-        path = self.settings.path
-        if path is None:
+        if (path := self.settings.path) is None:
             raise ConfigError("this daemon was started without a config file: nothing to reload")
         try:
             settings = config.load(path, serving=True)

@@ -90,8 +90,7 @@ class JsonFormatter(logging.Formatter):
             "message": redact(record.getMessage()),
         }
         for key in FIELDS:
-            value = getattr(record, key, None)
-            if value is not None:
+            if (value := getattr(record, key, None)) is not None:
                 line[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
             line["exception"] = redact(self.formatException(record.exc_info))

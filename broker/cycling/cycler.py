@@ -155,8 +155,7 @@ class Cycler:
                     delay = retry_delay(status.failures, cred.policy, None, self._rand)
                     self._schedule(name, now + delay)
                 continue
-            when = self._due(status, cred, now)
-            if when is None:
+            if (when := self._due(status, cred, now)) is None:
                 status.next_at = None
                 self._scheduler.cancel(_job(name))
             else:
@@ -286,8 +285,7 @@ class Cycler:
                 status.state = await self._states(name, cred).load(cred.credential_id or "")
             if status.state.step is None and status.state.current_created_at is None:
                 await self._survey(name, cred)
-                when = self._due(status, cred, self._clock())
-                if when is None:
+                if (when := self._due(status, cred, self._clock())) is None:
                     return
                 if status.state.current_created_at is not None and when > self._clock():
                     self._schedule(name, when)
@@ -363,8 +361,7 @@ class Cycler:
         }
 
     def _settings(self, name: str) -> AdobeSettings:
-        cred = self._credentials.get(name)
-        if cred is None:
+        if (cred := self._credentials.get(name)) is None:
             raise CycleError("error", f"no credential named {name!r}")
         if not isinstance(cred, AdobeSettings):
             raise CycleError("error", f"credential {name!r}: secret cycling is for Adobe "

@@ -360,8 +360,7 @@ def read_error(exc: OSError, path: Path, what: str, hint: str = "") -> TlsError:
 
 def pem_block(data: bytes, path: Path, what: str = "") -> bytes:
     """The first PEM certificate in ``data``, markers included (a chain starts with its leaf)."""
-    found = PEM_CERT.search(data)
-    if found is None:
+    if (found := PEM_CERT.search(data)) is None:
         raise _no_cert(path, what)
     return found.group(0)
 
