@@ -343,8 +343,7 @@ async def serve(
     log.info("credentials: %s", shown or "none")
     await daemon.start()
     spawn(_announce_ready(server, daemon, ready, lambda: hangup_pending() or bool(hangups)))
-    interval = systemd.watchdog_interval()
-    if interval:
+    if interval := systemd.watchdog_interval():
         spawn(_watchdog(interval))
     if daemon.https is not None:
         spawn(daemon.https.serve())

@@ -259,8 +259,7 @@ class Cycler:
         """After a cycle or survey: keep what is known, let the daemon hold exactly the
         stored secrets (the old one after success, a discarded new one after a failure, are
         gone), and schedule what comes next: the next cycle, or a retry with backoff."""
-        status = self.status.get(name)
-        if status is None:  # removed by a reload meanwhile
+        if (status := self.status.get(name)) is None:  # removed by a reload meanwhile
             return
         with contextlib.suppress(CycleError):
             status.state = await state_file.load(cred.credential_id or "")
@@ -276,8 +275,7 @@ class Cycler:
 
     async def _scheduled(self, job: str) -> None:
         name = job.removeprefix("cycle:")
-        status = self.status.get(name)
-        if status is None or status.running:
+        if (status := self.status.get(name)) is None or status.running:
             return
         cred = self._settings(name)
         try:
@@ -339,16 +337,14 @@ class Cycler:
         return max(now + self._first_delay, state.current_created_at + cred.rotate_every + jitter)
 
     def _schedule(self, name: str, when: float) -> None:
-        status = self.status.get(name)
-        if status is None:  # removed by a reload while its cycle ran
+        if (status := self.status.get(name)) is None:  # removed by a reload while its cycle ran
             return
         status.next_at = when
         self._scheduler.schedule(_job(name), when, self._scheduled)
 
     def _failed(self, name: str, exc: CycleError) -> None:
         self._recorder.rotated(name, exc.outcome)
-        status = self.status.get(name)
-        if status is None:  # removed by a reload while its cycle ran
+        if (status := self.status.get(name)) is None:  # removed by a reload while its cycle ran
             return
         status.failures += 1
         status.last_error = {
