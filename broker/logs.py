@@ -46,8 +46,7 @@ class Redactor:
         self._by_owner: dict[str, tuple[str, ...]] = {}
 
     def set(self, owner: str, values: tuple[str, ...] | list[str]) -> None:
-        kept = tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH)
-        if kept:
+        if kept := tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH):
             self._by_owner[owner] = kept
         else:
             self._by_owner.pop(owner, None)
