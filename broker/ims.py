@@ -109,8 +109,7 @@ class ImsApp:
             raise ImsError(400, "invalid_scope",
                            f"scope not granted to this credential: {', '.join(missing)}",
                            "ims_scope")  # fmt: skip
-        token = self.manager.cached(name)
-        if token is None:
+        if (token := self.manager.cached(name)) is None:
             try:
                 token = await self.manager.token(name)
             except TokenUnavailable as exc:

@@ -157,8 +157,7 @@ class Vault:
         """:meth:`read`, and the version a check-and-set write over ``mount/path`` names: the
         newest, deleted (``bao kv delete``: a 404 that carries its metadata) or not; 0 when
         there is none."""
-        answer = await self._call("GET", f"{mount}/data/{path}", missing=True)
-        if answer is None:
+        if (answer := await self._call("GET", f"{mount}/data/{path}", missing=True)) is None:
             return None, 0
         data = _dig(answer, "data", "data")
         meta = _dig(answer, "data", "metadata")
@@ -171,8 +170,7 @@ class Vault:
 
     async def metadata(self, mount: str, path: str) -> Metadata | None:
         """``current_version`` and ``updated_time`` of ``mount/path``, or None if absent."""
-        answer = await self._call("GET", f"{mount}/metadata/{path}", missing=True)
-        if answer is None:
+        if (answer := await self._call("GET", f"{mount}/metadata/{path}", missing=True)) is None:
             return None
         meta = _dig(answer, "data")
         if not isinstance(meta, dict):
