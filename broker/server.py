@@ -53,8 +53,7 @@ def harden() -> None:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (OSError, ValueError) as exc:
         log.warning("cannot turn core dumps off (RLIMIT_CORE): %s", exc)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("cannot mark the process not dumpable: %s", os.strerror(ctypes.get_errno()))
     connections.raise_fd_limit()
 

@@ -180,10 +180,8 @@ class Vault:
     async def write(
         self, mount: str, path: str, data: dict[str, Any], *, cas: int | None
     ) -> Document:
-        """Write a new version; with ``cas`` only if the current version is that (0: absent).
-
-        Raises :class:`CasConflict` when another version was written meanwhile.
-        """
+        """Write a new version; with ``cas`` only if the current version is that (0: absent),
+        else :class:`CasConflict` (another version was written meanwhile)."""
         body: dict[str, Any] = {"data": data}
         if cas is not None:
             body["options"] = {"cas": cas}
@@ -293,8 +291,7 @@ class Vault:
             else {"role": self.login.role, "jwt": credential}
         )
         path = f"auth/{self.login.mount or self.login.method}/login"
-        answer = await self._send("POST", path, body, None)
-        return self._hold(answer, renewed=False)
+        return self._hold(await self._send("POST", path, body, None), renewed=False)
 
     def _hold(self, answer: dict[str, Any] | None, *, renewed: bool) -> str:
         auth = _dig(answer, "auth")
