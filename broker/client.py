@@ -487,9 +487,9 @@ class BrokerAuth(httpx.Auth):
             return hit
         async with self._loop_lock():
             plan = self._plan(refused)
-            return (
-                plan if isinstance(plan, dict) else self._store(await self._broker._arun_once(plan))
-            )
+            if isinstance(plan, dict):
+                return plan
+            return self._store(await self._broker._arun_once(plan))
 
     async def async_auth_flow(
         self, request: httpx.Request
