@@ -86,8 +86,7 @@ class Access:
         key = key.strip()
         if scheme.lower() != b"bearer" or not key:
             raise Refused(401, "expected Authorization: Bearer KEY", "no_key")
-        found = self.client_of(key)
-        if found is None:
+        if (found := self.client_of(key)) is None:
             raise Refused(401, "the client key is not valid", "bad_key")
         return found
 

@@ -132,8 +132,7 @@ class BrokerApp:
                 return
             # It waited for a refresh: a reload meanwhile may have removed its key.
             if self._settings is not settings and name is not None:
-                denied = self.rules.reauthorize(scope, (name,))
-                if denied is not None:
+                if (denied := self.rules.reauthorize(scope, (name,))) is not None:
                     await self._denied(send, denied)
                     return
         self.counters.tokens[(name, "ok")] += 1  # type: ignore[index]

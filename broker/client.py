@@ -157,11 +157,8 @@ class _Base:
         return BrokerUnavailable(f"cannot reach the token broker at {self.url} ({why})")
 
     async def _arun_once(self, flow: Flow[T]) -> T:
-        """Run ``flow`` on a short-lived async client of this event loop.
-
-        BrokerAuth's async half may be driven from any number of event loops; a
-        client bound to one of them would break in the next.
-        """
+        """Run ``flow`` on a short-lived async client of this event loop: BrokerAuth's async
+        half may be driven from any number of loops; a client bound to one breaks in the next."""
         async with httpx.AsyncClient(
             transport=self._endpoint.async_transport(), trust_env=False
         ) as client:
@@ -260,10 +257,8 @@ class TokenBroker(_Base):
         return self._run(_status_flow(name, self.url))
 
     def refresh(self, name: str | None = None) -> None:
-        """Force a refresh now and return once it is done.
-
-        A ``429 refresh_cooldown`` is not an error: somebody refreshed moments ago.
-        """
+        """Force a refresh now and return once it is done (a ``429 refresh_cooldown`` is not
+        an error: somebody refreshed moments ago)."""
         self._run(_refresh_flow(name, self.url))
 
     def _token_info(self, name: str) -> dict[str, Any]:
@@ -280,11 +275,9 @@ class TokenBroker(_Base):
         return self._run(_health_flow(ready, self.url))
 
     def reload(self) -> dict[str, list[str]]:
-        """Make the daemon re-read its config and secrets, as SIGHUP does; what changed.
-
-        An administrator's act: with client keys, a key whose credentials are ``"*"``
-        (or, over the unix socket, root or the daemon's own user).
-        """
+        """Make the daemon re-read its config and secrets, as SIGHUP does; what changed. An
+        administrator's act: with client keys, a key whose credentials are ``"*"`` (or, over
+        the unix socket, root or the daemon's own user)."""
         return self._run(_reload_flow(self.url))
 
     def rotate(self, name: str) -> dict[str, Any]:
@@ -454,11 +447,9 @@ class BrokerAuth(httpx.Auth):
         return _headers_flow(self.name, self._broker.url)
 
     def _renew_flow(self, refused: dict[str, str]) -> Flow[_Found]:
-        """The headers to send again with, after the API refused ``refused`` with a 401.
-
-        The broker's current headers, if they differ from the refused ones (it moved
-        on already, e.g. after its scheduled refresh); else a forced refresh first.
-        """
+        """The headers to send again with after the API refused ``refused`` with a 401: the
+        broker's current ones if they differ (it moved on already, e.g. after its scheduled
+        refresh), else those after a forced refresh."""
         url = self._broker.url
         found = yield from _headers_flow(self.name, url)
         if found[0] != refused:
@@ -574,11 +565,10 @@ def _send_again(request: httpx.Request, response: httpx.Response) -> bool:
     return True
 
 
-_Origin = tuple[str, str, int]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _origin(url: object) -> _Origin | None:
+def _origin(url: object) -> tuple[str, str, int] | None:
     """(scheme, host, port) of ``url``, the port made explicit; None if it has none.
 
     A token is bound to the origin it was first added for: it is sent again only there.

@@ -55,8 +55,7 @@ class ConfigDocument:
         if name not in self.credentials():
             raise ConfigError(f"{self.path}: no credential named {name!r}")
         del self.doc["credentials"][name]
-        was_default = self.default() == name
-        if was_default:
+        if was_default := self.default() == name:
             del self.doc["server"]["default"]
         self.validate()
         return was_default

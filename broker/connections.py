@@ -271,8 +271,7 @@ class Listener:
     def refused(self, transport: asyncio.BaseTransport) -> None:
         """Count and (at most once a minute) log a connection refused for the cap."""
         self._counters.refused_connections[self.name] += 1
-        held = self._throttle(("refused", self.name))
-        if held is not None:
+        if (held := self._throttle(("refused", self.name))) is not None:
             log.warning(
                 "%s: connection from %s refused: %d connections open, the most this "
                 "listener holds (busy, none idle)%s",
@@ -291,8 +290,7 @@ class Listener:
         self._counters.handshake_failures[(self.name, reason)] += 1
         if reason == "closed":
             return  # TCP health probes connect and close: counted, not logged
-        held = self._throttle(("handshake", self.name, reason))
-        if held is not None:
+        if (held := self._throttle(("handshake", self.name, reason))) is not None:
             detail = f" (OpenSSL: {exc.reason})" if isinstance(exc, ssl.SSLError) else ""
             log.info(
                 "TLS handshake from %s on %s failed: %s: %s%s%s",

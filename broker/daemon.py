@@ -150,8 +150,7 @@ class Daemon:
 
         A config with errors raises ConfigError and changes nothing.
         """
-        path = self.settings.path
-        if path is None:
+        if (path := self.settings.path) is None:
             raise ConfigError("this daemon was started without a config file: nothing to reload")
         try:
             settings = config.load(path, serving=True)
@@ -344,8 +343,7 @@ async def serve(
     log.info("credentials: %s", shown or "none")
     await daemon.start()
     spawn(_announce_ready(server, daemon, ready, lambda: hangup_pending() or bool(hangups)))
-    interval = systemd.watchdog_interval()
-    if interval:
+    if interval := systemd.watchdog_interval():
         spawn(_watchdog(interval))
     if daemon.https is not None:
         spawn(daemon.https.serve())

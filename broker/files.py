@@ -99,10 +99,9 @@ def _judge(
             f"user could change what token-broker keeps there: {fix_owner}"
         )
     if st.st_mode & _OTHERS_WRITE:
-        mode = stat.S_IMODE(st.st_mode)
         raise UnsafePath(
-            f"{where} is writable by group or others (mode {mode:04o}), so another user "
-            f"could change what token-broker keeps there: run `chmod go-w {path}`"
+            f"{where} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), so "
+            f"another user could change what token-broker keeps there: run `chmod go-w {path}`"
         )
 
 

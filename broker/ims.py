@@ -105,13 +105,11 @@ class ImsApp:
         name = self._authorized(form)
         cred = self.manager.credentials[name].settings
         asked = [s.strip() for s in form.get("scope", "").replace(" ", ",").split(",")]
-        missing = [s for s in asked if s and s not in cred.scopes]
-        if missing:
+        if missing := [s for s in asked if s and s not in cred.scopes]:
             raise ImsError(400, "invalid_scope",
                            f"scope not granted to this credential: {', '.join(missing)}",
                            "ims_scope")  # fmt: skip
-        token = self.manager.cached(name)
-        if token is None:
+        if (token := self.manager.cached(name)) is None:
             try:
                 token = await self.manager.token(name)
             except TokenUnavailable as exc:

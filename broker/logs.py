@@ -46,8 +46,7 @@ class Redactor:
         self._by_owner: dict[str, tuple[str, ...]] = {}
 
     def set(self, owner: str, values: tuple[str, ...] | list[str]) -> None:
-        kept = tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH)
-        if kept:
+        if kept := tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH):
             self._by_owner[owner] = kept
         else:
             self._by_owner.pop(owner, None)
@@ -90,8 +89,7 @@ class JsonFormatter(logging.Formatter):
             "message": redact(record.getMessage()),
         }
         for key in FIELDS:
-            value = getattr(record, key, None)
-            if value is not None:
+            if (value := getattr(record, key, None)) is not None:
                 line[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
             line["exception"] = redact(self.formatException(record.exc_info))

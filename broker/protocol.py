@@ -371,9 +371,7 @@ _REASONS = {
 
 
 def protocol_class(header_timeout: float, max_body: int = 0) -> type[GuardedHttpProtocol]:
-    """A protocol class for uvicorn's ``http=`` setting with these limits.
-
-    ``max_body`` > 0: a listener that reads a form of at most that many bytes.
-    """
+    """A protocol class for uvicorn's ``http=`` setting with these limits (``max_body`` > 0:
+    a listener that reads a form of at most that many bytes)."""
     base = FormProtocol if max_body else GuardedHttpProtocol
     return type(base.__name__, (base,), {"header_timeout": header_timeout, "max_body": max_body})

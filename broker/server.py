@@ -53,8 +53,7 @@ def harden() -> None:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (OSError, ValueError) as exc:
         log.warning("cannot turn core dumps off (RLIMIT_CORE): %s", exc)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("cannot mark the process not dumpable: %s", os.strerror(ctypes.get_errno()))
     connections.raise_fd_limit()
 
@@ -105,8 +104,11 @@ def _bind_unix(path: str, server: ServerSettings) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Bind owner-only, then widen to socket_mode: no window where others may connect.
-        with _umask(0o177):
+        umask = os.umask(0o177)
+        try:
             sock.bind(path)
+        finally:
+            os.umask(umask)
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, server.socket_mode)
@@ -158,15 +160,6 @@ def _remove_stale_socket(path: str) -> None:
         raise ConfigError(f"cannot listen on unix:{path}: another process is listening there")
     finally:
         probe.close()
-
-
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def _why(exc: OSError) -> str:

@@ -17,8 +17,7 @@ SD_LISTEN_FDS_START = 3
 
 def notify(*lines: str) -> bool:
     """Send ``KEY=VALUE`` lines to the service manager; False when not under systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
+    if not (address := os.environ.get("NOTIFY_SOCKET")):
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]

@@ -157,8 +157,7 @@ class Vault:
         """:meth:`read`, and the version a check-and-set write over ``mount/path`` names: the
         newest, deleted (``bao kv delete``: a 404 that carries its metadata) or not; 0 when
         there is none."""
-        answer = await self._call("GET", f"{mount}/data/{path}", missing=True)
-        if answer is None:
+        if (answer := await self._call("GET", f"{mount}/data/{path}", missing=True)) is None:
             return None, 0
         data = _dig(answer, "data", "data")
         meta = _dig(answer, "data", "metadata")
@@ -171,8 +170,7 @@ class Vault:
 
     async def metadata(self, mount: str, path: str) -> Metadata | None:
         """``current_version`` and ``updated_time`` of ``mount/path``, or None if absent."""
-        answer = await self._call("GET", f"{mount}/metadata/{path}", missing=True)
-        if answer is None:
+        if (answer := await self._call("GET", f"{mount}/metadata/{path}", missing=True)) is None:
             return None
         meta = _dig(answer, "data")
         if not isinstance(meta, dict):
@@ -182,10 +180,8 @@ class Vault:
     async def write(
         self, mount: str, path: str, data: dict[str, Any], *, cas: int | None
     ) -> Document:
-        """Write a new version; with ``cas`` only if the current version is that (0: absent).
-
-        Raises :class:`CasConflict` when another version was written meanwhile.
-        """
+        """Write a new version; with ``cas`` only if the current version is that (0: absent),
+        else :class:`CasConflict` (another version was written meanwhile)."""
         body: dict[str, Any] = {"data": data}
         if cas is not None:
             body["options"] = {"cas": cas}
@@ -295,8 +291,7 @@ class Vault:
             else {"role": self.login.role, "jwt": credential}
         )
         path = f"auth/{self.login.mount or self.login.method}/login"
-        answer = await self._send("POST", path, body, None)
-        return self._hold(answer, renewed=False)
+        return self._hold(await self._send("POST", path, body, None), renewed=False)
 
     def _hold(self, answer: dict[str, Any] | None, *, renewed: bool) -> str:
         auth = _dig(answer, "auth")

@@ -125,8 +125,7 @@ class Console:
             text += f": {code or '-'} {message}".rstrip()
         elif body == {} and answer.body:
             text += " (not JSON)"
-        request_id = answer.headers.get("x-request-id")
-        if request_id:
+        if request_id := answer.headers.get("x-request-id"):
             text += f" (x-request-id {request_id})"
         if answer.status in (401, 403):
             text += f"; {HOLD_HINT}"

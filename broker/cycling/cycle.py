@@ -374,8 +374,7 @@ class Cycle:
         known = state.current_created_at if state.current == mine.uuid else None
         state.current = mine.uuid
         state.current_created_at = mine.created_at or known or self._clock()
-        others = [s for s in listed if s.uuid != mine.uuid]
-        if others and strict:
+        if strict and (others := [s for s in listed if s.uuid != mine.uuid]):
             raise self._conflict(listed, f"{others[0].uuid} is not the broker's")
 
     def _conflict(self, listed: list[RemoteSecret], why: str) -> CycleError:

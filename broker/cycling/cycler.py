@@ -155,8 +155,7 @@ class Cycler:
                     delay = retry_delay(status.failures, cred.policy, None, self._rand)
                     self._schedule(name, now + delay)
                 continue
-            when = self._due(status, cred, now)
-            if when is None:
+            if (when := self._due(status, cred, now)) is None:
                 status.next_at = None
                 self._scheduler.cancel(_job(name))
             else:
@@ -260,8 +259,7 @@ class Cycler:
         """After a cycle or survey: keep what is known, let the daemon hold exactly the
         stored secrets (the old one after success, a discarded new one after a failure, are
         gone), and schedule what comes next: the next cycle, or a retry with backoff."""
-        status = self.status.get(name)
-        if status is None:  # removed by a reload meanwhile
+        if (status := self.status.get(name)) is None:  # removed by a reload meanwhile
             return
         with contextlib.suppress(CycleError):
             status.state = await state_file.load(cred.credential_id or "")
@@ -277,8 +275,7 @@ class Cycler:
 
     async def _scheduled(self, job: str) -> None:
         name = job.removeprefix("cycle:")
-        status = self.status.get(name)
-        if status is None or status.running:
+        if (status := self.status.get(name)) is None or status.running:
             return
         cred = self._settings(name)
         try:
@@ -286,8 +283,7 @@ class Cycler:
                 status.state = await self._states(name, cred).load(cred.credential_id or "")
             if status.state.step is None and status.state.current_created_at is None:
                 await self._survey(name, cred)
-                when = self._due(status, cred, self._clock())
-                if when is None:
+                if (when := self._due(status, cred, self._clock())) is None:
                     return
                 if status.state.current_created_at is not None and when > self._clock():
                     self._schedule(name, when)
@@ -341,16 +337,14 @@ class Cycler:
         return max(now + self._first_delay, state.current_created_at + cred.rotate_every + jitter)
 
     def _schedule(self, name: str, when: float) -> None:
-        status = self.status.get(name)
-        if status is None:  # removed by a reload while its cycle ran
+        if (status := self.status.get(name)) is None:  # removed by a reload while its cycle ran
             return
         status.next_at = when
         self._scheduler.schedule(_job(name), when, self._scheduled)
 
     def _failed(self, name: str, exc: CycleError) -> None:
         self._recorder.rotated(name, exc.outcome)
-        status = self.status.get(name)
-        if status is None:  # removed by a reload while its cycle ran
+        if (status := self.status.get(name)) is None:  # removed by a reload while its cycle ran
             return
         status.failures += 1
         status.last_error = {
@@ -363,8 +357,7 @@ class Cycler:
         }
 
     def _settings(self, name: str) -> AdobeSettings:
-        cred = self._credentials.get(name)
-        if cred is None:
+        if (cred := self._credentials.get(name)) is None:
             raise CycleError("error", f"no credential named {name!r}")
         if not isinstance(cred, AdobeSettings):
             raise CycleError("error", f"credential {name!r}: secret cycling is for Adobe "

@@ -232,8 +232,7 @@ class VaultState:
         after_failure = False  # then only 3 x poll of fresh reports may be judged
         while True:
             try:
-                meta = await vault.metadata(mount, self.ref.path)
-                if meta is None:
+                if (meta := await vault.metadata(mount, self.ref.path)) is None:
                     raise CycleError("error", f"{self.ref.describe()} is gone from Vault")
                 self.session.versions[self.name] = max(
                     self.session.versions.get(self.name, 0), meta.current_version
@@ -269,8 +268,7 @@ class VaultState:
             if not BROKER_ID.fullmatch(key):
                 continue  # not a broker's report (anyone who may report can write one)
             path = self.ref.report_path(key)
-            report = await vault.read(mount, path)
-            if report is None:
+            if (report := await vault.read(mount, path)) is None:
                 continue
             if switched - report.written > self.grace and key != self.session.broker:
                 await vault.destroy(mount, path)

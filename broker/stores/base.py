@@ -100,14 +100,11 @@ class SecretRef(ABC):
 
     def unwritable(self) -> str | None:
         """Why a new secret cannot be written here (cycling, ``rotate``); None if it can."""
-        if self.writable:
-            return None
-        return f"token-broker cannot write a secret to {self.describe()}"
+        return None if self.writable else f"token-broker cannot write a secret to {self.describe()}"
 
     def writer(self, name: str, ctx: Context = NO_CONTEXT) -> SecretWriter:
         """Where a cycle or a rotation writes ``name``'s new secret; SecretError if nowhere."""
-        problem = self.unwritable()
-        if problem is not None:
+        if (problem := self.unwritable()) is not None:
             raise SecretError(f"credential {name!r}: secret cycling cannot use {self}: {problem}")
         return self.writer_class(self, name, ctx)
 
@@ -182,8 +179,7 @@ class SecretWriter(ABC):
 
     async def promote(self) -> None:
         """Make the upcoming secret the current one; nothing if there is none (done before)."""
-        upcoming = await self.upcoming()
-        if upcoming is not None:
+        if (upcoming := await self.upcoming()) is not None:
             # Both places hold the new secret between these two steps: never a moment without.
             await self._put(upcoming, upcoming=False)
             await self.drop_upcoming()

@@ -20,8 +20,7 @@ class EnvRef(SecretRef):
         return f"environment variable {self.variable}"
 
     async def read(self, name: str, ctx: Context = NO_CONTEXT) -> tuple[str, ...]:
-        value = os.environ.get(self.variable)
-        if not value:
+        if not (value := os.environ.get(self.variable)):
             raise SecretError(
                 f"credential {name!r}: environment variable {self.variable} is not set"
             )

@@ -22,8 +22,7 @@ class SystemdRef(SecretRef):
         return f"systemd credential {self.name!r}"
 
     async def read(self, name: str, ctx: Context = NO_CONTEXT) -> tuple[str, ...]:
-        path = self.file()
-        if path is None:
+        if (path := self.file()) is None:
             raise SecretError(
                 f"credential {name!r}: secret {self} needs $CREDENTIALS_DIRECTORY; "
                 "run under systemd with LoadCredential= or LoadCredentialEncrypted="

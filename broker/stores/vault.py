@@ -185,8 +185,7 @@ class VaultRef(SecretRef):
         return Stored(where, len(values), [])
 
     async def _document(self, session: VaultSession, name: str) -> Document:
-        doc = await session.vault.read(self.mount, self.path)
-        if doc is None:
+        if (doc := await session.vault.read(self.mount, self.path)) is None:
             raise SecretError(
                 f"credential {name!r}: {self.describe()} does not exist in "
                 f"{session.vault.address}; write it with `token-broker import FILE --secret "

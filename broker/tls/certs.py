@@ -83,10 +83,7 @@ class CertInfo:
 
 
 def renew_at(not_before: float, not_after: float, now: float) -> float:
-    """When to replace a certificate valid from ``not_before`` to ``not_after``.
-
-    At :data:`RENEW_FRACTION` of its life, or ``now`` if that moment has passed.
-    """
+    """When to replace a certificate: at :data:`RENEW_FRACTION` of its life, or ``now`` if later."""
     return max(now, not_before + RENEW_FRACTION * (not_after - not_before))
 
 
@@ -137,7 +134,6 @@ def build_ca(key: EllipticCurvePrivateKey, now: float, hostname: str | None) -> 
         x509.IPAddress(LOOPBACK_V6),
         x509.DNSName(LOOPBACK_NAME),
     ]
-    usage = _key_usage(key_cert_sign=True, crl_sign=True)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -147,7 +143,7 @@ def build_ca(key: EllipticCurvePrivateKey, now: float, hostname: str | None) -> 
         .not_valid_before(_when(now - BACKDATE))
         .not_valid_after(_when(now + CA_LIFETIME))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage, critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         # RFC 5280 §4.2.1.10: name constraints MUST be critical.
         .add_extension(x509.NameConstraints(permitted, None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -360,8 +356,7 @@ def read_error(exc: OSError, path: Path, what: str, hint: str = "") -> TlsError:
 
 def pem_block(data: bytes, path: Path, what: str = "") -> bytes:
     """The first PEM certificate in ``data``, markers included (a chain starts with its leaf)."""
-    found = PEM_CERT.search(data)
-    if found is None:
+    if (found := PEM_CERT.search(data)) is None:
         raise _no_cert(path, what)
     return found.group(0)
 
@@ -384,7 +379,7 @@ def parse_key(data: bytes, path: Path, what: str = "") -> PrivateKeyTypes:
     from cryptography.hazmat.primitives import serialization
 
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        return serialization.load_pem_private_key(data, password=None)
     except TypeError:  # cryptography's word for "encrypted, and no password given"
         raise TlsError(
             f"{what or 'key file'} {path} is encrypted: token-broker needs it unencrypted, "
@@ -392,7 +387,6 @@ def parse_key(data: bytes, path: Path, what: str = "") -> PrivateKeyTypes:
         ) from None
     except Exception:  # never quote the parser: it may echo key bytes
         raise TlsError(f"{what or 'key file'} {path} holds no readable PEM private key") from None
-    return key
 
 
 # -- words ------------------------------------------------------------------------------

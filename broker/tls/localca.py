@@ -189,11 +189,8 @@ class Bundle(NamedTuple):
 
 
 def system_ca_bundle() -> tuple[Path, str]:
-    """The CAs requests trusts when REQUESTS_CA_BUNDLE is unset: certifi's bundle.
-
-    certifi is what requests uses by default (and a dependency of ours and of
-    httpx). Debian's certifi package itself points at the OS bundle.
-    """
+    """The CAs requests trusts when REQUESTS_CA_BUNDLE is unset: certifi's bundle (a
+    dependency of ours and of httpx; Debian's certifi package points at the OS bundle)."""
     return Path(certifi.where()), "certifi's CA bundle (requests' default)"
 
 
