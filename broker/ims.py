@@ -124,9 +124,13 @@ class ImsApp:
                 if self._authorized(form) != name:  # its client_id names another now
                     raise _bad_client()
         self.counters.tokens[(name, "ok")] += 1
-        answer = token.as_json(self.clock())
-        del answer["expires_at"]  # not in IMS's answer
-        return answer
+        # IMS's own three fields, written here: as_json would also format an expires_at
+        # (an RFC 3339 date) on every request, only for it to be dropped.
+        return {
+            "access_token": token.access_token,
+            "token_type": "bearer",
+            "expires_in": max(0, math.floor(token.expires_at - self.clock())),
+        }
 
     def _authorized(self, form: dict[str, str]) -> str:
         """Raise ImsError unless the form's key may read the credential its client_id
