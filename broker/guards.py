@@ -89,8 +89,10 @@ def refusal(
         return _NO_VERSION if version == "0.9" else _VERSION
     server = scope.get("server")
     unix = server is not None and server[1] is None
-    if not remote and remote_peer(scope):
-        return _PEER
+    if not unix and not remote:  # remote_peer(scope), inline: every request passes here
+        client = scope.get("client")
+        if client is None or not is_loopback(client[0]):
+            return _PEER
     # RFC 9112 §3.2: more than one Host is a 400. The same for every header a guard or an
     # access rule reads: with two copies, one could pass the check while the other counts.
     host: bytes | None = None
