@@ -351,9 +351,8 @@ class Manager:
         # Start the refresh and return at once: if this job waited for it, an answer that
         # came after the new token's own refresh point would find this job still running,
         # and APScheduler would drop the next one ("maximum number of running instances").
-        if (
-            credential := self.credentials.get(name)
-        ) is None or credential.failed:  # removed by a reload, or waiting for a fix
+        credential = self.credentials.get(name)
+        if credential is None or credential.failed:  # removed by a reload, or waiting for a fix
             return
         if credential.inflight is None:
             self._begin(credential)

@@ -83,7 +83,8 @@ class CertInfo:
 
 
 def renew_at(not_before: float, not_after: float, now: float) -> float:
-    """When to replace a certificate: at :data:`RENEW_FRACTION` of its life, or ``now`` if later."""
+    """When to replace a certificate: at :data:`RENEW_FRACTION` of its life, or ``now`` if that
+    moment has passed."""
     return max(now, not_before + RENEW_FRACTION * (not_after - not_before))
 
 
