@@ -75,8 +75,8 @@ async def _checks(settings: config.Settings, *, offline: bool) -> list[Check]:
             checks.append(Check(True, f"listen {listen} is loopback-only"))
     checks += _tls_checks(settings)
     async with stores(settings) as ctx:
-        if ctx.vault is not None and settings.vault is not None:  # stores() logs in for [vault]
-            checks += await _vault_checks(settings, settings.vault.auth, ctx.vault)
+        if ctx.vault is not None:  # stores() logs in for [vault]
+            checks += await _vault_checks(settings, ctx.vault)
         for name, cred in settings.credentials.items():
             checks += await _credential_checks(name, cred, ctx, offline)
     return checks
@@ -115,7 +115,7 @@ _CYCLER = {
 }
 
 
-async def _vault_checks(settings: config.Settings, auth: str, vault: VaultSession) -> list[Check]:
+async def _vault_checks(settings: config.Settings, vault: VaultSession) -> list[Check]:
     """The login, and per ``vault:`` secret what the policy allows against what is needed."""
     from broker.stores import VaultRef
 
@@ -130,7 +130,7 @@ async def _vault_checks(settings: config.Settings, auth: str, vault: VaultSessio
         )
     except SecretError as exc:
         return [Check(False, f"Vault: {exc}")]
-    checks = [Check(True, f"Vault {vault.vault.address}: logged in ({auth})")]
+    checks = [Check(True, f"Vault {vault.vault.address}: logged in ({vault.vault.login.method})")]
     for name, path_of in paths.items():
         cred = settings.credentials[name]
         missing = []
