@@ -325,7 +325,7 @@ def _client_commands(sub: Any) -> None:
 
 
 def _tls_commands(sub: Any) -> None:
-    """tls init, ca: the local CA of the HTTPS listeners (the work is in broker/tls.py)."""
+    """tls init, ca: the local CA of the HTTPS listeners (the work is in broker/tls/)."""
     tls = _sub(sub, "tls", "", "the local CA of the HTTPS (IMS) listener",
                "The local CA that signs the certificate of the HTTPS listeners (ims_listen, "
                "tls_listen): create it, and print the files clients must trust.",
